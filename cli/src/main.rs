@@ -1,0 +1,246 @@
+//! `flamectl`: run a Flame job on one machine and look at its events.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use flame_engine::job::Status;
+use flame_engine::{JobDefinition, Runner, planner, runner};
+use flame_events::job::{self, JobEvent};
+use flame_events::protocol::WorkerInfo;
+use flame_events::transport::InProcess;
+use flame_events::Envelope;
+use flame_workers::blob::LocalBlobs;
+use flame_workers::{Worker, model};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Flame for Rust: run federated-learning jobs and inspect their events")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// For people.
+    Table,
+    /// For programs.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a job folder to the end on this machine (embedded store, in-process workers).
+    Run {
+        /// Job folder in Flame's layout (job.json, schema.json, dataSpec.json, modelSpec.json, dataset files).
+        folder: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        /// Folder for the event store and model blobs.
+        #[arg(long, default_value = ".flame")]
+        data_dir: PathBuf,
+    },
+    /// Check a job folder and show the tasks it expands to.
+    Validate {
+        /// Job folder.
+        folder: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Print a job's events in order.
+    Events {
+        /// Job id.
+        job_id: String,
+        /// Event store: sqlite:PATH or mongodb://...
+        #[arg(long, default_value = "sqlite:.flame/events.db")]
+        store: String,
+        /// Output format (json: one event per line).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Run { folder, output, data_dir } => run(&folder, output, &data_dir).await,
+        Cmd::Validate { folder, output } => validate(&folder, output),
+        Cmd::Events { job_id, store, output } => events(&job_id, &store, output).await,
+    }
+}
+
+fn validate(folder: &Path, output: Output) -> anyhow::Result<ExitCode> {
+    let result = JobDefinition::load(folder).and_then(|d| planner::expand(&d));
+    match (result, output) {
+        (Ok(tasks), Output::Json) => println!("{}", json!({"valid": true, "errors": [], "tasks": tasks})),
+        (Ok(tasks), Output::Table) => {
+            println!("{} is valid: {} task(s)", folder.display(), tasks.len());
+            for t in tasks {
+                println!("  {:<20} {:<18} {}", t.task_id, t.role, t.dataset.unwrap_or_default());
+            }
+        }
+        (Err(p), Output::Json) => {
+            println!("{}", json!({"valid": false, "errors": p.0}));
+            return Ok(ExitCode::from(2));
+        }
+        (Err(p), Output::Table) => {
+            eprintln!("{p}");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let def = match JobDefinition::load(folder) {
+        Ok(d) => d,
+        Err(p) => {
+            eprintln!("error: {p}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    model::init_backend();
+    let started = Instant::now();
+    let store_url = format!("sqlite:{}", data_dir.join("events.db").display());
+    let store = flame_events::open_store(&store_url).await?;
+    let blobs = Arc::new(LocalBlobs::new(data_dir.join("blobs"))?);
+    let transport = Arc::new(InProcess::default());
+    let runner = Runner::new(store.clone(), transport.clone(), runner::Options { worker_wait: Duration::from_secs(10), ..Default::default() });
+    let job_id = runner.submit(&def).await?;
+    eprintln!("job {job_id}: {} from {}", def.name(), folder.display());
+
+    // One in-process worker per task, offering that task's role.
+    let job = runner.load(&job_id).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for t in &job.tasks {
+        let role = if t.is_data_consumer { "trainer" } else { "aggregator" };
+        let info = WorkerInfo { id: format!("local-{}", t.task_id), roles: vec![role.into()], realm: t.realm.clone().unwrap_or_else(|| "default".into()) };
+        let mut stopped = stopped.clone();
+        let worker = Worker::new(info, transport.clone(), blobs.clone());
+        workers.push(tokio::spawn(worker.run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })));
+    }
+    let job = runner.run(&job_id).await;
+    let _ = stop.send(true);
+    for w in workers {
+        w.await.context("worker task")??;
+    }
+    let job = job?;
+    let events = store.read_stream(&job::stream_id(&job_id), 1).await?;
+    print_summary(&job, &events, store.location(), started.elapsed(), output);
+    Ok(if job.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn print_summary(job: &flame_engine::job::Job, events: &[Envelope], store: String, elapsed: Duration, output: Output) {
+    let rounds: Vec<serde_json::Value> = events
+        .iter()
+        .filter_map(|e| match JobEvent::from_envelope(e) {
+            Ok(JobEvent::RoundAggregated { round, digest, metrics, inputs }) => Some(json!({"round": round, "model": digest, "updates": inputs.len(), "metrics": metrics})),
+            _ => None,
+        })
+        .collect();
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "job_id": job.job_id,
+                "name": job.name,
+                "state": job.status,
+                "rounds_completed": job.rounds_completed,
+                "metrics": job.metrics,
+                "final_model": job.global_model,
+                "failure": job.failure,
+                "store": store,
+                "events": events.len(),
+                "rounds": rounds,
+                "elapsed_s": elapsed.as_secs_f64(),
+            })
+        ),
+        Output::Table => {
+            println!("job {} ({}): {}", job.job_id, job.name, json!(job.status).as_str().unwrap_or("?"));
+            println!("{:>5}  {:>8}  {:>8}  {:>7}", "round", "accuracy", "loss", "updates");
+            for r in &rounds {
+                let m = &r["metrics"];
+                println!(
+                    "{:>5}  {:>8.4}  {:>8.4}  {:>7}",
+                    r["round"].as_u64().unwrap_or(0),
+                    m["accuracy"].as_f64().unwrap_or(f64::NAN),
+                    m["loss"].as_f64().unwrap_or(f64::NAN),
+                    r["updates"].as_u64().unwrap_or(0)
+                );
+            }
+            if let Some(f) = &job.failure {
+                println!("failure: {f}");
+            }
+            println!("rounds completed: {}/{}", job.rounds_completed, job.total_rounds());
+            if let Some(acc) = job.metrics.get("accuracy") {
+                println!("final test accuracy: {acc:.4}");
+            }
+            println!("final model: sha256:{}", job.global_model.clone().unwrap_or_default());
+            println!("events: {} in {store} (flamectl events {} --store {store})", events.len(), job.job_id);
+            println!("time: {:.1} s", elapsed.as_secs_f64());
+        }
+    }
+}
+
+async fn events(job_id: &str, store: &str, output: Output) -> anyhow::Result<ExitCode> {
+    let store = flame_events::open_store(store).await?;
+    let events = store.read_stream(&job::stream_id(job_id), 1).await?;
+    if events.is_empty() {
+        eprintln!("error: job '{job_id}' has no events in {}", store.location());
+        return Ok(ExitCode::from(3));
+    }
+    for e in &events {
+        match output {
+            Output::Json => println!("{}", serde_json::to_string(e)?),
+            Output::Table => {
+                let mut payload = e.payload.to_string();
+                if payload.len() > 100 {
+                    let cut = (0..=100).rev().find(|&i| payload.is_char_boundary(i)).unwrap_or(0);
+                    payload.truncate(cut);
+                    payload.push('…');
+                }
+                println!(
+                    "{:>4} {:>6}  {}  {:<17} {:<22} {}",
+                    e.version,
+                    e.position,
+                    e.recorded_at.format("%H:%M:%S%.3f"),
+                    e.event_type,
+                    e.actor,
+                    payload
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

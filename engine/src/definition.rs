@@ -1,0 +1,416 @@
+//! Job definitions in Flame's folder layout: `job.json`, the design
+//! (`schema.json`), `dataSpec.json`, `modelSpec.json` and dataset files.
+//! Unknown fields are kept in `extra`, never dropped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Optimizers a job may name (Flame's `optimizer.sort`).
+pub const OPTIMIZERS: &[&str] = &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "feddyn", "scaffold"];
+/// Selectors a job may name (Flame's `selector.sort`).
+pub const SELECTORS: &[&str] = &["default", "random", "fedbuff", "oort"];
+
+/// Fields nobody here knows about, kept as they were.
+pub type Extra = BTreeMap<String, Value>;
+
+/// Flame's `job.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobFile {
+    /// The design this job runs.
+    #[serde(default)]
+    pub design_id: String,
+    /// Scheduling priority (`low`, `medium`, `high`).
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Seconds the job may run before it is terminated.
+    #[serde(default)]
+    pub max_run_time: Option<f64>,
+    /// Flame's messaging backend (kept; we always use our transport).
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// Data spec file, relative to the folder.
+    #[serde(default = "default_data_spec")]
+    pub data_spec_path: String,
+    /// Model spec file, relative to the folder.
+    #[serde(default = "default_model_spec")]
+    pub model_spec_path: String,
+    /// Unknown fields.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+fn default_data_spec() -> String {
+    "dataSpec.json".into()
+}
+fn default_model_spec() -> String {
+    "modelSpec.json".into()
+}
+
+/// Flame's design schema: roles and channels (the TAG).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Design {
+    /// Design name.
+    #[serde(default)]
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Roles (vertices).
+    pub roles: Vec<Role>,
+    /// Channels (edges).
+    pub channels: Vec<Channel>,
+    /// Unknown fields.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// A role in a design.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Role {
+    /// Role name (`trainer`, `aggregator`, ...).
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Whether the role consumes data: one task per dataset.
+    #[serde(default)]
+    pub is_data_consumer: bool,
+    /// Tasks per group association for roles that do not consume data.
+    #[serde(default)]
+    pub replica: Option<u32>,
+    /// Each entry maps channel name -> group.
+    #[serde(default)]
+    pub group_association: Vec<BTreeMap<String, String>>,
+    /// Unknown fields.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// A channel between two roles (the same role twice for a ring).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Channel {
+    /// Channel name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The two roles it connects.
+    pub pair: Vec<String>,
+    /// How tasks on it are grouped.
+    #[serde(default)]
+    pub group_by: Option<GroupBy>,
+    /// Role name -> functions it performs on this channel.
+    #[serde(default)]
+    pub func_tags: BTreeMap<String, Vec<String>>,
+    /// Per-channel backend (kept).
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// One-way channel.
+    #[serde(default)]
+    pub is_unidirectional: Option<bool>,
+    /// Unknown fields.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// Grouping of a channel's tasks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupBy {
+    /// Grouping kind (`tag`).
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// Group names.
+    #[serde(default)]
+    pub value: Vec<String>,
+}
+
+/// One entry of `dataSpec.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataSpecEntry {
+    /// The data-consuming role.
+    pub role: String,
+    /// Group name -> dataset ids or dataset file paths.
+    pub dataset_groups: BTreeMap<String, Vec<String>>,
+    /// Unknown fields.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// `{sort, kwargs}` as Flame writes optimizers and selectors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sort {
+    /// The algorithm's name.
+    #[serde(default)]
+    pub sort: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub kwargs: serde_json::Map<String, Value>,
+}
+
+/// Flame's `modelSpec.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// `{name, version}` of the model to start from.
+    #[serde(default)]
+    pub base_model: Option<Value>,
+    /// Server-side optimizer.
+    #[serde(default)]
+    pub optimizer: Option<Sort>,
+    /// Trainer selector.
+    #[serde(default)]
+    pub selector: Option<Sort>,
+    /// `rounds`, `epochs`, `batchSize`, `learningRate`, and anything else.
+    #[serde(default)]
+    pub hyperparameters: serde_json::Map<String, Value>,
+    /// Package requirements (kept).
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+    /// Unknown fields.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// A dataset file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Dataset {
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Where the data is (`builtin://digits?part=0&of=3`, a path, ...).
+    pub url: String,
+    /// Format of the data.
+    #[serde(default)]
+    pub data_format: Option<String>,
+    /// Where the data lives, e.g. `default/us/west`.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// Whether anyone may use it.
+    #[serde(default)]
+    pub is_public: Option<bool>,
+    /// Unknown fields.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// A whole job, as loaded from a folder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobDefinition {
+    /// The folder it came from.
+    pub folder: PathBuf,
+    /// `job.json`.
+    pub job: JobFile,
+    /// The design.
+    pub design: Design,
+    /// The data spec.
+    pub data_spec: Vec<DataSpecEntry>,
+    /// The model spec.
+    pub model_spec: ModelSpec,
+    /// Datasets by the reference used in the data spec.
+    pub datasets: BTreeMap<String, Dataset>,
+}
+
+/// One thing wrong with a definition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    /// File and place: `modelSpec.json#/optimizer/sort` or `job.json:3:7`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// What to do about it.
+    pub hint: String,
+}
+
+/// Everything wrong with a definition, reported at once.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{}", render(.0))]
+pub struct Problems(pub Vec<Problem>);
+
+fn render(problems: &[Problem]) -> String {
+    let mut out = format!("the job definition has {} problem(s):", problems.len());
+    for p in problems {
+        out.push_str(&format!("\n  {}: {} ({})", p.path, p.message, p.hint));
+    }
+    out
+}
+
+fn problem(path: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) -> Problem {
+    Problem { path: path.into(), message: message.into(), hint: hint.into() }
+}
+
+/// Reads and parses one JSON file of the folder, as a problem on failure.
+fn read_json<T: serde::de::DeserializeOwned>(folder: &Path, name: &str) -> Result<T, Problem> {
+    let path = folder.join(name);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        let (message, hint) = if e.kind() == std::io::ErrorKind::NotFound {
+            (format!("file not found: {}", path.display()), "a job folder needs job.json, schema.json, the data spec, the model spec and the dataset files it names")
+        } else {
+            (format!("cannot read {}: {e}", path.display()), "check the file's permissions")
+        };
+        problem(name, message, hint)
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        let hint = if e.is_syntax() || e.is_eof() { "fix the JSON syntax at that line and column" } else { "fix the field's value to match Flame's format" };
+        problem(format!("{name}:{}:{}", e.line(), e.column()), format!("invalid JSON: {e}"), hint)
+    })
+}
+
+impl JobDefinition {
+    /// Loads a job folder and checks it, reporting every problem found.
+    pub fn load(folder: &Path) -> Result<Self, Problems> {
+        if !folder.is_dir() {
+            return Err(Problems(vec![problem(
+                folder.display().to_string(),
+                "not a folder",
+                "pass a job folder holding job.json, schema.json, dataSpec.json, modelSpec.json and dataset files",
+            )]));
+        }
+        let mut problems = Vec::new();
+        let job: Option<JobFile> = read_json(folder, "job.json").map_err(|p| problems.push(p)).ok();
+        let design: Option<Design> = read_json(folder, "schema.json").map_err(|p| problems.push(p)).ok();
+        let (data_path, model_path) = job
+            .as_ref()
+            .map_or_else(|| (default_data_spec(), default_model_spec()), |j| (j.data_spec_path.clone(), j.model_spec_path.clone()));
+        let data_spec: Option<Vec<DataSpecEntry>> = read_json(folder, &data_path).map_err(|p| problems.push(p)).ok();
+        let model_spec: Option<ModelSpec> = read_json(folder, &model_path).map_err(|p| problems.push(p)).ok();
+
+        let mut datasets = BTreeMap::new();
+        for (i, entry) in data_spec.iter().flatten().enumerate() {
+            for (group, refs) in &entry.dataset_groups {
+                for (j, reference) in refs.iter().enumerate() {
+                    if datasets.contains_key(reference) {
+                        continue;
+                    }
+                    let here = format!("{data_path}#/{i}/datasetGroups/{group}/{j}");
+                    if !reference.ends_with(".json") || reference.contains("..") {
+                        problems.push(problem(
+                            here,
+                            format!("dataset '{reference}' is not a dataset file in the job folder"),
+                            "name a dataset JSON file relative to the folder, e.g. \"dataset1.json\" (registered dataset ids need the management API)",
+                        ));
+                        continue;
+                    }
+                    match read_json::<Dataset>(folder, reference) {
+                        Ok(d) => {
+                            datasets.insert(reference.clone(), d);
+                        }
+                        Err(p) => problems.push(p),
+                    }
+                }
+            }
+        }
+        let (Some(job), Some(design), Some(data_spec), Some(model_spec)) = (job, design, data_spec, model_spec) else {
+            return Err(Problems(problems));
+        };
+        let definition = Self { folder: folder.to_path_buf(), job, design, data_spec, model_spec, datasets };
+        problems.extend(definition.check());
+        if problems.is_empty() { Ok(definition) } else { Err(Problems(problems)) }
+    }
+
+    /// Checks the parsed definition's meaning; returns every problem.
+    pub fn check(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let model = &self.job.model_spec_path;
+        if let Some(opt) = &self.model_spec.optimizer
+            && !opt.sort.is_empty()
+            && !OPTIMIZERS.contains(&opt.sort.to_ascii_lowercase().as_str())
+        {
+            out.push(problem(
+                format!("{model}#/optimizer/sort"),
+                format!("unknown optimizer '{}'", opt.sort),
+                format!("use one of: {}", OPTIMIZERS.join(", ")),
+            ));
+        }
+        if let Some(sel) = &self.model_spec.selector
+            && !sel.sort.is_empty()
+            && !SELECTORS.contains(&sel.sort.to_ascii_lowercase().as_str())
+        {
+            out.push(problem(
+                format!("{model}#/selector/sort"),
+                format!("unknown selector '{}'", sel.sort),
+                format!("use one of: {}", SELECTORS.join(", ")),
+            ));
+        }
+        match self.model_spec.hyperparameters.get("rounds") {
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|r| r >= 1) => {}
+            Some(v) => out.push(problem(
+                format!("{model}#/hyperparameters/rounds"),
+                format!("rounds must be a whole number of at least 1, not {v}"),
+                "set hyperparameters.rounds to e.g. 5",
+            )),
+            None => {}
+        }
+        if let Some(t) = self.job.max_run_time
+            && t <= 0.0
+        {
+            out.push(problem("job.json#/maxRunTime", format!("maxRunTime must be positive, not {t}"), "give the limit in seconds, e.g. 1800"));
+        }
+        let roles: Vec<&str> = self.design.roles.iter().map(|r| r.name.as_str()).collect();
+        for (i, c) in self.design.channels.iter().enumerate() {
+            for (j, r) in c.pair.iter().enumerate() {
+                if !roles.contains(&r.as_str()) {
+                    out.push(problem(
+                        format!("schema.json#/channels/{i}/pair/{j}"),
+                        format!("channel '{}' names role '{r}', which the design does not define", c.name),
+                        format!("use one of the roles: {}", roles.join(", ")),
+                    ));
+                }
+            }
+        }
+        if !self.design.roles.iter().any(|r| r.is_data_consumer) {
+            out.push(problem("schema.json#/roles", "no role consumes data", "mark the trainer role with \"isDataConsumer\": true"));
+        }
+        for (i, entry) in self.data_spec.iter().enumerate() {
+            match self.design.roles.iter().find(|r| r.name == entry.role) {
+                Some(r) if r.is_data_consumer => {}
+                Some(_) => out.push(problem(
+                    format!("{}#/{i}/role", self.job.data_spec_path),
+                    format!("role '{}' does not consume data", entry.role),
+                    "give datasets to a role with \"isDataConsumer\": true",
+                )),
+                None => out.push(problem(
+                    format!("{}#/{i}/role", self.job.data_spec_path),
+                    format!("role '{}' is not in the design", entry.role),
+                    format!("use one of the roles: {}", roles.join(", ")),
+                )),
+            }
+        }
+        out
+    }
+
+    /// The job's name: the design's, else the folder's.
+    pub fn name(&self) -> String {
+        if self.design.name.is_empty() {
+            self.folder.file_name().map_or_else(|| "job".into(), |n| n.to_string_lossy().into_owned())
+        } else {
+            self.design.name.clone()
+        }
+    }
+
+    /// The optimizer's name, lower case; FedAvg when none is given, as in Flame.
+    pub fn optimizer(&self) -> String {
+        self.model_spec
+            .optimizer
+            .as_ref()
+            .map(|o| o.sort.to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "fedavg".into())
+    }
+
+    /// A hyperparameter as an unsigned number.
+    pub fn hyper_u64(&self, key: &str) -> Option<u64> {
+        self.model_spec.hyperparameters.get(key).and_then(Value::as_u64)
+    }
+}

@@ -1,0 +1,352 @@
+//! The job aggregate: a pure state machine. `handle` decides which events a
+//! command produces (or rejects it); `apply` folds an event into the state.
+
+use std::collections::BTreeMap;
+
+use flame_events::job::{JobEvent, Metrics, RunSpec, TaskSpec};
+use flame_events::protocol::{Report, ReportBody, UpdateRef};
+
+/// Flame's job states (the subset this version reaches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Nothing recorded yet.
+    New,
+    /// Created, tasks not yet placed ("ready" in Flame).
+    Ready,
+    /// Tasks placed, rounds running.
+    Running,
+    /// All rounds done.
+    Completed,
+    /// Stopped by an error.
+    Failed,
+}
+
+impl Status {
+    /// Whether the job can change no more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed)
+    }
+}
+
+/// What the job aggregate is asked to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobCommand {
+    /// Record a new job.
+    Create {
+        /// Job id.
+        job_id: String,
+        /// Name.
+        name: String,
+        /// Where the definition came from.
+        source: String,
+        /// Run settings.
+        spec: RunSpec,
+        /// Expanded tasks.
+        tasks: Vec<TaskSpec>,
+    },
+    /// Place tasks on workers (task id -> worker id) and start.
+    Assign(BTreeMap<String, String>),
+    /// Begin the next round.
+    StartRound,
+    /// Take a worker's report.
+    Report(Report),
+    /// Finish after the last round.
+    Complete,
+    /// Give up.
+    Fail(String),
+}
+
+/// Why a command was refused; nothing is recorded for it.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// The command does not fit the job's state.
+    #[error("cannot {command} while the job is {status:?}")]
+    IllegalInState {
+        /// What was asked.
+        command: &'static str,
+        /// The job's state.
+        status: Status,
+    },
+    /// The report names a task the job does not have.
+    #[error("task '{0}' is not part of this job")]
+    UnknownTask(String),
+    /// The report comes from a worker the task is not assigned to.
+    #[error("worker '{worker}' reported for task '{task}', which is assigned to '{assigned}'")]
+    WrongWorker {
+        /// Task.
+        task: String,
+        /// Reporting worker.
+        worker: String,
+        /// Assigned worker.
+        assigned: String,
+    },
+    /// The report is for a round that is not open.
+    #[error("report for round {got} from task '{task}', but the open round is {open}")]
+    WrongRound {
+        /// Task.
+        task: String,
+        /// Round in the report.
+        got: u32,
+        /// Round open now (0 = none).
+        open: u32,
+    },
+    /// The task already reported for this round.
+    #[error("task '{task}' already reported for round {round}")]
+    Duplicate {
+        /// Task.
+        task: String,
+        /// Round.
+        round: u32,
+    },
+    /// The report does not fit the task's role or the round's progress.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+/// A job's state, folded from its events.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Job {
+    /// Job id.
+    pub job_id: String,
+    /// Name.
+    pub name: String,
+    /// State.
+    pub status: Status,
+    /// Run settings.
+    pub spec: Option<RunSpec>,
+    /// Tasks.
+    pub tasks: Vec<TaskSpec>,
+    /// Task id -> worker id.
+    pub assignments: BTreeMap<String, String>,
+    /// The current global model.
+    pub global_model: Option<String>,
+    /// The latest round started (0 = none).
+    pub round: u32,
+    /// Rounds aggregated.
+    pub rounds_completed: u32,
+    /// Updates accepted in the open round, by task id.
+    pub updates: BTreeMap<String, UpdateRef>,
+    /// Metrics of the latest global model.
+    pub metrics: Metrics,
+    /// Why it failed.
+    pub failure: Option<String>,
+    /// Events applied (the stream version).
+    pub version: u64,
+}
+
+impl Default for Job {
+    fn default() -> Self {
+        Self {
+            job_id: String::new(),
+            name: String::new(),
+            status: Status::New,
+            spec: None,
+            tasks: Vec::new(),
+            assignments: BTreeMap::new(),
+            global_model: None,
+            round: 0,
+            rounds_completed: 0,
+            updates: BTreeMap::new(),
+            metrics: Metrics::new(),
+            failure: None,
+            version: 0,
+        }
+    }
+}
+
+impl Job {
+    /// Rebuilds a job from its events.
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a JobEvent>) -> Self {
+        let mut job = Self::default();
+        for e in events {
+            job.apply(e);
+        }
+        job
+    }
+
+    /// Whether a round is started and not yet aggregated.
+    pub fn round_open(&self) -> bool {
+        self.round > self.rounds_completed
+    }
+
+    /// Rounds the job runs.
+    pub fn total_rounds(&self) -> u32 {
+        self.spec.as_ref().map_or(0, |s| s.rounds)
+    }
+
+    /// The task that aggregates (two-tier: the only non-data task).
+    pub fn aggregator(&self) -> Option<&TaskSpec> {
+        self.tasks.iter().find(|t| !t.is_data_consumer)
+    }
+
+    /// The data-consuming tasks.
+    pub fn trainers(&self) -> impl Iterator<Item = &TaskSpec> {
+        self.tasks.iter().filter(|t| t.is_data_consumer)
+    }
+
+    /// Decides what a command records.
+    pub fn handle(&self, command: JobCommand) -> Result<Vec<JobEvent>, Rejection> {
+        use JobCommand as C;
+        let illegal = |command| Err(Rejection::IllegalInState { command, status: self.status });
+        match command {
+            C::Create { job_id, name, source, spec, tasks } => {
+                if self.status != Status::New {
+                    return illegal("create");
+                }
+                Ok(vec![JobEvent::JobCreated { job_id, name, source, spec, tasks }])
+            }
+            C::Assign(assignments) => {
+                if self.status != Status::Ready {
+                    return illegal("assign tasks");
+                }
+                let mut events = Vec::new();
+                for t in &self.tasks {
+                    let worker = assignments
+                        .get(&t.task_id)
+                        .ok_or_else(|| Rejection::Unexpected(format!("task '{}' has no worker", t.task_id)))?;
+                    events.push(JobEvent::TaskAssigned { task_id: t.task_id.clone(), worker_id: worker.clone() });
+                }
+                events.push(JobEvent::JobStarted {});
+                Ok(events)
+            }
+            C::StartRound => {
+                if self.status != Status::Running {
+                    return illegal("start a round");
+                }
+                let global_model = self
+                    .global_model
+                    .clone()
+                    .ok_or_else(|| Rejection::Unexpected("no global model yet".into()))?;
+                if self.round_open() || self.rounds_completed >= self.total_rounds() {
+                    return Err(Rejection::Unexpected(format!(
+                        "cannot start a round: round {} is open or all {} rounds are done",
+                        self.round,
+                        self.total_rounds()
+                    )));
+                }
+                Ok(vec![JobEvent::RoundStarted { round: self.round + 1, global_model }])
+            }
+            C::Complete => {
+                if self.status != Status::Running {
+                    return illegal("complete");
+                }
+                if self.round_open() || self.rounds_completed < self.total_rounds() {
+                    return Err(Rejection::Unexpected(format!(
+                        "cannot complete after {} of {} rounds",
+                        self.rounds_completed,
+                        self.total_rounds()
+                    )));
+                }
+                Ok(vec![JobEvent::JobCompleted {
+                    rounds_completed: self.rounds_completed,
+                    final_model: self.global_model.clone().unwrap_or_default(),
+                    metrics: self.metrics.clone(),
+                }])
+            }
+            C::Fail(reason) => {
+                if self.status.is_terminal() || self.status == Status::New {
+                    return illegal("fail");
+                }
+                Ok(vec![JobEvent::JobFailed { reason }])
+            }
+            C::Report(report) => self.handle_report(report),
+        }
+    }
+
+    fn handle_report(&self, r: Report) -> Result<Vec<JobEvent>, Rejection> {
+        if self.status != Status::Running {
+            return Err(Rejection::IllegalInState { command: "take a report", status: self.status });
+        }
+        let task = self
+            .tasks
+            .iter()
+            .find(|t| t.task_id == r.task_id)
+            .ok_or_else(|| Rejection::UnknownTask(r.task_id.clone()))?;
+        let assigned = self.assignments.get(&r.task_id).cloned().unwrap_or_default();
+        if assigned != r.worker_id {
+            return Err(Rejection::WrongWorker { task: r.task_id, worker: r.worker_id, assigned });
+        }
+        match r.body {
+            ReportBody::Failed { error } => Ok(vec![JobEvent::JobFailed {
+                reason: format!("worker '{}' failed task '{}' in round {}: {error}", r.worker_id, r.task_id, r.round),
+            }]),
+            ReportBody::Initialized { digest } => {
+                if task.is_data_consumer || self.global_model.is_some() {
+                    return Err(Rejection::Unexpected(format!("unexpected initial model from task '{}'", r.task_id)));
+                }
+                Ok(vec![JobEvent::ModelInitialized { digest, worker_id: r.worker_id }])
+            }
+            ReportBody::Trained { digest, samples, metrics } => {
+                self.check_round(&r.task_id, r.round)?;
+                if !task.is_data_consumer {
+                    return Err(Rejection::Unexpected(format!("task '{}' does not train", r.task_id)));
+                }
+                if self.updates.contains_key(&r.task_id) {
+                    return Err(Rejection::Duplicate { task: r.task_id, round: r.round });
+                }
+                if samples == 0 {
+                    return Err(Rejection::Unexpected(format!("task '{}' reported an update trained on 0 samples", r.task_id)));
+                }
+                Ok(vec![JobEvent::UpdateReported { round: r.round, task_id: r.task_id, worker_id: r.worker_id, digest, samples, metrics }])
+            }
+            ReportBody::Aggregated { digest, metrics } => {
+                self.check_round(&r.task_id, r.round)?;
+                if task.is_data_consumer {
+                    return Err(Rejection::Unexpected(format!("task '{}' does not aggregate", r.task_id)));
+                }
+                let missing = self.trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
+                if missing > 0 {
+                    return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} update(s) arrived", r.round)));
+                }
+                let inputs = self.trainers().filter_map(|t| self.updates.get(&t.task_id)).map(|u| u.digest.clone()).collect();
+                Ok(vec![JobEvent::RoundAggregated { round: r.round, digest, inputs, metrics }])
+            }
+        }
+    }
+
+    fn check_round(&self, task: &str, round: u32) -> Result<(), Rejection> {
+        if self.round_open() && round == self.round {
+            Ok(())
+        } else {
+            Err(Rejection::WrongRound { task: task.to_string(), got: round, open: if self.round_open() { self.round } else { 0 } })
+        }
+    }
+
+    /// Folds one event into the state.
+    pub fn apply(&mut self, event: &JobEvent) {
+        self.version += 1;
+        match event {
+            JobEvent::JobCreated { job_id, name, spec, tasks, .. } => {
+                self.job_id = job_id.clone();
+                self.name = name.clone();
+                self.spec = Some(spec.clone());
+                self.tasks = tasks.clone();
+                self.status = Status::Ready;
+            }
+            JobEvent::TaskAssigned { task_id, worker_id } => {
+                self.assignments.insert(task_id.clone(), worker_id.clone());
+            }
+            JobEvent::JobStarted {} => self.status = Status::Running,
+            JobEvent::ModelInitialized { digest, .. } => self.global_model = Some(digest.clone()),
+            JobEvent::RoundStarted { round, .. } => {
+                self.round = *round;
+                self.updates.clear();
+            }
+            JobEvent::UpdateReported { task_id, digest, samples, .. } => {
+                self.updates.insert(task_id.clone(), UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples });
+            }
+            JobEvent::RoundAggregated { round, digest, metrics, .. } => {
+                self.rounds_completed = *round;
+                self.global_model = Some(digest.clone());
+                self.metrics = metrics.clone();
+                self.updates.clear();
+            }
+            JobEvent::JobCompleted { .. } => self.status = Status::Completed,
+            JobEvent::JobFailed { reason } => {
+                self.status = Status::Failed;
+                self.failure = Some(reason.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The engine: job definitions and their checks, the planner, the job
+//! aggregate, the controller's decisions and the runner that carries them out.
+
+pub mod controller;
+pub mod definition;
+pub mod job;
+pub mod planner;
+pub mod runner;
+
+pub use definition::JobDefinition;
+pub use runner::Runner;

@@ -1,0 +1,168 @@
+//! The events of a job's stream (`job-<id>`), version 1.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Envelope, NewEvent, store};
+
+/// Metrics by name (`accuracy`, `loss`, ...).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// One task of an expanded job: a role instance, with its dataset if it consumes data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Task id, unique in the job (e.g. `trainer-0`).
+    pub task_id: String,
+    /// The role from the design (`trainer`, `aggregator`, ...).
+    pub role: String,
+    /// Whether the role consumes data (trains).
+    pub is_data_consumer: bool,
+    /// Channel name -> group this task belongs to on that channel.
+    pub group_association: BTreeMap<String, String>,
+    /// Names of the channels the role takes part in.
+    pub channels: Vec<String>,
+    /// Dataset URL for data consumers.
+    pub dataset: Option<String>,
+    /// Realm of the dataset (where its data lives), used to place the task.
+    pub realm: Option<String>,
+}
+
+/// What the engine needs to run a job's rounds, fixed at creation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// Number of rounds.
+    pub rounds: u32,
+    /// Server-side optimizer (`fedavg`, ...).
+    pub optimizer: String,
+    /// Model description handed to workers (`baseModel` plus architecture settings).
+    pub model: serde_json::Value,
+    /// Hyperparameters handed to workers (`epochs`, `batchSize`, `learningRate`, ...).
+    pub hyperparameters: serde_json::Value,
+    /// Seed for model initialisation and training.
+    pub seed: u64,
+}
+
+/// Every event in a job stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum JobEvent {
+    /// The job was submitted and expanded into tasks.
+    JobCreated {
+        /// Job id.
+        job_id: String,
+        /// Job name (the design's name or the folder's).
+        name: String,
+        /// Where the definition came from.
+        source: String,
+        /// Run settings.
+        spec: RunSpec,
+        /// The expanded tasks.
+        tasks: Vec<TaskSpec>,
+    },
+    /// A task was placed on a worker.
+    TaskAssigned {
+        /// Task id.
+        task_id: String,
+        /// Worker id.
+        worker_id: String,
+    },
+    /// All tasks are placed; the job runs.
+    JobStarted {},
+    /// The initial global model exists.
+    ModelInitialized {
+        /// sha256 of the safetensors blob.
+        digest: String,
+        /// Worker that made it.
+        worker_id: String,
+    },
+    /// A round began from a global model.
+    RoundStarted {
+        /// Round number, from 1.
+        round: u32,
+        /// Digest of the global model trainers start from.
+        global_model: String,
+    },
+    /// A trainer's update for a round was accepted.
+    UpdateReported {
+        /// Round number.
+        round: u32,
+        /// Task id.
+        task_id: String,
+        /// Worker id.
+        worker_id: String,
+        /// Digest of the updated model.
+        digest: String,
+        /// Training samples behind the update (the FedAvg weight).
+        samples: u64,
+        /// Local training metrics.
+        metrics: Metrics,
+    },
+    /// The aggregator combined the round's updates into a new global model.
+    RoundAggregated {
+        /// Round number.
+        round: u32,
+        /// Digest of the new global model.
+        digest: String,
+        /// Digests of the updates that went in, in task order.
+        inputs: Vec<String>,
+        /// Evaluation of the new global model.
+        metrics: Metrics,
+    },
+    /// All rounds are done.
+    JobCompleted {
+        /// Rounds completed.
+        rounds_completed: u32,
+        /// Digest of the final global model.
+        final_model: String,
+        /// Evaluation of the final model.
+        metrics: Metrics,
+    },
+    /// The job cannot go on.
+    JobFailed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl JobEvent {
+    /// The event's type name, as stored.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Self::JobCreated { .. } => "JobCreated",
+            Self::TaskAssigned { .. } => "TaskAssigned",
+            Self::JobStarted {} => "JobStarted",
+            Self::ModelInitialized { .. } => "ModelInitialized",
+            Self::RoundStarted { .. } => "RoundStarted",
+            Self::UpdateReported { .. } => "UpdateReported",
+            Self::RoundAggregated { .. } => "RoundAggregated",
+            Self::JobCompleted { .. } => "JobCompleted",
+            Self::JobFailed { .. } => "JobFailed",
+        }
+    }
+
+    /// Wraps the event for appending, correlated with its job.
+    pub fn to_new_event(&self, job_id: &str, actor: &str) -> NewEvent {
+        let payload = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        NewEvent::new(self.event_type(), payload, actor).correlated(job_id)
+    }
+
+    /// Decodes a stored event of a job stream.
+    pub fn from_envelope(e: &Envelope) -> Result<Self, store::Error> {
+        let mut payload = e.payload.clone();
+        if let Some(map) = payload.as_object_mut() {
+            map.insert("type".into(), serde_json::Value::String(e.event_type.clone()));
+        }
+        serde_json::from_value(payload).map_err(|err| store::Error::Decode {
+            stream: e.stream_id.clone(),
+            version: e.version,
+            event_type: e.event_type.clone(),
+            reason: err.to_string(),
+        })
+    }
+}
+
+/// The stream id of a job.
+pub fn stream_id(job_id: &str) -> String {
+    format!("job-{job_id}")
+}

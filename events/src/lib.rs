@@ -1,0 +1,28 @@
+//! The event vocabulary of Flame for Rust and the plumbing that carries it:
+//! envelopes, the `EventStore` contract with its SQLite and MongoDB backends,
+//! the outbox relay to NATS JetStream, the worker protocol and its transports.
+
+pub mod envelope;
+pub mod job;
+pub mod mongo;
+pub mod protocol;
+pub mod relay;
+pub mod sqlite;
+pub mod store;
+pub mod transport;
+
+pub use envelope::{Envelope, NewEvent};
+pub use store::{AppendResult, EventStore, ExpectedVersion};
+
+/// Opens an event store from a URL: `sqlite:PATH` or `mongodb://...`.
+pub async fn open_store(url: &str) -> Result<std::sync::Arc<dyn EventStore>, store::Error> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path)?))
+    } else if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
+        Ok(std::sync::Arc::new(mongo::MongoStore::connect(url, mongo::DEFAULT_DB).await?))
+    } else {
+        Err(store::Error::Config(format!(
+            "unknown event store URL '{url}': use sqlite:PATH or mongodb://HOST:PORT/..."
+        )))
+    }
+}

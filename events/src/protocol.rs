@@ -1,0 +1,140 @@
+//! Commands the engine sends to workers and the reports workers send back.
+//! JSON on the wire; see docs/protocol.md.
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::Metrics;
+
+/// Protocol version carried by every command and report.
+pub const VERSION: u32 = 1;
+
+/// A worker announcing itself (and, repeated, its heartbeat).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Worker id, unique across the deployment.
+    pub id: String,
+    /// Roles it can run (`trainer`, `aggregator`).
+    pub roles: Vec<String>,
+    /// Where it runs, e.g. `default/us/west`.
+    pub realm: String,
+}
+
+/// An update a trainer produced, as an aggregator input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRef {
+    /// Task that produced it.
+    pub task_id: String,
+    /// sha256 of the safetensors blob.
+    pub digest: String,
+    /// Training samples behind it.
+    pub samples: u64,
+}
+
+/// Work for one worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Protocol version.
+    pub v: u32,
+    /// Idempotency key: a worker runs each id once and answers repeats with the same report.
+    pub id: String,
+    /// Job id.
+    pub job_id: String,
+    /// Task id inside the job.
+    pub task_id: String,
+    /// Round number (0 before the first round).
+    pub round: u32,
+    /// What to do.
+    pub body: CommandBody,
+}
+
+/// The kinds of work.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CommandBody {
+    /// Create the initial global model.
+    InitModel {
+        /// Model description.
+        model: serde_json::Value,
+        /// A dataset URL whose shape the model must fit.
+        dataset: String,
+        /// Seed for the initial weights.
+        seed: u64,
+    },
+    /// Train from a global model on the task's dataset.
+    Train {
+        /// Model description.
+        model: serde_json::Value,
+        /// Digest of the global model to start from.
+        global_model: String,
+        /// Dataset URL.
+        dataset: String,
+        /// Hyperparameters (`epochs`, `batchSize`, `learningRate`, ...).
+        hyperparameters: serde_json::Value,
+        /// Seed for this round's shuffling.
+        seed: u64,
+    },
+    /// Combine updates into a new global model and evaluate it.
+    Aggregate {
+        /// Model description.
+        model: serde_json::Value,
+        /// Optimizer name (`fedavg`).
+        optimizer: String,
+        /// Digest of the current global model.
+        global_model: String,
+        /// The round's updates.
+        updates: Vec<UpdateRef>,
+        /// Dataset whose held-out split evaluates the new model.
+        eval_dataset: Option<String>,
+    },
+}
+
+/// A worker's answer to a command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Protocol version.
+    pub v: u32,
+    /// The command answered.
+    pub command_id: String,
+    /// Job id.
+    pub job_id: String,
+    /// Task id.
+    pub task_id: String,
+    /// The reporting worker.
+    pub worker_id: String,
+    /// Round number.
+    pub round: u32,
+    /// The outcome.
+    pub body: ReportBody,
+}
+
+/// Outcomes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReportBody {
+    /// The initial model is stored.
+    Initialized {
+        /// Its digest.
+        digest: String,
+    },
+    /// A local update is stored.
+    Trained {
+        /// Its digest.
+        digest: String,
+        /// Samples trained on.
+        samples: u64,
+        /// Local metrics.
+        metrics: Metrics,
+    },
+    /// The new global model is stored.
+    Aggregated {
+        /// Its digest.
+        digest: String,
+        /// Evaluation metrics.
+        metrics: Metrics,
+    },
+    /// The command failed.
+    Failed {
+        /// Why, for people.
+        error: String,
+    },
+}

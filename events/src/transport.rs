@@ -1,0 +1,322 @@
+//! How commands reach workers and reports reach the engine: one trait, an
+//! in-process implementation for embedded mode and a NATS JetStream one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use crate::protocol::{Command, Report, WorkerInfo};
+
+/// JetStream stream holding commands, subjects `flame.cmd.<worker-id>`.
+pub const COMMAND_STREAM: &str = "FLAME_CMDS";
+/// JetStream stream holding reports, subjects `flame.report.<job-id>`.
+pub const REPORT_STREAM: &str = "FLAME_REPORTS";
+/// KV bucket of live workers; entries expire without heartbeats.
+pub const WORKER_BUCKET: &str = "flame-workers";
+/// How long a worker stays listed after its last heartbeat.
+pub const WORKER_TTL: Duration = Duration::from_secs(15);
+
+/// Transport errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// NATS failed.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// A message did not decode.
+    #[error("bad message on '{subject}': {reason}")]
+    BadMessage {
+        /// Where it came from.
+        subject: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// An id is not usable in a subject.
+    #[error("'{0}' is not a valid id: use letters, digits, '-' and '_' only")]
+    BadId(String),
+    /// The other side is gone.
+    #[error("the in-process channel for '{0}' is closed")]
+    Closed(String),
+}
+
+fn nats(e: impl std::fmt::Display) -> Error {
+    Error::Nats(e.to_string())
+}
+
+/// A received message with the means to acknowledge it once handled.
+pub struct Delivery<T> {
+    /// The message.
+    pub message: T,
+    ack: Option<BoxFuture<'static, Result<(), Error>>>,
+}
+
+impl<T> Delivery<T> {
+    /// A delivery that needs no acknowledgement.
+    pub fn unacked(message: T) -> Self {
+        Self { message, ack: None }
+    }
+
+    /// Acknowledges the message: it will not be delivered again.
+    pub async fn ack(self) -> Result<(), Error> {
+        match self.ack {
+            Some(ack) => ack.await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// A stream of deliveries.
+pub type Inbox<T> = BoxStream<'static, Result<Delivery<T>, Error>>;
+
+/// Moves commands, reports and worker registrations.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Registers a worker or renews its heartbeat.
+    async fn register(&self, info: &WorkerInfo) -> Result<(), Error>;
+    /// Lists live workers, sorted by id.
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, Error>;
+    /// Sends a command to one worker.
+    async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), Error>;
+    /// The commands addressed to one worker, durable across restarts where the transport is.
+    async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error>;
+    /// Sends a report to the engine running its job.
+    async fn send_report(&self, report: &Report) -> Result<(), Error>;
+    /// The reports for one job.
+    async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error>;
+}
+
+/// Checks that an id can be used in a NATS subject and a consumer name.
+pub fn check_id(id: &str) -> Result<(), Error> {
+    let ok = !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok { Ok(()) } else { Err(Error::BadId(id.to_string())) }
+}
+
+type Channel<T> = (mpsc::UnboundedSender<T>, Option<mpsc::UnboundedReceiver<T>>);
+
+/// The embedded-mode transport: channels inside one process.
+#[derive(Default, Clone)]
+pub struct InProcess {
+    inner: Arc<Mutex<InProcessState>>,
+}
+
+#[derive(Default)]
+struct InProcessState {
+    workers: BTreeMap<String, WorkerInfo>,
+    commands: HashMap<String, Channel<Command>>,
+    reports: HashMap<String, Channel<Report>>,
+}
+
+fn channel<'a, T>(map: &'a mut HashMap<String, Channel<T>>, key: &str) -> &'a mut Channel<T> {
+    map.entry(key.to_string()).or_insert_with(|| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, Some(rx))
+    })
+}
+
+fn take_inbox<T: Send + 'static>(map: &mut HashMap<String, Channel<T>>, key: &str) -> Result<Inbox<T>, Error> {
+    let rx = channel(map, key).1.take().ok_or_else(|| Error::Closed(format!("{key} (inbox already taken)")))?;
+    Ok(tokio_stream_from(rx))
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> Inbox<T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|m| Ok(Delivery::unacked(m))).boxed()
+}
+
+impl InProcess {
+    fn state(&self) -> std::sync::MutexGuard<'_, InProcessState> {
+        // A panic while holding this lock leaves plain maps behind; keep using them.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl Transport for InProcess {
+    async fn register(&self, info: &WorkerInfo) -> Result<(), Error> {
+        self.state().workers.insert(info.id.clone(), info.clone());
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, Error> {
+        Ok(self.state().workers.values().cloned().collect())
+    }
+
+    async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), Error> {
+        let mut state = self.state();
+        channel(&mut state.commands, worker_id)
+            .0
+            .send(command.clone())
+            .map_err(|_| Error::Closed(worker_id.to_string()))
+    }
+
+    async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error> {
+        take_inbox(&mut self.state().commands, worker_id)
+    }
+
+    async fn send_report(&self, report: &Report) -> Result<(), Error> {
+        let mut state = self.state();
+        channel(&mut state.reports, &report.job_id)
+            .0
+            .send(report.clone())
+            .map_err(|_| Error::Closed(report.job_id.clone()))
+    }
+
+    async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error> {
+        take_inbox(&mut self.state().reports, job_id)
+    }
+}
+
+/// The distributed transport: JetStream streams for commands and reports, a KV
+/// bucket with a TTL for worker liveness.
+#[derive(Clone)]
+pub struct Nats {
+    js: jetstream::Context,
+    workers: kv::Store,
+}
+
+impl Nats {
+    /// Connects and creates the streams and bucket it needs (idempotent).
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
+        Self::new(client).await
+    }
+
+    /// Uses an existing client.
+    pub async fn new(client: async_nats::Client) -> Result<Self, Error> {
+        let js = jetstream::new(client);
+        for (name, subject) in [(COMMAND_STREAM, "flame.cmd.>"), (REPORT_STREAM, "flame.report.>")] {
+            js.get_or_create_stream(stream::Config {
+                name: name.to_string(),
+                subjects: vec![subject.to_string()],
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Nats(format!("cannot create stream {name}: {e}")))?;
+        }
+        let workers = js
+            .create_or_update_key_value(kv::Config {
+                bucket: WORKER_BUCKET.to_string(),
+                history: 1,
+                max_age: WORKER_TTL,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Nats(format!("cannot create KV bucket {WORKER_BUCKET}: {e}")))?;
+        Ok(Self { js, workers })
+    }
+
+    /// The JetStream context, for other users of the same connection.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    async fn publish<T: Serialize>(&self, subject: String, msg_id: &str, body: &T) -> Result<(), Error> {
+        let payload = serde_json::to_vec(body).map_err(nats)?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        self.js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
+        Ok(())
+    }
+
+    async fn inbox<T: DeserializeOwned + Send + 'static>(&self, stream_name: &str, durable: String, subject: String) -> Result<Inbox<T>, Error> {
+        let stream = self.js.get_stream(stream_name).await.map_err(nats)?;
+        let consumer: pull::Stream = stream
+            .get_or_create_consumer(
+                &durable,
+                pull::Config {
+                    durable_name: Some(durable.clone()),
+                    filter_subject: subject,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(300),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(nats)?
+            .messages()
+            .await
+            .map_err(nats)?;
+        Ok(consumer
+            .map(|m| {
+                let m = m.map_err(nats)?;
+                let subject = m.subject.to_string();
+                match serde_json::from_slice::<T>(&m.payload) {
+                    Ok(message) => Ok(Delivery {
+                        message,
+                        ack: Some(async move { m.ack().await.map_err(nats) }.boxed()),
+                    }),
+                    Err(e) => {
+                        // Never redeliver what can never decode.
+                        let reason = e.to_string();
+                        tokio::spawn(async move {
+                            let _ = m.ack_with(jetstream::AckKind::Term).await;
+                        });
+                        Err(Error::BadMessage { subject, reason })
+                    }
+                }
+            })
+            .boxed())
+    }
+}
+
+#[async_trait]
+impl Transport for Nats {
+    async fn register(&self, info: &WorkerInfo) -> Result<(), Error> {
+        check_id(&info.id)?;
+        let value = serde_json::to_vec(info).map_err(nats)?;
+        self.workers.put(&info.id, value.into()).await.map_err(nats)?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, Error> {
+        let mut keys = self.workers.keys().await.map_err(nats)?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(nats)?;
+            if let Some(value) = self.workers.get(&key).await.map_err(nats)?
+                && let Ok(info) = serde_json::from_slice::<WorkerInfo>(&value)
+            {
+                out.push(info);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), Error> {
+        check_id(worker_id)?;
+        self.publish(format!("flame.cmd.{worker_id}"), &format!("{worker_id}:{}", command.id), command).await
+    }
+
+    async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error> {
+        check_id(worker_id)?;
+        self.inbox(COMMAND_STREAM, format!("worker-{worker_id}"), format!("flame.cmd.{worker_id}")).await
+    }
+
+    async fn send_report(&self, report: &Report) -> Result<(), Error> {
+        check_id(&report.job_id)?;
+        let msg_id = format!("{}:{}", report.worker_id, report.command_id);
+        self.publish(format!("flame.report.{}", report.job_id), &msg_id, report).await
+    }
+
+    async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error> {
+        check_id(job_id)?;
+        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), format!("flame.report.{job_id}")).await
+    }
+}

@@ -1,0 +1,54 @@
+//! `flame-worker`: one worker process on an edge node, connected to NATS.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+
+use flame_events::protocol::WorkerInfo;
+use flame_events::transport::Nats;
+use flame_workers::blob::NatsBlobs;
+use flame_workers::{Worker, model};
+
+/// Runs FL tasks (training, aggregation) that the engine sends over NATS.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// NATS server URL.
+    #[arg(long, env = "FLAME_NATS")]
+    nats: String,
+    /// This worker's id (letters, digits, '-', '_'), unique in the deployment.
+    #[arg(long)]
+    id: String,
+    /// Roles this worker may take, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "trainer,aggregator")]
+    roles: Vec<String>,
+    /// Where this worker runs, e.g. default/us/west.
+    #[arg(long, default_value = "default")]
+    realm: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    model::init_backend();
+    let transport = Nats::connect(&args.nats).await?;
+    let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
+    let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm };
+    Worker::new(info, Arc::new(transport), Arc::new(blobs)).run(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

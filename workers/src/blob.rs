@@ -1,0 +1,156 @@
+//! Content-addressed model blobs: a local folder (embedded mode) or the
+//! JetStream object store (distributed). Reads verify the digest.
+
+use std::path::PathBuf;
+
+use async_nats::jetstream::{self, object_store};
+use async_trait::async_trait;
+use tokio::io::AsyncReadExt;
+
+use crate::weights::digest;
+
+/// The object store bucket holding model blobs.
+pub const BUCKET: &str = "flame-models";
+
+/// Blob store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No blob has that digest.
+    #[error("blob {0} not found")]
+    NotFound(String),
+    /// The bytes do not hash to their name.
+    #[error("blob {expected} is corrupt: its bytes hash to {actual}")]
+    Corrupt {
+        /// The digest asked for.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// The name is not a sha256 hex digest.
+    #[error("'{0}' is not a sha256 digest (64 lower-case hex characters)")]
+    BadDigest(String),
+    /// Storage failed.
+    #[error("blob store: {0}")]
+    Io(String),
+}
+
+fn check_digest(d: &str) -> Result<(), Error> {
+    if d.len() == 64 && d.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+        Ok(())
+    } else {
+        Err(Error::BadDigest(d.to_string()))
+    }
+}
+
+fn verified(expected: &str, bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
+    let actual = digest(&bytes);
+    if actual == expected { Ok(bytes) } else { Err(Error::Corrupt { expected: expected.to_string(), actual }) }
+}
+
+/// Where model blobs live.
+#[async_trait]
+pub trait BlobStore: Send + Sync {
+    /// Stores bytes; returns their sha256 digest.
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, Error>;
+    /// Fetches the bytes with this digest, verified.
+    async fn get(&self, digest: &str) -> Result<Vec<u8>, Error>;
+}
+
+/// Blobs as files named by digest in one folder.
+#[derive(Clone, Debug)]
+pub struct LocalBlobs {
+    dir: PathBuf,
+}
+
+impl LocalBlobs {
+    /// Uses (and creates) `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Self, Error> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(Self { dir })
+    }
+}
+
+#[async_trait]
+impl BlobStore for LocalBlobs {
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
+        let d = digest(&bytes);
+        let path = self.dir.join(&d);
+        if !path.exists() {
+            // Write then rename, so a reader never sees half a blob.
+            let tmp = self.dir.join(format!(".{d}.{}", std::process::id()));
+            tokio::fs::write(&tmp, &bytes).await.map_err(|e| Error::Io(e.to_string()))?;
+            tokio::fs::rename(&tmp, &path).await.map_err(|e| Error::Io(e.to_string()))?;
+        }
+        Ok(d)
+    }
+
+    async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
+        check_digest(digest)?;
+        let bytes = tokio::fs::read(self.dir.join(digest)).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(digest.to_string()),
+            _ => Error::Io(e.to_string()),
+        })?;
+        verified(digest, bytes)
+    }
+}
+
+/// Blobs in the JetStream object store (chunked, so any size works).
+#[derive(Clone)]
+pub struct NatsBlobs {
+    store: object_store::ObjectStore,
+}
+
+impl NatsBlobs {
+    /// Opens (creating if needed) the `flame-models` bucket.
+    pub async fn new(js: &jetstream::Context) -> Result<Self, Error> {
+        let store = match js.get_object_store(BUCKET).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(object_store::Config { bucket: BUCKET.to_string(), ..Default::default() })
+                .await
+                .map_err(|e| Error::Io(format!("cannot create object store bucket {BUCKET}: {e}")))?,
+        };
+        Ok(Self { store })
+    }
+}
+
+#[async_trait]
+impl BlobStore for NatsBlobs {
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
+        let d = digest(&bytes);
+        if self.store.info(&d).await.is_err() {
+            self.store.put(d.as_str(), &mut bytes.as_slice()).await.map_err(|e| Error::Io(e.to_string()))?;
+        }
+        Ok(d)
+    }
+
+    async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
+        check_digest(digest)?;
+        let mut object = self.store.get(digest).await.map_err(|e| match e.kind() {
+            object_store::GetErrorKind::NotFound => Error::NotFound(digest.to_string()),
+            _ => Error::Io(e.to_string()),
+        })?;
+        let mut bytes = Vec::new();
+        object.read_to_end(&mut bytes).await.map_err(|e| Error::Io(e.to_string()))?;
+        verified(digest, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_blobs_are_content_addressed_and_verified() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = LocalBlobs::new(dir.path()).expect("blobs");
+        let d = blobs.put(b"model bytes".to_vec()).await.expect("put");
+        assert_eq!(d, digest(b"model bytes"));
+        assert_eq!(blobs.get(&d).await.expect("get"), b"model bytes");
+        std::fs::write(dir.path().join(&d), b"tampered").expect("tamper");
+        assert!(matches!(blobs.get(&d).await, Err(Error::Corrupt { .. })));
+        assert!(matches!(blobs.get(&"0".repeat(64)).await, Err(Error::NotFound(_))));
+        assert!(matches!(blobs.get("../etc/passwd").await, Err(Error::BadDigest(_))));
+    }
+}

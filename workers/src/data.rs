@@ -1,0 +1,224 @@
+//! Datasets a worker can load from a dataset URL.
+//!
+//! - `builtin://digits?part=I&of=N`: the bundled UCI digits (1,797 8x8 images,
+//!   10 classes). A fixed, seeded 20% is held out as the test split (the same
+//!   for every part); the rest is dealt round-robin into N parts and part I is
+//!   the train split. Without `part`/`of`, all of the train split.
+//! - `file:PATH` or a path ending in `.csv`: numeric CSV, label in the last
+//!   column (classes 0..K-1), no header; the last 20% of rows is the test split.
+
+use std::io::Read;
+
+/// Errors loading data.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The URL is not one this worker understands.
+    #[error("dataset URL '{url}': {reason}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The data could not be read or parsed.
+    #[error("dataset '{url}': {reason}")]
+    Read {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Rows of features with class labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Split {
+    /// Row-major features, `len() == rows * features`.
+    pub x: Vec<f32>,
+    /// Labels, `0..classes`.
+    pub y: Vec<i64>,
+    /// Features per row.
+    pub features: usize,
+}
+
+impl Split {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    fn select(&self, rows: &[usize]) -> Self {
+        let f = self.features;
+        Self {
+            x: rows.iter().flat_map(|&r| self.x[r * f..(r + 1) * f].iter().copied()).collect(),
+            y: rows.iter().map(|&r| self.y[r]).collect(),
+            features: f,
+        }
+    }
+}
+
+/// A dataset's train and test splits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Data {
+    /// What this worker trains on.
+    pub train: Split,
+    /// Held-out rows for evaluation.
+    pub test: Split,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+const DIGITS_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
+const TEST_FRACTION: f64 = 0.2;
+const SPLIT_SEED: u64 = 0x5eed;
+
+/// A small deterministic PRNG (SplitMix64), so every worker cuts the same splits.
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    /// Seeds the generator.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Shuffles in place (Fisher-Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+fn parse_csv(url: &str, text: &str, scale: f32) -> Result<Split, Error> {
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    let mut features = None;
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let values: Vec<f32> = line
+            .split(',')
+            .map(|v| v.trim().parse::<f32>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Read { url: url.into(), reason: format!("line {}: {e}", i + 1) })?;
+        let Some((label, row)) = values.split_last() else { continue };
+        if *features.get_or_insert(row.len()) != row.len() {
+            return Err(Error::Read { url: url.into(), reason: format!("line {} has {} columns, earlier lines {}", i + 1, values.len(), features.unwrap_or(0) + 1) });
+        }
+        if *label < 0.0 || label.fract() != 0.0 {
+            return Err(Error::Read { url: url.into(), reason: format!("line {}: label {label} is not a class number 0, 1, 2, ...", i + 1) });
+        }
+        x.extend(row.iter().map(|v| v / scale));
+        y.push(*label as i64);
+    }
+    let features = features.ok_or_else(|| Error::Read { url: url.into(), reason: "no rows".into() })?;
+    Ok(Split { x, y, features })
+}
+
+fn query(url: &str, q: &str, key: &str) -> Result<Option<usize>, Error> {
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == key {
+            return v
+                .parse()
+                .map(Some)
+                .map_err(|_| Error::Url { url: url.into(), reason: format!("'{key}' must be a whole number, not '{v}'") });
+        }
+    }
+    Ok(None)
+}
+
+/// Loads the dataset a URL names.
+pub fn load(url: &str) -> Result<Data, Error> {
+    if let Some(rest) = url.strip_prefix("builtin://") {
+        let (name, q) = rest.split_once('?').unwrap_or((rest, ""));
+        if name != "digits" {
+            return Err(Error::Url { url: url.into(), reason: format!("no built-in dataset '{name}'; the built-in one is 'digits'") });
+        }
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(DIGITS_GZ)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
+        let all = parse_csv(url, &text, 16.0)?;
+        let mut rows: Vec<usize> = (0..all.len()).collect();
+        SplitMix::new(SPLIT_SEED).shuffle(&mut rows);
+        let n_test = (all.len() as f64 * TEST_FRACTION).round() as usize;
+        let (test_rows, train_rows) = rows.split_at(n_test);
+        let of = query(url, q, "of")?.unwrap_or(1);
+        let part = query(url, q, "part")?.unwrap_or(0);
+        if of == 0 || part >= of {
+            return Err(Error::Url { url: url.into(), reason: format!("need 0 <= part < of, got part={part} of={of}") });
+        }
+        let mine: Vec<usize> = train_rows.iter().copied().skip(part).step_by(of).collect();
+        return Ok(Data { train: all.select(&mine), test: all.select(test_rows), classes: 10 });
+    }
+    let path = url.strip_prefix("file://").or_else(|| url.strip_prefix("file:")).unwrap_or(url);
+    if !path.ends_with(".csv") {
+        return Err(Error::Url {
+            url: url.into(),
+            reason: "use builtin://digits?part=I&of=N or a path to a .csv file (features, then the label)".into(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
+    let all = parse_csv(url, &text, 1.0)?;
+    let classes = all.y.iter().max().map_or(0, |m| *m as usize + 1);
+    let n_test = (all.len() as f64 * TEST_FRACTION).round() as usize;
+    let cut = all.len() - n_test;
+    let rows: Vec<usize> = (0..all.len()).collect();
+    Ok(Data { train: all.select(&rows[..cut]), test: all.select(&rows[cut..]), classes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_parts_are_disjoint_and_cover_the_train_split() {
+        let whole = load("builtin://digits").expect("digits");
+        assert_eq!(whole.train.len() + whole.test.len(), 1797);
+        assert_eq!(whole.test.len(), 359);
+        assert_eq!(whole.train.features, 64);
+        let parts: Vec<Data> = (0..3).map(|i| load(&format!("builtin://digits?part={i}&of=3")).expect("part")).collect();
+        assert_eq!(parts.iter().map(|p| p.train.len()).sum::<usize>(), whole.train.len());
+        assert!(parts.iter().all(|p| p.test == whole.test));
+        assert!(whole.train.x.iter().all(|v| (0.0..=1.0).contains(v)));
+        let mut labels: Vec<i64> = whole.test.y.clone();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong() {
+        let e = load("builtin://mnist").expect_err("unknown");
+        assert!(e.to_string().contains("digits"), "{e}");
+        let e = load("builtin://digits?part=3&of=3").expect_err("part out of range");
+        assert!(e.to_string().contains("part=3"), "{e}");
+        assert!(load("https://example.org/data.npz").is_err());
+    }
+
+    #[test]
+    fn csv_files_load_with_the_last_column_as_label() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.csv");
+        let rows: String = (0..10).map(|i| format!("{i}.0,{}.5,{}\n", i * 2, i % 2)).collect();
+        std::fs::write(&path, rows).expect("write");
+        let d = load(&format!("file:{}", path.display())).expect("csv");
+        assert_eq!((d.train.len(), d.test.len(), d.classes, d.train.features), (8, 2, 2, 2));
+        std::fs::write(&path, "1,2,x\n").expect("write");
+        assert!(load(path.to_str().expect("utf8")).expect_err("bad").to_string().contains("line 1"));
+    }
+}

@@ -1,0 +1,11 @@
+//! Workers: the runtime that takes commands and reports results, the FL
+//! algorithms, model weights and blobs, the tch training backend and datasets.
+
+pub mod blob;
+pub mod data;
+pub mod fedavg;
+pub mod model;
+pub mod runtime;
+pub mod weights;
+
+pub use runtime::Worker;

@@ -1,0 +1,265 @@
+//! Built-in models and their training on the tch (libtorch) backend.
+//!
+//! Initial weights are drawn in Rust from a seeded generator and batches are
+//! shuffled the same way, so training is deterministic for a seed even when
+//! several workers share one process (libtorch's global RNG is not touched).
+
+use serde::Deserialize;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor as TchTensor};
+
+use flame_events::job::Metrics;
+
+use crate::data::{Split, SplitMix};
+use crate::weights::{Tensor, Weights};
+
+/// Errors building, loading or training a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model description is not usable.
+    #[error("model: {0}")]
+    Config(String),
+    /// Weights do not fit the model.
+    #[error("weights do not fit the model: {0}")]
+    Weights(String),
+    /// libtorch failed.
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+fn torch(e: tch::TchError) -> Error {
+    Error::Torch(e.to_string())
+}
+
+/// A model description, from the job's model spec.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct ModelConfig {
+    /// `mlp` (ReLU hidden layers) or `logreg` (multinomial logistic regression).
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Hidden layer widths for `mlp`.
+    #[serde(default = "default_hidden")]
+    pub hidden: Vec<usize>,
+}
+
+fn default_name() -> String {
+    "mlp".into()
+}
+fn default_hidden() -> Vec<usize> {
+    vec![32]
+}
+
+impl ModelConfig {
+    /// Reads the description a command carries.
+    pub fn from_json(v: &serde_json::Value) -> Result<Self, Error> {
+        let cfg: Self = serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("bad model description {v}: {e}")))?;
+        match cfg.name.as_str() {
+            "mlp" | "logreg" => Ok(cfg),
+            other => Err(Error::Config(format!("unknown model '{other}': the built-in models are 'mlp' and 'logreg'"))),
+        }
+    }
+
+    /// Layer sizes from inputs to classes.
+    pub fn layers(&self, inputs: usize, classes: usize) -> Vec<(usize, usize)> {
+        let mut sizes = vec![inputs];
+        if self.name == "mlp" {
+            sizes.extend(&self.hidden);
+        }
+        sizes.push(classes);
+        sizes.windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    /// Fresh weights, uniform in ±1/sqrt(fan_in) as PyTorch's Linear does.
+    pub fn init(&self, inputs: usize, classes: usize, seed: u64) -> Weights {
+        let mut rng = SplitMix::new(seed);
+        let mut uniform = |bound: f64| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound;
+        let mut w = Weights::new();
+        for (i, (fan_in, fan_out)) in self.layers(inputs, classes).into_iter().enumerate() {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let weight = (0..fan_in * fan_out).map(|_| uniform(bound) as f32).collect();
+            let bias = (0..fan_out).map(|_| uniform(bound) as f32).collect();
+            w.insert(format!("fc{}.weight", i + 1), Tensor { shape: vec![fan_out, fan_in], data: weight });
+            w.insert(format!("fc{}.bias", i + 1), Tensor { shape: vec![fan_out], data: bias });
+        }
+        w
+    }
+}
+
+/// Training settings from the job's hyperparameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSettings {
+    /// Passes over the local data per round.
+    pub epochs: usize,
+    /// Minibatch size.
+    pub batch_size: usize,
+    /// SGD learning rate.
+    pub learning_rate: f64,
+}
+
+impl TrainSettings {
+    /// Reads `epochs`, `batchSize`, `learningRate` (defaults 1, 32, 0.01, as in Flame's examples).
+    pub fn from_hyperparameters(h: &serde_json::Value) -> Result<Self, Error> {
+        let num = |k: &str, default: f64| -> Result<f64, Error> {
+            match h.get(k) {
+                None => Ok(default),
+                Some(v) => v.as_f64().filter(|x| *x > 0.0).ok_or_else(|| Error::Config(format!("hyperparameter '{k}' must be a positive number, not {v}"))),
+            }
+        };
+        Ok(Self { epochs: num("epochs", 1.0)? as usize, batch_size: num("batchSize", 32.0)? as usize, learning_rate: num("learningRate", 0.01)? })
+    }
+}
+
+/// A built-in model on libtorch.
+pub struct Net {
+    vs: nn::VarStore,
+    layers: Vec<nn::Linear>,
+}
+
+fn to_tensors(split: &Split) -> (TchTensor, TchTensor) {
+    let x = TchTensor::from_slice(&split.x).view([split.len() as i64, split.features as i64]);
+    let y = TchTensor::from_slice(&split.y);
+    (x, y)
+}
+
+impl Net {
+    /// Builds the model with the given weights.
+    pub fn new(cfg: &ModelConfig, weights: &Weights) -> Result<Self, Error> {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut layers = Vec::new();
+        for i in 1.. {
+            let Some(w) = weights.get(&format!("fc{i}.weight")) else { break };
+            let [fan_out, fan_in] = w.shape[..] else {
+                return Err(Error::Weights(format!("fc{i}.weight has shape {:?}; expected [out, in]", w.shape)));
+            };
+            layers.push(nn::linear(vs.root() / format!("fc{i}"), fan_in as i64, fan_out as i64, Default::default()));
+        }
+        if layers.is_empty() || (cfg.name == "logreg" && layers.len() != 1) {
+            return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.name)));
+        }
+        let mut net = Self { vs, layers };
+        net.load(weights)?;
+        Ok(net)
+    }
+
+    fn load(&mut self, weights: &Weights) -> Result<(), Error> {
+        let vars = self.vs.variables();
+        if vars.len() != weights.len() {
+            return Err(Error::Weights(format!("model has {} tensors, weights have {}", vars.len(), weights.len())));
+        }
+        tch::no_grad(|| {
+            for (name, mut var) in vars {
+                let w = weights.get(&name).ok_or_else(|| Error::Weights(format!("tensor '{name}' is missing")))?;
+                let shape: Vec<i64> = w.shape.iter().map(|&d| d as i64).collect();
+                if var.size() != shape {
+                    return Err(Error::Weights(format!("tensor '{name}' has shape {:?}, the model needs {:?}", w.shape, var.size())));
+                }
+                var.copy_(&TchTensor::from_slice(&w.data).view(shape.as_slice()));
+            }
+            Ok(())
+        })
+    }
+
+    /// The current weights as plain values.
+    pub fn weights(&self) -> Result<Weights, Error> {
+        let mut out = Weights::new();
+        for (name, var) in self.vs.variables() {
+            let shape = var.size().iter().map(|&d| d as usize).collect();
+            let data = Vec::<f32>::try_from(&var.detach().flatten(0, -1)).map_err(torch)?;
+            out.insert(name, Tensor { shape, data });
+        }
+        Ok(out)
+    }
+
+    fn forward(&self, x: &TchTensor) -> TchTensor {
+        let last = self.layers.len() - 1;
+        self.layers.iter().enumerate().fold(x.shallow_clone(), |h, (i, l)| {
+            let z = l.forward(&h);
+            if i < last { z.relu() } else { z }
+        })
+    }
+
+    /// Minibatch SGD on a split; returns the mean training loss of the last epoch.
+    pub fn train(&mut self, data: &Split, settings: &TrainSettings, seed: u64) -> Result<Metrics, Error> {
+        if data.is_empty() {
+            return Err(Error::Config("no training rows".into()));
+        }
+        let (x, y) = to_tensors(data);
+        let mut opt = nn::Sgd::default().build(&self.vs, settings.learning_rate).map_err(torch)?;
+        let mut rng = SplitMix::new(seed);
+        let mut order: Vec<i64> = (0..data.len() as i64).collect();
+        let mut last_loss = 0.0;
+        for _ in 0..settings.epochs.max(1) {
+            rng.shuffle(&mut order);
+            let (mut sum, mut rows) = (0.0, 0usize);
+            for batch in order.chunks(settings.batch_size.max(1)) {
+                let idx = TchTensor::from_slice(batch);
+                let (bx, by) = (x.index_select(0, &idx), y.index_select(0, &idx));
+                let loss = self.forward(&bx).cross_entropy_for_logits(&by);
+                opt.backward_step(&loss);
+                sum += loss.double_value(&[]) * batch.len() as f64;
+                rows += batch.len();
+            }
+            last_loss = sum / rows as f64;
+        }
+        Ok(Metrics::from([("loss".to_string(), last_loss)]))
+    }
+
+    /// Loss and accuracy on a split.
+    pub fn evaluate(&self, data: &Split) -> Metrics {
+        if data.is_empty() {
+            return Metrics::new();
+        }
+        let (x, y) = to_tensors(data);
+        tch::no_grad(|| {
+            let logits = self.forward(&x);
+            Metrics::from([
+                ("loss".to_string(), logits.cross_entropy_for_logits(&y).double_value(&[])),
+                ("accuracy".to_string(), logits.accuracy_for_logits(&y).double_value(&[])),
+                ("test_samples".to_string(), data.len() as f64),
+            ])
+        })
+    }
+}
+
+/// Uses one libtorch thread per process: on small machines more threads make
+/// training erratic (see docs).
+pub fn init_backend() {
+    tch::set_num_threads(1);
+    tch::set_num_interop_threads(1);
+    let _ = Kind::Float;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data;
+
+    #[test]
+    fn training_learns_digits_and_is_deterministic() {
+        init_backend();
+        let d = data::load("builtin://digits?part=0&of=3").expect("digits");
+        let cfg = ModelConfig::from_json(&serde_json::json!({"name": "mlp", "hidden": [32]})).expect("cfg");
+        let init = cfg.init(64, 10, 7);
+        assert_eq!(init["fc1.weight"].shape, vec![32, 64]);
+        assert_eq!(init["fc2.bias"].shape, vec![10]);
+        let settings = TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3 };
+        let before = Net::new(&cfg, &init).expect("net").evaluate(&d.test)["accuracy"];
+        let mut a = Net::new(&cfg, &init).expect("net");
+        a.train(&d.train, &settings, 1).expect("train");
+        let mut b = Net::new(&cfg, &init).expect("net");
+        b.train(&d.train, &settings, 1).expect("train");
+        assert_eq!(a.weights().expect("w"), b.weights().expect("w"));
+        let after = a.evaluate(&d.test)["accuracy"];
+        assert!(after > 0.8 && after > before + 0.5, "accuracy {before} -> {after}");
+    }
+
+    #[test]
+    fn refuses_unknown_models_and_wrong_weights() {
+        assert!(ModelConfig::from_json(&serde_json::json!({"name": "resnet"})).is_err());
+        let cfg = ModelConfig::from_json(&serde_json::json!({"name": "logreg"})).expect("cfg");
+        let mut w = cfg.init(64, 10, 0);
+        w.get_mut("fc1.bias").expect("bias").shape = vec![11];
+        w.get_mut("fc1.bias").expect("bias").data.push(0.0);
+        assert!(Net::new(&cfg, &w).is_err());
+    }
+}
