@@ -1,5 +1,6 @@
 //! `flamectl`: run a Flame job on one machine and look at its events.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,15 +12,18 @@ use serde_json::json;
 
 use flame_engine::job::Status;
 use flame_engine::{JobDefinition, Runner, planner, runner};
+use flame_events::Envelope;
 use flame_events::job::{self, JobEvent};
 use flame_events::protocol::WorkerInfo;
 use flame_events::transport::InProcess;
-use flame_events::Envelope;
 use flame_workers::blob::LocalBlobs;
 use flame_workers::{Worker, model};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Flame for Rust: run federated-learning jobs and inspect their events")]
+#[command(
+    version,
+    about = "Flame for Rust: run federated-learning jobs and inspect their events"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -69,7 +73,9 @@ enum Cmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -91,20 +97,35 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { folder, output, data_dir } => run(&folder, output, &data_dir).await,
+        Cmd::Run {
+            folder,
+            output,
+            data_dir,
+        } => run(&folder, output, &data_dir).await,
         Cmd::Validate { folder, output } => validate(&folder, output),
-        Cmd::Events { job_id, store, output } => events(&job_id, &store, output).await,
+        Cmd::Events {
+            job_id,
+            store,
+            output,
+        } => events(&job_id, &store, output).await,
     }
 }
 
 fn validate(folder: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let result = JobDefinition::load(folder).and_then(|d| planner::expand(&d));
     match (result, output) {
-        (Ok(tasks), Output::Json) => println!("{}", json!({"valid": true, "errors": [], "tasks": tasks})),
+        (Ok(tasks), Output::Json) => {
+            println!("{}", json!({"valid": true, "errors": [], "tasks": tasks}))
+        }
         (Ok(tasks), Output::Table) => {
             println!("{} is valid: {} task(s)", folder.display(), tasks.len());
             for t in tasks {
-                println!("  {:<20} {:<18} {}", t.task_id, t.role, t.dataset.unwrap_or_default());
+                println!(
+                    "  {:<20} {:<18} {}",
+                    t.task_id,
+                    t.role,
+                    t.dataset.unwrap_or_default()
+                );
             }
         }
         (Err(p), Output::Json) => {
@@ -133,7 +154,14 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let store = flame_events::open_store(&store_url).await?;
     let blobs = Arc::new(LocalBlobs::new(data_dir.join("blobs"))?);
     let transport = Arc::new(InProcess::default());
-    let runner = Runner::new(store.clone(), transport.clone(), runner::Options { worker_wait: Duration::from_secs(10), ..Default::default() });
+    let runner = Runner::new(
+        store.clone(),
+        transport.clone(),
+        runner::Options {
+            worker_wait: Duration::from_secs(10),
+            ..Default::default()
+        },
+    );
     let job_id = runner.submit(&def).await?;
     eprintln!("job {job_id}: {} from {}", def.name(), folder.display());
 
@@ -142,8 +170,16 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
     for t in &job.tasks {
-        let role = if t.is_data_consumer { "trainer" } else { "aggregator" };
-        let info = WorkerInfo { id: format!("local-{}", t.task_id), roles: vec![role.into()], realm: t.realm.clone().unwrap_or_else(|| "default".into()) };
+        let role = if t.is_data_consumer {
+            "trainer"
+        } else {
+            "aggregator"
+        };
+        let info = WorkerInfo {
+            id: format!("local-{}", t.task_id),
+            roles: vec![role.into()],
+            realm: t.realm.clone().unwrap_or_else(|| "default".into()),
+        };
         let mut stopped = stopped.clone();
         let worker = Worker::new(info, transport.clone(), blobs.clone());
         workers.push(tokio::spawn(worker.run(async move {
@@ -158,10 +194,20 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let job = job?;
     let events = store.read_stream(&job::stream_id(&job_id), 1).await?;
     print_summary(&job, &events, store.location(), started.elapsed(), output);
-    Ok(if job.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if job.status == Status::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
-fn print_summary(job: &flame_engine::job::Job, events: &[Envelope], store: String, elapsed: Duration, output: Output) {
+fn print_summary(
+    job: &flame_engine::job::Job,
+    events: &[Envelope],
+    store: String,
+    elapsed: Duration,
+    output: Output,
+) {
     let rounds: Vec<serde_json::Value> = events
         .iter()
         .filter_map(|e| match JobEvent::from_envelope(e) {
@@ -187,8 +233,16 @@ fn print_summary(job: &flame_engine::job::Job, events: &[Envelope], store: Strin
             })
         ),
         Output::Table => {
-            println!("job {} ({}): {}", job.job_id, job.name, json!(job.status).as_str().unwrap_or("?"));
-            println!("{:>5}  {:>8}  {:>8}  {:>7}", "round", "accuracy", "loss", "updates");
+            println!(
+                "job {} ({}): {}",
+                job.job_id,
+                job.name,
+                json!(job.status).as_str().unwrap_or("?")
+            );
+            println!(
+                "{:>5}  {:>8}  {:>8}  {:>7}",
+                "round", "accuracy", "loss", "updates"
+            );
             for r in &rounds {
                 let m = &r["metrics"];
                 println!(
@@ -202,12 +256,23 @@ fn print_summary(job: &flame_engine::job::Job, events: &[Envelope], store: Strin
             if let Some(f) = &job.failure {
                 println!("failure: {f}");
             }
-            println!("rounds completed: {}/{}", job.rounds_completed, job.total_rounds());
+            println!(
+                "rounds completed: {}/{}",
+                job.rounds_completed,
+                job.total_rounds()
+            );
             if let Some(acc) = job.metrics.get("accuracy") {
                 println!("final test accuracy: {acc:.4}");
             }
-            println!("final model: sha256:{}", job.global_model.clone().unwrap_or_default());
-            println!("events: {} in {store} (flamectl events {} --store {store})", events.len(), job.job_id);
+            println!(
+                "final model: sha256:{}",
+                job.global_model.clone().unwrap_or_default()
+            );
+            println!(
+                "events: {} in {store} (flamectl events {} --store {store})",
+                events.len(),
+                job.job_id
+            );
             println!("time: {:.1} s", elapsed.as_secs_f64());
         }
     }
@@ -217,20 +282,28 @@ async fn events(job_id: &str, store: &str, output: Output) -> anyhow::Result<Exi
     let store = flame_events::open_store(store).await?;
     let events = store.read_stream(&job::stream_id(job_id), 1).await?;
     if events.is_empty() {
-        eprintln!("error: job '{job_id}' has no events in {}", store.location());
+        eprintln!(
+            "error: job '{job_id}' has no events in {}",
+            store.location()
+        );
         return Ok(ExitCode::from(3));
     }
+    let mut out = std::io::stdout().lock();
     for e in &events {
-        match output {
-            Output::Json => println!("{}", serde_json::to_string(e)?),
+        let written = match output {
+            Output::Json => writeln!(out, "{}", serde_json::to_string(e)?),
             Output::Table => {
                 let mut payload = e.payload.to_string();
                 if payload.len() > 100 {
-                    let cut = (0..=100).rev().find(|&i| payload.is_char_boundary(i)).unwrap_or(0);
+                    let cut = (0..=100)
+                        .rev()
+                        .find(|&i| payload.is_char_boundary(i))
+                        .unwrap_or(0);
                     payload.truncate(cut);
                     payload.push('…');
                 }
-                println!(
+                writeln!(
+                    out,
                     "{:>4} {:>6}  {}  {:<17} {:<22} {}",
                     e.version,
                     e.position,
@@ -238,8 +311,14 @@ async fn events(job_id: &str, store: &str, output: Output) -> anyhow::Result<Exi
                     e.event_type,
                     e.actor,
                     payload
-                );
+                )
             }
+        };
+        match written {
+            Ok(()) => {}
+            // The reader went away (`| head`): that is not an error.
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(err) => return Err(err.into()),
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,7 +9,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Optimizers a job may name (Flame's `optimizer.sort`).
-pub const OPTIMIZERS: &[&str] = &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "feddyn", "scaffold"];
+pub const OPTIMIZERS: &[&str] = &[
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedbuff",
+    "feddyn",
+    "scaffold",
+];
 /// Selectors a job may name (Flame's `selector.sort`).
 pub const SELECTORS: &[&str] = &["default", "random", "fedbuff", "oort"];
 
@@ -246,8 +255,16 @@ fn render(problems: &[Problem]) -> String {
     out
 }
 
-fn problem(path: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) -> Problem {
-    Problem { path: path.into(), message: message.into(), hint: hint.into() }
+fn problem(
+    path: impl Into<String>,
+    message: impl Into<String>,
+    hint: impl Into<String>,
+) -> Problem {
+    Problem {
+        path: path.into(),
+        message: message.into(),
+        hint: hint.into(),
+    }
 }
 
 /// Reads and parses one JSON file of the folder, as a problem on failure.
@@ -262,8 +279,16 @@ fn read_json<T: serde::de::DeserializeOwned>(folder: &Path, name: &str) -> Resul
         problem(name, message, hint)
     })?;
     serde_json::from_str(&text).map_err(|e| {
-        let hint = if e.is_syntax() || e.is_eof() { "fix the JSON syntax at that line and column" } else { "fix the field's value to match Flame's format" };
-        problem(format!("{name}:{}:{}", e.line(), e.column()), format!("invalid JSON: {e}"), hint)
+        let hint = if e.is_syntax() || e.is_eof() {
+            "fix the JSON syntax at that line and column"
+        } else {
+            "fix the field's value to match Flame's format"
+        };
+        problem(
+            format!("{name}:{}:{}", e.line(), e.column()),
+            format!("invalid JSON: {e}"),
+            hint,
+        )
     })
 }
 
@@ -278,13 +303,22 @@ impl JobDefinition {
             )]));
         }
         let mut problems = Vec::new();
-        let job: Option<JobFile> = read_json(folder, "job.json").map_err(|p| problems.push(p)).ok();
-        let design: Option<Design> = read_json(folder, "schema.json").map_err(|p| problems.push(p)).ok();
-        let (data_path, model_path) = job
-            .as_ref()
-            .map_or_else(|| (default_data_spec(), default_model_spec()), |j| (j.data_spec_path.clone(), j.model_spec_path.clone()));
-        let data_spec: Option<Vec<DataSpecEntry>> = read_json(folder, &data_path).map_err(|p| problems.push(p)).ok();
-        let model_spec: Option<ModelSpec> = read_json(folder, &model_path).map_err(|p| problems.push(p)).ok();
+        let job: Option<JobFile> = read_json(folder, "job.json")
+            .map_err(|p| problems.push(p))
+            .ok();
+        let design: Option<Design> = read_json(folder, "schema.json")
+            .map_err(|p| problems.push(p))
+            .ok();
+        let (data_path, model_path) = job.as_ref().map_or_else(
+            || (default_data_spec(), default_model_spec()),
+            |j| (j.data_spec_path.clone(), j.model_spec_path.clone()),
+        );
+        let data_spec: Option<Vec<DataSpecEntry>> = read_json(folder, &data_path)
+            .map_err(|p| problems.push(p))
+            .ok();
+        let model_spec: Option<ModelSpec> = read_json(folder, &model_path)
+            .map_err(|p| problems.push(p))
+            .ok();
 
         let mut datasets = BTreeMap::new();
         for (i, entry) in data_spec.iter().flatten().enumerate() {
@@ -311,12 +345,25 @@ impl JobDefinition {
                 }
             }
         }
-        let (Some(job), Some(design), Some(data_spec), Some(model_spec)) = (job, design, data_spec, model_spec) else {
+        let (Some(job), Some(design), Some(data_spec), Some(model_spec)) =
+            (job, design, data_spec, model_spec)
+        else {
             return Err(Problems(problems));
         };
-        let definition = Self { folder: folder.to_path_buf(), job, design, data_spec, model_spec, datasets };
+        let definition = Self {
+            folder: folder.to_path_buf(),
+            job,
+            design,
+            data_spec,
+            model_spec,
+            datasets,
+        };
         problems.extend(definition.check());
-        if problems.is_empty() { Ok(definition) } else { Err(Problems(problems)) }
+        if problems.is_empty() {
+            Ok(definition)
+        } else {
+            Err(Problems(problems))
+        }
     }
 
     /// Checks the parsed definition's meaning; returns every problem.
@@ -355,7 +402,11 @@ impl JobDefinition {
         if let Some(t) = self.job.max_run_time
             && t <= 0.0
         {
-            out.push(problem("job.json#/maxRunTime", format!("maxRunTime must be positive, not {t}"), "give the limit in seconds, e.g. 1800"));
+            out.push(problem(
+                "job.json#/maxRunTime",
+                format!("maxRunTime must be positive, not {t}"),
+                "give the limit in seconds, e.g. 1800",
+            ));
         }
         let roles: Vec<&str> = self.design.roles.iter().map(|r| r.name.as_str()).collect();
         for (i, c) in self.design.channels.iter().enumerate() {
@@ -363,14 +414,21 @@ impl JobDefinition {
                 if !roles.contains(&r.as_str()) {
                     out.push(problem(
                         format!("schema.json#/channels/{i}/pair/{j}"),
-                        format!("channel '{}' names role '{r}', which the design does not define", c.name),
+                        format!(
+                            "channel '{}' names role '{r}', which the design does not define",
+                            c.name
+                        ),
                         format!("use one of the roles: {}", roles.join(", ")),
                     ));
                 }
             }
         }
         if !self.design.roles.iter().any(|r| r.is_data_consumer) {
-            out.push(problem("schema.json#/roles", "no role consumes data", "mark the trainer role with \"isDataConsumer\": true"));
+            out.push(problem(
+                "schema.json#/roles",
+                "no role consumes data",
+                "mark the trainer role with \"isDataConsumer\": true",
+            ));
         }
         for (i, entry) in self.data_spec.iter().enumerate() {
             match self.design.roles.iter().find(|r| r.name == entry.role) {
@@ -393,7 +451,9 @@ impl JobDefinition {
     /// The job's name: the design's, else the folder's.
     pub fn name(&self) -> String {
         if self.design.name.is_empty() {
-            self.folder.file_name().map_or_else(|| "job".into(), |n| n.to_string_lossy().into_owned())
+            self.folder
+                .file_name()
+                .map_or_else(|| "job".into(), |n| n.to_string_lossy().into_owned())
         } else {
             self.design.name.clone()
         }
@@ -411,6 +471,9 @@ impl JobDefinition {
 
     /// A hyperparameter as an unsigned number.
     pub fn hyper_u64(&self, key: &str) -> Option<u64> {
-        self.model_spec.hyperparameters.get(key).and_then(Value::as_u64)
+        self.model_spec
+            .hyperparameters
+            .get(key)
+            .and_then(Value::as_u64)
     }
 }

@@ -188,13 +188,30 @@ impl Job {
     /// Decides what a command records.
     pub fn handle(&self, command: JobCommand) -> Result<Vec<JobEvent>, Rejection> {
         use JobCommand as C;
-        let illegal = |command| Err(Rejection::IllegalInState { command, status: self.status });
+        let illegal = |command| {
+            Err(Rejection::IllegalInState {
+                command,
+                status: self.status,
+            })
+        };
         match command {
-            C::Create { job_id, name, source, spec, tasks } => {
+            C::Create {
+                job_id,
+                name,
+                source,
+                spec,
+                tasks,
+            } => {
                 if self.status != Status::New {
                     return illegal("create");
                 }
-                Ok(vec![JobEvent::JobCreated { job_id, name, source, spec, tasks }])
+                Ok(vec![JobEvent::JobCreated {
+                    job_id,
+                    name,
+                    source,
+                    spec,
+                    tasks,
+                }])
             }
             C::Assign(assignments) => {
                 if self.status != Status::Ready {
@@ -202,10 +219,13 @@ impl Job {
                 }
                 let mut events = Vec::new();
                 for t in &self.tasks {
-                    let worker = assignments
-                        .get(&t.task_id)
-                        .ok_or_else(|| Rejection::Unexpected(format!("task '{}' has no worker", t.task_id)))?;
-                    events.push(JobEvent::TaskAssigned { task_id: t.task_id.clone(), worker_id: worker.clone() });
+                    let worker = assignments.get(&t.task_id).ok_or_else(|| {
+                        Rejection::Unexpected(format!("task '{}' has no worker", t.task_id))
+                    })?;
+                    events.push(JobEvent::TaskAssigned {
+                        task_id: t.task_id.clone(),
+                        worker_id: worker.clone(),
+                    });
                 }
                 events.push(JobEvent::JobStarted {});
                 Ok(events)
@@ -225,7 +245,10 @@ impl Job {
                         self.total_rounds()
                     )));
                 }
-                Ok(vec![JobEvent::RoundStarted { round: self.round + 1, global_model }])
+                Ok(vec![JobEvent::RoundStarted {
+                    round: self.round + 1,
+                    global_model,
+                }])
             }
             C::Complete => {
                 if self.status != Status::Running {
@@ -256,51 +279,109 @@ impl Job {
 
     fn handle_report(&self, r: Report) -> Result<Vec<JobEvent>, Rejection> {
         if self.status != Status::Running {
-            return Err(Rejection::IllegalInState { command: "take a report", status: self.status });
+            return Err(Rejection::IllegalInState {
+                command: "take a report",
+                status: self.status,
+            });
         }
         let task = self
             .tasks
             .iter()
             .find(|t| t.task_id == r.task_id)
             .ok_or_else(|| Rejection::UnknownTask(r.task_id.clone()))?;
-        let assigned = self.assignments.get(&r.task_id).cloned().unwrap_or_default();
+        let assigned = self
+            .assignments
+            .get(&r.task_id)
+            .cloned()
+            .unwrap_or_default();
         if assigned != r.worker_id {
-            return Err(Rejection::WrongWorker { task: r.task_id, worker: r.worker_id, assigned });
+            return Err(Rejection::WrongWorker {
+                task: r.task_id,
+                worker: r.worker_id,
+                assigned,
+            });
         }
         match r.body {
             ReportBody::Failed { error } => Ok(vec![JobEvent::JobFailed {
-                reason: format!("worker '{}' failed task '{}' in round {}: {error}", r.worker_id, r.task_id, r.round),
+                reason: format!(
+                    "worker '{}' failed task '{}' in round {}: {error}",
+                    r.worker_id, r.task_id, r.round
+                ),
             }]),
             ReportBody::Initialized { digest } => {
                 if task.is_data_consumer || self.global_model.is_some() {
-                    return Err(Rejection::Unexpected(format!("unexpected initial model from task '{}'", r.task_id)));
+                    return Err(Rejection::Unexpected(format!(
+                        "unexpected initial model from task '{}'",
+                        r.task_id
+                    )));
                 }
-                Ok(vec![JobEvent::ModelInitialized { digest, worker_id: r.worker_id }])
+                Ok(vec![JobEvent::ModelInitialized {
+                    digest,
+                    worker_id: r.worker_id,
+                }])
             }
-            ReportBody::Trained { digest, samples, metrics } => {
+            ReportBody::Trained {
+                digest,
+                samples,
+                metrics,
+            } => {
                 self.check_round(&r.task_id, r.round)?;
                 if !task.is_data_consumer {
-                    return Err(Rejection::Unexpected(format!("task '{}' does not train", r.task_id)));
+                    return Err(Rejection::Unexpected(format!(
+                        "task '{}' does not train",
+                        r.task_id
+                    )));
                 }
                 if self.updates.contains_key(&r.task_id) {
-                    return Err(Rejection::Duplicate { task: r.task_id, round: r.round });
+                    return Err(Rejection::Duplicate {
+                        task: r.task_id,
+                        round: r.round,
+                    });
                 }
                 if samples == 0 {
-                    return Err(Rejection::Unexpected(format!("task '{}' reported an update trained on 0 samples", r.task_id)));
+                    return Err(Rejection::Unexpected(format!(
+                        "task '{}' reported an update trained on 0 samples",
+                        r.task_id
+                    )));
                 }
-                Ok(vec![JobEvent::UpdateReported { round: r.round, task_id: r.task_id, worker_id: r.worker_id, digest, samples, metrics }])
+                Ok(vec![JobEvent::UpdateReported {
+                    round: r.round,
+                    task_id: r.task_id,
+                    worker_id: r.worker_id,
+                    digest,
+                    samples,
+                    metrics,
+                }])
             }
             ReportBody::Aggregated { digest, metrics } => {
                 self.check_round(&r.task_id, r.round)?;
                 if task.is_data_consumer {
-                    return Err(Rejection::Unexpected(format!("task '{}' does not aggregate", r.task_id)));
+                    return Err(Rejection::Unexpected(format!(
+                        "task '{}' does not aggregate",
+                        r.task_id
+                    )));
                 }
-                let missing = self.trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
+                let missing = self
+                    .trainers()
+                    .filter(|t| !self.updates.contains_key(&t.task_id))
+                    .count();
                 if missing > 0 {
-                    return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} update(s) arrived", r.round)));
+                    return Err(Rejection::Unexpected(format!(
+                        "aggregate for round {} before {missing} update(s) arrived",
+                        r.round
+                    )));
                 }
-                let inputs = self.trainers().filter_map(|t| self.updates.get(&t.task_id)).map(|u| u.digest.clone()).collect();
-                Ok(vec![JobEvent::RoundAggregated { round: r.round, digest, inputs, metrics }])
+                let inputs = self
+                    .trainers()
+                    .filter_map(|t| self.updates.get(&t.task_id))
+                    .map(|u| u.digest.clone())
+                    .collect();
+                Ok(vec![JobEvent::RoundAggregated {
+                    round: r.round,
+                    digest,
+                    inputs,
+                    metrics,
+                }])
             }
         }
     }
@@ -309,7 +390,11 @@ impl Job {
         if self.round_open() && round == self.round {
             Ok(())
         } else {
-            Err(Rejection::WrongRound { task: task.to_string(), got: round, open: if self.round_open() { self.round } else { 0 } })
+            Err(Rejection::WrongRound {
+                task: task.to_string(),
+                got: round,
+                open: if self.round_open() { self.round } else { 0 },
+            })
         }
     }
 
@@ -317,7 +402,13 @@ impl Job {
     pub fn apply(&mut self, event: &JobEvent) {
         self.version += 1;
         match event {
-            JobEvent::JobCreated { job_id, name, spec, tasks, .. } => {
+            JobEvent::JobCreated {
+                job_id,
+                name,
+                spec,
+                tasks,
+                ..
+            } => {
                 self.job_id = job_id.clone();
                 self.name = name.clone();
                 self.spec = Some(spec.clone());
@@ -333,10 +424,27 @@ impl Job {
                 self.round = *round;
                 self.updates.clear();
             }
-            JobEvent::UpdateReported { task_id, digest, samples, .. } => {
-                self.updates.insert(task_id.clone(), UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples });
+            JobEvent::UpdateReported {
+                task_id,
+                digest,
+                samples,
+                ..
+            } => {
+                self.updates.insert(
+                    task_id.clone(),
+                    UpdateRef {
+                        task_id: task_id.clone(),
+                        digest: digest.clone(),
+                        samples: *samples,
+                    },
+                );
             }
-            JobEvent::RoundAggregated { round, digest, metrics, .. } => {
+            JobEvent::RoundAggregated {
+                round,
+                digest,
+                metrics,
+                ..
+            } => {
                 self.rounds_completed = *round;
                 self.global_model = Some(digest.clone());
                 self.metrics = metrics.clone();

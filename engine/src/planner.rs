@@ -22,7 +22,8 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
             .map(|c| c.name.clone())
             .collect();
         let mut index = 0;
-        let mut push = |association: BTreeMap<String, String>, dataset: Option<(String, Option<String>)>| {
+        let mut push = |association: BTreeMap<String, String>,
+                        dataset: Option<(String, Option<String>)>| {
             let (dataset, realm) = dataset.map_or((None, None), |(u, r)| (Some(u), r));
             tasks.push(TaskSpec {
                 task_id: format!("{}-{index}", role.name),
@@ -36,9 +37,18 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
             index += 1;
         };
         if role.is_data_consumer {
-            for (i, entry) in def.data_spec.iter().enumerate().filter(|(_, e)| e.role == role.name) {
+            for (i, entry) in def
+                .data_spec
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.role == role.name)
+            {
                 for (group, refs) in &entry.dataset_groups {
-                    let Some(association) = role.group_association.iter().find(|a| a.values().any(|g| g == group)) else {
+                    let Some(association) = role
+                        .group_association
+                        .iter()
+                        .find(|a| a.values().any(|g| g == group))
+                    else {
                         problems.push(Problem {
                             path: format!("{}#/{i}/datasetGroups/{group}", def.job.data_spec_path),
                             message: format!("group '{group}' is not in any groupAssociation of role '{}'", role.name),
@@ -54,7 +64,11 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
                 }
             }
         } else {
-            let associations = if role.group_association.is_empty() { vec![BTreeMap::new()] } else { role.group_association.clone() };
+            let associations = if role.group_association.is_empty() {
+                vec![BTreeMap::new()]
+            } else {
+                role.group_association.clone()
+            };
             for association in associations {
                 for _ in 0..role.replica.unwrap_or(1).max(1) {
                     push(association.clone(), None);
@@ -62,7 +76,11 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
             }
         }
     }
-    if problems.is_empty() { Ok(tasks) } else { Err(Problems(problems)) }
+    if problems.is_empty() {
+        Ok(tasks)
+    } else {
+        Err(Problems(problems))
+    }
 }
 
 /// The shape the runner drives today: one aggregator task and its trainers.
@@ -78,9 +96,16 @@ pub struct TwoTier {
 /// beside it); other topologies are refused with a clear message.
 pub fn two_tier(tasks: &[TaskSpec]) -> Result<TwoTier, String> {
     let aggregators: Vec<&TaskSpec> = tasks.iter().filter(|t| !t.is_data_consumer).collect();
-    let trainers: Vec<String> = tasks.iter().filter(|t| t.is_data_consumer).map(|t| t.task_id.clone()).collect();
+    let trainers: Vec<String> = tasks
+        .iter()
+        .filter(|t| t.is_data_consumer)
+        .map(|t| t.task_id.clone())
+        .collect();
     match aggregators.as_slice() {
-        [one] if !trainers.is_empty() => Ok(TwoTier { aggregator: one.task_id.clone(), trainers }),
+        [one] if !trainers.is_empty() => Ok(TwoTier {
+            aggregator: one.task_id.clone(),
+            trainers,
+        }),
         _ => Err(format!(
             "this version runs two-tier jobs only (one aggregator task and at least one trainer); this job expands to {} aggregator task(s) and {} trainer task(s)",
             aggregators.len(),

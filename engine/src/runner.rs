@@ -54,7 +54,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { worker_wait: Duration::from_secs(60), report_timeout: Duration::from_secs(600) }
+        Self {
+            worker_wait: Duration::from_secs(60),
+            report_timeout: Duration::from_secs(600),
+        }
     }
 }
 
@@ -68,17 +71,26 @@ pub struct Runner {
 
 /// Places each task on a distinct worker that offers the task's role, in id
 /// order; `None` while there are not enough workers.
-pub fn assign(tasks: &[flame_events::job::TaskSpec], workers: &[WorkerInfo]) -> Option<BTreeMap<String, String>> {
-    let role_of = |t: &flame_events::job::TaskSpec| if t.is_data_consumer { "trainer" } else { "aggregator" };
+pub fn assign(
+    tasks: &[flame_events::job::TaskSpec],
+    workers: &[WorkerInfo],
+) -> Option<BTreeMap<String, String>> {
+    let role_of = |t: &flame_events::job::TaskSpec| {
+        if t.is_data_consumer {
+            "trainer"
+        } else {
+            "aggregator"
+        }
+    };
     let mut used = HashSet::new();
     let mut out = BTreeMap::new();
     // Aggregators first: they are fewer and workers may offer both roles.
     let mut ordered: Vec<_> = tasks.iter().collect();
     ordered.sort_by_key(|t| t.is_data_consumer);
     for t in ordered {
-        let w = workers
-            .iter()
-            .find(|w| !used.contains(&w.id) && (w.roles.iter().any(|r| r == role_of(t) || r == &t.role)))?;
+        let w = workers.iter().find(|w| {
+            !used.contains(&w.id) && (w.roles.iter().any(|r| r == role_of(t) || r == &t.role))
+        })?;
         used.insert(w.id.clone());
         out.insert(t.task_id.clone(), w.id.clone());
     }
@@ -118,8 +130,16 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
 
 impl Runner {
     /// A runner over a store and a transport.
-    pub fn new(store: Arc<dyn EventStore>, transport: Arc<dyn Transport>, options: Options) -> Self {
-        Self { store, transport, options }
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        transport: Arc<dyn Transport>,
+        options: Options,
+    ) -> Self {
+        Self {
+            store,
+            transport,
+            options,
+        }
     }
 
     /// Records a new job from a definition; returns its id.
@@ -136,7 +156,8 @@ impl Runner {
             tasks,
         };
         let mut job = Job::default();
-        self.execute(&mut job, &job_id, command, "engine", None).await?;
+        self.execute(&mut job, &job_id, command, "engine", None)
+            .await?;
         Ok(job_id)
     }
 
@@ -146,7 +167,10 @@ impl Runner {
         if events.is_empty() {
             return Err(Error::UnknownJob(job_id.to_string()));
         }
-        let decoded = events.iter().map(JobEvent::from_envelope).collect::<Result<Vec<_>, _>>()?;
+        let decoded = events
+            .iter()
+            .map(JobEvent::from_envelope)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Job::from_events(&decoded))
     }
 
@@ -156,10 +180,24 @@ impl Runner {
         let mut inbox = self.transport.report_inbox(job_id).await?;
         if job.status == crate::job::Status::Ready {
             match self.place(&job).await? {
-                Some(assignments) => self.execute(&mut job, job_id, JobCommand::Assign(assignments), "engine", None).await?,
+                Some(assignments) => {
+                    self.execute(
+                        &mut job,
+                        job_id,
+                        JobCommand::Assign(assignments),
+                        "engine",
+                        None,
+                    )
+                    .await?
+                }
                 None => {
-                    let reason = format!("not enough workers to place {} tasks within {:?}", job.tasks.len(), self.options.worker_wait);
-                    self.execute(&mut job, job_id, JobCommand::Fail(reason), "engine", None).await?;
+                    let reason = format!(
+                        "not enough workers to place {} tasks within {:?}",
+                        job.tasks.len(),
+                        self.options.worker_wait
+                    );
+                    self.execute(&mut job, job_id, JobCommand::Fail(reason), "engine", None)
+                        .await?;
                 }
             }
         }
@@ -175,7 +213,8 @@ impl Runner {
                         }
                     }
                     Action::Handle(command) => {
-                        self.execute(&mut job, job_id, command, "engine", None).await?;
+                        self.execute(&mut job, job_id, command, "engine", None)
+                            .await?;
                         progressed = true;
                     }
                 }
@@ -186,8 +225,12 @@ impl Runner {
             let next = tokio::time::timeout(self.options.report_timeout, inbox.next()).await;
             match next {
                 Err(_) => {
-                    let reason = format!("no worker report within {:?} in round {}", self.options.report_timeout, job.round);
-                    self.execute(&mut job, job_id, JobCommand::Fail(reason), "engine", None).await?;
+                    let reason = format!(
+                        "no worker report within {:?} in round {}",
+                        self.options.report_timeout, job.round
+                    );
+                    self.execute(&mut job, job_id, JobCommand::Fail(reason), "engine", None)
+                        .await?;
                 }
                 Ok(None) => return Err(Error::Definition("the report inbox closed".into())),
                 Ok(Some(Err(e))) => tracing::warn!(job = job_id, "unreadable report skipped: {e}"),
@@ -196,8 +239,13 @@ impl Runner {
                     let actor = format!("worker:{}", report.worker_id);
                     let cause = report.command_id.clone();
                     match job.handle(JobCommand::Report(report)) {
-                        Ok(events) => self.commit(&mut job, job_id, events, &actor, Some(&cause)).await?,
-                        Err(rejection) => tracing::warn!(job = job_id, "report rejected: {rejection}"),
+                        Ok(events) => {
+                            self.commit(&mut job, job_id, events, &actor, Some(&cause))
+                                .await?
+                        }
+                        Err(rejection) => {
+                            tracing::warn!(job = job_id, "report rejected: {rejection}")
+                        }
                     }
                     delivery.ack().await?;
                 }
@@ -220,13 +268,34 @@ impl Runner {
         }
     }
 
-    async fn execute(&self, job: &mut Job, job_id: &str, command: JobCommand, actor: &str, cause: Option<&str>) -> Result<(), Error> {
-        let events = job.handle(command).map_err(|rejection| Error::Refused { job: job_id.to_string(), rejection })?;
+    async fn execute(
+        &self,
+        job: &mut Job,
+        job_id: &str,
+        command: JobCommand,
+        actor: &str,
+        cause: Option<&str>,
+    ) -> Result<(), Error> {
+        let events = job.handle(command).map_err(|rejection| Error::Refused {
+            job: job_id.to_string(),
+            rejection,
+        })?;
         self.commit(job, job_id, events, actor, cause).await
     }
 
-    async fn commit(&self, job: &mut Job, job_id: &str, events: Vec<JobEvent>, actor: &str, cause: Option<&str>) -> Result<(), Error> {
-        let expected = if job.version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(job.version) };
+    async fn commit(
+        &self,
+        job: &mut Job,
+        job_id: &str,
+        events: Vec<JobEvent>,
+        actor: &str,
+        cause: Option<&str>,
+    ) -> Result<(), Error> {
+        let expected = if job.version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(job.version)
+        };
         let new = events
             .iter()
             .map(|e| {
@@ -237,7 +306,9 @@ impl Runner {
                 }
             })
             .collect();
-        self.store.append(&job::stream_id(job_id), expected, new).await?;
+        self.store
+            .append(&job::stream_id(job_id), expected, new)
+            .await?;
         for e in &events {
             tracing::info!(job = job_id, event = e.event_type(), "recorded");
             job.apply(e);

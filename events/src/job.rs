@@ -151,7 +151,10 @@ impl JobEvent {
     pub fn from_envelope(e: &Envelope) -> Result<Self, store::Error> {
         let mut payload = e.payload.clone();
         if let Some(map) = payload.as_object_mut() {
-            map.insert("type".into(), serde_json::Value::String(e.event_type.clone()));
+            map.insert(
+                "type".into(),
+                serde_json::Value::String(e.event_type.clone()),
+            );
         }
         serde_json::from_value(payload).map_err(|err| store::Error::Decode {
             stream: e.stream_id.clone(),

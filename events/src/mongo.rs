@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
-use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT, WriteFailure};
+use mongodb::error::{
+    ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT, WriteFailure,
+};
 use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Client, ClientSession, Collection, IndexModel};
 
@@ -37,7 +39,10 @@ fn backend(e: impl std::fmt::Display) -> Error {
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     match e.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        ErrorKind::InsertMany(m) => m.write_errors.as_ref().is_some_and(|es| es.iter().any(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::InsertMany(m) => m
+            .write_errors
+            .as_ref()
+            .is_some_and(|es| es.iter().any(|w| w.code == DUPLICATE_KEY)),
         ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
         _ => false,
     }
@@ -49,7 +54,9 @@ impl MongoStore {
         let client = Client::with_uri_str(uri)
             .await
             .map_err(|e| Error::Config(format!("cannot use MongoDB URL '{uri}': {e}")))?;
-        let db = client.default_database().unwrap_or_else(|| client.database(database));
+        let db = client
+            .default_database()
+            .unwrap_or_else(|| client.database(database));
         let store = Self {
             events: db.collection("events"),
             counters: db.collection("counters"),
@@ -69,13 +76,27 @@ impl MongoStore {
                 .build()
         };
         self.events
-            .create_indexes([unique(doc! {"stream": 1, "version": 1}), unique(doc! {"position": 1})])
+            .create_indexes([
+                unique(doc! {"stream": 1, "version": 1}),
+                unique(doc! {"position": 1}),
+            ])
             .await
-            .map_err(|e| Error::Backend(format!("cannot create the event indexes at {}: {e}", self.location)))?;
+            .map_err(|e| {
+                Error::Backend(format!(
+                    "cannot create the event indexes at {}: {e}",
+                    self.location
+                ))
+            })?;
         Ok(())
     }
 
-    async fn try_append(&self, session: &mut ClientSession, stream: &str, expected: ExpectedVersion, events: &[NewEvent]) -> Result<Result<AppendResult, Outcome>, mongodb::error::Error> {
+    async fn try_append(
+        &self,
+        session: &mut ClientSession,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Result<AppendResult, Outcome>, mongodb::error::Error> {
         session.start_transaction().await?;
         let result = self.append_in(session, stream, expected, events).await;
         match result {
@@ -102,11 +123,27 @@ impl MongoStore {
 
     /// The body of one append transaction; an `Ok(Err(_))` is a domain outcome
     /// (conflict or idempotent replay) that aborts the transaction.
-    async fn append_in(&self, session: &mut ClientSession, stream: &str, expected: ExpectedVersion, events: &[NewEvent]) -> Result<Result<AppendResult, Outcome>, mongodb::error::Error> {
+    async fn append_in(
+        &self,
+        session: &mut ClientSession,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Result<AppendResult, Outcome>, mongodb::error::Error> {
         let first_id = events[0].event_id.to_string();
-        if let Some(stored) = self.events.find_one(doc! {"_id": &first_id}).session(&mut *session).await? {
+        if let Some(stored) = self
+            .events
+            .find_one(doc! {"_id": &first_id})
+            .session(&mut *session)
+            .await?
+        {
             let last_id = events[events.len() - 1].event_id.to_string();
-            let last = self.events.find_one(doc! {"_id": &last_id}).session(&mut *session).await?.unwrap_or_else(|| stored.clone());
+            let last = self
+                .events
+                .find_one(doc! {"_id": &last_id})
+                .session(&mut *session)
+                .await?
+                .unwrap_or_else(|| stored.clone());
             return Ok(Err(Outcome::AlreadyStored(AppendResult {
                 first_version: get_u64(&stored, "version"),
                 last_version: get_u64(&last, "version"),
@@ -132,7 +169,9 @@ impl MongoStore {
             .return_document(ReturnDocument::After)
             .session(&mut *session)
             .await?
-            .ok_or_else(|| mongodb::error::Error::custom("the position counter was not returned"))?;
+            .ok_or_else(|| {
+                mongodb::error::Error::custom("the position counter was not returned")
+            })?;
         let last_position = get_u64(&counter, "position");
         let first_position = last_position + 1 - n as u64;
         let now = bson::DateTime::now();
@@ -164,7 +203,12 @@ impl MongoStore {
         }))
     }
 
-    async fn find(&self, filter: Document, sort: Document, limit: Option<i64>) -> Result<Vec<Envelope>, Error> {
+    async fn find(
+        &self,
+        filter: Document,
+        sort: Document,
+        limit: Option<i64>,
+    ) -> Result<Vec<Envelope>, Error> {
         let mut find = self.events.find(filter).sort(sort);
         if let Some(limit) = limit {
             find = find.limit(limit);
@@ -207,7 +251,9 @@ fn decode(d: Document) -> Result<Envelope, Error> {
         reason,
     };
     let id = get_str(&d, "_id").ok_or_else(|| fail("missing _id".into()))?;
-    let event_id = id.parse().map_err(|e| fail(format!("bad event id '{id}': {e}")))?;
+    let event_id = id
+        .parse()
+        .map_err(|e| fail(format!("bad event id '{id}': {e}")))?;
     let payload = match d.get("payload") {
         Some(b) => b.clone().into_relaxed_extjson(),
         None => return Err(fail("missing payload".into())),
@@ -235,14 +281,21 @@ fn decode(d: Document) -> Result<Envelope, Error> {
 /// The URL without its password, for messages and `location()`.
 fn redact(uri: &str) -> String {
     match (uri.find("://"), uri.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &uri[..scheme], &uri[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &uri[..scheme], &uri[at + 1..])
+        }
         _ => uri.to_string(),
     }
 }
 
 #[async_trait]
 impl EventStore for MongoStore {
-    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult, Error> {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, Error> {
         if events.is_empty() {
             return Err(Error::Empty);
         }
@@ -250,44 +303,70 @@ impl EventStore for MongoStore {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.try_append(&mut session, stream, expected, &events).await {
+            match self
+                .try_append(&mut session, stream, expected, &events)
+                .await
+            {
                 Ok(Ok(done)) => return Ok(done),
                 Ok(Err(Outcome::AlreadyStored(done))) => return Ok(done),
                 Ok(Err(Outcome::Conflict(actual))) => {
-                    return Err(Error::Conflict { stream: stream.to_string(), expected, actual });
+                    return Err(Error::Conflict {
+                        stream: stream.to_string(),
+                        expected,
+                        actual,
+                    });
                 }
                 Err(e) => {
-                    let retry = e.contains_label(TRANSIENT_TRANSACTION_ERROR) || is_duplicate_key(&e);
+                    let retry =
+                        e.contains_label(TRANSIENT_TRANSACTION_ERROR) || is_duplicate_key(&e);
                     if retry && attempt < MAX_TRANSACTION_ATTEMPTS {
                         // A duplicate (stream, version) means another writer won the race:
                         // re-read the head, which reports a conflict unless `expected` is Any.
                         tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
                         continue;
                     }
-                    return Err(Error::Backend(format!("append to '{stream}' at {} failed: {e}", self.location)));
+                    return Err(Error::Backend(format!(
+                        "append to '{stream}' at {} failed: {e}",
+                        self.location
+                    )));
                 }
             }
         }
     }
 
     async fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, Error> {
-        self.find(doc! {"stream": stream, "version": {"$gte": from_version as i64}}, doc! {"version": 1}, None)
-            .await
+        self.find(
+            doc! {"stream": stream, "version": {"$gte": from_version as i64}},
+            doc! {"version": 1},
+            None,
+        )
+        .await
     }
 
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<Envelope>, Error> {
-        self.find(doc! {"position": {"$gte": from_position as i64}}, doc! {"position": 1}, Some(limit as i64))
-            .await
+        self.find(
+            doc! {"position": {"$gte": from_position as i64}},
+            doc! {"position": 1},
+            Some(limit as i64),
+        )
+        .await
     }
 
     async fn load_checkpoint(&self, name: &str) -> Result<u64, Error> {
-        let d = self.checkpoints.find_one(doc! {"_id": name}).await.map_err(backend)?;
+        let d = self
+            .checkpoints
+            .find_one(doc! {"_id": name})
+            .await
+            .map_err(backend)?;
         Ok(d.as_ref().map_or(0, |d| get_u64(d, "position")))
     }
 
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<(), Error> {
         self.checkpoints
-            .update_one(doc! {"_id": name}, doc! {"$set": {"position": position as i64}})
+            .update_one(
+                doc! {"_id": name},
+                doc! {"$set": {"position": position as i64}},
+            )
             .upsert(true)
             .await
             .map_err(backend)?;

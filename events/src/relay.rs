@@ -42,7 +42,11 @@ pub struct Relay {
 
 impl Relay {
     /// A relay whose progress is saved under the checkpoint `name`.
-    pub async fn new(store: Arc<dyn EventStore>, js: jetstream::Context, name: &str) -> Result<Self, Error> {
+    pub async fn new(
+        store: Arc<dyn EventStore>,
+        js: jetstream::Context,
+        name: &str,
+    ) -> Result<Self, Error> {
         js.get_or_create_stream(stream::Config {
             name: EVENT_STREAM.to_string(),
             subjects: vec!["flame.events.>".to_string()],
@@ -51,7 +55,11 @@ impl Relay {
         })
         .await
         .map_err(|e| Error::Nats(format!("cannot create stream {EVENT_STREAM}: {e}")))?;
-        Ok(Self { store, js, checkpoint: format!("relay:{name}") })
+        Ok(Self {
+            store,
+            js,
+            checkpoint: format!("relay:{name}"),
+        })
     }
 
     /// Publishes everything committed since the checkpoint; returns how many.
@@ -60,7 +68,9 @@ impl Relay {
         loop {
             let from = self.store.load_checkpoint(&self.checkpoint).await? + 1;
             let events = self.store.read_all(from, BATCH).await?;
-            let Some(last) = events.last().map(|e| e.position) else { return Ok(total) };
+            let Some(last) = events.last().map(|e| e.position) else {
+                return Ok(total);
+            };
             let mut acks = FuturesOrdered::new();
             for e in &events {
                 let mut headers = async_nats::HeaderMap::new();
@@ -83,7 +93,11 @@ impl Relay {
     }
 
     /// Catches up every `interval` until `shutdown` resolves, then once more.
-    pub async fn run(self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    pub async fn run(
+        self,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
         tokio::pin!(shutdown);
         loop {
             if let Err(e) = self.catch_up().await {

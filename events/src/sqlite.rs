@@ -51,21 +51,36 @@ impl SqliteStore {
             && let Some(dir) = Path::new(path).parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::Config(format!("cannot create the folder for the event store '{path}': {e}")))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Config(format!(
+                    "cannot create the folder for the event store '{path}': {e}"
+                ))
+            })?;
         }
-        let conn = Connection::open(path).map_err(|e| Error::Config(format!("cannot open the event store '{path}': {e}")))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(backend)?;
+        let conn = Connection::open(path)
+            .map_err(|e| Error::Config(format!("cannot open the event store '{path}': {e}")))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), path: path.to_string() })
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_string(),
+        })
     }
 
-    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| Error::Backend("the SQLite connection lock is poisoned".into()))?;
+            let mut guard = conn
+                .lock()
+                .map_err(|_| Error::Backend("the SQLite connection lock is poisoned".into()))?;
             f(&mut guard)
         })
         .await
@@ -112,8 +127,12 @@ impl RawRow {
             event_type: self.event_type.clone(),
             reason,
         };
-        let event_id = self.event_id.parse().map_err(|e| fail(format!("bad event id '{}': {e}", self.event_id)))?;
-        let payload = serde_json::from_str(&self.payload).map_err(|e| fail(format!("payload is not JSON: {e}")))?;
+        let event_id = self
+            .event_id
+            .parse()
+            .map_err(|e| fail(format!("bad event id '{}': {e}", self.event_id)))?;
+        let payload = serde_json::from_str(&self.payload)
+            .map_err(|e| fail(format!("payload is not JSON: {e}")))?;
         let recorded_at = DateTime::parse_from_rfc3339(&self.recorded_at)
             .map_err(|e| fail(format!("bad recorded_at '{}': {e}", self.recorded_at)))?
             .with_timezone(&Utc);
@@ -133,7 +152,11 @@ impl RawRow {
     }
 }
 
-fn query(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> Result<Vec<Envelope>, Error> {
+fn query(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<Envelope>, Error> {
     let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
     let rows = stmt.query_map(args, row_to_envelope).map_err(backend)?;
     let mut out = Vec::new();
@@ -151,13 +174,20 @@ fn stored_result(conn: &Connection, ids: &[String]) -> Result<Option<AppendResul
         .query_row([&ids[0]], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .map_err(backend)?;
-    let Some((first_version, _)) = first else { return Ok(None) };
+    let Some((first_version, _)) = first else {
+        return Ok(None);
+    };
     let last_id = ids.last().unwrap_or(&ids[0]);
     let (last_version, last_position): (i64, i64) = stmt
         .query_row([last_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .map_err(backend)?
-        .ok_or_else(|| Error::Backend(format!("event {} was stored without the rest of its batch", ids[0])))?;
+        .ok_or_else(|| {
+            Error::Backend(format!(
+                "event {} was stored without the rest of its batch",
+                ids[0]
+            ))
+        })?;
     Ok(Some(AppendResult {
         first_version: first_version as u64,
         last_version: last_version as u64,
@@ -167,7 +197,12 @@ fn stored_result(conn: &Connection, ids: &[String]) -> Result<Option<AppendResul
 
 #[async_trait]
 impl EventStore for SqliteStore {
-    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult, Error> {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, Error> {
         if events.is_empty() {
             return Err(Error::Empty);
         }
@@ -239,7 +274,9 @@ impl EventStore for SqliteStore {
         self.with(move |conn| {
             query(
                 conn,
-                &format!("SELECT {COLUMNS} FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"),
+                &format!(
+                    "SELECT {COLUMNS} FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"
+                ),
                 params![from_position as i64, limit as i64],
             )
         })
@@ -250,7 +287,11 @@ impl EventStore for SqliteStore {
         let name = name.to_string();
         self.with(move |conn| {
             let pos: Option<i64> = conn
-                .query_row("SELECT position FROM checkpoints WHERE name = ?1", [&name], |r| r.get(0))
+                .query_row(
+                    "SELECT position FROM checkpoints WHERE name = ?1",
+                    [&name],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(backend)?;
             Ok(pos.unwrap_or(0) as u64)

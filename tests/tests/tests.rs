@@ -1,1 +1,6 @@
-mod x {}
+//! End-to-end tests: one test binary, a module per feature (ripgrep's layout).
+
+mod distributed;
+mod embedded;
+mod store_contract;
+mod util;

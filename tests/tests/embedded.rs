@@ -1,0 +1,145 @@
+//! `flamectl run` in embedded mode, and its errors for bad job folders.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::util::{bin, root};
+
+fn flamectl(args: &[&str]) -> std::process::Output {
+    Command::new(bin("flamectl"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run flamectl")
+}
+
+#[test]
+fn digits_job_completes_and_its_events_are_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf8");
+    let out = flamectl(&[
+        "run",
+        "examples/digits-two-tier",
+        "-o",
+        "json",
+        "--data-dir",
+        data,
+    ]);
+    assert!(
+        out.status.success(),
+        "flamectl run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(summary["state"], "completed");
+    assert_eq!(summary["rounds_completed"], 5);
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.85, "final accuracy {accuracy}");
+    let store = summary["store"].as_str().expect("store");
+    assert_eq!(store, format!("sqlite:{data}/events.db"));
+    let job_id = summary["job_id"].as_str().expect("job id");
+
+    let out = flamectl(&["events", job_id, "--store", store, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(
+        events.len() as u64,
+        summary["events"].as_u64().expect("count")
+    );
+    let versions: Vec<u64> = events
+        .iter()
+        .map(|e| e["version"].as_u64().expect("version"))
+        .collect();
+    assert_eq!(versions, (1..=events.len() as u64).collect::<Vec<_>>());
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(types.first(), Some(&"JobCreated"));
+    assert_eq!(types.last(), Some(&"JobCompleted"));
+    assert_eq!(types.iter().filter(|t| **t == "RoundAggregated").count(), 5);
+    assert_eq!(types.iter().filter(|t| **t == "UpdateReported").count(), 15);
+    let last = events.last().expect("last");
+    assert_eq!(last["payload"]["final_model"], summary["final_model"]);
+    // The final model blob is in the blob folder under its own digest.
+    let digest = summary["final_model"].as_str().expect("digest");
+    let bytes = std::fs::read(dir.path().join("blobs").join(digest)).expect("final blob");
+    assert_eq!(
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+        digest
+    );
+}
+
+fn copy_example(to: &std::path::Path) {
+    for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn bad_job_folders_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("job");
+    std::fs::create_dir(&job).expect("mkdir");
+    copy_example(&job);
+    let job_arg = job.to_str().expect("utf8");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf8");
+
+    // A missing file is named.
+    std::fs::remove_file(job.join("dataset2.json")).expect("rm");
+    let out = flamectl(&["run", job_arg, "--data-dir", data_arg]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dataset2.json") && err.contains("file not found"),
+        "{err}"
+    );
+    copy_example(&job);
+
+    // Invalid JSON gets its line and column.
+    std::fs::write(
+        job.join("schema.json"),
+        "{\n  \"name\": \"x\",\n  \"roles\": [,]\n}",
+    )
+    .expect("write");
+    let out = flamectl(&["run", job_arg, "--data-dir", data_arg]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("schema.json:3:13"), "{err}");
+    copy_example(&job);
+
+    // An unknown optimizer is refused with the JSON path and the known names.
+    let spec = std::fs::read_to_string(job.join("modelSpec.json")).expect("read");
+    std::fs::write(
+        job.join("modelSpec.json"),
+        spec.replace("\"fedavg\"", "\"fedmagic\""),
+    )
+    .expect("write");
+    let out = flamectl(&["validate", job_arg, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["valid"], false);
+    assert_eq!(
+        report["errors"][0]["path"],
+        "modelSpec.json#/optimizer/sort"
+    );
+    assert!(
+        report["errors"][0]["hint"]
+            .as_str()
+            .expect("hint")
+            .contains("fedavg")
+    );
+
+    // Nothing was stored for any of the refused runs.
+    assert!(!data.join("events.db").exists());
+}

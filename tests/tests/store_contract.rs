@@ -1,0 +1,193 @@
+//! The `EventStore` contract, one suite run against every backend: SQLite
+//! (embedded) and MongoDB (SecantusDB started by scripts/test.sh).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use flame_events::mongo::MongoStore;
+use flame_events::sqlite::SqliteStore;
+use flame_events::store::Error;
+use flame_events::{EventStore, ExpectedVersion, NewEvent};
+
+use crate::util::{mongo_uri, unique};
+
+fn event(n: u64) -> NewEvent {
+    NewEvent::new("Tested", json!({"n": n}), "test")
+}
+
+async fn append_read_and_versions(store: &dyn EventStore) {
+    let s = format!("test-{}", unique());
+    assert!(
+        store.read_stream(&s, 1).await.expect("read").is_empty(),
+        "a missing stream reads empty"
+    );
+    let r = store
+        .append(&s, ExpectedVersion::NoStream, vec![event(1), event(2)])
+        .await
+        .expect("append");
+    assert_eq!((r.first_version, r.last_version), (1, 2));
+    let r2 = store
+        .append(&s, ExpectedVersion::Exact(2), vec![event(3)])
+        .await
+        .expect("append");
+    assert_eq!(r2.first_version, 3);
+    assert!(r2.last_position > r.last_position);
+    let read = store.read_stream(&s, 1).await.expect("read");
+    assert_eq!(
+        read.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        read.iter()
+            .map(|e| e.payload["n"].as_u64().expect("n"))
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(read[0].actor, "test");
+    assert_eq!(store.read_stream(&s, 3).await.expect("read").len(), 1);
+    let positions: Vec<u64> = read.iter().map(|e| e.position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+}
+
+async fn stale_versions_conflict(store: &dyn EventStore) {
+    let s = format!("test-{}", unique());
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .expect("append");
+    let e = store
+        .append(&s, ExpectedVersion::NoStream, vec![event(2)])
+        .await
+        .expect_err("stream exists");
+    assert!(matches!(e, Error::Conflict { actual: 1, .. }), "{e}");
+    let e = store
+        .append(&s, ExpectedVersion::Exact(5), vec![event(2)])
+        .await
+        .expect_err("stale");
+    assert!(matches!(e, Error::Conflict { actual: 1, .. }), "{e}");
+    assert_eq!(
+        store.read_stream(&s, 1).await.expect("read").len(),
+        1,
+        "a refused append writes nothing"
+    );
+    store
+        .append(&s, ExpectedVersion::Any, vec![event(2)])
+        .await
+        .expect("any");
+}
+
+async fn reappending_is_idempotent(store: &dyn EventStore) {
+    let s = format!("test-{}", unique());
+    let batch = vec![event(1), event(2)];
+    let first = store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .expect("append");
+    // A retry of the same batch (same ids) with a now-stale expectation returns the stored result.
+    let again = store
+        .append(&s, ExpectedVersion::NoStream, batch)
+        .await
+        .expect("idempotent retry");
+    assert_eq!(first, again);
+    assert_eq!(store.read_stream(&s, 1).await.expect("read").len(), 2);
+}
+
+async fn concurrent_writers_one_wins_per_version(store: Arc<dyn EventStore>) {
+    let s = format!("test-{}", unique());
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![event(0)])
+        .await
+        .expect("seed");
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (store, s) = (store.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .append(&s, ExpectedVersion::Exact(1), vec![event(100 + i)])
+                .await
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(r) => {
+                assert_eq!(r.first_version, 2);
+                wins += 1;
+            }
+            Err(Error::Conflict { .. }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one writer wins version 2");
+    assert_eq!(store.read_stream(&s, 1).await.expect("read").len(), 2);
+}
+
+async fn global_log_and_checkpoints(store: Arc<dyn EventStore>) {
+    let start = store
+        .read_all(1, usize::MAX >> 1)
+        .await
+        .expect("all")
+        .last()
+        .map_or(0, |e| e.position);
+    let streams: Vec<String> = (0..4).map(|_| format!("test-{}", unique())).collect();
+    let mut tasks = Vec::new();
+    for s in &streams {
+        let (store, s) = (store.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..5 {
+                store
+                    .append(&s, ExpectedVersion::Any, vec![event(i)])
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let all = store.read_all(start + 1, 1000).await.expect("all");
+    let mine: Vec<_> = all
+        .iter()
+        .filter(|e| streams.contains(&e.stream_id))
+        .collect();
+    assert_eq!(mine.len(), 20);
+    assert!(
+        all.windows(2).all(|w| w[0].position < w[1].position),
+        "global positions strictly increase"
+    );
+    let ids: BTreeSet<_> = mine.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 20);
+    assert_eq!(store.read_all(start + 1, 3).await.expect("limit").len(), 3);
+
+    let name = format!("cp-{}", unique());
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), 0);
+    store.save_checkpoint(&name, 42).await.expect("save");
+    store.save_checkpoint(&name, 43).await.expect("save");
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), 43);
+}
+
+async fn contract(store: Arc<dyn EventStore>) {
+    append_read_and_versions(store.as_ref()).await;
+    stale_versions_conflict(store.as_ref()).await;
+    reappending_is_idempotent(store.as_ref()).await;
+    concurrent_writers_one_wins_per_version(store.clone()).await;
+    global_log_and_checkpoints(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_meets_the_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("events.db");
+    let store = SqliteStore::open(path.to_str().expect("utf8")).expect("open");
+    contract(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_store_meets_the_contract() {
+    let store = MongoStore::connect(&mongo_uri(), &format!("flame_contract_{}", unique()))
+        .await
+        .expect("connect");
+    contract(Arc::new(store)).await;
+}
