@@ -117,3 +117,127 @@ pub fn decide(job: &Job) -> Vec<Action> {
     }
     actions
 }
+
+#[cfg(test)]
+mod tests {
+    use flame_events::job::JobEvent;
+    use flame_events::protocol::CommandBody;
+
+    use super::*;
+    use crate::testing::{History, update};
+
+    fn sends(actions: &[Action]) -> Vec<(String, String)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { worker_id, command } => {
+                    Some((worker_id.clone(), command.id.clone()))
+                }
+                Action::Handle(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nothing_happens_before_the_job_runs_or_after_it_ends() {
+        assert!(decide(&History::created(2).job()).is_empty());
+        let done =
+            History::created(1)
+                .started()
+                .initialized()
+                .round(1)
+                .then(JobEvent::JobCompleted {
+                    rounds_completed: 1,
+                    final_model: "m1".into(),
+                    metrics: Default::default(),
+                });
+        assert!(decide(&done.job()).is_empty());
+    }
+
+    #[test]
+    fn a_running_job_first_asks_the_aggregator_for_the_initial_model() {
+        let actions = decide(&History::created(2).started().job());
+        assert_eq!(
+            sends(&actions),
+            vec![("w-agg".to_string(), "job-1/init".to_string())]
+        );
+        assert!(
+            matches!(&actions[0], Action::Send { command, .. } if matches!(command.body, CommandBody::InitModel { .. }))
+        );
+    }
+
+    #[test]
+    fn rounds_start_train_aggregate_and_finish() {
+        let ready = History::created(2).started().initialized();
+        assert_eq!(
+            decide(&ready.job()),
+            vec![Action::Handle(JobCommand::StartRound)]
+        );
+
+        let open = ready.then(JobEvent::RoundStarted {
+            round: 1,
+            global_model: "m0".into(),
+        });
+        assert_eq!(
+            sends(&decide(&open.job())),
+            vec![
+                ("w-t0".into(), "job-1/r1/train/t0".into()),
+                ("w-t1".into(), "job-1/r1/train/t1".into())
+            ]
+        );
+
+        let half = open.then(update(1, "t0"));
+        assert_eq!(
+            sends(&decide(&half.job())),
+            vec![("w-t1".into(), "job-1/r1/train/t1".into())]
+        );
+
+        let full = half.then(update(1, "t1"));
+        let actions = decide(&full.job());
+        assert_eq!(
+            sends(&actions),
+            vec![("w-agg".into(), "job-1/r1/aggregate".into())]
+        );
+        let Action::Send { command, .. } = &actions[0] else {
+            panic!("send")
+        };
+        let CommandBody::Aggregate {
+            updates,
+            global_model,
+            ..
+        } = &command.body
+        else {
+            panic!("aggregate")
+        };
+        assert_eq!(global_model, "m0");
+        assert_eq!(
+            updates
+                .iter()
+                .map(|u| u.digest.as_str())
+                .collect::<Vec<_>>(),
+            vec!["u1t0", "u1t1"]
+        );
+
+        let last = History::created(2)
+            .started()
+            .initialized()
+            .round(1)
+            .round(2);
+        assert_eq!(
+            decide(&last.job()),
+            vec![Action::Handle(JobCommand::Complete)]
+        );
+    }
+
+    #[test]
+    fn decisions_are_deterministic() {
+        let h = History::created(2)
+            .started()
+            .initialized()
+            .then(JobEvent::RoundStarted {
+                round: 1,
+                global_model: "m0".into(),
+            });
+        assert_eq!(decide(&h.job()), decide(&h.job()));
+    }
+}

@@ -294,7 +294,17 @@ fn read_json<T: serde::de::DeserializeOwned>(folder: &Path, name: &str) -> Resul
 
 impl JobDefinition {
     /// Loads a job folder and checks it, reporting every problem found.
+    /// Datasets must be named by their file in the folder.
     pub fn load(folder: &Path) -> Result<Self, Problems> {
+        Self::load_with(folder, &BTreeMap::new())
+    }
+
+    /// Loads a job folder whose data spec may also name datasets by a
+    /// registered id (Flame's way), resolved through `registered`.
+    pub fn load_with(
+        folder: &Path,
+        registered: &BTreeMap<String, Dataset>,
+    ) -> Result<Self, Problems> {
         if !folder.is_dir() {
             return Err(Problems(vec![problem(
                 folder.display().to_string(),
@@ -328,6 +338,10 @@ impl JobDefinition {
                         continue;
                     }
                     let here = format!("{data_path}#/{i}/datasetGroups/{group}/{j}");
+                    if let Some(d) = registered.get(reference) {
+                        datasets.insert(reference.clone(), d.clone());
+                        continue;
+                    }
                     if !reference.ends_with(".json") || reference.contains("..") {
                         problems.push(problem(
                             here,

@@ -458,3 +458,292 @@ impl Job {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Given a history, when a command arrives, then these events (or this rejection).
+
+    use std::collections::BTreeMap;
+
+    use flame_events::job::{JobEvent, Metrics};
+    use flame_events::protocol::{Report, ReportBody};
+
+    use super::*;
+    use crate::testing::{self, History, JOB, report, trained, update};
+
+    fn assignments() -> BTreeMap<String, String> {
+        ["t0", "t1", "agg"]
+            .iter()
+            .map(|t| (t.to_string(), format!("w-{t}")))
+            .collect()
+    }
+
+    #[test]
+    fn create_records_the_job_once() {
+        let events = Job::default()
+            .handle(JobCommand::Create {
+                job_id: JOB.into(),
+                name: "n".into(),
+                source: "s".into(),
+                spec: match testing::created(2) {
+                    JobEvent::JobCreated { spec, .. } => spec,
+                    _ => unreachable!(),
+                },
+                tasks: vec![],
+            })
+            .expect("create");
+        assert_eq!(events.len(), 1);
+        let job = History::created(2).job();
+        assert_eq!(job.status, Status::Ready);
+        let again = job.handle(JobCommand::Create {
+            job_id: JOB.into(),
+            name: "n".into(),
+            source: "s".into(),
+            spec: job.spec.clone().expect("spec"),
+            tasks: vec![],
+        });
+        assert!(matches!(
+            again,
+            Err(Rejection::IllegalInState {
+                command: "create",
+                status: Status::Ready
+            })
+        ));
+    }
+
+    #[test]
+    fn assign_places_every_task_then_starts() {
+        let job = History::created(2).job();
+        let events = job
+            .handle(JobCommand::Assign(assignments()))
+            .expect("assign");
+        assert_eq!(events.len(), 4);
+        assert_eq!(events.last(), Some(&JobEvent::JobStarted {}));
+        let mut partial = assignments();
+        partial.remove("t1");
+        assert!(
+            matches!(job.handle(JobCommand::Assign(partial)), Err(Rejection::Unexpected(m)) if m.contains("t1"))
+        );
+        let running = History::created(2).started().job();
+        assert!(matches!(
+            running.handle(JobCommand::Assign(assignments())),
+            Err(Rejection::IllegalInState { .. })
+        ));
+    }
+
+    #[test]
+    fn the_initial_model_comes_from_the_aggregator_only() {
+        let job = History::created(2).started().job();
+        assert!(matches!(
+            job.handle(JobCommand::StartRound),
+            Err(Rejection::Unexpected(_))
+        ));
+        let from_trainer = job.handle(report(
+            "t0",
+            0,
+            ReportBody::Initialized { digest: "x".into() },
+        ));
+        assert!(matches!(from_trainer, Err(Rejection::Unexpected(_))));
+        let events = job
+            .handle(report(
+                "agg",
+                0,
+                ReportBody::Initialized {
+                    digest: "m0".into(),
+                },
+            ))
+            .expect("init");
+        assert_eq!(
+            events,
+            vec![JobEvent::ModelInitialized {
+                digest: "m0".into(),
+                worker_id: "w-agg".into()
+            }]
+        );
+        let twice = History::created(2)
+            .started()
+            .initialized()
+            .job()
+            .handle(report(
+                "agg",
+                0,
+                ReportBody::Initialized {
+                    digest: "m0".into(),
+                },
+            ));
+        assert!(twice.is_err());
+    }
+
+    #[test]
+    fn updates_are_taken_once_from_the_assigned_worker_in_the_open_round() {
+        let job = History::created(2)
+            .started()
+            .initialized()
+            .then(JobEvent::RoundStarted {
+                round: 1,
+                global_model: "m0".into(),
+            })
+            .job();
+        assert_eq!(
+            job.handle(report("t0", 1, trained(1, "t0")))
+                .expect("update"),
+            vec![update(1, "t0")]
+        );
+
+        let impostor = JobCommand::Report(Report {
+            worker_id: "w-evil".into(),
+            ..match report("t0", 1, trained(1, "t0")) {
+                JobCommand::Report(r) => r,
+                _ => unreachable!(),
+            }
+        });
+        assert!(matches!(
+            job.handle(impostor),
+            Err(Rejection::WrongWorker { .. })
+        ));
+        assert!(matches!(
+            job.handle(report("t0", 2, trained(2, "t0"))),
+            Err(Rejection::WrongRound {
+                got: 2,
+                open: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            job.handle(report("nope", 1, trained(1, "nope"))),
+            Err(Rejection::UnknownTask(_))
+        ));
+        let zero = report(
+            "t0",
+            1,
+            ReportBody::Trained {
+                digest: "u".into(),
+                samples: 0,
+                metrics: Metrics::new(),
+            },
+        );
+        assert!(matches!(job.handle(zero), Err(Rejection::Unexpected(_))));
+
+        let after = History {
+            events: [
+                History::created(2).started().initialized().events,
+                vec![
+                    JobEvent::RoundStarted {
+                        round: 1,
+                        global_model: "m0".into(),
+                    },
+                    update(1, "t0"),
+                ],
+            ]
+            .concat(),
+        }
+        .job();
+        assert!(matches!(
+            after.handle(report("t0", 1, trained(1, "t0"))),
+            Err(Rejection::Duplicate { round: 1, .. })
+        ));
+        // The aggregate cannot come before every update.
+        let early = after.handle(report(
+            "agg",
+            1,
+            ReportBody::Aggregated {
+                digest: "m1".into(),
+                metrics: Metrics::new(),
+            },
+        ));
+        assert!(matches!(early, Err(Rejection::Unexpected(m)) if m.contains("1 update")));
+    }
+
+    #[test]
+    fn a_round_closes_with_its_aggregate_and_the_job_completes_after_the_last() {
+        let h = History::created(2)
+            .started()
+            .initialized()
+            .then(JobEvent::RoundStarted {
+                round: 1,
+                global_model: "m0".into(),
+            })
+            .then(update(1, "t0"))
+            .then(update(1, "t1"));
+        let events = h
+            .job()
+            .handle(report(
+                "agg",
+                1,
+                ReportBody::Aggregated {
+                    digest: "m1".into(),
+                    metrics: Metrics::from([("accuracy".into(), 0.9)]),
+                },
+            ))
+            .expect("aggregate");
+        assert!(
+            matches!(&events[..], [JobEvent::RoundAggregated { round: 1, inputs, .. }] if inputs == &vec!["u1t0".to_string(), "u1t1".to_string()])
+        );
+
+        let one = History::created(2).started().initialized().round(1).job();
+        assert_eq!(one.rounds_completed, 1);
+        assert!(matches!(
+            one.handle(JobCommand::Complete),
+            Err(Rejection::Unexpected(_))
+        ));
+        assert!(matches!(
+            one.handle(report("t0", 1, trained(1, "t0"))),
+            Err(Rejection::WrongRound { open: 0, .. })
+        ));
+
+        let two = History::created(2)
+            .started()
+            .initialized()
+            .round(1)
+            .round(2)
+            .job();
+        assert!(matches!(
+            two.handle(JobCommand::StartRound),
+            Err(Rejection::Unexpected(_))
+        ));
+        let done = two.handle(JobCommand::Complete).expect("complete");
+        assert!(
+            matches!(&done[..], [JobEvent::JobCompleted { rounds_completed: 2, final_model, .. }] if final_model == "m2")
+        );
+        let completed = History::created(2)
+            .started()
+            .initialized()
+            .round(1)
+            .round(2)
+            .then(done[0].clone())
+            .job();
+        assert_eq!(completed.status, Status::Completed);
+        assert!(matches!(
+            completed.handle(JobCommand::Fail("late".into())),
+            Err(Rejection::IllegalInState { .. })
+        ));
+        assert!(matches!(
+            completed.handle(report("t0", 3, trained(3, "t0"))),
+            Err(Rejection::IllegalInState { .. })
+        ));
+    }
+
+    #[test]
+    fn a_failed_worker_fails_the_job_with_its_reason() {
+        let job = History::created(2)
+            .started()
+            .initialized()
+            .then(JobEvent::RoundStarted {
+                round: 1,
+                global_model: "m0".into(),
+            })
+            .job();
+        let events = job
+            .handle(report(
+                "t1",
+                1,
+                ReportBody::Failed {
+                    error: "disk full".into(),
+                },
+            ))
+            .expect("fail");
+        assert!(
+            matches!(&events[..], [JobEvent::JobFailed { reason }] if reason.contains("disk full") && reason.contains("t1"))
+        );
+    }
+}

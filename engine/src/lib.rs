@@ -6,6 +6,8 @@ pub mod definition;
 pub mod job;
 pub mod planner;
 pub mod runner;
+#[cfg(test)]
+pub mod testing;
 
 pub use definition::JobDefinition;
 pub use runner::Runner;

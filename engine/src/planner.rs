@@ -113,3 +113,177 @@ pub fn two_tier(tasks: &[TaskSpec]) -> Result<TwoTier, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::definition::{DataSpecEntry, Dataset};
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/flame-examples")
+    }
+
+    fn read(path: &Path) -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+        .expect("JSON")
+    }
+
+    /// Registers the example's dataset files as Flame's test does: the ids in
+    /// dataSpec.json map, by position in each group, to the files in groups.json.
+    fn registry(dir: &Path) -> BTreeMap<String, Dataset> {
+        let groups = read(&dir.join("groups.json"));
+        let spec: Vec<DataSpecEntry> =
+            serde_json::from_value(read(&dir.join("dataSpec.json"))).expect("data spec");
+        let mut out = BTreeMap::new();
+        for entry in spec {
+            for (group, ids) in entry.dataset_groups {
+                let files = groups[&group].as_array().expect("group files");
+                for (id, file) in ids.iter().zip(files) {
+                    let d: Dataset =
+                        serde_json::from_value(read(&dir.join(file.as_str().expect("file"))))
+                            .expect("dataset");
+                    out.insert(id.clone(), d);
+                }
+            }
+        }
+        out
+    }
+
+    type Shape = (
+        String,
+        BTreeMap<String, String>,
+        Vec<String>,
+        Option<String>,
+    );
+
+    fn expected(dir: &Path) -> Vec<Shape> {
+        let mut out: Vec<Shape> = std::fs::read_dir(dir.join("expected_tasks"))
+            .expect("expected_tasks")
+            .map(|e| {
+                let t = read(&e.expect("entry").path());
+                let mut channels: Vec<String> = t["channels"]
+                    .as_array()
+                    .expect("channels")
+                    .iter()
+                    .map(|c| c["name"].as_str().expect("name").to_string())
+                    .collect();
+                channels.sort();
+                let dataset = t
+                    .get("dataset")
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string);
+                (
+                    t["role"].as_str().expect("role").to_string(),
+                    serde_json::from_value(t["groupAssociation"].clone()).expect("association"),
+                    channels,
+                    dataset,
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A copy of the example in our folder form: the data spec names the
+    /// dataset files that groups.json assigns to each group. (Flame's own
+    /// hybrid/dataSpec.json is not valid JSON; its test builds the spec this way too.)
+    fn folder_form(dir: &Path) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for e in std::fs::read_dir(dir).expect("fixture") {
+            let path = e.expect("entry").path();
+            if path.is_file() {
+                std::fs::copy(&path, tmp.path().join(path.file_name().expect("name")))
+                    .expect("copy");
+            }
+        }
+        let schema = read(&dir.join("schema.json"));
+        let role = schema["roles"]
+            .as_array()
+            .expect("roles")
+            .iter()
+            .find(|r| r["isDataConsumer"] == true)
+            .expect("data consumer")["name"]
+            .clone();
+        let job = read(&dir.join("job.json"));
+        let spec_path = job["dataSpecPath"].as_str().unwrap_or("dataSpec.json");
+        let spec =
+            serde_json::json!([{ "role": role, "datasetGroups": read(&dir.join("groups.json")) }]);
+        std::fs::write(tmp.path().join(spec_path), spec.to_string()).expect("write data spec");
+        tmp
+    }
+
+    #[test]
+    fn expansion_matches_flame_for_every_fixture() {
+        let mut checked = 0;
+        for entry in
+            std::fs::read_dir(fixtures()).expect("shared/flame-examples beside the repository")
+        {
+            let dir = entry.expect("entry").path();
+            if !dir.join("expected_tasks").is_dir() {
+                continue;
+            }
+            let copy = folder_form(&dir);
+            let def = JobDefinition::load(copy.path())
+                .unwrap_or_else(|p| panic!("{}: {p}", dir.display()));
+            let mut got: Vec<Shape> = expand(&def)
+                .unwrap_or_else(|p| panic!("{}: {p}", dir.display()))
+                .into_iter()
+                .map(|t| {
+                    let mut channels = t.channels;
+                    channels.sort();
+                    (t.role, t.group_association, channels, t.dataset)
+                })
+                .collect();
+            got.sort();
+            assert_eq!(got, expected(&dir), "tasks of {}", dir.display());
+            checked += 1;
+        }
+        assert_eq!(checked, 6, "all six Flame fixtures");
+    }
+
+    #[test]
+    fn registered_dataset_ids_resolve_like_files() {
+        let dir = fixtures().join("hier_mnist");
+        let by_id = JobDefinition::load_with(&dir, &registry(&dir)).expect("ids");
+        let copy = folder_form(&dir);
+        let by_file = JobDefinition::load(copy.path()).expect("files");
+        let urls = |d: &JobDefinition| {
+            expand(d)
+                .expect("expand")
+                .into_iter()
+                .map(|t| t.dataset)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(urls(&by_id), urls(&by_file));
+        // Without the registry, an id is reported with its place in the data spec.
+        let err = JobDefinition::load(&dir).expect_err("ids need a registry");
+        assert!(
+            err.0
+                .iter()
+                .any(|p| p.path == "dataSpec.json#/0/datasetGroups/eu/0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn two_tier_is_recognised_and_others_refused() {
+        let dir = fixtures().join("mnist");
+        let def = JobDefinition::load_with(&dir, &registry(&dir)).expect("mnist");
+        let tasks = expand(&def).expect("expand");
+        let shape = two_tier(&tasks).expect("two-tier");
+        assert_eq!(shape.trainers.len(), 1);
+        let dir = fixtures().join("hier_mnist");
+        let def = JobDefinition::load_with(&dir, &registry(&dir)).expect("hier");
+        let err =
+            two_tier(&expand(&def).expect("expand")).expect_err("hierarchical is not two-tier yet");
+        assert!(err.contains("3 aggregator task(s)"), "{err}");
+    }
+}
