@@ -13,7 +13,7 @@ use serde_json::json;
 use flame_engine::job::Status;
 use flame_engine::{JobDefinition, Runner, planner, runner};
 use flame_events::Envelope;
-use flame_events::job::{self, JobEvent};
+use flame_events::job;
 use flame_events::protocol::WorkerInfo;
 use flame_events::transport::InProcess;
 use flame_workers::blob::LocalBlobs;
@@ -208,13 +208,7 @@ fn print_summary(
     elapsed: Duration,
     output: Output,
 ) {
-    let rounds: Vec<serde_json::Value> = events
-        .iter()
-        .filter_map(|e| match JobEvent::from_envelope(e) {
-            Ok(JobEvent::RoundAggregated { round, digest, metrics, inputs }) => Some(json!({"round": round, "model": digest, "updates": inputs.len(), "metrics": metrics})),
-            _ => None,
-        })
-        .collect();
+    let rounds = flame_projections::rounds::fold(events);
     match output {
         Output::Json => println!(
             "{}",
@@ -240,17 +234,19 @@ fn print_summary(
                 json!(job.status).as_str().unwrap_or("?")
             );
             println!(
-                "{:>5}  {:>8}  {:>8}  {:>7}",
-                "round", "accuracy", "loss", "updates"
+                "{:>5}  {:>8}  {:>8}  {:>7}  {:>7}",
+                "round", "accuracy", "loss", "updates", "seconds"
             );
             for r in &rounds {
-                let m = &r["metrics"];
+                let metric = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
+                let seconds = r.seconds().unwrap_or(f64::NAN);
                 println!(
-                    "{:>5}  {:>8.4}  {:>8.4}  {:>7}",
-                    r["round"].as_u64().unwrap_or(0),
-                    m["accuracy"].as_f64().unwrap_or(f64::NAN),
-                    m["loss"].as_f64().unwrap_or(f64::NAN),
-                    r["updates"].as_u64().unwrap_or(0)
+                    "{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}",
+                    r.round,
+                    metric("accuracy"),
+                    metric("loss"),
+                    r.updates,
+                    seconds
                 );
             }
             if let Some(f) = &job.failure {
