@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::upcast::Upcasters;
 use crate::{Envelope, NewEvent, store};
 
 /// Metrics by name (`accuracy`, `loss`, ...).
@@ -147,8 +148,20 @@ impl JobEvent {
         NewEvent::new(self.event_type(), payload, actor).correlated(job_id)
     }
 
-    /// Decodes a stored event of a job stream.
+    /// Decodes a stored event of a job stream, upcasting old schema versions.
     pub fn from_envelope(e: &Envelope) -> Result<Self, store::Error> {
+        let e = upcasters().upcast(e.clone())?;
+        if e.schema_version != SCHEMA_VERSION {
+            return Err(store::Error::Decode {
+                stream: e.stream_id.clone(),
+                version: e.version,
+                event_type: e.event_type.clone(),
+                reason: format!(
+                    "schema version {} is newer than this program knows ({SCHEMA_VERSION}); upgrade flame",
+                    e.schema_version
+                ),
+            });
+        }
         let mut payload = e.payload.clone();
         if let Some(map) = payload.as_object_mut() {
             map.insert(
@@ -163,6 +176,15 @@ impl JobEvent {
             reason: err.to_string(),
         })
     }
+}
+
+/// The schema version job events are written with.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The upcasters for job events (none yet: every job event is at version 1).
+pub fn upcasters() -> &'static Upcasters {
+    static UPCASTERS: std::sync::OnceLock<Upcasters> = std::sync::OnceLock::new();
+    UPCASTERS.get_or_init(Upcasters::default)
 }
 
 /// The stream id of a job.

@@ -9,7 +9,9 @@ pub mod protocol;
 pub mod relay;
 pub mod sqlite;
 pub mod store;
+pub mod subscription;
 pub mod transport;
+pub mod upcast;
 
 pub use envelope::{Envelope, NewEvent};
 pub use store::{AppendResult, EventStore, ExpectedVersion};

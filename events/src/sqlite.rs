@@ -38,6 +38,7 @@ const COLUMNS: &str = "event_id, stream_id, version, position, event_type, schem
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: String,
+    appended: Arc<tokio::sync::Notify>,
 }
 
 fn backend(e: impl std::fmt::Display) -> Error {
@@ -69,6 +70,7 @@ impl SqliteStore {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_string(),
+            appended: Arc::default(),
         })
     }
 
@@ -207,7 +209,7 @@ impl EventStore for SqliteStore {
             return Err(Error::Empty);
         }
         let stream = stream.to_string();
-        self.with(move |conn| {
+        let result = self.with(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
             let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
             if let Some(done) = stored_result(&tx, &ids)? {
@@ -255,7 +257,11 @@ impl EventStore for SqliteStore {
                 last_position: position as u64,
             })
         })
-        .await
+        .await;
+        if result.is_ok() {
+            self.appended.notify_waiters();
+        }
+        result
     }
 
     async fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, Error> {
@@ -314,5 +320,155 @@ impl EventStore for SqliteStore {
 
     fn location(&self) -> String {
         format!("sqlite:{}", self.path)
+    }
+
+    async fn wait_for_append(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.appended.notified()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::job::JobEvent;
+    use crate::upcast::Upcasters;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn a_bad_stored_event_names_its_place_and_spares_other_streams() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("e.db");
+            let store = SqliteStore::open(path.to_str().expect("utf8")).expect("open");
+            store.append("job-good", ExpectedVersion::NoStream, vec![JobEvent::JobStarted {}.to_new_event("good", "engine")]).await.expect("append");
+            store
+                .append("job-odd", ExpectedVersion::NoStream, vec![NewEvent::new("JobTeleported", json!({"to": "mars"}), "engine")])
+                .await
+                .expect("append");
+            // Damage one stored payload behind the store's back.
+            let raw = Connection::open(&path).expect("raw");
+            raw.execute(
+                "INSERT INTO events (position, event_id, stream_id, version, event_type, schema_version, payload, recorded_at, actor) \
+                 VALUES (100, '01900000-0000-7000-8000-000000000000', 'job-bad', 1, 'JobStarted', 1, '{not json', '2026-01-01T00:00:00Z', 'engine')",
+                [],
+            )
+            .expect("insert");
+            let err = store.read_stream("job-bad", 1).await.expect_err("undecodable");
+            let msg = err.to_string();
+            assert!(msg.contains("job-bad") && msg.contains("v1") && msg.contains("JobStarted"), "{msg}");
+            assert_eq!(store.read_stream("job-good", 1).await.expect("other streams still read").len(), 1);
+
+            // An unknown event type decodes as an envelope but not as a job event, and says where.
+            let odd = store.read_stream("job-odd", 1).await.expect("envelope");
+            let err = JobEvent::from_envelope(&odd[0]).expect_err("unknown type");
+            assert!(matches!(&err, crate::store::Error::Decode { stream, version: 1, event_type, .. } if stream == "job-odd" && event_type == "JobTeleported"), "{err}");
+        });
+    }
+
+    #[test]
+    fn a_version_1_event_is_read_as_version_2() {
+        rt().block_on(async {
+            let store = SqliteStore::open(":memory:").expect("open");
+            store
+                .append(
+                    "acct-1",
+                    ExpectedVersion::NoStream,
+                    vec![NewEvent::new(
+                        "Renamed",
+                        json!({"name": "Ada Lovelace"}),
+                        "user:a",
+                    )],
+                )
+                .await
+                .expect("append");
+            let mut upcasters = Upcasters::default();
+            upcasters.register("Renamed", 1, |mut v| {
+                let full = v["name"].as_str().ok_or("no name")?.to_string();
+                let (first, last) = full.split_once(' ').unwrap_or((&full, ""));
+                v["first"] = json!(first);
+                v["last"] = json!(last);
+                v.as_object_mut().ok_or("not an object")?.remove("name");
+                Ok(v)
+            });
+            let stored = store
+                .read_stream("acct-1", 1)
+                .await
+                .expect("read")
+                .remove(0);
+            assert_eq!(stored.schema_version, 1);
+            let lifted = upcasters.upcast(stored).expect("upcast");
+            assert_eq!(lifted.schema_version, 2);
+            assert_eq!(lifted.payload, json!({"first": "Ada", "last": "Lovelace"}));
+
+            // A step that fails reports the event's place.
+            let mut broken = Upcasters::default();
+            broken.register("Renamed", 1, |_| Err("boom".into()));
+            let err = broken
+                .upcast(
+                    store
+                        .read_stream("acct-1", 1)
+                        .await
+                        .expect("read")
+                        .remove(0),
+                )
+                .expect_err("fails");
+            assert!(err.to_string().contains("acct-1 v1"), "{err}");
+        });
+    }
+
+    #[test]
+    fn newer_schema_versions_are_refused_not_misread() {
+        let mut n = JobEvent::JobStarted {}.to_new_event("j", "engine");
+        n.schema_version = 9;
+        rt().block_on(async {
+            let store = SqliteStore::open(":memory:").expect("open");
+            store
+                .append("job-j", ExpectedVersion::NoStream, vec![n])
+                .await
+                .expect("append");
+            let e = store.read_stream("job-j", 1).await.expect("read").remove(0);
+            let err = JobEvent::from_envelope(&e).expect_err("newer");
+            assert!(err.to_string().contains("upgrade"), "{err}");
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// For any interleaving of appends to a few streams, the global log is
+        /// the union of the streams, in commit order, and every stream is gap-free.
+        #[test]
+        fn the_global_log_is_the_union_of_gap_free_streams(appends in proptest::collection::vec((0usize..4, 1usize..4), 1..40)) {
+            rt().block_on(async {
+                let store = SqliteStore::open(":memory:").expect("open");
+                let mut expected: Vec<(String, u64)> = Vec::new();
+                let mut heads = [0u64; 4];
+                for (stream, n) in &appends {
+                    let s = format!("s-{stream}");
+                    let events = (0..*n).map(|i| NewEvent::new("E", json!({"i": i}), "t")).collect();
+                    store.append(&s, ExpectedVersion::Exact(heads[*stream]), events).await.expect("append");
+                    for _ in 0..*n {
+                        heads[*stream] += 1;
+                        expected.push((s.clone(), heads[*stream]));
+                    }
+                }
+                let all = store.read_all(1, 10_000).await.expect("all");
+                let got: Vec<(String, u64)> = all.iter().map(|e| (e.stream_id.clone(), e.version)).collect();
+                assert_eq!(got, expected);
+                assert!(all.iter().enumerate().all(|(i, e)| e.position == i as u64 + 1));
+                for (k, head) in heads.iter().enumerate() {
+                    let versions: Vec<u64> = store.read_stream(&format!("s-{k}"), 1).await.expect("read").iter().map(|e| e.version).collect();
+                    assert_eq!(versions, (1..=*head).collect::<Vec<_>>());
+                }
+            });
+        }
     }
 }

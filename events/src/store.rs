@@ -102,4 +102,10 @@ pub trait EventStore: Send + Sync {
 
     /// A URL-like description of where the events are, for people.
     fn location(&self) -> String;
+
+    /// Waits until something may have been appended, at most `timeout`.
+    /// The default just sleeps; stores that can signal appends wake sooner.
+    async fn wait_for_append(&self, timeout: std::time::Duration) {
+        tokio::time::sleep(timeout).await;
+    }
 }

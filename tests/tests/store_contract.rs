@@ -3,12 +3,16 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
 
 use serde_json::json;
 
 use flame_events::mongo::MongoStore;
 use flame_events::sqlite::SqliteStore;
 use flame_events::store::Error;
+use flame_events::subscription::subscribe;
 use flame_events::{EventStore, ExpectedVersion, NewEvent};
 
 use crate::util::{mongo_uri, unique};
@@ -168,12 +172,77 @@ async fn global_log_and_checkpoints(store: Arc<dyn EventStore>) {
     assert_eq!(store.load_checkpoint(&name).await.expect("load"), 43);
 }
 
+async fn a_subscriber_sees_every_event_once_in_order(store: Arc<dyn EventStore>) {
+    let start = store
+        .read_all(1, usize::MAX >> 1)
+        .await
+        .expect("all")
+        .last()
+        .map_or(0, |e| e.position);
+    // Some history before the subscription, the rest while it follows.
+    let before = format!("test-{}", unique());
+    store
+        .append(&before, ExpectedVersion::Any, vec![event(0), event(1)])
+        .await
+        .expect("append");
+    let mut sub = subscribe(store.clone(), start + 1, Duration::from_millis(20));
+    let streams: Vec<String> = (0..4).map(|_| format!("test-{}", unique())).collect();
+    let mut writers = Vec::new();
+    for s in &streams {
+        let (store, s) = (store.clone(), s.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..10 {
+                store
+                    .append(&s, ExpectedVersion::Any, vec![event(i), event(100 + i)])
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    let mut seen = Vec::new();
+    let mut ids = BTreeSet::new();
+    let mut last = start;
+    while seen.len() < 2 + 4 * 20 {
+        let e = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("subscriber keeps up")
+            .expect("open")
+            .expect("event");
+        assert!(
+            e.position > last,
+            "positions arrive in order: {} after {last}",
+            e.position
+        );
+        last = e.position;
+        if e.stream_id == before || streams.contains(&e.stream_id) {
+            assert!(
+                ids.insert(e.event_id),
+                "event {} delivered twice",
+                e.event_id
+            );
+            seen.push(e);
+        }
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    for s in &streams {
+        let versions: Vec<u64> = seen
+            .iter()
+            .filter(|e| &e.stream_id == s)
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(versions, (1..=20).collect::<Vec<_>>());
+    }
+}
+
 async fn contract(store: Arc<dyn EventStore>) {
     append_read_and_versions(store.as_ref()).await;
     stale_versions_conflict(store.as_ref()).await;
     reappending_is_idempotent(store.as_ref()).await;
     concurrent_writers_one_wins_per_version(store.clone()).await;
-    global_log_and_checkpoints(store).await;
+    global_log_and_checkpoints(store.clone()).await;
+    a_subscriber_sees_every_event_once_in_order(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

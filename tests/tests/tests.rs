@@ -2,5 +2,6 @@
 
 mod distributed;
 mod embedded;
+mod relay;
 mod store_contract;
 mod util;
