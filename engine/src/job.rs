@@ -7,7 +7,7 @@ use flame_events::job::{JobEvent, Metrics, RunSpec, TaskSpec};
 use flame_events::protocol::{Report, ReportBody, UpdateRef};
 
 /// Flame's job states (the subset this version reaches).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Nothing recorded yet.
@@ -105,7 +105,7 @@ pub enum Rejection {
 }
 
 /// A job's state, folded from its events.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Job {
     /// Job id.
     pub job_id: String,
@@ -456,6 +456,32 @@ impl Job {
                 self.failure = Some(reason.clone());
             }
         }
+    }
+}
+
+/// The job aggregate as cqrs-es sees it: `handle` writes the decided events
+/// to the sink (which applies them), `apply` folds one event.
+impl cqrs_es::Aggregate for Job {
+    const TYPE: &'static str = "job";
+    type Command = JobCommand;
+    type Event = JobEvent;
+    type Error = Rejection;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: JobCommand,
+        _: &(),
+        sink: &cqrs_es::event_sink::EventSink<Self>,
+    ) -> Result<(), Rejection> {
+        for event in Job::handle(self, command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: JobEvent) {
+        Job::apply(self, &event);
     }
 }
 

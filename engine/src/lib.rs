@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod definition;
 pub mod job;
+pub mod persist;
 pub mod planner;
 pub mod runner;
 #[cfg(test)]

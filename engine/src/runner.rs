@@ -1,21 +1,23 @@
 //! The thin effectful runner around the pure job aggregate and controller:
 //! it appends events, sends the controller's commands, and feeds reports back.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
 
-use flame_events::job::{self, JobEvent, RunSpec};
+use cqrs_es::{AggregateError, CqrsFramework};
+use flame_events::job::RunSpec;
 use flame_events::protocol::WorkerInfo;
-use flame_events::store::{EventStore, ExpectedVersion};
+use flame_events::store::EventStore;
 use flame_events::transport::Transport;
 
 use crate::controller::{Action, decide};
 use crate::definition::JobDefinition;
 use crate::job::{Job, JobCommand, Rejection};
+use crate::persist::{self, Jobs};
 use crate::planner;
 
 /// Runner errors.
@@ -37,6 +39,14 @@ pub enum Error {
         job: String,
         /// Why.
         rejection: Rejection,
+    },
+    /// Committing through cqrs-es failed (a concurrent writer, or the store).
+    #[error("job {job}: cannot record events: {reason}")]
+    Persist {
+        /// Job id.
+        job: String,
+        /// Why.
+        reason: String,
     },
     /// No such job in the store.
     #[error("job '{0}' has no events in this store")]
@@ -64,7 +74,8 @@ impl Default for Options {
 /// Drives jobs against an event store and a transport.
 #[derive(Clone)]
 pub struct Runner {
-    store: Arc<dyn EventStore>,
+    jobs: Jobs,
+    cqrs: Arc<CqrsFramework<Job, Jobs>>,
     transport: Arc<dyn Transport>,
     options: Options,
 }
@@ -135,8 +146,11 @@ impl Runner {
         transport: Arc<dyn Transport>,
         options: Options,
     ) -> Self {
+        let jobs = Jobs::new(store);
+        let cqrs = Arc::new(CqrsFramework::new(jobs.clone(), vec![], ()));
         Self {
-            store,
+            jobs,
+            cqrs,
             transport,
             options,
         }
@@ -155,23 +169,17 @@ impl Runner {
             spec,
             tasks,
         };
-        let mut job = Job::default();
-        self.execute(&mut job, &job_id, command, "engine", None)
-            .await?;
+        self.execute(&job_id, command, "engine", None).await?;
         Ok(job_id)
     }
 
     /// Loads a job's state from its events.
     pub async fn load(&self, job_id: &str) -> Result<Job, Error> {
-        let events = self.store.read_stream(&job::stream_id(job_id), 1).await?;
-        if events.is_empty() {
+        let job = self.jobs.load(job_id).await?;
+        if job.version == 0 {
             return Err(Error::UnknownJob(job_id.to_string()));
         }
-        let decoded = events
-            .iter()
-            .map(JobEvent::from_envelope)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Job::from_events(&decoded))
+        Ok(job)
     }
 
     /// Runs a job until it completes or fails; returns its final state.
@@ -179,27 +187,15 @@ impl Runner {
         let mut job = self.load(job_id).await?;
         let mut inbox = self.transport.report_inbox(job_id).await?;
         if job.status == crate::job::Status::Ready {
-            match self.place(&job).await? {
-                Some(assignments) => {
-                    self.execute(
-                        &mut job,
-                        job_id,
-                        JobCommand::Assign(assignments),
-                        "engine",
-                        None,
-                    )
-                    .await?
-                }
-                None => {
-                    let reason = format!(
-                        "not enough workers to place {} tasks within {:?}",
-                        job.tasks.len(),
-                        self.options.worker_wait
-                    );
-                    self.execute(&mut job, job_id, JobCommand::Fail(reason), "engine", None)
-                        .await?;
-                }
-            }
+            let command = match self.place(&job).await? {
+                Some(assignments) => JobCommand::Assign(assignments),
+                None => JobCommand::Fail(format!(
+                    "not enough workers to place {} tasks within {:?}",
+                    job.tasks.len(),
+                    self.options.worker_wait
+                )),
+            };
+            job = self.execute(job_id, command, "engine", None).await?;
         }
         let mut sent = HashSet::new();
         while !job.status.is_terminal() {
@@ -213,8 +209,7 @@ impl Runner {
                         }
                     }
                     Action::Handle(command) => {
-                        self.execute(&mut job, job_id, command, "engine", None)
-                            .await?;
+                        job = self.execute(job_id, command, "engine", None).await?;
                         progressed = true;
                     }
                 }
@@ -229,7 +224,8 @@ impl Runner {
                         "no worker report within {:?} in round {}",
                         self.options.report_timeout, job.round
                     );
-                    self.execute(&mut job, job_id, JobCommand::Fail(reason), "engine", None)
+                    job = self
+                        .execute(job_id, JobCommand::Fail(reason), "engine", None)
                         .await?;
                 }
                 Ok(None) => return Err(Error::Definition("the report inbox closed".into())),
@@ -238,14 +234,15 @@ impl Runner {
                     let report = delivery.message.clone();
                     let actor = format!("worker:{}", report.worker_id);
                     let cause = report.command_id.clone();
-                    match job.handle(JobCommand::Report(report)) {
-                        Ok(events) => {
-                            self.commit(&mut job, job_id, events, &actor, Some(&cause))
-                                .await?
-                        }
-                        Err(rejection) => {
+                    match self
+                        .execute(job_id, JobCommand::Report(report), &actor, Some(&cause))
+                        .await
+                    {
+                        Ok(next) => job = next,
+                        Err(Error::Refused { rejection, .. }) => {
                             tracing::warn!(job = job_id, "report rejected: {rejection}")
                         }
+                        Err(e) => return Err(e),
                     }
                     delivery.ack().await?;
                 }
@@ -268,51 +265,34 @@ impl Runner {
         }
     }
 
+    /// Runs a command through the aggregate (cqrs-es over our store) and returns the new state.
     async fn execute(
         &self,
-        job: &mut Job,
         job_id: &str,
         command: JobCommand,
         actor: &str,
         cause: Option<&str>,
-    ) -> Result<(), Error> {
-        let events = job.handle(command).map_err(|rejection| Error::Refused {
-            job: job_id.to_string(),
-            rejection,
-        })?;
-        self.commit(job, job_id, events, actor, cause).await
-    }
-
-    async fn commit(
-        &self,
-        job: &mut Job,
-        job_id: &str,
-        events: Vec<JobEvent>,
-        actor: &str,
-        cause: Option<&str>,
-    ) -> Result<(), Error> {
-        let expected = if job.version == 0 {
-            ExpectedVersion::NoStream
-        } else {
-            ExpectedVersion::Exact(job.version)
-        };
-        let new = events
-            .iter()
-            .map(|e| {
-                let n = e.to_new_event(job_id, actor);
-                match cause {
-                    Some(c) => n.caused_by(c),
-                    None => n,
-                }
-            })
-            .collect();
-        self.store
-            .append(&job::stream_id(job_id), expected, new)
-            .await?;
-        for e in &events {
-            tracing::info!(job = job_id, event = e.event_type(), "recorded");
-            job.apply(e);
+    ) -> Result<Job, Error> {
+        let mut metadata = HashMap::from([(persist::ACTOR.to_string(), actor.to_string())]);
+        if let Some(c) = cause {
+            metadata.insert(persist::CAUSATION.to_string(), c.to_string());
         }
-        Ok(())
+        self.cqrs
+            .execute_with_metadata(job_id, command, metadata)
+            .await
+            .map_err(|e| match e {
+                AggregateError::UserError(rejection) => Error::Refused {
+                    job: job_id.to_string(),
+                    rejection,
+                },
+                other => Error::Persist {
+                    job: job_id.to_string(),
+                    reason: other.to_string(),
+                },
+            })?;
+        match self.jobs.last_known(job_id) {
+            Some(job) => Ok(job),
+            None => Ok(self.jobs.load(job_id).await?),
+        }
     }
 }

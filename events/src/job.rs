@@ -191,3 +191,13 @@ pub fn upcasters() -> &'static Upcasters {
 pub fn stream_id(job_id: &str) -> String {
     format!("job-{job_id}")
 }
+
+impl cqrs_es::DomainEvent for JobEvent {
+    fn event_type(&self) -> String {
+        JobEvent::event_type(self).to_string()
+    }
+
+    fn event_version(&self) -> String {
+        SCHEMA_VERSION.to_string()
+    }
+}
