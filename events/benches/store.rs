@@ -16,7 +16,7 @@ use flame_events::mongo::MongoStore;
 use flame_events::sqlite::SqliteStore;
 use flame_events::{EventStore, ExpectedVersion, NewEvent};
 
-const EVENTS: usize = 3000;
+const EVENTS: usize = 2000;
 
 fn batch(n: usize, round: usize) -> Vec<NewEvent> {
     (0..n)
@@ -53,7 +53,7 @@ async fn read_rate(store: &dyn EventStore) -> (usize, f64) {
     (n, n as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn raw_insert_many_rate(uri: &str, db: &str, per: usize) -> f64 {
+async fn raw_insert_many_rate(uri: &str, db: &str, per: usize, run: usize) -> f64 {
     let client = mongodb::Client::with_uri_str(uri).await.expect("mongo");
     let coll = client
         .database(db)
@@ -77,7 +77,7 @@ async fn raw_insert_many_rate(uri: &str, db: &str, per: usize) -> f64 {
             .into_iter()
             .enumerate()
             .map(|(i, e)| {
-                doc! {"_id": e.event_id.to_string(), "stream": format!("raw-{a}"), "version": i as i64 + 1, "position": (a * per + i) as i64, "type": e.event_type,
+                doc! {"_id": e.event_id.to_string(), "stream": format!("raw-{run}-{per}-{a}"), "version": i as i64 + 1, "position": (a * per + i) as i64, "type": e.event_type,
                 "schema_version": 1i64, "payload": mongodb::bson::to_bson(&e.payload).expect("bson"), "recorded_at": mongodb::bson::DateTime::now(), "actor": e.actor}
             })
             .collect();
@@ -86,20 +86,33 @@ async fn raw_insert_many_rate(uri: &str, db: &str, per: usize) -> f64 {
     (appends * per) as f64 / started.elapsed().as_secs_f64()
 }
 
+const REPEATS: usize = 5;
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sqlite =
         SqliteStore::open(dir.path().join("bench.db").to_str().expect("utf8")).expect("sqlite");
+    println!("median of {REPEATS} runs of {EVENTS} events each");
     println!("backend   per-append  events/s");
     for per in [1, 10, 100] {
-        println!(
-            "sqlite    {per:>10}  {:>8.0}",
-            append_rate(&sqlite, per, "s").await
-        );
+        let mut runs = Vec::new();
+        for r in 0..REPEATS {
+            runs.push(append_rate(&sqlite, per, &format!("s{r}")).await);
+        }
+        println!("sqlite    {per:>10}  {:>8.0}", median(runs));
     }
-    let (n, rate) = read_rate(&sqlite).await;
-    println!("sqlite    read_all    {rate:>8.0}  ({n} events)");
+    let (n, _) = read_rate(&sqlite).await;
+    let mut runs = Vec::new();
+    for _ in 0..REPEATS {
+        runs.push(read_rate(&sqlite).await.1);
+    }
+    println!("sqlite    read_all    {:>8.0}  ({n} events)", median(runs));
 
     let Ok(uri) = std::env::var("FLAME_TEST_MONGO_URI") else {
         eprintln!("FLAME_TEST_MONGO_URI is unset: skipping MongoDB (run through scripts/bench.sh)");
@@ -108,13 +121,26 @@ async fn main() {
     let db = format!("flame_bench_{}", std::process::id());
     let mongo: Arc<dyn EventStore> = Arc::new(MongoStore::connect(&uri, &db).await.expect("mongo"));
     for per in [1, 10, 100] {
-        let ours = append_rate(mongo.as_ref(), per, "m").await;
-        let raw = raw_insert_many_rate(&uri, &db, per).await;
+        let (mut ours, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        // Interleaved, so both see the same server state (collection sizes grow).
+        for r in 0..REPEATS {
+            let o = append_rate(mongo.as_ref(), per, &format!("m{r}")).await;
+            let w = raw_insert_many_rate(&uri, &db, per, r).await;
+            ours.push(o);
+            raw.push(w);
+            ratios.push(o / w);
+        }
         println!(
-            "mongodb   {per:>10}  {ours:>8.0}  raw insert_many {raw:>8.0}/s  ratio {:.2}",
-            ours / raw
+            "mongodb   {per:>10}  {:>8.0}  raw insert_many {:>8.0}/s  ratio {:.2}",
+            median(ours),
+            median(raw),
+            median(ratios)
         );
     }
-    let (n, rate) = read_rate(mongo.as_ref()).await;
-    println!("mongodb   read_all    {rate:>8.0}  ({n} events)");
+    let (n, _) = read_rate(mongo.as_ref()).await;
+    let mut runs = Vec::new();
+    for _ in 0..REPEATS {
+        runs.push(read_rate(mongo.as_ref()).await.1);
+    }
+    println!("mongodb   read_all    {:>8.0}  ({n} events)", median(runs));
 }

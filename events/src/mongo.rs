@@ -27,6 +27,7 @@ const MAX_TRANSACTION_ATTEMPTS: u32 = 50;
 pub struct MongoStore {
     client: Client,
     events: Collection<Document>,
+    streams: Collection<Document>,
     counters: Collection<Document>,
     checkpoints: Collection<Document>,
     location: String,
@@ -59,6 +60,7 @@ impl MongoStore {
             .unwrap_or_else(|| client.database(database));
         let store = Self {
             events: db.collection("events"),
+            streams: db.collection("streams"),
             counters: db.collection("counters"),
             checkpoints: db.collection("checkpoints"),
             location: redact(uri),
@@ -90,17 +92,19 @@ impl MongoStore {
         Ok(())
     }
 
+    /// One append transaction. `Ok(None)`: the stream's head did not match
+    /// `expected` (a conflict, or a retry of a stored append); the transaction
+    /// is aborted and nothing is written.
     async fn try_append(
         &self,
         session: &mut ClientSession,
         stream: &str,
         expected: ExpectedVersion,
         events: &[NewEvent],
-    ) -> Result<Result<AppendResult, Outcome>, mongodb::error::Error> {
+    ) -> Result<Option<AppendResult>, mongodb::error::Error> {
         session.start_transaction().await?;
-        let result = self.append_in(session, stream, expected, events).await;
-        match result {
-            Ok(Ok(done)) => {
+        match self.append_in(session, stream, expected, events).await {
+            Ok(Some(done)) => {
                 loop {
                     match session.commit_transaction().await {
                         Ok(()) => break,
@@ -108,11 +112,11 @@ impl MongoStore {
                         Err(e) => return Err(e),
                     }
                 }
-                Ok(Ok(done))
+                Ok(Some(done))
             }
-            Ok(Err(outcome)) => {
+            Ok(None) => {
                 let _ = session.abort_transaction().await;
-                Ok(Err(outcome))
+                Ok(None)
             }
             Err(e) => {
                 let _ = session.abort_transaction().await;
@@ -121,50 +125,64 @@ impl MongoStore {
         }
     }
 
-    /// The body of one append transaction; an `Ok(Err(_))` is a domain outcome
-    /// (conflict or idempotent replay) that aborts the transaction.
+    /// Claims the next versions on the stream's head document (one round trip,
+    /// and the point where concurrent writers of one stream serialise), then
+    /// the global positions on the counter, then inserts the events.
     async fn append_in(
         &self,
         session: &mut ClientSession,
         stream: &str,
         expected: ExpectedVersion,
         events: &[NewEvent],
-    ) -> Result<Result<AppendResult, Outcome>, mongodb::error::Error> {
-        let first_id = events[0].event_id.to_string();
-        if let Some(stored) = self
-            .events
-            .find_one(doc! {"_id": &first_id})
-            .session(&mut *session)
-            .await?
-        {
-            let last_id = events[events.len() - 1].event_id.to_string();
-            let last = self
-                .events
-                .find_one(doc! {"_id": &last_id})
-                .session(&mut *session)
-                .await?
-                .unwrap_or_else(|| stored.clone());
-            return Ok(Err(Outcome::AlreadyStored(AppendResult {
-                first_version: get_u64(&stored, "version"),
-                last_version: get_u64(&last, "version"),
-                last_position: get_u64(&last, "position"),
-            })));
-        }
-        let head = self
-            .events
-            .find_one(doc! {"stream": stream})
-            .sort(doc! {"version": -1})
-            .projection(doc! {"version": 1})
-            .session(&mut *session)
-            .await?;
-        let actual = head.as_ref().map_or(0, |d| get_u64(d, "version"));
-        if !expected.admits(actual) {
-            return Ok(Err(Outcome::Conflict(actual)));
-        }
-        let n = events.len() as i64;
+    ) -> Result<Option<AppendResult>, mongodb::error::Error> {
+        let n = events.len() as u64;
+        let actual = match expected {
+            ExpectedVersion::Any => {
+                let head = self
+                    .streams
+                    .find_one_and_update(doc! {"_id": stream}, doc! {"$inc": {"version": n as i64}})
+                    .upsert(true)
+                    .return_document(ReturnDocument::After)
+                    .session(&mut *session)
+                    .await?
+                    .ok_or_else(|| {
+                        mongodb::error::Error::custom("the stream head was not returned")
+                    })?;
+                get_u64(&head, "version") - n
+            }
+            ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => {
+                match self
+                    .streams
+                    .insert_one(doc! {"_id": stream, "version": n as i64})
+                    .session(&mut *session)
+                    .await
+                {
+                    Ok(_) => 0,
+                    Err(e) if is_duplicate_key(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+            ExpectedVersion::Exact(v) => {
+                let claimed = self
+                    .streams
+                    .find_one_and_update(
+                        doc! {"_id": stream, "version": v as i64},
+                        doc! {"$inc": {"version": n as i64}},
+                    )
+                    .session(&mut *session)
+                    .await?;
+                if claimed.is_none() {
+                    return Ok(None);
+                }
+                v
+            }
+        };
         let counter = self
             .counters
-            .find_one_and_update(doc! {"_id": "events"}, doc! {"$inc": {"position": n}})
+            .find_one_and_update(
+                doc! {"_id": "events"},
+                doc! {"$inc": {"position": n as i64}},
+            )
             .upsert(true)
             .return_document(ReturnDocument::After)
             .session(&mut *session)
@@ -173,7 +191,7 @@ impl MongoStore {
                 mongodb::error::Error::custom("the position counter was not returned")
             })?;
         let last_position = get_u64(&counter, "position");
-        let first_position = last_position + 1 - n as u64;
+        let first_position = last_position + 1 - n;
         let now = bson::DateTime::now();
         let docs: Vec<Document> = events
             .iter()
@@ -196,11 +214,50 @@ impl MongoStore {
             })
             .collect();
         self.events.insert_many(docs).session(&mut *session).await?;
-        Ok(Ok(AppendResult {
+        Ok(Some(AppendResult {
             first_version: actual + 1,
-            last_version: actual + n as u64,
+            last_version: actual + n,
             last_position,
         }))
+    }
+
+    /// After a refused or duplicate append: the stored result if these events
+    /// are already stored (an idempotent retry), else the conflict.
+    async fn refused(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult, Error> {
+        let first = self
+            .events
+            .find_one(doc! {"_id": events[0].event_id.to_string()})
+            .await
+            .map_err(backend)?;
+        if let Some(first) = first {
+            let last_id = events[events.len() - 1].event_id.to_string();
+            let last = self
+                .events
+                .find_one(doc! {"_id": last_id})
+                .await
+                .map_err(backend)?
+                .unwrap_or_else(|| first.clone());
+            return Ok(AppendResult {
+                first_version: get_u64(&first, "version"),
+                last_version: get_u64(&last, "version"),
+                last_position: get_u64(&last, "position"),
+            });
+        }
+        let head = self
+            .streams
+            .find_one(doc! {"_id": stream})
+            .await
+            .map_err(backend)?;
+        Err(Error::Conflict {
+            stream: stream.to_string(),
+            expected,
+            actual: head.as_ref().map_or(0, |h| get_u64(h, "version")),
+        })
     }
 
     async fn find(
@@ -220,11 +277,6 @@ impl MongoStore {
         }
         Ok(out)
     }
-}
-
-enum Outcome {
-    Conflict(u64),
-    AlreadyStored(AppendResult),
 }
 
 fn get_u64(d: &Document, key: &str) -> u64 {
@@ -307,24 +359,20 @@ impl EventStore for MongoStore {
                 .try_append(&mut session, stream, expected, &events)
                 .await
             {
-                Ok(Ok(done)) => return Ok(done),
-                Ok(Err(Outcome::AlreadyStored(done))) => return Ok(done),
-                Ok(Err(Outcome::Conflict(actual))) => {
-                    return Err(Error::Conflict {
-                        stream: stream.to_string(),
-                        expected,
-                        actual,
-                    });
+                Ok(Some(done)) => return Ok(done),
+                Ok(None) => return self.refused(stream, expected, &events).await,
+                // An event id that is already stored: a retry of an append that succeeded.
+                Err(e) if is_duplicate_key(&e) => {
+                    return self.refused(stream, expected, &events).await;
+                }
+                Err(e)
+                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+                        && attempt < MAX_TRANSACTION_ATTEMPTS =>
+                {
+                    // Another writer holds the stream head or the position counter: try again shortly.
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
                 }
                 Err(e) => {
-                    let retry =
-                        e.contains_label(TRANSIENT_TRANSACTION_ERROR) || is_duplicate_key(&e);
-                    if retry && attempt < MAX_TRANSACTION_ATTEMPTS {
-                        // A duplicate (stream, version) means another writer won the race:
-                        // re-read the head, which reports a conflict unless `expected` is Any.
-                        tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
-                        continue;
-                    }
                     return Err(Error::Backend(format!(
                         "append to '{stream}' at {} failed: {e}",
                         self.location
@@ -344,8 +392,13 @@ impl EventStore for MongoStore {
     }
 
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<Envelope>, Error> {
+        // Positions are dense (allocated inside the append transaction), so a
+        // bounded range selects exactly the page and lets the server use the
+        // position index without sorting the rest of the log.
+        let from = from_position.max(1) as i64;
+        let to = from.saturating_add(i64::try_from(limit).unwrap_or(i64::MAX));
         self.find(
-            doc! {"position": {"$gte": from_position as i64}},
+            doc! {"position": {"$gte": from, "$lt": to}},
             doc! {"position": 1},
             Some(limit as i64),
         )
