@@ -260,3 +260,25 @@ async fn mongo_store_meets_the_contract() {
         .expect("connect");
     contract(Arc::new(store)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_mongo_document_names_its_place_and_spares_other_streams() {
+    let uri = mongo_uri();
+    let db = format!("flame_bad_{}", unique());
+    let store = MongoStore::connect(&uri, &db).await.expect("connect");
+    store.append("job-good", ExpectedVersion::NoStream, vec![event(1)]).await.expect("append");
+    let client = mongodb::Client::with_uri_str(&uri).await.expect("client");
+    client
+        .database(&db)
+        .collection::<mongodb::bson::Document>("events")
+        .insert_one(mongodb::bson::doc! {
+            "_id": "not-a-uuid", "stream": "job-bad", "version": 1i64, "position": 999i64, "type": "JobStarted",
+            "schema_version": 1i64, "payload": {}, "recorded_at": mongodb::bson::DateTime::now(), "actor": "engine",
+        })
+        .await
+        .expect("insert a damaged document");
+    let err = store.read_stream("job-bad", 1).await.expect_err("undecodable");
+    let msg = err.to_string();
+    assert!(msg.contains("job-bad") && msg.contains("v1") && msg.contains("JobStarted") && msg.contains("not-a-uuid"), "{msg}");
+    assert_eq!(store.read_stream("job-good", 1).await.expect("other streams still read").len(), 1);
+}
