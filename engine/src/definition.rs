@@ -255,7 +255,8 @@ fn render(problems: &[Problem]) -> String {
     out
 }
 
-fn problem(
+/// A problem at a place.
+pub fn problem(
     path: impl Into<String>,
     message: impl Into<String>,
     hint: impl Into<String>,
@@ -382,84 +383,7 @@ impl JobDefinition {
 
     /// Checks the parsed definition's meaning; returns every problem.
     pub fn check(&self) -> Vec<Problem> {
-        let mut out = Vec::new();
-        let model = &self.job.model_spec_path;
-        if let Some(opt) = &self.model_spec.optimizer
-            && !opt.sort.is_empty()
-            && !OPTIMIZERS.contains(&opt.sort.to_ascii_lowercase().as_str())
-        {
-            out.push(problem(
-                format!("{model}#/optimizer/sort"),
-                format!("unknown optimizer '{}'", opt.sort),
-                format!("use one of: {}", OPTIMIZERS.join(", ")),
-            ));
-        }
-        if let Some(sel) = &self.model_spec.selector
-            && !sel.sort.is_empty()
-            && !SELECTORS.contains(&sel.sort.to_ascii_lowercase().as_str())
-        {
-            out.push(problem(
-                format!("{model}#/selector/sort"),
-                format!("unknown selector '{}'", sel.sort),
-                format!("use one of: {}", SELECTORS.join(", ")),
-            ));
-        }
-        match self.model_spec.hyperparameters.get("rounds") {
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|r| r >= 1) => {}
-            Some(v) => out.push(problem(
-                format!("{model}#/hyperparameters/rounds"),
-                format!("rounds must be a whole number of at least 1, not {v}"),
-                "set hyperparameters.rounds to e.g. 5",
-            )),
-            None => {}
-        }
-        if let Some(t) = self.job.max_run_time
-            && t <= 0.0
-        {
-            out.push(problem(
-                "job.json#/maxRunTime",
-                format!("maxRunTime must be positive, not {t}"),
-                "give the limit in seconds, e.g. 1800",
-            ));
-        }
-        let roles: Vec<&str> = self.design.roles.iter().map(|r| r.name.as_str()).collect();
-        for (i, c) in self.design.channels.iter().enumerate() {
-            for (j, r) in c.pair.iter().enumerate() {
-                if !roles.contains(&r.as_str()) {
-                    out.push(problem(
-                        format!("schema.json#/channels/{i}/pair/{j}"),
-                        format!(
-                            "channel '{}' names role '{r}', which the design does not define",
-                            c.name
-                        ),
-                        format!("use one of the roles: {}", roles.join(", ")),
-                    ));
-                }
-            }
-        }
-        if !self.design.roles.iter().any(|r| r.is_data_consumer) {
-            out.push(problem(
-                "schema.json#/roles",
-                "no role consumes data",
-                "mark the trainer role with \"isDataConsumer\": true",
-            ));
-        }
-        for (i, entry) in self.data_spec.iter().enumerate() {
-            match self.design.roles.iter().find(|r| r.name == entry.role) {
-                Some(r) if r.is_data_consumer => {}
-                Some(_) => out.push(problem(
-                    format!("{}#/{i}/role", self.job.data_spec_path),
-                    format!("role '{}' does not consume data", entry.role),
-                    "give datasets to a role with \"isDataConsumer\": true",
-                )),
-                None => out.push(problem(
-                    format!("{}#/{i}/role", self.job.data_spec_path),
-                    format!("role '{}' is not in the design", entry.role),
-                    format!("use one of the roles: {}", roles.join(", ")),
-                )),
-            }
-        }
-        out
+        crate::validate::check(self)
     }
 
     /// The job's name: the design's, else the folder's.

@@ -9,6 +9,7 @@ pub mod planner;
 pub mod runner;
 #[cfg(test)]
 pub mod testing;
+pub mod validate;
 
 pub use definition::JobDefinition;
 pub use runner::Runner;

@@ -266,7 +266,10 @@ async fn a_bad_mongo_document_names_its_place_and_spares_other_streams() {
     let uri = mongo_uri();
     let db = format!("flame_bad_{}", unique());
     let store = MongoStore::connect(&uri, &db).await.expect("connect");
-    store.append("job-good", ExpectedVersion::NoStream, vec![event(1)]).await.expect("append");
+    store
+        .append("job-good", ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .expect("append");
     let client = mongodb::Client::with_uri_str(&uri).await.expect("client");
     client
         .database(&db)
@@ -277,8 +280,24 @@ async fn a_bad_mongo_document_names_its_place_and_spares_other_streams() {
         })
         .await
         .expect("insert a damaged document");
-    let err = store.read_stream("job-bad", 1).await.expect_err("undecodable");
+    let err = store
+        .read_stream("job-bad", 1)
+        .await
+        .expect_err("undecodable");
     let msg = err.to_string();
-    assert!(msg.contains("job-bad") && msg.contains("v1") && msg.contains("JobStarted") && msg.contains("not-a-uuid"), "{msg}");
-    assert_eq!(store.read_stream("job-good", 1).await.expect("other streams still read").len(), 1);
+    assert!(
+        msg.contains("job-bad")
+            && msg.contains("v1")
+            && msg.contains("JobStarted")
+            && msg.contains("not-a-uuid"),
+        "{msg}"
+    );
+    assert_eq!(
+        store
+            .read_stream("job-good", 1)
+            .await
+            .expect("other streams still read")
+            .len(),
+        1
+    );
 }
