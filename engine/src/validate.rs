@@ -115,7 +115,7 @@ fn kwargs(
                 format!("write \"{k}\": 0.1 (a JSON number, not a string)"),
             ));
         }
-        if counts.contains(&k.as_str()) && !v.as_u64().is_some_and(|n| n >= 1) {
+        if counts.contains(&k.as_str()) && v.as_u64().is_none_or(|n| n < 1) {
             out.push(problem(
                 format!("{path}/{k}"),
                 format!("'{k}' must be a whole number of at least 1, not {v}"),
