@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use flame_engine::job::Status;
-use flame_engine::{JobDefinition, Runner, planner, runner};
+use flame_engine::{JobDefinition, Runner, plan, planner, runner};
 use flame_events::Envelope;
 use flame_events::job;
 use flame_events::protocol::WorkerInfo;
@@ -37,6 +37,16 @@ enum Output {
     Json,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum PlanOutput {
+    /// For people.
+    Table,
+    /// For programs.
+    Json,
+    /// Graphviz.
+    Dot,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a job folder to the end on this machine (embedded store, in-process workers).
@@ -58,6 +68,17 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Show the tasks a job folder expands to and a round's plan.
+    Plan {
+        /// Job folder.
+        folder: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: PlanOutput,
+        /// Which round to plan (selectors choose per round).
+        #[arg(long, default_value_t = 1)]
+        round: u32,
+    },
     /// Print a job's events in order.
     Events {
         /// Job id.
@@ -69,6 +90,14 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+/// `println!` that returns the write error instead of panicking, so that a
+/// closed pipe (`flamectl events ... | head`) ends the program quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    };
 }
 
 fn main() -> ExitCode {
@@ -88,6 +117,12 @@ fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli.command)) {
         Ok(code) => code,
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
@@ -103,6 +138,11 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             data_dir,
         } => run(&folder, output, &data_dir).await,
         Cmd::Validate { folder, output } => validate(&folder, output),
+        Cmd::Plan {
+            folder,
+            output,
+            round,
+        } => show_plan(&folder, output, round),
         Cmd::Events {
             job_id,
             store,
@@ -115,26 +155,104 @@ fn validate(folder: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let result = JobDefinition::load(folder).and_then(|d| planner::expand(&d));
     match (result, output) {
         (Ok(tasks), Output::Json) => {
-            println!("{}", json!({"valid": true, "errors": [], "tasks": tasks}))
+            outln!("{}", json!({"valid": true, "errors": [], "tasks": tasks}))?
         }
         (Ok(tasks), Output::Table) => {
-            println!("{} is valid: {} task(s)", folder.display(), tasks.len());
+            outln!("{} is valid: {} task(s)", folder.display(), tasks.len())?;
             for t in tasks {
-                println!(
+                outln!(
                     "  {:<20} {:<18} {}",
                     t.task_id,
                     t.role,
                     t.dataset.unwrap_or_default()
-                );
+                )?;
             }
         }
         (Err(p), Output::Json) => {
-            println!("{}", json!({"valid": false, "errors": p.0}));
+            outln!("{}", json!({"valid": false, "errors": p.0}))?;
             return Ok(ExitCode::from(2));
         }
         (Err(p), Output::Table) => {
             eprintln!("{p}");
             return Ok(ExitCode::from(2));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn task_json(t: &flame_events::job::TaskSpec) -> serde_json::Value {
+    json!({
+        "taskId": t.task_id,
+        "role": t.role,
+        "isDataConsumer": t.is_data_consumer,
+        "groupAssociation": t.group_association,
+        "channels": t.channels,
+        "dataset": t.dataset,
+        "realm": t.realm,
+    })
+}
+
+fn show_plan(folder: &Path, output: PlanOutput, round: u32) -> anyhow::Result<ExitCode> {
+    let loaded = JobDefinition::load(folder).and_then(|d| planner::expand(&d).map(|t| (d, t)));
+    let (def, tasks) = match loaded {
+        Ok(x) => x,
+        Err(p) => {
+            eprintln!("error: {p}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let plan = plan::plan(&def, &tasks, round.max(1))?;
+    match output {
+        PlanOutput::Json => outln!(
+            "{}",
+            json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>(), "plan": plan})
+        )?,
+        PlanOutput::Dot => write!(std::io::stdout().lock(), "{}", plan.to_dot())?,
+        PlanOutput::Table => {
+            outln!("{} task(s):", tasks.len())?;
+            for t in &tasks {
+                let groups: Vec<String> = t
+                    .group_association
+                    .iter()
+                    .map(|(c, g)| format!("{c}={g}"))
+                    .collect();
+                outln!(
+                    "  {:<22} {:<18} {:<40} {}",
+                    t.task_id,
+                    t.role,
+                    groups.join(","),
+                    t.dataset.clone().unwrap_or_default()
+                )?;
+            }
+            let mode = match plan.mode {
+                plan::Mode::Sync => "synchronous".to_string(),
+                plan::Mode::Async {
+                    agg_goal,
+                    concurrency,
+                } => format!(
+                    "asynchronous (aggregate every {agg_goal} update(s), {concurrency} in flight)"
+                ),
+            };
+            outln!(
+                "round {} plan, {mode}, {} step(s):",
+                plan.round,
+                plan.steps.len()
+            )?;
+            for s in &plan.steps {
+                let quorum = s
+                    .quorum
+                    .map(|q| format!(" (closes at {q})"))
+                    .unwrap_or_default();
+                outln!(
+                    "  {:<48} after {}{quorum}",
+                    s.id,
+                    if s.after.is_empty() {
+                        "-".to_string()
+                    } else {
+                        s.after.join(", ")
+                    }
+                )?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -193,7 +311,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     }
     let job = job?;
     let events = store.read_stream(&job::stream_id(&job_id), 1).await?;
-    print_summary(&job, &events, store.location(), started.elapsed(), output);
+    print_summary(&job, &events, store.location(), started.elapsed(), output)?;
     Ok(if job.status == Status::Completed {
         ExitCode::SUCCESS
     } else {
@@ -207,71 +325,78 @@ fn print_summary(
     store: String,
     elapsed: Duration,
     output: Output,
-) {
+) -> std::io::Result<()> {
     let rounds = flame_projections::rounds::fold(events);
     match output {
-        Output::Json => println!(
-            "{}",
-            json!({
-                "job_id": job.job_id,
-                "name": job.name,
-                "state": job.status,
-                "rounds_completed": job.rounds_completed,
-                "metrics": job.metrics,
-                "final_model": job.global_model,
-                "failure": job.failure,
-                "store": store,
-                "events": events.len(),
-                "rounds": rounds,
-                "elapsed_s": elapsed.as_secs_f64(),
-            })
-        ),
+        Output::Json => {
+            outln!(
+                "{}",
+                json!({
+                    "job_id": job.job_id,
+                    "name": job.name,
+                    "state": job.status,
+                    "rounds_completed": job.rounds_completed,
+                    "metrics": job.metrics,
+                    "final_model": job.global_model,
+                    "failure": job.failure,
+                    "store": store,
+                    "events": events.len(),
+                    "rounds": rounds,
+                    "elapsed_s": elapsed.as_secs_f64(),
+                })
+            )?;
+        }
         Output::Table => {
-            println!(
+            outln!(
                 "job {} ({}): {}",
                 job.job_id,
                 job.name,
                 json!(job.status).as_str().unwrap_or("?")
-            );
-            println!(
+            )?;
+            outln!(
                 "{:>5}  {:>8}  {:>8}  {:>7}  {:>7}",
-                "round", "accuracy", "loss", "updates", "seconds"
-            );
+                "round",
+                "accuracy",
+                "loss",
+                "updates",
+                "seconds"
+            )?;
             for r in &rounds {
                 let metric = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
                 let seconds = r.seconds().unwrap_or(f64::NAN);
-                println!(
+                outln!(
                     "{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}",
                     r.round,
                     metric("accuracy"),
                     metric("loss"),
                     r.updates,
                     seconds
-                );
+                )?;
             }
             if let Some(f) = &job.failure {
-                println!("failure: {f}");
+                outln!("failure: {f}")?;
             }
-            println!(
+            outln!(
                 "rounds completed: {}/{}",
                 job.rounds_completed,
                 job.total_rounds()
-            );
+            )?;
             if let Some(acc) = job.metrics.get("accuracy") {
-                println!("final test accuracy: {acc:.4}");
+                outln!("final test accuracy: {acc:.4}")?;
             }
-            println!(
+            outln!(
                 "final model: sha256:{}",
                 job.global_model.clone().unwrap_or_default()
-            );
-            println!(
+            )?;
+            outln!(
                 "events: {} in {store} (flamectl events {} --store {store})",
                 events.len(),
                 job.job_id
-            );
-            println!("time: {:.1} s", elapsed.as_secs_f64());
+            )?;
+            outln!("time: {:.1} s", elapsed.as_secs_f64())?;
         }
     }
+    Ok(())
 }
 
 async fn events(job_id: &str, store: &str, output: Output) -> anyhow::Result<ExitCode> {

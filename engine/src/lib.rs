@@ -5,6 +5,7 @@ pub mod controller;
 pub mod definition;
 pub mod job;
 pub mod persist;
+pub mod plan;
 pub mod planner;
 pub mod runner;
 #[cfg(test)]

@@ -117,23 +117,14 @@ pub fn two_tier(tasks: &[TaskSpec]) -> Result<TwoTier, String> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     use serde_json::Value;
 
     use super::*;
     use crate::definition::{DataSpecEntry, Dataset};
 
-    fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/flame-examples")
-    }
-
-    fn read(path: &Path) -> Value {
-        serde_json::from_str(
-            &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        )
-        .expect("JSON")
-    }
+    use crate::testing::{fixtures, folder_form, read};
 
     /// Registers the example's dataset files as Flame's test does: the ids in
     /// dataSpec.json map, by position in each group, to the files in groups.json.
@@ -190,34 +181,6 @@ mod tests {
             .collect();
         out.sort();
         out
-    }
-
-    /// A copy of the example in our folder form: the data spec names the
-    /// dataset files that groups.json assigns to each group. (Flame's own
-    /// hybrid/dataSpec.json is not valid JSON; its test builds the spec this way too.)
-    fn folder_form(dir: &Path) -> tempfile::TempDir {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        for e in std::fs::read_dir(dir).expect("fixture") {
-            let path = e.expect("entry").path();
-            if path.is_file() {
-                std::fs::copy(&path, tmp.path().join(path.file_name().expect("name")))
-                    .expect("copy");
-            }
-        }
-        let schema = read(&dir.join("schema.json"));
-        let role = schema["roles"]
-            .as_array()
-            .expect("roles")
-            .iter()
-            .find(|r| r["isDataConsumer"] == true)
-            .expect("data consumer")["name"]
-            .clone();
-        let job = read(&dir.join("job.json"));
-        let spec_path = job["dataSpecPath"].as_str().unwrap_or("dataSpec.json");
-        let spec =
-            serde_json::json!([{ "role": role, "datasetGroups": read(&dir.join("groups.json")) }]);
-        std::fs::write(tmp.path().join(spec_path), spec.to_string()).expect("write data spec");
-        tmp
     }
 
     #[test]

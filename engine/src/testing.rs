@@ -140,3 +140,51 @@ pub fn trained(round: u32, task: &str) -> ReportBody {
         metrics: Metrics::new(),
     }
 }
+
+/// Flame's example fixtures beside the repository (`../shared/flame-examples`).
+pub fn fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/flame-examples")
+}
+
+/// Reads a JSON file, panicking with its path.
+pub fn read(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("JSON")
+}
+
+/// A copy of the example in our folder form: the data spec names the
+/// dataset files that groups.json assigns to each group. (Flame's own
+/// hybrid/dataSpec.json is not valid JSON; its test builds the spec this way too.)
+pub fn folder_form(dir: &std::path::Path) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for e in std::fs::read_dir(dir).expect("fixture") {
+        let path = e.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, tmp.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let schema = read(&dir.join("schema.json"));
+    let role = schema["roles"]
+        .as_array()
+        .expect("roles")
+        .iter()
+        .find(|r| r["isDataConsumer"] == true)
+        .expect("data consumer")["name"]
+        .clone();
+    let job = read(&dir.join("job.json"));
+    let spec_path = job["dataSpecPath"].as_str().unwrap_or("dataSpec.json");
+    let spec =
+        serde_json::json!([{ "role": role, "datasetGroups": read(&dir.join("groups.json")) }]);
+    std::fs::write(tmp.path().join(spec_path), spec.to_string()).expect("write data spec");
+    tmp
+}
+
+/// A fixture loaded in folder form, with its tasks.
+pub fn fixture(name: &str) -> (tempfile::TempDir, crate::JobDefinition, Vec<TaskSpec>) {
+    let dir = folder_form(&fixtures().join(name));
+    let def = crate::JobDefinition::load(dir.path()).unwrap_or_else(|p| panic!("{name}: {p}"));
+    let tasks = crate::planner::expand(&def).unwrap_or_else(|p| panic!("{name}: {p}"));
+    (dir, def, tasks)
+}

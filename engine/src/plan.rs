@@ -1,0 +1,754 @@
+//! Round plans: the DAG of steps one round runs, derived from the expanded
+//! tasks, the design's channels (their direction comes from funcTags), the
+//! selector and the synchronous/asynchronous mode.
+//!
+//! Steps per task, for each channel it is on:
+//! - below its peer (fetch/upload tags): `fetch` after the upper task's
+//!   `distribute`; `upload` after its own `aggregate` (middle tiers), its ring
+//!   step (only the ring's leader uploads), or its `train`;
+//! - above its peer (distribute/aggregate tags): `distribute` after its own
+//!   fetches, `aggregate` after the uploads of the lower tasks in its group;
+//! - on a ring (a channel pairing a role with itself): `ring_allreduce` after
+//!   every member of the ring group has trained;
+//! - data consumers `train` after their fetches;
+//! - a coordinator's `coordinate` step comes first and the pairing of trainers
+//!   with aggregators below it is decided at run time (aggregates are marked
+//!   `dynamic` and list every candidate input).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use petgraph::algo::toposort;
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Serialize;
+
+use flame_events::job::TaskSpec;
+
+use crate::definition::{Channel, JobDefinition};
+use crate::validate::direction;
+
+/// What a step does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// Decide this round's pairing of trainers and aggregators.
+    Coordinate,
+    /// Send the current model down a channel.
+    Distribute,
+    /// Receive the model from above.
+    Fetch,
+    /// Train on local data.
+    Train,
+    /// Average with the other members of a ring.
+    RingAllreduce,
+    /// Send an update up a channel.
+    Upload,
+    /// Combine the updates from below.
+    Aggregate,
+}
+
+impl StepKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Coordinate => "coordinate",
+            Self::Distribute => "distribute",
+            Self::Fetch => "fetch",
+            Self::Train => "train",
+            Self::RingAllreduce => "ring_allreduce",
+            Self::Upload => "upload",
+            Self::Aggregate => "aggregate",
+        }
+    }
+}
+
+/// One step of a round.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Step {
+    /// Unique in the plan: `kind:task[:channel]`.
+    pub id: String,
+    /// What it does.
+    pub kind: StepKind,
+    /// The task that runs it.
+    pub task_id: String,
+    /// The channel it uses, if any.
+    pub channel: Option<String>,
+    /// Steps that must finish first.
+    pub after: Vec<String>,
+    /// For aggregates: how many inputs close it (fewer than `after` when over-committed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<usize>,
+    /// For aggregates whose inputs the coordinator picks at run time.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dynamic: bool,
+}
+
+/// Synchronous rounds, or FedBuff's rolling aggregation.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Mode {
+    /// A barrier per round: every aggregate waits for its inputs.
+    Sync,
+    /// No barrier: an aggregation fires every `agg_goal` updates while
+    /// `concurrency` trainers are in flight; the steps are one trainer's cycle.
+    Async {
+        /// Updates per aggregation.
+        agg_goal: u64,
+        /// Trainers training at once.
+        concurrency: u64,
+    },
+}
+
+/// One round's plan.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Plan {
+    /// Round number, from 1.
+    pub round: u32,
+    /// Sync or async.
+    #[serde(flatten)]
+    pub mode: Mode,
+    /// Trainers chosen by the selector for this round.
+    pub selected: Vec<String>,
+    /// Steps in a topological order.
+    pub steps: Vec<Step>,
+}
+
+/// Why a plan cannot be made.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Error {
+    /// The steps depend on each other in a circle (the design's checks should prevent this).
+    #[error("the round plan has a dependency cycle through step '{0}'")]
+    Cycle(String),
+}
+
+fn is_coordination(c: &Channel, coordinators: &BTreeSet<&str>) -> bool {
+    c.pair.iter().any(|r| coordinators.contains(r.as_str()))
+}
+
+/// A deterministic 64-bit mix (SplitMix64's finaliser) for seeded choices.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Picks `k` of `items`, the same for the same seed and round.
+fn choose(items: &[String], k: usize, seed: u64, round: u32, salt: &str) -> Vec<String> {
+    let salt = salt.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)));
+    let mut keyed: Vec<(u64, &String)> = items
+        .iter()
+        .map(|t| {
+            (
+                mix(seed
+                    ^ mix(u64::from(round) ^ salt)
+                    ^ t.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)))),
+                t,
+            )
+        })
+        .collect();
+    keyed.sort();
+    let mut out: Vec<String> = keyed.into_iter().take(k).map(|(_, t)| t.clone()).collect();
+    out.sort();
+    out
+}
+
+struct Builder {
+    graph: DiGraph<Step, ()>,
+    index: BTreeMap<String, NodeIndex>,
+}
+
+impl Builder {
+    fn add(&mut self, kind: StepKind, task: &str, channel: Option<&str>) -> String {
+        let id = match channel {
+            Some(c) => format!("{}:{task}:{c}", kind.name()),
+            None => format!("{}:{task}", kind.name()),
+        };
+        if !self.index.contains_key(&id) {
+            let step = Step {
+                id: id.clone(),
+                kind,
+                task_id: task.to_string(),
+                channel: channel.map(str::to_string),
+                after: Vec::new(),
+                quorum: None,
+                dynamic: false,
+            };
+            let n = self.graph.add_node(step);
+            self.index.insert(id.clone(), n);
+        }
+        id
+    }
+
+    fn edge(&mut self, from: &str, to: &str) {
+        if let (Some(&a), Some(&b)) = (self.index.get(from), self.index.get(to))
+            && !self.graph.contains_edge(a, b)
+        {
+            self.graph.add_edge(a, b, ());
+        }
+    }
+
+    fn step_mut(&mut self, id: &str) -> Option<&mut Step> {
+        self.index.get(id).map(|&n| &mut self.graph[n])
+    }
+}
+
+/// The plan of round `round` for a job's tasks.
+pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan, Error> {
+    let h = &def.model_spec.hyperparameters;
+    let seed = def.hyper_u64("seed").unwrap_or(0);
+    let selector = def
+        .model_spec
+        .selector
+        .as_ref()
+        .map(|s| (s.sort.to_ascii_lowercase(), s.kwargs.clone()));
+    let kw = |k: &str| {
+        selector
+            .as_ref()
+            .and_then(|(_, kw)| kw.get(k))
+            .and_then(serde_json::Value::as_u64)
+    };
+    let sort = selector.as_ref().map_or("default", |(s, _)| s.as_str());
+    let asynchronous =
+        def.optimizer() == "fedbuff" || sort == "fedbuff" || h.contains_key("aggGoal");
+
+    let coordinators: BTreeSet<&str> = def
+        .design
+        .roles
+        .iter()
+        .filter(|r| {
+            r.name == "coordinator"
+                || def.design.channels.iter().any(|c| {
+                    c.func_tags
+                        .get(&r.name)
+                        .is_some_and(|t| t.iter().any(|x| x == "coordinate"))
+                })
+        })
+        .map(|r| r.name.as_str())
+        .collect();
+    let channels: BTreeMap<&str, &Channel> = def
+        .design
+        .channels
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect();
+    let by_id: BTreeMap<&str, &TaskSpec> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
+
+    // Links: for each aggregation channel and group, the upper and lower tasks; rings by (channel, group).
+    let mut uppers: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    let mut lowers: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    let mut rings: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for t in tasks {
+        for (c, g) in &t.group_association {
+            let Some(ch) = channels.get(c.as_str()) else {
+                continue;
+            };
+            if is_coordination(ch, &coordinators) {
+                continue;
+            }
+            match direction(def, ch) {
+                None if ch.pair.len() == 2 && ch.pair[0] == ch.pair[1] => {
+                    rings.entry((c, g)).or_default().push(&t.task_id)
+                }
+                None => {}
+                Some((lower, _)) if lower == t.role => {
+                    lowers.entry((c, g)).or_default().push(&t.task_id)
+                }
+                Some(_) => uppers.entry((c, g)).or_default().push(&t.task_id),
+            }
+        }
+    }
+
+    // Selection: which data consumers take part this round, per aggregation group.
+    let trainers: Vec<String> = tasks
+        .iter()
+        .filter(|t| t.is_data_consumer)
+        .map(|t| t.task_id.clone())
+        .collect();
+    let mut selected: BTreeSet<String> = trainers.iter().cloned().collect();
+    let mut quorum: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    if matches!(sort, "random" | "oort") && !asynchronous {
+        selected.clear();
+        for (key, members) in &lowers {
+            let data: Vec<String> = members
+                .iter()
+                .filter(|m| by_id.get(*m).is_some_and(|t| t.is_data_consumer))
+                .map(|m| m.to_string())
+                .collect();
+            if data.is_empty() {
+                continue;
+            }
+            let (take, need) = match sort {
+                "random" => {
+                    let k = (kw("k").unwrap_or(1) as usize).min(data.len());
+                    (k, k)
+                }
+                _ => {
+                    // Oort over-commits by 30% and closes the round at aggr_num updates.
+                    let need =
+                        (kw("aggr_num").unwrap_or(data.len() as u64) as usize).clamp(1, data.len());
+                    (need.saturating_mul(13).div_ceil(10).min(data.len()), need)
+                }
+            };
+            selected.extend(choose(
+                &data,
+                take,
+                seed,
+                round,
+                &format!("{}/{}", key.0, key.1),
+            ));
+            quorum.insert(*key, need);
+        }
+        // Trainers that only sit on rings (no aggregator) are always in.
+        for t in &trainers {
+            if !lowers.iter().any(|(_, m)| m.contains(&t.as_str())) {
+                selected.insert(t.clone());
+            }
+        }
+    }
+    let active =
+        |t: &str| by_id.get(t).is_some_and(|s| !s.is_data_consumer) || selected.contains(t);
+
+    let mut b = Builder {
+        graph: DiGraph::new(),
+        index: BTreeMap::new(),
+    };
+    let coordinate: Vec<String> = tasks
+        .iter()
+        .filter(|t| coordinators.contains(t.role.as_str()))
+        .map(|t| b.add(StepKind::Coordinate, &t.task_id, None))
+        .collect();
+    let dynamic = !coordinate.is_empty();
+
+    // Ring leaders: the lowest task id of each ring group uploads for it.
+    let mut ring_of: BTreeMap<&str, (&str, Vec<&str>)> = BTreeMap::new();
+    for ((c, _), members) in &rings {
+        let members: Vec<&str> = members.iter().copied().filter(|m| active(m)).collect();
+        for m in &members {
+            ring_of.insert(m, (c, members.clone()));
+        }
+    }
+    let uploads_from = |t: &str| {
+        ring_of
+            .get(t)
+            .is_none_or(|(_, members)| members.iter().min() == Some(&t))
+    };
+
+    for t in tasks.iter().filter(|t| active(&t.task_id)) {
+        let id = t.task_id.as_str();
+        let ups: Vec<(&str, &str)> = lowers
+            .iter()
+            .filter(|(_, m)| m.contains(&id))
+            .map(|(k, _)| *k)
+            .collect();
+        let downs: Vec<(&str, &str)> = uppers
+            .iter()
+            .filter(|(_, m)| m.contains(&id))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut fetched = Vec::new();
+        for (c, g) in &ups {
+            let f = b.add(StepKind::Fetch, id, Some(c));
+            for u in uppers.get(&(*c, *g)).into_iter().flatten() {
+                let d = b.add(StepKind::Distribute, u, Some(c));
+                b.edge(&d, &f);
+            }
+            for k in &coordinate {
+                b.edge(k, &f);
+            }
+            fetched.push(f);
+        }
+        for (c, _) in &downs {
+            let d = b.add(StepKind::Distribute, id, Some(c));
+            for f in &fetched {
+                b.edge(f, &d);
+            }
+            for k in &coordinate {
+                b.edge(k, &d);
+            }
+        }
+        let mut done = Vec::new();
+        if t.is_data_consumer {
+            let tr = b.add(StepKind::Train, id, None);
+            for f in &fetched {
+                b.edge(f, &tr);
+            }
+            done.push(tr);
+        }
+        if let Some((c, members)) = ring_of.get(id) {
+            let r = b.add(StepKind::RingAllreduce, id, Some(c));
+            for m in members {
+                let tr = b.add(StepKind::Train, m, None);
+                b.edge(&tr, &r);
+            }
+            done = vec![r];
+        }
+        for (c, _) in &downs {
+            done.push(b.add(StepKind::Aggregate, id, Some(c)));
+        }
+        if uploads_from(id) {
+            for (c, _) in &ups {
+                let u = b.add(StepKind::Upload, id, Some(c));
+                for d in &done {
+                    b.edge(d, &u);
+                }
+            }
+        }
+    }
+    // Aggregates wait for the uploads of their group (every candidate when the coordinator pairs at run time).
+    for ((c, g), ups) in &uppers {
+        let candidates: Vec<&str> = if dynamic {
+            lowers
+                .iter()
+                .filter(|((lc, _), _)| lc == c)
+                .flat_map(|(_, m)| m.iter().copied())
+                .collect()
+        } else {
+            lowers.get(&(*c, *g)).cloned().unwrap_or_default()
+        };
+        for u in ups {
+            let a = format!("aggregate:{u}:{c}");
+            if !b.index.contains_key(&a) {
+                continue;
+            }
+            let mut inputs = 0;
+            for l in candidates.iter().filter(|l| active(l) && uploads_from(l)) {
+                let up = format!("upload:{l}:{c}");
+                if b.index.contains_key(&up) {
+                    b.edge(&up, &a);
+                    inputs += 1;
+                }
+            }
+            if let Some(step) = b.step_mut(&a) {
+                step.dynamic = dynamic;
+                step.quorum = quorum.get(&(*c, *g)).copied().filter(|q| *q < inputs);
+            }
+        }
+    }
+
+    let order = toposort(&b.graph, None)
+        .map_err(|cycle| Error::Cycle(b.graph[cycle.node_id()].id.clone()))?;
+    let steps = order
+        .into_iter()
+        .map(|n| {
+            let mut step = b.graph[n].clone();
+            let mut after: Vec<String> = b
+                .graph
+                .neighbors_directed(n, petgraph::Direction::Incoming)
+                .map(|p| b.graph[p].id.clone())
+                .collect();
+            after.sort();
+            step.after = after;
+            step
+        })
+        .collect();
+    let mode = if asynchronous {
+        let agg_goal = def.hyper_u64("aggGoal").unwrap_or(1).max(1);
+        let concurrency = kw("c")
+            .or_else(|| def.hyper_u64("concurrency"))
+            .unwrap_or(trainers.len() as u64)
+            .max(1);
+        Mode::Async {
+            agg_goal,
+            concurrency,
+        }
+    } else {
+        Mode::Sync
+    };
+    Ok(Plan {
+        round,
+        mode,
+        selected: selected.into_iter().collect(),
+        steps,
+    })
+}
+
+impl Plan {
+    /// Graphviz DOT of the steps and their dependencies.
+    pub fn to_dot(&self) -> String {
+        let mut out = String::from(
+            "digraph plan {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\"];\n",
+        );
+        for s in &self.steps {
+            out.push_str(&format!(
+                "  \"{}\" [label=\"{}\\n{}{}\"];\n",
+                s.id,
+                s.kind.name(),
+                s.task_id,
+                s.channel
+                    .as_deref()
+                    .map(|c| format!("\\n{c}"))
+                    .unwrap_or_default()
+            ));
+        }
+        for s in &self.steps {
+            for a in &s.after {
+                out.push_str(&format!("  \"{a}\" -> \"{}\";\n", s.id));
+            }
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixture;
+
+    fn ids(plan: &Plan, kind: StepKind) -> Vec<String> {
+        plan.steps
+            .iter()
+            .filter(|s| s.kind == kind)
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    fn after<'a>(plan: &'a Plan, id: &str) -> &'a [String] {
+        &plan
+            .steps
+            .iter()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("no step {id} in {:#?}", plan.steps))
+            .after
+    }
+
+    /// Properties every plan has: topological order, one train per selected
+    /// data consumer, every aggregate after all its inputs' uploads.
+    fn check_invariants(plan: &Plan, tasks: &[TaskSpec]) {
+        let mut seen = BTreeSet::new();
+        for s in &plan.steps {
+            for a in &s.after {
+                assert!(seen.contains(a), "{} comes before its dependency {a}", s.id);
+            }
+            assert!(seen.insert(s.id.clone()), "step {} twice", s.id);
+        }
+        for t in tasks
+            .iter()
+            .filter(|t| t.is_data_consumer && plan.selected.contains(&t.task_id))
+        {
+            assert_eq!(
+                plan.steps
+                    .iter()
+                    .filter(|s| s.kind == StepKind::Train && s.task_id == t.task_id)
+                    .count(),
+                1,
+                "{} trains once",
+                t.task_id
+            );
+        }
+        for s in plan.steps.iter().filter(|s| s.kind == StepKind::Aggregate) {
+            assert!(
+                !s.after.is_empty() && s.after.iter().all(|a| a.starts_with("upload:")),
+                "{} waits on uploads: {:?}",
+                s.id,
+                s.after
+            );
+        }
+    }
+
+    #[test]
+    fn two_tier_with_a_random_selector_trains_k_trainers() {
+        let (_d, def, tasks) = fixture("mnist");
+        let p = plan(&def, &tasks, 1).expect("plan");
+        check_invariants(&p, &tasks);
+        assert_eq!(p.mode, Mode::Sync);
+        assert_eq!(p.selected, vec!["trainer-0".to_string()]);
+        assert_eq!(
+            after(&p, "fetch:trainer-0:param-channel"),
+            ["distribute:aggregator-0:param-channel"]
+        );
+        assert_eq!(
+            after(&p, "train:trainer-0"),
+            ["fetch:trainer-0:param-channel"]
+        );
+        assert_eq!(
+            after(&p, "aggregate:aggregator-0:param-channel"),
+            ["upload:trainer-0:param-channel"]
+        );
+    }
+
+    #[test]
+    fn two_tier_with_ten_trainers_aggregates_all_of_them() {
+        let (_d, def, tasks) = fixture("medmnist");
+        let p = plan(&def, &tasks, 1).expect("plan");
+        check_invariants(&p, &tasks);
+        assert_eq!(ids(&p, StepKind::Train).len(), 10);
+        assert_eq!(after(&p, "aggregate:aggregator-0:param-channel").len(), 10);
+    }
+
+    #[test]
+    fn hierarchical_rounds_go_through_the_middle_tier() {
+        let (_d, def, tasks) = fixture("hier_mnist");
+        let p = plan(&def, &tasks, 1).expect("plan");
+        check_invariants(&p, &tasks);
+        let eu_mid = tasks
+            .iter()
+            .find(|t| t.role == "middle-aggregator" && t.group_association["param-channel"] == "eu")
+            .expect("eu")
+            .task_id
+            .clone();
+        let eu_trainers: Vec<String> = tasks
+            .iter()
+            .filter(|t| t.is_data_consumer && t.group_association["param-channel"] == "eu")
+            .map(|t| format!("upload:{}:param-channel", t.task_id))
+            .collect();
+        assert_eq!(
+            after(&p, &format!("aggregate:{eu_mid}:param-channel")),
+            eu_trainers.as_slice()
+        );
+        assert_eq!(
+            after(&p, &format!("upload:{eu_mid}:global-channel")),
+            [format!("aggregate:{eu_mid}:param-channel")]
+        );
+        assert_eq!(
+            after(&p, &format!("distribute:{eu_mid}:param-channel")),
+            [format!("fetch:{eu_mid}:global-channel")]
+        );
+        assert_eq!(
+            after(&p, "aggregate:top-aggregator-0:global-channel").len(),
+            2
+        );
+        assert_eq!(
+            p.steps.last().map(|s| s.id.as_str()),
+            Some("aggregate:top-aggregator-0:global-channel")
+        );
+    }
+
+    #[test]
+    fn ring_all_reduce_has_no_aggregator() {
+        let (_d, def, tasks) = fixture("distributed_training");
+        let p = plan(&def, &tasks, 1).expect("plan");
+        check_invariants(&p, &tasks);
+        assert!(ids(&p, StepKind::Aggregate).is_empty() && ids(&p, StepKind::Upload).is_empty());
+        let rings = ids(&p, StepKind::RingAllreduce);
+        assert_eq!(rings.len(), 3);
+        for r in &rings {
+            assert_eq!(
+                after(&p, r),
+                ["train:trainer-0", "train:trainer-1", "train:trainer-2"]
+            );
+        }
+    }
+
+    #[test]
+    fn hybrid_rings_then_one_member_per_group_uploads() {
+        let (_d, def, tasks) = fixture("hybrid");
+        let p = plan(&def, &tasks, 1).expect("plan");
+        check_invariants(&p, &tasks);
+        assert_eq!(ids(&p, StepKind::RingAllreduce).len(), 4);
+        let mut uploads = ids(&p, StepKind::Upload);
+        uploads.sort();
+        assert_eq!(uploads.len(), 2, "one upload per ring group: {uploads:?}");
+        for u in &uploads {
+            let task = u.split(':').nth(1).expect("task");
+            assert_eq!(
+                after(&p, u),
+                [format!("ring_allreduce:{task}:param-channel")]
+            );
+        }
+        assert_eq!(
+            after(&p, "aggregate:aggregator-0:global-channel"),
+            uploads.as_slice()
+        );
+    }
+
+    #[test]
+    fn fedbuff_is_a_rolling_plan() {
+        let (_d, def, tasks) = fixture("asyncfl_hier_mnist");
+        let p = plan(&def, &tasks, 1).expect("plan");
+        check_invariants(&p, &tasks);
+        assert_eq!(
+            p.mode,
+            Mode::Async {
+                agg_goal: 1,
+                concurrency: 2
+            }
+        );
+    }
+
+    #[test]
+    fn parallel_experiments_stay_separate() {
+        let (_d, mut def, _) = fixture("medmnist");
+        // Two groups on one channel, an aggregator for each: two independent models.
+        def.design.channels[0]
+            .group_by
+            .as_mut()
+            .expect("groupBy")
+            .value = vec!["us".into(), "eu".into()];
+        def.design.roles[0].group_association = vec![
+            [("param-channel".to_string(), "us".to_string())].into(),
+            [("param-channel".to_string(), "eu".to_string())].into(),
+        ];
+        def.design.roles[1].group_association = def.design.roles[0].group_association.clone();
+        let refs = def.data_spec[0].dataset_groups["us"].clone();
+        def.data_spec[0].dataset_groups = [
+            ("us".to_string(), refs[..4].to_vec()),
+            ("eu".to_string(), refs[4..].to_vec()),
+        ]
+        .into();
+        assert_eq!(def.check(), vec![]);
+        let tasks = crate::planner::expand(&def).expect("expand");
+        let p = plan(&def, &tasks, 1).expect("plan");
+        check_invariants(&p, &tasks);
+        let aggs = ids(&p, StepKind::Aggregate);
+        assert_eq!(aggs.len(), 2);
+        assert_eq!(after(&p, &aggs[0]).len() + after(&p, &aggs[1]).len(), 10);
+        assert!(
+            after(&p, &aggs[0])
+                .iter()
+                .all(|u| !after(&p, &aggs[1]).contains(u))
+        );
+    }
+
+    #[test]
+    fn oort_over_commits_and_closes_at_its_quorum() {
+        let (_d, mut def, tasks) = fixture("medmnist");
+        def.model_spec.selector = Some(crate::definition::Sort {
+            sort: "oort".into(),
+            kwargs: [("aggr_num".to_string(), serde_json::json!(4))]
+                .into_iter()
+                .collect(),
+        });
+        let p = plan(&def, &tasks, 3).expect("plan");
+        check_invariants(&p, &tasks);
+        assert_eq!(p.selected.len(), 6, "4 plus 30% over-commit, rounded up");
+        let agg = p
+            .steps
+            .iter()
+            .find(|s| s.kind == StepKind::Aggregate)
+            .expect("aggregate");
+        assert_eq!((agg.after.len(), agg.quorum), (6, Some(4)));
+    }
+
+    #[test]
+    fn plans_are_deterministic_and_selection_varies_by_round() {
+        let (_d, mut def, tasks) = fixture("medmnist");
+        def.model_spec.selector = Some(crate::definition::Sort {
+            sort: "random".into(),
+            kwargs: [("k".to_string(), serde_json::json!(3))]
+                .into_iter()
+                .collect(),
+        });
+        assert_eq!(plan(&def, &tasks, 1), plan(&def, &tasks, 1));
+        let picks: BTreeSet<Vec<String>> = (1..=8)
+            .map(|r| plan(&def, &tasks, r).expect("plan").selected)
+            .collect();
+        assert!(
+            picks.len() > 1,
+            "the random selector picks differently across rounds"
+        );
+        assert!(picks.iter().all(|s| s.len() == 3));
+    }
+
+    #[test]
+    fn dot_output_names_every_step_and_edge() {
+        let (_d, def, tasks) = fixture("mnist");
+        let p = plan(&def, &tasks, 1).expect("plan");
+        let dot = p.to_dot();
+        assert!(dot.starts_with("digraph plan {"));
+        assert_eq!(
+            dot.matches(" -> ").count(),
+            p.steps.iter().map(|s| s.after.len()).sum::<usize>()
+        );
+        assert!(dot.contains("\"train:trainer-0\""));
+    }
+}
