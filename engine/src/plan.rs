@@ -236,6 +236,8 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
     let mut uppers: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     let mut lowers: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     let mut rings: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    let mut task_ups: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    let mut task_downs: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
     for t in tasks {
         for (c, g) in &t.group_association {
             let Some(ch) = channels.get(c.as_str()) else {
@@ -250,9 +252,13 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
                 }
                 None => {}
                 Some((lower, _)) if lower == t.role => {
-                    lowers.entry((c, g)).or_default().push(&t.task_id)
+                    lowers.entry((c, g)).or_default().push(&t.task_id);
+                    task_ups.entry(&t.task_id).or_default().push((c, g));
                 }
-                Some(_) => uppers.entry((c, g)).or_default().push(&t.task_id),
+                Some(_) => {
+                    uppers.entry((c, g)).or_default().push(&t.task_id);
+                    task_downs.entry(&t.task_id).or_default().push((c, g));
+                }
             }
         }
     }
@@ -299,7 +305,7 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
         }
         // Trainers that only sit on rings (no aggregator) are always in.
         for t in &trainers {
-            if !lowers.iter().any(|(_, m)| m.contains(&t.as_str())) {
+            if !task_ups.contains_key(t.as_str()) {
                 selected.insert(t.clone());
             }
         }
@@ -334,16 +340,8 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
 
     for t in tasks.iter().filter(|t| active(&t.task_id)) {
         let id = t.task_id.as_str();
-        let ups: Vec<(&str, &str)> = lowers
-            .iter()
-            .filter(|(_, m)| m.contains(&id))
-            .map(|(k, _)| *k)
-            .collect();
-        let downs: Vec<(&str, &str)> = uppers
-            .iter()
-            .filter(|(_, m)| m.contains(&id))
-            .map(|(k, _)| *k)
-            .collect();
+        let ups = task_ups.get(id).cloned().unwrap_or_default();
+        let downs = task_downs.get(id).cloned().unwrap_or_default();
         let mut fetched = Vec::new();
         for (c, g) in &ups {
             let f = b.add(StepKind::Fetch, id, Some(c));
@@ -750,5 +748,150 @@ mod tests {
             p.steps.iter().map(|s| s.after.len()).sum::<usize>()
         );
         assert!(dot.contains("\"train:trainer-0\""));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::definition::{DataSpecEntry, Dataset, Design, JobFile, ModelSpec};
+
+    /// A random valid design: `groups` groups of trainers (each with its own
+    /// datasets), optionally a middle tier per group under one top aggregator,
+    /// optionally a ring inside each group, and a selector.
+    fn design(groups: &[usize], middle: bool, ring: bool, k: Option<u64>) -> JobDefinition {
+        let names: Vec<String> = (0..groups.len()).map(|g| format!("g{g}")).collect();
+        let mut roles = vec![];
+        let mut channels = vec![];
+        let trainer_assoc: Vec<_> = names
+            .iter()
+            .map(|g| {
+                let mut a = json!({"param": g});
+                if ring {
+                    a["ring"] = json!(g);
+                }
+                a
+            })
+            .collect();
+        roles.push(
+            json!({"name": "trainer", "isDataConsumer": true, "groupAssociation": trainer_assoc}),
+        );
+        channels.push(json!({"name": "param", "pair": ["trainer", "agg"], "groupBy": {"type": "tag", "value": names},
+            "funcTags": {"trainer": ["fetch", "upload"], "agg": ["distribute", "aggregate"]}}));
+        if ring {
+            channels.push(json!({"name": "ring", "pair": ["trainer", "trainer"], "groupBy": {"type": "tag", "value": names}, "funcTags": {"trainer": ["ring_allreduce"]}}));
+        }
+        if middle {
+            let assoc: Vec<_> = names
+                .iter()
+                .map(|g| json!({"param": g, "global": "default"}))
+                .collect();
+            roles.push(json!({"name": "agg", "replica": 1, "groupAssociation": assoc}));
+            roles.push(
+                json!({"name": "top", "replica": 1, "groupAssociation": [{"global": "default"}]}),
+            );
+            channels.push(json!({"name": "global", "pair": ["top", "agg"], "groupBy": {"type": "tag", "value": ["default"]},
+                "funcTags": {"top": ["distribute", "aggregate"], "agg": ["fetch", "upload"]}}));
+        } else {
+            let assoc: Vec<_> = names.iter().map(|g| json!({"param": g})).collect();
+            roles.push(json!({"name": "agg", "replica": 1, "groupAssociation": assoc}));
+        }
+        let mut datasets = BTreeMap::new();
+        let mut dataset_groups = BTreeMap::new();
+        for (g, n) in names.iter().zip(groups) {
+            let refs: Vec<String> = (0..*n).map(|i| format!("{g}-{i}.json")).collect();
+            for r in &refs {
+                datasets.insert(
+                    r.clone(),
+                    Dataset {
+                        name: r.clone(),
+                        description: None,
+                        url: format!("file:{r}.csv"),
+                        data_format: None,
+                        realm: None,
+                        is_public: None,
+                        extra: Default::default(),
+                    },
+                );
+            }
+            dataset_groups.insert(g.clone(), refs);
+        }
+        let selector = match k {
+            Some(k) => json!({"sort": "random", "kwargs": {"k": k}}),
+            None => json!({"sort": "default", "kwargs": {}}),
+        };
+        JobDefinition {
+            folder: "mem".into(),
+            job: serde_json::from_value::<JobFile>(json!({"designId": "p"})).expect("job"),
+            design: serde_json::from_value::<Design>(
+                json!({"name": "p", "roles": roles, "channels": channels}),
+            )
+            .expect("design"),
+            data_spec: vec![DataSpecEntry {
+                role: "trainer".into(),
+                dataset_groups,
+                extra: Default::default(),
+            }],
+            model_spec: serde_json::from_value::<ModelSpec>(
+                json!({"selector": selector, "hyperparameters": {"rounds": 3, "seed": 5}}),
+            )
+            .expect("model"),
+            datasets,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn plans_of_random_designs_are_sound(
+            groups in proptest::collection::vec(1usize..6, 1..5),
+            middle in any::<bool>(),
+            ring in any::<bool>(),
+            k in proptest::option::of(1u64..4),
+            round in 1u32..20,
+        ) {
+            let def = design(&groups, middle, ring, k);
+            prop_assert_eq!(def.check(), vec![]);
+            let tasks = crate::planner::expand(&def).expect("expand");
+            prop_assert_eq!(tasks.iter().filter(|t| t.is_data_consumer).count(), groups.iter().sum::<usize>());
+            let p = plan(&def, &tasks, round).expect("acyclic");
+            prop_assert_eq!(&p, &plan(&def, &tasks, round).expect("again"));
+
+            let mut seen = BTreeSet::new();
+            for s in &p.steps {
+                for a in &s.after {
+                    prop_assert!(seen.contains(a), "{} before {}", s.id, a);
+                }
+                seen.insert(s.id.clone());
+            }
+            for t in tasks.iter().filter(|t| t.is_data_consumer) {
+                let trains = p.steps.iter().filter(|s| s.kind == StepKind::Train && s.task_id == t.task_id).count();
+                prop_assert_eq!(trains, usize::from(p.selected.contains(&t.task_id)));
+            }
+            // Each group's aggregate waits for every upload of that group (one per ring when rings exist).
+            for (gi, n) in groups.iter().enumerate() {
+                let g = format!("g{gi}");
+                let agg = tasks.iter().find(|t| t.role == "agg" && t.group_association["param"] == g).expect("agg");
+                let step = p.steps.iter().find(|s| s.id == format!("aggregate:{}:param", agg.task_id));
+                let members: Vec<&TaskSpec> = tasks.iter().filter(|t| t.is_data_consumer && t.group_association["param"] == g && p.selected.contains(&t.task_id)).collect();
+                let expected = if members.is_empty() { 0 } else if ring { 1 } else { members.len() };
+                prop_assert!(members.len() <= *n);
+                match step {
+                    Some(s) => {
+                        prop_assert_eq!(s.after.len(), expected);
+                        for u in &s.after {
+                            let task = u.split(':').nth(1).expect("task");
+                            prop_assert!(members.iter().any(|m| m.task_id == task), "{} feeds {} from outside its group", u, s.id);
+                        }
+                    }
+                    None => prop_assert!(!middle || expected == 0),
+                }
+            }
+        }
     }
 }

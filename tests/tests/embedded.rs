@@ -147,21 +147,34 @@ fn bad_job_folders_get_clear_errors() {
 #[test]
 fn plan_shows_tasks_and_the_first_round() {
     let out = flamectl(&["plan", "examples/digits-two-tier", "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let tasks = v["tasks"].as_array().expect("tasks");
     assert_eq!(tasks.len(), 4);
     for t in tasks {
-        assert!(t["role"].is_string() && t["groupAssociation"].is_object() && t["channels"].is_array(), "{t}");
+        assert!(
+            t["role"].is_string() && t["groupAssociation"].is_object() && t["channels"].is_array(),
+            "{t}"
+        );
         assert_eq!(t["dataset"].is_string(), t["role"] == "trainer");
     }
     let steps = v["plan"]["steps"].as_array().expect("steps");
     let train: Vec<&Value> = steps.iter().filter(|s| s["kind"] == "train").collect();
     assert_eq!(train.len(), 3);
-    let agg = steps.iter().find(|s| s["kind"] == "aggregate").expect("aggregate");
+    let agg = steps
+        .iter()
+        .find(|s| s["kind"] == "aggregate")
+        .expect("aggregate");
     assert_eq!(agg["after"].as_array().expect("after").len(), 3);
 
     let out = flamectl(&["plan", "examples/digits-two-tier", "-o", "dot"]);
     let dot = String::from_utf8_lossy(&out.stdout);
-    assert!(dot.starts_with("digraph plan {") && dot.trim_end().ends_with('}'), "{dot}");
+    assert!(
+        dot.starts_with("digraph plan {") && dot.trim_end().ends_with('}'),
+        "{dot}"
+    );
 }
