@@ -20,10 +20,7 @@ use flame_workers::blob::LocalBlobs;
 use flame_workers::{Worker, model};
 
 #[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Flame for Rust: run federated-learning jobs and inspect their events"
-)]
+#[command(version, about = "Flame for Rust: run federated-learning jobs and inspect their events")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -79,6 +76,15 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         round: u32,
     },
+    /// Convert between a job folder and the single-file workflow form.
+    Convert {
+        /// A job folder or a workflow .json file.
+        from: PathBuf,
+        /// Where to write the other form (a .json file for a folder, a folder for a file).
+        to: PathBuf,
+    },
+    /// Print the JSON Schema of the single-file workflow form.
+    Schema,
     /// Print a job's events in order.
     Events {
         /// Job id.
@@ -102,9 +108,7 @@ macro_rules! outln {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -117,12 +121,7 @@ fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli.command)) {
         Ok(code) => code,
-        Err(e)
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
-        {
-            ExitCode::SUCCESS
-        }
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
@@ -132,40 +131,26 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run {
-            folder,
-            output,
-            data_dir,
-        } => run(&folder, output, &data_dir).await,
+        Cmd::Run { folder, output, data_dir } => run(&folder, output, &data_dir).await,
         Cmd::Validate { folder, output } => validate(&folder, output),
-        Cmd::Plan {
-            folder,
-            output,
-            round,
-        } => show_plan(&folder, output, round),
-        Cmd::Events {
-            job_id,
-            store,
-            output,
-        } => events(&job_id, &store, output).await,
+        Cmd::Plan { folder, output, round } => show_plan(&folder, output, round),
+        Cmd::Convert { from, to } => convert(&from, &to),
+        Cmd::Schema => {
+            outln!("{}", serde_json::to_string_pretty(&flame_engine::workflow::json_schema())?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Events { job_id, store, output } => events(&job_id, &store, output).await,
     }
 }
 
 fn validate(folder: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let result = JobDefinition::load(folder).and_then(|d| planner::expand(&d));
     match (result, output) {
-        (Ok(tasks), Output::Json) => {
-            outln!("{}", json!({"valid": true, "errors": [], "tasks": tasks}))?
-        }
+        (Ok(tasks), Output::Json) => outln!("{}", json!({"valid": true, "errors": [], "tasks": tasks}))?,
         (Ok(tasks), Output::Table) => {
             outln!("{} is valid: {} task(s)", folder.display(), tasks.len())?;
             for t in tasks {
-                outln!(
-                    "  {:<20} {:<18} {}",
-                    t.task_id,
-                    t.role,
-                    t.dataset.unwrap_or_default()
-                )?;
+                outln!("  {:<20} {:<18} {}", t.task_id, t.role, t.dataset.unwrap_or_default())?;
             }
         }
         (Err(p), Output::Json) => {
@@ -177,6 +162,25 @@ fn validate(folder: &Path, output: Output) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn convert(from: &Path, to: &Path) -> anyhow::Result<ExitCode> {
+    let def = match JobDefinition::load(from) {
+        Ok(d) => d,
+        Err(p) => {
+            eprintln!("error: {p}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let workflow = flame_engine::workflow::Workflow::from_definition(&def);
+    if from.is_dir() {
+        std::fs::write(to, serde_json::to_string_pretty(&workflow)? + "\n").with_context(|| format!("writing {}", to.display()))?;
+    } else if let Err(p) = workflow.write_folder(to) {
+        eprintln!("error: {p}");
+        return Ok(ExitCode::from(2));
+    }
+    eprintln!("wrote {}", to.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -203,55 +207,24 @@ fn show_plan(folder: &Path, output: PlanOutput, round: u32) -> anyhow::Result<Ex
     };
     let plan = plan::plan(&def, &tasks, round.max(1))?;
     match output {
-        PlanOutput::Json => outln!(
-            "{}",
-            json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>(), "plan": plan})
-        )?,
+        PlanOutput::Json => outln!("{}", json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>(), "plan": plan}))?,
         PlanOutput::Dot => write!(std::io::stdout().lock(), "{}", plan.to_dot())?,
         PlanOutput::Table => {
             outln!("{} task(s):", tasks.len())?;
             for t in &tasks {
-                let groups: Vec<String> = t
-                    .group_association
-                    .iter()
-                    .map(|(c, g)| format!("{c}={g}"))
-                    .collect();
-                outln!(
-                    "  {:<22} {:<18} {:<40} {}",
-                    t.task_id,
-                    t.role,
-                    groups.join(","),
-                    t.dataset.clone().unwrap_or_default()
-                )?;
+                let groups: Vec<String> = t.group_association.iter().map(|(c, g)| format!("{c}={g}")).collect();
+                outln!("  {:<22} {:<18} {:<40} {}", t.task_id, t.role, groups.join(","), t.dataset.clone().unwrap_or_default())?;
             }
             let mode = match plan.mode {
                 plan::Mode::Sync => "synchronous".to_string(),
-                plan::Mode::Async {
-                    agg_goal,
-                    concurrency,
-                } => format!(
-                    "asynchronous (aggregate every {agg_goal} update(s), {concurrency} in flight)"
-                ),
+                plan::Mode::Async { agg_goal, concurrency } => {
+                    format!("asynchronous (aggregate every {agg_goal} update(s), {concurrency} in flight)")
+                }
             };
-            outln!(
-                "round {} plan, {mode}, {} step(s):",
-                plan.round,
-                plan.steps.len()
-            )?;
+            outln!("round {} plan, {mode}, {} step(s):", plan.round, plan.steps.len())?;
             for s in &plan.steps {
-                let quorum = s
-                    .quorum
-                    .map(|q| format!(" (closes at {q})"))
-                    .unwrap_or_default();
-                outln!(
-                    "  {:<48} after {}{quorum}",
-                    s.id,
-                    if s.after.is_empty() {
-                        "-".to_string()
-                    } else {
-                        s.after.join(", ")
-                    }
-                )?;
+                let quorum = s.quorum.map(|q| format!(" (closes at {q})")).unwrap_or_default();
+                outln!("  {:<48} after {}{quorum}", s.id, if s.after.is_empty() { "-".to_string() } else { s.after.join(", ") })?;
             }
         }
     }
@@ -272,14 +245,8 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let store = flame_events::open_store(&store_url).await?;
     let blobs = Arc::new(LocalBlobs::new(data_dir.join("blobs"))?);
     let transport = Arc::new(InProcess::default());
-    let runner = Runner::new(
-        store.clone(),
-        transport.clone(),
-        runner::Options {
-            worker_wait: Duration::from_secs(10),
-            ..Default::default()
-        },
-    );
+    let runner =
+        Runner::new(store.clone(), transport.clone(), runner::Options { worker_wait: Duration::from_secs(10), ..Default::default() });
     let job_id = runner.submit(&def).await?;
     eprintln!("job {job_id}: {} from {}", def.name(), folder.display());
 
@@ -288,11 +255,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
     for t in &job.tasks {
-        let role = if t.is_data_consumer {
-            "trainer"
-        } else {
-            "aggregator"
-        };
+        let role = if t.is_data_consumer { "trainer" } else { "aggregator" };
         let info = WorkerInfo {
             id: format!("local-{}", t.task_id),
             roles: vec![role.into()],
@@ -312,11 +275,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let job = job?;
     let events = store.read_stream(&job::stream_id(&job_id), 1).await?;
     print_summary(&job, &events, store.location(), started.elapsed(), output)?;
-    Ok(if job.status == Status::Completed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if job.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn print_summary(
@@ -347,52 +306,22 @@ fn print_summary(
             )?;
         }
         Output::Table => {
-            outln!(
-                "job {} ({}): {}",
-                job.job_id,
-                job.name,
-                json!(job.status).as_str().unwrap_or("?")
-            )?;
-            outln!(
-                "{:>5}  {:>8}  {:>8}  {:>7}  {:>7}",
-                "round",
-                "accuracy",
-                "loss",
-                "updates",
-                "seconds"
-            )?;
+            outln!("job {} ({}): {}", job.job_id, job.name, json!(job.status).as_str().unwrap_or("?"))?;
+            outln!("{:>5}  {:>8}  {:>8}  {:>7}  {:>7}", "round", "accuracy", "loss", "updates", "seconds")?;
             for r in &rounds {
                 let metric = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
                 let seconds = r.seconds().unwrap_or(f64::NAN);
-                outln!(
-                    "{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}",
-                    r.round,
-                    metric("accuracy"),
-                    metric("loss"),
-                    r.updates,
-                    seconds
-                )?;
+                outln!("{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}", r.round, metric("accuracy"), metric("loss"), r.updates, seconds)?;
             }
             if let Some(f) = &job.failure {
                 outln!("failure: {f}")?;
             }
-            outln!(
-                "rounds completed: {}/{}",
-                job.rounds_completed,
-                job.total_rounds()
-            )?;
+            outln!("rounds completed: {}/{}", job.rounds_completed, job.total_rounds())?;
             if let Some(acc) = job.metrics.get("accuracy") {
                 outln!("final test accuracy: {acc:.4}")?;
             }
-            outln!(
-                "final model: sha256:{}",
-                job.global_model.clone().unwrap_or_default()
-            )?;
-            outln!(
-                "events: {} in {store} (flamectl events {} --store {store})",
-                events.len(),
-                job.job_id
-            )?;
+            outln!("final model: sha256:{}", job.global_model.clone().unwrap_or_default())?;
+            outln!("events: {} in {store} (flamectl events {} --store {store})", events.len(), job.job_id)?;
             outln!("time: {:.1} s", elapsed.as_secs_f64())?;
         }
     }
@@ -403,10 +332,7 @@ async fn events(job_id: &str, store: &str, output: Output) -> anyhow::Result<Exi
     let store = flame_events::open_store(store).await?;
     let events = store.read_stream(&job::stream_id(job_id), 1).await?;
     if events.is_empty() {
-        eprintln!(
-            "error: job '{job_id}' has no events in {}",
-            store.location()
-        );
+        eprintln!("error: job '{job_id}' has no events in {}", store.location());
         return Ok(ExitCode::from(3));
     }
     let mut out = std::io::stdout().lock();
@@ -416,10 +342,7 @@ async fn events(job_id: &str, store: &str, output: Output) -> anyhow::Result<Exi
             Output::Table => {
                 let mut payload = e.payload.to_string();
                 if payload.len() > 100 {
-                    let cut = (0..=100)
-                        .rev()
-                        .find(|&i| payload.is_char_boundary(i))
-                        .unwrap_or(0);
+                    let cut = (0..=100).rev().find(|&i| payload.is_char_boundary(i)).unwrap_or(0);
                     payload.truncate(cut);
                     payload.push('…');
                 }

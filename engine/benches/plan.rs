@@ -17,10 +17,7 @@ const REPEATS: usize = 5;
 fn definition() -> JobDefinition {
     let names: Vec<String> = (0..GROUPS).map(|g| format!("g{g}")).collect();
     let trainer_assoc: Vec<_> = names.iter().map(|g| json!({"param": g})).collect();
-    let middle_assoc: Vec<_> = names
-        .iter()
-        .map(|g| json!({"param": g, "global": "default"}))
-        .collect();
+    let middle_assoc: Vec<_> = names.iter().map(|g| json!({"param": g, "global": "default"})).collect();
     let design = json!({
         "name": "bench",
         "roles": [
@@ -59,13 +56,8 @@ fn definition() -> JobDefinition {
         folder: "bench".into(),
         job: serde_json::from_value::<JobFile>(json!({"designId": "bench"})).expect("job"),
         design: serde_json::from_value::<Design>(design).expect("design"),
-        data_spec: vec![DataSpecEntry {
-            role: "trainer".into(),
-            dataset_groups: groups,
-            extra: Default::default(),
-        }],
-        model_spec: serde_json::from_value::<ModelSpec>(json!({"hyperparameters": {"rounds": 10}}))
-            .expect("model"),
+        data_spec: vec![DataSpecEntry { role: "trainer".into(), dataset_groups: groups, extra: Default::default() }],
+        model_spec: serde_json::from_value::<ModelSpec>(json!({"hyperparameters": {"rounds": 10}})).expect("model"),
         datasets,
     }
 }
@@ -95,9 +87,7 @@ fn main() {
         planning.push((t3 - t2).as_secs_f64() * 1e3);
         total.push((t3 - t0).as_secs_f64() * 1e3);
     }
-    println!(
-        "hierarchical job: {GROUPS} groups x {PER_GROUP} trainers = {tasks_n} tasks, {steps} steps in round 1 (median of {REPEATS})"
-    );
+    println!("hierarchical job: {GROUPS} groups x {PER_GROUP} trainers = {tasks_n} tasks, {steps} steps in round 1 (median of {REPEATS})");
     println!("validate  {:>8.1} ms", median(check));
     println!("expand    {:>8.1} ms", median(expand));
     println!("plan      {:>8.1} ms", median(planning));

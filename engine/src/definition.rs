@@ -5,20 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Optimizers a job may name (Flame's `optimizer.sort`).
-pub const OPTIMIZERS: &[&str] = &[
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedbuff",
-    "feddyn",
-    "scaffold",
-];
+pub const OPTIMIZERS: &[&str] = &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "feddyn", "scaffold"];
 /// Selectors a job may name (Flame's `selector.sort`).
 pub const SELECTORS: &[&str] = &["default", "random", "fedbuff", "oort"];
 
@@ -26,7 +18,7 @@ pub const SELECTORS: &[&str] = &["default", "random", "fedbuff", "oort"];
 pub type Extra = BTreeMap<String, Value>;
 
 /// Flame's `job.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobFile {
     /// The design this job runs.
@@ -60,7 +52,7 @@ fn default_model_spec() -> String {
 }
 
 /// Flame's design schema: roles and channels (the TAG).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Design {
     /// Design name.
@@ -79,7 +71,7 @@ pub struct Design {
 }
 
 /// A role in a design.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Role {
     /// Role name (`trainer`, `aggregator`, ...).
@@ -102,7 +94,7 @@ pub struct Role {
 }
 
 /// A channel between two roles (the same role twice for a ring).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Channel {
     /// Channel name.
@@ -130,7 +122,7 @@ pub struct Channel {
 }
 
 /// Grouping of a channel's tasks.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct GroupBy {
     /// Grouping kind (`tag`).
     #[serde(rename = "type", default)]
@@ -141,7 +133,7 @@ pub struct GroupBy {
 }
 
 /// One entry of `dataSpec.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DataSpecEntry {
     /// The data-consuming role.
@@ -154,7 +146,7 @@ pub struct DataSpecEntry {
 }
 
 /// `{sort, kwargs}` as Flame writes optimizers and selectors.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Sort {
     /// The algorithm's name.
     #[serde(default)]
@@ -165,7 +157,7 @@ pub struct Sort {
 }
 
 /// Flame's `modelSpec.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// `{name, version}` of the model to start from.
@@ -189,7 +181,7 @@ pub struct ModelSpec {
 }
 
 /// A dataset file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Dataset {
     /// Name.
@@ -232,7 +224,7 @@ pub struct JobDefinition {
 }
 
 /// One thing wrong with a definition.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Problem {
     /// File and place: `modelSpec.json#/optimizer/sort` or `job.json:3:7`.
     pub path: String,
@@ -256,16 +248,8 @@ fn render(problems: &[Problem]) -> String {
 }
 
 /// A problem at a place.
-pub fn problem(
-    path: impl Into<String>,
-    message: impl Into<String>,
-    hint: impl Into<String>,
-) -> Problem {
-    Problem {
-        path: path.into(),
-        message: message.into(),
-        hint: hint.into(),
-    }
+pub fn problem(path: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) -> Problem {
+    Problem { path: path.into(), message: message.into(), hint: hint.into() }
 }
 
 /// Reads and parses one JSON file of the folder, as a problem on failure.
@@ -273,7 +257,10 @@ fn read_json<T: serde::de::DeserializeOwned>(folder: &Path, name: &str) -> Resul
     let path = folder.join(name);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         let (message, hint) = if e.kind() == std::io::ErrorKind::NotFound {
-            (format!("file not found: {}", path.display()), "a job folder needs job.json, schema.json, the data spec, the model spec and the dataset files it names")
+            (
+                format!("file not found: {}", path.display()),
+                "a job folder needs job.json, schema.json, the data spec, the model spec and the dataset files it names",
+            )
         } else {
             (format!("cannot read {}: {e}", path.display()), "check the file's permissions")
         };
@@ -285,27 +272,24 @@ fn read_json<T: serde::de::DeserializeOwned>(folder: &Path, name: &str) -> Resul
         } else {
             "fix the field's value to match Flame's format"
         };
-        problem(
-            format!("{name}:{}:{}", e.line(), e.column()),
-            format!("invalid JSON: {e}"),
-            hint,
-        )
+        problem(format!("{name}:{}:{}", e.line(), e.column()), format!("invalid JSON: {e}"), hint)
     })
 }
 
 impl JobDefinition {
     /// Loads a job folder and checks it, reporting every problem found.
     /// Datasets must be named by their file in the folder.
-    pub fn load(folder: &Path) -> Result<Self, Problems> {
-        Self::load_with(folder, &BTreeMap::new())
+    /// A path to a `.json` file is read as the single-file workflow form.
+    pub fn load(path: &Path) -> Result<Self, Problems> {
+        if path.is_file() {
+            return crate::workflow::Workflow::load(path);
+        }
+        Self::load_with(path, &BTreeMap::new())
     }
 
     /// Loads a job folder whose data spec may also name datasets by a
     /// registered id (Flame's way), resolved through `registered`.
-    pub fn load_with(
-        folder: &Path,
-        registered: &BTreeMap<String, Dataset>,
-    ) -> Result<Self, Problems> {
+    pub fn load_with(folder: &Path, registered: &BTreeMap<String, Dataset>) -> Result<Self, Problems> {
         if !folder.is_dir() {
             return Err(Problems(vec![problem(
                 folder.display().to_string(),
@@ -314,22 +298,13 @@ impl JobDefinition {
             )]));
         }
         let mut problems = Vec::new();
-        let job: Option<JobFile> = read_json(folder, "job.json")
-            .map_err(|p| problems.push(p))
-            .ok();
-        let design: Option<Design> = read_json(folder, "schema.json")
-            .map_err(|p| problems.push(p))
-            .ok();
-        let (data_path, model_path) = job.as_ref().map_or_else(
-            || (default_data_spec(), default_model_spec()),
-            |j| (j.data_spec_path.clone(), j.model_spec_path.clone()),
-        );
-        let data_spec: Option<Vec<DataSpecEntry>> = read_json(folder, &data_path)
-            .map_err(|p| problems.push(p))
-            .ok();
-        let model_spec: Option<ModelSpec> = read_json(folder, &model_path)
-            .map_err(|p| problems.push(p))
-            .ok();
+        let job: Option<JobFile> = read_json(folder, "job.json").map_err(|p| problems.push(p)).ok();
+        let design: Option<Design> = read_json(folder, "schema.json").map_err(|p| problems.push(p)).ok();
+        let (data_path, model_path) = job
+            .as_ref()
+            .map_or_else(|| (default_data_spec(), default_model_spec()), |j| (j.data_spec_path.clone(), j.model_spec_path.clone()));
+        let data_spec: Option<Vec<DataSpecEntry>> = read_json(folder, &data_path).map_err(|p| problems.push(p)).ok();
+        let model_spec: Option<ModelSpec> = read_json(folder, &model_path).map_err(|p| problems.push(p)).ok();
 
         let mut datasets = BTreeMap::new();
         for (i, entry) in data_spec.iter().flatten().enumerate() {
@@ -360,25 +335,12 @@ impl JobDefinition {
                 }
             }
         }
-        let (Some(job), Some(design), Some(data_spec), Some(model_spec)) =
-            (job, design, data_spec, model_spec)
-        else {
+        let (Some(job), Some(design), Some(data_spec), Some(model_spec)) = (job, design, data_spec, model_spec) else {
             return Err(Problems(problems));
         };
-        let definition = Self {
-            folder: folder.to_path_buf(),
-            job,
-            design,
-            data_spec,
-            model_spec,
-            datasets,
-        };
+        let definition = Self { folder: folder.to_path_buf(), job, design, data_spec, model_spec, datasets };
         problems.extend(definition.check());
-        if problems.is_empty() {
-            Ok(definition)
-        } else {
-            Err(Problems(problems))
-        }
+        if problems.is_empty() { Ok(definition) } else { Err(Problems(problems)) }
     }
 
     /// Checks the parsed definition's meaning; returns every problem.
@@ -389,9 +351,7 @@ impl JobDefinition {
     /// The job's name: the design's, else the folder's.
     pub fn name(&self) -> String {
         if self.design.name.is_empty() {
-            self.folder
-                .file_name()
-                .map_or_else(|| "job".into(), |n| n.to_string_lossy().into_owned())
+            self.folder.file_name().map_or_else(|| "job".into(), |n| n.to_string_lossy().into_owned())
         } else {
             self.design.name.clone()
         }
@@ -399,19 +359,11 @@ impl JobDefinition {
 
     /// The optimizer's name, lower case; FedAvg when none is given, as in Flame.
     pub fn optimizer(&self) -> String {
-        self.model_spec
-            .optimizer
-            .as_ref()
-            .map(|o| o.sort.to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "fedavg".into())
+        self.model_spec.optimizer.as_ref().map(|o| o.sort.to_ascii_lowercase()).filter(|s| !s.is_empty()).unwrap_or_else(|| "fedavg".into())
     }
 
     /// A hyperparameter as an unsigned number.
     pub fn hyper_u64(&self, key: &str) -> Option<u64> {
-        self.model_spec
-            .hyperparameters
-            .get(key)
-            .and_then(Value::as_u64)
+        self.model_spec.hyperparameters.get(key).and_then(Value::as_u64)
     }
 }

@@ -188,30 +188,13 @@ impl Job {
     /// Decides what a command records.
     pub fn handle(&self, command: JobCommand) -> Result<Vec<JobEvent>, Rejection> {
         use JobCommand as C;
-        let illegal = |command| {
-            Err(Rejection::IllegalInState {
-                command,
-                status: self.status,
-            })
-        };
+        let illegal = |command| Err(Rejection::IllegalInState { command, status: self.status });
         match command {
-            C::Create {
-                job_id,
-                name,
-                source,
-                spec,
-                tasks,
-            } => {
+            C::Create { job_id, name, source, spec, tasks } => {
                 if self.status != Status::New {
                     return illegal("create");
                 }
-                Ok(vec![JobEvent::JobCreated {
-                    job_id,
-                    name,
-                    source,
-                    spec,
-                    tasks,
-                }])
+                Ok(vec![JobEvent::JobCreated { job_id, name, source, spec, tasks }])
             }
             C::Assign(assignments) => {
                 if self.status != Status::Ready {
@@ -219,13 +202,9 @@ impl Job {
                 }
                 let mut events = Vec::new();
                 for t in &self.tasks {
-                    let worker = assignments.get(&t.task_id).ok_or_else(|| {
-                        Rejection::Unexpected(format!("task '{}' has no worker", t.task_id))
-                    })?;
-                    events.push(JobEvent::TaskAssigned {
-                        task_id: t.task_id.clone(),
-                        worker_id: worker.clone(),
-                    });
+                    let worker =
+                        assignments.get(&t.task_id).ok_or_else(|| Rejection::Unexpected(format!("task '{}' has no worker", t.task_id)))?;
+                    events.push(JobEvent::TaskAssigned { task_id: t.task_id.clone(), worker_id: worker.clone() });
                 }
                 events.push(JobEvent::JobStarted {});
                 Ok(events)
@@ -234,10 +213,7 @@ impl Job {
                 if self.status != Status::Running {
                     return illegal("start a round");
                 }
-                let global_model = self
-                    .global_model
-                    .clone()
-                    .ok_or_else(|| Rejection::Unexpected("no global model yet".into()))?;
+                let global_model = self.global_model.clone().ok_or_else(|| Rejection::Unexpected("no global model yet".into()))?;
                 if self.round_open() || self.rounds_completed >= self.total_rounds() {
                     return Err(Rejection::Unexpected(format!(
                         "cannot start a round: round {} is open or all {} rounds are done",
@@ -245,10 +221,7 @@ impl Job {
                         self.total_rounds()
                     )));
                 }
-                Ok(vec![JobEvent::RoundStarted {
-                    round: self.round + 1,
-                    global_model,
-                }])
+                Ok(vec![JobEvent::RoundStarted { round: self.round + 1, global_model }])
             }
             C::Complete => {
                 if self.status != Status::Running {
@@ -279,109 +252,47 @@ impl Job {
 
     fn handle_report(&self, r: Report) -> Result<Vec<JobEvent>, Rejection> {
         if self.status != Status::Running {
-            return Err(Rejection::IllegalInState {
-                command: "take a report",
-                status: self.status,
-            });
+            return Err(Rejection::IllegalInState { command: "take a report", status: self.status });
         }
-        let task = self
-            .tasks
-            .iter()
-            .find(|t| t.task_id == r.task_id)
-            .ok_or_else(|| Rejection::UnknownTask(r.task_id.clone()))?;
-        let assigned = self
-            .assignments
-            .get(&r.task_id)
-            .cloned()
-            .unwrap_or_default();
+        let task = self.tasks.iter().find(|t| t.task_id == r.task_id).ok_or_else(|| Rejection::UnknownTask(r.task_id.clone()))?;
+        let assigned = self.assignments.get(&r.task_id).cloned().unwrap_or_default();
         if assigned != r.worker_id {
-            return Err(Rejection::WrongWorker {
-                task: r.task_id,
-                worker: r.worker_id,
-                assigned,
-            });
+            return Err(Rejection::WrongWorker { task: r.task_id, worker: r.worker_id, assigned });
         }
         match r.body {
             ReportBody::Failed { error } => Ok(vec![JobEvent::JobFailed {
-                reason: format!(
-                    "worker '{}' failed task '{}' in round {}: {error}",
-                    r.worker_id, r.task_id, r.round
-                ),
+                reason: format!("worker '{}' failed task '{}' in round {}: {error}", r.worker_id, r.task_id, r.round),
             }]),
             ReportBody::Initialized { digest } => {
                 if task.is_data_consumer || self.global_model.is_some() {
-                    return Err(Rejection::Unexpected(format!(
-                        "unexpected initial model from task '{}'",
-                        r.task_id
-                    )));
+                    return Err(Rejection::Unexpected(format!("unexpected initial model from task '{}'", r.task_id)));
                 }
-                Ok(vec![JobEvent::ModelInitialized {
-                    digest,
-                    worker_id: r.worker_id,
-                }])
+                Ok(vec![JobEvent::ModelInitialized { digest, worker_id: r.worker_id }])
             }
-            ReportBody::Trained {
-                digest,
-                samples,
-                metrics,
-            } => {
+            ReportBody::Trained { digest, samples, metrics } => {
                 self.check_round(&r.task_id, r.round)?;
                 if !task.is_data_consumer {
-                    return Err(Rejection::Unexpected(format!(
-                        "task '{}' does not train",
-                        r.task_id
-                    )));
+                    return Err(Rejection::Unexpected(format!("task '{}' does not train", r.task_id)));
                 }
                 if self.updates.contains_key(&r.task_id) {
-                    return Err(Rejection::Duplicate {
-                        task: r.task_id,
-                        round: r.round,
-                    });
+                    return Err(Rejection::Duplicate { task: r.task_id, round: r.round });
                 }
                 if samples == 0 {
-                    return Err(Rejection::Unexpected(format!(
-                        "task '{}' reported an update trained on 0 samples",
-                        r.task_id
-                    )));
+                    return Err(Rejection::Unexpected(format!("task '{}' reported an update trained on 0 samples", r.task_id)));
                 }
-                Ok(vec![JobEvent::UpdateReported {
-                    round: r.round,
-                    task_id: r.task_id,
-                    worker_id: r.worker_id,
-                    digest,
-                    samples,
-                    metrics,
-                }])
+                Ok(vec![JobEvent::UpdateReported { round: r.round, task_id: r.task_id, worker_id: r.worker_id, digest, samples, metrics }])
             }
             ReportBody::Aggregated { digest, metrics } => {
                 self.check_round(&r.task_id, r.round)?;
                 if task.is_data_consumer {
-                    return Err(Rejection::Unexpected(format!(
-                        "task '{}' does not aggregate",
-                        r.task_id
-                    )));
+                    return Err(Rejection::Unexpected(format!("task '{}' does not aggregate", r.task_id)));
                 }
-                let missing = self
-                    .trainers()
-                    .filter(|t| !self.updates.contains_key(&t.task_id))
-                    .count();
+                let missing = self.trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
                 if missing > 0 {
-                    return Err(Rejection::Unexpected(format!(
-                        "aggregate for round {} before {missing} update(s) arrived",
-                        r.round
-                    )));
+                    return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} update(s) arrived", r.round)));
                 }
-                let inputs = self
-                    .trainers()
-                    .filter_map(|t| self.updates.get(&t.task_id))
-                    .map(|u| u.digest.clone())
-                    .collect();
-                Ok(vec![JobEvent::RoundAggregated {
-                    round: r.round,
-                    digest,
-                    inputs,
-                    metrics,
-                }])
+                let inputs = self.trainers().filter_map(|t| self.updates.get(&t.task_id)).map(|u| u.digest.clone()).collect();
+                Ok(vec![JobEvent::RoundAggregated { round: r.round, digest, inputs, metrics }])
             }
         }
     }
@@ -390,11 +301,7 @@ impl Job {
         if self.round_open() && round == self.round {
             Ok(())
         } else {
-            Err(Rejection::WrongRound {
-                task: task.to_string(),
-                got: round,
-                open: if self.round_open() { self.round } else { 0 },
-            })
+            Err(Rejection::WrongRound { task: task.to_string(), got: round, open: if self.round_open() { self.round } else { 0 } })
         }
     }
 
@@ -402,13 +309,7 @@ impl Job {
     pub fn apply(&mut self, event: &JobEvent) {
         self.version += 1;
         match event {
-            JobEvent::JobCreated {
-                job_id,
-                name,
-                spec,
-                tasks,
-                ..
-            } => {
+            JobEvent::JobCreated { job_id, name, spec, tasks, .. } => {
                 self.job_id = job_id.clone();
                 self.name = name.clone();
                 self.spec = Some(spec.clone());
@@ -424,27 +325,10 @@ impl Job {
                 self.round = *round;
                 self.updates.clear();
             }
-            JobEvent::UpdateReported {
-                task_id,
-                digest,
-                samples,
-                ..
-            } => {
-                self.updates.insert(
-                    task_id.clone(),
-                    UpdateRef {
-                        task_id: task_id.clone(),
-                        digest: digest.clone(),
-                        samples: *samples,
-                    },
-                );
+            JobEvent::UpdateReported { task_id, digest, samples, .. } => {
+                self.updates.insert(task_id.clone(), UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples });
             }
-            JobEvent::RoundAggregated {
-                round,
-                digest,
-                metrics,
-                ..
-            } => {
+            JobEvent::RoundAggregated { round, digest, metrics, .. } => {
                 self.rounds_completed = *round;
                 self.global_model = Some(digest.clone());
                 self.metrics = metrics.clone();
@@ -468,12 +352,7 @@ impl cqrs_es::Aggregate for Job {
     type Error = Rejection;
     type Services = ();
 
-    async fn handle(
-        &mut self,
-        command: JobCommand,
-        _: &(),
-        sink: &cqrs_es::event_sink::EventSink<Self>,
-    ) -> Result<(), Rejection> {
+    async fn handle(&mut self, command: JobCommand, _: &(), sink: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), Rejection> {
         for event in Job::handle(self, command)? {
             sink.write(event, self).await;
         }
@@ -498,10 +377,7 @@ mod tests {
     use crate::testing::{self, History, JOB, report, trained, update};
 
     fn assignments() -> BTreeMap<String, String> {
-        ["t0", "t1", "agg"]
-            .iter()
-            .map(|t| (t.to_string(), format!("w-{t}")))
-            .collect()
+        ["t0", "t1", "agg"].iter().map(|t| (t.to_string(), format!("w-{t}"))).collect()
     }
 
     #[test]
@@ -528,93 +404,39 @@ mod tests {
             spec: job.spec.clone().expect("spec"),
             tasks: vec![],
         });
-        assert!(matches!(
-            again,
-            Err(Rejection::IllegalInState {
-                command: "create",
-                status: Status::Ready
-            })
-        ));
+        assert!(matches!(again, Err(Rejection::IllegalInState { command: "create", status: Status::Ready })));
     }
 
     #[test]
     fn assign_places_every_task_then_starts() {
         let job = History::created(2).job();
-        let events = job
-            .handle(JobCommand::Assign(assignments()))
-            .expect("assign");
+        let events = job.handle(JobCommand::Assign(assignments())).expect("assign");
         assert_eq!(events.len(), 4);
         assert_eq!(events.last(), Some(&JobEvent::JobStarted {}));
         let mut partial = assignments();
         partial.remove("t1");
-        assert!(
-            matches!(job.handle(JobCommand::Assign(partial)), Err(Rejection::Unexpected(m)) if m.contains("t1"))
-        );
+        assert!(matches!(job.handle(JobCommand::Assign(partial)), Err(Rejection::Unexpected(m)) if m.contains("t1")));
         let running = History::created(2).started().job();
-        assert!(matches!(
-            running.handle(JobCommand::Assign(assignments())),
-            Err(Rejection::IllegalInState { .. })
-        ));
+        assert!(matches!(running.handle(JobCommand::Assign(assignments())), Err(Rejection::IllegalInState { .. })));
     }
 
     #[test]
     fn the_initial_model_comes_from_the_aggregator_only() {
         let job = History::created(2).started().job();
-        assert!(matches!(
-            job.handle(JobCommand::StartRound),
-            Err(Rejection::Unexpected(_))
-        ));
-        let from_trainer = job.handle(report(
-            "t0",
-            0,
-            ReportBody::Initialized { digest: "x".into() },
-        ));
+        assert!(matches!(job.handle(JobCommand::StartRound), Err(Rejection::Unexpected(_))));
+        let from_trainer = job.handle(report("t0", 0, ReportBody::Initialized { digest: "x".into() }));
         assert!(matches!(from_trainer, Err(Rejection::Unexpected(_))));
-        let events = job
-            .handle(report(
-                "agg",
-                0,
-                ReportBody::Initialized {
-                    digest: "m0".into(),
-                },
-            ))
-            .expect("init");
-        assert_eq!(
-            events,
-            vec![JobEvent::ModelInitialized {
-                digest: "m0".into(),
-                worker_id: "w-agg".into()
-            }]
-        );
-        let twice = History::created(2)
-            .started()
-            .initialized()
-            .job()
-            .handle(report(
-                "agg",
-                0,
-                ReportBody::Initialized {
-                    digest: "m0".into(),
-                },
-            ));
+        let events = job.handle(report("agg", 0, ReportBody::Initialized { digest: "m0".into() })).expect("init");
+        assert_eq!(events, vec![JobEvent::ModelInitialized { digest: "m0".into(), worker_id: "w-agg".into() }]);
+        let twice =
+            History::created(2).started().initialized().job().handle(report("agg", 0, ReportBody::Initialized { digest: "m0".into() }));
         assert!(twice.is_err());
     }
 
     #[test]
     fn updates_are_taken_once_from_the_assigned_worker_in_the_open_round() {
-        let job = History::created(2)
-            .started()
-            .initialized()
-            .then(JobEvent::RoundStarted {
-                round: 1,
-                global_model: "m0".into(),
-            })
-            .job();
-        assert_eq!(
-            job.handle(report("t0", 1, trained(1, "t0")))
-                .expect("update"),
-            vec![update(1, "t0")]
-        );
+        let job = History::created(2).started().initialized().then(JobEvent::RoundStarted { round: 1, global_model: "m0".into() }).job();
+        assert_eq!(job.handle(report("t0", 1, trained(1, "t0"))).expect("update"), vec![update(1, "t0")]);
 
         let impostor = JobCommand::Report(Report {
             worker_id: "w-evil".into(),
@@ -623,60 +445,23 @@ mod tests {
                 _ => unreachable!(),
             }
         });
-        assert!(matches!(
-            job.handle(impostor),
-            Err(Rejection::WrongWorker { .. })
-        ));
-        assert!(matches!(
-            job.handle(report("t0", 2, trained(2, "t0"))),
-            Err(Rejection::WrongRound {
-                got: 2,
-                open: 1,
-                ..
-            })
-        ));
-        assert!(matches!(
-            job.handle(report("nope", 1, trained(1, "nope"))),
-            Err(Rejection::UnknownTask(_))
-        ));
-        let zero = report(
-            "t0",
-            1,
-            ReportBody::Trained {
-                digest: "u".into(),
-                samples: 0,
-                metrics: Metrics::new(),
-            },
-        );
+        assert!(matches!(job.handle(impostor), Err(Rejection::WrongWorker { .. })));
+        assert!(matches!(job.handle(report("t0", 2, trained(2, "t0"))), Err(Rejection::WrongRound { got: 2, open: 1, .. })));
+        assert!(matches!(job.handle(report("nope", 1, trained(1, "nope"))), Err(Rejection::UnknownTask(_))));
+        let zero = report("t0", 1, ReportBody::Trained { digest: "u".into(), samples: 0, metrics: Metrics::new() });
         assert!(matches!(job.handle(zero), Err(Rejection::Unexpected(_))));
 
         let after = History {
             events: [
                 History::created(2).started().initialized().events,
-                vec![
-                    JobEvent::RoundStarted {
-                        round: 1,
-                        global_model: "m0".into(),
-                    },
-                    update(1, "t0"),
-                ],
+                vec![JobEvent::RoundStarted { round: 1, global_model: "m0".into() }, update(1, "t0")],
             ]
             .concat(),
         }
         .job();
-        assert!(matches!(
-            after.handle(report("t0", 1, trained(1, "t0"))),
-            Err(Rejection::Duplicate { round: 1, .. })
-        ));
+        assert!(matches!(after.handle(report("t0", 1, trained(1, "t0"))), Err(Rejection::Duplicate { round: 1, .. })));
         // The aggregate cannot come before every update.
-        let early = after.handle(report(
-            "agg",
-            1,
-            ReportBody::Aggregated {
-                digest: "m1".into(),
-                metrics: Metrics::new(),
-            },
-        ));
+        let early = after.handle(report("agg", 1, ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::new() }));
         assert!(matches!(early, Err(Rejection::Unexpected(m)) if m.contains("1 update")));
     }
 
@@ -685,22 +470,12 @@ mod tests {
         let h = History::created(2)
             .started()
             .initialized()
-            .then(JobEvent::RoundStarted {
-                round: 1,
-                global_model: "m0".into(),
-            })
+            .then(JobEvent::RoundStarted { round: 1, global_model: "m0".into() })
             .then(update(1, "t0"))
             .then(update(1, "t1"));
         let events = h
             .job()
-            .handle(report(
-                "agg",
-                1,
-                ReportBody::Aggregated {
-                    digest: "m1".into(),
-                    metrics: Metrics::from([("accuracy".into(), 0.9)]),
-                },
-            ))
+            .handle(report("agg", 1, ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::from([("accuracy".into(), 0.9)]) }))
             .expect("aggregate");
         assert!(
             matches!(&events[..], [JobEvent::RoundAggregated { round: 1, inputs, .. }] if inputs == &vec!["u1t0".to_string(), "u1t1".to_string()])
@@ -708,68 +483,23 @@ mod tests {
 
         let one = History::created(2).started().initialized().round(1).job();
         assert_eq!(one.rounds_completed, 1);
-        assert!(matches!(
-            one.handle(JobCommand::Complete),
-            Err(Rejection::Unexpected(_))
-        ));
-        assert!(matches!(
-            one.handle(report("t0", 1, trained(1, "t0"))),
-            Err(Rejection::WrongRound { open: 0, .. })
-        ));
+        assert!(matches!(one.handle(JobCommand::Complete), Err(Rejection::Unexpected(_))));
+        assert!(matches!(one.handle(report("t0", 1, trained(1, "t0"))), Err(Rejection::WrongRound { open: 0, .. })));
 
-        let two = History::created(2)
-            .started()
-            .initialized()
-            .round(1)
-            .round(2)
-            .job();
-        assert!(matches!(
-            two.handle(JobCommand::StartRound),
-            Err(Rejection::Unexpected(_))
-        ));
+        let two = History::created(2).started().initialized().round(1).round(2).job();
+        assert!(matches!(two.handle(JobCommand::StartRound), Err(Rejection::Unexpected(_))));
         let done = two.handle(JobCommand::Complete).expect("complete");
-        assert!(
-            matches!(&done[..], [JobEvent::JobCompleted { rounds_completed: 2, final_model, .. }] if final_model == "m2")
-        );
-        let completed = History::created(2)
-            .started()
-            .initialized()
-            .round(1)
-            .round(2)
-            .then(done[0].clone())
-            .job();
+        assert!(matches!(&done[..], [JobEvent::JobCompleted { rounds_completed: 2, final_model, .. }] if final_model == "m2"));
+        let completed = History::created(2).started().initialized().round(1).round(2).then(done[0].clone()).job();
         assert_eq!(completed.status, Status::Completed);
-        assert!(matches!(
-            completed.handle(JobCommand::Fail("late".into())),
-            Err(Rejection::IllegalInState { .. })
-        ));
-        assert!(matches!(
-            completed.handle(report("t0", 3, trained(3, "t0"))),
-            Err(Rejection::IllegalInState { .. })
-        ));
+        assert!(matches!(completed.handle(JobCommand::Fail("late".into())), Err(Rejection::IllegalInState { .. })));
+        assert!(matches!(completed.handle(report("t0", 3, trained(3, "t0"))), Err(Rejection::IllegalInState { .. })));
     }
 
     #[test]
     fn a_failed_worker_fails_the_job_with_its_reason() {
-        let job = History::created(2)
-            .started()
-            .initialized()
-            .then(JobEvent::RoundStarted {
-                round: 1,
-                global_model: "m0".into(),
-            })
-            .job();
-        let events = job
-            .handle(report(
-                "t1",
-                1,
-                ReportBody::Failed {
-                    error: "disk full".into(),
-                },
-            ))
-            .expect("fail");
-        assert!(
-            matches!(&events[..], [JobEvent::JobFailed { reason }] if reason.contains("disk full") && reason.contains("t1"))
-        );
+        let job = History::created(2).started().initialized().then(JobEvent::RoundStarted { round: 1, global_model: "m0".into() }).job();
+        let events = job.handle(report("t1", 1, ReportBody::Failed { error: "disk full".into() })).expect("fail");
+        assert!(matches!(&events[..], [JobEvent::JobFailed { reason }] if reason.contains("disk full") && reason.contains("t1")));
     }
 }

@@ -11,6 +11,7 @@ pub mod runner;
 #[cfg(test)]
 pub mod testing;
 pub mod validate;
+pub mod workflow;
 
 pub use definition::JobDefinition;
 pub use runner::Runner;

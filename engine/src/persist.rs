@@ -50,10 +50,7 @@ fn database(e: store::Error) -> AggregateError<Rejection> {
 impl Jobs {
     /// Jobs in this store.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        Self {
-            store,
-            cache: Arc::default(),
-        }
+        Self { store, cache: Arc::default() }
     }
 
     /// The store underneath.
@@ -64,10 +61,7 @@ impl Jobs {
     /// A job's current state (empty `Job` with version 0 if it has no events).
     pub async fn load(&self, job_id: &str) -> Result<Job, store::Error> {
         let mut job = self.cached(job_id).unwrap_or_default();
-        let newer = self
-            .store
-            .read_stream(&job::stream_id(job_id), job.version + 1)
-            .await?;
+        let newer = self.store.read_stream(&job::stream_id(job_id), job.version + 1).await?;
         for e in &newer {
             job.apply(&JobEvent::from_envelope(e)?);
         }
@@ -83,33 +77,19 @@ impl Jobs {
     }
 
     fn cached(&self, job_id: &str) -> Option<Job> {
-        self.cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(job_id)
-            .cloned()
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(job_id).cloned()
     }
 
     fn remember(&self, job_id: &str, job: &Job) {
-        self.cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(job_id.to_string(), job.clone());
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.to_string(), job.clone());
     }
 }
 
 impl cqrs_es::EventStore<Job> for Jobs {
     type AC = Loaded;
 
-    async fn load_events(
-        &self,
-        job_id: &str,
-    ) -> Result<Vec<EventEnvelope<Job>>, AggregateError<Rejection>> {
-        let stored = self
-            .store
-            .read_stream(&job::stream_id(job_id), 1)
-            .await
-            .map_err(database)?;
+    async fn load_events(&self, job_id: &str) -> Result<Vec<EventEnvelope<Job>>, AggregateError<Rejection>> {
+        let stored = self.store.read_stream(&job::stream_id(job_id), 1).await.map_err(database)?;
         stored
             .iter()
             .map(|e| {
@@ -119,22 +99,14 @@ impl cqrs_es::EventStore<Job> for Jobs {
                     ("position".to_string(), e.position.to_string()),
                     (ACTOR.to_string(), e.actor.clone()),
                 ]);
-                Ok(EventEnvelope {
-                    aggregate_id: job_id.to_string(),
-                    sequence: e.version as usize,
-                    payload,
-                    metadata,
-                })
+                Ok(EventEnvelope { aggregate_id: job_id.to_string(), sequence: e.version as usize, payload, metadata })
             })
             .collect()
     }
 
     async fn load_aggregate(&self, job_id: &str) -> Result<Loaded, AggregateError<Rejection>> {
         let job = self.load(job_id).await.map_err(database)?;
-        Ok(Loaded {
-            job_id: job_id.to_string(),
-            job,
-        })
+        Ok(Loaded { job_id: job_id.to_string(), job })
     }
 
     async fn commit(
@@ -148,11 +120,7 @@ impl cqrs_es::EventStore<Job> for Jobs {
         }
         // The sink already applied `events` to `loaded.job`; its version before them is:
         let before = loaded.job.version - events.len() as u64;
-        let expected = if before == 0 {
-            ExpectedVersion::NoStream
-        } else {
-            ExpectedVersion::Exact(before)
-        };
+        let expected = if before == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(before) };
         let actor = metadata.get(ACTOR).map_or("engine", String::as_str);
         let new = events
             .iter()
@@ -164,16 +132,10 @@ impl cqrs_es::EventStore<Job> for Jobs {
                 }
             })
             .collect();
-        let result = self
-            .store
-            .append(&job::stream_id(&loaded.job_id), expected, new)
-            .await;
+        let result = self.store.append(&job::stream_id(&loaded.job_id), expected, new).await;
         if let Err(e) = result {
             // What is cached may be behind what was stored by someone else: drop it.
-            self.cache
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&loaded.job_id);
+            self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&loaded.job_id);
             return Err(database(e));
         }
         self.remember(&loaded.job_id, &loaded.job);
@@ -203,23 +165,8 @@ mod tests {
     use crate::testing::{self, JOB};
 
     fn create() -> JobCommand {
-        let JobEvent::JobCreated {
-            job_id,
-            name,
-            source,
-            spec,
-            tasks,
-        } = testing::created(1)
-        else {
-            unreachable!()
-        };
-        JobCommand::Create {
-            job_id,
-            name,
-            source,
-            spec,
-            tasks,
-        }
+        let JobEvent::JobCreated { job_id, name, source, spec, tasks } = testing::created(1) else { unreachable!() };
+        JobCommand::Create { job_id, name, source, spec, tasks }
     }
 
     #[tokio::test]
@@ -227,30 +174,12 @@ mod tests {
         let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(":memory:").expect("store"));
         let jobs = Jobs::new(store.clone());
         let cqrs = CqrsFramework::new(jobs.clone(), vec![], ());
-        cqrs.execute_with_metadata(
-            JOB,
-            create(),
-            HashMap::from([(ACTOR.to_string(), "user:ada".to_string())]),
-        )
-        .await
-        .expect("create");
-        let assignments = ["t0", "t1", "agg"]
-            .iter()
-            .map(|t| (t.to_string(), format!("w-{t}")))
-            .collect();
-        cqrs.execute(JOB, JobCommand::Assign(assignments))
-            .await
-            .expect("assign");
+        cqrs.execute_with_metadata(JOB, create(), HashMap::from([(ACTOR.to_string(), "user:ada".to_string())])).await.expect("create");
+        let assignments = ["t0", "t1", "agg"].iter().map(|t| (t.to_string(), format!("w-{t}"))).collect();
+        cqrs.execute(JOB, JobCommand::Assign(assignments)).await.expect("assign");
 
-        let stored = store
-            .read_stream(&job::stream_id(JOB), 1)
-            .await
-            .expect("read");
-        assert_eq!(
-            stored.len(),
-            5,
-            "created, three assignments, started: each once"
-        );
+        let stored = store.read_stream(&job::stream_id(JOB), 1).await.expect("read");
+        assert_eq!(stored.len(), 5, "created, three assignments, started: each once");
         assert_eq!(stored[0].actor, "user:ada");
         let job = jobs.load(JOB).await.expect("load");
         assert_eq!((job.status, job.version), (Status::Running, 5));
@@ -260,43 +189,23 @@ mod tests {
 
         // Rejections record nothing.
         let again = cqrs.execute(JOB, create()).await;
-        assert!(matches!(
-            again,
-            Err(AggregateError::UserError(Rejection::IllegalInState { .. }))
-        ));
-        assert_eq!(
-            store
-                .read_stream(&job::stream_id(JOB), 1)
-                .await
-                .expect("read")
-                .len(),
-            5
-        );
+        assert!(matches!(again, Err(AggregateError::UserError(Rejection::IllegalInState { .. }))));
+        assert_eq!(store.read_stream(&job::stream_id(JOB), 1).await.expect("read").len(), 5);
     }
 
     #[tokio::test]
     async fn a_writer_behind_the_store_gets_a_conflict_and_then_catches_up() {
         let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(":memory:").expect("store"));
         let (a, b) = (Jobs::new(store.clone()), Jobs::new(store.clone()));
-        CqrsFramework::new(a.clone(), vec![], ())
-            .execute(JOB, create())
-            .await
-            .expect("create");
+        CqrsFramework::new(a.clone(), vec![], ()).execute(JOB, create()).await.expect("create");
         let stale = b.load_aggregate(JOB).await.expect("load");
-        CqrsFramework::new(a.clone(), vec![], ())
-            .execute(JOB, JobCommand::Fail("stop".into()))
-            .await
-            .expect("fail");
+        CqrsFramework::new(a.clone(), vec![], ()).execute(JOB, JobCommand::Fail("stop".into())).await.expect("fail");
         let mut stale = stale;
-        let events =
-            Job::handle(stale.aggregate(), JobCommand::Fail("late".into())).expect("decide");
+        let events = Job::handle(stale.aggregate(), JobCommand::Fail("late".into())).expect("decide");
         for e in &events {
             stale.aggregate().apply(e);
         }
-        let err = b
-            .commit(events, stale, HashMap::new())
-            .await
-            .expect_err("stale");
+        let err = b.commit(events, stale, HashMap::new()).await.expect_err("stale");
         assert!(matches!(err, AggregateError::AggregateConflict));
         assert_eq!(b.load(JOB).await.expect("reload").status, Status::Failed);
     }

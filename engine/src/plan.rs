@@ -134,17 +134,8 @@ fn mix(mut z: u64) -> u64 {
 /// Picks `k` of `items`, the same for the same seed and round.
 fn choose(items: &[String], k: usize, seed: u64, round: u32, salt: &str) -> Vec<String> {
     let salt = salt.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)));
-    let mut keyed: Vec<(u64, &String)> = items
-        .iter()
-        .map(|t| {
-            (
-                mix(seed
-                    ^ mix(u64::from(round) ^ salt)
-                    ^ t.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)))),
-                t,
-            )
-        })
-        .collect();
+    let mut keyed: Vec<(u64, &String)> =
+        items.iter().map(|t| (mix(seed ^ mix(u64::from(round) ^ salt) ^ t.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)))), t)).collect();
     keyed.sort();
     let mut out: Vec<String> = keyed.into_iter().take(k).map(|(_, t)| t.clone()).collect();
     out.sort();
@@ -195,20 +186,10 @@ impl Builder {
 pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan, Error> {
     let h = &def.model_spec.hyperparameters;
     let seed = def.hyper_u64("seed").unwrap_or(0);
-    let selector = def
-        .model_spec
-        .selector
-        .as_ref()
-        .map(|s| (s.sort.to_ascii_lowercase(), s.kwargs.clone()));
-    let kw = |k: &str| {
-        selector
-            .as_ref()
-            .and_then(|(_, kw)| kw.get(k))
-            .and_then(serde_json::Value::as_u64)
-    };
+    let selector = def.model_spec.selector.as_ref().map(|s| (s.sort.to_ascii_lowercase(), s.kwargs.clone()));
+    let kw = |k: &str| selector.as_ref().and_then(|(_, kw)| kw.get(k)).and_then(serde_json::Value::as_u64);
     let sort = selector.as_ref().map_or("default", |(s, _)| s.as_str());
-    let asynchronous =
-        def.optimizer() == "fedbuff" || sort == "fedbuff" || h.contains_key("aggGoal");
+    let asynchronous = def.optimizer() == "fedbuff" || sort == "fedbuff" || h.contains_key("aggGoal");
 
     let coordinators: BTreeSet<&str> = def
         .design
@@ -216,20 +197,11 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
         .iter()
         .filter(|r| {
             r.name == "coordinator"
-                || def.design.channels.iter().any(|c| {
-                    c.func_tags
-                        .get(&r.name)
-                        .is_some_and(|t| t.iter().any(|x| x == "coordinate"))
-                })
+                || def.design.channels.iter().any(|c| c.func_tags.get(&r.name).is_some_and(|t| t.iter().any(|x| x == "coordinate")))
         })
         .map(|r| r.name.as_str())
         .collect();
-    let channels: BTreeMap<&str, &Channel> = def
-        .design
-        .channels
-        .iter()
-        .map(|c| (c.name.as_str(), c))
-        .collect();
+    let channels: BTreeMap<&str, &Channel> = def.design.channels.iter().map(|c| (c.name.as_str(), c)).collect();
     let by_id: BTreeMap<&str, &TaskSpec> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
 
     // Links: for each aggregation channel and group, the upper and lower tasks; rings by (channel, group).
@@ -247,9 +219,7 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
                 continue;
             }
             match direction(def, ch) {
-                None if ch.pair.len() == 2 && ch.pair[0] == ch.pair[1] => {
-                    rings.entry((c, g)).or_default().push(&t.task_id)
-                }
+                None if ch.pair.len() == 2 && ch.pair[0] == ch.pair[1] => rings.entry((c, g)).or_default().push(&t.task_id),
                 None => {}
                 Some((lower, _)) if lower == t.role => {
                     lowers.entry((c, g)).or_default().push(&t.task_id);
@@ -264,21 +234,14 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
     }
 
     // Selection: which data consumers take part this round, per aggregation group.
-    let trainers: Vec<String> = tasks
-        .iter()
-        .filter(|t| t.is_data_consumer)
-        .map(|t| t.task_id.clone())
-        .collect();
+    let trainers: Vec<String> = tasks.iter().filter(|t| t.is_data_consumer).map(|t| t.task_id.clone()).collect();
     let mut selected: BTreeSet<String> = trainers.iter().cloned().collect();
     let mut quorum: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     if matches!(sort, "random" | "oort") && !asynchronous {
         selected.clear();
         for (key, members) in &lowers {
-            let data: Vec<String> = members
-                .iter()
-                .filter(|m| by_id.get(*m).is_some_and(|t| t.is_data_consumer))
-                .map(|m| m.to_string())
-                .collect();
+            let data: Vec<String> =
+                members.iter().filter(|m| by_id.get(*m).is_some_and(|t| t.is_data_consumer)).map(|m| m.to_string()).collect();
             if data.is_empty() {
                 continue;
             }
@@ -289,18 +252,11 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
                 }
                 _ => {
                     // Oort over-commits by 30% and closes the round at aggr_num updates.
-                    let need =
-                        (kw("aggr_num").unwrap_or(data.len() as u64) as usize).clamp(1, data.len());
+                    let need = (kw("aggr_num").unwrap_or(data.len() as u64) as usize).clamp(1, data.len());
                     (need.saturating_mul(13).div_ceil(10).min(data.len()), need)
                 }
             };
-            selected.extend(choose(
-                &data,
-                take,
-                seed,
-                round,
-                &format!("{}/{}", key.0, key.1),
-            ));
+            selected.extend(choose(&data, take, seed, round, &format!("{}/{}", key.0, key.1)));
             quorum.insert(*key, need);
         }
         // Trainers that only sit on rings (no aggregator) are always in.
@@ -310,18 +266,11 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
             }
         }
     }
-    let active =
-        |t: &str| by_id.get(t).is_some_and(|s| !s.is_data_consumer) || selected.contains(t);
+    let active = |t: &str| by_id.get(t).is_some_and(|s| !s.is_data_consumer) || selected.contains(t);
 
-    let mut b = Builder {
-        graph: DiGraph::new(),
-        index: BTreeMap::new(),
-    };
-    let coordinate: Vec<String> = tasks
-        .iter()
-        .filter(|t| coordinators.contains(t.role.as_str()))
-        .map(|t| b.add(StepKind::Coordinate, &t.task_id, None))
-        .collect();
+    let mut b = Builder { graph: DiGraph::new(), index: BTreeMap::new() };
+    let coordinate: Vec<String> =
+        tasks.iter().filter(|t| coordinators.contains(t.role.as_str())).map(|t| b.add(StepKind::Coordinate, &t.task_id, None)).collect();
     let dynamic = !coordinate.is_empty();
 
     // Ring leaders: the lowest task id of each ring group uploads for it.
@@ -332,11 +281,7 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
             ring_of.insert(m, (c, members.clone()));
         }
     }
-    let uploads_from = |t: &str| {
-        ring_of
-            .get(t)
-            .is_none_or(|(_, members)| members.iter().min() == Some(&t))
-    };
+    let uploads_from = |t: &str| ring_of.get(t).is_none_or(|(_, members)| members.iter().min() == Some(&t));
 
     for t in tasks.iter().filter(|t| active(&t.task_id)) {
         let id = t.task_id.as_str();
@@ -394,11 +339,7 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
     // Aggregates wait for the uploads of their group (every candidate when the coordinator pairs at run time).
     for ((c, g), ups) in &uppers {
         let candidates: Vec<&str> = if dynamic {
-            lowers
-                .iter()
-                .filter(|((lc, _), _)| lc == c)
-                .flat_map(|(_, m)| m.iter().copied())
-                .collect()
+            lowers.iter().filter(|((lc, _), _)| lc == c).flat_map(|(_, m)| m.iter().copied()).collect()
         } else {
             lowers.get(&(*c, *g)).cloned().unwrap_or_default()
         };
@@ -422,17 +363,13 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
         }
     }
 
-    let order = toposort(&b.graph, None)
-        .map_err(|cycle| Error::Cycle(b.graph[cycle.node_id()].id.clone()))?;
+    let order = toposort(&b.graph, None).map_err(|cycle| Error::Cycle(b.graph[cycle.node_id()].id.clone()))?;
     let steps = order
         .into_iter()
         .map(|n| {
             let mut step = b.graph[n].clone();
-            let mut after: Vec<String> = b
-                .graph
-                .neighbors_directed(n, petgraph::Direction::Incoming)
-                .map(|p| b.graph[p].id.clone())
-                .collect();
+            let mut after: Vec<String> =
+                b.graph.neighbors_directed(n, petgraph::Direction::Incoming).map(|p| b.graph[p].id.clone()).collect();
             after.sort();
             step.after = after;
             step
@@ -440,41 +377,25 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
         .collect();
     let mode = if asynchronous {
         let agg_goal = def.hyper_u64("aggGoal").unwrap_or(1).max(1);
-        let concurrency = kw("c")
-            .or_else(|| def.hyper_u64("concurrency"))
-            .unwrap_or(trainers.len() as u64)
-            .max(1);
-        Mode::Async {
-            agg_goal,
-            concurrency,
-        }
+        let concurrency = kw("c").or_else(|| def.hyper_u64("concurrency")).unwrap_or(trainers.len() as u64).max(1);
+        Mode::Async { agg_goal, concurrency }
     } else {
         Mode::Sync
     };
-    Ok(Plan {
-        round,
-        mode,
-        selected: selected.into_iter().collect(),
-        steps,
-    })
+    Ok(Plan { round, mode, selected: selected.into_iter().collect(), steps })
 }
 
 impl Plan {
     /// Graphviz DOT of the steps and their dependencies.
     pub fn to_dot(&self) -> String {
-        let mut out = String::from(
-            "digraph plan {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\"];\n",
-        );
+        let mut out = String::from("digraph plan {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\"];\n");
         for s in &self.steps {
             out.push_str(&format!(
                 "  \"{}\" [label=\"{}\\n{}{}\"];\n",
                 s.id,
                 s.kind.name(),
                 s.task_id,
-                s.channel
-                    .as_deref()
-                    .map(|c| format!("\\n{c}"))
-                    .unwrap_or_default()
+                s.channel.as_deref().map(|c| format!("\\n{c}")).unwrap_or_default()
             ));
         }
         for s in &self.steps {
@@ -493,20 +414,11 @@ mod tests {
     use crate::testing::fixture;
 
     fn ids(plan: &Plan, kind: StepKind) -> Vec<String> {
-        plan.steps
-            .iter()
-            .filter(|s| s.kind == kind)
-            .map(|s| s.id.clone())
-            .collect()
+        plan.steps.iter().filter(|s| s.kind == kind).map(|s| s.id.clone()).collect()
     }
 
     fn after<'a>(plan: &'a Plan, id: &str) -> &'a [String] {
-        &plan
-            .steps
-            .iter()
-            .find(|s| s.id == id)
-            .unwrap_or_else(|| panic!("no step {id} in {:#?}", plan.steps))
-            .after
+        &plan.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id} in {:#?}", plan.steps)).after
     }
 
     /// Properties every plan has: topological order, one train per selected
@@ -519,27 +431,16 @@ mod tests {
             }
             assert!(seen.insert(s.id.clone()), "step {} twice", s.id);
         }
-        for t in tasks
-            .iter()
-            .filter(|t| t.is_data_consumer && plan.selected.contains(&t.task_id))
-        {
+        for t in tasks.iter().filter(|t| t.is_data_consumer && plan.selected.contains(&t.task_id)) {
             assert_eq!(
-                plan.steps
-                    .iter()
-                    .filter(|s| s.kind == StepKind::Train && s.task_id == t.task_id)
-                    .count(),
+                plan.steps.iter().filter(|s| s.kind == StepKind::Train && s.task_id == t.task_id).count(),
                 1,
                 "{} trains once",
                 t.task_id
             );
         }
         for s in plan.steps.iter().filter(|s| s.kind == StepKind::Aggregate) {
-            assert!(
-                !s.after.is_empty() && s.after.iter().all(|a| a.starts_with("upload:")),
-                "{} waits on uploads: {:?}",
-                s.id,
-                s.after
-            );
+            assert!(!s.after.is_empty() && s.after.iter().all(|a| a.starts_with("upload:")), "{} waits on uploads: {:?}", s.id, s.after);
         }
     }
 
@@ -550,18 +451,9 @@ mod tests {
         check_invariants(&p, &tasks);
         assert_eq!(p.mode, Mode::Sync);
         assert_eq!(p.selected, vec!["trainer-0".to_string()]);
-        assert_eq!(
-            after(&p, "fetch:trainer-0:param-channel"),
-            ["distribute:aggregator-0:param-channel"]
-        );
-        assert_eq!(
-            after(&p, "train:trainer-0"),
-            ["fetch:trainer-0:param-channel"]
-        );
-        assert_eq!(
-            after(&p, "aggregate:aggregator-0:param-channel"),
-            ["upload:trainer-0:param-channel"]
-        );
+        assert_eq!(after(&p, "fetch:trainer-0:param-channel"), ["distribute:aggregator-0:param-channel"]);
+        assert_eq!(after(&p, "train:trainer-0"), ["fetch:trainer-0:param-channel"]);
+        assert_eq!(after(&p, "aggregate:aggregator-0:param-channel"), ["upload:trainer-0:param-channel"]);
     }
 
     #[test]
@@ -589,26 +481,11 @@ mod tests {
             .filter(|t| t.is_data_consumer && t.group_association["param-channel"] == "eu")
             .map(|t| format!("upload:{}:param-channel", t.task_id))
             .collect();
-        assert_eq!(
-            after(&p, &format!("aggregate:{eu_mid}:param-channel")),
-            eu_trainers.as_slice()
-        );
-        assert_eq!(
-            after(&p, &format!("upload:{eu_mid}:global-channel")),
-            [format!("aggregate:{eu_mid}:param-channel")]
-        );
-        assert_eq!(
-            after(&p, &format!("distribute:{eu_mid}:param-channel")),
-            [format!("fetch:{eu_mid}:global-channel")]
-        );
-        assert_eq!(
-            after(&p, "aggregate:top-aggregator-0:global-channel").len(),
-            2
-        );
-        assert_eq!(
-            p.steps.last().map(|s| s.id.as_str()),
-            Some("aggregate:top-aggregator-0:global-channel")
-        );
+        assert_eq!(after(&p, &format!("aggregate:{eu_mid}:param-channel")), eu_trainers.as_slice());
+        assert_eq!(after(&p, &format!("upload:{eu_mid}:global-channel")), [format!("aggregate:{eu_mid}:param-channel")]);
+        assert_eq!(after(&p, &format!("distribute:{eu_mid}:param-channel")), [format!("fetch:{eu_mid}:global-channel")]);
+        assert_eq!(after(&p, "aggregate:top-aggregator-0:global-channel").len(), 2);
+        assert_eq!(p.steps.last().map(|s| s.id.as_str()), Some("aggregate:top-aggregator-0:global-channel"));
     }
 
     #[test]
@@ -620,10 +497,7 @@ mod tests {
         let rings = ids(&p, StepKind::RingAllreduce);
         assert_eq!(rings.len(), 3);
         for r in &rings {
-            assert_eq!(
-                after(&p, r),
-                ["train:trainer-0", "train:trainer-1", "train:trainer-2"]
-            );
+            assert_eq!(after(&p, r), ["train:trainer-0", "train:trainer-1", "train:trainer-2"]);
         }
     }
 
@@ -638,15 +512,9 @@ mod tests {
         assert_eq!(uploads.len(), 2, "one upload per ring group: {uploads:?}");
         for u in &uploads {
             let task = u.split(':').nth(1).expect("task");
-            assert_eq!(
-                after(&p, u),
-                [format!("ring_allreduce:{task}:param-channel")]
-            );
+            assert_eq!(after(&p, u), [format!("ring_allreduce:{task}:param-channel")]);
         }
-        assert_eq!(
-            after(&p, "aggregate:aggregator-0:global-channel"),
-            uploads.as_slice()
-        );
+        assert_eq!(after(&p, "aggregate:aggregator-0:global-channel"), uploads.as_slice());
     }
 
     #[test]
@@ -654,35 +522,19 @@ mod tests {
         let (_d, def, tasks) = fixture("asyncfl_hier_mnist");
         let p = plan(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
-        assert_eq!(
-            p.mode,
-            Mode::Async {
-                agg_goal: 1,
-                concurrency: 2
-            }
-        );
+        assert_eq!(p.mode, Mode::Async { agg_goal: 1, concurrency: 2 });
     }
 
     #[test]
     fn parallel_experiments_stay_separate() {
         let (_d, mut def, _) = fixture("medmnist");
         // Two groups on one channel, an aggregator for each: two independent models.
-        def.design.channels[0]
-            .group_by
-            .as_mut()
-            .expect("groupBy")
-            .value = vec!["us".into(), "eu".into()];
-        def.design.roles[0].group_association = vec![
-            [("param-channel".to_string(), "us".to_string())].into(),
-            [("param-channel".to_string(), "eu".to_string())].into(),
-        ];
+        def.design.channels[0].group_by.as_mut().expect("groupBy").value = vec!["us".into(), "eu".into()];
+        def.design.roles[0].group_association =
+            vec![[("param-channel".to_string(), "us".to_string())].into(), [("param-channel".to_string(), "eu".to_string())].into()];
         def.design.roles[1].group_association = def.design.roles[0].group_association.clone();
         let refs = def.data_spec[0].dataset_groups["us"].clone();
-        def.data_spec[0].dataset_groups = [
-            ("us".to_string(), refs[..4].to_vec()),
-            ("eu".to_string(), refs[4..].to_vec()),
-        ]
-        .into();
+        def.data_spec[0].dataset_groups = [("us".to_string(), refs[..4].to_vec()), ("eu".to_string(), refs[4..].to_vec())].into();
         assert_eq!(def.check(), vec![]);
         let tasks = crate::planner::expand(&def).expect("expand");
         let p = plan(&def, &tasks, 1).expect("plan");
@@ -690,11 +542,7 @@ mod tests {
         let aggs = ids(&p, StepKind::Aggregate);
         assert_eq!(aggs.len(), 2);
         assert_eq!(after(&p, &aggs[0]).len() + after(&p, &aggs[1]).len(), 10);
-        assert!(
-            after(&p, &aggs[0])
-                .iter()
-                .all(|u| !after(&p, &aggs[1]).contains(u))
-        );
+        assert!(after(&p, &aggs[0]).iter().all(|u| !after(&p, &aggs[1]).contains(u)));
     }
 
     #[test]
@@ -702,18 +550,12 @@ mod tests {
         let (_d, mut def, tasks) = fixture("medmnist");
         def.model_spec.selector = Some(crate::definition::Sort {
             sort: "oort".into(),
-            kwargs: [("aggr_num".to_string(), serde_json::json!(4))]
-                .into_iter()
-                .collect(),
+            kwargs: [("aggr_num".to_string(), serde_json::json!(4))].into_iter().collect(),
         });
         let p = plan(&def, &tasks, 3).expect("plan");
         check_invariants(&p, &tasks);
         assert_eq!(p.selected.len(), 6, "4 plus 30% over-commit, rounded up");
-        let agg = p
-            .steps
-            .iter()
-            .find(|s| s.kind == StepKind::Aggregate)
-            .expect("aggregate");
+        let agg = p.steps.iter().find(|s| s.kind == StepKind::Aggregate).expect("aggregate");
         assert_eq!((agg.after.len(), agg.quorum), (6, Some(4)));
     }
 
@@ -722,18 +564,11 @@ mod tests {
         let (_d, mut def, tasks) = fixture("medmnist");
         def.model_spec.selector = Some(crate::definition::Sort {
             sort: "random".into(),
-            kwargs: [("k".to_string(), serde_json::json!(3))]
-                .into_iter()
-                .collect(),
+            kwargs: [("k".to_string(), serde_json::json!(3))].into_iter().collect(),
         });
         assert_eq!(plan(&def, &tasks, 1), plan(&def, &tasks, 1));
-        let picks: BTreeSet<Vec<String>> = (1..=8)
-            .map(|r| plan(&def, &tasks, r).expect("plan").selected)
-            .collect();
-        assert!(
-            picks.len() > 1,
-            "the random selector picks differently across rounds"
-        );
+        let picks: BTreeSet<Vec<String>> = (1..=8).map(|r| plan(&def, &tasks, r).expect("plan").selected).collect();
+        assert!(picks.len() > 1, "the random selector picks differently across rounds");
         assert!(picks.iter().all(|s| s.len() == 3));
     }
 
@@ -743,10 +578,7 @@ mod tests {
         let p = plan(&def, &tasks, 1).expect("plan");
         let dot = p.to_dot();
         assert!(dot.starts_with("digraph plan {"));
-        assert_eq!(
-            dot.matches(" -> ").count(),
-            p.steps.iter().map(|s| s.after.len()).sum::<usize>()
-        );
+        assert_eq!(dot.matches(" -> ").count(), p.steps.iter().map(|s| s.after.len()).sum::<usize>());
         assert!(dot.contains("\"train:trainer-0\""));
     }
 }
@@ -778,23 +610,16 @@ mod properties {
                 a
             })
             .collect();
-        roles.push(
-            json!({"name": "trainer", "isDataConsumer": true, "groupAssociation": trainer_assoc}),
-        );
+        roles.push(json!({"name": "trainer", "isDataConsumer": true, "groupAssociation": trainer_assoc}));
         channels.push(json!({"name": "param", "pair": ["trainer", "agg"], "groupBy": {"type": "tag", "value": names},
             "funcTags": {"trainer": ["fetch", "upload"], "agg": ["distribute", "aggregate"]}}));
         if ring {
             channels.push(json!({"name": "ring", "pair": ["trainer", "trainer"], "groupBy": {"type": "tag", "value": names}, "funcTags": {"trainer": ["ring_allreduce"]}}));
         }
         if middle {
-            let assoc: Vec<_> = names
-                .iter()
-                .map(|g| json!({"param": g, "global": "default"}))
-                .collect();
+            let assoc: Vec<_> = names.iter().map(|g| json!({"param": g, "global": "default"})).collect();
             roles.push(json!({"name": "agg", "replica": 1, "groupAssociation": assoc}));
-            roles.push(
-                json!({"name": "top", "replica": 1, "groupAssociation": [{"global": "default"}]}),
-            );
+            roles.push(json!({"name": "top", "replica": 1, "groupAssociation": [{"global": "default"}]}));
             channels.push(json!({"name": "global", "pair": ["top", "agg"], "groupBy": {"type": "tag", "value": ["default"]},
                 "funcTags": {"top": ["distribute", "aggregate"], "agg": ["fetch", "upload"]}}));
         } else {
@@ -828,19 +653,10 @@ mod properties {
         JobDefinition {
             folder: "mem".into(),
             job: serde_json::from_value::<JobFile>(json!({"designId": "p"})).expect("job"),
-            design: serde_json::from_value::<Design>(
-                json!({"name": "p", "roles": roles, "channels": channels}),
-            )
-            .expect("design"),
-            data_spec: vec![DataSpecEntry {
-                role: "trainer".into(),
-                dataset_groups,
-                extra: Default::default(),
-            }],
-            model_spec: serde_json::from_value::<ModelSpec>(
-                json!({"selector": selector, "hyperparameters": {"rounds": 3, "seed": 5}}),
-            )
-            .expect("model"),
+            design: serde_json::from_value::<Design>(json!({"name": "p", "roles": roles, "channels": channels})).expect("design"),
+            data_spec: vec![DataSpecEntry { role: "trainer".into(), dataset_groups, extra: Default::default() }],
+            model_spec: serde_json::from_value::<ModelSpec>(json!({"selector": selector, "hyperparameters": {"rounds": 3, "seed": 5}}))
+                .expect("model"),
             datasets,
         }
     }

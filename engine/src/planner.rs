@@ -14,16 +14,10 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
     let mut tasks = Vec::new();
     let mut problems = Vec::new();
     for role in &def.design.roles {
-        let channels: Vec<String> = def
-            .design
-            .channels
-            .iter()
-            .filter(|c| c.pair.iter().any(|p| p == &role.name))
-            .map(|c| c.name.clone())
-            .collect();
+        let channels: Vec<String> =
+            def.design.channels.iter().filter(|c| c.pair.iter().any(|p| p == &role.name)).map(|c| c.name.clone()).collect();
         let mut index = 0;
-        let mut push = |association: BTreeMap<String, String>,
-                        dataset: Option<(String, Option<String>)>| {
+        let mut push = |association: BTreeMap<String, String>, dataset: Option<(String, Option<String>)>| {
             let (dataset, realm) = dataset.map_or((None, None), |(u, r)| (Some(u), r));
             tasks.push(TaskSpec {
                 task_id: format!("{}-{index}", role.name),
@@ -37,22 +31,15 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
             index += 1;
         };
         if role.is_data_consumer {
-            for (i, entry) in def
-                .data_spec
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| e.role == role.name)
-            {
+            for (i, entry) in def.data_spec.iter().enumerate().filter(|(_, e)| e.role == role.name) {
                 for (group, refs) in &entry.dataset_groups {
-                    let Some(association) = role
-                        .group_association
-                        .iter()
-                        .find(|a| a.values().any(|g| g == group))
-                    else {
+                    let Some(association) = role.group_association.iter().find(|a| a.values().any(|g| g == group)) else {
                         problems.push(Problem {
                             path: format!("{}#/{i}/datasetGroups/{group}", def.job.data_spec_path),
                             message: format!("group '{group}' is not in any groupAssociation of role '{}'", role.name),
-                            hint: format!("add {{\"<channel>\": \"{group}\"}} to the role's groupAssociation in schema.json, or rename the group"),
+                            hint: format!(
+                                "add {{\"<channel>\": \"{group}\"}} to the role's groupAssociation in schema.json, or rename the group"
+                            ),
                         });
                         continue;
                     };
@@ -64,11 +51,7 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
                 }
             }
         } else {
-            let associations = if role.group_association.is_empty() {
-                vec![BTreeMap::new()]
-            } else {
-                role.group_association.clone()
-            };
+            let associations = if role.group_association.is_empty() { vec![BTreeMap::new()] } else { role.group_association.clone() };
             for association in associations {
                 for _ in 0..role.replica.unwrap_or(1).max(1) {
                     push(association.clone(), None);
@@ -76,11 +59,7 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
             }
         }
     }
-    if problems.is_empty() {
-        Ok(tasks)
-    } else {
-        Err(Problems(problems))
-    }
+    if problems.is_empty() { Ok(tasks) } else { Err(Problems(problems)) }
 }
 
 /// The shape the runner drives today: one aggregator task and its trainers.
@@ -96,16 +75,9 @@ pub struct TwoTier {
 /// beside it); other topologies are refused with a clear message.
 pub fn two_tier(tasks: &[TaskSpec]) -> Result<TwoTier, String> {
     let aggregators: Vec<&TaskSpec> = tasks.iter().filter(|t| !t.is_data_consumer).collect();
-    let trainers: Vec<String> = tasks
-        .iter()
-        .filter(|t| t.is_data_consumer)
-        .map(|t| t.task_id.clone())
-        .collect();
+    let trainers: Vec<String> = tasks.iter().filter(|t| t.is_data_consumer).map(|t| t.task_id.clone()).collect();
     match aggregators.as_slice() {
-        [one] if !trainers.is_empty() => Ok(TwoTier {
-            aggregator: one.task_id.clone(),
-            trainers,
-        }),
+        [one] if !trainers.is_empty() => Ok(TwoTier { aggregator: one.task_id.clone(), trainers }),
         _ => Err(format!(
             "this version runs two-tier jobs only (one aggregator task and at least one trainer); this job expands to {} aggregator task(s) and {} trainer task(s)",
             aggregators.len(),
@@ -130,16 +102,13 @@ mod tests {
     /// dataSpec.json map, by position in each group, to the files in groups.json.
     fn registry(dir: &Path) -> BTreeMap<String, Dataset> {
         let groups = read(&dir.join("groups.json"));
-        let spec: Vec<DataSpecEntry> =
-            serde_json::from_value(read(&dir.join("dataSpec.json"))).expect("data spec");
+        let spec: Vec<DataSpecEntry> = serde_json::from_value(read(&dir.join("dataSpec.json"))).expect("data spec");
         let mut out = BTreeMap::new();
         for entry in spec {
             for (group, ids) in entry.dataset_groups {
                 let files = groups[&group].as_array().expect("group files");
                 for (id, file) in ids.iter().zip(files) {
-                    let d: Dataset =
-                        serde_json::from_value(read(&dir.join(file.as_str().expect("file"))))
-                            .expect("dataset");
+                    let d: Dataset = serde_json::from_value(read(&dir.join(file.as_str().expect("file")))).expect("dataset");
                     out.insert(id.clone(), d);
                 }
             }
@@ -147,30 +116,17 @@ mod tests {
         out
     }
 
-    type Shape = (
-        String,
-        BTreeMap<String, String>,
-        Vec<String>,
-        Option<String>,
-    );
+    type Shape = (String, BTreeMap<String, String>, Vec<String>, Option<String>);
 
     fn expected(dir: &Path) -> Vec<Shape> {
         let mut out: Vec<Shape> = std::fs::read_dir(dir.join("expected_tasks"))
             .expect("expected_tasks")
             .map(|e| {
                 let t = read(&e.expect("entry").path());
-                let mut channels: Vec<String> = t["channels"]
-                    .as_array()
-                    .expect("channels")
-                    .iter()
-                    .map(|c| c["name"].as_str().expect("name").to_string())
-                    .collect();
+                let mut channels: Vec<String> =
+                    t["channels"].as_array().expect("channels").iter().map(|c| c["name"].as_str().expect("name").to_string()).collect();
                 channels.sort();
-                let dataset = t
-                    .get("dataset")
-                    .and_then(Value::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string);
+                let dataset = t.get("dataset").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
                 (
                     t["role"].as_str().expect("role").to_string(),
                     serde_json::from_value(t["groupAssociation"].clone()).expect("association"),
@@ -186,16 +142,13 @@ mod tests {
     #[test]
     fn expansion_matches_flame_for_every_fixture() {
         let mut checked = 0;
-        for entry in
-            std::fs::read_dir(fixtures()).expect("shared/flame-examples beside the repository")
-        {
+        for entry in std::fs::read_dir(fixtures()).expect("shared/flame-examples beside the repository") {
             let dir = entry.expect("entry").path();
             if !dir.join("expected_tasks").is_dir() {
                 continue;
             }
             let copy = folder_form(&dir);
-            let def = JobDefinition::load(copy.path())
-                .unwrap_or_else(|p| panic!("{}: {p}", dir.display()));
+            let def = JobDefinition::load(copy.path()).unwrap_or_else(|p| panic!("{}: {p}", dir.display()));
             let mut got: Vec<Shape> = expand(&def)
                 .unwrap_or_else(|p| panic!("{}: {p}", dir.display()))
                 .into_iter()
@@ -218,22 +171,11 @@ mod tests {
         let by_id = JobDefinition::load_with(&dir, &registry(&dir)).expect("ids");
         let copy = folder_form(&dir);
         let by_file = JobDefinition::load(copy.path()).expect("files");
-        let urls = |d: &JobDefinition| {
-            expand(d)
-                .expect("expand")
-                .into_iter()
-                .map(|t| t.dataset)
-                .collect::<Vec<_>>()
-        };
+        let urls = |d: &JobDefinition| expand(d).expect("expand").into_iter().map(|t| t.dataset).collect::<Vec<_>>();
         assert_eq!(urls(&by_id), urls(&by_file));
         // Without the registry, an id is reported with its place in the data spec.
         let err = JobDefinition::load(&dir).expect_err("ids need a registry");
-        assert!(
-            err.0
-                .iter()
-                .any(|p| p.path == "dataSpec.json#/0/datasetGroups/eu/0"),
-            "{err}"
-        );
+        assert!(err.0.iter().any(|p| p.path == "dataSpec.json#/0/datasetGroups/eu/0"), "{err}");
     }
 
     #[test]
@@ -245,8 +187,7 @@ mod tests {
         assert_eq!(shape.trainers.len(), 1);
         let dir = fixtures().join("hier_mnist");
         let def = JobDefinition::load_with(&dir, &registry(&dir)).expect("hier");
-        let err =
-            two_tier(&expand(&def).expect("expand")).expect_err("hierarchical is not two-tier yet");
+        let err = two_tier(&expand(&def).expect("expand")).expect_err("hierarchical is not two-tier yet");
         assert!(err.contains("3 aggregator task(s)"), "{err}");
     }
 }

@@ -64,10 +64,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            worker_wait: Duration::from_secs(60),
-            report_timeout: Duration::from_secs(600),
-        }
+        Self { worker_wait: Duration::from_secs(60), report_timeout: Duration::from_secs(600) }
     }
 }
 
@@ -82,16 +79,9 @@ pub struct Runner {
 
 /// Places each task on a distinct worker that offers the task's role, in id
 /// order; `None` while there are not enough workers.
-pub fn assign(
-    tasks: &[flame_events::job::TaskSpec],
-    workers: &[WorkerInfo],
-) -> Option<BTreeMap<String, String>> {
+pub fn assign(tasks: &[flame_events::job::TaskSpec], workers: &[WorkerInfo]) -> Option<BTreeMap<String, String>> {
     let role_of = |t: &flame_events::job::TaskSpec| {
-        if t.is_data_consumer {
-            "trainer"
-        } else {
-            "aggregator"
-        }
+        if t.is_data_consumer { "trainer" } else { "aggregator" }
     };
     let mut used = HashSet::new();
     let mut out = BTreeMap::new();
@@ -99,9 +89,7 @@ pub fn assign(
     let mut ordered: Vec<_> = tasks.iter().collect();
     ordered.sort_by_key(|t| t.is_data_consumer);
     for t in ordered {
-        let w = workers.iter().find(|w| {
-            !used.contains(&w.id) && (w.roles.iter().any(|r| r == role_of(t) || r == &t.role))
-        })?;
+        let w = workers.iter().find(|w| !used.contains(&w.id) && (w.roles.iter().any(|r| r == role_of(t) || r == &t.role)))?;
         used.insert(w.id.clone());
         out.insert(t.task_id.clone(), w.id.clone());
     }
@@ -118,14 +106,8 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         )));
     }
     let h = &def.model_spec.hyperparameters;
-    let name = def
-        .model_spec
-        .base_model
-        .as_ref()
-        .and_then(|b| b.get("name"))
-        .and_then(|n| n.as_str())
-        .filter(|n| !n.is_empty())
-        .unwrap_or("mlp");
+    let name =
+        def.model_spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(|n| n.as_str()).filter(|n| !n.is_empty()).unwrap_or("mlp");
     let mut model = json!({ "name": name });
     if let Some(hidden) = h.get("hidden") {
         model["hidden"] = hidden.clone();
@@ -141,19 +123,10 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
 
 impl Runner {
     /// A runner over a store and a transport.
-    pub fn new(
-        store: Arc<dyn EventStore>,
-        transport: Arc<dyn Transport>,
-        options: Options,
-    ) -> Self {
+    pub fn new(store: Arc<dyn EventStore>, transport: Arc<dyn Transport>, options: Options) -> Self {
         let jobs = Jobs::new(store);
         let cqrs = Arc::new(CqrsFramework::new(jobs.clone(), vec![], ()));
-        Self {
-            jobs,
-            cqrs,
-            transport,
-            options,
-        }
+        Self { jobs, cqrs, transport, options }
     }
 
     /// Records a new job from a definition; returns its id.
@@ -162,13 +135,8 @@ impl Runner {
         planner::two_tier(&tasks).map_err(Error::Definition)?;
         let spec = run_spec(def)?;
         let job_id = uuid::Uuid::now_v7().to_string();
-        let command = JobCommand::Create {
-            job_id: job_id.clone(),
-            name: def.name(),
-            source: def.folder.display().to_string(),
-            spec,
-            tasks,
-        };
+        let command =
+            JobCommand::Create { job_id: job_id.clone(), name: def.name(), source: def.folder.display().to_string(), spec, tasks };
         self.execute(&job_id, command, "engine", None).await?;
         Ok(job_id)
     }
@@ -189,11 +157,9 @@ impl Runner {
         if job.status == crate::job::Status::Ready {
             let command = match self.place(&job).await? {
                 Some(assignments) => JobCommand::Assign(assignments),
-                None => JobCommand::Fail(format!(
-                    "not enough workers to place {} tasks within {:?}",
-                    job.tasks.len(),
-                    self.options.worker_wait
-                )),
+                None => {
+                    JobCommand::Fail(format!("not enough workers to place {} tasks within {:?}", job.tasks.len(), self.options.worker_wait))
+                }
             };
             job = self.execute(job_id, command, "engine", None).await?;
         }
@@ -220,13 +186,8 @@ impl Runner {
             let next = tokio::time::timeout(self.options.report_timeout, inbox.next()).await;
             match next {
                 Err(_) => {
-                    let reason = format!(
-                        "no worker report within {:?} in round {}",
-                        self.options.report_timeout, job.round
-                    );
-                    job = self
-                        .execute(job_id, JobCommand::Fail(reason), "engine", None)
-                        .await?;
+                    let reason = format!("no worker report within {:?} in round {}", self.options.report_timeout, job.round);
+                    job = self.execute(job_id, JobCommand::Fail(reason), "engine", None).await?;
                 }
                 Ok(None) => return Err(Error::Definition("the report inbox closed".into())),
                 Ok(Some(Err(e))) => tracing::warn!(job = job_id, "unreadable report skipped: {e}"),
@@ -234,10 +195,7 @@ impl Runner {
                     let report = delivery.message.clone();
                     let actor = format!("worker:{}", report.worker_id);
                     let cause = report.command_id.clone();
-                    match self
-                        .execute(job_id, JobCommand::Report(report), &actor, Some(&cause))
-                        .await
-                    {
+                    match self.execute(job_id, JobCommand::Report(report), &actor, Some(&cause)).await {
                         Ok(next) => job = next,
                         Err(Error::Refused { rejection, .. }) => {
                             tracing::warn!(job = job_id, "report rejected: {rejection}")
@@ -266,30 +224,15 @@ impl Runner {
     }
 
     /// Runs a command through the aggregate (cqrs-es over our store) and returns the new state.
-    async fn execute(
-        &self,
-        job_id: &str,
-        command: JobCommand,
-        actor: &str,
-        cause: Option<&str>,
-    ) -> Result<Job, Error> {
+    async fn execute(&self, job_id: &str, command: JobCommand, actor: &str, cause: Option<&str>) -> Result<Job, Error> {
         let mut metadata = HashMap::from([(persist::ACTOR.to_string(), actor.to_string())]);
         if let Some(c) = cause {
             metadata.insert(persist::CAUSATION.to_string(), c.to_string());
         }
-        self.cqrs
-            .execute_with_metadata(job_id, command, metadata)
-            .await
-            .map_err(|e| match e {
-                AggregateError::UserError(rejection) => Error::Refused {
-                    job: job_id.to_string(),
-                    rejection,
-                },
-                other => Error::Persist {
-                    job: job_id.to_string(),
-                    reason: other.to_string(),
-                },
-            })?;
+        self.cqrs.execute_with_metadata(job_id, command, metadata).await.map_err(|e| match e {
+            AggregateError::UserError(rejection) => Error::Refused { job: job_id.to_string(), rejection },
+            other => Error::Persist { job: job_id.to_string(), reason: other.to_string() },
+        })?;
         match self.jobs.last_known(job_id) {
             Some(job) => Ok(job),
             None => Ok(self.jobs.load(job_id).await?),

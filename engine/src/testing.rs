@@ -50,9 +50,7 @@ pub struct History {
 impl History {
     /// Starts a history with `JobCreated`.
     pub fn created(rounds: u32) -> Self {
-        Self {
-            events: vec![created(rounds)],
-        }
+        Self { events: vec![created(rounds)] }
     }
 
     /// Appends an event.
@@ -64,41 +62,27 @@ impl History {
     /// Tasks placed on workers `w-<task>` and the job started.
     pub fn started(mut self) -> Self {
         for t in ["t0", "t1", "agg"] {
-            self.events.push(JobEvent::TaskAssigned {
-                task_id: t.into(),
-                worker_id: format!("w-{t}"),
-            });
+            self.events.push(JobEvent::TaskAssigned { task_id: t.into(), worker_id: format!("w-{t}") });
         }
         self.then(JobEvent::JobStarted {})
     }
 
     /// The initial model exists.
     pub fn initialized(self) -> Self {
-        self.then(JobEvent::ModelInitialized {
-            digest: "m0".into(),
-            worker_id: "w-agg".into(),
-        })
+        self.then(JobEvent::ModelInitialized { digest: "m0".into(), worker_id: "w-agg".into() })
     }
 
     /// A whole round: started, both updates, aggregated.
     pub fn round(self, round: u32) -> Self {
-        let global = if round == 1 {
-            "m0".to_string()
-        } else {
-            format!("m{}", round - 1)
-        };
-        self.then(JobEvent::RoundStarted {
-            round,
-            global_model: global,
-        })
-        .then(update(round, "t0"))
-        .then(update(round, "t1"))
-        .then(JobEvent::RoundAggregated {
-            round,
-            digest: format!("m{round}"),
-            inputs: vec![format!("u{round}t0"), format!("u{round}t1")],
-            metrics: Metrics::new(),
-        })
+        let global = if round == 1 { "m0".to_string() } else { format!("m{}", round - 1) };
+        self.then(JobEvent::RoundStarted { round, global_model: global }).then(update(round, "t0")).then(update(round, "t1")).then(
+            JobEvent::RoundAggregated {
+                round,
+                digest: format!("m{round}"),
+                inputs: vec![format!("u{round}t0"), format!("u{round}t1")],
+                metrics: Metrics::new(),
+            },
+        )
     }
 
     /// The job the history folds to.
@@ -134,11 +118,7 @@ pub fn report(task: &str, round: u32, body: ReportBody) -> JobCommand {
 
 /// A `Trained` report body.
 pub fn trained(round: u32, task: &str) -> ReportBody {
-    ReportBody::Trained {
-        digest: format!("u{round}{task}"),
-        samples: 10,
-        metrics: Metrics::new(),
-    }
+    ReportBody::Trained { digest: format!("u{round}{task}"), samples: 10, metrics: Metrics::new() }
 }
 
 /// Flame's example fixtures beside the repository (`../shared/flame-examples`).
@@ -148,10 +128,7 @@ pub fn fixtures() -> std::path::PathBuf {
 
 /// Reads a JSON file, panicking with its path.
 pub fn read(path: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .expect("JSON")
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).expect("JSON")
 }
 
 /// A copy of the example in our folder form: the data spec names the
@@ -166,17 +143,11 @@ pub fn folder_form(dir: &std::path::Path) -> tempfile::TempDir {
         }
     }
     let schema = read(&dir.join("schema.json"));
-    let role = schema["roles"]
-        .as_array()
-        .expect("roles")
-        .iter()
-        .find(|r| r["isDataConsumer"] == true)
-        .expect("data consumer")["name"]
-        .clone();
+    let role =
+        schema["roles"].as_array().expect("roles").iter().find(|r| r["isDataConsumer"] == true).expect("data consumer")["name"].clone();
     let job = read(&dir.join("job.json"));
     let spec_path = job["dataSpecPath"].as_str().unwrap_or("dataSpec.json");
-    let spec =
-        serde_json::json!([{ "role": role, "datasetGroups": read(&dir.join("groups.json")) }]);
+    let spec = serde_json::json!([{ "role": role, "datasetGroups": read(&dir.join("groups.json")) }]);
     std::fs::write(tmp.path().join(spec_path), spec.to_string()).expect("write data spec");
     tmp
 }

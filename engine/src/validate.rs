@@ -45,13 +45,7 @@ fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
             "feddyn" => &["alpha"],
             _ => &[],
         };
-        kwargs(
-            &opt.kwargs,
-            numbers,
-            &[],
-            &format!("{file}#/optimizer/kwargs"),
-            out,
-        );
+        kwargs(&opt.kwargs, numbers, &[], &format!("{file}#/optimizer/kwargs"), out);
     }
     if let Some(sel) = &def.model_spec.selector {
         let sort = sel.sort.to_ascii_lowercase();
@@ -68,13 +62,7 @@ fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
             "oort" => &["aggr_num"],
             _ => &[],
         };
-        kwargs(
-            &sel.kwargs,
-            &[],
-            counts,
-            &format!("{file}#/selector/kwargs"),
-            out,
-        );
+        kwargs(&sel.kwargs, &[], counts, &format!("{file}#/selector/kwargs"), out);
     }
     let h = &def.model_spec.hyperparameters;
     for key in ["rounds", "epochs", "batchSize", "aggGoal", "concurrency"] {
@@ -100,13 +88,7 @@ fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
 }
 
 /// Known kwargs must have the right type: `numbers` any number, `counts` whole numbers >= 1.
-fn kwargs(
-    map: &serde_json::Map<String, Value>,
-    numbers: &[&str],
-    counts: &[&str],
-    path: &str,
-    out: &mut Vec<Problem>,
-) {
+fn kwargs(map: &serde_json::Map<String, Value>, numbers: &[&str], counts: &[&str], path: &str, out: &mut Vec<Problem>) {
     for (k, v) in map {
         if numbers.contains(&k.as_str()) && !v.is_number() {
             out.push(problem(
@@ -129,11 +111,7 @@ fn job(def: &JobDefinition, out: &mut Vec<Problem>) {
     if let Some(t) = def.job.max_run_time
         && t <= 0.0
     {
-        out.push(problem(
-            "job.json#/maxRunTime",
-            format!("maxRunTime must be positive, not {t}"),
-            "give the limit in seconds, e.g. 1800",
-        ));
+        out.push(problem("job.json#/maxRunTime", format!("maxRunTime must be positive, not {t}"), "give the limit in seconds, e.g. 1800"));
     }
 }
 
@@ -141,11 +119,7 @@ fn names(def: &JobDefinition, out: &mut Vec<Problem>) {
     let mut seen = BTreeSet::new();
     for (i, r) in def.design.roles.iter().enumerate() {
         if r.name.trim().is_empty() {
-            out.push(problem(
-                format!("schema.json#/roles/{i}/name"),
-                "a role has no name",
-                "give every role a unique name",
-            ));
+            out.push(problem(format!("schema.json#/roles/{i}/name"), "a role has no name", "give every role a unique name"));
         } else if !seen.insert(&r.name) {
             out.push(problem(
                 format!("schema.json#/roles/{i}/name"),
@@ -172,11 +146,7 @@ fn channels(def: &JobDefinition, out: &mut Vec<Problem>) {
         if c.pair.len() != 2 {
             out.push(problem(
                 format!("schema.json#/channels/{i}/pair"),
-                format!(
-                    "channel '{}' must pair exactly two roles, it names {}",
-                    c.name,
-                    c.pair.len()
-                ),
+                format!("channel '{}' must pair exactly two roles, it names {}", c.name, c.pair.len()),
                 "write \"pair\": [\"trainer\", \"aggregator\"] (the same role twice for a ring)",
             ));
         }
@@ -184,31 +154,21 @@ fn channels(def: &JobDefinition, out: &mut Vec<Problem>) {
             if !roles.contains(&r.as_str()) {
                 out.push(problem(
                     format!("schema.json#/channels/{i}/pair/{j}"),
-                    format!(
-                        "channel '{}' names role '{r}', which the design does not define",
-                        c.name
-                    ),
+                    format!("channel '{}' names role '{r}', which the design does not define", c.name),
                     format!("use one of the roles: {}", roles.join(", ")),
                 ));
             }
         }
     }
     if !def.design.roles.iter().any(|r| r.is_data_consumer) {
-        out.push(problem(
-            "schema.json#/roles",
-            "no role consumes data",
-            "mark the trainer role with \"isDataConsumer\": true",
-        ));
+        out.push(problem("schema.json#/roles", "no role consumes data", "mark the trainer role with \"isDataConsumer\": true"));
     }
     for (i, r) in def.design.roles.iter().enumerate() {
         if !def.design.channels.iter().any(|c| c.pair.contains(&r.name)) {
             out.push(problem(
                 format!("schema.json#/roles/{i}"),
                 format!("no channel connects role '{}'", r.name),
-                format!(
-                    "add a channel whose pair names '{}', or remove the role",
-                    r.name
-                ),
+                format!("add a channel whose pair names '{}', or remove the role", r.name),
             ));
         }
     }
@@ -224,16 +184,28 @@ fn associations(def: &JobDefinition, out: &mut Vec<Problem>) {
             for (c, g) in assoc {
                 let here = format!("schema.json#/roles/{i}/groupAssociation/{j}/{c}");
                 match channel(def, c) {
-                    None => out.push(problem(here, format!("role '{}' is associated with channel '{c}', which the design does not define", r.name), "name a channel from the design's channels")),
+                    None => out.push(problem(
+                        here,
+                        format!("role '{}' is associated with channel '{c}', which the design does not define", r.name),
+                        "name a channel from the design's channels",
+                    )),
                     Some(ch) if !ch.pair.contains(&r.name) => {
-                        out.push(problem(here, format!("channel '{c}' does not connect role '{}'", r.name), format!("add '{}' to the channel's pair or drop this association", r.name)));
+                        out.push(problem(
+                            here,
+                            format!("channel '{c}' does not connect role '{}'", r.name),
+                            format!("add '{}' to the channel's pair or drop this association", r.name),
+                        ));
                     }
                     Some(ch) => {
                         if let Some(gb) = &ch.group_by
                             && !gb.value.is_empty()
                             && !gb.value.contains(g)
                         {
-                            out.push(problem(here, format!("group '{g}' is not in channel '{c}''s groupBy values ({})", gb.value.join(", ")), format!("add \"{g}\" to the groupBy value of channel '{c}', or use one of its groups")));
+                            out.push(problem(
+                                here,
+                                format!("group '{g}' is not in channel '{c}''s groupBy values ({})", gb.value.join(", ")),
+                                format!("add \"{g}\" to the groupBy value of channel '{c}', or use one of its groups"),
+                            ));
                         }
                     }
                 }
@@ -280,12 +252,12 @@ fn data_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
                     "list at least one dataset file, or remove the group",
                 ));
             }
-            let Some(assoc) = role
-                .group_association
-                .iter()
-                .find(|a| a.values().any(|g| g == group))
-            else {
-                out.push(problem(here, format!("group '{group}' is not in any groupAssociation of role '{}'", role.name), format!("add {{\"<channel>\": \"{group}\"}} to the role's groupAssociation in schema.json")));
+            let Some(assoc) = role.group_association.iter().find(|a| a.values().any(|g| g == group)) else {
+                out.push(problem(
+                    here,
+                    format!("group '{group}' is not in any groupAssociation of role '{}'", role.name),
+                    format!("add {{\"<channel>\": \"{group}\"}} to the role's groupAssociation in schema.json"),
+                ));
                 continue;
             };
             // Some channel of this association must lead to a peer that serves the group (or be a ring).
@@ -295,9 +267,7 @@ fn data_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
                 };
                 match peer(ch, &role.name) {
                     Some(p) if p == role.name => true,
-                    Some(p) => def.design.roles.iter().any(|r| {
-                        r.name == p && r.group_association.iter().any(|a| a.get(c) == Some(g))
-                    }),
+                    Some(p) => def.design.roles.iter().any(|r| r.name == p && r.group_association.iter().any(|a| a.get(c) == Some(g))),
                     None => false,
                 }
             });
@@ -321,23 +291,14 @@ pub fn direction<'a>(def: &'a JobDefinition, c: &'a Channel) -> Option<(&'a str,
     if a == b {
         return None;
     }
-    let tagged = |role: &str, tags: &[&str]| {
-        c.func_tags
-            .get(role)
-            .is_some_and(|t| t.iter().any(|x| tags.contains(&x.as_str())))
-    };
+    let tagged = |role: &str, tags: &[&str]| c.func_tags.get(role).is_some_and(|t| t.iter().any(|x| tags.contains(&x.as_str())));
     if tagged(a, LOWER_TAGS) || tagged(b, UPPER_TAGS) {
         return Some((a, b));
     }
     if tagged(b, LOWER_TAGS) || tagged(a, UPPER_TAGS) {
         return Some((b, a));
     }
-    let consumes = |r: &str| {
-        def.design
-            .roles
-            .iter()
-            .any(|x| x.name == r && x.is_data_consumer)
-    };
+    let consumes = |r: &str| def.design.roles.iter().any(|x| x.name == r && x.is_data_consumer);
     match (consumes(a), consumes(b)) {
         (true, false) => Some((a, b)),
         (false, true) => Some((b, a)),
@@ -362,12 +323,7 @@ fn cycles(def: &JobDefinition, out: &mut Vec<Problem>) {
         let cycle = petgraph::algo::kosaraju_scc(&graph)
             .into_iter()
             .find(|scc| scc.len() > 1)
-            .map(|scc| {
-                scc.iter()
-                    .map(|n| graph[*n])
-                    .collect::<Vec<_>>()
-                    .join(" -> ")
-            })
+            .map(|scc| scc.iter().map(|n| graph[*n]).collect::<Vec<_>>().join(" -> "))
             .unwrap_or_default();
         out.push(problem(
             "schema.json#/channels",
@@ -422,8 +378,7 @@ mod tests {
         )]);
         JobDefinition {
             folder: "mem".into(),
-            job: serde_json::from_value::<JobFile>(json!({"designId": "t", "maxRunTime": 60}))
-                .expect("job"),
+            job: serde_json::from_value::<JobFile>(json!({"designId": "t", "maxRunTime": 60})).expect("job"),
             design: serde_json::from_value::<Design>(design).expect("design"),
             data_spec: serde_json::from_value::<Vec<DataSpecEntry>>(data).expect("data spec"),
             model_spec: serde_json::from_value::<ModelSpec>(model).expect("model"),
@@ -449,10 +404,7 @@ mod tests {
         let mut d = design();
         d["channels"][0]["pair"][1] = json!("aggregatr");
         let p = paths(&def(d, model(), data()));
-        assert!(
-            p.contains(&"schema.json#/channels/0/pair/1".to_string()),
-            "{p:?}"
-        );
+        assert!(p.contains(&"schema.json#/channels/0/pair/1".to_string()), "{p:?}");
     }
 
     #[test]
@@ -460,14 +412,8 @@ mod tests {
         let mut d = design();
         d["roles"][1]["groupAssociation"][0]["param-channel"] = json!("eu");
         let problems = check(&def(d, model(), data()));
-        let p = problems
-            .iter()
-            .find(|p| p.path == "schema.json#/roles/1/groupAssociation/0/param-channel")
-            .expect("reported");
-        assert!(
-            p.message.contains("'eu'") && p.hint.contains("groupBy"),
-            "{p:?}"
-        );
+        let p = problems.iter().find(|p| p.path == "schema.json#/roles/1/groupAssociation/0/param-channel").expect("reported");
+        assert!(p.message.contains("'eu'") && p.hint.contains("groupBy"), "{p:?}");
     }
 
     #[test]
@@ -481,59 +427,32 @@ mod tests {
     fn a_dataset_group_no_aggregator_serves() {
         let mut d = design();
         d["channels"][0]["groupBy"]["value"] = json!(["us", "eu"]);
-        d["roles"][0]["groupAssociation"] =
-            json!([{"param-channel": "us"}, {"param-channel": "eu"}]);
-        let data =
-            json!([{"role": "trainer", "datasetGroups": {"us": ["d1.json"], "eu": ["d1.json"]}}]);
+        d["roles"][0]["groupAssociation"] = json!([{"param-channel": "us"}, {"param-channel": "eu"}]);
+        let data = json!([{"role": "trainer", "datasetGroups": {"us": ["d1.json"], "eu": ["d1.json"]}}]);
         let problems = check(&def(d, model(), data));
-        let p = problems
-            .iter()
-            .find(|p| p.path == "dataSpec.json#/0/datasetGroups/eu")
-            .expect("reported");
-        assert!(
-            p.message.contains("no aggregator serves group 'eu'"),
-            "{p:?}"
-        );
-        assert!(
-            !problems
-                .iter()
-                .any(|p| p.path.ends_with("datasetGroups/us"))
-        );
+        let p = problems.iter().find(|p| p.path == "dataSpec.json#/0/datasetGroups/eu").expect("reported");
+        assert!(p.message.contains("no aggregator serves group 'eu'"), "{p:?}");
+        assert!(!problems.iter().any(|p| p.path.ends_with("datasetGroups/us")));
     }
 
     #[test]
     fn a_role_no_channel_connects() {
         let mut d = design();
-        d["roles"]
-            .as_array_mut()
-            .expect("roles")
-            .push(json!({"name": "observer", "groupAssociation": []}));
+        d["roles"].as_array_mut().expect("roles").push(json!({"name": "observer", "groupAssociation": []}));
         assert!(paths(&def(d, model(), data())).contains(&"schema.json#/roles/2".to_string()));
     }
 
     #[test]
     fn a_cycle_in_the_aggregation_graph() {
         let mut d = design();
-        d["roles"]
-            .as_array_mut()
-            .expect("roles")
-            .push(json!({"name": "top", "groupAssociation": [{"up": "g", "down": "g"}]}));
-        d["roles"][1]["groupAssociation"] =
-            json!([{"param-channel": "us", "up": "g", "down": "g"}]);
+        d["roles"].as_array_mut().expect("roles").push(json!({"name": "top", "groupAssociation": [{"up": "g", "down": "g"}]}));
+        d["roles"][1]["groupAssociation"] = json!([{"param-channel": "us", "up": "g", "down": "g"}]);
         let chans = d["channels"].as_array_mut().expect("channels");
         chans.push(json!({"name": "up", "pair": ["aggregator", "top"], "groupBy": {"value": ["g"]}, "funcTags": {"aggregator": ["upload"], "top": ["aggregate"]}}));
         chans.push(json!({"name": "down", "pair": ["top", "aggregator"], "groupBy": {"value": ["g"]}, "funcTags": {"top": ["upload"], "aggregator": ["aggregate"]}}));
         let problems = check(&def(d, model(), data()));
-        let p = problems
-            .iter()
-            .find(|p| p.path == "schema.json#/channels")
-            .expect("cycle reported");
-        assert!(
-            p.message.contains("cycle")
-                && p.message.contains("aggregator")
-                && p.message.contains("top"),
-            "{p:?}"
-        );
+        let p = problems.iter().find(|p| p.path == "schema.json#/channels").expect("cycle reported");
+        assert!(p.message.contains("cycle") && p.message.contains("aggregator") && p.message.contains("top"), "{p:?}");
     }
 
     #[test]
@@ -550,19 +469,12 @@ mod tests {
         let m = json!({"optimizer": {"sort": "fedmagic"}, "selector": {"sort": "luck"}, "hyperparameters": {"rounds": 1}});
         let p = paths(&def(design(), m, data()));
         assert!(
-            p.contains(&"modelSpec.json#/optimizer/sort".to_string())
-                && p.contains(&"modelSpec.json#/selector/sort".to_string()),
+            p.contains(&"modelSpec.json#/optimizer/sort".to_string()) && p.contains(&"modelSpec.json#/selector/sort".to_string()),
             "{p:?}"
         );
         let m = json!({"optimizer": {"sort": "fedprox", "kwargs": {"mu": "0.1"}}, "selector": {"sort": "random", "kwargs": {"k": 0}}, "hyperparameters": {"rounds": 1}});
         let p = paths(&def(design(), m, data()));
-        assert_eq!(
-            p,
-            vec![
-                "modelSpec.json#/optimizer/kwargs/mu".to_string(),
-                "modelSpec.json#/selector/kwargs/k".to_string()
-            ]
-        );
+        assert_eq!(p, vec!["modelSpec.json#/optimizer/kwargs/mu".to_string(), "modelSpec.json#/selector/kwargs/k".to_string()]);
     }
 
     #[test]
@@ -570,10 +482,7 @@ mod tests {
         let m = json!({"hyperparameters": {"rounds": 0, "learningRate": -1, "batchSize": "32"}});
         let p = paths(&def(design(), m, data()));
         for want in ["rounds", "learningRate", "batchSize"] {
-            assert!(
-                p.contains(&format!("modelSpec.json#/hyperparameters/{want}")),
-                "{want}: {p:?}"
-            );
+            assert!(p.contains(&format!("modelSpec.json#/hyperparameters/{want}")), "{want}: {p:?}");
         }
     }
 
@@ -592,25 +501,14 @@ mod tests {
         let role = d["roles"][1].clone();
         d["roles"].as_array_mut().expect("roles").push(role);
         let p = paths(&def(d, model(), data()));
-        assert!(
-            p.contains(&"schema.json#/channels/1/name".to_string())
-                && p.contains(&"schema.json#/roles/2/name".to_string()),
-            "{p:?}"
-        );
+        assert!(p.contains(&"schema.json#/channels/1/name".to_string()) && p.contains(&"schema.json#/roles/2/name".to_string()), "{p:?}");
     }
 
     #[test]
     fn data_spec_roles_must_exist_and_consume_data() {
-        let p = paths(&def(
-            design(),
-            model(),
-            json!([{"role": "aggregator", "datasetGroups": {}}, {"role": "ghost", "datasetGroups": {}}]),
-        ));
-        assert!(
-            p.contains(&"dataSpec.json#/0/role".to_string())
-                && p.contains(&"dataSpec.json#/1/role".to_string()),
-            "{p:?}"
-        );
+        let p =
+            paths(&def(design(), model(), json!([{"role": "aggregator", "datasetGroups": {}}, {"role": "ghost", "datasetGroups": {}}])));
+        assert!(p.contains(&"dataSpec.json#/0/role".to_string()) && p.contains(&"dataSpec.json#/1/role".to_string()), "{p:?}");
     }
 
     #[test]

@@ -29,14 +29,7 @@ async fn append_rate(store: &dyn EventStore, per: usize, tag: &str) -> f64 {
     let appends = (EVENTS / per).max(1);
     let started = Instant::now();
     for a in 0..appends {
-        store
-            .append(
-                &format!("bench-{tag}-{per}-{}", a % 8),
-                ExpectedVersion::Any,
-                batch(per, a),
-            )
-            .await
-            .expect("append");
+        store.append(&format!("bench-{tag}-{per}-{}", a % 8), ExpectedVersion::Any, batch(per, a)).await.expect("append");
     }
     (appends * per) as f64 / started.elapsed().as_secs_f64()
 }
@@ -55,17 +48,11 @@ async fn read_rate(store: &dyn EventStore) -> (usize, f64) {
 
 async fn raw_insert_many_rate(uri: &str, db: &str, per: usize, run: usize) -> f64 {
     let client = mongodb::Client::with_uri_str(uri).await.expect("mongo");
-    let coll = client
-        .database(db)
-        .collection::<mongodb::bson::Document>("raw");
+    let coll = client.database(db).collection::<mongodb::bson::Document>("raw");
     coll.create_index(
         mongodb::IndexModel::builder()
             .keys(doc! {"stream": 1, "version": 1})
-            .options(
-                mongodb::options::IndexOptions::builder()
-                    .unique(true)
-                    .build(),
-            )
+            .options(mongodb::options::IndexOptions::builder().unique(true).build())
             .build(),
     )
     .await
@@ -96,8 +83,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sqlite =
-        SqliteStore::open(dir.path().join("bench.db").to_str().expect("utf8")).expect("sqlite");
+    let sqlite = SqliteStore::open(dir.path().join("bench.db").to_str().expect("utf8")).expect("sqlite");
     println!("median of {REPEATS} runs of {EVENTS} events each");
     println!("backend   per-append  events/s");
     for per in [1, 10, 100] {
@@ -130,12 +116,7 @@ async fn main() {
             raw.push(w);
             ratios.push(o / w);
         }
-        println!(
-            "mongodb   {per:>10}  {:>8.0}  raw insert_many {:>8.0}/s  ratio {:.2}",
-            median(ours),
-            median(raw),
-            median(ratios)
-        );
+        println!("mongodb   {per:>10}  {:>8.0}  raw insert_many {:>8.0}/s  ratio {:.2}", median(ours), median(raw), median(ratios));
     }
     let (n, _) = read_rate(mongo.as_ref()).await;
     let mut runs = Vec::new();

@@ -34,9 +34,7 @@ pub struct Envelope {
 impl Envelope {
     /// The kind part of the stream id (`job` for `job-123`).
     pub fn stream_kind(&self) -> &str {
-        self.stream_id
-            .split_once('-')
-            .map_or(self.stream_id.as_str(), |(kind, _)| kind)
+        self.stream_id.split_once('-').map_or(self.stream_id.as_str(), |(kind, _)| kind)
     }
 }
 
@@ -61,11 +59,7 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// A new event with a fresh UUID v7 and no causation.
-    pub fn new(
-        event_type: impl Into<String>,
-        payload: serde_json::Value,
-        actor: impl Into<String>,
-    ) -> Self {
+    pub fn new(event_type: impl Into<String>, payload: serde_json::Value, actor: impl Into<String>) -> Self {
         Self {
             event_id: Uuid::now_v7(),
             event_type: event_type.into(),

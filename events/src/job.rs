@@ -156,18 +156,12 @@ impl JobEvent {
                 stream: e.stream_id.clone(),
                 version: e.version,
                 event_type: e.event_type.clone(),
-                reason: format!(
-                    "schema version {} is newer than this program knows ({SCHEMA_VERSION}); upgrade flame",
-                    e.schema_version
-                ),
+                reason: format!("schema version {} is newer than this program knows ({SCHEMA_VERSION}); upgrade flame", e.schema_version),
             });
         }
         let mut payload = e.payload.clone();
         if let Some(map) = payload.as_object_mut() {
-            map.insert(
-                "type".into(),
-                serde_json::Value::String(e.event_type.clone()),
-            );
+            map.insert("type".into(), serde_json::Value::String(e.event_type.clone()));
         }
         serde_json::from_value(payload).map_err(|err| store::Error::Decode {
             stream: e.stream_id.clone(),

@@ -21,12 +21,8 @@ pub async fn open_store(url: &str) -> Result<std::sync::Arc<dyn EventStore>, sto
     if let Some(path) = url.strip_prefix("sqlite:") {
         Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path)?))
     } else if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
-        Ok(std::sync::Arc::new(
-            mongo::MongoStore::connect(url, mongo::DEFAULT_DB).await?,
-        ))
+        Ok(std::sync::Arc::new(mongo::MongoStore::connect(url, mongo::DEFAULT_DB).await?))
     } else {
-        Err(store::Error::Config(format!(
-            "unknown event store URL '{url}': use sqlite:PATH or mongodb://HOST:PORT/..."
-        )))
+        Err(store::Error::Config(format!("unknown event store URL '{url}': use sqlite:PATH or mongodb://HOST:PORT/...")))
     }
 }

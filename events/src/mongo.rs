@@ -8,9 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
-use mongodb::error::{
-    ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT, WriteFailure,
-};
+use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT, WriteFailure};
 use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Client, ClientSession, Collection, IndexModel};
 
@@ -40,10 +38,7 @@ fn backend(e: impl std::fmt::Display) -> Error {
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     match e.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        ErrorKind::InsertMany(m) => m
-            .write_errors
-            .as_ref()
-            .is_some_and(|es| es.iter().any(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::InsertMany(m) => m.write_errors.as_ref().is_some_and(|es| es.iter().any(|w| w.code == DUPLICATE_KEY)),
         ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
         _ => false,
     }
@@ -52,12 +47,8 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
 impl MongoStore {
     /// Connects and creates the collections' indexes (idempotent).
     pub async fn connect(uri: &str, database: &str) -> Result<Self, Error> {
-        let client = Client::with_uri_str(uri)
-            .await
-            .map_err(|e| Error::Config(format!("cannot use MongoDB URL '{uri}': {e}")))?;
-        let db = client
-            .default_database()
-            .unwrap_or_else(|| client.database(database));
+        let client = Client::with_uri_str(uri).await.map_err(|e| Error::Config(format!("cannot use MongoDB URL '{uri}': {e}")))?;
+        let db = client.default_database().unwrap_or_else(|| client.database(database));
         let store = Self {
             events: db.collection("events"),
             streams: db.collection("streams"),
@@ -71,24 +62,11 @@ impl MongoStore {
     }
 
     async fn ensure_indexes(&self) -> Result<(), Error> {
-        let unique = |keys: Document| {
-            IndexModel::builder()
-                .keys(keys)
-                .options(IndexOptions::builder().unique(true).build())
-                .build()
-        };
+        let unique = |keys: Document| IndexModel::builder().keys(keys).options(IndexOptions::builder().unique(true).build()).build();
         self.events
-            .create_indexes([
-                unique(doc! {"stream": 1, "version": 1}),
-                unique(doc! {"position": 1}),
-            ])
+            .create_indexes([unique(doc! {"stream": 1, "version": 1}), unique(doc! {"position": 1})])
             .await
-            .map_err(|e| {
-                Error::Backend(format!(
-                    "cannot create the event indexes at {}: {e}",
-                    self.location
-                ))
-            })?;
+            .map_err(|e| Error::Backend(format!("cannot create the event indexes at {}: {e}", self.location)))?;
         Ok(())
     }
 
@@ -145,18 +123,11 @@ impl MongoStore {
                     .return_document(ReturnDocument::After)
                     .session(&mut *session)
                     .await?
-                    .ok_or_else(|| {
-                        mongodb::error::Error::custom("the stream head was not returned")
-                    })?;
+                    .ok_or_else(|| mongodb::error::Error::custom("the stream head was not returned"))?;
                 get_u64(&head, "version") - n
             }
             ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => {
-                match self
-                    .streams
-                    .insert_one(doc! {"_id": stream, "version": n as i64})
-                    .session(&mut *session)
-                    .await
-                {
+                match self.streams.insert_one(doc! {"_id": stream, "version": n as i64}).session(&mut *session).await {
                     Ok(_) => 0,
                     Err(e) if is_duplicate_key(&e) => return Ok(None),
                     Err(e) => return Err(e),
@@ -165,10 +136,7 @@ impl MongoStore {
             ExpectedVersion::Exact(v) => {
                 let claimed = self
                     .streams
-                    .find_one_and_update(
-                        doc! {"_id": stream, "version": v as i64},
-                        doc! {"$inc": {"version": n as i64}},
-                    )
+                    .find_one_and_update(doc! {"_id": stream, "version": v as i64}, doc! {"$inc": {"version": n as i64}})
                     .session(&mut *session)
                     .await?;
                 if claimed.is_none() {
@@ -179,17 +147,12 @@ impl MongoStore {
         };
         let counter = self
             .counters
-            .find_one_and_update(
-                doc! {"_id": "events"},
-                doc! {"$inc": {"position": n as i64}},
-            )
+            .find_one_and_update(doc! {"_id": "events"}, doc! {"$inc": {"position": n as i64}})
             .upsert(true)
             .return_document(ReturnDocument::After)
             .session(&mut *session)
             .await?
-            .ok_or_else(|| {
-                mongodb::error::Error::custom("the position counter was not returned")
-            })?;
+            .ok_or_else(|| mongodb::error::Error::custom("the position counter was not returned"))?;
         let last_position = get_u64(&counter, "position");
         let first_position = last_position + 1 - n;
         let now = bson::DateTime::now();
@@ -214,58 +177,27 @@ impl MongoStore {
             })
             .collect();
         self.events.insert_many(docs).session(&mut *session).await?;
-        Ok(Some(AppendResult {
-            first_version: actual + 1,
-            last_version: actual + n,
-            last_position,
-        }))
+        Ok(Some(AppendResult { first_version: actual + 1, last_version: actual + n, last_position }))
     }
 
     /// After a refused or duplicate append: the stored result if these events
     /// are already stored (an idempotent retry), else the conflict.
-    async fn refused(
-        &self,
-        stream: &str,
-        expected: ExpectedVersion,
-        events: &[NewEvent],
-    ) -> Result<AppendResult, Error> {
-        let first = self
-            .events
-            .find_one(doc! {"_id": events[0].event_id.to_string()})
-            .await
-            .map_err(backend)?;
+    async fn refused(&self, stream: &str, expected: ExpectedVersion, events: &[NewEvent]) -> Result<AppendResult, Error> {
+        let first = self.events.find_one(doc! {"_id": events[0].event_id.to_string()}).await.map_err(backend)?;
         if let Some(first) = first {
             let last_id = events[events.len() - 1].event_id.to_string();
-            let last = self
-                .events
-                .find_one(doc! {"_id": last_id})
-                .await
-                .map_err(backend)?
-                .unwrap_or_else(|| first.clone());
+            let last = self.events.find_one(doc! {"_id": last_id}).await.map_err(backend)?.unwrap_or_else(|| first.clone());
             return Ok(AppendResult {
                 first_version: get_u64(&first, "version"),
                 last_version: get_u64(&last, "version"),
                 last_position: get_u64(&last, "position"),
             });
         }
-        let head = self
-            .streams
-            .find_one(doc! {"_id": stream})
-            .await
-            .map_err(backend)?;
-        Err(Error::Conflict {
-            stream: stream.to_string(),
-            expected,
-            actual: head.as_ref().map_or(0, |h| get_u64(h, "version")),
-        })
+        let head = self.streams.find_one(doc! {"_id": stream}).await.map_err(backend)?;
+        Err(Error::Conflict { stream: stream.to_string(), expected, actual: head.as_ref().map_or(0, |h| get_u64(h, "version")) })
     }
 
-    async fn find(
-        &self,
-        filter: Document,
-        sort: Document,
-        limit: Option<i64>,
-    ) -> Result<Vec<Envelope>, Error> {
+    async fn find(&self, filter: Document, sort: Document, limit: Option<i64>) -> Result<Vec<Envelope>, Error> {
         let mut find = self.events.find(filter).sort(sort);
         if let Some(limit) = limit {
             find = find.limit(limit);
@@ -296,16 +228,9 @@ fn decode(d: Document) -> Result<Envelope, Error> {
     let stream_id = get_str(&d, "stream").unwrap_or_default();
     let version = get_u64(&d, "version");
     let event_type = get_str(&d, "type").unwrap_or_default();
-    let fail = |reason: String| Error::Decode {
-        stream: stream_id.clone(),
-        version,
-        event_type: event_type.clone(),
-        reason,
-    };
+    let fail = |reason: String| Error::Decode { stream: stream_id.clone(), version, event_type: event_type.clone(), reason };
     let id = get_str(&d, "_id").ok_or_else(|| fail("missing _id".into()))?;
-    let event_id = id
-        .parse()
-        .map_err(|e| fail(format!("bad event id '{id}': {e}")))?;
+    let event_id = id.parse().map_err(|e| fail(format!("bad event id '{id}': {e}")))?;
     let payload = match d.get("payload") {
         Some(b) => b.clone().into_relaxed_extjson(),
         None => return Err(fail("missing payload".into())),
@@ -342,12 +267,7 @@ fn redact(uri: &str) -> String {
 
 #[async_trait]
 impl EventStore for MongoStore {
-    async fn append(
-        &self,
-        stream: &str,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error> {
+    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult, Error> {
         if events.is_empty() {
             return Err(Error::Empty);
         }
@@ -355,40 +275,26 @@ impl EventStore for MongoStore {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self
-                .try_append(&mut session, stream, expected, &events)
-                .await
-            {
+            match self.try_append(&mut session, stream, expected, &events).await {
                 Ok(Some(done)) => return Ok(done),
                 Ok(None) => return self.refused(stream, expected, &events).await,
                 // An event id that is already stored: a retry of an append that succeeded.
                 Err(e) if is_duplicate_key(&e) => {
                     return self.refused(stream, expected, &events).await;
                 }
-                Err(e)
-                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
-                        && attempt < MAX_TRANSACTION_ATTEMPTS =>
-                {
+                Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) && attempt < MAX_TRANSACTION_ATTEMPTS => {
                     // Another writer holds the stream head or the position counter: try again shortly.
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
                 }
                 Err(e) => {
-                    return Err(Error::Backend(format!(
-                        "append to '{stream}' at {} failed: {e}",
-                        self.location
-                    )));
+                    return Err(Error::Backend(format!("append to '{stream}' at {} failed: {e}", self.location)));
                 }
             }
         }
     }
 
     async fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, Error> {
-        self.find(
-            doc! {"stream": stream, "version": {"$gte": from_version as i64}},
-            doc! {"version": 1},
-            None,
-        )
-        .await
+        self.find(doc! {"stream": stream, "version": {"$gte": from_version as i64}}, doc! {"version": 1}, None).await
     }
 
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<Envelope>, Error> {
@@ -397,29 +303,17 @@ impl EventStore for MongoStore {
         // position index without sorting the rest of the log.
         let from = from_position.max(1) as i64;
         let to = from.saturating_add(i64::try_from(limit).unwrap_or(i64::MAX));
-        self.find(
-            doc! {"position": {"$gte": from, "$lt": to}},
-            doc! {"position": 1},
-            Some(limit as i64),
-        )
-        .await
+        self.find(doc! {"position": {"$gte": from, "$lt": to}}, doc! {"position": 1}, Some(limit as i64)).await
     }
 
     async fn load_checkpoint(&self, name: &str) -> Result<u64, Error> {
-        let d = self
-            .checkpoints
-            .find_one(doc! {"_id": name})
-            .await
-            .map_err(backend)?;
+        let d = self.checkpoints.find_one(doc! {"_id": name}).await.map_err(backend)?;
         Ok(d.as_ref().map_or(0, |d| get_u64(d, "position")))
     }
 
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<(), Error> {
         self.checkpoints
-            .update_one(
-                doc! {"_id": name},
-                doc! {"$set": {"position": position as i64}},
-            )
+            .update_one(doc! {"_id": name}, doc! {"$set": {"position": position as i64}})
             .upsert(true)
             .await
             .map_err(backend)?;

@@ -42,11 +42,7 @@ pub struct Relay {
 
 impl Relay {
     /// A relay whose progress is saved under the checkpoint `name`.
-    pub async fn new(
-        store: Arc<dyn EventStore>,
-        js: jetstream::Context,
-        name: &str,
-    ) -> Result<Self, Error> {
+    pub async fn new(store: Arc<dyn EventStore>, js: jetstream::Context, name: &str) -> Result<Self, Error> {
         js.get_or_create_stream(stream::Config {
             name: EVENT_STREAM.to_string(),
             subjects: vec!["flame.events.>".to_string()],
@@ -55,11 +51,7 @@ impl Relay {
         })
         .await
         .map_err(|e| Error::Nats(format!("cannot create stream {EVENT_STREAM}: {e}")))?;
-        Ok(Self {
-            store,
-            js,
-            checkpoint: format!("relay:{name}"),
-        })
+        Ok(Self { store, js, checkpoint: format!("relay:{name}") })
     }
 
     /// Publishes everything committed since the checkpoint; returns how many.
@@ -93,11 +85,7 @@ impl Relay {
     }
 
     /// Catches up every `interval` until `shutdown` resolves, then once more.
-    pub async fn run(
-        self,
-        interval: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<(), Error> {
+    pub async fn run(self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
         loop {
             if let Err(e) = self.catch_up().await {

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 );
 ";
 
-const COLUMNS: &str = "event_id, stream_id, version, position, event_type, schema_version, payload, recorded_at, causation_id, correlation_id, actor";
+const COLUMNS: &str =
+    "event_id, stream_id, version, position, event_type, schema_version, payload, recorded_at, causation_id, correlation_id, actor";
 
 /// An `EventStore` in one SQLite file.
 #[derive(Clone)]
@@ -52,37 +53,21 @@ impl SqliteStore {
             && let Some(dir) = Path::new(path).parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::Config(format!(
-                    "cannot create the folder for the event store '{path}': {e}"
-                ))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Config(format!("cannot create the folder for the event store '{path}': {e}")))?;
         }
-        let conn = Connection::open(path)
-            .map_err(|e| Error::Config(format!("cannot open the event store '{path}': {e}")))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(backend)?;
+        let conn = Connection::open(path).map_err(|e| Error::Config(format!("cannot open the event store '{path}': {e}")))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-            path: path.to_string(),
-            appended: Arc::default(),
-        })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), path: path.to_string(), appended: Arc::default() })
     }
 
-    async fn with<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
-    ) -> Result<T, Error> {
+    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| Error::Backend("the SQLite connection lock is poisoned".into()))?;
+            let mut guard = conn.lock().map_err(|_| Error::Backend("the SQLite connection lock is poisoned".into()))?;
             f(&mut guard)
         })
         .await
@@ -123,18 +108,9 @@ struct RawRow {
 impl RawRow {
     fn decode(self) -> Result<Envelope, Error> {
         let version = self.version as u64;
-        let fail = |reason: String| Error::Decode {
-            stream: self.stream_id.clone(),
-            version,
-            event_type: self.event_type.clone(),
-            reason,
-        };
-        let event_id = self
-            .event_id
-            .parse()
-            .map_err(|e| fail(format!("bad event id '{}': {e}", self.event_id)))?;
-        let payload = serde_json::from_str(&self.payload)
-            .map_err(|e| fail(format!("payload is not JSON: {e}")))?;
+        let fail = |reason: String| Error::Decode { stream: self.stream_id.clone(), version, event_type: self.event_type.clone(), reason };
+        let event_id = self.event_id.parse().map_err(|e| fail(format!("bad event id '{}': {e}", self.event_id)))?;
+        let payload = serde_json::from_str(&self.payload).map_err(|e| fail(format!("payload is not JSON: {e}")))?;
         let recorded_at = DateTime::parse_from_rfc3339(&self.recorded_at)
             .map_err(|e| fail(format!("bad recorded_at '{}': {e}", self.recorded_at)))?
             .with_timezone(&Utc);
@@ -154,11 +130,7 @@ impl RawRow {
     }
 }
 
-fn query(
-    conn: &Connection,
-    sql: &str,
-    args: impl rusqlite::Params,
-) -> Result<Vec<Envelope>, Error> {
+fn query(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> Result<Vec<Envelope>, Error> {
     let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
     let rows = stmt.query_map(args, row_to_envelope).map_err(backend)?;
     let mut out = Vec::new();
@@ -169,13 +141,8 @@ fn query(
 }
 
 fn stored_result(conn: &Connection, ids: &[String]) -> Result<Option<AppendResult>, Error> {
-    let mut stmt = conn
-        .prepare_cached("SELECT version, position FROM events WHERE event_id = ?1")
-        .map_err(backend)?;
-    let first: Option<(i64, i64)> = stmt
-        .query_row([&ids[0]], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
-        .map_err(backend)?;
+    let mut stmt = conn.prepare_cached("SELECT version, position FROM events WHERE event_id = ?1").map_err(backend)?;
+    let first: Option<(i64, i64)> = stmt.query_row([&ids[0]], |r| Ok((r.get(0)?, r.get(1)?))).optional().map_err(backend)?;
     let Some((first_version, _)) = first else {
         return Ok(None);
     };
@@ -184,80 +151,61 @@ fn stored_result(conn: &Connection, ids: &[String]) -> Result<Option<AppendResul
         .query_row([last_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .map_err(backend)?
-        .ok_or_else(|| {
-            Error::Backend(format!(
-                "event {} was stored without the rest of its batch",
-                ids[0]
-            ))
-        })?;
-    Ok(Some(AppendResult {
-        first_version: first_version as u64,
-        last_version: last_version as u64,
-        last_position: last_position as u64,
-    }))
+        .ok_or_else(|| Error::Backend(format!("event {} was stored without the rest of its batch", ids[0])))?;
+    Ok(Some(AppendResult { first_version: first_version as u64, last_version: last_version as u64, last_position: last_position as u64 }))
 }
 
 #[async_trait]
 impl EventStore for SqliteStore {
-    async fn append(
-        &self,
-        stream: &str,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error> {
+    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult, Error> {
         if events.is_empty() {
             return Err(Error::Empty);
         }
         let stream = stream.to_string();
-        let result = self.with(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
-            let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-            if let Some(done) = stored_result(&tx, &ids)? {
-                return Ok(done);
-            }
-            let actual: i64 = tx
-                .query_row("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1", [&stream], |r| r.get(0))
-                .map_err(backend)?;
-            if !expected.admits(actual as u64) {
-                return Err(Error::Conflict { stream, expected, actual: actual as u64 });
-            }
-            let mut position: i64 = tx
-                .query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| r.get(0))
-                .map_err(backend)?;
-            let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-            let mut version = actual;
-            {
-                let mut insert = tx
-                    .prepare_cached(&format!("INSERT INTO events ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"))
-                    .map_err(backend)?;
-                for (event, id) in events.iter().zip(&ids) {
-                    version += 1;
-                    position += 1;
-                    insert
-                        .execute(params![
-                            id,
-                            stream,
-                            version,
-                            position,
-                            event.event_type,
-                            event.schema_version,
-                            event.payload.to_string(),
-                            now,
-                            event.causation_id,
-                            event.correlation_id,
-                            event.actor,
-                        ])
-                        .map_err(backend)?;
+        let result = self
+            .with(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+                let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+                if let Some(done) = stored_result(&tx, &ids)? {
+                    return Ok(done);
                 }
-            }
-            tx.commit().map_err(backend)?;
-            Ok(AppendResult {
-                first_version: actual as u64 + 1,
-                last_version: version as u64,
-                last_position: position as u64,
+                let actual: i64 = tx
+                    .query_row("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1", [&stream], |r| r.get(0))
+                    .map_err(backend)?;
+                if !expected.admits(actual as u64) {
+                    return Err(Error::Conflict { stream, expected, actual: actual as u64 });
+                }
+                let mut position: i64 = tx.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| r.get(0)).map_err(backend)?;
+                let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                let mut version = actual;
+                {
+                    let mut insert = tx
+                        .prepare_cached(&format!("INSERT INTO events ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"))
+                        .map_err(backend)?;
+                    for (event, id) in events.iter().zip(&ids) {
+                        version += 1;
+                        position += 1;
+                        insert
+                            .execute(params![
+                                id,
+                                stream,
+                                version,
+                                position,
+                                event.event_type,
+                                event.schema_version,
+                                event.payload.to_string(),
+                                now,
+                                event.causation_id,
+                                event.correlation_id,
+                                event.actor,
+                            ])
+                            .map_err(backend)?;
+                    }
+                }
+                tx.commit().map_err(backend)?;
+                Ok(AppendResult { first_version: actual as u64 + 1, last_version: version as u64, last_position: position as u64 })
             })
-        })
-        .await;
+            .await;
         if result.is_ok() {
             self.appended.notify_waiters();
         }
@@ -280,9 +228,7 @@ impl EventStore for SqliteStore {
         self.with(move |conn| {
             query(
                 conn,
-                &format!(
-                    "SELECT {COLUMNS} FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"
-                ),
+                &format!("SELECT {COLUMNS} FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"),
                 params![from_position as i64, limit as i64],
             )
         })
@@ -292,14 +238,8 @@ impl EventStore for SqliteStore {
     async fn load_checkpoint(&self, name: &str) -> Result<u64, Error> {
         let name = name.to_string();
         self.with(move |conn| {
-            let pos: Option<i64> = conn
-                .query_row(
-                    "SELECT position FROM checkpoints WHERE name = ?1",
-                    [&name],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(backend)?;
+            let pos: Option<i64> =
+                conn.query_row("SELECT position FROM checkpoints WHERE name = ?1", [&name], |r| r.get(0)).optional().map_err(backend)?;
             Ok(pos.unwrap_or(0) as u64)
         })
         .await
@@ -337,10 +277,7 @@ mod tests {
     use crate::upcast::Upcasters;
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
     }
 
     #[test]
@@ -379,15 +316,7 @@ mod tests {
         rt().block_on(async {
             let store = SqliteStore::open(":memory:").expect("open");
             store
-                .append(
-                    "acct-1",
-                    ExpectedVersion::NoStream,
-                    vec![NewEvent::new(
-                        "Renamed",
-                        json!({"name": "Ada Lovelace"}),
-                        "user:a",
-                    )],
-                )
+                .append("acct-1", ExpectedVersion::NoStream, vec![NewEvent::new("Renamed", json!({"name": "Ada Lovelace"}), "user:a")])
                 .await
                 .expect("append");
             let mut upcasters = Upcasters::default();
@@ -399,11 +328,7 @@ mod tests {
                 v.as_object_mut().ok_or("not an object")?.remove("name");
                 Ok(v)
             });
-            let stored = store
-                .read_stream("acct-1", 1)
-                .await
-                .expect("read")
-                .remove(0);
+            let stored = store.read_stream("acct-1", 1).await.expect("read").remove(0);
             assert_eq!(stored.schema_version, 1);
             let lifted = upcasters.upcast(stored).expect("upcast");
             assert_eq!(lifted.schema_version, 2);
@@ -412,15 +337,7 @@ mod tests {
             // A step that fails reports the event's place.
             let mut broken = Upcasters::default();
             broken.register("Renamed", 1, |_| Err("boom".into()));
-            let err = broken
-                .upcast(
-                    store
-                        .read_stream("acct-1", 1)
-                        .await
-                        .expect("read")
-                        .remove(0),
-                )
-                .expect_err("fails");
+            let err = broken.upcast(store.read_stream("acct-1", 1).await.expect("read").remove(0)).expect_err("fails");
             assert!(err.to_string().contains("acct-1 v1"), "{err}");
         });
     }
@@ -431,10 +348,7 @@ mod tests {
         n.schema_version = 9;
         rt().block_on(async {
             let store = SqliteStore::open(":memory:").expect("open");
-            store
-                .append("job-j", ExpectedVersion::NoStream, vec![n])
-                .await
-                .expect("append");
+            store.append("job-j", ExpectedVersion::NoStream, vec![n]).await.expect("append");
             let e = store.read_stream("job-j", 1).await.expect("read").remove(0);
             let err = JobEvent::from_envelope(&e).expect_err("newer");
             assert!(err.to_string().contains("upgrade"), "{err}");

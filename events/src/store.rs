@@ -41,9 +41,7 @@ pub struct AppendResult {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The stream moved on since the writer read it.
-    #[error(
-        "conflict appending to stream '{stream}': expected {expected:?}, but its version is {actual}; reload the stream and retry"
-    )]
+    #[error("conflict appending to stream '{stream}': expected {expected:?}, but its version is {actual}; reload the stream and retry")]
     Conflict {
         /// The stream.
         stream: String,
@@ -81,12 +79,7 @@ pub trait EventStore: Send + Sync {
     /// Appends events atomically. Fails with `Error::Conflict` when `expected` is
     /// stale. If the first event's id is already stored, nothing is written and the
     /// stored result is returned (idempotent retries).
-    async fn append(
-        &self,
-        stream: &str,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error>;
+    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult, Error>;
 
     /// Reads a stream from `from_version` (1 = the start); empty if it does not exist.
     async fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, Error>;

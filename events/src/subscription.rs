@@ -19,30 +19,23 @@ const BATCH: usize = 500;
 /// Subscribes to the global log from `from` (1 = the start). `poll` bounds how
 /// long a caught-up subscriber waits before looking again (stores that can
 /// signal appends wake it sooner).
-pub fn subscribe(
-    store: Arc<dyn EventStore>,
-    from: u64,
-    poll: Duration,
-) -> BoxStream<'static, Result<Envelope, Error>> {
+pub fn subscribe(store: Arc<dyn EventStore>, from: u64, poll: Duration) -> BoxStream<'static, Result<Envelope, Error>> {
     let state = (store, from.max(1), VecDeque::<Envelope>::new(), false);
-    stream::unfold(
-        state,
-        move |(store, mut next, mut buffer, failed)| async move {
-            if failed {
-                return None;
+    stream::unfold(state, move |(store, mut next, mut buffer, failed)| async move {
+        if failed {
+            return None;
+        }
+        loop {
+            if let Some(e) = buffer.pop_front() {
+                next = e.position + 1;
+                return Some((Ok(e), (store, next, buffer, false)));
             }
-            loop {
-                if let Some(e) = buffer.pop_front() {
-                    next = e.position + 1;
-                    return Some((Ok(e), (store, next, buffer, false)));
-                }
-                match store.read_all(next, BATCH).await {
-                    Ok(events) if events.is_empty() => store.wait_for_append(poll).await,
-                    Ok(events) => buffer.extend(events),
-                    Err(e) => return Some((Err(e), (store, next, buffer, true))),
-                }
+            match store.read_all(next, BATCH).await {
+                Ok(events) if events.is_empty() => store.wait_for_append(poll).await,
+                Ok(events) => buffer.extend(events),
+                Err(e) => return Some((Err(e), (store, next, buffer, true))),
             }
-        },
-    )
+        }
+    })
     .boxed()
 }

@@ -95,16 +95,8 @@ pub trait Transport: Send + Sync {
 
 /// Checks that an id can be used in a NATS subject and a consumer name.
 pub fn check_id(id: &str) -> Result<(), Error> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::BadId(id.to_string()))
-    }
+    let ok = !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok { Ok(()) } else { Err(Error::BadId(id.to_string())) }
 }
 
 type Channel<T> = (mpsc::UnboundedSender<T>, Option<mpsc::UnboundedReceiver<T>>);
@@ -129,29 +121,19 @@ fn channel<'a, T>(map: &'a mut HashMap<String, Channel<T>>, key: &str) -> &'a mu
     })
 }
 
-fn take_inbox<T: Send + 'static>(
-    map: &mut HashMap<String, Channel<T>>,
-    key: &str,
-) -> Result<Inbox<T>, Error> {
-    let rx = channel(map, key)
-        .1
-        .take()
-        .ok_or_else(|| Error::Closed(format!("{key} (inbox already taken)")))?;
+fn take_inbox<T: Send + 'static>(map: &mut HashMap<String, Channel<T>>, key: &str) -> Result<Inbox<T>, Error> {
+    let rx = channel(map, key).1.take().ok_or_else(|| Error::Closed(format!("{key} (inbox already taken)")))?;
     Ok(tokio_stream_from(rx))
 }
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> Inbox<T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-        .map(|m| Ok(Delivery::unacked(m)))
-        .boxed()
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|m| Ok(Delivery::unacked(m))).boxed()
 }
 
 impl InProcess {
     fn state(&self) -> std::sync::MutexGuard<'_, InProcessState> {
         // A panic while holding this lock leaves plain maps behind; keep using them.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -168,10 +150,7 @@ impl Transport for InProcess {
 
     async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), Error> {
         let mut state = self.state();
-        channel(&mut state.commands, worker_id)
-            .0
-            .send(command.clone())
-            .map_err(|_| Error::Closed(worker_id.to_string()))
+        channel(&mut state.commands, worker_id).0.send(command.clone()).map_err(|_| Error::Closed(worker_id.to_string()))
     }
 
     async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error> {
@@ -180,10 +159,7 @@ impl Transport for InProcess {
 
     async fn send_report(&self, report: &Report) -> Result<(), Error> {
         let mut state = self.state();
-        channel(&mut state.reports, &report.job_id)
-            .0
-            .send(report.clone())
-            .map_err(|_| Error::Closed(report.job_id.clone()))
+        channel(&mut state.reports, &report.job_id).0.send(report.clone()).map_err(|_| Error::Closed(report.job_id.clone()))
     }
 
     async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error> {
@@ -202,19 +178,14 @@ pub struct Nats {
 impl Nats {
     /// Connects and creates the streams and bucket it needs (idempotent).
     pub async fn connect(url: &str) -> Result<Self, Error> {
-        let client = async_nats::connect(url)
-            .await
-            .map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
+        let client = async_nats::connect(url).await.map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
         Self::new(client).await
     }
 
     /// Uses an existing client.
     pub async fn new(client: async_nats::Client) -> Result<Self, Error> {
         let js = jetstream::new(client);
-        for (name, subject) in [
-            (COMMAND_STREAM, "flame.cmd.>"),
-            (REPORT_STREAM, "flame.report.>"),
-        ] {
+        for (name, subject) in [(COMMAND_STREAM, "flame.cmd.>"), (REPORT_STREAM, "flame.report.>")] {
             js.get_or_create_stream(stream::Config {
                 name: name.to_string(),
                 subjects: vec![subject.to_string()],
@@ -242,21 +213,11 @@ impl Nats {
         &self.js
     }
 
-    async fn publish<T: Serialize>(
-        &self,
-        subject: String,
-        msg_id: &str,
-        body: &T,
-    ) -> Result<(), Error> {
+    async fn publish<T: Serialize>(&self, subject: String, msg_id: &str, body: &T) -> Result<(), Error> {
         let payload = serde_json::to_vec(body).map_err(nats)?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
-        self.js
-            .publish_with_headers(subject, headers, payload.into())
-            .await
-            .map_err(nats)?
-            .await
-            .map_err(nats)?;
+        self.js.publish_with_headers(subject, headers, payload.into()).await.map_err(nats)?.await.map_err(nats)?;
         Ok(())
     }
 
@@ -288,10 +249,7 @@ impl Nats {
                 let m = m.map_err(nats)?;
                 let subject = m.subject.to_string();
                 match serde_json::from_slice::<T>(&m.payload) {
-                    Ok(message) => Ok(Delivery {
-                        message,
-                        ack: Some(async move { m.ack().await.map_err(nats) }.boxed()),
-                    }),
+                    Ok(message) => Ok(Delivery { message, ack: Some(async move { m.ack().await.map_err(nats) }.boxed()) }),
                     Err(e) => {
                         // Never redeliver what can never decode.
                         let reason = e.to_string();
@@ -311,10 +269,7 @@ impl Transport for Nats {
     async fn register(&self, info: &WorkerInfo) -> Result<(), Error> {
         check_id(&info.id)?;
         let value = serde_json::to_vec(info).map_err(nats)?;
-        self.workers
-            .put(&info.id, value.into())
-            .await
-            .map_err(nats)?;
+        self.workers.put(&info.id, value.into()).await.map_err(nats)?;
         Ok(())
     }
 
@@ -335,38 +290,22 @@ impl Transport for Nats {
 
     async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), Error> {
         check_id(worker_id)?;
-        self.publish(
-            format!("flame.cmd.{worker_id}"),
-            &format!("{worker_id}:{}", command.id),
-            command,
-        )
-        .await
+        self.publish(format!("flame.cmd.{worker_id}"), &format!("{worker_id}:{}", command.id), command).await
     }
 
     async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error> {
         check_id(worker_id)?;
-        self.inbox(
-            COMMAND_STREAM,
-            format!("worker-{worker_id}"),
-            format!("flame.cmd.{worker_id}"),
-        )
-        .await
+        self.inbox(COMMAND_STREAM, format!("worker-{worker_id}"), format!("flame.cmd.{worker_id}")).await
     }
 
     async fn send_report(&self, report: &Report) -> Result<(), Error> {
         check_id(&report.job_id)?;
         let msg_id = format!("{}:{}", report.worker_id, report.command_id);
-        self.publish(format!("flame.report.{}", report.job_id), &msg_id, report)
-            .await
+        self.publish(format!("flame.report.{}", report.job_id), &msg_id, report).await
     }
 
     async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error> {
         check_id(job_id)?;
-        self.inbox(
-            REPORT_STREAM,
-            format!("engine-{job_id}"),
-            format!("flame.report.{job_id}"),
-        )
-        .await
+        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), format!("flame.report.{job_id}")).await
     }
 }

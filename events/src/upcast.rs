@@ -24,8 +24,7 @@ impl Upcasters {
         from_version: u32,
         step: impl Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
     ) -> &mut Self {
-        self.steps
-            .insert((event_type.to_string(), from_version), Box::new(step));
+        self.steps.insert((event_type.to_string(), from_version), Box::new(step));
         self
     }
 
@@ -36,10 +35,7 @@ impl Upcasters {
                 stream: e.stream_id.clone(),
                 version: e.version,
                 event_type: e.event_type.clone(),
-                reason: format!(
-                    "upcasting from schema version {}: {reason}",
-                    e.schema_version
-                ),
+                reason: format!("upcasting from schema version {}: {reason}", e.schema_version),
             })?;
             e.schema_version += 1;
         }

@@ -31,8 +31,7 @@ pub struct Round {
 impl Round {
     /// Seconds from start to aggregate, once closed.
     pub fn seconds(&self) -> Option<f64> {
-        self.closed_at
-            .map(|c| (c - self.started_at).num_microseconds().unwrap_or(0) as f64 / 1e6)
+        self.closed_at.map(|c| (c - self.started_at).num_microseconds().unwrap_or(0) as f64 / 1e6)
     }
 }
 
@@ -43,10 +42,7 @@ pub fn apply(rounds: &mut Vec<Round>, e: &Envelope) {
         return;
     };
     match event {
-        JobEvent::RoundStarted {
-            round,
-            global_model,
-        } => rounds.push(Round {
+        JobEvent::RoundStarted { round, global_model } => rounds.push(Round {
             round,
             start_model: global_model,
             model: None,
@@ -62,12 +58,7 @@ pub fn apply(rounds: &mut Vec<Round>, e: &Envelope) {
                 r.samples += samples;
             }
         }
-        JobEvent::RoundAggregated {
-            round,
-            digest,
-            metrics,
-            ..
-        } => {
+        JobEvent::RoundAggregated { round, digest, metrics, .. } => {
             if let Some(r) = rounds.iter_mut().rev().find(|r| r.round == round) {
                 r.model = Some(digest);
                 r.metrics = metrics;
@@ -109,36 +100,18 @@ mod tests {
     }
 
     fn update(round: u32, samples: u64) -> JobEvent {
-        JobEvent::UpdateReported {
-            round,
-            task_id: "t".into(),
-            worker_id: "w".into(),
-            digest: "u".into(),
-            samples,
-            metrics: Metrics::new(),
-        }
+        JobEvent::UpdateReported { round, task_id: "t".into(), worker_id: "w".into(), digest: "u".into(), samples, metrics: Metrics::new() }
     }
 
     #[test]
     fn rounds_count_updates_and_take_the_aggregate() {
         let events: Vec<Envelope> = [
             JobEvent::JobStarted {},
-            JobEvent::RoundStarted {
-                round: 1,
-                global_model: "m0".into(),
-            },
+            JobEvent::RoundStarted { round: 1, global_model: "m0".into() },
             update(1, 10),
             update(1, 30),
-            JobEvent::RoundAggregated {
-                round: 1,
-                digest: "m1".into(),
-                inputs: vec![],
-                metrics: Metrics::from([("accuracy".into(), 0.5)]),
-            },
-            JobEvent::RoundStarted {
-                round: 2,
-                global_model: "m1".into(),
-            },
+            JobEvent::RoundAggregated { round: 1, digest: "m1".into(), inputs: vec![], metrics: Metrics::from([("accuracy".into(), 0.5)]) },
+            JobEvent::RoundStarted { round: 2, global_model: "m1".into() },
             update(2, 5),
         ]
         .iter()
@@ -147,24 +120,10 @@ mod tests {
         .collect();
         let rounds = fold(&events);
         assert_eq!(rounds.len(), 2);
-        assert_eq!(
-            (
-                rounds[0].updates,
-                rounds[0].samples,
-                rounds[0].model.as_deref()
-            ),
-            (2, 40, Some("m1"))
-        );
+        assert_eq!((rounds[0].updates, rounds[0].samples, rounds[0].model.as_deref()), (2, 40, Some("m1")));
         assert_eq!(rounds[0].metrics["accuracy"], 0.5);
         assert_eq!(rounds[0].seconds(), Some(3.0));
-        assert_eq!(
-            (
-                rounds[1].updates,
-                rounds[1].model.as_deref(),
-                rounds[1].seconds()
-            ),
-            (1, None, None)
-        );
+        assert_eq!((rounds[1].updates, rounds[1].model.as_deref(), rounds[1].seconds()), (1, None, None));
         // Folding a prefix and then the rest equals folding everything.
         let mut partial = fold(&events[..4]);
         for e in &events[4..] {

@@ -19,38 +19,17 @@ async fn engine_and_four_workers_complete_the_digits_job() {
     let suffix = unique();
     let db = format!("flame_e2e_{suffix}");
     let mut procs = Processes::default();
-    for (id, roles) in [
-        ("agg", "aggregator"),
-        ("t0", "trainer"),
-        ("t1", "trainer"),
-        ("t2", "trainer"),
-    ] {
+    for (id, roles) in [("agg", "aggregator"), ("t0", "trainer"), ("t1", "trainer"), ("t2", "trainer")] {
         procs.spawn(
             Command::new(bin("flame-worker"))
-                .args([
-                    "--nats",
-                    &nats,
-                    "--id",
-                    &format!("{id}-{suffix}"),
-                    "--roles",
-                    roles,
-                ])
+                .args(["--nats", &nats, "--id", &format!("{id}-{suffix}"), "--roles", roles])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null()),
         );
     }
     let engine = procs.spawn(
         Command::new(bin("flame-engine"))
-            .args([
-                "--mongo",
-                &mongo,
-                "--db",
-                &db,
-                "--nats",
-                &nats,
-                "--job",
-                "examples/digits-two-tier",
-            ])
+            .args(["--mongo", &mongo, "--db", &db, "--nats", &nats, "--job", "examples/digits-two-tier"])
             .args(["--worker-wait", "60", "--report-timeout", "120"])
             .current_dir(root())
             .env("RUST_LOG", "warn")
@@ -63,19 +42,13 @@ async fn engine_and_four_workers_complete_the_digits_job() {
             if let Some(status) = engine.try_wait().expect("wait") {
                 break status;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "flame-engine did not finish within 240 s"
-            );
+            assert!(std::time::Instant::now() < deadline, "flame-engine did not finish within 240 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
     let mut out = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut out).expect("read stdout");
-    assert!(
-        engine_exit.success(),
-        "flame-engine exited with {engine_exit}: {out}"
-    );
+    assert!(engine_exit.success(), "flame-engine exited with {engine_exit}: {out}");
     let summary: Value = serde_json::from_str(out.trim()).expect("engine prints one JSON summary");
     assert_eq!(summary["state"], "completed");
     assert_eq!(summary["rounds_completed"], 5);
@@ -92,41 +65,21 @@ async fn engine_and_four_workers_complete_the_digits_job() {
         .try_collect()
         .await
         .expect("cursor");
-    let versions: Vec<i64> = docs
-        .iter()
-        .map(|d| d.get_i64("version").expect("version"))
-        .collect();
+    let versions: Vec<i64> = docs.iter().map(|d| d.get_i64("version").expect("version")).collect();
     assert_eq!(versions, (1..=docs.len() as i64).collect::<Vec<_>>());
-    assert_eq!(
-        docs.first().and_then(|d| d.get_str("type").ok()),
-        Some("JobCreated")
-    );
+    assert_eq!(docs.first().and_then(|d| d.get_str("type").ok()), Some("JobCreated"));
     let completed = docs.last().expect("events");
     assert_eq!(completed.get_str("type").expect("type"), "JobCompleted");
-    let final_model = completed
-        .get_document("payload")
-        .expect("payload")
-        .get_str("final_model")
-        .expect("final_model")
-        .to_string();
+    let final_model = completed.get_document("payload").expect("payload").get_str("final_model").expect("final_model").to_string();
     assert_eq!(summary["final_model"], final_model.as_str());
-    let rounds = docs
-        .iter()
-        .filter(|d| d.get_str("type") == Ok("RoundAggregated"))
-        .count();
+    let rounds = docs.iter().filter(|d| d.get_str("type") == Ok("RoundAggregated")).count();
     assert_eq!(rounds, 5);
 
     // The same events were published on JetStream, each once, under its event id.
-    let stored_ids: BTreeSet<String> = docs
-        .iter()
-        .map(|d| d.get_str("_id").expect("_id").to_string())
-        .collect();
+    let stored_ids: BTreeSet<String> = docs.iter().map(|d| d.get_str("_id").expect("_id").to_string()).collect();
     let client = async_nats::connect(&nats).await.expect("nats");
     let js = async_nats::jetstream::new(client);
-    let stream = js
-        .get_stream("FLAME_EVENTS")
-        .await
-        .expect("FLAME_EVENTS stream");
+    let stream = js.get_stream("FLAME_EVENTS").await.expect("FLAME_EVENTS stream");
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             filter_subject: format!("flame.events.job.{job_id}"),
@@ -142,33 +95,21 @@ async fn engine_and_four_workers_complete_the_digits_job() {
             .expect("events arrive on JetStream")
             .expect("message")
             .expect("stream open");
-        let id = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .expect("Nats-Msg-Id")
-            .to_string();
+        let id = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).expect("Nats-Msg-Id").to_string();
         let body: Value = serde_json::from_slice(&msg.payload).expect("event JSON");
         assert_eq!(body["event_id"], id.as_str());
         published.push(id);
     }
     let info = stream.get_info().await.expect("stream info");
     let published_set: BTreeSet<String> = published.iter().cloned().collect();
-    assert_eq!(
-        published.len(),
-        published_set.len(),
-        "an event was published twice"
-    );
+    assert_eq!(published.len(), published_set.len(), "an event was published twice");
     assert_eq!(published_set, stored_ids);
     assert!(info.state.messages >= stored_ids.len() as u64);
 
     // The final model blob in the object store hashes to the digest the completion event names.
     let blobs = NatsBlobs::new(&js).await.expect("object store");
     let bytes = blobs.get(&final_model).await.expect("final model blob");
-    assert_eq!(
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
-        final_model
-    );
+    assert_eq!(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)), final_model);
     let weights = flame_workers::weights::decode(&bytes).expect("safetensors");
     assert_eq!(weights["fc1.weight"].shape, vec![32, 64]);
 }

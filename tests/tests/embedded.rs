@@ -7,30 +7,15 @@ use serde_json::Value;
 use crate::util::{bin, root};
 
 fn flamectl(args: &[&str]) -> std::process::Output {
-    Command::new(bin("flamectl"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run flamectl")
+    Command::new(bin("flamectl")).args(args).current_dir(root()).output().expect("run flamectl")
 }
 
 #[test]
 fn digits_job_completes_and_its_events_are_listed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_str().expect("utf8");
-    let out = flamectl(&[
-        "run",
-        "examples/digits-two-tier",
-        "-o",
-        "json",
-        "--data-dir",
-        data,
-    ]);
-    assert!(
-        out.status.success(),
-        "flamectl run failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = flamectl(&["run", "examples/digits-two-tier", "-o", "json", "--data-dir", data]);
+    assert!(out.status.success(), "flamectl run failed: {}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(summary["state"], "completed");
     assert_eq!(summary["rounds_completed"], 5);
@@ -41,28 +26,12 @@ fn digits_job_completes_and_its_events_are_listed() {
     let job_id = summary["job_id"].as_str().expect("job id");
 
     let out = flamectl(&["events", job_id, "--store", store, "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
-    assert_eq!(
-        events.len() as u64,
-        summary["events"].as_u64().expect("count")
-    );
-    let versions: Vec<u64> = events
-        .iter()
-        .map(|e| e["version"].as_u64().expect("version"))
-        .collect();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(events.len() as u64, summary["events"].as_u64().expect("count"));
+    let versions: Vec<u64> = events.iter().map(|e| e["version"].as_u64().expect("version")).collect();
     assert_eq!(versions, (1..=events.len() as u64).collect::<Vec<_>>());
-    let types: Vec<&str> = events
-        .iter()
-        .map(|e| e["event_type"].as_str().expect("type"))
-        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e["event_type"].as_str().expect("type")).collect();
     assert_eq!(types.first(), Some(&"JobCreated"));
     assert_eq!(types.last(), Some(&"JobCompleted"));
     assert_eq!(types.iter().filter(|t| **t == "RoundAggregated").count(), 5);
@@ -72,10 +41,7 @@ fn digits_job_completes_and_its_events_are_listed() {
     // The final model blob is in the blob folder under its own digest.
     let digest = summary["final_model"].as_str().expect("digest");
     let bytes = std::fs::read(dir.path().join("blobs").join(digest)).expect("final blob");
-    assert_eq!(
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
-        digest
-    );
+    assert_eq!(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)), digest);
 }
 
 fn copy_example(to: &std::path::Path) {
@@ -100,18 +66,11 @@ fn bad_job_folders_get_clear_errors() {
     let out = flamectl(&["run", job_arg, "--data-dir", data_arg]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("dataset2.json") && err.contains("file not found"),
-        "{err}"
-    );
+    assert!(err.contains("dataset2.json") && err.contains("file not found"), "{err}");
     copy_example(&job);
 
     // Invalid JSON gets its line and column.
-    std::fs::write(
-        job.join("schema.json"),
-        "{\n  \"name\": \"x\",\n  \"roles\": [,]\n}",
-    )
-    .expect("write");
+    std::fs::write(job.join("schema.json"), "{\n  \"name\": \"x\",\n  \"roles\": [,]\n}").expect("write");
     let out = flamectl(&["run", job_arg, "--data-dir", data_arg]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -120,25 +79,13 @@ fn bad_job_folders_get_clear_errors() {
 
     // An unknown optimizer is refused with the JSON path and the known names.
     let spec = std::fs::read_to_string(job.join("modelSpec.json")).expect("read");
-    std::fs::write(
-        job.join("modelSpec.json"),
-        spec.replace("\"fedavg\"", "\"fedmagic\""),
-    )
-    .expect("write");
+    std::fs::write(job.join("modelSpec.json"), spec.replace("\"fedavg\"", "\"fedmagic\"")).expect("write");
     let out = flamectl(&["validate", job_arg, "-o", "json"]);
     assert_eq!(out.status.code(), Some(2));
     let report: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(report["valid"], false);
-    assert_eq!(
-        report["errors"][0]["path"],
-        "modelSpec.json#/optimizer/sort"
-    );
-    assert!(
-        report["errors"][0]["hint"]
-            .as_str()
-            .expect("hint")
-            .contains("fedavg")
-    );
+    assert_eq!(report["errors"][0]["path"], "modelSpec.json#/optimizer/sort");
+    assert!(report["errors"][0]["hint"].as_str().expect("hint").contains("fedavg"));
 
     // Nothing was stored for any of the refused runs.
     assert!(!data.join("events.db").exists());
@@ -147,34 +94,21 @@ fn bad_job_folders_get_clear_errors() {
 #[test]
 fn plan_shows_tasks_and_the_first_round() {
     let out = flamectl(&["plan", "examples/digits-two-tier", "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let tasks = v["tasks"].as_array().expect("tasks");
     assert_eq!(tasks.len(), 4);
     for t in tasks {
-        assert!(
-            t["role"].is_string() && t["groupAssociation"].is_object() && t["channels"].is_array(),
-            "{t}"
-        );
+        assert!(t["role"].is_string() && t["groupAssociation"].is_object() && t["channels"].is_array(), "{t}");
         assert_eq!(t["dataset"].is_string(), t["role"] == "trainer");
     }
     let steps = v["plan"]["steps"].as_array().expect("steps");
     let train: Vec<&Value> = steps.iter().filter(|s| s["kind"] == "train").collect();
     assert_eq!(train.len(), 3);
-    let agg = steps
-        .iter()
-        .find(|s| s["kind"] == "aggregate")
-        .expect("aggregate");
+    let agg = steps.iter().find(|s| s["kind"] == "aggregate").expect("aggregate");
     assert_eq!(agg["after"].as_array().expect("after").len(), 3);
 
     let out = flamectl(&["plan", "examples/digits-two-tier", "-o", "dot"]);
     let dot = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        dot.starts_with("digraph plan {") && dot.trim_end().ends_with('}'),
-        "{dot}"
-    );
+    assert!(dot.starts_with("digraph plan {") && dot.trim_end().ends_with('}'), "{dot}");
 }

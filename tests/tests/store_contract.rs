@@ -23,32 +23,15 @@ fn event(n: u64) -> NewEvent {
 
 async fn append_read_and_versions(store: &dyn EventStore) {
     let s = format!("test-{}", unique());
-    assert!(
-        store.read_stream(&s, 1).await.expect("read").is_empty(),
-        "a missing stream reads empty"
-    );
-    let r = store
-        .append(&s, ExpectedVersion::NoStream, vec![event(1), event(2)])
-        .await
-        .expect("append");
+    assert!(store.read_stream(&s, 1).await.expect("read").is_empty(), "a missing stream reads empty");
+    let r = store.append(&s, ExpectedVersion::NoStream, vec![event(1), event(2)]).await.expect("append");
     assert_eq!((r.first_version, r.last_version), (1, 2));
-    let r2 = store
-        .append(&s, ExpectedVersion::Exact(2), vec![event(3)])
-        .await
-        .expect("append");
+    let r2 = store.append(&s, ExpectedVersion::Exact(2), vec![event(3)]).await.expect("append");
     assert_eq!(r2.first_version, 3);
     assert!(r2.last_position > r.last_position);
     let read = store.read_stream(&s, 1).await.expect("read");
-    assert_eq!(
-        read.iter().map(|e| e.version).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
-    assert_eq!(
-        read.iter()
-            .map(|e| e.payload["n"].as_u64().expect("n"))
-            .collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(read.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(read.iter().map(|e| e.payload["n"].as_u64().expect("n")).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(read[0].actor, "test");
     assert_eq!(store.read_stream(&s, 3).await.expect("read").len(), 1);
     let positions: Vec<u64> = read.iter().map(|e| e.position).collect();
@@ -57,61 +40,32 @@ async fn append_read_and_versions(store: &dyn EventStore) {
 
 async fn stale_versions_conflict(store: &dyn EventStore) {
     let s = format!("test-{}", unique());
-    store
-        .append(&s, ExpectedVersion::NoStream, vec![event(1)])
-        .await
-        .expect("append");
-    let e = store
-        .append(&s, ExpectedVersion::NoStream, vec![event(2)])
-        .await
-        .expect_err("stream exists");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(1)]).await.expect("append");
+    let e = store.append(&s, ExpectedVersion::NoStream, vec![event(2)]).await.expect_err("stream exists");
     assert!(matches!(e, Error::Conflict { actual: 1, .. }), "{e}");
-    let e = store
-        .append(&s, ExpectedVersion::Exact(5), vec![event(2)])
-        .await
-        .expect_err("stale");
+    let e = store.append(&s, ExpectedVersion::Exact(5), vec![event(2)]).await.expect_err("stale");
     assert!(matches!(e, Error::Conflict { actual: 1, .. }), "{e}");
-    assert_eq!(
-        store.read_stream(&s, 1).await.expect("read").len(),
-        1,
-        "a refused append writes nothing"
-    );
-    store
-        .append(&s, ExpectedVersion::Any, vec![event(2)])
-        .await
-        .expect("any");
+    assert_eq!(store.read_stream(&s, 1).await.expect("read").len(), 1, "a refused append writes nothing");
+    store.append(&s, ExpectedVersion::Any, vec![event(2)]).await.expect("any");
 }
 
 async fn reappending_is_idempotent(store: &dyn EventStore) {
     let s = format!("test-{}", unique());
     let batch = vec![event(1), event(2)];
-    let first = store
-        .append(&s, ExpectedVersion::NoStream, batch.clone())
-        .await
-        .expect("append");
+    let first = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.expect("append");
     // A retry of the same batch (same ids) with a now-stale expectation returns the stored result.
-    let again = store
-        .append(&s, ExpectedVersion::NoStream, batch)
-        .await
-        .expect("idempotent retry");
+    let again = store.append(&s, ExpectedVersion::NoStream, batch).await.expect("idempotent retry");
     assert_eq!(first, again);
     assert_eq!(store.read_stream(&s, 1).await.expect("read").len(), 2);
 }
 
 async fn concurrent_writers_one_wins_per_version(store: Arc<dyn EventStore>) {
     let s = format!("test-{}", unique());
-    store
-        .append(&s, ExpectedVersion::NoStream, vec![event(0)])
-        .await
-        .expect("seed");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.expect("seed");
     let mut tasks = Vec::new();
     for i in 0..8 {
         let (store, s) = (store.clone(), s.clone());
-        tasks.push(tokio::spawn(async move {
-            store
-                .append(&s, ExpectedVersion::Exact(1), vec![event(100 + i)])
-                .await
-        }));
+        tasks.push(tokio::spawn(async move { store.append(&s, ExpectedVersion::Exact(1), vec![event(100 + i)]).await }));
     }
     let mut wins = 0;
     for t in tasks {
@@ -129,22 +83,14 @@ async fn concurrent_writers_one_wins_per_version(store: Arc<dyn EventStore>) {
 }
 
 async fn global_log_and_checkpoints(store: Arc<dyn EventStore>) {
-    let start = store
-        .read_all(1, usize::MAX >> 1)
-        .await
-        .expect("all")
-        .last()
-        .map_or(0, |e| e.position);
+    let start = store.read_all(1, usize::MAX >> 1).await.expect("all").last().map_or(0, |e| e.position);
     let streams: Vec<String> = (0..4).map(|_| format!("test-{}", unique())).collect();
     let mut tasks = Vec::new();
     for s in &streams {
         let (store, s) = (store.clone(), s.clone());
         tasks.push(tokio::spawn(async move {
             for i in 0..5 {
-                store
-                    .append(&s, ExpectedVersion::Any, vec![event(i)])
-                    .await
-                    .expect("append");
+                store.append(&s, ExpectedVersion::Any, vec![event(i)]).await.expect("append");
             }
         }));
     }
@@ -152,15 +98,9 @@ async fn global_log_and_checkpoints(store: Arc<dyn EventStore>) {
         t.await.expect("task");
     }
     let all = store.read_all(start + 1, 1000).await.expect("all");
-    let mine: Vec<_> = all
-        .iter()
-        .filter(|e| streams.contains(&e.stream_id))
-        .collect();
+    let mine: Vec<_> = all.iter().filter(|e| streams.contains(&e.stream_id)).collect();
     assert_eq!(mine.len(), 20);
-    assert!(
-        all.windows(2).all(|w| w[0].position < w[1].position),
-        "global positions strictly increase"
-    );
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position), "global positions strictly increase");
     let ids: BTreeSet<_> = mine.iter().map(|e| e.event_id).collect();
     assert_eq!(ids.len(), 20);
     assert_eq!(store.read_all(start + 1, 3).await.expect("limit").len(), 3);
@@ -173,18 +113,10 @@ async fn global_log_and_checkpoints(store: Arc<dyn EventStore>) {
 }
 
 async fn a_subscriber_sees_every_event_once_in_order(store: Arc<dyn EventStore>) {
-    let start = store
-        .read_all(1, usize::MAX >> 1)
-        .await
-        .expect("all")
-        .last()
-        .map_or(0, |e| e.position);
+    let start = store.read_all(1, usize::MAX >> 1).await.expect("all").last().map_or(0, |e| e.position);
     // Some history before the subscription, the rest while it follows.
     let before = format!("test-{}", unique());
-    store
-        .append(&before, ExpectedVersion::Any, vec![event(0), event(1)])
-        .await
-        .expect("append");
+    store.append(&before, ExpectedVersion::Any, vec![event(0), event(1)]).await.expect("append");
     let mut sub = subscribe(store.clone(), start + 1, Duration::from_millis(20));
     let streams: Vec<String> = (0..4).map(|_| format!("test-{}", unique())).collect();
     let mut writers = Vec::new();
@@ -192,10 +124,7 @@ async fn a_subscriber_sees_every_event_once_in_order(store: Arc<dyn EventStore>)
         let (store, s) = (store.clone(), s.clone());
         writers.push(tokio::spawn(async move {
             for i in 0..10 {
-                store
-                    .append(&s, ExpectedVersion::Any, vec![event(i), event(100 + i)])
-                    .await
-                    .expect("append");
+                store.append(&s, ExpectedVersion::Any, vec![event(i), event(100 + i)]).await.expect("append");
             }
         }));
     }
@@ -203,23 +132,12 @@ async fn a_subscriber_sees_every_event_once_in_order(store: Arc<dyn EventStore>)
     let mut ids = BTreeSet::new();
     let mut last = start;
     while seen.len() < 2 + 4 * 20 {
-        let e = tokio::time::timeout(Duration::from_secs(20), sub.next())
-            .await
-            .expect("subscriber keeps up")
-            .expect("open")
-            .expect("event");
-        assert!(
-            e.position > last,
-            "positions arrive in order: {} after {last}",
-            e.position
-        );
+        let e =
+            tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("subscriber keeps up").expect("open").expect("event");
+        assert!(e.position > last, "positions arrive in order: {} after {last}", e.position);
         last = e.position;
         if e.stream_id == before || streams.contains(&e.stream_id) {
-            assert!(
-                ids.insert(e.event_id),
-                "event {} delivered twice",
-                e.event_id
-            );
+            assert!(ids.insert(e.event_id), "event {} delivered twice", e.event_id);
             seen.push(e);
         }
     }
@@ -227,11 +145,7 @@ async fn a_subscriber_sees_every_event_once_in_order(store: Arc<dyn EventStore>)
         w.await.expect("writer");
     }
     for s in &streams {
-        let versions: Vec<u64> = seen
-            .iter()
-            .filter(|e| &e.stream_id == s)
-            .map(|e| e.version)
-            .collect();
+        let versions: Vec<u64> = seen.iter().filter(|e| &e.stream_id == s).map(|e| e.version).collect();
         assert_eq!(versions, (1..=20).collect::<Vec<_>>());
     }
 }
@@ -255,9 +169,7 @@ async fn sqlite_store_meets_the_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongo_store_meets_the_contract() {
-    let store = MongoStore::connect(&mongo_uri(), &format!("flame_contract_{}", unique()))
-        .await
-        .expect("connect");
+    let store = MongoStore::connect(&mongo_uri(), &format!("flame_contract_{}", unique())).await.expect("connect");
     contract(Arc::new(store)).await;
 }
 
@@ -266,10 +178,7 @@ async fn a_bad_mongo_document_names_its_place_and_spares_other_streams() {
     let uri = mongo_uri();
     let db = format!("flame_bad_{}", unique());
     let store = MongoStore::connect(&uri, &db).await.expect("connect");
-    store
-        .append("job-good", ExpectedVersion::NoStream, vec![event(1)])
-        .await
-        .expect("append");
+    store.append("job-good", ExpectedVersion::NoStream, vec![event(1)]).await.expect("append");
     let client = mongodb::Client::with_uri_str(&uri).await.expect("client");
     client
         .database(&db)
@@ -280,24 +189,8 @@ async fn a_bad_mongo_document_names_its_place_and_spares_other_streams() {
         })
         .await
         .expect("insert a damaged document");
-    let err = store
-        .read_stream("job-bad", 1)
-        .await
-        .expect_err("undecodable");
+    let err = store.read_stream("job-bad", 1).await.expect_err("undecodable");
     let msg = err.to_string();
-    assert!(
-        msg.contains("job-bad")
-            && msg.contains("v1")
-            && msg.contains("JobStarted")
-            && msg.contains("not-a-uuid"),
-        "{msg}"
-    );
-    assert_eq!(
-        store
-            .read_stream("job-good", 1)
-            .await
-            .expect("other streams still read")
-            .len(),
-        1
-    );
+    assert!(msg.contains("job-bad") && msg.contains("v1") && msg.contains("JobStarted") && msg.contains("not-a-uuid"), "{msg}");
+    assert_eq!(store.read_stream("job-good", 1).await.expect("other streams still read").len(), 1);
 }

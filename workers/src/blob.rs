@@ -35,10 +35,7 @@ pub enum Error {
 }
 
 fn check_digest(d: &str) -> Result<(), Error> {
-    if d.len() == 64
-        && d.chars()
-            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-    {
+    if d.len() == 64 && d.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
         Ok(())
     } else {
         Err(Error::BadDigest(d.to_string()))
@@ -47,14 +44,7 @@ fn check_digest(d: &str) -> Result<(), Error> {
 
 fn verified(expected: &str, bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
     let actual = digest(&bytes);
-    if actual == expected {
-        Ok(bytes)
-    } else {
-        Err(Error::Corrupt {
-            expected: expected.to_string(),
-            actual,
-        })
-    }
+    if actual == expected { Ok(bytes) } else { Err(Error::Corrupt { expected: expected.to_string(), actual }) }
 }
 
 /// Where model blobs live.
@@ -76,8 +66,7 @@ impl LocalBlobs {
     /// Uses (and creates) `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, Error> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
         Ok(Self { dir })
     }
 }
@@ -90,24 +79,18 @@ impl BlobStore for LocalBlobs {
         if !path.exists() {
             // Write then rename, so a reader never sees half a blob.
             let tmp = self.dir.join(format!(".{d}.{}", std::process::id()));
-            tokio::fs::write(&tmp, &bytes)
-                .await
-                .map_err(|e| Error::Io(e.to_string()))?;
-            tokio::fs::rename(&tmp, &path)
-                .await
-                .map_err(|e| Error::Io(e.to_string()))?;
+            tokio::fs::write(&tmp, &bytes).await.map_err(|e| Error::Io(e.to_string()))?;
+            tokio::fs::rename(&tmp, &path).await.map_err(|e| Error::Io(e.to_string()))?;
         }
         Ok(d)
     }
 
     async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
         check_digest(digest)?;
-        let bytes = tokio::fs::read(self.dir.join(digest))
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::NotFound(digest.to_string()),
-                _ => Error::Io(e.to_string()),
-            })?;
+        let bytes = tokio::fs::read(self.dir.join(digest)).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(digest.to_string()),
+            _ => Error::Io(e.to_string()),
+        })?;
         verified(digest, bytes)
     }
 }
@@ -124,14 +107,9 @@ impl NatsBlobs {
         let store = match js.get_object_store(BUCKET).await {
             Ok(s) => s,
             Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: BUCKET.to_string(),
-                    ..Default::default()
-                })
+                .create_object_store(object_store::Config { bucket: BUCKET.to_string(), ..Default::default() })
                 .await
-                .map_err(|e| {
-                    Error::Io(format!("cannot create object store bucket {BUCKET}: {e}"))
-                })?,
+                .map_err(|e| Error::Io(format!("cannot create object store bucket {BUCKET}: {e}")))?,
         };
         Ok(Self { store })
     }
@@ -142,10 +120,7 @@ impl BlobStore for NatsBlobs {
     async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
         let d = digest(&bytes);
         if self.store.info(&d).await.is_err() {
-            self.store
-                .put(d.as_str(), &mut bytes.as_slice())
-                .await
-                .map_err(|e| Error::Io(e.to_string()))?;
+            self.store.put(d.as_str(), &mut bytes.as_slice()).await.map_err(|e| Error::Io(e.to_string()))?;
         }
         Ok(d)
     }
@@ -157,10 +132,7 @@ impl BlobStore for NatsBlobs {
             _ => Error::Io(e.to_string()),
         })?;
         let mut bytes = Vec::new();
-        object
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| Error::Io(e.to_string()))?;
+        object.read_to_end(&mut bytes).await.map_err(|e| Error::Io(e.to_string()))?;
         verified(digest, bytes)
     }
 }
@@ -178,13 +150,7 @@ mod tests {
         assert_eq!(blobs.get(&d).await.expect("get"), b"model bytes");
         std::fs::write(dir.path().join(&d), b"tampered").expect("tamper");
         assert!(matches!(blobs.get(&d).await, Err(Error::Corrupt { .. })));
-        assert!(matches!(
-            blobs.get(&"0".repeat(64)).await,
-            Err(Error::NotFound(_))
-        ));
-        assert!(matches!(
-            blobs.get("../etc/passwd").await,
-            Err(Error::BadDigest(_))
-        ));
+        assert!(matches!(blobs.get(&"0".repeat(64)).await, Err(Error::NotFound(_))));
+        assert!(matches!(blobs.get("../etc/passwd").await, Err(Error::BadDigest(_))));
     }
 }

@@ -55,10 +55,7 @@ impl Split {
     fn select(&self, rows: &[usize]) -> Self {
         let f = self.features;
         Self {
-            x: rows
-                .iter()
-                .flat_map(|&r| self.x[r * f..(r + 1) * f].iter().copied())
-                .collect(),
+            x: rows.iter().flat_map(|&r| self.x[r * f..(r + 1) * f].iter().copied()).collect(),
             y: rows.iter().map(|&r| self.y[r]).collect(),
             features: f,
         }
@@ -111,49 +108,31 @@ fn parse_csv(url: &str, text: &str, scale: f32) -> Result<Split, Error> {
     let mut x = Vec::new();
     let mut y = Vec::new();
     let mut features = None;
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let values: Vec<f32> = line
             .split(',')
             .map(|v| v.trim().parse::<f32>())
             .collect::<Result<_, _>>()
-            .map_err(|e| Error::Read {
-                url: url.into(),
-                reason: format!("line {}: {e}", i + 1),
-            })?;
+            .map_err(|e| Error::Read { url: url.into(), reason: format!("line {}: {e}", i + 1) })?;
         let Some((label, row)) = values.split_last() else {
             continue;
         };
         if *features.get_or_insert(row.len()) != row.len() {
             return Err(Error::Read {
                 url: url.into(),
-                reason: format!(
-                    "line {} has {} columns, earlier lines {}",
-                    i + 1,
-                    values.len(),
-                    features.unwrap_or(0) + 1
-                ),
+                reason: format!("line {} has {} columns, earlier lines {}", i + 1, values.len(), features.unwrap_or(0) + 1),
             });
         }
         if *label < 0.0 || label.fract() != 0.0 {
             return Err(Error::Read {
                 url: url.into(),
-                reason: format!(
-                    "line {}: label {label} is not a class number 0, 1, 2, ...",
-                    i + 1
-                ),
+                reason: format!("line {}: label {label} is not a class number 0, 1, 2, ...", i + 1),
             });
         }
         x.extend(row.iter().map(|v| v / scale));
         y.push(*label as i64);
     }
-    let features = features.ok_or_else(|| Error::Read {
-        url: url.into(),
-        reason: "no rows".into(),
-    })?;
+    let features = features.ok_or_else(|| Error::Read { url: url.into(), reason: "no rows".into() })?;
     Ok(Split { x, y, features })
 }
 
@@ -161,10 +140,10 @@ fn query(url: &str, q: &str, key: &str) -> Result<Option<usize>, Error> {
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k == key {
-            return v.parse().map(Some).map_err(|_| Error::Url {
-                url: url.into(),
-                reason: format!("'{key}' must be a whole number, not '{v}'"),
-            });
+            return v
+                .parse()
+                .map(Some)
+                .map_err(|_| Error::Url { url: url.into(), reason: format!("'{key}' must be a whole number, not '{v}'") });
         }
     }
     Ok(None)
@@ -175,18 +154,12 @@ pub fn load(url: &str) -> Result<Data, Error> {
     if let Some(rest) = url.strip_prefix("builtin://") {
         let (name, q) = rest.split_once('?').unwrap_or((rest, ""));
         if name != "digits" {
-            return Err(Error::Url {
-                url: url.into(),
-                reason: format!("no built-in dataset '{name}'; the built-in one is 'digits'"),
-            });
+            return Err(Error::Url { url: url.into(), reason: format!("no built-in dataset '{name}'; the built-in one is 'digits'") });
         }
         let mut text = String::new();
         flate2::read::GzDecoder::new(DIGITS_GZ)
             .read_to_string(&mut text)
-            .map_err(|e| Error::Read {
-                url: url.into(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
         let all = parse_csv(url, &text, 16.0)?;
         let mut rows: Vec<usize> = (0..all.len()).collect();
         SplitMix::new(SPLIT_SEED).shuffle(&mut rows);
@@ -195,42 +168,25 @@ pub fn load(url: &str) -> Result<Data, Error> {
         let of = query(url, q, "of")?.unwrap_or(1);
         let part = query(url, q, "part")?.unwrap_or(0);
         if of == 0 || part >= of {
-            return Err(Error::Url {
-                url: url.into(),
-                reason: format!("need 0 <= part < of, got part={part} of={of}"),
-            });
+            return Err(Error::Url { url: url.into(), reason: format!("need 0 <= part < of, got part={part} of={of}") });
         }
         let mine: Vec<usize> = train_rows.iter().copied().skip(part).step_by(of).collect();
-        return Ok(Data {
-            train: all.select(&mine),
-            test: all.select(test_rows),
-            classes: 10,
-        });
+        return Ok(Data { train: all.select(&mine), test: all.select(test_rows), classes: 10 });
     }
-    let path = url
-        .strip_prefix("file://")
-        .or_else(|| url.strip_prefix("file:"))
-        .unwrap_or(url);
+    let path = url.strip_prefix("file://").or_else(|| url.strip_prefix("file:")).unwrap_or(url);
     if !path.ends_with(".csv") {
         return Err(Error::Url {
             url: url.into(),
             reason: "use builtin://digits?part=I&of=N or a path to a .csv file (features, then the label)".into(),
         });
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
-        url: url.into(),
-        reason: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
     let all = parse_csv(url, &text, 1.0)?;
     let classes = all.y.iter().max().map_or(0, |m| *m as usize + 1);
     let n_test = (all.len() as f64 * TEST_FRACTION).round() as usize;
     let cut = all.len() - n_test;
     let rows: Vec<usize> = (0..all.len()).collect();
-    Ok(Data {
-        train: all.select(&rows[..cut]),
-        test: all.select(&rows[cut..]),
-        classes,
-    })
+    Ok(Data { train: all.select(&rows[..cut]), test: all.select(&rows[cut..]), classes })
 }
 
 #[cfg(test)]
@@ -243,13 +199,8 @@ mod tests {
         assert_eq!(whole.train.len() + whole.test.len(), 1797);
         assert_eq!(whole.test.len(), 359);
         assert_eq!(whole.train.features, 64);
-        let parts: Vec<Data> = (0..3)
-            .map(|i| load(&format!("builtin://digits?part={i}&of=3")).expect("part"))
-            .collect();
-        assert_eq!(
-            parts.iter().map(|p| p.train.len()).sum::<usize>(),
-            whole.train.len()
-        );
+        let parts: Vec<Data> = (0..3).map(|i| load(&format!("builtin://digits?part={i}&of=3")).expect("part")).collect();
+        assert_eq!(parts.iter().map(|p| p.train.len()).sum::<usize>(), whole.train.len());
         assert!(parts.iter().all(|p| p.test == whole.test));
         assert!(whole.train.x.iter().all(|v| (0.0..=1.0).contains(v)));
         let mut labels: Vec<i64> = whole.test.y.clone();
@@ -271,21 +222,11 @@ mod tests {
     fn csv_files_load_with_the_last_column_as_label() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("d.csv");
-        let rows: String = (0..10)
-            .map(|i| format!("{i}.0,{}.5,{}\n", i * 2, i % 2))
-            .collect();
+        let rows: String = (0..10).map(|i| format!("{i}.0,{}.5,{}\n", i * 2, i % 2)).collect();
         std::fs::write(&path, rows).expect("write");
         let d = load(&format!("file:{}", path.display())).expect("csv");
-        assert_eq!(
-            (d.train.len(), d.test.len(), d.classes, d.train.features),
-            (8, 2, 2, 2)
-        );
+        assert_eq!((d.train.len(), d.test.len(), d.classes, d.train.features), (8, 2, 2, 2));
         std::fs::write(&path, "1,2,x\n").expect("write");
-        assert!(
-            load(path.to_str().expect("utf8"))
-                .expect_err("bad")
-                .to_string()
-                .contains("line 1")
-        );
+        assert!(load(path.to_str().expect("utf8")).expect_err("bad").to_string().contains("line 1"));
     }
 }

@@ -36,23 +36,14 @@ mod tests {
 
     fn model(values: &[f32]) -> Weights {
         let mut w = Weights::new();
-        w.insert(
-            "w".into(),
-            Tensor {
-                shape: vec![values.len()],
-                data: values.to_vec(),
-            },
-        );
+        w.insert("w".into(), Tensor { shape: vec![values.len()], data: values.to_vec() });
         w
     }
 
     #[test]
     fn is_the_sample_weighted_mean() {
         let out = fedavg(&[(model(&[1.0, 2.0]), 1), (model(&[4.0, -1.0]), 3)]).expect("fedavg");
-        assert_eq!(
-            out["w"].data,
-            vec![(1.0 + 3.0 * 4.0) / 4.0, (2.0 - 3.0) / 4.0]
-        );
+        assert_eq!(out["w"].data, vec![(1.0 + 3.0 * 4.0) / 4.0, (2.0 - 3.0) / 4.0]);
     }
 
     #[test]

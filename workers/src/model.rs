@@ -52,13 +52,10 @@ fn default_hidden() -> Vec<usize> {
 impl ModelConfig {
     /// Reads the description a command carries.
     pub fn from_json(v: &serde_json::Value) -> Result<Self, Error> {
-        let cfg: Self = serde_json::from_value(v.clone())
-            .map_err(|e| Error::Config(format!("bad model description {v}: {e}")))?;
+        let cfg: Self = serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("bad model description {v}: {e}")))?;
         match cfg.name.as_str() {
             "mlp" | "logreg" => Ok(cfg),
-            other => Err(Error::Config(format!(
-                "unknown model '{other}': the built-in models are 'mlp' and 'logreg'"
-            ))),
+            other => Err(Error::Config(format!("unknown model '{other}': the built-in models are 'mlp' and 'logreg'"))),
         }
     }
 
@@ -75,29 +72,14 @@ impl ModelConfig {
     /// Fresh weights, uniform in ±1/sqrt(fan_in) as PyTorch's Linear does.
     pub fn init(&self, inputs: usize, classes: usize, seed: u64) -> Weights {
         let mut rng = SplitMix::new(seed);
-        let mut uniform =
-            |bound: f64| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound;
+        let mut uniform = |bound: f64| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound;
         let mut w = Weights::new();
         for (i, (fan_in, fan_out)) in self.layers(inputs, classes).into_iter().enumerate() {
             let bound = 1.0 / (fan_in as f64).sqrt();
-            let weight = (0..fan_in * fan_out)
-                .map(|_| uniform(bound) as f32)
-                .collect();
+            let weight = (0..fan_in * fan_out).map(|_| uniform(bound) as f32).collect();
             let bias = (0..fan_out).map(|_| uniform(bound) as f32).collect();
-            w.insert(
-                format!("fc{}.weight", i + 1),
-                Tensor {
-                    shape: vec![fan_out, fan_in],
-                    data: weight,
-                },
-            );
-            w.insert(
-                format!("fc{}.bias", i + 1),
-                Tensor {
-                    shape: vec![fan_out],
-                    data: bias,
-                },
-            );
+            w.insert(format!("fc{}.weight", i + 1), Tensor { shape: vec![fan_out, fan_in], data: weight });
+            w.insert(format!("fc{}.bias", i + 1), Tensor { shape: vec![fan_out], data: bias });
         }
         w
     }
@@ -120,11 +102,10 @@ impl TrainSettings {
         let num = |k: &str, default: f64| -> Result<f64, Error> {
             match h.get(k) {
                 None => Ok(default),
-                Some(v) => v.as_f64().filter(|x| *x > 0.0).ok_or_else(|| {
-                    Error::Config(format!(
-                        "hyperparameter '{k}' must be a positive number, not {v}"
-                    ))
-                }),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| *x > 0.0)
+                    .ok_or_else(|| Error::Config(format!("hyperparameter '{k}' must be a positive number, not {v}"))),
             }
         };
         Ok(Self {
@@ -157,24 +138,12 @@ impl Net {
                 break;
             };
             let [fan_out, fan_in] = w.shape[..] else {
-                return Err(Error::Weights(format!(
-                    "fc{i}.weight has shape {:?}; expected [out, in]",
-                    w.shape
-                )));
+                return Err(Error::Weights(format!("fc{i}.weight has shape {:?}; expected [out, in]", w.shape)));
             };
-            layers.push(nn::linear(
-                vs.root() / format!("fc{i}"),
-                fan_in as i64,
-                fan_out as i64,
-                Default::default(),
-            ));
+            layers.push(nn::linear(vs.root() / format!("fc{i}"), fan_in as i64, fan_out as i64, Default::default()));
         }
         if layers.is_empty() || (cfg.name == "logreg" && layers.len() != 1) {
-            return Err(Error::Weights(format!(
-                "{} layer(s) found for model '{}'",
-                layers.len(),
-                cfg.name
-            )));
+            return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.name)));
         }
         let mut net = Self { vs, layers };
         net.load(weights)?;
@@ -184,24 +153,14 @@ impl Net {
     fn load(&mut self, weights: &Weights) -> Result<(), Error> {
         let vars = self.vs.variables();
         if vars.len() != weights.len() {
-            return Err(Error::Weights(format!(
-                "model has {} tensors, weights have {}",
-                vars.len(),
-                weights.len()
-            )));
+            return Err(Error::Weights(format!("model has {} tensors, weights have {}", vars.len(), weights.len())));
         }
         tch::no_grad(|| {
             for (name, mut var) in vars {
-                let w = weights
-                    .get(&name)
-                    .ok_or_else(|| Error::Weights(format!("tensor '{name}' is missing")))?;
+                let w = weights.get(&name).ok_or_else(|| Error::Weights(format!("tensor '{name}' is missing")))?;
                 let shape: Vec<i64> = w.shape.iter().map(|&d| d as i64).collect();
                 if var.size() != shape {
-                    return Err(Error::Weights(format!(
-                        "tensor '{name}' has shape {:?}, the model needs {:?}",
-                        w.shape,
-                        var.size()
-                    )));
+                    return Err(Error::Weights(format!("tensor '{name}' has shape {:?}, the model needs {:?}", w.shape, var.size())));
                 }
                 var.copy_(&TchTensor::from_slice(&w.data).view(shape.as_slice()));
             }
@@ -222,29 +181,19 @@ impl Net {
 
     fn forward(&self, x: &TchTensor) -> TchTensor {
         let last = self.layers.len() - 1;
-        self.layers
-            .iter()
-            .enumerate()
-            .fold(x.shallow_clone(), |h, (i, l)| {
-                let z = l.forward(&h);
-                if i < last { z.relu() } else { z }
-            })
+        self.layers.iter().enumerate().fold(x.shallow_clone(), |h, (i, l)| {
+            let z = l.forward(&h);
+            if i < last { z.relu() } else { z }
+        })
     }
 
     /// Minibatch SGD on a split; returns the mean training loss of the last epoch.
-    pub fn train(
-        &mut self,
-        data: &Split,
-        settings: &TrainSettings,
-        seed: u64,
-    ) -> Result<Metrics, Error> {
+    pub fn train(&mut self, data: &Split, settings: &TrainSettings, seed: u64) -> Result<Metrics, Error> {
         if data.is_empty() {
             return Err(Error::Config("no training rows".into()));
         }
         let (x, y) = to_tensors(data);
-        let mut opt = nn::Sgd::default()
-            .build(&self.vs, settings.learning_rate)
-            .map_err(torch)?;
+        let mut opt = nn::Sgd::default().build(&self.vs, settings.learning_rate).map_err(torch)?;
         let mut rng = SplitMix::new(seed);
         let mut order: Vec<i64> = (0..data.len() as i64).collect();
         let mut last_loss = 0.0;
@@ -273,14 +222,8 @@ impl Net {
         tch::no_grad(|| {
             let logits = self.forward(&x);
             Metrics::from([
-                (
-                    "loss".to_string(),
-                    logits.cross_entropy_for_logits(&y).double_value(&[]),
-                ),
-                (
-                    "accuracy".to_string(),
-                    logits.accuracy_for_logits(&y).double_value(&[]),
-                ),
+                ("loss".to_string(), logits.cross_entropy_for_logits(&y).double_value(&[])),
+                ("accuracy".to_string(), logits.accuracy_for_logits(&y).double_value(&[])),
                 ("test_samples".to_string(), data.len() as f64),
             ])
         })
@@ -304,16 +247,11 @@ mod tests {
     fn training_learns_digits_and_is_deterministic() {
         init_backend();
         let d = data::load("builtin://digits?part=0&of=3").expect("digits");
-        let cfg = ModelConfig::from_json(&serde_json::json!({"name": "mlp", "hidden": [32]}))
-            .expect("cfg");
+        let cfg = ModelConfig::from_json(&serde_json::json!({"name": "mlp", "hidden": [32]})).expect("cfg");
         let init = cfg.init(64, 10, 7);
         assert_eq!(init["fc1.weight"].shape, vec![32, 64]);
         assert_eq!(init["fc2.bias"].shape, vec![10]);
-        let settings = TrainSettings {
-            epochs: 5,
-            batch_size: 16,
-            learning_rate: 0.3,
-        };
+        let settings = TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3 };
         let before = Net::new(&cfg, &init).expect("net").evaluate(&d.test)["accuracy"];
         let mut a = Net::new(&cfg, &init).expect("net");
         a.train(&d.train, &settings, 1).expect("train");
@@ -321,10 +259,7 @@ mod tests {
         b.train(&d.train, &settings, 1).expect("train");
         assert_eq!(a.weights().expect("w"), b.weights().expect("w"));
         let after = a.evaluate(&d.test)["accuracy"];
-        assert!(
-            after > 0.8 && after > before + 0.5,
-            "accuracy {before} -> {after}"
-        );
+        assert!(after > 0.8 && after > before + 0.5, "accuracy {before} -> {after}");
     }
 
     #[test]

@@ -34,26 +34,14 @@ pub struct Worker {
 impl Worker {
     /// A worker with this identity, transport and blob store.
     pub fn new(info: WorkerInfo, transport: Arc<dyn Transport>, blobs: Arc<dyn BlobStore>) -> Self {
-        Self {
-            info,
-            transport,
-            blobs,
-            done: Arc::default(),
-        }
+        Self { info, transport, blobs, done: Arc::default() }
     }
 
     /// Registers, then runs commands until `shutdown` resolves or the inbox closes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         flame_events::transport::check_id(&self.info.id)?;
-        self.transport
-            .register(&self.info)
-            .await
-            .context("registering the worker")?;
-        let mut inbox = self
-            .transport
-            .command_inbox(&self.info.id)
-            .await
-            .context("opening the command inbox")?;
+        self.transport.register(&self.info).await.context("registering the worker")?;
+        let mut inbox = self.transport.command_inbox(&self.info.id).await.context("opening the command inbox")?;
         let heartbeat = {
             let (transport, info) = (self.transport.clone(), self.info.clone());
             tokio::spawn(async move {
@@ -99,9 +87,7 @@ impl Worker {
         let started = std::time::Instant::now();
         let body = match self.run_command(command).await {
             Ok(body) => body,
-            Err(e) => ReportBody::Failed {
-                error: format!("{e:#}"),
-            },
+            Err(e) => ReportBody::Failed { error: format!("{e:#}") },
         };
         tracing::info!(worker = %self.info.id, command = %command.id, ms = started.elapsed().as_millis() as u64, failed = matches!(body, ReportBody::Failed { .. }), "command done");
         let report = Report {
@@ -113,10 +99,7 @@ impl Worker {
             round: command.round,
             body,
         };
-        let mut done = self
-            .done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if done.len() >= REMEMBERED {
             done.clear();
         }
@@ -125,19 +108,11 @@ impl Worker {
     }
 
     fn remembered(&self, id: &str) -> Option<Report> {
-        self.done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(id)
-            .cloned()
+        self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(id).cloned()
     }
 
     async fn fetch(&self, digest: &str) -> anyhow::Result<Weights> {
-        let bytes = self
-            .blobs
-            .get(digest)
-            .await
-            .with_context(|| format!("fetching model {digest}"))?;
+        let bytes = self.blobs.get(digest).await.with_context(|| format!("fetching model {digest}"))?;
         weights::decode(&bytes).with_context(|| format!("reading model {digest}"))
     }
 
@@ -147,91 +122,56 @@ impl Worker {
 
     async fn run_command(&self, command: &Command) -> anyhow::Result<ReportBody> {
         if command.v != protocol::VERSION {
-            bail!(
-                "protocol version {} is not supported (this worker speaks {})",
-                command.v,
-                protocol::VERSION
-            );
+            bail!("protocol version {} is not supported (this worker speaks {})", command.v, protocol::VERSION);
         }
         match &command.body {
-            CommandBody::InitModel {
-                model,
-                dataset,
-                seed,
-            } => {
+            CommandBody::InitModel { model, dataset, seed } => {
                 let cfg = ModelConfig::from_json(model)?;
                 let url = dataset.clone();
                 let d = tokio::task::spawn_blocking(move || data::load(&url)).await??;
-                let digest = self
-                    .store(&cfg.init(d.train.features, d.classes, *seed))
-                    .await?;
+                let digest = self.store(&cfg.init(d.train.features, d.classes, *seed)).await?;
                 Ok(ReportBody::Initialized { digest })
             }
-            CommandBody::Train {
-                model,
-                global_model,
-                dataset,
-                hyperparameters,
-                seed,
-            } => {
+            CommandBody::Train { model, global_model, dataset, hyperparameters, seed } => {
                 let cfg = ModelConfig::from_json(model)?;
                 let settings = TrainSettings::from_hyperparameters(hyperparameters)?;
                 let global = self.fetch(global_model).await?;
                 let (url, seed) = (dataset.clone(), *seed);
-                let (trained, samples, metrics) =
-                    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                        let d = data::load(&url)?;
-                        let mut net = Net::new(&cfg, &global)?;
-                        let mut metrics = net.train(&d.train, &settings, seed)?;
-                        if let Some(acc) = net.evaluate(&d.train).get("accuracy") {
-                            metrics.insert("train_accuracy".into(), *acc);
-                        }
-                        Ok((net.weights()?, d.train.len() as u64, metrics))
-                    })
-                    .await??;
-                let digest = self.store(&trained).await?;
-                Ok(ReportBody::Trained {
-                    digest,
-                    samples,
-                    metrics,
+                let (trained, samples, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let d = data::load(&url)?;
+                    let mut net = Net::new(&cfg, &global)?;
+                    let mut metrics = net.train(&d.train, &settings, seed)?;
+                    if let Some(acc) = net.evaluate(&d.train).get("accuracy") {
+                        metrics.insert("train_accuracy".into(), *acc);
+                    }
+                    Ok((net.weights()?, d.train.len() as u64, metrics))
                 })
+                .await??;
+                let digest = self.store(&trained).await?;
+                Ok(ReportBody::Trained { digest, samples, metrics })
             }
-            CommandBody::Aggregate {
-                model,
-                optimizer,
-                global_model,
-                updates,
-                eval_dataset,
-            } => {
+            CommandBody::Aggregate { model, optimizer, global_model, updates, eval_dataset } => {
                 if optimizer != "fedavg" {
-                    bail!(
-                        "optimizer '{optimizer}' is not implemented by this worker yet; use fedavg"
-                    );
+                    bail!("optimizer '{optimizer}' is not implemented by this worker yet; use fedavg");
                 }
                 let cfg = ModelConfig::from_json(model)?;
                 let global = self.fetch(global_model).await?;
                 let mut inputs = Vec::with_capacity(updates.len());
                 for u in updates {
-                    let w = self
-                        .fetch(&u.digest)
-                        .await
-                        .with_context(|| format!("update from task '{}'", u.task_id))?;
-                    weights::check_same_layout(&global, &w).with_context(|| {
-                        format!("update {} from task '{}'", u.digest, u.task_id)
-                    })?;
+                    let w = self.fetch(&u.digest).await.with_context(|| format!("update from task '{}'", u.task_id))?;
+                    weights::check_same_layout(&global, &w).with_context(|| format!("update {} from task '{}'", u.digest, u.task_id))?;
                     inputs.push((w, u.samples));
                 }
                 let eval = eval_dataset.clone();
-                let (new_global, metrics) =
-                    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                        let avg = fedavg::fedavg(&inputs)?;
-                        let metrics = match eval {
-                            Some(url) => Net::new(&cfg, &avg)?.evaluate(&data::load(&url)?.test),
-                            None => Default::default(),
-                        };
-                        Ok((avg, metrics))
-                    })
-                    .await??;
+                let (new_global, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let avg = fedavg::fedavg(&inputs)?;
+                    let metrics = match eval {
+                        Some(url) => Net::new(&cfg, &avg)?.evaluate(&data::load(&url)?.test),
+                        None => Default::default(),
+                    };
+                    Ok((avg, metrics))
+                })
+                .await??;
                 let digest = self.store(&new_global).await?;
                 Ok(ReportBody::Aggregated { digest, metrics })
             }

@@ -47,21 +47,12 @@ pub fn digest(bytes: &[u8]) -> String {
 
 /// Encodes weights as safetensors bytes (deterministic for equal weights).
 pub fn encode(weights: &Weights) -> Result<Vec<u8>, Error> {
-    let bytes: Vec<(String, Vec<u8>)> = weights
-        .iter()
-        .map(|(name, t)| {
-            (
-                name.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
+    let bytes: Vec<(String, Vec<u8>)> =
+        weights.iter().map(|(name, t)| (name.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
     let views = weights
         .iter()
         .zip(&bytes)
-        .map(|((name, t), (_, b))| {
-            TensorView::new(Dtype::F32, t.shape.clone(), b).map(|v| (name.clone(), v))
-        })
+        .map(|((name, t), (_, b))| TensorView::new(Dtype::F32, t.shape.clone(), b).map(|v| (name.clone(), v)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Format(e.to_string()))?;
     safetensors::serialize(views, None).map_err(|e| Error::Format(e.to_string()))
@@ -69,31 +60,17 @@ pub fn encode(weights: &Weights) -> Result<Vec<u8>, Error> {
 
 /// Decodes safetensors bytes, refusing anything but finite f32 tensors.
 pub fn decode(bytes: &[u8]) -> Result<Weights, Error> {
-    let st =
-        safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Format(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Format(e.to_string()))?;
     let mut out = Weights::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(Error::Dtype {
-                name,
-                dtype: format!("{:?}", view.dtype()),
-            });
+            return Err(Error::Dtype { name, dtype: format!("{:?}", view.dtype()) });
         }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         if data.iter().any(|v| !v.is_finite()) {
             return Err(Error::NotFinite(name));
         }
-        out.insert(
-            name,
-            Tensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
+        out.insert(name, Tensor { shape: view.shape().to_vec(), data });
     }
     Ok(out)
 }
@@ -104,10 +81,7 @@ pub fn check_same_layout(reference: &Weights, other: &Weights) -> Result<(), Err
         match other.get(name) {
             None => return Err(Error::Mismatch(format!("tensor '{name}' is missing"))),
             Some(o) if o.shape != t.shape => {
-                return Err(Error::Mismatch(format!(
-                    "tensor '{name}' has shape {:?}, expected {:?}",
-                    o.shape, t.shape
-                )));
+                return Err(Error::Mismatch(format!("tensor '{name}' has shape {:?}, expected {:?}", o.shape, t.shape)));
             }
             Some(_) => {}
         }
@@ -124,20 +98,8 @@ mod tests {
 
     fn sample() -> Weights {
         let mut w = Weights::new();
-        w.insert(
-            "fc1.weight".into(),
-            Tensor {
-                shape: vec![2, 3],
-                data: vec![1.0, -2.0, 3.5, 0.0, 1e-3, 7.0],
-            },
-        );
-        w.insert(
-            "fc1.bias".into(),
-            Tensor {
-                shape: vec![2],
-                data: vec![0.25, -0.5],
-            },
-        );
+        w.insert("fc1.weight".into(), Tensor { shape: vec![2, 3], data: vec![1.0, -2.0, 3.5, 0.0, 1e-3, 7.0] });
+        w.insert("fc1.bias".into(), Tensor { shape: vec![2], data: vec![0.25, -0.5] });
         w
     }
 

@@ -40,9 +40,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -55,20 +53,15 @@ async fn main() -> anyhow::Result<()> {
         let _ = relay_stopped.await;
     }));
 
-    let options = runner::Options {
-        worker_wait: Duration::from_secs(args.worker_wait),
-        report_timeout: Duration::from_secs(args.report_timeout),
-    };
+    let options =
+        runner::Options { worker_wait: Duration::from_secs(args.worker_wait), report_timeout: Duration::from_secs(args.report_timeout) };
     let runner = Runner::new(store.clone(), Arc::new(transport), options);
     let job_id = runner.submit(&def).await?;
     eprintln!("job {job_id} submitted from {}", args.job.display());
     let job = runner.run(&job_id).await;
 
     let _ = stop_relay.send(());
-    relay
-        .await
-        .context("event relay task")?
-        .context("event relay")?;
+    relay.await.context("event relay task")?.context("event relay")?;
     let job = job?;
     let summary = serde_json::json!({
         "job_id": job_id,
@@ -79,9 +72,5 @@ async fn main() -> anyhow::Result<()> {
         "failure": job.failure,
     });
     println!("{summary}");
-    if job.status == flame_engine::job::Status::Completed {
-        Ok(())
-    } else {
-        std::process::exit(1)
-    }
+    if job.status == flame_engine::job::Status::Completed { Ok(()) } else { std::process::exit(1) }
 }

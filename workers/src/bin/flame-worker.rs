@@ -31,25 +31,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     model::init_backend();
     let transport = Nats::connect(&args.nats).await?;
-    let blobs = NatsBlobs::new(transport.jetstream())
-        .await
-        .context("opening the model blob store")?;
-    let info = WorkerInfo {
-        id: args.id,
-        roles: args.roles,
-        realm: args.realm,
-    };
-    Worker::new(info, Arc::new(transport), Arc::new(blobs))
-        .run(shutdown_signal())
-        .await
+    let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
+    let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm };
+    Worker::new(info, Arc::new(transport), Arc::new(blobs)).run(shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,197 @@
+//! Our single-file workflow definition: everything a Flame job folder holds
+//! (job settings, design, data spec, model spec, datasets) in one JSON
+//! document, convertible both ways with the folder form. Its JSON Schema is
+//! `docs/workflow.schema.json` (`flamectl schema`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::definition::{DataSpecEntry, Dataset, Design, JobDefinition, JobFile, ModelSpec, Problem, Problems, problem};
+
+/// A whole FL job in one document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Workflow {
+    /// Optional link to the JSON Schema, for editors.
+    #[serde(rename = "$schema", default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// Job settings (Flame's job.json; `dataSpecPath` and `modelSpecPath` name the files of the folder form).
+    pub job: JobFile,
+    /// The topology: roles and channels (Flame's schema.json).
+    pub design: Design,
+    /// Which datasets each data-consuming role trains on, by group (Flame's dataSpec.json).
+    pub data_spec: Vec<DataSpecEntry>,
+    /// Model, optimizer, selector and hyperparameters (Flame's modelSpec.json).
+    pub model_spec: ModelSpec,
+    /// Datasets by the name the data spec uses (a file name in the folder form).
+    #[serde(default)]
+    pub datasets: BTreeMap<String, Dataset>,
+}
+
+/// The JSON Schema of the single-file form.
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Workflow)).unwrap_or_default()
+}
+
+impl Workflow {
+    /// The single-file form of a loaded definition.
+    pub fn from_definition(def: &JobDefinition) -> Self {
+        Self {
+            schema: None,
+            job: def.job.clone(),
+            design: def.design.clone(),
+            data_spec: def.data_spec.clone(),
+            model_spec: def.model_spec.clone(),
+            datasets: def.datasets.clone(),
+        }
+    }
+
+    /// Loads and checks a single-file workflow; problems name the file and the JSON path in it.
+    pub fn load(path: &Path) -> Result<JobDefinition, Problems> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Problems(vec![problem(&name, format!("cannot read the workflow: {e}"), "check the path")]))?;
+        let wf: Self = serde_json::from_str(&text).map_err(|e| {
+            Problems(vec![problem(
+                format!("{name}:{}:{}", e.line(), e.column()),
+                format!("invalid workflow JSON: {e}"),
+                "fix the JSON at that line and column; see docs/workflow.schema.json",
+            )])
+        })?;
+        let mut problems = Vec::new();
+        for (i, entry) in wf.data_spec.iter().enumerate() {
+            for (group, refs) in &entry.dataset_groups {
+                for (j, r) in refs.iter().enumerate() {
+                    if !wf.datasets.contains_key(r) {
+                        problems.push(problem(
+                            format!("{name}#/dataSpec/{i}/datasetGroups/{group}/{j}"),
+                            format!("dataset '{r}' is not in the workflow's datasets"),
+                            format!(
+                                "add \"{r}\" under \"datasets\", or name one of: {}",
+                                wf.datasets.keys().cloned().collect::<Vec<_>>().join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let def = wf.into_definition(path.to_path_buf());
+        problems.extend(def.check().into_iter().map(|p| relocate(p, &name, &def)));
+        if problems.is_empty() { Ok(def) } else { Err(Problems(problems)) }
+    }
+
+    /// The definition this workflow describes, as if loaded from `source`.
+    pub fn into_definition(self, source: PathBuf) -> JobDefinition {
+        JobDefinition {
+            folder: source,
+            job: self.job,
+            design: self.design,
+            data_spec: self.data_spec,
+            model_spec: self.model_spec,
+            datasets: self.datasets,
+        }
+    }
+
+    /// Writes the folder form: job.json, schema.json, the data and model specs
+    /// and one file per dataset. Dataset names must be plain `.json` file names.
+    pub fn write_folder(&self, dir: &Path) -> Result<(), Problems> {
+        let fail = |path: String, message: String| Problems(vec![problem(path, message, "choose another folder, or fix the name")]);
+        std::fs::create_dir_all(dir).map_err(|e| fail(dir.display().to_string(), format!("cannot create the folder: {e}")))?;
+        let mut files: Vec<(String, serde_json::Value)> = vec![
+            ("job.json".into(), to_value(&self.job)),
+            ("schema.json".into(), to_value(&self.design)),
+            (self.job.data_spec_path.clone(), to_value(&self.data_spec)),
+            (self.job.model_spec_path.clone(), to_value(&self.model_spec)),
+        ];
+        for (name, d) in &self.datasets {
+            let plain = name.ends_with(".json") && !name.contains('/') && !name.contains('\\') && !name.starts_with('.');
+            if !plain {
+                return Err(fail(
+                    format!("#/datasets/{name}"),
+                    format!("dataset name '{name}' is not a plain .json file name, so it cannot become a file of the folder"),
+                ));
+            }
+            files.push((name.clone(), to_value(d)));
+        }
+        for (name, value) in files {
+            let path = dir.join(&name);
+            let text = serde_json::to_string_pretty(&value).unwrap_or_default() + "\n";
+            std::fs::write(&path, text).map_err(|e| fail(path.display().to_string(), format!("cannot write: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+/// Moves a folder-form problem path (`schema.json#/roles/0`) into the single file (`wf.json#/design/roles/0`).
+fn relocate(mut p: Problem, file: &str, def: &JobDefinition) -> Problem {
+    let sections = [
+        ("schema.json", "design"),
+        ("job.json", "job"),
+        (def.job.data_spec_path.as_str(), "dataSpec"),
+        (def.job.model_spec_path.as_str(), "modelSpec"),
+    ];
+    for (prefix, section) in sections {
+        if let Some(rest) = p.path.strip_prefix(prefix) {
+            let pointer = rest.strip_prefix('#').unwrap_or(rest);
+            p.path = format!("{file}#/{section}{pointer}");
+            break;
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixture;
+
+    #[test]
+    fn folder_to_file_to_folder_round_trips() {
+        for name in ["mnist", "hier_mnist", "hybrid", "distributed_training", "asyncfl_hier_mnist", "medmnist"] {
+            let (_d, def, tasks) = fixture(name);
+            let wf = Workflow::from_definition(&def);
+            let dir = tempfile::tempdir().expect("tempdir");
+            let file = dir.path().join("wf.json");
+            std::fs::write(&file, serde_json::to_string_pretty(&wf).expect("json")).expect("write");
+            let from_file = Workflow::load(&file).unwrap_or_else(|p| panic!("{name}: {p}"));
+            assert_eq!(crate::planner::expand(&from_file).expect("expand"), tasks, "{name}");
+            let folder = dir.path().join("folder");
+            wf.write_folder(&folder).expect("folder");
+            let again = JobDefinition::load(&folder).unwrap_or_else(|p| panic!("{name}: {p}"));
+            assert_eq!(Workflow::from_definition(&again), wf, "{name}: folder form keeps every field");
+        }
+    }
+
+    #[test]
+    fn problems_point_into_the_single_file() {
+        let (_d, def, _) = fixture("mnist");
+        let mut wf = Workflow::from_definition(&def);
+        wf.design.channels[0].pair[1] = "nobody".into();
+        wf.data_spec[0].dataset_groups.get_mut("us").expect("us").push("missing.json".into());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("wf.json");
+        std::fs::write(&file, serde_json::to_string(&wf).expect("json")).expect("write");
+        let err = Workflow::load(&file).expect_err("invalid");
+        let paths: Vec<String> = err.0.iter().map(|p| p.path.replace(&file.display().to_string(), "wf.json")).collect();
+        assert!(paths.contains(&"wf.json#/design/channels/0/pair/1".to_string()), "{paths:?}");
+        assert!(paths.contains(&"wf.json#/dataSpec/0/datasetGroups/us/1".to_string()), "{paths:?}");
+    }
+
+    #[test]
+    fn the_published_schema_is_current() {
+        let published: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/workflow.schema.json")).expect("docs/workflow.schema.json");
+        assert_eq!(published, json_schema(), "regenerate with: flamectl schema > docs/workflow.schema.json");
+        let props = &json_schema()["properties"];
+        for key in ["job", "design", "dataSpec", "modelSpec", "datasets"] {
+            assert!(props.get(key).is_some(), "schema has {key}");
+        }
+    }
+}
