@@ -711,3 +711,91 @@ mod properties {
         }
     }
 }
+
+#[cfg(test)]
+mod coordinated {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::definition::{DataSpecEntry, Dataset, Design, JobFile, ModelSpec};
+
+    /// Flame's coordinated hierarchical layout: a coordinator talks to every
+    /// tier and decides each round which middle aggregator serves which trainers.
+    fn coordinated() -> JobDefinition {
+        let design = json!({
+            "name": "coordinated",
+            "roles": [
+                {"name": "trainer", "isDataConsumer": true, "groupAssociation": [{"param-channel": "default", "trainer-coord-channel": "default"}]},
+                {"name": "middle-aggregator", "replica": 2, "groupAssociation": [{"param-channel": "default", "global-channel": "default", "middle-agg-coord-channel": "default"}]},
+                {"name": "top-aggregator", "replica": 1, "groupAssociation": [{"global-channel": "default", "top-agg-coord-channel": "default"}]},
+                {"name": "coordinator", "replica": 1, "groupAssociation": [{"trainer-coord-channel": "default", "middle-agg-coord-channel": "default", "top-agg-coord-channel": "default"}]}
+            ],
+            "channels": [
+                {"name": "param-channel", "pair": ["trainer", "middle-aggregator"], "groupBy": {"type": "tag", "value": ["default"]},
+                 "funcTags": {"trainer": ["fetch", "upload"], "middle-aggregator": ["distribute", "aggregate"]}},
+                {"name": "global-channel", "pair": ["top-aggregator", "middle-aggregator"], "groupBy": {"type": "tag", "value": ["default"]},
+                 "funcTags": {"top-aggregator": ["distribute", "aggregate"], "middle-aggregator": ["fetch", "upload"]}},
+                {"name": "trainer-coord-channel", "pair": ["trainer", "coordinator"], "groupBy": {"type": "tag", "value": ["default"]},
+                 "funcTags": {"coordinator": ["coordinate"], "trainer": ["getAggregator"]}},
+                {"name": "middle-agg-coord-channel", "pair": ["middle-aggregator", "coordinator"], "groupBy": {"type": "tag", "value": ["default"]},
+                 "funcTags": {"coordinator": ["coordinate"], "middle-aggregator": ["getTrainers"]}},
+                {"name": "top-agg-coord-channel", "pair": ["top-aggregator", "coordinator"], "groupBy": {"type": "tag", "value": ["default"]},
+                 "funcTags": {"coordinator": ["coordinate"], "top-aggregator": ["getCoordinatorInfo"]}}
+            ]
+        });
+        let refs: Vec<String> = (0..4).map(|i| format!("d{i}.json")).collect();
+        let datasets: BTreeMap<String, Dataset> = refs
+            .iter()
+            .map(|r| {
+                (
+                    r.clone(),
+                    Dataset {
+                        name: r.clone(),
+                        description: None,
+                        url: format!("file:{r}.csv"),
+                        data_format: None,
+                        realm: None,
+                        is_public: None,
+                        extra: Default::default(),
+                    },
+                )
+            })
+            .collect();
+        JobDefinition {
+            folder: "mem".into(),
+            job: serde_json::from_value::<JobFile>(json!({"designId": "c"})).expect("job"),
+            design: serde_json::from_value::<Design>(design).expect("design"),
+            data_spec: vec![DataSpecEntry {
+                role: "trainer".into(),
+                dataset_groups: [("default".to_string(), refs)].into(),
+                extra: Default::default(),
+            }],
+            model_spec: serde_json::from_value::<ModelSpec>(json!({"hyperparameters": {"rounds": 2}})).expect("model"),
+            datasets,
+        }
+    }
+
+    #[test]
+    fn the_coordinator_decides_first_and_aggregates_are_dynamic() {
+        let def = coordinated();
+        assert_eq!(def.check(), vec![]);
+        let tasks = crate::planner::expand(&def).expect("expand");
+        assert_eq!(tasks.iter().filter(|t| t.role == "middle-aggregator").count(), 2);
+        let p = plan(&def, &tasks, 1).expect("plan");
+        assert_eq!(p.steps[0].id, "coordinate:coordinator-0");
+        for s in p.steps.iter().filter(|s| s.kind == StepKind::Fetch) {
+            assert!(s.after.contains(&"coordinate:coordinator-0".to_string()), "{} waits for the coordinator", s.id);
+        }
+        let middles: Vec<&Step> =
+            p.steps.iter().filter(|s| s.kind == StepKind::Aggregate && s.channel.as_deref() == Some("param-channel")).collect();
+        assert_eq!(middles.len(), 2);
+        for m in middles {
+            assert!(m.dynamic, "{} is paired at run time", m.id);
+            assert_eq!(m.after.len(), 4, "every trainer is a candidate input of {}", m.id);
+        }
+        // No step uses a coordination channel as if it carried model updates.
+        assert!(p.steps.iter().all(|s| s.channel.as_deref().is_none_or(|c| !c.ends_with("coord-channel"))));
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Fuzzes the definition parser, checks, expansion and planner with cargo fuzz
+# for a bounded time (default 60 s). Installs cargo-fuzz if missing.
+#   scripts/fuzz.sh [SECONDS]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root/fuzz"
+seconds="${1:-60}"
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install -q cargo-fuzz --locked
+# libFuzzer's instrumentation needs nightly flags: use a nightly toolchain
+# when one is installed, else let the stable compiler accept them.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  toolchain=(+nightly)
+  sanitizer=address
+else
+  toolchain=()
+  export RUSTC_BOOTSTRAP=1
+  sanitizer=none
+fi
+mkdir -p corpus/definition
+cargo "${toolchain[@]}" fuzz run --sanitizer "$sanitizer" definition corpus/definition seeds -- \
+  -max_total_time="$seconds" -max_len=8192 -print_final_stats=1 2>&1 | tail -n 15
