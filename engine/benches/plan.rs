@@ -37,18 +37,7 @@ fn definition() -> JobDefinition {
     for g in &names {
         let refs: Vec<String> = (0..PER_GROUP).map(|i| format!("{g}-{i}.json")).collect();
         for r in &refs {
-            datasets.insert(
-                r.clone(),
-                Dataset {
-                    name: r.clone(),
-                    description: None,
-                    url: format!("file:{r}.csv"),
-                    data_format: None,
-                    realm: None,
-                    is_public: None,
-                    extra: Default::default(),
-                },
-            );
+            datasets.insert(r.clone(), Dataset::new(r.clone(), format!("file:{r}.csv")));
         }
         groups.insert(g.clone(), refs);
     }

@@ -206,6 +206,13 @@ pub struct Dataset {
     pub extra: Extra,
 }
 
+impl Dataset {
+    /// A dataset with just a name and a URL.
+    pub fn new(name: impl Into<String>, url: impl Into<String>) -> Self {
+        Self { name: name.into(), description: None, url: url.into(), data_format: None, realm: None, is_public: None, extra: Extra::new() }
+    }
+}
+
 /// A whole job, as loaded from a folder.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobDefinition {

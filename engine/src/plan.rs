@@ -631,18 +631,7 @@ mod properties {
         for (g, n) in names.iter().zip(groups) {
             let refs: Vec<String> = (0..*n).map(|i| format!("{g}-{i}.json")).collect();
             for r in &refs {
-                datasets.insert(
-                    r.clone(),
-                    Dataset {
-                        name: r.clone(),
-                        description: None,
-                        url: format!("file:{r}.csv"),
-                        data_format: None,
-                        realm: None,
-                        is_public: None,
-                        extra: Default::default(),
-                    },
-                );
+                datasets.insert(r.clone(), Dataset::new(r.clone(), format!("file:{r}.csv")));
             }
             dataset_groups.insert(g.clone(), refs);
         }
@@ -746,23 +735,8 @@ mod coordinated {
             ]
         });
         let refs: Vec<String> = (0..4).map(|i| format!("d{i}.json")).collect();
-        let datasets: BTreeMap<String, Dataset> = refs
-            .iter()
-            .map(|r| {
-                (
-                    r.clone(),
-                    Dataset {
-                        name: r.clone(),
-                        description: None,
-                        url: format!("file:{r}.csv"),
-                        data_format: None,
-                        realm: None,
-                        is_public: None,
-                        extra: Default::default(),
-                    },
-                )
-            })
-            .collect();
+        let datasets: BTreeMap<String, Dataset> =
+            refs.iter().map(|r| (r.clone(), Dataset::new(r.clone(), format!("file:{r}.csv")))).collect();
         JobDefinition {
             folder: "mem".into(),
             job: serde_json::from_value::<JobFile>(json!({"designId": "c"})).expect("job"),

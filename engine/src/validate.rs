@@ -364,18 +364,7 @@ mod tests {
     }
 
     fn def(design: Value, model: Value, data: Value) -> JobDefinition {
-        let datasets = BTreeMap::from([(
-            "d1.json".to_string(),
-            Dataset {
-                name: "d".into(),
-                description: None,
-                url: "builtin://digits".into(),
-                data_format: None,
-                realm: None,
-                is_public: None,
-                extra: Default::default(),
-            },
-        )]);
+        let datasets = BTreeMap::from([("d1.json".to_string(), Dataset::new("d", "builtin://digits"))]);
         JobDefinition {
             folder: "mem".into(),
             job: serde_json::from_value::<JobFile>(json!({"designId": "t", "maxRunTime": 60})).expect("job"),
