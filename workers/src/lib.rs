@@ -5,6 +5,9 @@ pub mod blob;
 pub mod data;
 pub mod fedavg;
 pub mod model;
+pub mod optimizers;
+pub mod privacy;
+pub mod robust;
 pub mod runtime;
 pub mod weights;
 
