@@ -70,8 +70,15 @@ pub fn decide(job: &Job) -> Vec<Action> {
     }
     if actions.is_empty() {
         let updates = job.trainers().filter_map(|t| job.updates.get(&t.task_id)).cloned().collect();
-        let body =
-            CommandBody::Aggregate { model: spec.model.clone(), optimizer: spec.optimizer.clone(), global_model, updates, eval_dataset };
+        let body = CommandBody::Aggregate {
+            model: spec.model.clone(),
+            optimizer: spec.optimizer.clone(),
+            optimizer_kwargs: spec.optimizer_kwargs.clone(),
+            optimizer_state: job.optimizer_state.clone(),
+            global_model,
+            updates,
+            eval_dataset,
+        };
         actions.push(Action::Send {
             worker_id: agg_worker.clone(),
             command: command(job, &aggregator.task_id, round, &format!("r{round}/aggregate"), body),

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Optimizers a job may name (Flame's `optimizer.sort`).
-pub const OPTIMIZERS: &[&str] = &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "feddyn", "scaffold"];
+pub const OPTIMIZERS: &[&str] =
+    &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "feddyn", "scaffold", "median", "trimmed_mean", "krum"];
 /// Selectors a job may name (Flame's `selector.sort`).
 pub const SELECTORS: &[&str] = &["default", "random", "fedbuff", "oort"];
 

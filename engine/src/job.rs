@@ -129,6 +129,8 @@ pub struct Job {
     pub updates: BTreeMap<String, UpdateRef>,
     /// Metrics of the latest global model.
     pub metrics: Metrics,
+    /// Digest of the server optimizer's state, for adaptive optimizers.
+    pub optimizer_state: Option<String>,
     /// Why it failed.
     pub failure: Option<String>,
     /// Events applied (the stream version).
@@ -149,6 +151,7 @@ impl Default for Job {
             rounds_completed: 0,
             updates: BTreeMap::new(),
             metrics: Metrics::new(),
+            optimizer_state: None,
             failure: None,
             version: 0,
         }
@@ -282,7 +285,7 @@ impl Job {
                 }
                 Ok(vec![JobEvent::UpdateReported { round: r.round, task_id: r.task_id, worker_id: r.worker_id, digest, samples, metrics }])
             }
-            ReportBody::Aggregated { digest, metrics } => {
+            ReportBody::Aggregated { digest, metrics, optimizer_state } => {
                 self.check_round(&r.task_id, r.round)?;
                 if task.is_data_consumer {
                     return Err(Rejection::Unexpected(format!("task '{}' does not aggregate", r.task_id)));
@@ -292,7 +295,7 @@ impl Job {
                     return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} update(s) arrived", r.round)));
                 }
                 let inputs = self.trainers().filter_map(|t| self.updates.get(&t.task_id)).map(|u| u.digest.clone()).collect();
-                Ok(vec![JobEvent::RoundAggregated { round: r.round, digest, inputs, metrics }])
+                Ok(vec![JobEvent::RoundAggregated { round: r.round, digest, inputs, metrics, optimizer_state }])
             }
         }
     }
@@ -328,7 +331,8 @@ impl Job {
             JobEvent::UpdateReported { task_id, digest, samples, .. } => {
                 self.updates.insert(task_id.clone(), UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples });
             }
-            JobEvent::RoundAggregated { round, digest, metrics, .. } => {
+            JobEvent::RoundAggregated { round, digest, metrics, optimizer_state, .. } => {
+                self.optimizer_state = optimizer_state.clone();
                 self.rounds_completed = *round;
                 self.global_model = Some(digest.clone());
                 self.metrics = metrics.clone();
@@ -461,7 +465,8 @@ mod tests {
         .job();
         assert!(matches!(after.handle(report("t0", 1, trained(1, "t0"))), Err(Rejection::Duplicate { round: 1, .. })));
         // The aggregate cannot come before every update.
-        let early = after.handle(report("agg", 1, ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::new() }));
+        let early =
+            after.handle(report("agg", 1, ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::new(), optimizer_state: None }));
         assert!(matches!(early, Err(Rejection::Unexpected(m)) if m.contains("1 update")));
     }
 
@@ -475,7 +480,11 @@ mod tests {
             .then(update(1, "t1"));
         let events = h
             .job()
-            .handle(report("agg", 1, ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::from([("accuracy".into(), 0.9)]) }))
+            .handle(report(
+                "agg",
+                1,
+                ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::from([("accuracy".into(), 0.9)]), optimizer_state: None },
+            ))
             .expect("aggregate");
         assert!(
             matches!(&events[..], [JobEvent::RoundAggregated { round: 1, inputs, .. }] if inputs == &vec!["u1t0".to_string(), "u1t1".to_string()])

@@ -99,10 +99,11 @@ pub fn assign(tasks: &[flame_events::job::TaskSpec], workers: &[WorkerInfo]) -> 
 /// The run settings a definition implies.
 pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
     let optimizer = def.optimizer();
-    if optimizer != "fedavg" {
+    if !flame_events::protocol::AGGREGATORS.contains(&optimizer.as_str()) {
         return Err(Error::Definition(format!(
-            "{}#/optimizer/sort: optimizer '{optimizer}' is not implemented yet; use fedavg",
-            def.job.model_spec_path
+            "{}#/optimizer/sort: optimizer '{optimizer}' is not implemented yet; use one of: {}",
+            def.job.model_spec_path,
+            flame_events::protocol::AGGREGATORS.join(", ")
         )));
     }
     let h = &def.model_spec.hyperparameters;
@@ -115,6 +116,7 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
     Ok(RunSpec {
         rounds: def.hyper_u64("rounds").unwrap_or(1) as u32,
         optimizer,
+        optimizer_kwargs: def.model_spec.optimizer.as_ref().map(|o| o.kwargs.clone()).unwrap_or_default(),
         model,
         hyperparameters: serde_json::Value::Object(h.clone()),
         seed: def.hyper_u64("seed").unwrap_or(0),

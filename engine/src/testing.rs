@@ -32,6 +32,7 @@ pub fn created(rounds: u32) -> JobEvent {
         spec: RunSpec {
             rounds,
             optimizer: "fedavg".into(),
+            optimizer_kwargs: Default::default(),
             model: serde_json::json!({"name": "mlp"}),
             hyperparameters: serde_json::json!({}),
             seed: 0,
@@ -81,6 +82,7 @@ impl History {
                 digest: format!("m{round}"),
                 inputs: vec![format!("u{round}t0"), format!("u{round}t1")],
                 metrics: Metrics::new(),
+                optimizer_state: None,
             },
         )
     }

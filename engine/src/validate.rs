@@ -43,9 +43,11 @@ fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
             "fedprox" => &["mu"],
             "fedadam" | "fedyogi" | "fedadagrad" => &["beta_1", "beta_2", "eta", "tau"],
             "feddyn" => &["alpha"],
+            "trimmed_mean" => &["beta"],
             _ => &[],
         };
-        kwargs(&opt.kwargs, numbers, &[], &format!("{file}#/optimizer/kwargs"), out);
+        let counts: &[&str] = if sort == "krum" { &["f", "m"] } else { &[] };
+        kwargs(&opt.kwargs, numbers, counts, &format!("{file}#/optimizer/kwargs"), out);
     }
     if let Some(sel) = &def.model_spec.selector {
         let sort = sel.sort.to_ascii_lowercase();

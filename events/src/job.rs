@@ -36,6 +36,9 @@ pub struct RunSpec {
     pub rounds: u32,
     /// Server-side optimizer (`fedavg`, ...).
     pub optimizer: String,
+    /// The optimizer's arguments.
+    #[serde(default)]
+    pub optimizer_kwargs: serde_json::Map<String, serde_json::Value>,
     /// Model description handed to workers (`baseModel` plus architecture settings).
     pub model: serde_json::Value,
     /// Hyperparameters handed to workers (`epochs`, `batchSize`, `learningRate`, ...).
@@ -45,6 +48,8 @@ pub struct RunSpec {
 }
 
 /// Every event in a job stream.
+// JobCreated is large and rare; boxing it would only complicate every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum JobEvent {
@@ -109,6 +114,9 @@ pub enum JobEvent {
         inputs: Vec<String>,
         /// Evaluation of the new global model.
         metrics: Metrics,
+        /// Digest of the server optimizer's state after the round (adaptive optimizers).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        optimizer_state: Option<String>,
     },
     /// All rounds are done.
     JobCompleted {

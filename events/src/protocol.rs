@@ -8,6 +8,9 @@ use crate::job::Metrics;
 /// Protocol version carried by every command and report.
 pub const VERSION: u32 = 1;
 
+/// Server-side optimizers this version's aggregators run.
+pub const AGGREGATORS: &[&str] = &["fedavg", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum"];
+
 /// A worker announcing itself (and, repeated, its heartbeat).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerInfo {
@@ -77,8 +80,14 @@ pub enum CommandBody {
     Aggregate {
         /// Model description.
         model: serde_json::Value,
-        /// Optimizer name (`fedavg`).
+        /// Optimizer name (`fedavg`, `fedadam`, `median`, ...).
         optimizer: String,
+        /// The optimizer's arguments (`eta`, `beta`, `f`, ...).
+        #[serde(default)]
+        optimizer_kwargs: serde_json::Map<String, serde_json::Value>,
+        /// Digest of the optimizer's state from the previous round, if it keeps one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        optimizer_state: Option<String>,
         /// Digest of the current global model.
         global_model: String,
         /// The round's updates.
@@ -131,6 +140,9 @@ pub enum ReportBody {
         digest: String,
         /// Evaluation metrics.
         metrics: Metrics,
+        /// Digest of the server optimizer's state after this round (adaptive optimizers).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        optimizer_state: Option<String>,
     },
     /// The command failed.
     Failed {

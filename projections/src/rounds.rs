@@ -110,7 +110,13 @@ mod tests {
             JobEvent::RoundStarted { round: 1, global_model: "m0".into() },
             update(1, 10),
             update(1, 30),
-            JobEvent::RoundAggregated { round: 1, digest: "m1".into(), inputs: vec![], metrics: Metrics::from([("accuracy".into(), 0.5)]) },
+            JobEvent::RoundAggregated {
+                round: 1,
+                digest: "m1".into(),
+                inputs: vec![],
+                metrics: Metrics::from([("accuracy".into(), 0.5)]),
+                optimizer_state: None,
+            },
             JobEvent::RoundStarted { round: 2, global_model: "m1".into() },
             update(2, 5),
         ]

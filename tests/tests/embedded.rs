@@ -112,3 +112,47 @@ fn plan_shows_tasks_and_the_first_round() {
     let dot = String::from_utf8_lossy(&out.stdout);
     assert!(dot.starts_with("digraph plan {") && dot.trim_end().ends_with('}'), "{dot}");
 }
+
+#[test]
+fn adaptive_and_robust_server_optimizers_run_end_to_end() {
+    for (optimizer, kwargs) in [("fedadam", serde_json::json!({"eta": 0.05})), ("median", serde_json::json!({}))] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let job = dir.path().join("job");
+        std::fs::create_dir(&job).expect("mkdir");
+        copy_example(&job);
+        let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(job.join("modelSpec.json")).expect("read")).expect("json");
+        spec["optimizer"] = serde_json::json!({"sort": optimizer, "kwargs": kwargs});
+        std::fs::write(job.join("modelSpec.json"), spec.to_string()).expect("write");
+        let data = dir.path().join("data");
+        let out = flamectl(&["run", job.to_str().expect("utf8"), "-o", "json", "--data-dir", data.to_str().expect("utf8")]);
+        assert!(out.status.success(), "{optimizer}: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(summary["state"], "completed", "{optimizer}");
+        let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+        assert!(accuracy > 0.8, "{optimizer}: accuracy {accuracy}");
+
+        let out = flamectl(&[
+            "events",
+            summary["job_id"].as_str().expect("id"),
+            "--store",
+            summary["store"].as_str().expect("store"),
+            "-o",
+            "json",
+        ]);
+        let states: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("line"))
+            .filter(|e| e["event_type"] == "RoundAggregated")
+            .map(|e| e["payload"]["optimizer_state"].clone())
+            .collect();
+        assert_eq!(states.len(), 5);
+        if optimizer == "fedadam" {
+            // The server's moments are recorded every round and change as it learns.
+            assert!(states.iter().all(Value::is_string), "{states:?}");
+            let distinct: std::collections::BTreeSet<String> = states.iter().map(|s| s.to_string()).collect();
+            assert_eq!(distinct.len(), 5);
+        } else {
+            assert!(states.iter().all(Value::is_null), "{states:?}");
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Workers: the runtime that takes commands and reports results, the FL
 //! algorithms, model weights and blobs, the tch training backend and datasets.
 
+pub mod aggregate;
 pub mod blob;
 pub mod data;
 pub mod fedavg;

@@ -15,7 +15,7 @@ use flame_events::transport::Transport;
 use crate::blob::BlobStore;
 use crate::model::{ModelConfig, Net, TrainSettings};
 use crate::weights::{self, Weights};
-use crate::{data, fedavg};
+use crate::{aggregate, data};
 
 /// How often a worker renews its registration.
 pub const HEARTBEAT: Duration = Duration::from_secs(3);
@@ -150,10 +150,7 @@ impl Worker {
                 let digest = self.store(&trained).await?;
                 Ok(ReportBody::Trained { digest, samples, metrics })
             }
-            CommandBody::Aggregate { model, optimizer, global_model, updates, eval_dataset } => {
-                if optimizer != "fedavg" {
-                    bail!("optimizer '{optimizer}' is not implemented by this worker yet; use fedavg");
-                }
+            CommandBody::Aggregate { model, optimizer, optimizer_kwargs, optimizer_state, global_model, updates, eval_dataset } => {
                 let cfg = ModelConfig::from_json(model)?;
                 let global = self.fetch(global_model).await?;
                 let mut inputs = Vec::with_capacity(updates.len());
@@ -162,18 +159,26 @@ impl Worker {
                     weights::check_same_layout(&global, &w).with_context(|| format!("update {} from task '{}'", u.digest, u.task_id))?;
                     inputs.push((w, u.samples));
                 }
-                let eval = eval_dataset.clone();
-                let (new_global, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                    let avg = fedavg::fedavg(&inputs)?;
+                let state = match optimizer_state {
+                    Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
+                    None => None,
+                };
+                let (eval, optimizer, kwargs) = (eval_dataset.clone(), optimizer.clone(), optimizer_kwargs.clone());
+                let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let (next, state) = aggregate::combine(&optimizer, &kwargs, &global, &inputs, state.as_ref())?;
                     let metrics = match eval {
-                        Some(url) => Net::new(&cfg, &avg)?.evaluate(&data::load(&url)?.test),
+                        Some(url) => Net::new(&cfg, &next)?.evaluate(&data::load(&url)?.test),
                         None => Default::default(),
                     };
-                    Ok((avg, metrics))
+                    Ok((next, state, metrics))
                 })
                 .await??;
                 let digest = self.store(&new_global).await?;
-                Ok(ReportBody::Aggregated { digest, metrics })
+                let optimizer_state = match new_state {
+                    Some(s) => Some(self.store(&s).await?),
+                    None => None,
+                };
+                Ok(ReportBody::Aggregated { digest, metrics, optimizer_state })
             }
         }
     }

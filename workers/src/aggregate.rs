@@ -1,0 +1,106 @@
+//! The server-side combination step an aggregator runs, by optimizer name:
+//! FedAvg, the adaptive optimizers (with state carried between rounds as
+//! weights `m/<tensor>`, `v/<tensor>`), and the robust aggregators.
+
+use serde_json::{Map, Value};
+
+use crate::optimizers::{self, Rule, Settings, State};
+use crate::weights::{Error, Weights};
+use crate::{fedavg, robust};
+
+fn number(kwargs: &Map<String, Value>, key: &str, default: f64) -> Result<f64, Error> {
+    match kwargs.get(key) {
+        None => Ok(default),
+        Some(v) => v.as_f64().ok_or_else(|| Error::Mismatch(format!("optimizer argument '{key}' must be a number, not {v}"))),
+    }
+}
+
+/// Packs optimizer state into one weights map (`m/...`, `v/...`).
+pub fn pack(state: &State) -> Weights {
+    let mut out = Weights::new();
+    for (k, t) in &state.m {
+        out.insert(format!("m/{k}"), t.clone());
+    }
+    for (k, t) in &state.v {
+        out.insert(format!("v/{k}"), t.clone());
+    }
+    out
+}
+
+/// Unpacks what `pack` made.
+pub fn unpack(packed: &Weights) -> State {
+    let mut state = State::default();
+    for (k, t) in packed {
+        if let Some(name) = k.strip_prefix("m/") {
+            state.m.insert(name.to_string(), t.clone());
+        } else if let Some(name) = k.strip_prefix("v/") {
+            state.v.insert(name.to_string(), t.clone());
+        }
+    }
+    state
+}
+
+/// Combines the round's updates (model, samples) into the next global model;
+/// returns the optimizer's new state when it keeps one.
+pub fn combine(
+    optimizer: &str,
+    kwargs: &Map<String, Value>,
+    global: &Weights,
+    updates: &[(Weights, u64)],
+    state: Option<&Weights>,
+) -> Result<(Weights, Option<Weights>), Error> {
+    let models = || updates.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>();
+    match optimizer {
+        "fedavg" => Ok((fedavg::fedavg(updates)?, None)),
+        "fedadam" | "fedyogi" | "fedadagrad" => {
+            let rule = match optimizer {
+                "fedadam" => Rule::Adam,
+                "fedyogi" => Rule::Yogi,
+                _ => Rule::AdaGrad,
+            };
+            let d = Settings::default();
+            let settings = Settings {
+                beta_1: number(kwargs, "beta_1", d.beta_1)?,
+                beta_2: number(kwargs, "beta_2", d.beta_2)?,
+                eta: number(kwargs, "eta", d.eta)?,
+                tau: number(kwargs, "tau", d.tau)?,
+            };
+            let mut st = state.map(unpack).unwrap_or_default();
+            let average = fedavg::fedavg(updates)?;
+            let next = optimizers::step(rule, &settings, &mut st, global, &average)?;
+            Ok((next, Some(pack(&st))))
+        }
+        "median" => Ok((robust::median(&models())?, None)),
+        "trimmed_mean" => Ok((robust::trimmed_mean(&models(), number(kwargs, "beta", 0.1)?)?, None)),
+        "krum" => {
+            let f = number(kwargs, "f", 1.0)? as usize;
+            let m = number(kwargs, "m", 1.0)? as usize;
+            Ok((robust::multi_krum(&models(), f, m)?.0, None))
+        }
+        other => Err(Error::Mismatch(format!("optimizer '{other}' is not implemented by this worker"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::Tensor;
+
+    fn w(v: f32) -> Weights {
+        Weights::from([("p".to_string(), Tensor { shape: vec![1], data: vec![v] })])
+    }
+
+    #[test]
+    fn adaptive_state_round_trips_between_rounds() {
+        let kwargs: Map<String, Value> = serde_json::from_value(serde_json::json!({"eta": 0.1})).expect("kwargs");
+        let (a, s1) = combine("fedadam", &kwargs, &w(0.0), &[(w(1.0), 1)], None).expect("round 1");
+        let s1 = s1.expect("state");
+        assert!(s1.contains_key("m/p") && s1.contains_key("v/p"));
+        let (b, _) = combine("fedadam", &kwargs, &a, &[(w(1.0), 1)], Some(&s1)).expect("round 2");
+        let (b_fresh, _) = combine("fedadam", &kwargs, &a, &[(w(1.0), 1)], None).expect("round 2 without state");
+        assert_ne!(b, b_fresh, "the carried moments change the step");
+        assert!(combine("fedmagic", &kwargs, &w(0.0), &[(w(1.0), 1)], None).is_err());
+        let bad: Map<String, Value> = serde_json::from_value(serde_json::json!({"eta": "fast"})).expect("kwargs");
+        assert!(combine("fedadam", &bad, &w(0.0), &[(w(1.0), 1)], None).is_err());
+    }
+}
