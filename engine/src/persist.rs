@@ -53,11 +53,6 @@ impl Jobs {
         Self { store, cache: Arc::default() }
     }
 
-    /// The store underneath.
-    pub fn store(&self) -> &Arc<dyn EventStore> {
-        &self.store
-    }
-
     /// A job's current state (empty `Job` with version 0 if it has no events).
     pub async fn load(&self, job_id: &str) -> Result<Job, store::Error> {
         let mut job = self.cached(job_id).unwrap_or_default();

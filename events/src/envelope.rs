@@ -31,13 +31,6 @@ pub struct Envelope {
     pub actor: String,
 }
 
-impl Envelope {
-    /// The kind part of the stream id (`job` for `job-123`).
-    pub fn stream_kind(&self) -> &str {
-        self.stream_id.split_once('-').map_or(self.stream_id.as_str(), |(kind, _)| kind)
-    }
-}
-
 /// An event to append: everything but what the store assigns.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NewEvent {
