@@ -245,9 +245,10 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let store = flame_events::open_store(&store_url).await?;
     let blobs = Arc::new(LocalBlobs::new(data_dir.join("blobs"))?);
     let transport = Arc::new(InProcess::default());
-    let runner =
-        Runner::new(store.clone(), transport.clone(), runner::Options { worker_wait: Duration::from_secs(10), ..Default::default() });
-    let job_id = runner.submit(&def).await?;
+    let runner = Runner::new(store.clone(), transport.clone(), runner::Options::default());
+    let actor = local_user();
+    let job_id = runner.submit(&def, &actor).await?;
+    runner.start(&job_id, &actor).await?;
     eprintln!("job {job_id}: {} from {}", def.name(), folder.display());
 
     // One in-process worker per task, offering that task's role.
@@ -260,6 +261,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
             id: format!("local-{}", t.task_id),
             roles: vec![role.into()],
             realm: t.realm.clone().unwrap_or_else(|| "default".into()),
+            device: "cpu".into(),
         };
         let mut stopped = stopped.clone();
         let worker = Worker::new(info, transport.clone(), blobs.clone());
@@ -276,6 +278,11 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let events = store.read_stream(&job::stream_id(&job_id), 1).await?;
     print_summary(&job, &events, store.location(), started.elapsed(), output)?;
     Ok(if job.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The actor recorded for commands typed on this machine.
+fn local_user() -> String {
+    format!("user:{}", std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "local".into()))
 }
 
 fn print_summary(

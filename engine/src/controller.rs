@@ -1,8 +1,12 @@
-//! The process manager's decisions, as data: given a job's state, which
-//! commands go to which workers and which job commands come next. Pure, so the
-//! runner (effects on) and replay (effects off) share it.
+//! The process manager's decisions, as data: given a job's state, the time
+//! and the live workers, which commands go to which workers and which job
+//! commands come next. Pure, so the runner (effects on) and replay (effects
+//! off) share it.
 
-use flame_events::protocol::{self, Command, CommandBody};
+use std::collections::{BTreeMap, BTreeSet};
+
+use flame_events::job::TaskSpec;
+use flame_events::protocol::{self, Command, CommandBody, WorkerInfo};
 
 use crate::job::{Job, JobCommand, Status};
 
@@ -31,11 +35,91 @@ fn command(job: &Job, task_id: &str, round: u32, key: &str, body: CommandBody) -
     }
 }
 
-/// What should happen next for a running job. Empty while it waits for reports.
-pub fn decide(job: &Job) -> Vec<Action> {
-    if job.status != Status::Running {
+/// The generic role a task needs: `trainer` for data consumers, `aggregator` otherwise.
+pub fn generic_role(t: &TaskSpec) -> &'static str {
+    if t.is_data_consumer { "trainer" } else { "aggregator" }
+}
+
+/// Places each task on a distinct live worker that offers the task's role
+/// and serves its dataset's realm, skipping `busy` workers; aggregators first
+/// (they are fewer and workers may offer both roles), then in id order.
+/// `None` while some task finds no worker.
+pub fn assign(tasks: &[&TaskSpec], workers: &[WorkerInfo], busy: &BTreeSet<String>) -> Option<BTreeMap<String, String>> {
+    let mut used = busy.clone();
+    let mut out = BTreeMap::new();
+    let mut ordered: Vec<_> = tasks.to_vec();
+    ordered.sort_by_key(|t| t.is_data_consumer);
+    for t in ordered {
+        let w = workers.iter().find(|w| !used.contains(&w.id) && w.can_run(&t.role, generic_role(t), t.realm.as_deref()))?;
+        used.insert(w.id.clone());
+        out.insert(t.task_id.clone(), w.id.clone());
+    }
+    Some(out)
+}
+
+/// What should happen next. `live` is the registry's list of workers with a
+/// fresh heartbeat, or `None` when it was not read (no loss is judged then).
+/// Empty while the job waits for reports, workers or a timer.
+pub fn decide(job: &Job, now_ms: u64, live: Option<&[WorkerInfo]>) -> Vec<Action> {
+    if !job.status.is_active() {
         return Vec::new();
     }
+    if let Some((timer, due)) = job.next_timer()
+        && due <= now_ms
+    {
+        return vec![Action::Handle(JobCommand::Fire { timer: timer.to_string(), now_ms })];
+    }
+    match job.status {
+        Status::Starting => match live.and_then(|w| assign(&job.tasks.iter().collect::<Vec<_>>(), w, &BTreeSet::new())) {
+            Some(a) => vec![Action::Handle(JobCommand::Assign(a))],
+            None => Vec::new(),
+        },
+        Status::Stopping => vec![Action::Handle(JobCommand::Terminate)],
+        Status::Deploying | Status::Running => {
+            if let Some(lost) = live.and_then(|w| lost_worker(job, w)) {
+                return vec![Action::Handle(lost)];
+            }
+            if job.status == Status::Deploying { deploy(job) } else { run(job, now_ms) }
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The first worker of the job that is no longer live, with replacements for its tasks.
+fn lost_worker(job: &Job, live: &[WorkerInfo]) -> Option<JobCommand> {
+    let alive: BTreeSet<&str> = live.iter().map(|w| w.id.as_str()).collect();
+    let active = || job.tasks.iter().filter(|t| !job.orphaned.contains(&t.task_id));
+    let lost = active().find_map(|t| job.assignments.get(&t.task_id).filter(|w| !alive.contains(w.as_str())))?.clone();
+    let tasks: Vec<&TaskSpec> = active().filter(|t| job.assignments.get(&t.task_id) == Some(&lost)).collect();
+    let busy: BTreeSet<String> = job.assignments.values().cloned().collect();
+    // Replace task by task, so a task finds a worker even if its siblings do not.
+    let mut replacements = BTreeMap::new();
+    let mut taken = busy;
+    for t in tasks {
+        if let Some(a) = assign(&[t], live, &taken) {
+            taken.extend(a.values().cloned());
+            replacements.extend(a);
+        }
+    }
+    Some(JobCommand::LoseWorker { worker_id: lost, replacements })
+}
+
+fn deploy(job: &Job) -> Vec<Action> {
+    job.tasks
+        .iter()
+        .filter(|t| !job.deployed.contains(&t.task_id) && !job.orphaned.contains(&t.task_id))
+        .filter_map(|t| {
+            let worker = job.assignments.get(&t.task_id)?;
+            let body = CommandBody::Deploy { role: t.role.clone(), dataset: t.dataset.clone() };
+            Some(Action::Send {
+                worker_id: worker.clone(),
+                command: command(job, &t.task_id, 0, &format!("deploy/{}/{worker}", t.task_id), body),
+            })
+        })
+        .collect()
+}
+
+fn run(job: &Job, now_ms: u64) -> Vec<Action> {
     let (Some(spec), Some(aggregator)) = (&job.spec, job.aggregator()) else {
         return Vec::new();
     };
@@ -48,43 +132,47 @@ pub fn decide(job: &Job) -> Vec<Action> {
         return vec![Action::Send { worker_id: agg_worker.clone(), command: command(job, &aggregator.task_id, 0, "init", body) }];
     };
     if !job.round_open() {
-        return vec![Action::Handle(if job.rounds_completed >= spec.rounds { JobCommand::Complete } else { JobCommand::StartRound })];
+        return vec![Action::Handle(if job.rounds_completed >= spec.rounds {
+            JobCommand::Complete
+        } else {
+            JobCommand::StartRound { now_ms }
+        })];
     }
     let round = job.round;
-    let mut actions = Vec::new();
-    for t in job.trainers().filter(|t| !job.updates.contains_key(&t.task_id)) {
-        let Some(worker) = job.assignments.get(&t.task_id) else {
-            continue;
-        };
-        let body = CommandBody::Train {
-            model: spec.model.clone(),
-            global_model: global_model.clone(),
-            dataset: t.dataset.clone().unwrap_or_default(),
-            hyperparameters: spec.hyperparameters.clone(),
-            seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
-        };
-        actions.push(Action::Send {
-            worker_id: worker.clone(),
-            command: command(job, &t.task_id, round, &format!("r{round}/train/{}", t.task_id), body),
-        });
+    if !job.training_done() {
+        return job
+            .active_trainers()
+            .filter(|t| !job.updates.contains_key(&t.task_id))
+            .filter_map(|t| {
+                let worker = job.assignments.get(&t.task_id)?;
+                let body = CommandBody::Train {
+                    model: spec.model.clone(),
+                    global_model: global_model.clone(),
+                    dataset: t.dataset.clone().unwrap_or_default(),
+                    hyperparameters: spec.hyperparameters.clone(),
+                    seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
+                };
+                Some(Action::Send {
+                    worker_id: worker.clone(),
+                    command: command(job, &t.task_id, round, &format!("r{round}/train/{}", t.task_id), body),
+                })
+            })
+            .collect();
     }
-    if actions.is_empty() {
-        let updates = job.trainers().filter_map(|t| job.updates.get(&t.task_id)).cloned().collect();
-        let body = CommandBody::Aggregate {
-            model: spec.model.clone(),
-            optimizer: spec.optimizer.clone(),
-            optimizer_kwargs: spec.optimizer_kwargs.clone(),
-            optimizer_state: job.optimizer_state.clone(),
-            global_model,
-            updates,
-            eval_dataset,
-        };
-        actions.push(Action::Send {
-            worker_id: agg_worker.clone(),
-            command: command(job, &aggregator.task_id, round, &format!("r{round}/aggregate"), body),
-        });
-    }
-    actions
+    let updates = job.trainers().filter_map(|t| job.updates.get(&t.task_id)).cloned().collect();
+    let body = CommandBody::Aggregate {
+        model: spec.model.clone(),
+        optimizer: spec.optimizer.clone(),
+        optimizer_kwargs: spec.optimizer_kwargs.clone(),
+        optimizer_state: job.optimizer_state.clone(),
+        global_model,
+        updates,
+        eval_dataset,
+    };
+    vec![Action::Send {
+        worker_id: agg_worker.clone(),
+        command: command(job, &aggregator.task_id, round, &format!("r{round}/aggregate"), body),
+    }]
 }
 
 #[cfg(test)]
@@ -93,7 +181,7 @@ mod tests {
     use flame_events::protocol::CommandBody;
 
     use super::*;
-    use crate::testing::{History, update};
+    use crate::testing::{History, task, update};
 
     fn sends(actions: &[Action]) -> Vec<(String, String)> {
         actions
@@ -105,20 +193,66 @@ mod tests {
             .collect()
     }
 
+    fn worker(id: &str, roles: &[&str], realm: &str) -> WorkerInfo {
+        WorkerInfo { id: id.into(), roles: roles.iter().map(|r| r.to_string()).collect(), realm: realm.into(), device: "cpu".into() }
+    }
+
+    fn everyone() -> Vec<WorkerInfo> {
+        ["t0", "t1", "agg"].iter().map(|t| worker(&format!("w-{t}"), &["trainer", "aggregator"], "default")).collect()
+    }
+
     #[test]
-    fn nothing_happens_before_the_job_runs_or_after_it_ends() {
-        assert!(decide(&History::created(2).job()).is_empty());
+    fn nothing_happens_before_the_job_starts_or_after_it_ends() {
+        assert!(decide(&History::created(2).job(), 0, Some(&everyone())).is_empty());
         let done = History::created(1).started().initialized().round(1).then(JobEvent::JobCompleted {
             rounds_completed: 1,
             final_model: "m1".into(),
             metrics: Default::default(),
         });
-        assert!(decide(&done.job()).is_empty());
+        assert!(decide(&done.job(), u64::MAX, Some(&[])).is_empty());
+    }
+
+    #[test]
+    fn placement_waits_for_workers_with_the_right_roles_and_realms() {
+        let starting = History::created(2).starting().job();
+        assert!(decide(&starting, 0, None).is_empty(), "no registry read, no placement");
+        assert!(decide(&starting, 0, Some(&everyone()[..2])).is_empty(), "three tasks need three workers");
+        let actions = decide(&starting, 0, Some(&everyone()));
+        assert!(matches!(&actions[..], [Action::Handle(JobCommand::Assign(a))] if a.len() == 3));
+
+        let mut uk = task("t0", true);
+        uk.realm = Some("default/eu/uk".into());
+        let agg = task("agg", false);
+        let workers = [
+            worker("a-us", &["trainer"], "default/us"),
+            worker("b-eu", &["trainer"], "default/eu"),
+            worker("c-uk", &["trainer"], "default/eu/uk/london"),
+            worker("d-agg", &["aggregator"], "default/us"),
+        ];
+        let placed = assign(&[&uk, &agg], &workers, &BTreeSet::new()).expect("placed");
+        assert_eq!(placed["t0"], "c-uk", "only a worker inside the dataset's realm may train on it");
+        assert_eq!(placed["agg"], "d-agg");
+        assert!(assign(&[&uk], &workers[..2], &BTreeSet::new()).is_none());
+    }
+
+    #[test]
+    fn deployment_asks_each_placed_worker_once_per_task() {
+        let h = History::created(2).deploying();
+        assert_eq!(
+            sends(&decide(&h.job(), 0, Some(&everyone()))),
+            vec![
+                ("w-t0".to_string(), "job-1/deploy/t0/w-t0".to_string()),
+                ("w-t1".into(), "job-1/deploy/t1/w-t1".into()),
+                ("w-agg".into(), "job-1/deploy/agg/w-agg".into())
+            ]
+        );
+        let some = h.then(JobEvent::TaskDeployed { task_id: "t0".into(), worker_id: "w-t0".into() });
+        assert_eq!(sends(&decide(&some.job(), 0, None)).len(), 2);
     }
 
     #[test]
     fn a_running_job_first_asks_the_aggregator_for_the_initial_model() {
-        let actions = decide(&History::created(2).started().job());
+        let actions = decide(&History::created(2).started().job(), 0, Some(&everyone()));
         assert_eq!(sends(&actions), vec![("w-agg".to_string(), "job-1/init".to_string())]);
         assert!(matches!(&actions[0], Action::Send { command, .. } if matches!(command.body, CommandBody::InitModel { .. })));
     }
@@ -126,19 +260,19 @@ mod tests {
     #[test]
     fn rounds_start_train_aggregate_and_finish() {
         let ready = History::created(2).started().initialized();
-        assert_eq!(decide(&ready.job()), vec![Action::Handle(JobCommand::StartRound)]);
+        assert_eq!(decide(&ready.job(), 7, None), vec![Action::Handle(JobCommand::StartRound { now_ms: 7 })]);
 
-        let open = ready.then(JobEvent::RoundStarted { round: 1, global_model: "m0".into() });
+        let open = ready.round_started(1);
         assert_eq!(
-            sends(&decide(&open.job())),
+            sends(&decide(&open.job(), 0, None)),
             vec![("w-t0".into(), "job-1/r1/train/t0".into()), ("w-t1".into(), "job-1/r1/train/t1".into())]
         );
 
         let half = open.then(update(1, "t0"));
-        assert_eq!(sends(&decide(&half.job())), vec![("w-t1".into(), "job-1/r1/train/t1".into())]);
+        assert_eq!(sends(&decide(&half.job(), 0, None)), vec![("w-t1".into(), "job-1/r1/train/t1".into())]);
 
         let full = half.then(update(1, "t1"));
-        let actions = decide(&full.job());
+        let actions = decide(&full.job(), 0, None);
         assert_eq!(sends(&actions), vec![("w-agg".into(), "job-1/r1/aggregate".into())]);
         let Action::Send { command, .. } = &actions[0] else { panic!("send") };
         let CommandBody::Aggregate { updates, global_model, .. } = &command.body else { panic!("aggregate") };
@@ -146,12 +280,49 @@ mod tests {
         assert_eq!(updates.iter().map(|u| u.digest.as_str()).collect::<Vec<_>>(), vec!["u1t0", "u1t1"]);
 
         let last = History::created(2).started().initialized().round(1).round(2);
-        assert_eq!(decide(&last.job()), vec![Action::Handle(JobCommand::Complete)]);
+        assert_eq!(decide(&last.job(), 0, None), vec![Action::Handle(JobCommand::Complete)]);
+    }
+
+    #[test]
+    fn a_due_timer_comes_first_and_stopping_terminates() {
+        let open = History::created(2).started().initialized().round_started(1);
+        let due = crate::job::DEFAULT_ROUND_TIMEOUT_S * 1000;
+        assert_eq!(decide(&open.job(), due, None), vec![Action::Handle(JobCommand::Fire { timer: "round-1".into(), now_ms: due })]);
+        assert!(matches!(decide(&open.job(), due - 1, None)[0], Action::Send { .. }));
+        let stopping = open.then(JobEvent::JobStopping { reason: "user".into() });
+        assert_eq!(decide(&stopping.job(), 0, None), vec![Action::Handle(JobCommand::Terminate)]);
+    }
+
+    #[test]
+    fn a_worker_missing_from_the_registry_is_lost_and_replaced_by_a_free_one() {
+        let open = History::created(2).started().initialized().round_started(1);
+        let mut live = everyone();
+        live.retain(|w| w.id != "w-t1");
+        assert_eq!(
+            decide(&open.job(), 0, Some(&live)),
+            vec![Action::Handle(JobCommand::LoseWorker { worker_id: "w-t1".into(), replacements: BTreeMap::new() })],
+            "busy workers are not replacements"
+        );
+        live.push(worker("w-spare", &["trainer"], "default"));
+        assert_eq!(
+            decide(&open.job(), 0, Some(&live)),
+            vec![Action::Handle(JobCommand::LoseWorker {
+                worker_id: "w-t1".into(),
+                replacements: BTreeMap::from([("t1".into(), "w-spare".into())])
+            })]
+        );
+        let moved = open
+            .then(JobEvent::TaskAssigned { task_id: "t1".into(), worker_id: "w-spare".into() })
+            .then(JobEvent::WorkerLost { worker_id: "w-t1".into(), orphaned: vec![] });
+        assert_eq!(
+            sends(&decide(&moved.job(), 0, Some(&live))),
+            vec![("w-t0".into(), "job-1/r1/train/t0".into()), ("w-spare".into(), "job-1/r1/train/t1".into())]
+        );
     }
 
     #[test]
     fn decisions_are_deterministic() {
-        let h = History::created(2).started().initialized().then(JobEvent::RoundStarted { round: 1, global_model: "m0".into() });
-        assert_eq!(decide(&h.job()), decide(&h.job()));
+        let h = History::created(2).started().initialized().round_started(1);
+        assert_eq!(decide(&h.job(), 5, Some(&everyone())), decide(&h.job(), 5, Some(&everyone())));
     }
 }

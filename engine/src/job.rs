@@ -1,31 +1,76 @@
 //! The job aggregate: a pure state machine. `handle` decides which events a
 //! command produces (or rejects it); `apply` folds an event into the state.
+//! Time enters only as `now_ms` inside commands, so the aggregate stays pure.
+//!
+//! The lifecycle follows Flame's job states; [`TRANSITIONS`] lists every
+//! legal move, and a test checks that each is reachable and nothing else is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use flame_events::job::{JobEvent, Metrics, RunSpec, TaskSpec};
 use flame_events::protocol::{Report, ReportBody, UpdateRef};
 
-/// Flame's job states (the subset this version reaches).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// How long a round (or the deployment) may wait when the job names no `roundTimeout`.
+pub const DEFAULT_ROUND_TIMEOUT_S: u64 = 600;
+/// Timer that stops the job when `maxRunTime` passes.
+pub const MAX_RUN_TIME: &str = "max-run-time";
+/// Timer that bounds placement, deployment and the initial model.
+pub const DEPLOY: &str = "deploy";
+
+/// The timer that bounds round `n`.
+pub fn round_timer(n: u32) -> String {
+    format!("round-{n}")
+}
+
+/// Flame's job states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Nothing recorded yet.
     New,
-    /// Created, tasks not yet placed ("ready" in Flame).
+    /// Created; may be updated, started or deleted.
     Ready,
-    /// Tasks placed, rounds running.
+    /// Start asked for; tasks are being placed on workers.
+    Starting,
+    /// Tasks placed; workers are confirming they can run them.
+    Deploying,
+    /// Rounds run.
     Running,
+    /// A stop was asked for (by a user or `maxRunTime`).
+    Stopping,
     /// All rounds done.
     Completed,
     /// Stopped by an error.
     Failed,
+    /// Stopped before the end.
+    Terminated,
+    /// Removed (its events stay).
+    Deleted,
 }
 
 impl Status {
-    /// Whether the job can change no more.
+    /// Every state, for tables and tests.
+    pub const ALL: [Status; 10] = [
+        Self::New,
+        Self::Ready,
+        Self::Starting,
+        Self::Deploying,
+        Self::Running,
+        Self::Stopping,
+        Self::Completed,
+        Self::Failed,
+        Self::Terminated,
+        Self::Deleted,
+    ];
+
+    /// Whether the job can change no more (except by deletion).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed)
+        matches!(self, Self::Completed | Self::Failed | Self::Terminated | Self::Deleted)
+    }
+
+    /// Whether the engine is working on the job.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Starting | Self::Deploying | Self::Running | Self::Stopping)
     }
 }
 
@@ -45,19 +90,149 @@ pub enum JobCommand {
         /// Expanded tasks.
         tasks: Vec<TaskSpec>,
     },
-    /// Place tasks on workers (task id -> worker id) and start.
+    /// Replace the definition of a job that is not running.
+    Update {
+        /// Name.
+        name: String,
+        /// Where the definition came from.
+        source: String,
+        /// Run settings.
+        spec: RunSpec,
+        /// Expanded tasks.
+        tasks: Vec<TaskSpec>,
+    },
+    /// Start the job (a user's request).
+    Start {
+        /// Now, ms since the epoch.
+        now_ms: u64,
+    },
+    /// Place every task on a worker (task id -> worker id).
     Assign(BTreeMap<String, String>),
-    /// Begin the next round.
-    StartRound,
     /// Take a worker's report.
     Report(Report),
+    /// Begin the next round.
+    StartRound {
+        /// Now, ms since the epoch.
+        now_ms: u64,
+    },
+    /// A durable timer came due.
+    Fire {
+        /// Timer name.
+        timer: String,
+        /// Now, ms since the epoch.
+        now_ms: u64,
+    },
+    /// A worker stopped heartbeating; its tasks move to the given workers where one was found.
+    LoseWorker {
+        /// The lost worker.
+        worker_id: String,
+        /// Task id -> replacement worker id.
+        replacements: BTreeMap<String, String>,
+    },
+    /// Stop the job (a user's request).
+    Stop {
+        /// Why.
+        reason: String,
+    },
+    /// Finish stopping.
+    Terminate,
     /// Finish after the last round.
     Complete,
     /// Give up.
     Fail(String),
+    /// Remove a job that is not active.
+    Delete,
+    /// Record that a report was refused (audit).
+    RecordRejection {
+        /// The refused report.
+        report: Box<Report>,
+        /// Why.
+        reason: String,
+    },
 }
 
-/// Why a command was refused; nothing is recorded for it.
+impl JobCommand {
+    /// The command's name in the transition table.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Create { .. } => "create",
+            Self::Update { .. } => "update",
+            Self::Start { .. } => "start",
+            Self::Assign(_) => "assign",
+            Self::Report(_) => "report",
+            Self::StartRound { .. } => "start round",
+            Self::Fire { .. } => "fire timer",
+            Self::LoseWorker { .. } => "lose worker",
+            Self::Stop { .. } => "stop",
+            Self::Terminate => "terminate",
+            Self::Complete => "complete",
+            Self::Fail(_) => "fail",
+            Self::Delete => "delete",
+            Self::RecordRejection { .. } => "record rejection",
+        }
+    }
+}
+
+/// Every legal move: (state before, command, state after). A command in a
+/// state not listed here is refused with [`Rejection::IllegalInState`].
+pub const TRANSITIONS: &[(Status, &str, Status)] = {
+    use Status::*;
+    &[
+        (New, "create", Ready),
+        (Ready, "update", Ready),
+        (Ready, "start", Starting),
+        (Ready, "delete", Deleted),
+        (Starting, "assign", Deploying),
+        (Starting, "fire timer", Failed),
+        (Starting, "fire timer", Stopping),
+        (Starting, "stop", Stopping),
+        (Starting, "fail", Failed),
+        (Deploying, "report", Deploying),
+        (Deploying, "report", Running),
+        (Deploying, "report", Failed),
+        (Deploying, "lose worker", Deploying),
+        (Deploying, "lose worker", Running),
+        (Deploying, "lose worker", Failed),
+        (Deploying, "fire timer", Failed),
+        (Deploying, "fire timer", Stopping),
+        (Deploying, "stop", Stopping),
+        (Deploying, "fail", Failed),
+        (Running, "report", Running),
+        (Running, "report", Failed),
+        (Running, "start round", Running),
+        (Running, "lose worker", Running),
+        (Running, "lose worker", Failed),
+        (Running, "fire timer", Running),
+        (Running, "fire timer", Failed),
+        (Running, "fire timer", Stopping),
+        (Running, "stop", Stopping),
+        (Running, "complete", Completed),
+        (Running, "fail", Failed),
+        (Stopping, "terminate", Terminated),
+        (Stopping, "fail", Failed),
+        (Stopping, "fire timer", Stopping),
+        (Completed, "delete", Deleted),
+        (Failed, "delete", Deleted),
+        (Terminated, "delete", Deleted),
+        // Refused reports are recorded in every state a job can be in.
+        (Ready, "record rejection", Ready),
+        (Starting, "record rejection", Starting),
+        (Deploying, "record rejection", Deploying),
+        (Running, "record rejection", Running),
+        (Stopping, "record rejection", Stopping),
+        (Completed, "record rejection", Completed),
+        (Failed, "record rejection", Failed),
+        (Terminated, "record rejection", Terminated),
+        (Deleted, "record rejection", Deleted),
+    ]
+};
+
+/// Whether the table allows `command` in `status` at all.
+pub fn allowed(status: Status, command: &str) -> bool {
+    TRANSITIONS.iter().any(|(from, c, _)| *from == status && *c == command)
+}
+
+/// Why a command was refused; nothing but an audit record is kept of it.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Rejection {
     /// The command does not fit the job's state.
@@ -111,6 +286,8 @@ pub struct Job {
     pub job_id: String,
     /// Name.
     pub name: String,
+    /// Where the definition came from.
+    pub source: String,
     /// State.
     pub status: Status,
     /// Run settings.
@@ -119,6 +296,10 @@ pub struct Job {
     pub tasks: Vec<TaskSpec>,
     /// Task id -> worker id.
     pub assignments: BTreeMap<String, String>,
+    /// Tasks whose worker confirmed them.
+    pub deployed: BTreeSet<String>,
+    /// Tasks whose worker was lost with no replacement: they sit out.
+    pub orphaned: BTreeSet<String>,
     /// The current global model.
     pub global_model: Option<String>,
     /// The latest round started (0 = none).
@@ -127,12 +308,18 @@ pub struct Job {
     pub rounds_completed: u32,
     /// Updates accepted in the open round, by task id.
     pub updates: BTreeMap<String, UpdateRef>,
+    /// Whether the open round stopped taking updates at its deadline.
+    pub training_closed: bool,
     /// Metrics of the latest global model.
     pub metrics: Metrics,
     /// Digest of the server optimizer's state, for adaptive optimizers.
     pub optimizer_state: Option<String>,
-    /// Why it failed.
+    /// Armed timers: name -> due time (ms since the epoch).
+    pub timers: BTreeMap<String, u64>,
+    /// Why it failed, or why it was stopped.
     pub failure: Option<String>,
+    /// Reports refused so far.
+    pub rejected: u64,
     /// Events applied (the stream version).
     pub version: u64,
 }
@@ -142,17 +329,23 @@ impl Default for Job {
         Self {
             job_id: String::new(),
             name: String::new(),
+            source: String::new(),
             status: Status::New,
             spec: None,
             tasks: Vec::new(),
             assignments: BTreeMap::new(),
+            deployed: BTreeSet::new(),
+            orphaned: BTreeSet::new(),
             global_model: None,
             round: 0,
             rounds_completed: 0,
             updates: BTreeMap::new(),
+            training_closed: false,
             metrics: Metrics::new(),
             optimizer_state: None,
+            timers: BTreeMap::new(),
             failure: None,
+            rejected: 0,
             version: 0,
         }
     }
@@ -178,6 +371,11 @@ impl Job {
         self.spec.as_ref().map_or(0, |s| s.rounds)
     }
 
+    /// Seconds a round, or the deployment, may take.
+    pub fn round_timeout_ms(&self) -> u64 {
+        self.spec.as_ref().and_then(|s| s.round_timeout_s).unwrap_or(DEFAULT_ROUND_TIMEOUT_S).saturating_mul(1000)
+    }
+
     /// The task that aggregates (two-tier: the only non-data task).
     pub fn aggregator(&self) -> Option<&TaskSpec> {
         self.tasks.iter().find(|t| !t.is_data_consumer)
@@ -188,34 +386,59 @@ impl Job {
         self.tasks.iter().filter(|t| t.is_data_consumer)
     }
 
+    /// Trainers that still have a worker.
+    pub fn active_trainers(&self) -> impl Iterator<Item = &TaskSpec> {
+        self.trainers().filter(|t| !self.orphaned.contains(&t.task_id))
+    }
+
+    /// Fewest updates a round may aggregate.
+    pub fn quorum(&self) -> usize {
+        let all = self.trainers().count();
+        self.spec.as_ref().and_then(|s| s.quorum).map_or(all, |q| (q as usize).clamp(1, all.max(1)))
+    }
+
+    /// Whether the open round has every update it will get.
+    pub fn training_done(&self) -> bool {
+        self.training_closed || self.active_trainers().all(|t| self.updates.contains_key(&t.task_id))
+    }
+
+    /// The earliest armed timer.
+    pub fn next_timer(&self) -> Option<(&str, u64)> {
+        self.timers.iter().min_by_key(|(name, due)| (**due, name.as_str())).map(|(n, d)| (n.as_str(), *d))
+    }
+
     /// Decides what a command records.
     pub fn handle(&self, command: JobCommand) -> Result<Vec<JobEvent>, Rejection> {
         use JobCommand as C;
-        let illegal = |command| Err(Rejection::IllegalInState { command, status: self.status });
+        let name = command.name();
+        if !allowed(self.status, name) {
+            return Err(Rejection::IllegalInState { command: name, status: self.status });
+        }
         match command {
-            C::Create { job_id, name, source, spec, tasks } => {
-                if self.status != Status::New {
-                    return illegal("create");
+            C::Create { job_id, name, source, spec, tasks } => Ok(vec![JobEvent::JobCreated { job_id, name, source, spec, tasks }]),
+            C::Update { name, source, spec, tasks } => Ok(vec![JobEvent::JobUpdated { name, source, spec, tasks }]),
+            C::Start { now_ms } => {
+                let mut events = vec![JobEvent::JobStarting {}];
+                events.push(JobEvent::TimerSet { timer: DEPLOY.into(), due_at_ms: now_ms.saturating_add(self.round_timeout_ms()) });
+                if let Some(max) = self.spec.as_ref().and_then(|s| s.max_run_time_s) {
+                    events.push(JobEvent::TimerSet {
+                        timer: MAX_RUN_TIME.into(),
+                        due_at_ms: now_ms.saturating_add(max.saturating_mul(1000)),
+                    });
                 }
-                Ok(vec![JobEvent::JobCreated { job_id, name, source, spec, tasks }])
+                Ok(events)
             }
             C::Assign(assignments) => {
-                if self.status != Status::Ready {
-                    return illegal("assign tasks");
-                }
                 let mut events = Vec::new();
                 for t in &self.tasks {
                     let worker =
                         assignments.get(&t.task_id).ok_or_else(|| Rejection::Unexpected(format!("task '{}' has no worker", t.task_id)))?;
                     events.push(JobEvent::TaskAssigned { task_id: t.task_id.clone(), worker_id: worker.clone() });
                 }
-                events.push(JobEvent::JobStarted {});
+                events.push(JobEvent::JobDeploying {});
                 Ok(events)
             }
-            C::StartRound => {
-                if self.status != Status::Running {
-                    return illegal("start a round");
-                }
+            C::StartRound { now_ms } => {
                 let global_model = self.global_model.clone().ok_or_else(|| Rejection::Unexpected("no global model yet".into()))?;
                 if self.round_open() || self.rounds_completed >= self.total_rounds() {
                     return Err(Rejection::Unexpected(format!(
@@ -224,12 +447,17 @@ impl Job {
                         self.total_rounds()
                     )));
                 }
-                Ok(vec![JobEvent::RoundStarted { round: self.round + 1, global_model }])
+                let round = self.round + 1;
+                Ok(vec![
+                    JobEvent::RoundStarted { round, global_model },
+                    JobEvent::TimerSet { timer: round_timer(round), due_at_ms: now_ms.saturating_add(self.round_timeout_ms()) },
+                ])
             }
+            C::Fire { timer, now_ms } => self.fire(timer, now_ms),
+            C::LoseWorker { worker_id, replacements } => self.lose_worker(worker_id, replacements),
+            C::Stop { reason } => Ok(vec![JobEvent::JobStopping { reason }]),
+            C::Terminate => Ok(vec![JobEvent::JobTerminated { reason: self.failure.clone().unwrap_or_else(|| "stopped".into()) }]),
             C::Complete => {
-                if self.status != Status::Running {
-                    return illegal("complete");
-                }
                 if self.round_open() || self.rounds_completed < self.total_rounds() {
                     return Err(Rejection::Unexpected(format!(
                         "cannot complete after {} of {} rounds",
@@ -243,29 +471,136 @@ impl Job {
                     metrics: self.metrics.clone(),
                 }])
             }
-            C::Fail(reason) => {
-                if self.status.is_terminal() || self.status == Status::New {
-                    return illegal("fail");
-                }
-                Ok(vec![JobEvent::JobFailed { reason }])
-            }
+            C::Fail(reason) => Ok(vec![JobEvent::JobFailed { reason }]),
+            C::Delete => Ok(vec![JobEvent::JobDeleted {}]),
+            C::RecordRejection { report, reason } => Ok(vec![JobEvent::ReportRejected {
+                command_id: report.command_id,
+                task_id: report.task_id,
+                worker_id: report.worker_id,
+                round: report.round,
+                reason,
+            }]),
             C::Report(report) => self.handle_report(report),
         }
     }
 
-    fn handle_report(&self, r: Report) -> Result<Vec<JobEvent>, Rejection> {
-        if self.status != Status::Running {
-            return Err(Rejection::IllegalInState { command: "take a report", status: self.status });
+    fn fire(&self, timer: String, now_ms: u64) -> Result<Vec<JobEvent>, Rejection> {
+        let due = *self.timers.get(&timer).ok_or_else(|| Rejection::Unexpected(format!("timer '{timer}' is not armed")))?;
+        if due > now_ms {
+            return Err(Rejection::Unexpected(format!("timer '{timer}' is due in {} ms", due - now_ms)));
         }
+        let mut events = vec![JobEvent::TimerFired { timer: timer.clone() }];
+        let waiting = |what: String| format!("{what} within the deadline of {} s", self.round_timeout_ms() / 1000);
+        match timer.as_str() {
+            MAX_RUN_TIME if self.status != Status::Stopping => {
+                let max = self.spec.as_ref().and_then(|s| s.max_run_time_s).unwrap_or_default();
+                events.push(JobEvent::JobStopping { reason: format!("maxRunTime of {max} s exceeded") });
+            }
+            DEPLOY if self.status == Status::Starting => {
+                events.push(JobEvent::JobFailed { reason: waiting("no workers could take every task (check roles and realms)".into()) })
+            }
+            DEPLOY if self.status == Status::Deploying => {
+                let missing: Vec<_> = self.tasks.iter().map(|t| &t.task_id).filter(|t| !self.deployed.contains(*t)).collect();
+                events.push(JobEvent::JobFailed { reason: waiting(format!("tasks {missing:?} were not deployed")) })
+            }
+            DEPLOY if self.status == Status::Running && self.global_model.is_none() => {
+                events.push(JobEvent::JobFailed { reason: waiting("the aggregator made no initial model".into()) })
+            }
+            t if self.status == Status::Running && self.round_open() && t == round_timer(self.round) => {
+                let round = self.round;
+                if self.training_done() {
+                    events.push(JobEvent::JobFailed { reason: waiting(format!("round {round}: the aggregator did not aggregate")) });
+                } else if self.updates.len() >= self.quorum() {
+                    let dropped = self.active_trainers().map(|t| t.task_id.clone()).filter(|t| !self.updates.contains_key(t)).collect();
+                    events.push(JobEvent::TrainingClosed { round, dropped });
+                    events
+                        .push(JobEvent::TimerSet { timer: round_timer(round), due_at_ms: now_ms.saturating_add(self.round_timeout_ms()) });
+                } else {
+                    events.push(JobEvent::JobFailed {
+                        reason: waiting(format!(
+                            "round {round}: {} of {} updates arrived, fewer than the quorum of {} (minClients)",
+                            self.updates.len(),
+                            self.active_trainers().count(),
+                            self.quorum()
+                        )),
+                    });
+                }
+            }
+            // A timer whose reason has passed: record that it fired, nothing more.
+            _ => {}
+        }
+        Ok(events)
+    }
+
+    fn lose_worker(&self, worker_id: String, replacements: BTreeMap<String, String>) -> Result<Vec<JobEvent>, Rejection> {
+        let tasks: Vec<&TaskSpec> = self
+            .tasks
+            .iter()
+            .filter(|t| self.assignments.get(&t.task_id) == Some(&worker_id) && !self.orphaned.contains(&t.task_id))
+            .collect();
+        if tasks.is_empty() {
+            return Err(Rejection::Unexpected(format!("worker '{worker_id}' runs no task of this job")));
+        }
+        let mut events = Vec::new();
+        let mut orphaned = Vec::new();
+        for t in &tasks {
+            match replacements.get(&t.task_id) {
+                Some(w) if *w != worker_id => events.push(JobEvent::TaskAssigned { task_id: t.task_id.clone(), worker_id: w.clone() }),
+                _ => orphaned.push(t.task_id.clone()),
+            }
+        }
+        let lost_aggregator = tasks.iter().find(|t| !t.is_data_consumer && orphaned.contains(&t.task_id));
+        let left = self.active_trainers().filter(|t| !orphaned.contains(&t.task_id)).count();
+        events.push(JobEvent::WorkerLost { worker_id: worker_id.clone(), orphaned: orphaned.clone() });
+        if let Some(agg) = lost_aggregator {
+            events.push(JobEvent::JobFailed {
+                reason: format!("worker '{worker_id}' was lost and no other live worker can take task '{}' ({})", agg.task_id, agg.role),
+            });
+        } else if left < self.quorum() {
+            events.push(JobEvent::JobFailed {
+                reason: format!(
+                    "worker '{worker_id}' was lost: {left} trainer(s) left, fewer than the quorum of {} (set minClients to run with fewer)",
+                    self.quorum()
+                ),
+            });
+        } else if self.status == Status::Deploying
+            && self
+                .tasks
+                .iter()
+                .all(|t| self.deployed.contains(&t.task_id) || self.orphaned.contains(&t.task_id) || orphaned.contains(&t.task_id))
+        {
+            events.push(JobEvent::JobStarted {});
+        }
+        Ok(events)
+    }
+
+    fn handle_report(&self, r: Report) -> Result<Vec<JobEvent>, Rejection> {
         let task = self.tasks.iter().find(|t| t.task_id == r.task_id).ok_or_else(|| Rejection::UnknownTask(r.task_id.clone()))?;
         let assigned = self.assignments.get(&r.task_id).cloned().unwrap_or_default();
         if assigned != r.worker_id {
             return Err(Rejection::WrongWorker { task: r.task_id, worker: r.worker_id, assigned });
         }
+        if self.orphaned.contains(&r.task_id) {
+            return Err(Rejection::Unexpected(format!("task '{}' sits out: its worker '{}' was lost", r.task_id, r.worker_id)));
+        }
         match r.body {
             ReportBody::Failed { error } => Ok(vec![JobEvent::JobFailed {
                 reason: format!("worker '{}' failed task '{}' in round {}: {error}", r.worker_id, r.task_id, r.round),
             }]),
+            ReportBody::Deployed {} => {
+                if self.status != Status::Deploying || self.deployed.contains(&r.task_id) {
+                    return Err(Rejection::Unexpected(format!("task '{}' is already deployed (the job is {:?})", r.task_id, self.status)));
+                }
+                let mut events = vec![JobEvent::TaskDeployed { task_id: r.task_id.clone(), worker_id: r.worker_id }];
+                let rest = self.tasks.iter().filter(|t| !self.orphaned.contains(&t.task_id) && !self.deployed.contains(&t.task_id)).count();
+                if rest == 1 {
+                    events.push(JobEvent::JobStarted {});
+                }
+                Ok(events)
+            }
+            _ if self.status != Status::Running => {
+                Err(Rejection::Unexpected(format!("round reports are taken while the job runs; it is {:?}", self.status)))
+            }
             ReportBody::Initialized { digest } => {
                 if task.is_data_consumer || self.global_model.is_some() {
                     return Err(Rejection::Unexpected(format!("unexpected initial model from task '{}'", r.task_id)));
@@ -280,6 +615,9 @@ impl Job {
                 if self.updates.contains_key(&r.task_id) {
                     return Err(Rejection::Duplicate { task: r.task_id, round: r.round });
                 }
+                if self.training_closed {
+                    return Err(Rejection::Unexpected(format!("round {} stopped taking updates at its deadline", r.round)));
+                }
                 if samples == 0 {
                     return Err(Rejection::Unexpected(format!("task '{}' reported an update trained on 0 samples", r.task_id)));
                 }
@@ -290,8 +628,8 @@ impl Job {
                 if task.is_data_consumer {
                     return Err(Rejection::Unexpected(format!("task '{}' does not aggregate", r.task_id)));
                 }
-                let missing = self.trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
-                if missing > 0 {
+                if !self.training_done() {
+                    let missing = self.active_trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
                     return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} update(s) arrived", r.round)));
                 }
                 let inputs = self.trainers().filter_map(|t| self.updates.get(&t.task_id)).map(|u| u.digest.clone()).collect();
@@ -308,41 +646,79 @@ impl Job {
         }
     }
 
+    fn end(&mut self, status: Status, reason: Option<&str>) {
+        self.status = status;
+        if let Some(r) = reason {
+            self.failure = Some(r.to_string());
+        }
+        self.timers.clear();
+    }
+
     /// Folds one event into the state.
     pub fn apply(&mut self, event: &JobEvent) {
         self.version += 1;
         match event {
-            JobEvent::JobCreated { job_id, name, spec, tasks, .. } => {
+            JobEvent::JobCreated { job_id, name, source, spec, tasks } => {
                 self.job_id = job_id.clone();
                 self.name = name.clone();
+                self.source = source.clone();
                 self.spec = Some(spec.clone());
                 self.tasks = tasks.clone();
                 self.status = Status::Ready;
             }
+            JobEvent::JobUpdated { name, source, spec, tasks } => {
+                self.name = name.clone();
+                self.source = source.clone();
+                self.spec = Some(spec.clone());
+                self.tasks = tasks.clone();
+            }
+            JobEvent::JobStarting {} => self.status = Status::Starting,
             JobEvent::TaskAssigned { task_id, worker_id } => {
                 self.assignments.insert(task_id.clone(), worker_id.clone());
             }
+            JobEvent::JobDeploying {} => self.status = Status::Deploying,
+            JobEvent::TaskDeployed { task_id, .. } => {
+                self.deployed.insert(task_id.clone());
+            }
             JobEvent::JobStarted {} => self.status = Status::Running,
-            JobEvent::ModelInitialized { digest, .. } => self.global_model = Some(digest.clone()),
+            JobEvent::TimerSet { timer, due_at_ms } => {
+                self.timers.insert(timer.clone(), *due_at_ms);
+            }
+            JobEvent::TimerFired { timer } => {
+                self.timers.remove(timer);
+            }
+            JobEvent::WorkerLost { orphaned, .. } => self.orphaned.extend(orphaned.iter().cloned()),
+            JobEvent::ModelInitialized { digest, .. } => {
+                self.global_model = Some(digest.clone());
+                self.timers.remove(DEPLOY);
+            }
             JobEvent::RoundStarted { round, .. } => {
                 self.round = *round;
                 self.updates.clear();
+                self.training_closed = false;
             }
             JobEvent::UpdateReported { task_id, digest, samples, .. } => {
                 self.updates.insert(task_id.clone(), UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples });
             }
+            JobEvent::TrainingClosed { .. } => self.training_closed = true,
+            JobEvent::ReportRejected { .. } => self.rejected += 1,
             JobEvent::RoundAggregated { round, digest, metrics, optimizer_state, .. } => {
                 self.optimizer_state = optimizer_state.clone();
                 self.rounds_completed = *round;
                 self.global_model = Some(digest.clone());
                 self.metrics = metrics.clone();
                 self.updates.clear();
+                self.training_closed = false;
+                self.timers.remove(&round_timer(*round));
             }
-            JobEvent::JobCompleted { .. } => self.status = Status::Completed,
-            JobEvent::JobFailed { reason } => {
-                self.status = Status::Failed;
+            JobEvent::JobCompleted { .. } => self.end(Status::Completed, None),
+            JobEvent::JobFailed { reason } => self.end(Status::Failed, Some(reason)),
+            JobEvent::JobStopping { reason } => {
+                self.status = Status::Stopping;
                 self.failure = Some(reason.clone());
             }
+            JobEvent::JobTerminated { reason } => self.end(Status::Terminated, Some(reason)),
+            JobEvent::JobDeleted {} => self.end(Status::Deleted, None),
         }
     }
 }
@@ -372,7 +748,7 @@ impl cqrs_es::Aggregate for Job {
 mod tests {
     //! Given a history, when a command arrives, then these events (or this rejection).
 
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use flame_events::job::{JobEvent, Metrics};
     use flame_events::protocol::{Report, ReportBody};
@@ -380,54 +756,230 @@ mod tests {
     use super::*;
     use crate::testing::{self, History, JOB, report, trained, update};
 
+    const LATE: u64 = u64::MAX / 2;
+
     fn assignments() -> BTreeMap<String, String> {
         ["t0", "t1", "agg"].iter().map(|t| (t.to_string(), format!("w-{t}"))).collect()
+    }
+
+    fn aggregated(round: u32) -> ReportBody {
+        ReportBody::Aggregated { digest: format!("m{round}"), metrics: Metrics::new(), optimizer_state: None }
+    }
+
+    fn spec() -> RunSpec {
+        match testing::created(2) {
+            JobEvent::JobCreated { spec, .. } => spec,
+            _ => unreachable!(),
+        }
+    }
+
+    fn given(h: &History) -> Job {
+        h.job()
+    }
+
+    fn status_after(job: &Job, events: &[JobEvent]) -> Status {
+        let mut j = job.clone();
+        for e in events {
+            j.apply(e);
+        }
+        j.status
+    }
+
+    /// Histories reaching every state, several ways.
+    fn histories() -> Vec<(&'static str, History)> {
+        let quorum1 = || {
+            History::created_with(2, |s| {
+                s.quorum = Some(1);
+                s.max_run_time_s = Some(60);
+            })
+            .then(JobEvent::TimerSet { timer: MAX_RUN_TIME.into(), due_at_ms: 60_000 })
+        };
+        vec![
+            ("new", History::default()),
+            ("ready", History::created(2)),
+            ("starting", History::created(2).starting()),
+            ("starting with maxRunTime", quorum1().starting()),
+            ("deploying", History::created(2).deploying()),
+            (
+                "deploying, one task left",
+                History::created(2)
+                    .deploying()
+                    .then(JobEvent::TaskDeployed { task_id: "t1".into(), worker_id: "w-t1".into() })
+                    .then(JobEvent::TaskDeployed { task_id: "agg".into(), worker_id: "w-agg".into() }),
+            ),
+            (
+                "deploying with quorum 1, t0 left",
+                quorum1()
+                    .deploying()
+                    .then(JobEvent::TaskDeployed { task_id: "t1".into(), worker_id: "w-t1".into() })
+                    .then(JobEvent::TaskDeployed { task_id: "agg".into(), worker_id: "w-agg".into() }),
+            ),
+            ("running, no model", History::created(2).started()),
+            ("running, between rounds", History::created(2).started().initialized()),
+            ("running, round open", History::created(2).started().initialized().round_started(1)),
+            ("running with quorum 1, round open", quorum1().started().initialized().round_started(1)),
+            ("running with quorum 1, one update", quorum1().started().initialized().round_started(1).then(update(1, "t0"))),
+            (
+                "running, round full",
+                History::created(2).started().initialized().round_started(1).then(update(1, "t0")).then(update(1, "t1")),
+            ),
+            ("running, all rounds done", History::created(2).started().initialized().round(1).round(2)),
+            ("stopping", History::created(2).started().then(JobEvent::JobStopping { reason: "user".into() })),
+            (
+                "stopping with maxRunTime",
+                quorum1()
+                    .started()
+                    .then(JobEvent::TimerSet { timer: MAX_RUN_TIME.into(), due_at_ms: 1 })
+                    .then(JobEvent::JobStopping { reason: "user".into() }),
+            ),
+            (
+                "completed",
+                History::created(1).started().initialized().round(1).then(JobEvent::JobCompleted {
+                    rounds_completed: 1,
+                    final_model: "m1".into(),
+                    metrics: Metrics::new(),
+                }),
+            ),
+            ("failed", History::created(2).started().then(JobEvent::JobFailed { reason: "x".into() })),
+            (
+                "terminated",
+                History::created(2)
+                    .started()
+                    .then(JobEvent::JobStopping { reason: "x".into() })
+                    .then(JobEvent::JobTerminated { reason: "x".into() }),
+            ),
+            ("deleted", History::created(2).then(JobEvent::JobDeleted {})),
+        ]
+    }
+
+    /// One of each command, several ways.
+    fn commands() -> Vec<JobCommand> {
+        let s = spec();
+        let deployed = |t: &str| report(t, 0, ReportBody::Deployed {});
+        vec![
+            JobCommand::Create { job_id: JOB.into(), name: "n".into(), source: "s".into(), spec: s.clone(), tasks: vec![] },
+            JobCommand::Update { name: "n2".into(), source: "s2".into(), spec: s, tasks: vec![] },
+            JobCommand::Start { now_ms: 0 },
+            JobCommand::Assign(assignments()),
+            deployed("t0"),
+            deployed("agg"),
+            report("agg", 0, ReportBody::Initialized { digest: "m0".into() }),
+            report("t0", 1, trained(1, "t0")),
+            report("t1", 1, trained(1, "t1")),
+            report("agg", 1, aggregated(1)),
+            report("t1", 1, ReportBody::Failed { error: "disk full".into() }),
+            JobCommand::StartRound { now_ms: 0 },
+            JobCommand::Fire { timer: DEPLOY.into(), now_ms: LATE },
+            JobCommand::Fire { timer: MAX_RUN_TIME.into(), now_ms: LATE },
+            JobCommand::Fire { timer: round_timer(1), now_ms: LATE },
+            JobCommand::LoseWorker { worker_id: "w-t0".into(), replacements: BTreeMap::new() },
+            JobCommand::LoseWorker { worker_id: "w-t0".into(), replacements: BTreeMap::from([("t0".into(), "w-spare".into())]) },
+            JobCommand::LoseWorker { worker_id: "w-agg".into(), replacements: BTreeMap::new() },
+            JobCommand::Stop { reason: "user".into() },
+            JobCommand::Terminate,
+            JobCommand::Complete,
+            JobCommand::Fail("broken".into()),
+            JobCommand::Delete,
+            JobCommand::RecordRejection {
+                report: Box::new(Report {
+                    v: 1,
+                    command_id: "c".into(),
+                    job_id: JOB.into(),
+                    task_id: "t9".into(),
+                    worker_id: "w-x".into(),
+                    round: 7,
+                    body: ReportBody::Deployed {},
+                }),
+                reason: "unknown task".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_transition_in_the_table_happens_and_nothing_else_does() {
+        let mut seen = BTreeSet::new();
+        for (label, h) in histories() {
+            let job = given(&h);
+            for command in commands() {
+                let name = command.name();
+                match job.handle(command.clone()) {
+                    Ok(events) => {
+                        let after = status_after(&job, &events);
+                        assert!(
+                            TRANSITIONS.contains(&(job.status, name, after)),
+                            "{label}: '{name}' moved {:?} -> {after:?}, which the table does not list",
+                            job.status
+                        );
+                        seen.insert((job.status, name, after));
+                    }
+                    Err(Rejection::IllegalInState { status, .. }) => {
+                        assert_eq!(status, job.status);
+                        assert!(!allowed(job.status, name), "{label}: '{name}' refused in {status:?} though the table allows it");
+                    }
+                    Err(other) => {
+                        assert!(allowed(job.status, name), "{label}: '{name}' in {:?}: {other} (should be IllegalInState)", job.status)
+                    }
+                }
+            }
+        }
+        let missing: Vec<_> = TRANSITIONS.iter().filter(|t| !seen.contains(*t)).collect();
+        assert!(missing.is_empty(), "transitions no test reaches: {missing:?}");
     }
 
     #[test]
     fn create_records_the_job_once() {
         let events = Job::default()
-            .handle(JobCommand::Create {
-                job_id: JOB.into(),
-                name: "n".into(),
-                source: "s".into(),
-                spec: match testing::created(2) {
-                    JobEvent::JobCreated { spec, .. } => spec,
-                    _ => unreachable!(),
-                },
-                tasks: vec![],
-            })
+            .handle(JobCommand::Create { job_id: JOB.into(), name: "n".into(), source: "s".into(), spec: spec(), tasks: vec![] })
             .expect("create");
         assert_eq!(events.len(), 1);
         let job = History::created(2).job();
         assert_eq!(job.status, Status::Ready);
-        let again = job.handle(JobCommand::Create {
-            job_id: JOB.into(),
-            name: "n".into(),
-            source: "s".into(),
-            spec: job.spec.clone().expect("spec"),
-            tasks: vec![],
-        });
+        let again =
+            job.handle(JobCommand::Create { job_id: JOB.into(), name: "n".into(), source: "s".into(), spec: spec(), tasks: vec![] });
         assert!(matches!(again, Err(Rejection::IllegalInState { command: "create", status: Status::Ready })));
     }
 
     #[test]
-    fn assign_places_every_task_then_starts() {
-        let job = History::created(2).job();
+    fn start_arms_the_deploy_deadline_and_max_run_time() {
+        let job = History::created_with(2, |s| s.max_run_time_s = Some(30)).job();
+        let events = job.handle(JobCommand::Start { now_ms: 1_000 }).expect("start");
+        assert_eq!(
+            events,
+            vec![
+                JobEvent::JobStarting {},
+                JobEvent::TimerSet { timer: DEPLOY.into(), due_at_ms: 1_000 + DEFAULT_ROUND_TIMEOUT_S * 1000 },
+                JobEvent::TimerSet { timer: MAX_RUN_TIME.into(), due_at_ms: 31_000 },
+            ]
+        );
+        let started = History::created(2).starting().job();
+        assert!(matches!(started.handle(JobCommand::Start { now_ms: 0 }), Err(Rejection::IllegalInState { command: "start", .. })));
+    }
+
+    #[test]
+    fn assign_places_every_task_then_deploys_and_runs_when_every_worker_confirms() {
+        let job = History::created(2).starting().job();
         let events = job.handle(JobCommand::Assign(assignments())).expect("assign");
         assert_eq!(events.len(), 4);
-        assert_eq!(events.last(), Some(&JobEvent::JobStarted {}));
+        assert_eq!(events.last(), Some(&JobEvent::JobDeploying {}));
         let mut partial = assignments();
         partial.remove("t1");
         assert!(matches!(job.handle(JobCommand::Assign(partial)), Err(Rejection::Unexpected(m)) if m.contains("t1")));
-        let running = History::created(2).started().job();
-        assert!(matches!(running.handle(JobCommand::Assign(assignments())), Err(Rejection::IllegalInState { .. })));
+
+        let mut h = History::created(2).deploying();
+        for t in ["t0", "t1"] {
+            let events = h.job().handle(report(t, 0, ReportBody::Deployed {})).expect("deployed");
+            assert_eq!(events, vec![JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}") }]);
+            h = h.then(events[0].clone());
+        }
+        assert!(h.job().handle(report("t0", 0, ReportBody::Deployed {})).is_err(), "a task deploys once");
+        let last = h.job().handle(report("agg", 0, ReportBody::Deployed {})).expect("last");
+        assert_eq!(last.last(), Some(&JobEvent::JobStarted {}));
     }
 
     #[test]
     fn the_initial_model_comes_from_the_aggregator_only() {
         let job = History::created(2).started().job();
-        assert!(matches!(job.handle(JobCommand::StartRound), Err(Rejection::Unexpected(_))));
+        assert!(matches!(job.handle(JobCommand::StartRound { now_ms: 0 }), Err(Rejection::Unexpected(_))));
         let from_trainer = job.handle(report("t0", 0, ReportBody::Initialized { digest: "x".into() }));
         assert!(matches!(from_trainer, Err(Rejection::Unexpected(_))));
         let events = job.handle(report("agg", 0, ReportBody::Initialized { digest: "m0".into() })).expect("init");
@@ -435,11 +987,26 @@ mod tests {
         let twice =
             History::created(2).started().initialized().job().handle(report("agg", 0, ReportBody::Initialized { digest: "m0".into() }));
         assert!(twice.is_err());
+        let after = History::created(2).started().initialized().job();
+        assert!(!after.timers.contains_key(DEPLOY), "the deploy deadline ends with the initial model");
+    }
+
+    #[test]
+    fn a_round_starts_with_its_deadline() {
+        let job = History::created_with(2, |s| s.round_timeout_s = Some(5)).started().initialized().job();
+        let events = job.handle(JobCommand::StartRound { now_ms: 100 }).expect("round");
+        assert_eq!(
+            events,
+            vec![
+                JobEvent::RoundStarted { round: 1, global_model: "m0".into() },
+                JobEvent::TimerSet { timer: "round-1".into(), due_at_ms: 5_100 }
+            ]
+        );
     }
 
     #[test]
     fn updates_are_taken_once_from_the_assigned_worker_in_the_open_round() {
-        let job = History::created(2).started().initialized().then(JobEvent::RoundStarted { round: 1, global_model: "m0".into() }).job();
+        let job = History::created(2).started().initialized().round_started(1).job();
         assert_eq!(job.handle(report("t0", 1, trained(1, "t0"))).expect("update"), vec![update(1, "t0")]);
 
         let impostor = JobCommand::Report(Report {
@@ -455,60 +1022,145 @@ mod tests {
         let zero = report("t0", 1, ReportBody::Trained { digest: "u".into(), samples: 0, metrics: Metrics::new() });
         assert!(matches!(job.handle(zero), Err(Rejection::Unexpected(_))));
 
-        let after = History {
-            events: [
-                History::created(2).started().initialized().events,
-                vec![JobEvent::RoundStarted { round: 1, global_model: "m0".into() }, update(1, "t0")],
-            ]
-            .concat(),
-        }
-        .job();
+        let after = History::created(2).started().initialized().round_started(1).then(update(1, "t0")).job();
         assert!(matches!(after.handle(report("t0", 1, trained(1, "t0"))), Err(Rejection::Duplicate { round: 1, .. })));
         // The aggregate cannot come before every update.
-        let early =
-            after.handle(report("agg", 1, ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::new(), optimizer_state: None }));
+        let early = after.handle(report("agg", 1, aggregated(1)));
         assert!(matches!(early, Err(Rejection::Unexpected(m)) if m.contains("1 update")));
     }
 
     #[test]
     fn a_round_closes_with_its_aggregate_and_the_job_completes_after_the_last() {
-        let h = History::created(2)
-            .started()
-            .initialized()
-            .then(JobEvent::RoundStarted { round: 1, global_model: "m0".into() })
-            .then(update(1, "t0"))
-            .then(update(1, "t1"));
-        let events = h
-            .job()
-            .handle(report(
-                "agg",
-                1,
-                ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::from([("accuracy".into(), 0.9)]), optimizer_state: None },
-            ))
-            .expect("aggregate");
+        let h = History::created(2).started().initialized().round_started(1).then(update(1, "t0")).then(update(1, "t1"));
+        let events = h.job().handle(report("agg", 1, aggregated(1))).expect("aggregate");
         assert!(
             matches!(&events[..], [JobEvent::RoundAggregated { round: 1, inputs, .. }] if inputs == &vec!["u1t0".to_string(), "u1t1".to_string()])
         );
 
         let one = History::created(2).started().initialized().round(1).job();
         assert_eq!(one.rounds_completed, 1);
+        assert!(!one.timers.contains_key("round-1"), "the round's deadline ends with it");
         assert!(matches!(one.handle(JobCommand::Complete), Err(Rejection::Unexpected(_))));
         assert!(matches!(one.handle(report("t0", 1, trained(1, "t0"))), Err(Rejection::WrongRound { open: 0, .. })));
+        assert!(matches!(one.handle(report("agg", 1, aggregated(1))), Err(Rejection::WrongRound { .. })), "a closed round stays closed");
 
         let two = History::created(2).started().initialized().round(1).round(2).job();
-        assert!(matches!(two.handle(JobCommand::StartRound), Err(Rejection::Unexpected(_))));
+        assert!(matches!(two.handle(JobCommand::StartRound { now_ms: 0 }), Err(Rejection::Unexpected(_))));
         let done = two.handle(JobCommand::Complete).expect("complete");
         assert!(matches!(&done[..], [JobEvent::JobCompleted { rounds_completed: 2, final_model, .. }] if final_model == "m2"));
         let completed = History::created(2).started().initialized().round(1).round(2).then(done[0].clone()).job();
         assert_eq!(completed.status, Status::Completed);
         assert!(matches!(completed.handle(JobCommand::Fail("late".into())), Err(Rejection::IllegalInState { .. })));
+        assert!(matches!(completed.handle(JobCommand::Start { now_ms: 0 }), Err(Rejection::IllegalInState { command: "start", .. })));
         assert!(matches!(completed.handle(report("t0", 3, trained(3, "t0"))), Err(Rejection::IllegalInState { .. })));
     }
 
     #[test]
     fn a_failed_worker_fails_the_job_with_its_reason() {
-        let job = History::created(2).started().initialized().then(JobEvent::RoundStarted { round: 1, global_model: "m0".into() }).job();
+        let job = History::created(2).started().initialized().round_started(1).job();
         let events = job.handle(report("t1", 1, ReportBody::Failed { error: "disk full".into() })).expect("fail");
         assert!(matches!(&events[..], [JobEvent::JobFailed { reason }] if reason.contains("disk full") && reason.contains("t1")));
+    }
+
+    #[test]
+    fn timers_fire_only_when_armed_and_due() {
+        let job = History::created(2).started().initialized().round_started(1).job();
+        assert!(
+            matches!(job.handle(JobCommand::Fire { timer: "round-1".into(), now_ms: 1 }), Err(Rejection::Unexpected(m)) if m.contains("due in"))
+        );
+        assert!(
+            matches!(job.handle(JobCommand::Fire { timer: "round-9".into(), now_ms: LATE }), Err(Rejection::Unexpected(m)) if m.contains("not armed"))
+        );
+    }
+
+    #[test]
+    fn a_round_deadline_closes_training_by_quorum_or_fails_without_it() {
+        let h = History::created_with(2, |s| s.quorum = Some(1)).started().initialized().round_started(1).then(update(1, "t0"));
+        let events = h.job().handle(JobCommand::Fire { timer: "round-1".into(), now_ms: LATE }).expect("fire");
+        assert_eq!(events[0], JobEvent::TimerFired { timer: "round-1".into() });
+        assert_eq!(events[1], JobEvent::TrainingClosed { round: 1, dropped: vec!["t1".into()] });
+        assert!(matches!(events[2], JobEvent::TimerSet { ref timer, .. } if timer == "round-1"), "the aggregator gets its own deadline");
+        let mut closed = h.job();
+        for e in &events {
+            closed.apply(e);
+        }
+        assert!(closed.training_done());
+        assert!(closed.handle(report("t1", 1, trained(1, "t1"))).is_err(), "a straggler's update is refused");
+        let agg = closed.handle(report("agg", 1, aggregated(1))).expect("aggregate by quorum");
+        assert!(matches!(&agg[..], [JobEvent::RoundAggregated { inputs, .. }] if inputs == &vec!["u1t0".to_string()]));
+
+        let strict = History::created(2).started().initialized().round_started(1).then(update(1, "t0"));
+        let events = strict.job().handle(JobCommand::Fire { timer: "round-1".into(), now_ms: LATE }).expect("fire");
+        assert!(
+            matches!(&events[1], JobEvent::JobFailed { reason } if reason.contains("1 of 2 updates") && reason.contains("quorum of 2"))
+        );
+    }
+
+    #[test]
+    fn max_run_time_stops_the_job_and_stopping_ends_terminated() {
+        let h = History::created_with(2, |s| s.max_run_time_s = Some(1))
+            .started()
+            .then(JobEvent::TimerSet { timer: MAX_RUN_TIME.into(), due_at_ms: 1000 });
+        let events = h.job().handle(JobCommand::Fire { timer: MAX_RUN_TIME.into(), now_ms: 1000 }).expect("fire");
+        assert!(matches!(&events[1], JobEvent::JobStopping { reason } if reason.contains("maxRunTime of 1 s")));
+        let stopping = h.then(events[0].clone()).then(events[1].clone()).job();
+        assert_eq!(stopping.status, Status::Stopping);
+        let end = stopping.handle(JobCommand::Terminate).expect("terminate");
+        assert!(matches!(&end[..], [JobEvent::JobTerminated { reason }] if reason.contains("maxRunTime")));
+        let mut done = stopping.clone();
+        done.apply(&end[0]);
+        assert_eq!(done.status, Status::Terminated);
+        assert!(done.timers.is_empty(), "no timer outlives the job");
+    }
+
+    #[test]
+    fn a_lost_worker_is_replaced_or_its_task_sits_out_within_quorum() {
+        let open = History::created_with(2, |s| s.quorum = Some(1)).started().initialized().round_started(1);
+        let replaced = open
+            .job()
+            .handle(JobCommand::LoseWorker { worker_id: "w-t0".into(), replacements: BTreeMap::from([("t0".into(), "w-spare".into())]) })
+            .expect("lose");
+        assert_eq!(
+            replaced,
+            vec![
+                JobEvent::TaskAssigned { task_id: "t0".into(), worker_id: "w-spare".into() },
+                JobEvent::WorkerLost { worker_id: "w-t0".into(), orphaned: vec![] }
+            ]
+        );
+
+        let events = open.job().handle(JobCommand::LoseWorker { worker_id: "w-t0".into(), replacements: BTreeMap::new() }).expect("lose");
+        assert_eq!(events, vec![JobEvent::WorkerLost { worker_id: "w-t0".into(), orphaned: vec!["t0".into()] }]);
+        let mut job = open.job();
+        job.apply(&events[0]);
+        assert!(!job.training_done());
+        job.apply(&update(1, "t1"));
+        assert!(job.training_done(), "the round goes on without the lost trainer");
+        assert!(job.handle(report("t0", 1, trained(1, "t0"))).is_err(), "the lost worker's late update is refused");
+
+        let strict = History::created(2).started().initialized().round_started(1).job();
+        let events = strict.handle(JobCommand::LoseWorker { worker_id: "w-t0".into(), replacements: BTreeMap::new() }).expect("lose");
+        assert!(
+            matches!(&events[1], JobEvent::JobFailed { reason } if reason.contains("1 trainer(s) left") && reason.contains("minClients"))
+        );
+
+        let no_agg = open.job().handle(JobCommand::LoseWorker { worker_id: "w-agg".into(), replacements: BTreeMap::new() }).expect("lose");
+        assert!(matches!(&no_agg[1], JobEvent::JobFailed { reason } if reason.contains("'agg'")));
+        assert!(open.job().handle(JobCommand::LoseWorker { worker_id: "w-nobody".into(), replacements: BTreeMap::new() }).is_err());
+    }
+
+    #[test]
+    fn refused_reports_are_recorded_without_changing_the_job() {
+        let job = History::created(2).started().initialized().round(1).job();
+        let Err(rejection) = job.handle(report("t0", 1, trained(1, "t0"))) else { panic!("must refuse") };
+        let JobCommand::Report(r) = report("t0", 1, trained(1, "t0")) else { unreachable!() };
+        let events = job.handle(JobCommand::RecordRejection { report: Box::new(r), reason: rejection.to_string() }).expect("record");
+        let mut after = job.clone();
+        after.apply(&events[0]);
+        assert_eq!(after.rejected, 1);
+        assert_eq!(
+            (after.status, after.round, after.rounds_completed, &after.updates),
+            (job.status, job.round, job.rounds_completed, &job.updates)
+        );
+        assert!(matches!(&events[0], JobEvent::ReportRejected { reason, .. } if reason.contains("open round is 0")));
     }
 }

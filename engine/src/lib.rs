@@ -1,6 +1,7 @@
 //! The engine: job definitions and their checks, the planner, the job
 //! aggregate, the controller's decisions and the runner that carries them out.
 
+pub mod api;
 pub mod controller;
 pub mod definition;
 pub mod job;

@@ -170,22 +170,23 @@ mod tests {
         let jobs = Jobs::new(store.clone());
         let cqrs = CqrsFramework::new(jobs.clone(), vec![], ());
         cqrs.execute_with_metadata(JOB, create(), HashMap::from([(ACTOR.to_string(), "user:ada".to_string())])).await.expect("create");
+        cqrs.execute(JOB, JobCommand::Start { now_ms: 0 }).await.expect("start");
         let assignments = ["t0", "t1", "agg"].iter().map(|t| (t.to_string(), format!("w-{t}"))).collect();
         cqrs.execute(JOB, JobCommand::Assign(assignments)).await.expect("assign");
 
         let stored = store.read_stream(&job::stream_id(JOB), 1).await.expect("read");
-        assert_eq!(stored.len(), 5, "created, three assignments, started: each once");
+        assert_eq!(stored.len(), 7, "created, starting, deploy timer, three assignments, deploying: each once");
         assert_eq!(stored[0].actor, "user:ada");
         let job = jobs.load(JOB).await.expect("load");
-        assert_eq!((job.status, job.version), (Status::Running, 5));
+        assert_eq!((job.status, job.version), (Status::Deploying, 7));
         // A fresh repository over the same store folds the same state.
         assert_eq!(Jobs::new(store.clone()).load(JOB).await.expect("load"), job);
-        assert_eq!(jobs.load_events(JOB).await.expect("events").len(), 5);
+        assert_eq!(jobs.load_events(JOB).await.expect("events").len(), 7);
 
         // Rejections record nothing.
         let again = cqrs.execute(JOB, create()).await;
         assert!(matches!(again, Err(AggregateError::UserError(Rejection::IllegalInState { .. }))));
-        assert_eq!(store.read_stream(&job::stream_id(JOB), 1).await.expect("read").len(), 5);
+        assert_eq!(store.read_stream(&job::stream_id(JOB), 1).await.expect("read").len(), 7);
     }
 
     #[tokio::test]
@@ -194,14 +195,14 @@ mod tests {
         let (a, b) = (Jobs::new(store.clone()), Jobs::new(store.clone()));
         CqrsFramework::new(a.clone(), vec![], ()).execute(JOB, create()).await.expect("create");
         let stale = b.load_aggregate(JOB).await.expect("load");
-        CqrsFramework::new(a.clone(), vec![], ()).execute(JOB, JobCommand::Fail("stop".into())).await.expect("fail");
+        CqrsFramework::new(a.clone(), vec![], ()).execute(JOB, JobCommand::Start { now_ms: 0 }).await.expect("start");
         let mut stale = stale;
-        let events = Job::handle(stale.aggregate(), JobCommand::Fail("late".into())).expect("decide");
+        let events = Job::handle(stale.aggregate(), JobCommand::Start { now_ms: 1 }).expect("decide");
         for e in &events {
             stale.aggregate().apply(e);
         }
         let err = b.commit(events, stale, HashMap::new()).await.expect_err("stale");
         assert!(matches!(err, AggregateError::AggregateConflict));
-        assert_eq!(b.load(JOB).await.expect("reload").status, Status::Failed);
+        assert_eq!(b.load(JOB).await.expect("reload").status, Status::Starting);
     }
 }

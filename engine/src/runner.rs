@@ -1,29 +1,34 @@
 //! The thin effectful runner around the pure job aggregate and controller:
-//! it appends events, sends the controller's commands, and feeds reports back.
+//! it records user commands, sends the controller's commands, arms timers,
+//! reads the worker registry and feeds reports back. Everything it knows
+//! comes from the job's events, so a restarted runner continues any job.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::json;
 
 use cqrs_es::{AggregateError, CqrsFramework};
-use flame_events::job::RunSpec;
-use flame_events::protocol::WorkerInfo;
+use flame_events::job::{RunSpec, TaskSpec};
+use flame_events::protocol::{Report, WorkerInfo};
 use flame_events::store::EventStore;
 use flame_events::transport::Transport;
 
 use crate::controller::{Action, decide};
-use crate::definition::JobDefinition;
-use crate::job::{Job, JobCommand, Rejection};
+use crate::definition::{JobDefinition, Problems};
+use crate::job::{Job, JobCommand, Rejection, Status};
 use crate::persist::{self, Jobs};
 use crate::planner;
 
 /// Runner errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The definition cannot run.
+    /// The definition is invalid.
+    #[error("{0}")]
+    Invalid(Problems),
+    /// The definition is valid but this version cannot run it.
     #[error("job definition: {0}")]
     Definition(String),
     /// The event store failed.
@@ -32,15 +37,15 @@ pub enum Error {
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] flame_events::transport::Error),
-    /// The aggregate refused what the runner itself decided: a bug.
-    #[error("job {job}: internal decision refused: {rejection}")]
+    /// The job refused the command (illegal in its state, or a bad report).
+    #[error("job {job}: {rejection}")]
     Refused {
         /// Job id.
         job: String,
         /// Why.
         rejection: Rejection,
     },
-    /// Committing through cqrs-es failed (a concurrent writer, or the store).
+    /// Committing through cqrs-es failed (the store, or writers racing too long).
     #[error("job {job}: cannot record events: {reason}")]
     Persist {
         /// Job id.
@@ -53,47 +58,37 @@ pub enum Error {
     UnknownJob(String),
 }
 
-/// How long the runner waits.
+/// How often the runner looks around.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// For enough workers to place every task.
-    pub worker_wait: Duration,
-    /// For the next report before the job fails.
-    pub report_timeout: Duration,
+    /// How often a job reads the worker registry while it runs (worker loss is noticed this fast, plus the heartbeat TTL).
+    pub registry_poll: Duration,
+    /// How often a starting job looks for workers to place its tasks on.
+    pub placement_poll: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { worker_wait: Duration::from_secs(60), report_timeout: Duration::from_secs(600) }
+        Self { registry_poll: Duration::from_secs(1), placement_poll: Duration::from_millis(100) }
     }
 }
 
 /// Drives jobs against an event store and a transport.
 #[derive(Clone)]
 pub struct Runner {
+    store: Arc<dyn EventStore>,
     jobs: Jobs,
     cqrs: Arc<CqrsFramework<Job, Jobs>>,
     transport: Arc<dyn Transport>,
     options: Options,
+    wake: Arc<tokio::sync::Notify>,
 }
 
-/// Places each task on a distinct worker that offers the task's role, in id
-/// order; `None` while there are not enough workers.
-pub fn assign(tasks: &[flame_events::job::TaskSpec], workers: &[WorkerInfo]) -> Option<BTreeMap<String, String>> {
-    let role_of = |t: &flame_events::job::TaskSpec| {
-        if t.is_data_consumer { "trainer" } else { "aggregator" }
-    };
-    let mut used = HashSet::new();
-    let mut out = BTreeMap::new();
-    // Aggregators first: they are fewer and workers may offer both roles.
-    let mut ordered: Vec<_> = tasks.iter().collect();
-    ordered.sort_by_key(|t| t.is_data_consumer);
-    for t in ordered {
-        let w = workers.iter().find(|w| !used.contains(&w.id) && (w.roles.iter().any(|r| r == role_of(t) || r == &t.role)))?;
-        used.insert(w.id.clone());
-        out.insert(t.task_id.clone(), w.id.clone());
-    }
-    Some(out)
+/// The run settings and tasks a definition implies.
+pub fn prepare(def: &JobDefinition) -> Result<(RunSpec, Vec<TaskSpec>), Error> {
+    let tasks = planner::expand(def).map_err(Error::Invalid)?;
+    planner::two_tier(&tasks).map_err(Error::Definition)?;
+    Ok((run_spec(def)?, tasks))
 }
 
 /// The run settings a definition implies.
@@ -120,27 +115,67 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         model,
         hyperparameters: serde_json::Value::Object(h.clone()),
         seed: def.hyper_u64("seed").unwrap_or(0),
+        max_run_time_s: def.job.max_run_time.filter(|s| *s > 0.0).map(|s| s.ceil() as u64),
+        round_timeout_s: def.hyper_u64("roundTimeout"),
+        quorum: def.hyper_u64("minClients").map(|q| q as u32),
     })
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Runner {
     /// A runner over a store and a transport.
     pub fn new(store: Arc<dyn EventStore>, transport: Arc<dyn Transport>, options: Options) -> Self {
-        let jobs = Jobs::new(store);
+        let jobs = Jobs::new(store.clone());
         let cqrs = Arc::new(CqrsFramework::new(jobs.clone(), vec![], ()));
-        Self { jobs, cqrs, transport, options }
+        Self { store, jobs, cqrs, transport, options, wake: Arc::default() }
+    }
+
+    /// The worker registry, as the transport sees it.
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, Error> {
+        Ok(self.transport.workers().await?)
     }
 
     /// Records a new job from a definition; returns its id.
-    pub async fn submit(&self, def: &JobDefinition) -> Result<String, Error> {
-        let tasks = planner::expand(def).map_err(|p| Error::Definition(p.to_string()))?;
-        planner::two_tier(&tasks).map_err(Error::Definition)?;
-        let spec = run_spec(def)?;
+    pub async fn submit(&self, def: &JobDefinition, actor: &str) -> Result<String, Error> {
+        let (spec, tasks) = prepare(def)?;
         let job_id = uuid::Uuid::now_v7().to_string();
         let command =
             JobCommand::Create { job_id: job_id.clone(), name: def.name(), source: def.folder.display().to_string(), spec, tasks };
-        self.execute(&job_id, command, "engine", None).await?;
+        self.execute(&job_id, command, actor, None).await?;
         Ok(job_id)
+    }
+
+    /// Replaces the definition of a job that is not running.
+    pub async fn update(&self, job_id: &str, def: &JobDefinition, actor: &str) -> Result<Job, Error> {
+        self.load(job_id).await?;
+        let (spec, tasks) = prepare(def)?;
+        self.user(job_id, JobCommand::Update { name: def.name(), source: def.folder.display().to_string(), spec, tasks }, actor).await
+    }
+
+    /// Asks a ready job to start; `run` then drives it.
+    pub async fn start(&self, job_id: &str, actor: &str) -> Result<Job, Error> {
+        self.user(job_id, JobCommand::Start { now_ms: now_ms() }, actor).await
+    }
+
+    /// Asks an active job to stop.
+    pub async fn stop(&self, job_id: &str, reason: &str, actor: &str) -> Result<Job, Error> {
+        self.user(job_id, JobCommand::Stop { reason: format!("stopped by {actor}: {reason}") }, actor).await
+    }
+
+    /// Removes a job that is not active (its events stay).
+    pub async fn delete(&self, job_id: &str, actor: &str) -> Result<Job, Error> {
+        self.user(job_id, JobCommand::Delete, actor).await
+    }
+
+    async fn user(&self, job_id: &str, command: JobCommand, actor: &str) -> Result<Job, Error> {
+        self.load(job_id).await?;
+        let job = self.execute(job_id, command, actor, None).await?;
+        self.wake.notify_waiters();
+        Ok(job)
     }
 
     /// Loads a job's state from its events.
@@ -152,89 +187,137 @@ impl Runner {
         Ok(job)
     }
 
-    /// Runs a job until it completes or fails; returns its final state.
+    /// Every job id in the store, oldest first (a scan of the global log).
+    pub async fn job_ids(&self) -> Result<Vec<String>, Error> {
+        let mut ids = Vec::new();
+        let mut from = 1;
+        loop {
+            let batch = self.store.read_all(from, 5000).await?;
+            let Some(last) = batch.last() else { break };
+            from = last.position + 1;
+            ids.extend(batch.iter().filter(|e| e.version == 1).filter_map(|e| e.stream_id.strip_prefix("job-").map(str::to_string)));
+        }
+        Ok(ids)
+    }
+
+    /// Ids of the jobs the engine is working on (to resume after a restart).
+    pub async fn active_jobs(&self) -> Result<Vec<String>, Error> {
+        let mut out = Vec::new();
+        for id in self.job_ids().await? {
+            if self.load(&id).await?.status.is_active() {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drives an active job until it completes, fails or is terminated, and returns its final state.
+    /// A job that is not active (ready, or ended) is returned as it is.
     pub async fn run(&self, job_id: &str) -> Result<Job, Error> {
         let mut job = self.load(job_id).await?;
-        let mut inbox = self.transport.report_inbox(job_id).await?;
-        if job.status == crate::job::Status::Ready {
-            let command = match self.place(&job).await? {
-                Some(assignments) => JobCommand::Assign(assignments),
-                None => {
-                    JobCommand::Fail(format!("not enough workers to place {} tasks within {:?}", job.tasks.len(), self.options.worker_wait))
-                }
-            };
-            job = self.execute(job_id, command, "engine", None).await?;
+        if !job.status.is_active() {
+            return Ok(job);
         }
+        let mut inbox = self.transport.report_inbox(job_id).await?;
         let mut sent = HashSet::new();
-        while !job.status.is_terminal() {
-            let mut progressed = false;
-            for action in decide(&job) {
+        // Reports dealt with by this run: a redelivery (its ack was late) is acked, not recorded again.
+        let mut taken = HashSet::new();
+        let mut live: Option<Vec<WorkerInfo>> = None;
+        let mut read_at: Option<Instant> = None;
+        while job.status.is_active() {
+            let poll = if job.status == Status::Starting { self.options.placement_poll } else { self.options.registry_poll };
+            if job.status != Status::Stopping && read_at.is_none_or(|t| t.elapsed() >= poll) {
+                live = Some(self.transport.workers().await?);
+                read_at = Some(Instant::now());
+            }
+            let now = now_ms();
+            let mut handled = false;
+            for action in decide(&job, now, live.as_deref()) {
                 match action {
                     Action::Send { worker_id, command } => {
-                        if sent.insert(command.id.clone()) {
+                        if sent.insert((worker_id.clone(), command.id.clone())) {
                             tracing::debug!(job = job_id, worker = %worker_id, command = %command.id, "send");
                             self.transport.send_command(&worker_id, &command).await?;
                         }
                     }
                     Action::Handle(command) => {
-                        job = self.execute(job_id, command, "engine", None).await?;
-                        progressed = true;
+                        job = match self.execute(job_id, command, "engine", None).await {
+                            Ok(job) => job,
+                            // Someone else (a user, another step) moved the job first: decide again.
+                            Err(Error::Refused { rejection, .. }) => {
+                                tracing::debug!(job = job_id, "decision refused, reloading: {rejection}");
+                                self.load(job_id).await?
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        handled = true;
+                        break;
                     }
                 }
             }
-            if progressed {
+            if handled {
                 continue;
             }
-            let next = tokio::time::timeout(self.options.report_timeout, inbox.next()).await;
-            match next {
-                Err(_) => {
-                    let reason = format!("no worker report within {:?} in round {}", self.options.report_timeout, job.round);
-                    job = self.execute(job_id, JobCommand::Fail(reason), "engine", None).await?;
-                }
-                Ok(None) => return Err(Error::Definition("the report inbox closed".into())),
-                Ok(Some(Err(e))) => tracing::warn!(job = job_id, "unreadable report skipped: {e}"),
-                Ok(Some(Ok(delivery))) => {
-                    let report = delivery.message.clone();
-                    let actor = format!("worker:{}", report.worker_id);
-                    let cause = report.command_id.clone();
-                    match self.execute(job_id, JobCommand::Report(report), &actor, Some(&cause)).await {
-                        Ok(next) => job = next,
-                        Err(Error::Refused { rejection, .. }) => {
-                            tracing::warn!(job = job_id, "report rejected: {rejection}")
+            let until_timer = job.next_timer().map_or(poll, |(_, due)| Duration::from_millis(due.saturating_sub(now)));
+            let wait = until_timer.min(poll).max(Duration::from_millis(5));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.wake.notified() => {}
+                next = inbox.next() => match next {
+                    None => return Err(Error::Definition("the report inbox closed".into())),
+                    Some(Err(e)) => tracing::warn!(job = job_id, "unreadable report skipped: {e}"),
+                    Some(Ok(delivery)) => {
+                        let key = (delivery.message.worker_id.clone(), delivery.message.command_id.clone());
+                        if !taken.contains(&key) {
+                            self.take_report(job_id, delivery.message.clone()).await?;
+                            taken.insert(key);
                         }
-                        Err(e) => return Err(e),
+                        delivery.ack().await?;
                     }
-                    delivery.ack().await?;
-                }
+                },
             }
+            job = self.load(job_id).await?;
         }
         Ok(job)
     }
 
-    async fn place(&self, job: &Job) -> Result<Option<BTreeMap<String, String>>, Error> {
-        let deadline = tokio::time::Instant::now() + self.options.worker_wait;
-        loop {
-            let workers = self.transport.workers().await?;
-            if let Some(a) = assign(&job.tasks, &workers) {
-                return Ok(Some(a));
+    /// Applies a report, or records why it was refused; either way it is dealt with once.
+    async fn take_report(&self, job_id: &str, report: Report) -> Result<(), Error> {
+        let actor = format!("worker:{}", report.worker_id);
+        let cause = report.command_id.clone();
+        match self.execute(job_id, JobCommand::Report(report.clone()), &actor, Some(&cause)).await {
+            Ok(_) => Ok(()),
+            Err(Error::Refused { rejection, .. }) => {
+                tracing::warn!(job = job_id, worker = %report.worker_id, "report rejected: {rejection}");
+                let command = JobCommand::RecordRejection { report: Box::new(report), reason: rejection.to_string() };
+                match self.execute(job_id, command, &actor, Some(&cause)).await {
+                    Ok(_) | Err(Error::Refused { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(e) => Err(e),
         }
     }
 
     /// Runs a command through the aggregate (cqrs-es over our store) and returns the new state.
+    /// A conflict with another writer reloads and retries.
     async fn execute(&self, job_id: &str, command: JobCommand, actor: &str, cause: Option<&str>) -> Result<Job, Error> {
         let mut metadata = HashMap::from([(persist::ACTOR.to_string(), actor.to_string())]);
         if let Some(c) = cause {
             metadata.insert(persist::CAUSATION.to_string(), c.to_string());
         }
-        self.cqrs.execute_with_metadata(job_id, command, metadata).await.map_err(|e| match e {
-            AggregateError::UserError(rejection) => Error::Refused { job: job_id.to_string(), rejection },
-            other => Error::Persist { job: job_id.to_string(), reason: other.to_string() },
-        })?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.cqrs.execute_with_metadata(job_id, command.clone(), metadata.clone()).await {
+                Ok(()) => break,
+                Err(AggregateError::UserError(rejection)) => return Err(Error::Refused { job: job_id.to_string(), rejection }),
+                Err(AggregateError::AggregateConflict) if attempt < 10 => {
+                    tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                }
+                Err(other) => return Err(Error::Persist { job: job_id.to_string(), reason: other.to_string() }),
+            }
+        }
         match self.jobs.last_known(job_id) {
             Some(job) => Ok(job),
             None => Ok(self.jobs.load(job_id).await?),

@@ -36,6 +36,9 @@ pub fn created(rounds: u32) -> JobEvent {
             model: serde_json::json!({"name": "mlp"}),
             hyperparameters: serde_json::json!({}),
             seed: 0,
+            max_run_time_s: None,
+            round_timeout_s: None,
+            quorum: None,
         },
         tasks: vec![task("t0", true), task("t1", true), task("agg", false)],
     }
@@ -54,18 +57,50 @@ impl History {
         Self { events: vec![created(rounds)] }
     }
 
+    /// Starts a history with `JobCreated` whose run settings `f` adjusts.
+    pub fn created_with(rounds: u32, f: impl FnOnce(&mut RunSpec)) -> Self {
+        let mut e = created(rounds);
+        if let JobEvent::JobCreated { spec, .. } = &mut e {
+            f(spec);
+        }
+        Self { events: vec![e] }
+    }
+
     /// Appends an event.
     pub fn then(mut self, e: JobEvent) -> Self {
         self.events.push(e);
         self
     }
 
-    /// Tasks placed on workers `w-<task>` and the job started.
-    pub fn started(mut self) -> Self {
+    /// Start asked for at time 0 (placement deadline at `DEFAULT_ROUND_TIMEOUT_S`).
+    pub fn starting(self) -> Self {
+        self.then(JobEvent::JobStarting {})
+            .then(JobEvent::TimerSet { timer: crate::job::DEPLOY.into(), due_at_ms: crate::job::DEFAULT_ROUND_TIMEOUT_S * 1000 })
+    }
+
+    /// Tasks placed on workers `w-<task>`.
+    pub fn deploying(mut self) -> Self {
+        self = self.starting();
         for t in ["t0", "t1", "agg"] {
             self.events.push(JobEvent::TaskAssigned { task_id: t.into(), worker_id: format!("w-{t}") });
         }
+        self.then(JobEvent::JobDeploying {})
+    }
+
+    /// Tasks placed on workers `w-<task>`, deployed, and the job running.
+    pub fn started(mut self) -> Self {
+        self = self.deploying();
+        for t in ["t0", "t1", "agg"] {
+            self.events.push(JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}") });
+        }
         self.then(JobEvent::JobStarted {})
+    }
+
+    /// Round `round` started at time 0 (deadline at `DEFAULT_ROUND_TIMEOUT_S`).
+    pub fn round_started(self, round: u32) -> Self {
+        let global = if round == 1 { "m0".to_string() } else { format!("m{}", round - 1) };
+        self.then(JobEvent::RoundStarted { round, global_model: global })
+            .then(JobEvent::TimerSet { timer: crate::job::round_timer(round), due_at_ms: crate::job::DEFAULT_ROUND_TIMEOUT_S * 1000 })
     }
 
     /// The initial model exists.
@@ -75,16 +110,13 @@ impl History {
 
     /// A whole round: started, both updates, aggregated.
     pub fn round(self, round: u32) -> Self {
-        let global = if round == 1 { "m0".to_string() } else { format!("m{}", round - 1) };
-        self.then(JobEvent::RoundStarted { round, global_model: global }).then(update(round, "t0")).then(update(round, "t1")).then(
-            JobEvent::RoundAggregated {
-                round,
-                digest: format!("m{round}"),
-                inputs: vec![format!("u{round}t0"), format!("u{round}t1")],
-                metrics: Metrics::new(),
-                optimizer_state: None,
-            },
-        )
+        self.round_started(round).then(update(round, "t0")).then(update(round, "t1")).then(JobEvent::RoundAggregated {
+            round,
+            digest: format!("m{round}"),
+            inputs: vec![format!("u{round}t0"), format!("u{round}t1")],
+            metrics: Metrics::new(),
+            optimizer_state: None,
+        })
     }
 
     /// The job the history folds to.

@@ -54,13 +54,25 @@ impl Workflow {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| Problems(vec![problem(&name, format!("cannot read the workflow: {e}"), "check the path")]))?;
-        let wf: Self = serde_json::from_str(&text).map_err(|e| {
+        Self::parse(&text, &name, &BTreeMap::new())
+    }
+
+    /// Parses and checks a workflow document called `name` (a file name, or
+    /// `request body`). Data spec entries may also name `registered` datasets.
+    pub fn parse(text: &str, name: &str, registered: &BTreeMap<String, Dataset>) -> Result<JobDefinition, Problems> {
+        let mut wf: Self = serde_json::from_str(text).map_err(|e| {
             Problems(vec![problem(
                 format!("{name}:{}:{}", e.line(), e.column()),
                 format!("invalid workflow JSON: {e}"),
                 "fix the JSON at that line and column; see docs/workflow.schema.json",
             )])
         })?;
+        let wanted: Vec<String> = wf.data_spec.iter().flat_map(|e| e.dataset_groups.values().flatten().cloned()).collect();
+        for r in wanted {
+            if let (false, Some(d)) = (wf.datasets.contains_key(&r), registered.get(&r)) {
+                wf.datasets.insert(r, d.clone());
+            }
+        }
         let mut problems = Vec::new();
         for (i, entry) in wf.data_spec.iter().enumerate() {
             for (group, refs) in &entry.dataset_groups {
@@ -78,8 +90,8 @@ impl Workflow {
                 }
             }
         }
-        let def = wf.into_definition(path.to_path_buf());
-        problems.extend(def.check().into_iter().map(|p| relocate(p, &name, &def)));
+        let def = wf.into_definition(PathBuf::from(name));
+        problems.extend(def.check().into_iter().map(|p| relocate(p, name, &def)));
         if problems.is_empty() { Ok(def) } else { Err(Problems(problems)) }
     }
 

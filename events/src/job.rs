@@ -45,6 +45,15 @@ pub struct RunSpec {
     pub hyperparameters: serde_json::Value,
     /// Seed for model initialisation and training.
     pub seed: u64,
+    /// Seconds the job may run from its start before it is terminated (Flame's `maxRunTime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_run_time_s: Option<u64>,
+    /// Seconds a round may wait for updates before it closes by quorum or fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_timeout_s: Option<u64>,
+    /// Fewest updates a round may aggregate (`minClients`); all selected trainers when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<u32>,
 }
 
 /// Every event in a job stream.
@@ -66,15 +75,56 @@ pub enum JobEvent {
         /// The expanded tasks.
         tasks: Vec<TaskSpec>,
     },
-    /// A task was placed on a worker.
+    /// The job's definition was replaced while it was not running.
+    JobUpdated {
+        /// Job name.
+        name: String,
+        /// Where the definition came from.
+        source: String,
+        /// Run settings.
+        spec: RunSpec,
+        /// The expanded tasks.
+        tasks: Vec<TaskSpec>,
+    },
+    /// Someone asked the job to start; the engine now places its tasks.
+    JobStarting {},
+    /// A task was placed on a worker (again, after its worker was lost).
     TaskAssigned {
         /// Task id.
         task_id: String,
         /// Worker id.
         worker_id: String,
     },
-    /// All tasks are placed; the job runs.
+    /// Every task is placed; the engine deploys them to their workers.
+    JobDeploying {},
+    /// A worker confirmed it can run its task (its dataset and model load).
+    TaskDeployed {
+        /// Task id.
+        task_id: String,
+        /// Worker id.
+        worker_id: String,
+    },
+    /// Every task is deployed; rounds run.
     JobStarted {},
+    /// A durable timer was armed: when `due_at_ms` passes the engine acts, even after a restart.
+    TimerSet {
+        /// Timer name (`max-run-time`, `round-3`).
+        timer: String,
+        /// Due time, milliseconds since the Unix epoch.
+        due_at_ms: u64,
+    },
+    /// A timer came due and was acted on.
+    TimerFired {
+        /// Timer name.
+        timer: String,
+    },
+    /// A worker running tasks of this job stopped heartbeating.
+    WorkerLost {
+        /// Worker id.
+        worker_id: String,
+        /// Its tasks that found no other worker (they sit out until one appears).
+        orphaned: Vec<String>,
+    },
     /// The initial global model exists.
     ModelInitialized {
         /// sha256 of the safetensors blob.
@@ -104,6 +154,26 @@ pub enum JobEvent {
         /// Local training metrics.
         metrics: Metrics,
     },
+    /// A round's training closed at its deadline without every update; the rest are dropped.
+    TrainingClosed {
+        /// Round number.
+        round: u32,
+        /// Tasks whose updates did not arrive in time.
+        dropped: Vec<String>,
+    },
+    /// A report was refused and not applied (audit).
+    ReportRejected {
+        /// The command the report answered.
+        command_id: String,
+        /// Task id it claimed.
+        task_id: String,
+        /// Worker id it claimed.
+        worker_id: String,
+        /// Round it claimed.
+        round: u32,
+        /// Why it was refused.
+        reason: String,
+    },
     /// The aggregator combined the round's updates into a new global model.
     RoundAggregated {
         /// Round number.
@@ -132,6 +202,18 @@ pub enum JobEvent {
         /// Why.
         reason: String,
     },
+    /// A stop was asked for (by a user, or by `maxRunTime`); work in flight is abandoned.
+    JobStopping {
+        /// Why.
+        reason: String,
+    },
+    /// The job was stopped before it finished.
+    JobTerminated {
+        /// Why.
+        reason: String,
+    },
+    /// The job was removed; its events stay for audit.
+    JobDeleted {},
 }
 
 impl JobEvent {
@@ -139,8 +221,20 @@ impl JobEvent {
     pub fn event_type(&self) -> &'static str {
         match self {
             Self::JobCreated { .. } => "JobCreated",
+            Self::JobUpdated { .. } => "JobUpdated",
+            Self::JobStarting {} => "JobStarting",
             Self::TaskAssigned { .. } => "TaskAssigned",
+            Self::JobDeploying {} => "JobDeploying",
+            Self::TaskDeployed { .. } => "TaskDeployed",
             Self::JobStarted {} => "JobStarted",
+            Self::TimerSet { .. } => "TimerSet",
+            Self::TimerFired { .. } => "TimerFired",
+            Self::WorkerLost { .. } => "WorkerLost",
+            Self::TrainingClosed { .. } => "TrainingClosed",
+            Self::ReportRejected { .. } => "ReportRejected",
+            Self::JobStopping { .. } => "JobStopping",
+            Self::JobTerminated { .. } => "JobTerminated",
+            Self::JobDeleted {} => "JobDeleted",
             Self::ModelInitialized { .. } => "ModelInitialized",
             Self::RoundStarted { .. } => "RoundStarted",
             Self::UpdateReported { .. } => "UpdateReported",

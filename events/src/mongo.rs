@@ -18,7 +18,10 @@ use crate::{Envelope, NewEvent};
 /// The database used when the URL names none.
 pub const DEFAULT_DB: &str = "flame";
 const DUPLICATE_KEY: i32 = 11000;
-const MAX_TRANSACTION_ATTEMPTS: u32 = 50;
+/// How long an append retries transient transaction conflicts. Long enough to
+/// outlast a transaction left open by a writer that was killed, which the
+/// server aborts after its lifetime limit (MongoDB: 60 s by default).
+const TRANSACTION_RETRY_WINDOW: Duration = Duration::from_secs(90);
 
 /// An `EventStore` in a MongoDB database (a replica set, for transactions).
 #[derive(Clone)]
@@ -272,7 +275,8 @@ impl EventStore for MongoStore {
             return Err(Error::Empty);
         }
         let mut session = self.client.start_session().await.map_err(backend)?;
-        let mut attempt = 0;
+        let deadline = std::time::Instant::now() + TRANSACTION_RETRY_WINDOW;
+        let mut attempt: u64 = 0;
         loop {
             attempt += 1;
             match self.try_append(&mut session, stream, expected, &events).await {
@@ -282,9 +286,13 @@ impl EventStore for MongoStore {
                 Err(e) if is_duplicate_key(&e) => {
                     return self.refused(stream, expected, &events).await;
                 }
-                Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) && attempt < MAX_TRANSACTION_ATTEMPTS => {
-                    // Another writer holds the stream head or the position counter: try again shortly.
-                    tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
+                Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) && std::time::Instant::now() < deadline => {
+                    // Another writer (or a dead one's open transaction) holds the stream head or
+                    // the position counter: try again, backing off.
+                    if attempt == 20 {
+                        tracing::warn!(stream, "append keeps conflicting; retrying for up to {TRANSACTION_RETRY_WINDOW:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis((attempt * attempt).min(500))).await;
                 }
                 Err(e) => {
                     return Err(Error::Backend(format!("append to '{stream}' at {} failed: {e}", self.location)));

@@ -18,8 +18,32 @@ pub struct WorkerInfo {
     pub id: String,
     /// Roles it can run (`trainer`, `aggregator`).
     pub roles: Vec<String>,
-    /// Where it runs, e.g. `default/us/west`.
+    /// Where it runs, e.g. `default/us/west`: it takes data tasks whose dataset realm is this or above it.
     pub realm: String,
+    /// Compute device it trains on (`cpu`, `cuda:0`).
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
+impl WorkerInfo {
+    /// Whether this worker may run a task that needs `role` on data in `realm` (none: anywhere).
+    /// Realms are paths: a worker in `default/eu/uk` serves datasets in `default/eu/uk`,
+    /// `default/eu` and `default`, not in `default/us`.
+    pub fn can_run(&self, role: &str, generic_role: &str, realm: Option<&str>) -> bool {
+        let role_ok = self.roles.iter().any(|r| r == role || r == generic_role);
+        let realm_ok = match realm.map(|r| r.trim_matches('/')).filter(|r| !r.is_empty()) {
+            None => true,
+            Some(want) => {
+                let have = self.realm.trim_matches('/');
+                have == want || have.strip_prefix(want).is_some_and(|rest| rest.starts_with('/'))
+            }
+        };
+        role_ok && realm_ok
+    }
 }
 
 /// An update a trainer produced, as an aggregator input.
@@ -54,6 +78,13 @@ pub struct Command {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CommandBody {
+    /// Check that the task can run here (its dataset loads) before rounds begin.
+    Deploy {
+        /// The task's role.
+        role: String,
+        /// The task's dataset, if it consumes data.
+        dataset: Option<String>,
+    },
     /// Create the initial global model.
     InitModel {
         /// Model description.
@@ -120,6 +151,8 @@ pub struct Report {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ReportBody {
+    /// The task can run on this worker.
+    Deployed {},
     /// The initial model is stored.
     Initialized {
         /// Its digest.

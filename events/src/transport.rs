@@ -20,10 +20,12 @@ use crate::protocol::{Command, Report, WorkerInfo};
 pub const COMMAND_STREAM: &str = "FLAME_CMDS";
 /// JetStream stream holding reports, subjects `flame.report.<job-id>`.
 pub const REPORT_STREAM: &str = "FLAME_REPORTS";
+/// How long a report taken by an engine stays unacknowledged before it is delivered again.
+pub const REPORT_ACK_WAIT: Duration = Duration::from_secs(3);
 /// KV bucket of live workers; entries expire without heartbeats.
 pub const WORKER_BUCKET: &str = "flame-workers";
 /// How long a worker stays listed after its last heartbeat.
-pub const WORKER_TTL: Duration = Duration::from_secs(15);
+pub const WORKER_TTL: Duration = Duration::from_secs(6);
 
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +228,7 @@ impl Nats {
         stream_name: &str,
         durable: String,
         subject: String,
+        ack_wait: Duration,
     ) -> Result<Inbox<T>, Error> {
         let stream = self.js.get_stream(stream_name).await.map_err(nats)?;
         let consumer: pull::Stream = stream
@@ -235,7 +238,7 @@ impl Nats {
                     durable_name: Some(durable.clone()),
                     filter_subject: subject,
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(300),
+                    ack_wait,
                     ..Default::default()
                 },
             )
@@ -295,7 +298,8 @@ impl Transport for Nats {
 
     async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error> {
         check_id(worker_id)?;
-        self.inbox(COMMAND_STREAM, format!("worker-{worker_id}"), format!("flame.cmd.{worker_id}")).await
+        // Long: a command is acked after it ran (a redelivery meanwhile is answered from the worker's memory).
+        self.inbox(COMMAND_STREAM, format!("worker-{worker_id}"), format!("flame.cmd.{worker_id}"), Duration::from_secs(300)).await
     }
 
     async fn send_report(&self, report: &Report) -> Result<(), Error> {
@@ -306,6 +310,8 @@ impl Transport for Nats {
 
     async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error> {
         check_id(job_id)?;
-        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), format!("flame.report.{job_id}")).await
+        // Short: reports an engine took but did not ack before it died reach its successor quickly;
+        // a report applied twice is refused by the job (and recorded), never counted twice.
+        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), format!("flame.report.{job_id}"), REPORT_ACK_WAIT).await
     }
 }

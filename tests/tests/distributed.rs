@@ -19,18 +19,22 @@ async fn engine_and_four_workers_complete_the_digits_job() {
     let suffix = unique();
     let db = format!("flame_e2e_{suffix}");
     let mut procs = Processes::default();
-    for (id, roles) in [("agg", "aggregator"), ("t0", "trainer"), ("t1", "trainer"), ("t2", "trainer")] {
+    for (id, roles, realm) in [
+        ("agg", "aggregator", "default"),
+        ("t0", "trainer", "default/site1"),
+        ("t1", "trainer", "default/site2"),
+        ("t2", "trainer", "default/site3"),
+    ] {
         procs.spawn(
             Command::new(bin("flame-worker"))
-                .args(["--nats", &nats, "--id", &format!("{id}-{suffix}"), "--roles", roles])
+                .args(["--nats", &nats, "--id", &format!("{id}-{suffix}"), "--roles", roles, "--realm", realm])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null()),
         );
     }
     let engine = procs.spawn(
         Command::new(bin("flame-engine"))
-            .args(["--mongo", &mongo, "--db", &db, "--nats", &nats, "--job", "examples/digits-two-tier"])
-            .args(["--worker-wait", "60", "--report-timeout", "120"])
+            .args(["run", "--mongo", &mongo, "--db", &db, "--nats", &nats, "--job", "examples/digits-two-tier"])
             .current_dir(root())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped()),

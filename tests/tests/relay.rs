@@ -1,7 +1,6 @@
 //! The outbox relay against a real NATS server that goes away and comes back.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,48 +11,7 @@ use flame_events::relay::{EVENT_STREAM, Relay};
 use flame_events::sqlite::SqliteStore;
 use flame_events::{EventStore, ExpectedVersion, NewEvent};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-struct Nats {
-    child: Child,
-}
-
-impl Nats {
-    fn start(port: u16, dir: &std::path::Path) -> Self {
-        let bin = std::env::var("FLAME_TEST_NATS_BIN").expect("FLAME_TEST_NATS_BIN is unset: run the tests with scripts/test.sh");
-        let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", dir.to_str().expect("utf8")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        Self { child }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn connect(url: &str) -> async_nats::Client {
-    for _ in 0..100 {
-        if let Ok(c) = async_nats::connect(url).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("NATS at {url} did not come up");
-}
+use crate::util::{Nats, connect, free_port};
 
 async fn published_ids(js: &async_nats::jetstream::Context) -> Vec<String> {
     let stream = js.get_stream(EVENT_STREAM).await.expect("stream");

@@ -1,7 +1,8 @@
 //! Helpers shared by the end-to-end tests.
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// The URL of the NATS server that scripts/test.sh started.
 pub fn nats_url() -> String {
@@ -54,4 +55,74 @@ impl Drop for Processes {
             let _ = c.wait();
         }
     }
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A NATS server of the test's own (JetStream on), so that its workers and
+/// registry are not shared with other tests.
+pub struct Nats {
+    child: Child,
+    /// Its URL.
+    pub url: String,
+}
+
+impl Nats {
+    /// Starts a server on `port` with JetStream data under `dir`.
+    pub fn start(port: u16, dir: &std::path::Path) -> Self {
+        let bin = std::env::var("FLAME_TEST_NATS_BIN").expect("FLAME_TEST_NATS_BIN is unset: run the tests with scripts/test.sh");
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", dir.to_str().expect("utf8")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        Self { child, url: format!("nats://127.0.0.1:{port}") }
+    }
+
+    /// Stops the server gracefully.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects to NATS, waiting for it to come up.
+pub async fn connect(url: &str) -> async_nats::Client {
+    for _ in 0..100 {
+        if let Ok(c) = async_nats::connect(url).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("NATS at {url} did not come up");
+}
+
+/// Starts a `flame-worker` process.
+pub fn worker(procs: &mut Processes, nats: &str, id: &str, roles: &str, realm: &str) -> usize {
+    procs.spawn(
+        Command::new(bin("flame-worker"))
+            .args(["--nats", nats, "--id", id, "--roles", roles, "--realm", realm])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    );
+    procs.0.len() - 1
+}
+
+/// The digits example as a workflow document, with hyperparameters changed by `f`.
+pub fn digits_workflow(f: impl FnOnce(&mut serde_json::Value)) -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join("examples/digits-two-tier.json")).expect("example");
+    let mut wf: serde_json::Value = serde_json::from_str(&text).expect("workflow JSON");
+    f(&mut wf);
+    wf
 }

@@ -18,7 +18,7 @@ use crate::weights::{self, Weights};
 use crate::{aggregate, data};
 
 /// How often a worker renews its registration.
-pub const HEARTBEAT: Duration = Duration::from_secs(3);
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How many finished commands a worker remembers, to answer redeliveries without redoing them.
 const REMEMBERED: usize = 4096;
 
@@ -125,6 +125,18 @@ impl Worker {
             bail!("protocol version {} is not supported (this worker speaks {})", command.v, protocol::VERSION);
         }
         match &command.body {
+            CommandBody::Deploy { role, dataset } => {
+                if !self.info.roles.iter().any(|r| r == role || r == "trainer" || r == "aggregator") {
+                    bail!("this worker offers roles {:?}, not '{role}'", self.info.roles);
+                }
+                if let Some(url) = dataset.clone() {
+                    let d = tokio::task::spawn_blocking(move || data::load(&url)).await?.with_context(|| format!("dataset {dataset:?}"))?;
+                    if d.train.is_empty() {
+                        bail!("dataset {dataset:?} has no training samples");
+                    }
+                }
+                Ok(ReportBody::Deployed {})
+            }
             CommandBody::InitModel { model, dataset, seed } => {
                 let cfg = ModelConfig::from_json(model)?;
                 let url = dataset.clone();

@@ -1,22 +1,32 @@
-//! `flame-engine`: runs a job against MongoDB and NATS, with workers on other
-//! processes or machines, and relays its events to JetStream.
+//! `flame-engine`: the engine service. `serve` resumes every active job from
+//! the event log and serves the management API; `run` runs one job folder to
+//! its end; `token add` makes an API token.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
+use flame_engine::api::{Api, Tokens};
 use flame_engine::{JobDefinition, Runner, runner};
 use flame_events::mongo::{DEFAULT_DB, MongoStore};
 use flame_events::relay::Relay;
+use flame_events::store::EventStore;
 use flame_events::transport::Nats;
 
-/// Runs a Flame job: events in MongoDB, commands and reports over NATS.
+/// The Flame engine: events in MongoDB, commands and reports over NATS.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+struct Connect {
     /// MongoDB URL (a replica set, for transactions).
     #[arg(long, env = "FLAME_MONGO")]
     mongo: String,
@@ -26,15 +36,76 @@ struct Args {
     /// NATS server URL.
     #[arg(long, env = "FLAME_NATS")]
     nats: String,
-    /// Job folder in Flame's layout.
-    #[arg(long)]
-    job: PathBuf,
-    /// Seconds to wait for enough workers to register.
-    #[arg(long, default_value_t = 60)]
-    worker_wait: u64,
-    /// Seconds to wait for any report before failing the job.
-    #[arg(long, default_value_t = 600)]
-    report_timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Resume active jobs and serve the management API until SIGTERM.
+    Serve {
+        #[command(flatten)]
+        connect: Connect,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Tokens file (`flame-engine token add` writes it).
+        #[arg(long, env = "FLAME_TOKENS")]
+        tokens: PathBuf,
+    },
+    /// Submit a job folder (or workflow file), start it and run it to its end.
+    Run {
+        #[command(flatten)]
+        connect: Connect,
+        /// Job folder in Flame's layout, or a single-file workflow.
+        #[arg(long)]
+        job: PathBuf,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Print the management API's OpenAPI document.
+    Openapi,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Add a token for a user to the tokens file and print it (it is stored hashed and shown only now).
+    Add {
+        /// Tokens file.
+        #[arg(long, env = "FLAME_TOKENS")]
+        tokens: PathBuf,
+        /// User name, recorded as the actor of what the token does.
+        #[arg(long)]
+        user: String,
+    },
+}
+
+struct Engine {
+    store: Arc<MongoStore>,
+    runner: Runner,
+    stop_relay: tokio::sync::oneshot::Sender<()>,
+    relay: tokio::task::JoinHandle<Result<(), flame_events::relay::Error>>,
+}
+
+async fn connect(c: &Connect) -> anyhow::Result<Engine> {
+    let store = Arc::new(MongoStore::connect(&c.mongo, &c.db).await?);
+    let transport = Nats::connect(&c.nats).await?;
+    let relay = Relay::new(store.clone(), transport.jetstream().clone(), "engine").await?;
+    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(relay.run(Duration::from_millis(100), async move {
+        let _ = relay_stopped.await;
+    }));
+    let runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default());
+    Ok(Engine { store, runner, stop_relay, relay })
+}
+
+impl Engine {
+    async fn close(self) -> anyhow::Result<()> {
+        let _ = self.stop_relay.send(());
+        self.relay.await.context("event relay task")?.context("event relay")?;
+        Ok(())
+    }
 }
 
 #[tokio::main]
@@ -43,34 +114,60 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let def = JobDefinition::load(&args.job)?;
-    let store = Arc::new(MongoStore::connect(&args.mongo, &args.db).await?);
-    let transport = Nats::connect(&args.nats).await?;
-    let relay = Relay::new(store.clone(), transport.jetstream().clone(), "engine").await?;
-    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(relay.run(Duration::from_millis(100), async move {
-        let _ = relay_stopped.await;
-    }));
+    match Args::parse().command {
+        Command::Token { command: TokenCommand::Add { tokens, user } } => {
+            println!("{}", Tokens::add(&tokens, &user)?);
+            Ok(())
+        }
+        Command::Openapi => {
+            println!("{}", flame_engine::api::openapi_json());
+            Ok(())
+        }
+        Command::Serve { connect: c, listen, tokens } => {
+            let tokens = Tokens::load(&tokens)?;
+            let engine = connect(&c).await?;
+            let api = Api::new(engine.runner.clone(), engine.store.clone() as Arc<dyn EventStore>, tokens);
+            let resumed = api.resume().await?;
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!(
+                "flame-engine: API on http://{}, {} job(s) resumed, events in {}",
+                listener.local_addr()?,
+                resumed.len(),
+                engine.store.location()
+            );
+            axum::serve(listener, api.router()).with_graceful_shutdown(shutdown_signal()).await?;
+            engine.close().await
+        }
+        Command::Run { connect: c, job } => {
+            let def = JobDefinition::load(&job)?;
+            let engine = connect(&c).await?;
+            let job_id = engine.runner.submit(&def, "user:cli").await?;
+            engine.runner.start(&job_id, "user:cli").await?;
+            eprintln!("job {job_id} submitted from {}", job.display());
+            let result = engine.runner.run(&job_id).await;
+            engine.close().await?;
+            let job = result?;
+            let summary = serde_json::json!({
+                "job_id": job_id,
+                "state": job.status,
+                "rounds_completed": job.rounds_completed,
+                "metrics": job.metrics,
+                "final_model": job.global_model,
+                "failure": job.failure,
+            });
+            println!("{summary}");
+            if job.status == flame_engine::job::Status::Completed { Ok(()) } else { std::process::exit(1) }
+        }
+    }
+}
 
-    let options =
-        runner::Options { worker_wait: Duration::from_secs(args.worker_wait), report_timeout: Duration::from_secs(args.report_timeout) };
-    let runner = Runner::new(store.clone(), Arc::new(transport), options);
-    let job_id = runner.submit(&def).await?;
-    eprintln!("job {job_id} submitted from {}", args.job.display());
-    let job = runner.run(&job_id).await;
-
-    let _ = stop_relay.send(());
-    relay.await.context("event relay task")?.context("event relay")?;
-    let job = job?;
-    let summary = serde_json::json!({
-        "job_id": job_id,
-        "state": job.status,
-        "rounds_completed": job.rounds_completed,
-        "metrics": job.metrics,
-        "final_model": job.global_model,
-        "failure": job.failure,
-    });
-    println!("{summary}");
-    if job.status == flame_engine::job::Status::Completed { Ok(()) } else { std::process::exit(1) }
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

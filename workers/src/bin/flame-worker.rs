@@ -26,6 +26,9 @@ struct Args {
     /// Where this worker runs, e.g. default/us/west.
     #[arg(long, default_value = "default")]
     realm: String,
+    /// Compute device it trains on.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[tokio::main]
@@ -38,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     model::init_backend();
     let transport = Nats::connect(&args.nats).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
-    let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm };
+    let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
     Worker::new(info, Arc::new(transport), Arc::new(blobs)).run(shutdown_signal()).await
 }
 

@@ -1,0 +1,436 @@
+//! The engine's lifecycle with real processes: SIGKILLed engines resume from
+//! the log, lost workers are survived by quorum, maxRunTime terminates, and
+//! the management API answers over HTTP. Each test runs its own NATS server
+//! so that workers and the registry are not shared between tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use flame_events::Envelope;
+use flame_events::store::EventStore;
+
+use crate::util::{Nats, Processes, bin, connect, digits_workflow, free_port, mongo_uri, root, unique, worker};
+
+/// Workers for the digits example: its datasets live in realms default/site1..3.
+const DIGITS_WORKERS: [(&str, &str, &str); 4] = [
+    ("agg", "aggregator", "default"),
+    ("t0", "trainer", "default/site1"),
+    ("t1", "trainer", "default/site2"),
+    ("t2", "trainer", "default/site3"),
+];
+
+/// A blocking HTTP client for the management API.
+struct Http {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Http {
+    fn new(port: u16, token: Option<&str>) -> Self {
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build().into();
+        Self { base: format!("http://127.0.0.1:{port}"), token: token.map(str::to_string), agent }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = match (method, body) {
+            ("GET", _) => self.with(self.agent.get(&url), &auth).call(),
+            ("DELETE", _) => self.with(self.agent.delete(&url), &auth).call(),
+            ("POST", b) => self.with(self.agent.post(&url), &auth).header("content-type", "application/json").send(b.unwrap_or("")),
+            ("PUT", b) => self.with(self.agent.put(&url), &auth).header("content-type", "application/json").send(b.unwrap_or("")),
+            _ => panic!("method {method}"),
+        };
+        let mut resp = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    fn with<B>(&self, req: ureq::RequestBuilder<B>, auth: &Option<String>) -> ureq::RequestBuilder<B> {
+        match auth {
+            Some(a) => req.header("authorization", a),
+            None => req,
+        }
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.agent.get(&format!("{}/healthz", self.base)).call().is_err() {
+            assert!(Instant::now() < deadline, "the engine's API did not come up at {}", self.base);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn add_token(tokens: &Path, user: &str) -> String {
+    let out = Command::new(bin("flame-engine"))
+        .args(["token", "add", "--tokens", tokens.to_str().expect("utf8"), "--user", user])
+        .output()
+        .expect("flame-engine token add");
+    assert!(out.status.success(), "token add: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
+}
+
+fn serve(procs: &mut Processes, nats: &str, db: &str, port: u16, tokens: &Path) -> usize {
+    procs.spawn(
+        Command::new(bin("flame-engine"))
+            .args(["serve", "--mongo", &mongo_uri(), "--db", db, "--nats", nats])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--tokens", tokens.to_str().expect("utf8")])
+            .current_dir(root())
+            // Warnings and errors reach the test log, for when this fails on CI.
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    );
+    procs.0.len() - 1
+}
+
+fn kill(procs: &mut Processes, i: usize) {
+    procs.0[i].kill().expect("SIGKILL");
+    procs.0[i].wait().expect("reap");
+}
+
+fn of_type<'a>(events: &'a [Envelope], t: &str) -> impl Iterator<Item = &'a Envelope> {
+    let t = t.to_string();
+    events.iter().filter(move |e| e.event_type == t)
+}
+
+fn round_of(e: &Envelope) -> u64 {
+    e.payload["round"].as_u64().unwrap_or(0)
+}
+
+async fn wait_for(store: &dyn EventStore, job: &str, what: &str, secs: u64, pred: impl Fn(&[Envelope]) -> bool) -> Vec<Envelope> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let events = store.read_stream(&flame_events::job::stream_id(job), 1).await.expect("read");
+        if pred(&events) {
+            return events;
+        }
+        let ended = events.iter().any(|e| matches!(e.event_type.as_str(), "JobFailed" | "JobTerminated" | "JobCompleted"));
+        assert!(!ended || what == "the end", "the job ended before {what}: {:?}", events.last().map(|e| &e.payload));
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {secs} s; last events: {:?}",
+            events.iter().rev().take(8).map(|e| (&e.event_type, &e.payload)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every round aggregated exactly once, every update counted once, versions gap-free;
+/// returns the inputs of each round.
+fn check_exactly_once(events: &[Envelope], rounds: u64) -> BTreeMap<u64, usize> {
+    let versions: Vec<u64> = events.iter().map(|e| e.version).collect();
+    assert_eq!(versions, (1..=events.len() as u64).collect::<Vec<_>>(), "the stream has gaps");
+    let mut aggregated = BTreeMap::new();
+    for e in of_type(events, "RoundAggregated") {
+        assert!(
+            aggregated.insert(round_of(e), e.payload["inputs"].as_array().map_or(0, Vec::len)).is_none(),
+            "round {} aggregated twice",
+            round_of(e)
+        );
+    }
+    assert_eq!(aggregated.keys().copied().collect::<Vec<_>>(), (1..=rounds).collect::<Vec<_>>());
+    let mut updates = BTreeSet::new();
+    for e in of_type(events, "UpdateReported") {
+        let key = (round_of(e), e.payload["task_id"].as_str().unwrap_or_default().to_string());
+        assert!(updates.insert(key.clone()), "update {key:?} counted twice");
+    }
+    for (round, inputs) in &aggregated {
+        let got = updates.iter().filter(|(r, _)| r == round).count();
+        assert_eq!(got, *inputs, "round {round}: {got} updates recorded, {inputs} aggregated");
+    }
+    aggregated
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_killed_at_any_point_resumes_and_counts_every_update_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = Nats::start(free_port(), &dir.path().join("js"));
+    connect(&nats.url).await;
+    let db = format!("flame_crash_{}", unique());
+    let tokens = dir.path().join("tokens");
+    let token = add_token(&tokens, "ada");
+    let mut procs = Processes::default();
+    for (id, roles, realm) in DIGITS_WORKERS {
+        worker(&mut procs, &nats.url, id, roles, realm);
+    }
+    let port = free_port();
+    let mut engine = serve(&mut procs, &nats.url, &db, port, &tokens);
+    let http = Http::new(port, Some(&token));
+    http.wait_ready();
+    let wf = digits_workflow(|wf| wf["modelSpec"]["hyperparameters"]["rounds"] = json!(10));
+    let (status, job) = http.call("POST", "/jobs", Some(&wf.to_string()));
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().expect("id").to_string();
+    let (status, started) = http.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"start"}"#));
+    assert_eq!(status, 200, "{started}");
+
+    let store = flame_events::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
+    let mut kills = Vec::new();
+    // 1. During placement and deployment: right after the start was recorded.
+    kill(&mut procs, engine);
+    kills.push(store.read_stream(&flame_events::job::stream_id(&id), 1).await.expect("read").last().expect("event").event_type.clone());
+    engine = serve(&mut procs, &nats.url, &db, port, &tokens);
+    // 2. Mid round: some updates of a round from 3 on are in, its aggregate is not.
+    let events = wait_for(&store, &id, "a half-done round", 180, |ev| {
+        of_type(ev, "UpdateReported").any(|u| round_of(u) >= 3 && !of_type(ev, "RoundAggregated").any(|a| round_of(a) == round_of(u)))
+    })
+    .await;
+    kill(&mut procs, engine);
+    kills.push(format!("{} (round {})", events.last().expect("e").event_type, of_type(&events, "RoundStarted").count()));
+    engine = serve(&mut procs, &nats.url, &db, port, &tokens);
+    // 3. During aggregation: a round from 6 on has all three updates and no aggregate yet.
+    let events = wait_for(&store, &id, "an aggregation in flight", 180, |ev| {
+        (6..=10).any(|r| {
+            of_type(ev, "UpdateReported").filter(|u| round_of(u) == r).count() == 3
+                && !of_type(ev, "RoundAggregated").any(|a| round_of(a) == r)
+        })
+    })
+    .await;
+    kill(&mut procs, engine);
+    kills.push(format!("{} (round {})", events.last().expect("e").event_type, of_type(&events, "RoundStarted").count()));
+    let _engine = serve(&mut procs, &nats.url, &db, port, &tokens);
+
+    let events = wait_for(&store, &id, "the end", 240, |ev| ev.last().is_some_and(|e| e.event_type == "JobCompleted")).await;
+    eprintln!("engine killed after: {kills:?}");
+    let inputs = check_exactly_once(&events, 10);
+    assert!(inputs.values().all(|n| *n == 3), "every round used all three trainers: {inputs:?}");
+    let final_metrics = &events.last().expect("end").payload["metrics"];
+    assert!(final_metrics["accuracy"].as_f64().unwrap_or(0.0) > 0.9, "a resumed job still learns: {final_metrics}");
+    // Reports that arrived twice (redelivered after a kill) were refused and recorded, never applied.
+    for r in of_type(&events, "ReportRejected") {
+        assert!(r.actor.starts_with("worker:"), "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_trainer_is_survived_by_quorum_and_max_run_time_terminates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = Nats::start(free_port(), &dir.path().join("js"));
+    connect(&nats.url).await;
+    let db = format!("flame_loss_{}", unique());
+    let mut procs = Processes::default();
+    for (id, roles, realm) in &DIGITS_WORKERS[..3] {
+        worker(&mut procs, &nats.url, id, roles, realm);
+    }
+    let doomed = worker(&mut procs, &nats.url, "t2", "trainer", "default/site3");
+    let wf = digits_workflow(|wf| {
+        let h = &mut wf["modelSpec"]["hyperparameters"];
+        h["rounds"] = json!(6);
+        h["minClients"] = json!(2);
+        h["roundTimeout"] = json!(60);
+    });
+    let file = dir.path().join("job.json");
+    std::fs::write(&file, wf.to_string()).expect("write job");
+    let run = |procs: &mut Processes, file: &Path| {
+        let child = procs.spawn(
+            Command::new(bin("flame-engine"))
+                .args(["run", "--mongo", &mongo_uri(), "--db", &db, "--nats", &nats.url, "--job", file.to_str().expect("utf8")])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped()),
+        );
+        child.stdout.take().expect("stdout")
+    };
+    let stdout = run(&mut procs, &file);
+    let engine = procs.0.len() - 1;
+
+    let store = flame_events::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
+    let job_id = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let head = store.read_all(1, 1).await.expect("read");
+            if let Some(e) = head.first() {
+                break e.stream_id.trim_start_matches("job-").to_string();
+            }
+            assert!(Instant::now() < deadline, "no job was created");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    wait_for(&store, &job_id, "round 2", 120, |ev| of_type(ev, "RoundStarted").any(|e| round_of(e) == 2)).await;
+    kill(&mut procs, doomed);
+    let summary = finish(&mut procs, engine, stdout);
+    assert_eq!(summary["state"], "completed", "{summary}");
+    let events = store.read_stream(&flame_events::job::stream_id(&job_id), 1).await.expect("read");
+    let lost: Vec<_> = of_type(&events, "WorkerLost").collect();
+    assert_eq!(lost.len(), 1, "one worker lost");
+    assert_eq!(lost[0].payload["worker_id"], "t2");
+    assert_eq!(lost[0].payload["orphaned"], json!(["trainer-2"]), "no spare worker: its task sits out");
+    let inputs = check_exactly_once(&events, 6);
+    assert_eq!(inputs[&6], 2, "rounds after the loss aggregate the two trainers left: {inputs:?}");
+
+    // maxRunTime: a job that would run for long is terminated, not left running.
+    worker(&mut procs, &nats.url, "t3", "trainer", "default/site3");
+    let wf = digits_workflow(|wf| {
+        wf["job"]["maxRunTime"] = json!(3);
+        wf["modelSpec"]["hyperparameters"]["rounds"] = json!(100_000);
+    });
+    std::fs::write(&file, wf.to_string()).expect("write job");
+    let started = Instant::now();
+    let stdout = run(&mut procs, &file);
+    let engine = procs.0.len() - 1;
+    let summary = finish(&mut procs, engine, stdout);
+    assert_eq!(summary["state"], "terminated", "{summary}");
+    assert!(summary["failure"].as_str().unwrap_or_default().contains("maxRunTime of 3 s"), "{summary}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+fn finish(procs: &mut Processes, engine: usize, mut stdout: std::process::ChildStdout) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(s) = procs.0[engine].try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "flame-engine run did not finish in 180 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut out).expect("stdout");
+    let _ = status;
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("engine summary {out:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_serves_every_resource_with_auth_and_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = Nats::start(free_port(), &dir.path().join("js"));
+    connect(&nats.url).await;
+    let db = format!("flame_api_{}", unique());
+    let tokens = dir.path().join("tokens");
+    let token = add_token(&tokens, "grace");
+    let mut procs = Processes::default();
+    let port = free_port();
+    serve(&mut procs, &nats.url, &db, port, &tokens);
+    let api = Http::new(port, Some(&token));
+    api.wait_ready();
+    let anonymous = Http::new(port, None);
+    let forged = Http::new(port, Some("flm_not-a-token"));
+
+    // The OpenAPI document is public and the checked-in copy is current.
+    let (status, doc) = anonymous.call("GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    let checked_in: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("docs/openapi.json")).expect("docs/openapi.json")).expect("json");
+    assert_eq!(doc, checked_in, "docs/openapi.json is stale: run `flame-engine openapi > docs/openapi.json`");
+    for path in doc["paths"].as_object().expect("paths").keys() {
+        let concrete = path.replace("{id}", "x").replace("{task}", "y");
+        let (status, body) = anonymous.call("GET", &concrete, None);
+        if status != 405 {
+            assert_eq!(status, 401, "GET {path} without a token: {body}");
+        }
+    }
+    assert_eq!(forged.call("GET", "/jobs", None).0, 401);
+
+    // Designs and their schemas.
+    let (status, _) = api.call("POST", "/designs", Some(r#"{"id":"digits","name":"digits","description":"two-tier"}"#));
+    assert_eq!(status, 201);
+    assert_eq!(api.call("POST", "/designs", Some(r#"{"id":"digits"}"#)).0, 409, "a design id is taken once");
+    assert_eq!(api.call("GET", "/designs/digits/schema", None).0, 404, "no schema yet");
+    let wf = digits_workflow(|_| {});
+    let (status, body) = api.call("PUT", "/designs/digits/schema", Some("{\"roles\": 5}"));
+    assert_eq!((status, body["errors"][0]["path"].as_str().map(|p| p.starts_with("request body:"))), (422, Some(true)), "{body}");
+    assert_eq!(api.call("PUT", "/designs/digits/schema", Some(&wf["design"].to_string())).0, 200);
+    assert_eq!(api.call("GET", "/designs/digits/schema", None).1["roles"].as_array().map(Vec::len), Some(2));
+    assert_eq!(api.call("GET", "/designs", None).1.as_array().map(Vec::len), Some(1));
+    assert_eq!(api.call("GET", "/designs/nope", None).0, 404);
+
+    // Datasets.
+    let (status, ds) = api.call("POST", "/datasets", Some(r#"{"name":"digits-0","url":"builtin://digits?part=0&of=3","realm":"default"}"#));
+    assert_eq!(status, 201, "{ds}");
+    let ds_id = ds["id"].as_str().expect("dataset id").to_string();
+    assert_eq!(api.call("GET", &format!("/datasets/{ds_id}"), None).1["url"], "builtin://digits?part=0&of=3");
+    assert_eq!(api.call("GET", "/datasets", None).1.as_array().map(Vec::len), Some(1));
+    assert_eq!(api.call("POST", "/datasets", Some(r#"{"name":"x"}"#)).0, 422, "a dataset needs a url");
+
+    // Jobs: invalid definitions get the whole validation list.
+    let mut bad = wf.clone();
+    bad["modelSpec"]["optimizer"]["sort"] = json!("fedmagic");
+    bad["design"]["channels"][0]["pair"] = json!(["trainer", "nobody"]);
+    let (status, body) = api.call("POST", "/jobs", Some(&bad.to_string()));
+    assert_eq!(status, 422, "{body}");
+    let paths: Vec<&str> = body["errors"].as_array().expect("errors").iter().filter_map(|e| e["path"].as_str()).collect();
+    assert!(paths.iter().any(|p| p.contains("optimizer")) && paths.iter().any(|p| p.contains("channels")), "{paths:?}");
+    assert_eq!(api.call("POST", "/jobs", Some("{not json")).0, 422);
+
+    // A job by design id and a registered dataset.
+    let mut by_ref = wf.clone();
+    by_ref.as_object_mut().expect("object").remove("design");
+    by_ref["job"]["designId"] = json!("digits");
+    let group = by_ref["dataSpec"][0]["datasetGroups"].as_object().expect("groups").keys().next().expect("group").clone();
+    let mut refs = by_ref["dataSpec"][0]["datasetGroups"][&group].as_array().expect("refs").clone();
+    refs[0] = json!(ds_id);
+    by_ref["dataSpec"][0]["datasetGroups"][&group] = json!(refs);
+    let (status, job) = api.call("POST", "/jobs", Some(&by_ref.to_string()));
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().expect("id").to_string();
+    assert_eq!(job["state"], "ready");
+    let (status, tasks) = api.call("GET", &format!("/jobs/{id}/tasks"), None);
+    assert_eq!((status, tasks.as_array().map(Vec::len)), (200, Some(4)));
+    assert!(tasks.as_array().expect("tasks").iter().any(|t| t["dataset"] == "builtin://digits?part=0&of=3"));
+    assert_eq!(api.call("GET", &format!("/jobs/{id}/tasks/aggregator-0"), None).1["role"], "aggregator");
+    assert_eq!(api.call("GET", &format!("/jobs/{id}/tasks/nope"), None).0, 404);
+
+    // Update while ready; then start (no workers here, so it waits in starting) and stop.
+    let renamed = digits_workflow(|wf| wf["modelSpec"]["hyperparameters"]["rounds"] = json!(2));
+    let (status, updated) = api.call("PUT", &format!("/jobs/{id}"), Some(&renamed.to_string()));
+    assert_eq!((status, updated["total_rounds"].as_u64()), (200, Some(2)), "{updated}");
+    let (status, started) = api.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"start"}"#));
+    assert_eq!((status, started["state"].as_str()), (200, Some("starting")), "{started}");
+    assert_eq!(api.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"start"}"#)).0, 409, "start twice");
+    assert_eq!(api.call("PUT", &format!("/jobs/{id}"), Some(&renamed.to_string())).0, 409, "no update while active");
+    assert_eq!(api.call("DELETE", &format!("/jobs/{id}"), None).0, 409, "no delete while active");
+    assert_eq!(api.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"pause"}"#)).0, 422);
+    let (status, _) = api.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"stop","reason":"testing"}"#));
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stopped = loop {
+        let (_, j) = api.call("GET", &format!("/jobs/{id}"), None);
+        if j["state"] == "terminated" {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "the job did not terminate: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(stopped["failure"].as_str().unwrap_or_default().contains("stopped by user:grace: testing"), "{stopped}");
+    assert_eq!(api.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"stop"}"#)).0, 409, "an ended job cannot stop");
+
+    // Events, paged, with the user as actor; and as server-sent events.
+    let (status, page) = api.call("GET", &format!("/jobs/{id}/events?limit=2"), None);
+    assert_eq!(status, 200);
+    assert_eq!(page["events"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page["events"][0]["actor"], "user:grace");
+    assert_eq!(page["next"], 3);
+    let (_, rest) = api.call("GET", &format!("/jobs/{id}/events?from=3&limit=1000"), None);
+    assert!(rest["events"].as_array().expect("events").iter().any(|e| e["event_type"] == "JobTerminated"));
+    assert_eq!(rest["next"], Value::Null);
+    let mut sse = ureq::get(&format!("http://127.0.0.1:{port}/jobs/{id}/events/stream"))
+        .header("authorization", &format!("Bearer {token}"))
+        .call()
+        .expect("SSE");
+    let mut reader = std::io::BufReader::new(sse.body_mut().as_reader());
+    let mut names = Vec::new();
+    while names.len() < 3 {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut reader, &mut line).expect("read") > 0, "the event stream ended");
+        if let Some(name) = line.strip_prefix("event: ").or_else(|| line.strip_prefix("event:")) {
+            names.push(name.trim().to_string());
+        }
+    }
+    assert_eq!(names, vec!["JobCreated", "JobUpdated", "JobStarting"]);
+
+    // Delete, then 404; computes and the rest of the resource verbs.
+    assert_eq!(api.call("DELETE", &format!("/jobs/{id}"), None).0, 204);
+    assert_eq!(api.call("GET", &format!("/jobs/{id}"), None).0, 404);
+    assert_eq!(api.call("GET", "/jobs", None).1.as_array().map(Vec::len), Some(0));
+    assert_eq!(api.call("GET", "/jobs/unknown-id", None).0, 404);
+    assert_eq!(api.call("GET", "/computes", None), (200, json!([])));
+    assert_eq!(api.call("DELETE", &format!("/datasets/{ds_id}"), None).0, 204);
+    assert_eq!(api.call("GET", &format!("/datasets/{ds_id}"), None).0, 404);
+    assert_eq!(api.call("DELETE", "/designs/digits", None).0, 204);
+    assert_eq!(api.call("DELETE", "/designs/digits", None).0, 404);
+}
