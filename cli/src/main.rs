@@ -19,6 +19,8 @@ use flame_events::transport::InProcess;
 use flame_workers::blob::LocalBlobs;
 use flame_workers::{Worker, model};
 
+mod remote;
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Flame for Rust: run federated-learning jobs and inspect their events")]
 struct Cli {
@@ -85,6 +87,62 @@ enum Cmd {
     },
     /// Print the JSON Schema of the single-file workflow form.
     Schema,
+    /// Create a design, schema, dataset or job on a running engine (--api).
+    Create {
+        #[command(subcommand)]
+        what: remote::Create,
+        #[command(flatten)]
+        api: remote::Api,
+    },
+    /// Show designs, schemas, datasets, jobs, tasks or computes of a running engine.
+    Get {
+        #[command(subcommand)]
+        what: remote::Get,
+        #[command(flatten)]
+        api: remote::Api,
+    },
+    /// Replace a job's definition while it is not running.
+    Update {
+        /// `job`.
+        #[arg(value_parser = ["job"])]
+        kind: String,
+        /// Job id.
+        id: String,
+        /// Job folder or workflow file.
+        path: PathBuf,
+        #[command(flatten)]
+        api: remote::Api,
+    },
+    /// Remove a design, dataset or job.
+    Remove {
+        #[command(subcommand)]
+        what: remote::Remove,
+        #[command(flatten)]
+        api: remote::Api,
+    },
+    /// Start a job.
+    Start {
+        /// `job`.
+        #[arg(value_parser = ["job"])]
+        kind: String,
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        api: remote::Api,
+    },
+    /// Stop a job.
+    Stop {
+        /// `job`.
+        #[arg(value_parser = ["job"])]
+        kind: String,
+        /// Job id.
+        id: String,
+        /// Why.
+        #[arg(long, default_value = "stopped from flamectl")]
+        reason: String,
+        #[command(flatten)]
+        api: remote::Api,
+    },
     /// Print a job's events in order.
     Events {
         /// Job id.
@@ -140,6 +198,13 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Events { job_id, store, output } => events(&job_id, &store, output).await,
+        // The management verbs talk to a running engine (blocking HTTP; nothing else runs meanwhile).
+        Cmd::Create { what, api } => Ok(remote::run(&api, remote::Request::Create(what))),
+        Cmd::Get { what, api } => Ok(remote::run(&api, remote::Request::Get(what))),
+        Cmd::Update { id, path, api, .. } => Ok(remote::run(&api, remote::Request::UpdateJob { id, path })),
+        Cmd::Remove { what, api } => Ok(remote::run(&api, remote::Request::Remove(what))),
+        Cmd::Start { id, api, .. } => Ok(remote::run(&api, remote::Request::Start(id))),
+        Cmd::Stop { id, reason, api, .. } => Ok(remote::run(&api, remote::Request::Stop(id, reason))),
     }
 }
 

@@ -433,4 +433,28 @@ async fn the_management_api_serves_every_resource_with_auth_and_clear_errors() {
     assert_eq!(api.call("GET", &format!("/datasets/{ds_id}"), None).0, 404);
     assert_eq!(api.call("DELETE", "/designs/digits", None).0, 204);
     assert_eq!(api.call("DELETE", "/designs/digits", None).0, 404);
+
+    // flamectl's verbs over the same API.
+    let flamectl = |args: &[&str]| {
+        let out = Command::new(bin("flamectl"))
+            .args(args)
+            .args(["--api", &format!("http://127.0.0.1:{port}")])
+            .env("FLAME_TOKEN", &token)
+            .current_dir(root())
+            .output()
+            .expect("flamectl");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, out, err) = flamectl(&["create", "job", "examples/digits-two-tier"]);
+    assert_eq!(code, Some(0), "{err}");
+    let created: Value = serde_json::from_str(&out).expect("flamectl prints the job");
+    let id = created["id"].as_str().expect("id");
+    let (code, out, _) = flamectl(&["get", "job", id]);
+    assert_eq!((code, serde_json::from_str::<Value>(&out).expect("json")["state"].clone()), (Some(0), json!("ready")));
+    let (code, _, err) = flamectl(&["start", "job", "no-such-job"]);
+    assert_eq!(code, Some(3), "404 exits 3: {err}");
+    let (code, _, err) = flamectl(&["remove", "job", id]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = flamectl(&["get", "jobs", "--token", "wrong"]);
+    assert_eq!(code, Some(5), "401 exits 5: {err}");
 }
