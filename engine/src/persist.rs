@@ -66,6 +66,30 @@ impl Jobs {
         Ok(job)
     }
 
+    /// Appends events decided outside cqrs-es (a batch of worker reports), each with its own
+    /// actor and causation, in one atomic append after `job`'s version; returns the new state.
+    /// Fails with a conflict if someone appended after `job` was loaded.
+    pub async fn append_batch(&self, job: &Job, batch: Vec<(JobEvent, String, Option<String>)>) -> Result<Job, store::Error> {
+        let mut next = job.clone();
+        let mut new = Vec::with_capacity(batch.len());
+        for (event, actor, cause) in &batch {
+            next.apply(event);
+            let e = event.to_new_event(&job.job_id, actor);
+            new.push(match cause {
+                Some(c) => e.caused_by(c.clone()),
+                None => e,
+            });
+        }
+        let expected = if job.version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(job.version) };
+        if let Err(e) = self.store.append(&job::stream_id(&job.job_id), expected, new).await {
+            self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.job_id);
+            return Err(e);
+        }
+        self.remember(&job.job_id, &next);
+        tracing::debug!(job = %job.job_id, events = batch.len(), version = next.version, "recorded a batch of reports");
+        Ok(next)
+    }
+
     /// The state last loaded or committed through this repository, without reading the store.
     pub fn last_known(&self, job_id: &str) -> Option<Job> {
         self.cached(job_id)

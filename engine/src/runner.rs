@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
 use cqrs_es::{AggregateError, CqrsFramework};
@@ -21,6 +21,11 @@ use crate::definition::{JobDefinition, Problems};
 use crate::job::{Job, JobCommand, Rejection, Status};
 use crate::persist::{self, Jobs};
 use crate::planner;
+
+/// Most reports taken into one append.
+const MAX_REPORT_BATCH: usize = 1000;
+/// Commands in flight at once when the runner sends a round's commands.
+const SEND_CONCURRENCY: usize = 64;
 
 /// Runner errors.
 #[derive(Debug, thiserror::Error)]
@@ -223,21 +228,29 @@ impl Runner {
         // Reports dealt with by this run: a redelivery (its ack was late) is acked, not recorded again.
         let mut taken = HashSet::new();
         let mut live: Option<Vec<WorkerInfo>> = None;
+        let mut previous: Option<Vec<WorkerInfo>> = None;
         let mut read_at: Option<Instant> = None;
         while job.status.is_active() {
             let poll = if job.status == Status::Starting { self.options.placement_poll } else { self.options.registry_poll };
             if job.status != Status::Stopping && read_at.is_none_or(|t| t.elapsed() >= poll) {
-                live = Some(self.transport.workers().await?);
+                // A worker counts as live if either of the last two reads listed it: one late
+                // heartbeat under load is not a loss.
+                let now_live = self.transport.workers().await?;
+                let mut both = now_live.clone();
+                both.extend(previous.into_iter().flatten().filter(|w: &WorkerInfo| !now_live.iter().any(|n| n.id == w.id)));
+                both.sort_by(|a, b| a.id.cmp(&b.id));
+                previous = Some(now_live);
+                live = Some(both);
                 read_at = Some(Instant::now());
             }
             let now = now_ms();
             let mut handled = false;
+            let mut sends = Vec::new();
             for action in decide(&job, now, live.as_deref()) {
                 match action {
                     Action::Send { worker_id, command } => {
                         if sent.insert((worker_id.clone(), command.id.clone())) {
-                            tracing::debug!(job = job_id, worker = %worker_id, command = %command.id, "send");
-                            self.transport.send_command(&worker_id, &command).await?;
+                            sends.push((worker_id, command));
                         }
                     }
                     Action::Handle(command) => {
@@ -255,6 +268,21 @@ impl Runner {
                     }
                 }
             }
+            // Commands go out concurrently; each is idempotent, so one that fails is simply sent again later.
+            let results: Vec<_> = futures::stream::iter(sends)
+                .map(|(worker_id, command)| async move {
+                    tracing::debug!(job = job_id, worker = %worker_id, command = %command.id, "send");
+                    self.transport.send_command(&worker_id, &command).await.map_err(|e| (worker_id, command.id, e))
+                })
+                .buffer_unordered(SEND_CONCURRENCY)
+                .collect()
+                .await;
+            for r in results {
+                if let Err((worker_id, id, e)) = r {
+                    sent.remove(&(worker_id, id));
+                    return Err(e.into());
+                }
+            }
             if handled {
                 continue;
             }
@@ -267,12 +295,28 @@ impl Runner {
                     None => return Err(Error::Definition("the report inbox closed".into())),
                     Some(Err(e)) => tracing::warn!(job = job_id, "unreadable report skipped: {e}"),
                     Some(Ok(delivery)) => {
-                        let key = (delivery.message.worker_id.clone(), delivery.message.command_id.clone());
-                        if !taken.contains(&key) {
-                            self.take_report(job_id, delivery.message.clone()).await?;
-                            taken.insert(key);
+                        // Take every report already waiting, in one append: with many workers,
+                        // reports come in bursts, and both appending and deciding cost per call.
+                        let mut deliveries = vec![delivery];
+                        while deliveries.len() < MAX_REPORT_BATCH {
+                            match inbox.next().now_or_never() {
+                                Some(Some(Ok(d))) => deliveries.push(d),
+                                Some(Some(Err(e))) => tracing::warn!(job = job_id, "unreadable report skipped: {e}"),
+                                Some(None) | None => break,
+                            }
                         }
-                        delivery.ack().await?;
+                        let mut fresh: Vec<Report> = Vec::new();
+                        for r in deliveries.iter().map(|d| &d.message) {
+                            let new = !taken.contains(&(r.worker_id.clone(), r.command_id.clone()));
+                            if new && !fresh.iter().any(|f| f.worker_id == r.worker_id && f.command_id == r.command_id) {
+                                fresh.push(r.clone());
+                            }
+                        }
+                        self.take_reports(job_id, fresh.clone()).await?;
+                        taken.extend(fresh.into_iter().map(|r| (r.worker_id, r.command_id)));
+                        for d in deliveries {
+                            d.ack().await?;
+                        }
                     }
                 },
             }
@@ -281,21 +325,41 @@ impl Runner {
         Ok(job)
     }
 
-    /// Applies a report, or records why it was refused; either way it is dealt with once.
-    async fn take_report(&self, job_id: &str, report: Report) -> Result<(), Error> {
-        let actor = format!("worker:{}", report.worker_id);
-        let cause = report.command_id.clone();
-        match self.execute(job_id, JobCommand::Report(report.clone()), &actor, Some(&cause)).await {
-            Ok(_) => Ok(()),
-            Err(Error::Refused { rejection, .. }) => {
-                tracing::warn!(job = job_id, worker = %report.worker_id, "report rejected: {rejection}");
-                let command = JobCommand::RecordRejection { report: Box::new(report), reason: rejection.to_string() };
-                match self.execute(job_id, command, &actor, Some(&cause)).await {
-                    Ok(_) | Err(Error::Refused { .. }) => Ok(()),
-                    Err(e) => Err(e),
+    /// Applies reports, and records why any was refused, in one append: each is dealt with once.
+    async fn take_reports(&self, job_id: &str, reports: Vec<Report>) -> Result<(), Error> {
+        if reports.is_empty() {
+            return Ok(());
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let job = self.jobs.load(job_id).await?;
+            let mut scratch = job.clone();
+            let mut batch = Vec::new();
+            for r in &reports {
+                let (actor, cause) = (format!("worker:{}", r.worker_id), Some(r.command_id.clone()));
+                let events = match scratch.handle(JobCommand::Report(r.clone())) {
+                    Ok(events) => events,
+                    Err(rejection) => {
+                        tracing::warn!(job = job_id, worker = %r.worker_id, "report rejected: {rejection}");
+                        let record = JobCommand::RecordRejection { report: Box::new(r.clone()), reason: rejection.to_string() };
+                        scratch.handle(record).unwrap_or_default()
+                    }
+                };
+                for e in events {
+                    scratch.apply(&e);
+                    batch.push((e, actor.clone(), cause.clone()));
                 }
             }
-            Err(e) => Err(e),
+            if batch.is_empty() {
+                return Ok(());
+            }
+            match self.jobs.append_batch(&job, batch).await {
+                Ok(_) => return Ok(()),
+                // Someone else appended meanwhile (a user's stop): decide again on the new state.
+                Err(flame_events::store::Error::Conflict { .. }) if attempt < 10 => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 

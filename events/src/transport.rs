@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -22,6 +22,8 @@ pub const COMMAND_STREAM: &str = "FLAME_CMDS";
 pub const REPORT_STREAM: &str = "FLAME_REPORTS";
 /// How long a report taken by an engine stays unacknowledged before it is delivered again.
 pub const REPORT_ACK_WAIT: Duration = Duration::from_secs(3);
+/// Durable consumers a command or report stream may hold (workers, jobs).
+pub const MAX_CONSUMERS: i32 = 100_000;
 /// KV bucket of live workers; entries expire without heartbeats.
 pub const WORKER_BUCKET: &str = "flame-workers";
 /// How long a worker stays listed after its last heartbeat.
@@ -188,11 +190,14 @@ impl Nats {
     pub async fn new(client: async_nats::Client) -> Result<Self, Error> {
         let js = jetstream::new(client);
         for (name, subject) in [(COMMAND_STREAM, "flame.cmd.>"), (REPORT_STREAM, "flame.report.>")] {
-            js.get_or_create_stream(stream::Config {
+            js.create_or_update_stream(stream::Config {
                 name: name.to_string(),
                 subjects: vec![subject.to_string()],
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 duplicate_window: Duration::from_secs(120),
+                // One durable consumer per worker (commands) or per job (reports); NATS 2.15
+                // otherwise caps a stream at 1,000 consumers.
+                max_consumers: MAX_CONSUMERS,
                 ..Default::default()
             })
             .await
@@ -277,11 +282,13 @@ impl Transport for Nats {
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>, Error> {
-        let mut keys = self.workers.keys().await.map_err(nats)?;
+        let keys: Vec<String> = self.workers.keys().await.map_err(nats)?.try_collect().await.map_err(nats)?;
+        // Fetched concurrently: a registry of a thousand workers is read in a few round trips' time.
+        let values: Vec<_> =
+            futures::stream::iter(keys).map(|k| async move { self.workers.get(&k).await }).buffer_unordered(64).collect().await;
         let mut out = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(nats)?;
-            if let Some(value) = self.workers.get(&key).await.map_err(nats)?
+        for value in values {
+            if let Some(value) = value.map_err(nats)?
                 && let Ok(info) = serde_json::from_slice::<WorkerInfo>(&value)
             {
                 out.push(info);

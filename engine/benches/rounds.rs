@@ -1,0 +1,194 @@
+//! Engine overhead per round: a two-tier job whose N trainers and one
+//! aggregator are simulated workers (no training: each command is answered at
+//! once) connected to a real NATS server, with the engine's events in SQLite
+//! (embedded) or MongoDB. Prints the median milliseconds per round (from
+//! `RoundStarted` to `RoundAggregated`) and the events/s the engine recorded.
+//! Run: `scripts/bench.sh rounds` (needs FLAME_TEST_NATS_URL; MongoDB is
+//! measured too when FLAME_TEST_MONGO_URI is set).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::json;
+
+use flame_engine::definition::{DataSpecEntry, Dataset, Design, JobFile, ModelSpec};
+use flame_engine::{JobDefinition, Runner, runner};
+use flame_events::job::stream_id;
+use flame_events::protocol::{self, CommandBody, Report, ReportBody, WorkerInfo};
+use flame_events::store::EventStore;
+use flame_events::transport::{Nats, Transport};
+
+const ROUNDS: u64 = 10;
+/// Simulated workers share NATS connections, this many to a connection.
+const PER_CONNECTION: usize = 50;
+
+fn definition(trainers: usize) -> JobDefinition {
+    let design = json!({
+        "name": "bench",
+        "roles": [
+            {"name": "trainer", "isDataConsumer": true, "groupAssociation": [{"param": "default"}]},
+            {"name": "aggregator", "replica": 1, "groupAssociation": [{"param": "default"}]}
+        ],
+        "channels": [{"name": "param", "pair": ["trainer", "aggregator"], "groupBy": {"type": "tag", "value": ["default"]},
+            "funcTags": {"trainer": ["fetch", "upload"], "aggregator": ["distribute", "aggregate"]}}]
+    });
+    let refs: Vec<String> = (0..trainers).map(|i| format!("d{i}.json")).collect();
+    let datasets = refs.iter().map(|r| (r.clone(), Dataset::new(r.clone(), format!("builtin://digits?part=0&of={trainers}")))).collect();
+    JobDefinition {
+        folder: "bench".into(),
+        job: serde_json::from_value::<JobFile>(json!({"designId": "bench"})).expect("job"),
+        design: serde_json::from_value::<Design>(design).expect("design"),
+        data_spec: vec![DataSpecEntry {
+            role: "trainer".into(),
+            dataset_groups: BTreeMap::from([("default".to_string(), refs)]),
+            extra: Default::default(),
+        }],
+        model_spec: serde_json::from_value::<ModelSpec>(json!({"hyperparameters": {"rounds": ROUNDS}})).expect("model"),
+        datasets,
+    }
+}
+
+/// A worker that answers every command at once.
+async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
+    if let Err(e) = transport.register(&info).await {
+        eprintln!("{} cannot register: {e}", info.id);
+        return;
+    }
+    let mut inbox = match transport.command_inbox(&info.id).await {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{} has no inbox: {e}", info.id);
+            return;
+        }
+    };
+    let beat = {
+        let (t, i) = (transport.clone(), info.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let started = Instant::now();
+                if let Err(e) = t.register(&i).await {
+                    eprintln!("heartbeat of {} failed after {:?}: {e}", i.id, started.elapsed());
+                }
+            }
+        })
+    };
+    while let Some(Ok(d)) = inbox.next().await {
+        let c = &d.message;
+        let body = match &c.body {
+            CommandBody::Deploy { .. } => ReportBody::Deployed {},
+            CommandBody::InitModel { .. } => ReportBody::Initialized { digest: "m0".into() },
+            CommandBody::Train { .. } => {
+                ReportBody::Trained { digest: format!("u-{}-{}", info.id, c.round), samples: 100, metrics: Default::default() }
+            }
+            CommandBody::Aggregate { .. } => {
+                ReportBody::Aggregated { digest: format!("m{}", c.round), metrics: Default::default(), optimizer_state: None }
+            }
+        };
+        let report = Report {
+            v: protocol::VERSION,
+            command_id: c.id.clone(),
+            job_id: c.job_id.clone(),
+            task_id: c.task_id.clone(),
+            worker_id: info.id.clone(),
+            round: c.round,
+            body,
+        };
+        if transport.send_report(&report).await.is_err() {
+            break;
+        }
+        let _ = d.ack().await;
+    }
+    beat.abort();
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+async fn measure(label: &str, store: Arc<dyn EventStore>, nats_url: &str, trainers: usize) {
+    let run = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
+    let mut connections = Vec::new();
+    for _ in 0..=(trainers / PER_CONNECTION) {
+        connections.push(Arc::new(Nats::connect(nats_url).await.expect("NATS")));
+    }
+    let mut workers = Vec::new();
+    for i in 0..=trainers {
+        let roles = if i == 0 { vec!["aggregator".to_string()] } else { vec!["trainer".to_string()] };
+        let info = WorkerInfo { id: format!("sim-{run}-{i:04}"), roles, realm: "default".into(), device: "cpu".into() };
+        workers.push(tokio::spawn(simulated(connections[i / PER_CONNECTION].clone(), info)));
+    }
+    let engine = Arc::new(Nats::connect(nats_url).await.expect("NATS"));
+    let runner = Runner::new(store.clone(), engine, runner::Options::default());
+    let def = definition(trainers);
+    let started = Instant::now();
+    let id = runner.submit(&def, "user:bench").await.expect("submit");
+    runner.start(&id, "user:bench").await.expect("start");
+    let job = runner.run(&id).await.expect("run");
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(job.rounds_completed as u64, ROUNDS, "{:?}", job.failure);
+    let events = store.read_stream(&stream_id(&id), 1).await.expect("read");
+    let at = |t: &str, r: u64| {
+        events.iter().find(|e| e.event_type == t && e.payload["round"].as_u64() == Some(r)).map(|e| e.recorded_at).expect("event")
+    };
+    let per_round: Vec<f64> =
+        (1..=ROUNDS).map(|r| (at("RoundAggregated", r) - at("RoundStarted", r)).num_microseconds().unwrap_or(0) as f64 / 1e3).collect();
+    let ms = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| (b - a).num_microseconds().unwrap_or(0) as f64 / 1e3;
+    let phases: Vec<(f64, f64, f64)> = (1..=ROUNDS)
+        .map(|r| {
+            let updates: Vec<_> =
+                events.iter().filter(|e| e.event_type == "UpdateReported" && e.payload["round"].as_u64() == Some(r)).collect();
+            let start = at("RoundStarted", r);
+            let (first, last) = (updates.first().expect("update").recorded_at, updates.last().expect("update").recorded_at);
+            (ms(start, first), ms(start, last), ms(last, at("RoundAggregated", r)))
+        })
+        .collect();
+    let mid = |f: fn(&(f64, f64, f64)) -> f64| median(phases.iter().map(f).collect());
+    println!(
+        "         phases (median ms from RoundStarted): first update {:.1}, last update {:.1}; last update -> aggregated {:.1}",
+        mid(|p| p.0),
+        mid(|p| p.1),
+        mid(|p| p.2)
+    );
+    let rounds_span = (at("RoundAggregated", ROUNDS) - at("RoundStarted", 1)).num_microseconds().unwrap_or(1) as f64 / 1e6;
+    let round_events = events.iter().filter(|e| e.payload["round"].as_u64().is_some_and(|r| r >= 1)).count();
+    println!(
+        "{label:<8} {trainers:>5} trainers: {:>8.1} ms/round median (min {:.1}, max {:.1}), {:>7.0} events/s in rounds, {} events, {:.1} s to place+deploy+run",
+        median(per_round.clone()),
+        per_round.iter().copied().fold(f64::INFINITY, f64::min),
+        per_round.iter().copied().fold(0.0, f64::max),
+        round_events as f64 / rounds_span,
+        events.len(),
+        wall
+    );
+    for w in workers {
+        w.abort();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let Ok(nats) = std::env::var("FLAME_TEST_NATS_URL") else {
+        eprintln!("FLAME_TEST_NATS_URL is unset: run scripts/bench.sh rounds");
+        return;
+    };
+    let sizes: Vec<usize> = std::env::var("FLAME_BENCH_WORKERS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100, 1000]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    println!("{ROUNDS} rounds each; workers answer at once; NATS JetStream for commands and reports");
+    for &n in &sizes {
+        let store =
+            flame_events::open_store(&format!("sqlite:{}", dir.path().join(format!("events-{n}.db")).display())).await.expect("sqlite");
+        measure("sqlite", store, &nats, n).await;
+    }
+    if let Ok(mongo) = std::env::var("FLAME_TEST_MONGO_URI") {
+        let db = format!("flame_bench_{}", uuid::Uuid::now_v7().simple());
+        let store: Arc<dyn EventStore> = Arc::new(flame_events::mongo::MongoStore::connect(&mongo, &db).await.expect("mongo"));
+        measure("mongodb", store, &nats, sizes[0]).await;
+    }
+}
