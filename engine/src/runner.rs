@@ -322,6 +322,10 @@ impl Runner {
             }
             job = self.load(job_id).await?;
         }
+        drop(inbox);
+        if let Err(e) = self.transport.forget_job(job_id).await {
+            tracing::warn!(job = job_id, "cannot release the job's report consumer: {e}");
+        }
         Ok(job)
     }
 

@@ -95,6 +95,10 @@ pub trait Transport: Send + Sync {
     async fn send_report(&self, report: &Report) -> Result<(), Error>;
     /// The reports for one job.
     async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error>;
+    /// Releases what the transport keeps for a job that has ended (its durable report consumer).
+    async fn forget_job(&self, _job_id: &str) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Checks that an id can be used in a NATS subject and a consumer name.
@@ -320,5 +324,15 @@ impl Transport for Nats {
         // Short: reports an engine took but did not ack before it died reach its successor quickly;
         // a report applied twice is refused by the job (and recorded), never counted twice.
         self.inbox(REPORT_STREAM, format!("engine-{job_id}"), format!("flame.report.{job_id}"), REPORT_ACK_WAIT).await
+    }
+
+    async fn forget_job(&self, job_id: &str) -> Result<(), Error> {
+        check_id(job_id)?;
+        let stream = self.js.get_stream(REPORT_STREAM).await.map_err(nats)?;
+        match stream.delete_consumer(&format!("engine-{job_id}")).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(nats(e)),
+        }
     }
 }
