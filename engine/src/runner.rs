@@ -109,6 +109,12 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
     let h = &def.model_spec.hyperparameters;
     let name =
         def.model_spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(|n| n.as_str()).filter(|n| !n.is_empty()).unwrap_or("mlp");
+    // FedProx's `mu` is the trainers' business: it travels with the hyperparameters.
+    let mut hyperparameters = h.clone();
+    if optimizer == "fedprox" {
+        let mu = def.model_spec.optimizer.as_ref().and_then(|o| o.kwargs.get("mu")).cloned().unwrap_or(json!(0.01));
+        hyperparameters.entry("mu").or_insert(mu);
+    }
     let mut model = json!({ "name": name });
     if let Some(hidden) = h.get("hidden") {
         model["hidden"] = hidden.clone();
@@ -118,7 +124,7 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         optimizer,
         optimizer_kwargs: def.model_spec.optimizer.as_ref().map(|o| o.kwargs.clone()).unwrap_or_default(),
         model,
-        hyperparameters: serde_json::Value::Object(h.clone()),
+        hyperparameters: serde_json::Value::Object(hyperparameters),
         seed: def.hyper_u64("seed").unwrap_or(0),
         max_run_time_s: def.job.max_run_time.filter(|s| *s > 0.0).map(|s| s.ceil() as u64),
         round_timeout_s: def.hyper_u64("roundTimeout"),

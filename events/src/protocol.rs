@@ -9,7 +9,7 @@ use crate::job::Metrics;
 pub const VERSION: u32 = 1;
 
 /// Server-side optimizers this version's aggregators run.
-pub const AGGREGATORS: &[&str] = &["fedavg", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum"];
+pub const AGGREGATORS: &[&str] = &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum"];
 
 /// A worker announcing itself (and, repeated, its heartbeat).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -115,7 +115,9 @@ fn plan_shows_tasks_and_the_first_round() {
 
 #[test]
 fn adaptive_and_robust_server_optimizers_run_end_to_end() {
-    for (optimizer, kwargs) in [("fedadam", serde_json::json!({"eta": 0.05})), ("median", serde_json::json!({}))] {
+    for (optimizer, kwargs) in
+        [("fedadam", serde_json::json!({"eta": 0.05})), ("median", serde_json::json!({})), ("fedprox", serde_json::json!({"mu": 0.1}))]
+    {
         let dir = tempfile::tempdir().expect("tempdir");
         let job = dir.path().join("job");
         std::fs::create_dir(&job).expect("mkdir");
@@ -139,12 +141,15 @@ fn adaptive_and_robust_server_optimizers_run_end_to_end() {
             "-o",
             "json",
         ]);
-        let states: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).expect("line"))
-            .filter(|e| e["event_type"] == "RoundAggregated")
-            .map(|e| e["payload"]["optimizer_state"].clone())
-            .collect();
+        let events: Vec<Value> =
+            String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("line")).collect();
+        if optimizer == "fedprox" {
+            // The proximal weight reaches the trainers with the hyperparameters.
+            let created = events.iter().find(|e| e["event_type"] == "JobCreated").expect("created");
+            assert_eq!(created["payload"]["spec"]["hyperparameters"]["mu"], 0.1);
+        }
+        let states: Vec<Value> =
+            events.iter().filter(|e| e["event_type"] == "RoundAggregated").map(|e| e["payload"]["optimizer_state"].clone()).collect();
         assert_eq!(states.len(), 5);
         if optimizer == "fedadam" {
             // The server's moments are recorded every round and change as it learns.

@@ -51,7 +51,8 @@ pub fn combine(
 ) -> Result<(Weights, Option<Weights>), Error> {
     let models = || updates.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>();
     match optimizer {
-        "fedavg" => Ok((fedavg::fedavg(updates)?, None)),
+        // FedProx changes the trainers' objective (`mu`); the server averages as FedAvg does.
+        "fedavg" | "fedprox" => Ok((fedavg::fedavg(updates)?, None)),
         "fedadam" | "fedyogi" | "fedadagrad" => {
             let rule = match optimizer {
                 "fedadam" => Rule::Adam,

@@ -94,6 +94,8 @@ pub struct TrainSettings {
     pub batch_size: usize,
     /// SGD learning rate.
     pub learning_rate: f64,
+    /// FedProx's proximal weight: the local loss gains `mu / 2 * ||w - w_global||^2` (0: plain SGD).
+    pub mu: f64,
 }
 
 impl TrainSettings {
@@ -108,10 +110,18 @@ impl TrainSettings {
                     .ok_or_else(|| Error::Config(format!("hyperparameter '{k}' must be a positive number, not {v}"))),
             }
         };
+        let mu = match h.get("mu") {
+            None => 0.0,
+            Some(v) => v
+                .as_f64()
+                .filter(|x| *x >= 0.0 && x.is_finite())
+                .ok_or_else(|| Error::Config(format!("hyperparameter 'mu' (FedProx's proximal weight) must be a number >= 0, not {v}")))?,
+        };
         Ok(Self {
             epochs: num("epochs", 1.0)? as usize,
             batch_size: num("batchSize", 32.0)? as usize,
             learning_rate: num("learningRate", 0.01)?,
+            mu,
         })
     }
 }
@@ -194,6 +204,12 @@ impl Net {
         }
         let (x, y) = to_tensors(data);
         let mut opt = nn::Sgd::default().build(&self.vs, settings.learning_rate).map_err(torch)?;
+        // FedProx: the weights this round started from anchor the proximal term.
+        let anchors: Vec<(TchTensor, TchTensor)> = if settings.mu > 0.0 {
+            self.vs.trainable_variables().into_iter().map(|p| (p.detach().copy(), p)).collect()
+        } else {
+            Vec::new()
+        };
         let mut rng = SplitMix::new(seed);
         let mut order: Vec<i64> = (0..data.len() as i64).collect();
         let mut last_loss = 0.0;
@@ -204,7 +220,10 @@ impl Net {
                 let idx = TchTensor::from_slice(batch);
                 let (bx, by) = (x.index_select(0, &idx), y.index_select(0, &idx));
                 let loss = self.forward(&bx).cross_entropy_for_logits(&by);
-                opt.backward_step(&loss);
+                let objective = anchors
+                    .iter()
+                    .fold(loss.shallow_clone(), |acc, (anchor, p)| acc + (p - anchor).square().sum(Kind::Float) * (settings.mu / 2.0));
+                opt.backward_step(&objective);
                 sum += loss.double_value(&[]) * batch.len() as f64;
                 rows += batch.len();
             }
@@ -232,10 +251,13 @@ impl Net {
 
 /// Uses one libtorch thread per process: on small machines more threads make
 /// training erratic (see docs).
+/// Safe to call more than once (libtorch refuses a second interop setting).
 pub fn init_backend() {
-    tch::set_num_threads(1);
-    tch::set_num_interop_threads(1);
-    let _ = Kind::Float;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tch::set_num_threads(1);
+        tch::set_num_interop_threads(1);
+    });
 }
 
 #[cfg(test)]
@@ -251,7 +273,7 @@ mod tests {
         let init = cfg.init(64, 10, 7);
         assert_eq!(init["fc1.weight"].shape, vec![32, 64]);
         assert_eq!(init["fc2.bias"].shape, vec![10]);
-        let settings = TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3 };
+        let settings = TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3, mu: 0.0 };
         let before = Net::new(&cfg, &init).expect("net").evaluate(&d.test)["accuracy"];
         let mut a = Net::new(&cfg, &init).expect("net");
         a.train(&d.train, &settings, 1).expect("train");
@@ -260,6 +282,26 @@ mod tests {
         assert_eq!(a.weights().expect("w"), b.weights().expect("w"));
         let after = a.evaluate(&d.test)["accuracy"];
         assert!(after > 0.8 && after > before + 0.5, "accuracy {before} -> {after}");
+    }
+
+    #[test]
+    fn the_proximal_term_keeps_local_weights_near_the_global_model() {
+        init_backend();
+        let d = data::load("builtin://digits?part=1&of=3").expect("digits");
+        let cfg = ModelConfig::from_json(&serde_json::json!({"name": "mlp", "hidden": [16]})).expect("cfg");
+        let init = cfg.init(64, 10, 3);
+        let drift = |mu: f64| {
+            let mut net = Net::new(&cfg, &init).expect("net");
+            net.train(&d.train, &TrainSettings { epochs: 3, batch_size: 16, learning_rate: 0.3, mu }, 5).expect("train");
+            let w = net.weights().expect("w");
+            w.iter().map(|(k, t)| t.data.iter().zip(&init[k].data).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
+        };
+        let (plain, prox) = (drift(0.0), drift(1.0));
+        assert!(prox < 0.8 * plain, "mu = 1 should pull the weights back: drift {prox} vs {plain}");
+        assert!(prox > 0.0);
+        let h = serde_json::json!({"mu": -1});
+        assert!(TrainSettings::from_hyperparameters(&h).is_err());
+        assert_eq!(TrainSettings::from_hyperparameters(&serde_json::json!({"mu": 0.5})).expect("mu").mu, 0.5);
     }
 
     #[test]
