@@ -149,6 +149,7 @@ impl Worker {
                 let settings = TrainSettings::from_hyperparameters(hyperparameters)?;
                 let global = self.fetch(global_model).await?;
                 let (url, seed) = (dataset.clone(), *seed);
+                let global_for_dp = global.clone();
                 let (trained, samples, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let d = data::load(&url)?;
                     let mut net = Net::new(&cfg, &global)?;
@@ -159,6 +160,7 @@ impl Worker {
                     Ok((net.weights()?, d.train.len() as u64, metrics))
                 })
                 .await??;
+                let (trained, metrics) = privatize(hyperparameters, &global_for_dp, trained, metrics, seed)?;
                 let digest = self.store(&trained).await?;
                 Ok(ReportBody::Trained { digest, samples, metrics })
             }
@@ -193,5 +195,102 @@ impl Worker {
                 Ok(ReportBody::Aggregated { digest, metrics, optimizer_state })
             }
         }
+    }
+}
+
+/// Differential privacy on a trainer's update when the hyperparameters ask for
+/// it (`clip_threshold` > 0, optional `noise_factor` >= 0): the update is
+/// clipped and noised before it leaves the worker, and what was done is
+/// reported in the metrics (`dp_update_norm`, `dp_clip_scale`, `dp_noise_std`).
+fn privatize(
+    hyperparameters: &serde_json::Value,
+    global: &Weights,
+    trained: Weights,
+    mut metrics: flame_events::job::Metrics,
+    seed: u64,
+) -> anyhow::Result<(Weights, flame_events::job::Metrics)> {
+    let Some(clip) = hyperparameters.get("clip_threshold") else {
+        return Ok((trained, metrics));
+    };
+    let clip =
+        clip.as_f64().filter(|c| *c > 0.0).ok_or_else(|| anyhow!("hyperparameter 'clip_threshold' must be a number > 0, not {clip}"))?;
+    let noise = match hyperparameters.get("noise_factor") {
+        None => 0.0,
+        Some(v) => {
+            v.as_f64().filter(|n| *n >= 0.0).ok_or_else(|| anyhow!("hyperparameter 'noise_factor' must be a number >= 0, not {v}"))?
+        }
+    };
+    // The noise seed differs from the shuffling seed but is as reproducible.
+    let (private, applied) = crate::privacy::privatize(global, &trained, clip, noise, seed ^ 0x5eed_d1ff_e4e7_1a11)?;
+    metrics.insert("dp_update_norm".into(), applied.norm_before);
+    metrics.insert("dp_clip_scale".into(), applied.scale);
+    metrics.insert("dp_noise_std".into(), applied.sigma);
+    Ok((private, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use flame_events::transport::InProcess;
+
+    use super::*;
+    use crate::blob::LocalBlobs;
+
+    fn norm_of_difference(a: &Weights, b: &Weights) -> f64 {
+        a.iter().map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
+    }
+
+    #[tokio::test]
+    async fn a_trainer_clips_and_noises_its_update_when_the_job_asks_for_privacy() {
+        crate::model::init_backend();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let info = WorkerInfo { id: "w".into(), roles: vec!["trainer".into()], realm: "default".into(), device: "cpu".into() };
+        let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
+        let model = serde_json::json!({"name": "mlp", "hidden": [16]});
+        let global = ModelConfig::from_json(&model).expect("cfg").init(64, 10, 1);
+        let digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        let train = |id: &str, h: serde_json::Value| Command {
+            v: protocol::VERSION,
+            id: id.into(),
+            job_id: "j".into(),
+            task_id: "t".into(),
+            round: 1,
+            body: CommandBody::Train {
+                model: model.clone(),
+                global_model: digest.clone(),
+                dataset: "builtin://digits?part=0&of=3".into(),
+                hyperparameters: h,
+                seed: 9,
+            },
+        };
+        let run = |c: Command| {
+            let worker = worker.clone();
+            async move {
+                match worker.execute(&c).await.body {
+                    ReportBody::Trained { digest, metrics, .. } => (digest, metrics),
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let (plain, plain_metrics) = run(train("plain", serde_json::json!({"epochs": 1, "learningRate": 0.3}))).await;
+        assert!(!plain_metrics.contains_key("dp_update_norm"), "no privacy unless asked");
+        let plain = weights::decode(&blobs.get(&plain).await.expect("get")).expect("decode");
+        let unclipped = norm_of_difference(&plain, &global);
+
+        let (clipped, m) =
+            run(train("clipped", serde_json::json!({"epochs": 1, "learningRate": 0.3, "clip_threshold": 0.5, "noise_factor": 0}))).await;
+        let clipped = weights::decode(&blobs.get(&clipped).await.expect("get")).expect("decode");
+        assert!(unclipped > 0.5, "the test needs an update larger than the bound: {unclipped}");
+        assert!((norm_of_difference(&clipped, &global) - 0.5).abs() < 1e-3, "the update is clipped to the bound");
+        assert!((m["dp_update_norm"] - unclipped).abs() < 1e-3 && m["dp_clip_scale"] < 1.0 && m["dp_noise_std"] == 0.0, "{m:?}");
+
+        let (noisy, m) =
+            run(train("noisy", serde_json::json!({"epochs": 1, "learningRate": 0.3, "clip_threshold": 0.5, "noise_factor": 1.0}))).await;
+        let noisy = weights::decode(&blobs.get(&noisy).await.expect("get")).expect("decode");
+        assert_eq!(m["dp_noise_std"], 0.5);
+        assert!(norm_of_difference(&noisy, &clipped) > 1.0, "noise of std 0.5 per coordinate moves the model");
+
+        let bad = worker.execute(&train("bad", serde_json::json!({"clip_threshold": -1}))).await;
+        assert!(matches!(bad.body, ReportBody::Failed { ref error } if error.contains("clip_threshold")), "{bad:?}");
     }
 }
