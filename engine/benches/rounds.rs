@@ -83,9 +83,12 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
             CommandBody::Train { .. } => {
                 ReportBody::Trained { digest: format!("u-{}-{}", info.id, c.round), samples: 100, metrics: Default::default() }
             }
-            CommandBody::Aggregate { .. } => {
-                ReportBody::Aggregated { digest: format!("m{}", c.round), metrics: Default::default(), optimizer_state: None }
-            }
+            CommandBody::Aggregate { .. } => ReportBody::Aggregated {
+                digest: format!("m{}", c.round),
+                metrics: Default::default(),
+                optimizer_state: None,
+                excluded: vec![],
+            },
         };
         let report = Report {
             v: protocol::VERSION,

@@ -623,7 +623,7 @@ impl Job {
                 }
                 Ok(vec![JobEvent::UpdateReported { round: r.round, task_id: r.task_id, worker_id: r.worker_id, digest, samples, metrics }])
             }
-            ReportBody::Aggregated { digest, metrics, optimizer_state } => {
+            ReportBody::Aggregated { digest, metrics, optimizer_state, excluded } => {
                 self.check_round(&r.task_id, r.round)?;
                 if task.is_data_consumer {
                     return Err(Rejection::Unexpected(format!("task '{}' does not aggregate", r.task_id)));
@@ -632,8 +632,44 @@ impl Job {
                     let missing = self.active_trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
                     return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} update(s) arrived", r.round)));
                 }
-                let inputs = self.trainers().filter_map(|t| self.updates.get(&t.task_id)).map(|u| u.digest.clone()).collect();
-                Ok(vec![JobEvent::RoundAggregated { round: r.round, digest, inputs, metrics, optimizer_state }])
+                for x in &excluded {
+                    if self.updates.get(&x.task_id).is_none_or(|u| u.digest != x.digest) {
+                        return Err(Rejection::Unexpected(format!(
+                            "the aggregate excludes update {} of task '{}', which is not an update of round {}",
+                            x.digest, x.task_id, r.round
+                        )));
+                    }
+                }
+                let is_excluded = |t: &str| excluded.iter().any(|x| x.task_id == t);
+                let inputs: Vec<String> = self
+                    .trainers()
+                    .filter(|t| !is_excluded(&t.task_id))
+                    .filter_map(|t| self.updates.get(&t.task_id))
+                    .map(|u| u.digest.clone())
+                    .collect();
+                let mut events: Vec<JobEvent> = excluded
+                    .iter()
+                    .map(|x| JobEvent::UpdateExcluded {
+                        round: r.round,
+                        task_id: x.task_id.clone(),
+                        digest: x.digest.clone(),
+                        reason: x.reason.clone(),
+                    })
+                    .collect();
+                if inputs.len() < self.quorum().min(self.updates.len()).max(1) {
+                    events.push(JobEvent::JobFailed {
+                        reason: format!(
+                            "round {}: {} of {} updates were usable, fewer than the quorum of {} (minClients)",
+                            r.round,
+                            inputs.len(),
+                            self.updates.len(),
+                            self.quorum()
+                        ),
+                    });
+                } else {
+                    events.push(JobEvent::RoundAggregated { round: r.round, digest, inputs, metrics, optimizer_state });
+                }
+                Ok(events)
             }
         }
     }
@@ -702,6 +738,7 @@ impl Job {
             }
             JobEvent::TrainingClosed { .. } => self.training_closed = true,
             JobEvent::ReportRejected { .. } => self.rejected += 1,
+            JobEvent::UpdateExcluded { .. } => {}
             JobEvent::RoundAggregated { round, digest, metrics, optimizer_state, .. } => {
                 self.optimizer_state = optimizer_state.clone();
                 self.rounds_completed = *round;
@@ -763,7 +800,7 @@ mod tests {
     }
 
     fn aggregated(round: u32) -> ReportBody {
-        ReportBody::Aggregated { digest: format!("m{round}"), metrics: Metrics::new(), optimizer_state: None }
+        ReportBody::Aggregated { digest: format!("m{round}"), metrics: Metrics::new(), optimizer_state: None, excluded: vec![] }
     }
 
     fn spec() -> RunSpec {
@@ -1146,6 +1183,24 @@ mod tests {
         let no_agg = open.job().handle(JobCommand::LoseWorker { worker_id: "w-agg".into(), replacements: BTreeMap::new() }).expect("lose");
         assert!(matches!(&no_agg[1], JobEvent::JobFailed { reason } if reason.contains("'agg'")));
         assert!(open.job().handle(JobCommand::LoseWorker { worker_id: "w-nobody".into(), replacements: BTreeMap::new() }).is_err());
+    }
+
+    #[test]
+    fn an_unusable_update_is_excluded_and_named_or_fails_the_round_without_quorum() {
+        let bad = |task: &str| flame_events::protocol::Excluded { task_id: task.into(), digest: format!("u1{task}"), reason: "NaN".into() };
+        let body = |excluded| ReportBody::Aggregated { digest: "m1".into(), metrics: Metrics::new(), optimizer_state: None, excluded };
+        let full = |h: History| h.started().initialized().round_started(1).then(update(1, "t0")).then(update(1, "t1")).job();
+        let lenient = full(History::created_with(2, |s| s.quorum = Some(1)));
+        let events = lenient.handle(report("agg", 1, body(vec![bad("t1")]))).expect("aggregate");
+        assert_eq!(events[0], JobEvent::UpdateExcluded { round: 1, task_id: "t1".into(), digest: "u1t1".into(), reason: "NaN".into() });
+        assert!(matches!(&events[1], JobEvent::RoundAggregated { inputs, .. } if inputs == &vec!["u1t0".to_string()]));
+
+        let strict = full(History::created(2));
+        let events = strict.handle(report("agg", 1, body(vec![bad("t1")]))).expect("aggregate");
+        assert!(matches!(&events[1], JobEvent::JobFailed { reason } if reason.contains("1 of 2 updates were usable")));
+
+        let invented = flame_events::protocol::Excluded { task_id: "t0".into(), digest: "other".into(), reason: "x".into() };
+        assert!(lenient.handle(report("agg", 1, body(vec![invented]))).is_err(), "only the round's own updates can be excluded");
     }
 
     #[test]

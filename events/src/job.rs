@@ -161,6 +161,17 @@ pub enum JobEvent {
         /// Tasks whose updates did not arrive in time.
         dropped: Vec<String>,
     },
+    /// An aggregator refused an accepted update's blob (audit); it did not enter the aggregate.
+    UpdateExcluded {
+        /// Round number.
+        round: u32,
+        /// Task that produced it.
+        task_id: String,
+        /// Its digest.
+        digest: String,
+        /// What was wrong with it.
+        reason: String,
+    },
     /// A report was refused and not applied (audit).
     ReportRejected {
         /// The command the report answered.
@@ -232,6 +243,7 @@ impl JobEvent {
             Self::WorkerLost { .. } => "WorkerLost",
             Self::TrainingClosed { .. } => "TrainingClosed",
             Self::ReportRejected { .. } => "ReportRejected",
+            Self::UpdateExcluded { .. } => "UpdateExcluded",
             Self::JobStopping { .. } => "JobStopping",
             Self::JobTerminated { .. } => "JobTerminated",
             Self::JobDeleted {} => "JobDeleted",

@@ -57,6 +57,17 @@ pub struct UpdateRef {
     pub samples: u64,
 }
 
+/// An update an aggregator refused to use, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Excluded {
+    /// Task that produced it.
+    pub task_id: String,
+    /// Its digest.
+    pub digest: String,
+    /// What was wrong with it.
+    pub reason: String,
+}
+
 /// Work for one worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Command {
@@ -176,6 +187,9 @@ pub enum ReportBody {
         /// Digest of the server optimizer's state after this round (adaptive optimizers).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         optimizer_state: Option<String>,
+        /// Updates left out because their blob was unusable (missing, wrong digest, wrong tensors, NaN).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        excluded: Vec<Excluded>,
     },
     /// The command failed.
     Failed {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use futures::StreamExt;
 
-use flame_events::protocol::{self, Command, CommandBody, Report, ReportBody, WorkerInfo};
+use flame_events::protocol::{self, Command, CommandBody, Excluded, Report, ReportBody, WorkerInfo};
 use flame_events::transport::Transport;
 
 use crate::blob::BlobStore;
@@ -167,11 +167,25 @@ impl Worker {
             CommandBody::Aggregate { model, optimizer, optimizer_kwargs, optimizer_state, global_model, updates, eval_dataset } => {
                 let cfg = ModelConfig::from_json(model)?;
                 let global = self.fetch(global_model).await?;
+                // An unusable update (missing, bytes not matching the digest, not finite f32
+                // safetensors, other tensors than the global model's) is left out and named.
                 let mut inputs = Vec::with_capacity(updates.len());
+                let mut excluded = Vec::new();
                 for u in updates {
-                    let w = self.fetch(&u.digest).await.with_context(|| format!("update from task '{}'", u.task_id))?;
-                    weights::check_same_layout(&global, &w).with_context(|| format!("update {} from task '{}'", u.digest, u.task_id))?;
-                    inputs.push((w, u.samples));
+                    let checked = match self.fetch(&u.digest).await {
+                        Ok(w) => weights::check_same_layout(&global, &w).map(|()| w).map_err(anyhow::Error::from),
+                        Err(e) => Err(e),
+                    };
+                    match checked {
+                        Ok(w) => inputs.push((w, u.samples)),
+                        Err(e) => {
+                            tracing::warn!(worker = %self.info.id, task = %u.task_id, digest = %u.digest, "update left out: {e:#}");
+                            excluded.push(Excluded { task_id: u.task_id.clone(), digest: u.digest.clone(), reason: format!("{e:#}") });
+                        }
+                    }
+                }
+                if inputs.is_empty() {
+                    bail!("no usable update among {}: {:?}", updates.len(), excluded.iter().map(|x| &x.reason).collect::<Vec<_>>());
                 }
                 let state = match optimizer_state {
                     Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
@@ -192,7 +206,7 @@ impl Worker {
                     Some(s) => Some(self.store(&s).await?),
                     None => None,
                 };
-                Ok(ReportBody::Aggregated { digest, metrics, optimizer_state })
+                Ok(ReportBody::Aggregated { digest, metrics, optimizer_state, excluded })
             }
         }
     }
@@ -292,5 +306,42 @@ mod tests {
 
         let bad = worker.execute(&train("bad", serde_json::json!({"clip_threshold": -1}))).await;
         assert!(matches!(bad.body, ReportBody::Failed { ref error } if error.contains("clip_threshold")), "{bad:?}");
+
+        // An aggregator leaves out unusable updates and names them.
+        let mut nan = plain.clone();
+        nan.get_mut("fc1.bias").expect("bias").data[0] = f32::NAN;
+        let nan = blobs.put(weights::encode(&nan).expect("encode")).await.expect("put");
+        let mut narrow = plain.clone();
+        narrow.remove("fc2.bias");
+        let narrow = blobs.put(weights::encode(&narrow).expect("encode")).await.expect("put");
+        let good = blobs.put(weights::encode(&plain).expect("encode")).await.expect("put");
+        let missing = "0".repeat(64);
+        let updates: Vec<protocol::UpdateRef> = [("good", &good), ("nan", &nan), ("narrow", &narrow), ("missing", &missing)]
+            .iter()
+            .map(|(t, d)| protocol::UpdateRef { task_id: t.to_string(), digest: d.to_string(), samples: 10 })
+            .collect();
+        let aggregate = Command {
+            v: protocol::VERSION,
+            id: "agg".into(),
+            job_id: "j".into(),
+            task_id: "a".into(),
+            round: 1,
+            body: CommandBody::Aggregate {
+                model: model.clone(),
+                optimizer: "fedavg".into(),
+                optimizer_kwargs: Default::default(),
+                optimizer_state: None,
+                global_model: digest.clone(),
+                updates,
+                eval_dataset: None,
+            },
+        };
+        let ReportBody::Aggregated { digest: averaged, excluded, .. } = worker.execute(&aggregate).await.body else { panic!("aggregated") };
+        assert_eq!(averaged, good, "the average of the one usable update is that update");
+        let reasons: Vec<(&str, &str)> = excluded.iter().map(|x| (x.task_id.as_str(), x.reason.as_str())).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons[0].0 == "nan" && reasons[0].1.contains("NaN"), "{reasons:?}");
+        assert!(reasons[1].0 == "narrow" && reasons[1].1.contains("fc2.bias"), "{reasons:?}");
+        assert!(reasons[2].0 == "missing", "{reasons:?}");
     }
 }
