@@ -4,6 +4,8 @@
 //!   10 classes). A fixed, seeded 20% is held out as the test split (the same
 //!   for every part); the rest is dealt round-robin into N parts and part I is
 //!   the train split. Without `part`/`of`, all of the train split.
+//! - `synthetic://fedprox?alpha=A&beta=B&device=K[&devices=30][&seed=S]`:
+//!   device K of the FedProx paper's Synthetic(alpha, beta) (see `synthetic`).
 //! - `file:PATH` or a path ending in `.csv`: numeric CSV, label in the last
 //!   column (classes 0..K-1), no header; the last 20% of rows is the test split.
 
@@ -52,7 +54,7 @@ impl Split {
         self.y.is_empty()
     }
 
-    fn select(&self, rows: &[usize]) -> Self {
+    pub(crate) fn select(&self, rows: &[usize]) -> Self {
         let f = self.features;
         Self {
             x: rows.iter().flat_map(|&r| self.x[r * f..(r + 1) * f].iter().copied()).collect(),
@@ -93,6 +95,13 @@ impl SplitMix {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// A standard normal draw (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / ((1u64 << 53) as f64 + 1.0);
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
     /// Shuffles in place (Fisher-Yates).
@@ -173,11 +182,34 @@ pub fn load(url: &str) -> Result<Data, Error> {
         let mine: Vec<usize> = train_rows.iter().copied().skip(part).step_by(of).collect();
         return Ok(Data { train: all.select(&mine), test: all.select(test_rows), classes: 10 });
     }
+    if let Some(rest) = url.strip_prefix("synthetic://") {
+        let (name, q) = rest.split_once('?').unwrap_or((rest, ""));
+        if name != "fedprox" {
+            return Err(Error::Url { url: url.into(), reason: format!("no synthetic dataset '{name}'; the one there is 'fedprox'") });
+        }
+        let float = |key: &str| -> Result<f64, Error> {
+            let v = q.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v).unwrap_or("");
+            v.parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| Error::Url {
+                url: url.into(),
+                reason: format!("'{key}' must be a number >= 0 (Synthetic(alpha, beta) takes both)"),
+            })
+        };
+        let devices = query(url, q, "devices")?.unwrap_or(crate::synthetic::DEVICES);
+        let device = query(url, q, "device")?.ok_or_else(|| Error::Url { url: url.into(), reason: "name the device: device=K".into() })?;
+        if device >= devices {
+            return Err(Error::Url {
+                url: url.into(),
+                reason: format!("need 0 <= device < devices, got device={device} devices={devices}"),
+            });
+        }
+        let seed = query(url, q, "seed")?.unwrap_or(0) as u64;
+        return Ok(crate::synthetic::fedprox(float("alpha")?, float("beta")?, device, seed));
+    }
     let path = url.strip_prefix("file://").or_else(|| url.strip_prefix("file:")).unwrap_or(url);
     if !path.ends_with(".csv") {
         return Err(Error::Url {
             url: url.into(),
-            reason: "use builtin://digits?part=I&of=N or a path to a .csv file (features, then the label)".into(),
+            reason: "use builtin://digits?part=I&of=N, synthetic://fedprox?alpha=A&beta=B&device=K, or a path to a .csv file (features, then the label)".into(),
         });
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;

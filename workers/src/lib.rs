@@ -10,6 +10,7 @@ pub mod optimizers;
 pub mod privacy;
 pub mod robust;
 pub mod runtime;
+pub mod synthetic;
 pub mod weights;
 
 pub use runtime::Worker;

@@ -15,13 +15,6 @@ pub struct Applied {
     pub sigma: f64,
 }
 
-/// A standard normal draw (Box-Muller).
-fn gaussian(rng: &mut SplitMix) -> f64 {
-    let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / ((1u64 << 53) as f64 + 1.0);
-    let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
 /// Clips `trained - global` to `clip` and adds N(0, (noise_factor * clip)²) per
 /// coordinate; returns the private model and what was applied.
 pub fn privatize(global: &Weights, trained: &Weights, clip: f64, noise_factor: f64, seed: u64) -> Result<(Weights, Applied), Error> {
@@ -40,7 +33,7 @@ pub fn privatize(global: &Weights, trained: &Weights, clip: f64, noise_factor: f
     let mut out = global.clone();
     for (k, t) in &mut out {
         for (x, b) in t.data.iter_mut().zip(&trained[k].data) {
-            let delta = (f64::from(*b) - f64::from(*x)) * scale + sigma * gaussian(&mut rng);
+            let delta = (f64::from(*b) - f64::from(*x)) * scale + sigma * rng.normal();
             *x = (f64::from(*x) + delta) as f32;
         }
     }
