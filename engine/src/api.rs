@@ -25,7 +25,7 @@ use flame_events::store::{EventStore, ExpectedVersion};
 use flame_events::{Envelope, NewEvent};
 
 use crate::definition::{Dataset, Design, Problem};
-use crate::job::{Job, Rejection, Status};
+use crate::job::{Job, Status};
 use crate::runner::{self, Runner};
 use crate::workflow::Workflow;
 
@@ -199,9 +199,6 @@ impl From<runner::Error> for ApiError {
             E::Invalid(p) => Self::invalid(p.0),
             E::Definition(m) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, m),
             E::UnknownJob(id) => Self::not_found("job", &id),
-            E::Refused { rejection: r @ Rejection::IllegalInState { .. }, job } => {
-                Self::new(StatusCode::CONFLICT, format!("job {job}: {r}"))
-            }
             E::Refused { rejection, job } => Self::new(StatusCode::CONFLICT, format!("job {job}: {rejection}")),
             other => Self::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
@@ -278,15 +275,7 @@ async fn remove_resource(store: &dyn EventStore, kind: &str, id: &str, actor: &s
 }
 
 async fn list_resources(store: &dyn EventStore, kind: &str) -> Result<Vec<Value>, ApiError> {
-    let prefix = format!("{kind}-");
-    let mut ids = Vec::new();
-    let mut from = 1;
-    loop {
-        let batch = store.read_all(from, 5000).await?;
-        let Some(last) = batch.last() else { break };
-        from = last.position + 1;
-        ids.extend(batch.iter().filter(|e| e.version == 1).filter_map(|e| e.stream_id.strip_prefix(&prefix).map(str::to_string)));
-    }
+    let ids = flame_events::store::stream_ids(store, &format!("{kind}-")).await?;
     let mut out = Vec::new();
     for id in ids {
         if let Some((_, v)) = resource(store, kind, &id).await? {
@@ -294,6 +283,11 @@ async fn list_resources(store: &dyn EventStore, kind: &str) -> Result<Vec<Value>
         }
     }
     Ok(out)
+}
+
+/// A request body that does not parse: 422 with the line and column.
+fn bad_body(e: &serde_json::Error, what: &str, hint: &str) -> ApiError {
+    ApiError::invalid(vec![crate::definition::problem(format!("request body:{}:{}", e.line(), e.column()), format!("{what}: {e}"), hint)])
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -344,13 +338,8 @@ async fn delete_design(State(api): State<Api>, user: User, UrlPath(id): UrlPath<
     responses((status = 200, body = DesignInfo), (status = 404, body = ApiError), (status = 422, body = ApiError)))]
 async fn put_schema(State(api): State<Api>, user: User, UrlPath(id): UrlPath<String>, body: String) -> Result<Json<Value>, ApiError> {
     let (version, mut design) = resource(api.store.as_ref(), "design", &id).await?.ok_or_else(|| ApiError::not_found("design", &id))?;
-    let schema: Design = serde_json::from_str(&body).map_err(|e| {
-        ApiError::invalid(vec![crate::definition::problem(
-            format!("request body:{}:{}", e.line(), e.column()),
-            format!("not a design schema: {e}"),
-            "send Flame's schema.json (name, roles, channels)",
-        )])
-    })?;
+    let schema: Design =
+        serde_json::from_str(&body).map_err(|e| bad_body(&e, "not a design schema", "send Flame's schema.json (name, roles, channels)"))?;
     design["schema"] = serde_json::to_value(schema).unwrap_or_default();
     put_resource(api.store.as_ref(), "design", &id, ExpectedVersion::Exact(version), design.clone(), &user.actor()).await?;
     Ok(Json(design))
@@ -377,13 +366,8 @@ pub struct DatasetInfo {
 #[utoipa::path(post, path = "/datasets", request_body(content = Object, description = "Flame's dataset.json"),
     responses((status = 201, body = DatasetInfo), (status = 422, body = ApiError)))]
 async fn create_dataset(State(api): State<Api>, user: User, body: String) -> Result<(StatusCode, Json<DatasetInfo>), ApiError> {
-    let dataset: Dataset = serde_json::from_str(&body).map_err(|e| {
-        ApiError::invalid(vec![crate::definition::problem(
-            format!("request body:{}:{}", e.line(), e.column()),
-            format!("not a dataset: {e}"),
-            "send Flame's dataset.json (name, url, realm)",
-        )])
-    })?;
+    let dataset: Dataset =
+        serde_json::from_str(&body).map_err(|e| bad_body(&e, "not a dataset", "send Flame's dataset.json (name, url, realm)"))?;
     let info = DatasetInfo { id: uuid::Uuid::now_v7().to_string(), dataset };
     let body = serde_json::to_value(&info).unwrap_or_default();
     put_resource(api.store.as_ref(), "dataset", &info.id, ExpectedVersion::NoStream, body, &user.actor()).await?;
@@ -465,13 +449,8 @@ async fn live_job(api: &Api, id: &str) -> Result<Job, ApiError> {
 /// Reads a workflow body; a design given only by `job.designId` comes from the stored designs,
 /// datasets named by registered id from the stored datasets.
 async fn definition(api: &Api, body: &str) -> Result<crate::JobDefinition, ApiError> {
-    let mut value: Value = serde_json::from_str(body).map_err(|e| {
-        ApiError::invalid(vec![crate::definition::problem(
-            format!("request body:{}:{}", e.line(), e.column()),
-            format!("invalid JSON: {e}"),
-            "send a workflow document (docs/workflow.schema.json)",
-        )])
-    })?;
+    let mut value: Value =
+        serde_json::from_str(body).map_err(|e| bad_body(&e, "invalid JSON", "send a workflow document (docs/workflow.schema.json)"))?;
     if value.get("design").is_none()
         && let Some(design_id) = value.pointer("/job/designId").and_then(Value::as_str).map(str::to_string)
     {

@@ -200,15 +200,7 @@ impl Runner {
 
     /// Every job id in the store, oldest first (a scan of the global log).
     pub async fn job_ids(&self) -> Result<Vec<String>, Error> {
-        let mut ids = Vec::new();
-        let mut from = 1;
-        loop {
-            let batch = self.store.read_all(from, 5000).await?;
-            let Some(last) = batch.last() else { break };
-            from = last.position + 1;
-            ids.extend(batch.iter().filter(|e| e.version == 1).filter_map(|e| e.stream_id.strip_prefix("job-").map(str::to_string)));
-        }
-        Ok(ids)
+        Ok(flame_events::store::stream_ids(self.store.as_ref(), "job-").await?)
     }
 
     /// Ids of the jobs the engine is working on (to resume after a restart).
@@ -311,15 +303,18 @@ impl Runner {
                                 Some(None) | None => break,
                             }
                         }
-                        let mut fresh: Vec<Report> = Vec::new();
-                        for r in deliveries.iter().map(|d| &d.message) {
-                            let new = !taken.contains(&(r.worker_id.clone(), r.command_id.clone()));
-                            if new && !fresh.iter().any(|f| f.worker_id == r.worker_id && f.command_id == r.command_id) {
-                                fresh.push(r.clone());
-                            }
-                        }
-                        self.take_reports(job_id, fresh.clone()).await?;
-                        taken.extend(fresh.into_iter().map(|r| (r.worker_id, r.command_id)));
+                        let mut keys = HashSet::new();
+                        let fresh: Vec<Report> = deliveries
+                            .iter()
+                            .map(|d| &d.message)
+                            .filter(|r| {
+                                let key = (r.worker_id.clone(), r.command_id.clone());
+                                !taken.contains(&key) && keys.insert(key)
+                            })
+                            .cloned()
+                            .collect();
+                        self.take_reports(job_id, fresh).await?;
+                        taken.extend(keys);
                         for d in deliveries {
                             d.ack().await?;
                         }

@@ -102,3 +102,16 @@ pub trait EventStore: Send + Sync {
         tokio::time::sleep(timeout).await;
     }
 }
+
+/// Ids of the streams named `<prefix><id>`, in the order they were created (a scan of the global log).
+pub async fn stream_ids(store: &dyn EventStore, prefix: &str) -> Result<Vec<String>, Error> {
+    let mut ids = Vec::new();
+    let mut from = 1;
+    loop {
+        let batch = store.read_all(from, 5000).await?;
+        let Some(last) = batch.last() else { break };
+        from = last.position + 1;
+        ids.extend(batch.iter().filter(|e| e.version == 1).filter_map(|e| e.stream_id.strip_prefix(prefix).map(str::to_string)));
+    }
+    Ok(ids)
+}
