@@ -19,6 +19,8 @@ use flame_events::transport::InProcess;
 use flame_workers::blob::LocalBlobs;
 use flame_workers::{Worker, model};
 
+mod inspect;
+mod plot;
 mod remote;
 
 #[derive(Parser, Debug)]
@@ -143,16 +145,108 @@ enum Cmd {
         #[command(flatten)]
         api: remote::Api,
     },
-    /// Print a job's events in order.
+    /// Print a job's events in order, filtered; --follow tails them until the job ends.
     Events {
         /// Job id.
         job_id: String,
-        /// Event store: sqlite:PATH or mongodb://...
-        #[arg(long, default_value = "sqlite:.flame/events.db")]
-        store: String,
+        #[command(flatten)]
+        source: inspect::Source,
+        /// Only these event types (repeat or comma-separate).
+        #[arg(long = "type", value_delimiter = ',')]
+        types: Vec<String>,
+        /// Only events at or after this global position.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Only events about this round.
+        #[arg(long)]
+        round: Option<u32>,
+        /// Only events caused by or naming this worker.
+        #[arg(long)]
+        worker: Option<String>,
+        /// Keep printing new events until the job ends.
+        #[arg(short, long)]
+        follow: bool,
         /// Output format (json: one event per line).
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+    /// Rebuild a job's state and read models from its events, up to a point; --verify checks them.
+    Replay {
+        /// Job id.
+        job_id: String,
+        #[command(flatten)]
+        source: inspect::Source,
+        /// Stop at this global position.
+        #[arg(long, conflicts_with = "round")]
+        until: Option<u64>,
+        /// Stop at the end of this round.
+        #[arg(long)]
+        round: Option<u32>,
+        /// Rebuild from scratch and compare with the engine's aggregate and the stored read
+        /// models; exit 6 naming the first divergent event on any difference.
+        #[arg(long)]
+        verify: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Show a job as a tree of timed spans (job, rounds, steps, tasks) with each round's critical path.
+    Trace {
+        /// Job id.
+        job_id: String,
+        #[command(flatten)]
+        source: inspect::Source,
+        /// Also write Chrome trace-event JSON here (opens in Perfetto).
+        #[arg(long)]
+        chrome: Option<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Who did what and when to a job, refused reports included.
+    Audit {
+        /// Job id.
+        job_id: String,
+        #[command(flatten)]
+        source: inspect::Source,
+        /// Output format (json: one entry per line).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Follow a job live (rounds, updates of the current round, workers) until it ends.
+    Watch {
+        /// Job id.
+        job_id: String,
+        #[command(flatten)]
+        source: inspect::Source,
+    },
+    /// Per-round metrics of a job (loss, accuracy, participants, round time), optionally plotted.
+    Metrics {
+        /// Job id.
+        job_id: String,
+        #[command(flatten)]
+        source: inspect::Source,
+        /// Also draw them into this .png or .svg file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Output format (json: one round per line).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Bring the stored read models up to date with the event log (or rebuild them).
+    Project {
+        /// Event store: sqlite:PATH or mongodb://HOST:PORT/DB.
+        #[arg(long, env = "FLAME_STORE", default_value = "sqlite:.flame/events.db")]
+        store: String,
+        /// Drop the stored views and fold every event again.
+        #[arg(long)]
+        rebuild: bool,
+        /// Keep folding new events until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Events per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
     },
 }
 
@@ -197,7 +291,18 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             outln!("{}", serde_json::to_string_pretty(&flame_engine::workflow::json_schema())?)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Events { job_id, store, output } => events(&job_id, &store, output).await,
+        Cmd::Events { job_id, source, types, since, round, worker, follow, output } => {
+            let filter = flame_projections::render::EventFilter { types, since, round, worker };
+            inspect::events(&job_id, &source, &filter, follow, output).await
+        }
+        Cmd::Replay { job_id, source, until, round, verify, output } => {
+            inspect::replay(&job_id, &source, until, round, verify, output).await
+        }
+        Cmd::Trace { job_id, source, chrome, output } => inspect::trace(&job_id, &source, chrome.as_deref(), output).await,
+        Cmd::Audit { job_id, source, output } => inspect::audit(&job_id, &source, output).await,
+        Cmd::Watch { job_id, source } => inspect::watch(&job_id, &source).await,
+        Cmd::Metrics { job_id, source, plot, output } => inspect::metrics(&job_id, &source, plot.as_deref(), output).await,
+        Cmd::Project { store, rebuild, follow, batch } => inspect::project(&store, rebuild, follow, batch).await,
         // The management verbs talk to a running engine (blocking HTTP; nothing else runs meanwhile).
         Cmd::Create { what, api } => Ok(remote::run(&api, remote::Request::Create(what))),
         Cmd::Get { what, api } => Ok(remote::run(&api, remote::Request::Get(what))),
@@ -341,6 +446,9 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     }
     let job = job?;
     let events = store.read_stream(&job::stream_id(&job_id), 1).await?;
+    // The read models (`flamectl replay --verify` compares with them).
+    let models = flame_projections::store::open(&store_url).await?;
+    flame_projections::Runner::open(store.as_ref(), models.as_ref(), 1000).await?.catch_up().await?;
     print_summary(&job, &events, store.location(), started.elapsed(), output)?;
     Ok(if job.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -357,7 +465,8 @@ fn print_summary(
     elapsed: Duration,
     output: Output,
 ) -> std::io::Result<()> {
-    let rounds = flame_projections::rounds::fold(events);
+    let view = flame_projections::view::fold(events);
+    let rounds = &view.rounds;
     match output {
         Output::Json => {
             outln!(
@@ -380,10 +489,10 @@ fn print_summary(
         Output::Table => {
             outln!("job {} ({}): {}", job.job_id, job.name, json!(job.status).as_str().unwrap_or("?"))?;
             outln!("{:>5}  {:>8}  {:>8}  {:>7}  {:>7}", "round", "accuracy", "loss", "updates", "seconds")?;
-            for r in &rounds {
+            for r in rounds {
                 let metric = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
                 let seconds = r.seconds().unwrap_or(f64::NAN);
-                outln!("{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}", r.round, metric("accuracy"), metric("loss"), r.updates, seconds)?;
+                outln!("{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}", r.round, metric("accuracy"), metric("loss"), r.inputs.len(), seconds)?;
             }
             if let Some(f) = &job.failure {
                 outln!("failure: {f}")?;
@@ -398,44 +507,4 @@ fn print_summary(
         }
     }
     Ok(())
-}
-
-async fn events(job_id: &str, store: &str, output: Output) -> anyhow::Result<ExitCode> {
-    let store = flame_events::open_store(store).await?;
-    let events = store.read_stream(&job::stream_id(job_id), 1).await?;
-    if events.is_empty() {
-        eprintln!("error: job '{job_id}' has no events in {}", store.location());
-        return Ok(ExitCode::from(3));
-    }
-    let mut out = std::io::stdout().lock();
-    for e in &events {
-        let written = match output {
-            Output::Json => writeln!(out, "{}", serde_json::to_string(e)?),
-            Output::Table => {
-                let mut payload = e.payload.to_string();
-                if payload.len() > 100 {
-                    let cut = (0..=100).rev().find(|&i| payload.is_char_boundary(i)).unwrap_or(0);
-                    payload.truncate(cut);
-                    payload.push('…');
-                }
-                writeln!(
-                    out,
-                    "{:>4} {:>6}  {}  {:<17} {:<22} {}",
-                    e.version,
-                    e.position,
-                    e.recorded_at.format("%H:%M:%S%.3f"),
-                    e.event_type,
-                    e.actor,
-                    payload
-                )
-            }
-        };
-        match written {
-            Ok(()) => {}
-            // The reader went away (`| head`): that is not an error.
-            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

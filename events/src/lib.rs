@@ -26,3 +26,15 @@ pub async fn open_store(url: &str) -> Result<std::sync::Arc<dyn EventStore>, sto
         Err(store::Error::Config(format!("unknown event store URL '{url}': use sqlite:PATH or mongodb://HOST:PORT/...")))
     }
 }
+
+/// Resolves on Ctrl-C or SIGTERM: the graceful-shutdown trigger of every binary.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -2,6 +2,7 @@
 
 mod distributed;
 mod embedded;
+mod inspect;
 mod lifecycle;
 mod relay;
 mod store_contract;

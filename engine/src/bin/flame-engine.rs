@@ -135,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
                 resumed.len(),
                 engine.store.location()
             );
-            axum::serve(listener, api.router()).with_graceful_shutdown(shutdown_signal()).await?;
+            axum::serve(listener, api.router()).with_graceful_shutdown(flame_events::shutdown_signal()).await?;
             engine.close().await
         }
         Command::Run { connect: c, job } => {
@@ -158,16 +158,5 @@ async fn main() -> anyhow::Result<()> {
             println!("{summary}");
             if job.status == flame_engine::job::Status::Completed { Ok(()) } else { std::process::exit(1) }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

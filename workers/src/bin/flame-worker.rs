@@ -42,16 +42,5 @@ async fn main() -> anyhow::Result<()> {
     let transport = Nats::connect(&args.nats).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
-    Worker::new(info, Arc::new(transport), Arc::new(blobs)).run(shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    Worker::new(info, Arc::new(transport), Arc::new(blobs)).run(flame_events::shutdown_signal()).await
 }

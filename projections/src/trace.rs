@@ -1,0 +1,295 @@
+//! A job as a tree of timed spans, from its events alone: job -> setup and
+//! rounds -> steps (placement, deploy, train, aggregate) -> tasks. Each
+//! round's critical path (its slowest trainer, then the aggregation) is
+//! marked. Renders as a text tree or as Chrome trace-event JSON (Perfetto).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use flame_events::Envelope;
+use flame_events::job::JobEvent;
+
+use crate::view::seconds_between;
+
+/// One timed piece of a job.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Span {
+    /// What it is: `job`, `setup`, `placement`, `deploy`, `initial model`, `round 3`, `train`, `aggregate`, a task id.
+    pub name: String,
+    /// `job`, `phase`, `round`, `step` or `task`.
+    pub kind: &'static str,
+    /// The worker that did it (tasks and aggregation).
+    pub worker: Option<String>,
+    /// Start.
+    pub start: DateTime<Utc>,
+    /// End (the last event seen when it never ended).
+    pub end: DateTime<Utc>,
+    /// Whether it ended (false: still open, or cut off by a stop or failure).
+    pub finished: bool,
+    /// On its round's critical path.
+    pub critical: bool,
+    /// Parts.
+    pub children: Vec<Span>,
+}
+
+impl Span {
+    fn new(name: impl Into<String>, kind: &'static str, start: DateTime<Utc>) -> Self {
+        Self { name: name.into(), kind, worker: None, start, end: start, finished: false, critical: false, children: Vec::new() }
+    }
+
+    fn close(&mut self, at: DateTime<Utc>) {
+        self.end = at;
+        self.finished = true;
+    }
+
+    /// Seconds it took.
+    pub fn seconds(&self) -> f64 {
+        seconds_between(self.start, self.end)
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    job: Option<Span>,
+    setup: Option<Span>,
+    deploying: BTreeMap<String, Span>,
+    rounds: Vec<Span>,
+    last: Option<DateTime<Utc>>,
+}
+
+impl Builder {
+    fn setup_step(&mut self, name: &str) -> Option<&mut Span> {
+        self.setup.as_mut()?.children.iter_mut().find(|s| s.name == name)
+    }
+
+    fn open_round(&mut self, round: u32) -> Option<&mut Span> {
+        let name = format!("round {round}");
+        self.rounds.iter_mut().rev().find(|r| r.name == name)
+    }
+
+    fn apply(&mut self, e: &Envelope) {
+        let at = e.recorded_at;
+        self.last = Some(at);
+        let Ok(event) = JobEvent::from_envelope(e) else { return };
+        let actor = e.actor.strip_prefix("worker:").map(str::to_string);
+        match event {
+            JobEvent::JobCreated { name, .. } => self.job = Some(Span::new(name, "job", at)),
+            JobEvent::JobStarting {} => {
+                let mut setup = Span::new("setup", "phase", at);
+                setup.children.push(Span::new("placement", "step", at));
+                self.setup = Some(setup);
+                self.deploying.clear();
+            }
+            JobEvent::TaskAssigned { task_id, worker_id } => {
+                let mut t = Span::new(task_id.clone(), "task", at);
+                t.worker = Some(worker_id);
+                self.deploying.insert(task_id, t);
+            }
+            JobEvent::JobDeploying {} => {
+                if let Some(p) = self.setup_step("placement") {
+                    p.close(at);
+                }
+                if let Some(s) = self.setup.as_mut() {
+                    s.children.push(Span::new("deploy", "step", at));
+                }
+            }
+            JobEvent::TaskDeployed { task_id, .. } => {
+                if let Some(mut t) = self.deploying.remove(&task_id) {
+                    // A task's deployment runs from the deploy step's start.
+                    t.start = self.setup_step("deploy").map_or(t.start, |d| d.start);
+                    t.close(at);
+                    if let Some(d) = self.setup_step("deploy") {
+                        d.children.push(t);
+                    }
+                }
+            }
+            JobEvent::JobStarted {} => {
+                if let Some(d) = self.setup_step("deploy") {
+                    d.close(at);
+                }
+                if let Some(s) = self.setup.as_mut() {
+                    s.children.push(Span::new("initial model", "step", at));
+                }
+            }
+            JobEvent::ModelInitialized { worker_id, .. } => {
+                if let Some(i) = self.setup_step("initial model") {
+                    i.worker = Some(worker_id);
+                    i.close(at);
+                }
+                if let Some(s) = self.setup.as_mut() {
+                    s.close(at);
+                }
+            }
+            JobEvent::RoundStarted { round, .. } => {
+                let mut r = Span::new(format!("round {round}"), "round", at);
+                r.children.push(Span::new("train", "step", at));
+                self.rounds.push(r);
+            }
+            JobEvent::UpdateReported { round, task_id, worker_id, .. } => {
+                if let Some(r) = self.open_round(round) {
+                    let start = r.start;
+                    if let Some(train) = r.children.first_mut() {
+                        let mut t = Span::new(task_id, "task", start);
+                        t.worker = Some(worker_id);
+                        t.close(at);
+                        train.close(at);
+                        train.children.push(t);
+                    }
+                }
+            }
+            JobEvent::TrainingClosed { round, dropped } => {
+                if let Some(r) = self.open_round(round) {
+                    let start = r.start;
+                    if let Some(train) = r.children.first_mut() {
+                        train.close(at);
+                        for task in dropped {
+                            // A straggler: cut off at the deadline, never finished.
+                            let mut t = Span::new(task, "task", start);
+                            t.end = at;
+                            train.children.push(t);
+                        }
+                    }
+                }
+            }
+            JobEvent::RoundAggregated { round, .. } => {
+                if let Some(r) = self.open_round(round) {
+                    let train_end = r.children.first().map_or(r.start, |t| t.end);
+                    let mut agg = Span::new("aggregate", "step", train_end);
+                    agg.worker = actor;
+                    agg.close(at);
+                    r.children.push(agg);
+                    r.close(at);
+                    mark_critical(r);
+                }
+            }
+            JobEvent::JobCompleted { .. } | JobEvent::JobFailed { .. } | JobEvent::JobTerminated { .. } => {
+                if let Some(j) = self.job.as_mut() {
+                    j.close(at);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(mut self) -> Option<Span> {
+        let mut job = self.job.take()?;
+        let last = self.last.unwrap_or(job.start);
+        if !job.finished {
+            job.end = last;
+        }
+        let stretch = |s: &mut Span| {
+            if !s.finished {
+                s.end = last;
+            }
+        };
+        if let Some(mut setup) = self.setup.take() {
+            for step in &mut setup.children {
+                stretch(step);
+            }
+            stretch(&mut setup);
+            job.children.push(setup);
+        }
+        for mut r in self.rounds {
+            for step in &mut r.children {
+                if !step.finished && step.children.is_empty() {
+                    step.end = last;
+                }
+            }
+            stretch(&mut r);
+            job.children.push(r);
+        }
+        Some(job)
+    }
+}
+
+/// Marks the slowest finished trainer of the round and the steps around it.
+fn mark_critical(round: &mut Span) {
+    round.critical = true;
+    for step in &mut round.children {
+        step.critical = true;
+        let slowest = step.children.iter_mut().filter(|t| t.finished).max_by(|a, b| a.end.cmp(&b.end).then_with(|| b.name.cmp(&a.name)));
+        if let Some(t) = slowest {
+            t.critical = true;
+        }
+    }
+}
+
+/// The job's span tree; `None` when the events hold no `JobCreated`.
+pub fn build<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Option<Span> {
+    let mut b = Builder::default();
+    for e in events {
+        b.apply(e);
+    }
+    b.finish()
+}
+
+/// The tree as text, times in seconds from the job's start; `*` marks the critical path.
+pub fn render_tree(job: &Span) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("{:<44} {:>9} {:>9} {:>9}\n", "span", "start s", "end s", "took s"));
+    line(&mut out, job, job.start, "", "", true);
+    out
+}
+
+fn line(out: &mut String, s: &Span, origin: DateTime<Utc>, prefix: &str, branch: &str, root: bool) {
+    let mut label = format!("{prefix}{branch}{}", s.name);
+    if let Some(w) = &s.worker {
+        label.push_str(&format!(" @{w}"));
+    }
+    if s.critical {
+        label.push_str(" *");
+    }
+    if !s.finished {
+        label.push_str(if s.kind == "task" { " (dropped)" } else { " (unfinished)" });
+    }
+    out.push_str(&format!(
+        "{:<44} {:>9.3} {:>9.3} {:>9.3}\n",
+        label,
+        seconds_between(origin, s.start),
+        seconds_between(origin, s.end),
+        s.seconds()
+    ));
+    let child_prefix = if root { String::new() } else { format!("{prefix}{}", if branch == "└─ " { "   " } else { "│  " }) };
+    for (i, c) in s.children.iter().enumerate() {
+        let last = i + 1 == s.children.len();
+        line(out, c, origin, &child_prefix, if last { "└─ " } else { "├─ " }, false);
+    }
+}
+
+/// Chrome trace-event JSON (the "JSON object format"): complete (`X`) events
+/// in microseconds, one thread per lane (job, rounds, each task), with names.
+pub fn chrome(job: &Span) -> Value {
+    let origin = job.start;
+    let mut lanes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut events = Vec::new();
+    collect(job, origin, "job", &mut lanes, &mut events);
+    for (name, tid) in &lanes {
+        events.push(json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}));
+    }
+    events.push(json!({"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": format!("job {}", job.name)}}));
+    json!({"traceEvents": events, "displayTimeUnit": "ms"})
+}
+
+fn collect(s: &Span, origin: DateTime<Utc>, lane: &str, lanes: &mut BTreeMap<String, u64>, out: &mut Vec<Value>) {
+    let next = lanes.len() as u64;
+    let tid = *lanes.entry(lane.to_string()).or_insert(next);
+    let micros = |t: DateTime<Utc>| (t - origin).num_microseconds().unwrap_or(0);
+    out.push(json!({
+        "name": s.name,
+        "cat": s.kind,
+        "ph": "X",
+        "ts": micros(s.start),
+        "dur": micros(s.end) - micros(s.start),
+        "pid": 1,
+        "tid": tid,
+        "args": {"worker": s.worker, "critical": s.critical, "finished": s.finished},
+    }));
+    for c in &s.children {
+        // Tasks get a lane each so that concurrent tasks do not overlap on one thread.
+        let child_lane = if c.kind == "task" { format!("task {}", c.name) } else { "job".to_string() };
+        collect(c, origin, &child_lane, lanes, out);
+    }
+}
