@@ -63,7 +63,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn ReadModels>, Error> {
     if let Some(path) = url.strip_prefix("sqlite:") {
         Ok(Arc::new(SqliteViews::open(path)?))
     } else if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
-        Ok(Arc::new(MongoViews::connect(url).await?))
+        Ok(Arc::new(MongoViews::connect(url, flame_events::mongo::DEFAULT_DB).await?))
     } else {
         Err(Error::Config(format!("unknown store URL '{url}': use sqlite:PATH or mongodb://HOST:PORT/...")))
     }
@@ -193,10 +193,10 @@ pub struct MongoViews {
 }
 
 impl MongoViews {
-    /// Connects to the database named in the URL (`flame` when none is).
-    pub async fn connect(uri: &str) -> Result<Self, Error> {
+    /// Connects to the database named in the URL, or `database` when it names none.
+    pub async fn connect(uri: &str, database: &str) -> Result<Self, Error> {
         let client = Client::with_uri_str(uri).await.map_err(|e| Error::Config(format!("cannot use MongoDB URL '{uri}': {e}")))?;
-        let db = client.default_database().unwrap_or_else(|| client.database(flame_events::mongo::DEFAULT_DB));
+        let db = client.default_database().unwrap_or_else(|| client.database(database));
         let location = match (uri.find("://"), uri.rfind('@')) {
             (Some(s), Some(at)) if at > s => format!("{}://***@{}", &uri[..s], &uri[at + 1..]),
             _ => uri.to_string(),

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::util::{Nats, Processes, bin, connect, digits_workflow, free_port, mongo_uri, root, unique, worker};
 use flame_events::Envelope;
 use flame_events::store::EventStore;
-
-use crate::util::{Nats, Processes, bin, connect, digits_workflow, free_port, mongo_uri, root, unique, worker};
+use flame_projections::store::ReadModels;
 
 /// Workers for the digits example: its datasets live in realms default/site1..3.
 const DIGITS_WORKERS: [(&str, &str, &str); 4] = [
@@ -207,6 +207,19 @@ async fn an_engine_killed_at_any_point_resumes_and_counts_every_update_once() {
     for r in of_type(&events, "ReportRejected") {
         assert!(r.actor.starts_with("worker:"), "{r:?}");
     }
+    // The job views the engine keeps in MongoDB survived the kills too: once
+    // they reach the end, they equal a rebuild from the events.
+    let views = flame_projections::store::MongoViews::connect(&mongo_uri(), &db).await.expect("views");
+    let last = events.last().expect("end").position;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while views.checkpoint().await.expect("checkpoint") < last {
+        assert!(Instant::now() < deadline, "the engine's job projection did not reach position {last}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let url = mongo_uri().replacen("/?", &format!("/{db}?"), 1);
+    let out = Command::new(bin("flamectl")).args(["replay", &id, "--store", &url, "--verify"]).output().expect("flamectl");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("byte for byte"), "{said}{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

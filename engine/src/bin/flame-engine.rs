@@ -16,6 +16,7 @@ use flame_events::mongo::{DEFAULT_DB, MongoStore};
 use flame_events::relay::Relay;
 use flame_events::store::EventStore;
 use flame_events::transport::Nats;
+use flame_projections::store::MongoViews;
 
 /// The Flame engine: events in MongoDB, commands and reports over NATS.
 #[derive(Parser, Debug)]
@@ -40,7 +41,7 @@ struct Connect {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Resume active jobs and serve the management API until SIGTERM.
+    /// Resume active jobs, keep the job views (read models) up to date and serve the management API until SIGTERM.
     Serve {
         #[command(flatten)]
         connect: Connect,
@@ -88,6 +89,35 @@ struct Engine {
     relay: tokio::task::JoinHandle<Result<(), flame_events::relay::Error>>,
 }
 
+/// Keeps the job views in the database up to date until `stop` fires; a
+/// failure (the database away) is logged and retried from the last commit.
+async fn project(store: Arc<MongoStore>, views: MongoViews, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(500);
+    while !*stop.borrow() {
+        let stopped = {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        };
+        let result = match flame_projections::Runner::open(store.as_ref(), &views, 1000).await {
+            Ok(mut runner) => runner.follow(stopped).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!("job projection: {e}; retrying in {delay:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 async fn connect(c: &Connect) -> anyhow::Result<Engine> {
     let store = Arc::new(MongoStore::connect(&c.mongo, &c.db).await?);
     let transport = Nats::connect(&c.nats).await?;
@@ -128,6 +158,9 @@ async fn main() -> anyhow::Result<()> {
             let engine = connect(&c).await?;
             let api = Api::new(engine.runner.clone(), engine.store.clone() as Arc<dyn EventStore>, tokens);
             let resumed = api.resume().await?;
+            let views = MongoViews::connect(&c.mongo, &c.db).await?;
+            let (stop_projection, projection_stop) = tokio::sync::watch::channel(false);
+            let projection = tokio::spawn(project(engine.store.clone(), views, projection_stop));
             let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!(
                 "flame-engine: API on http://{}, {} job(s) resumed, events in {}",
@@ -136,6 +169,8 @@ async fn main() -> anyhow::Result<()> {
                 engine.store.location()
             );
             axum::serve(listener, api.router()).with_graceful_shutdown(flame_events::shutdown_signal()).await?;
+            let _ = stop_projection.send(true);
+            projection.await.context("job projection task")?;
             engine.close().await
         }
         Command::Run { connect: c, job } => {
