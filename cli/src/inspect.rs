@@ -364,11 +364,11 @@ pub async fn audit(job_id: &str, source: &Source, output: Output) -> anyhow::Res
     let v = view::fold(&events);
     match output {
         Output::Json => {
-            for a in &v.audit {
-                outln!("{}", serde_json::to_string(a)?)?;
+            for line in render::audit_lines(&v, &events) {
+                outln!("{}", serde_json::to_string(&line)?)?;
             }
         }
-        Output::Table => out!("{}", render::audit_table(&v))?,
+        Output::Table => out!("{}", render::audit_table(&v, &events))?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,9 @@ use serde::Serialize;
 
 use flame_events::Envelope;
 
-use crate::view::JobView;
+use flame_events::job::JobEvent;
+
+use crate::view::{AuditEntry, JobView};
 
 /// Which of a job's events to show.
 #[derive(Clone, Debug, Default)]
@@ -76,12 +78,35 @@ pub fn event_line(e: &Envelope) -> String {
     )
 }
 
+/// One audit entry with a one-line description of its event, for people and programs.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditLine<'a> {
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: &'a AuditEntry,
+    /// What the event says, briefly.
+    pub detail: String,
+}
+
+/// The audit log with each entry described from its event (matched by position).
+pub fn audit_lines<'a>(view: &'a JobView, events: &[Envelope]) -> Vec<AuditLine<'a>> {
+    let by_position: std::collections::HashMap<u64, &Envelope> = events.iter().map(|e| (e.position, e)).collect();
+    view.audit
+        .iter()
+        .map(|a| {
+            let described = by_position.get(&a.position).and_then(|e| JobEvent::from_envelope(e).ok()).map(|ev| crate::view::detail(&ev));
+            AuditLine { entry: a, detail: described.or_else(|| a.reason.clone()).unwrap_or_default() }
+        })
+        .collect()
+}
+
 /// The audit log as a table: who did what and when, refusals included.
-pub fn audit_table(view: &JobView) -> String {
+pub fn audit_table(view: &JobView, events: &[Envelope]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{:>6}  {:<23}  {:<26} {:<17} {:<9} {:<34} detail", "pos", "at (UTC)", "actor", "action", "outcome", "command");
     let job = format!("{}/", view.job_id);
-    for a in &view.audit {
+    for line in audit_lines(view, events) {
+        let a = line.entry;
         // Command ids are `<job>/<command>`: the job is the same on every line.
         let cause =
             a.causation_id.as_deref().map(|c| clip(c.strip_prefix(&job).unwrap_or(c).to_string(), 34)).unwrap_or_else(|| "-".into());
@@ -92,9 +117,9 @@ pub fn audit_table(view: &JobView) -> String {
             a.at.format("%Y-%m-%d %H:%M:%S%.3f"),
             a.actor,
             a.action,
-            a.outcome,
+            a.outcome.as_str(),
             cause,
-            a.detail
+            line.detail
         );
     }
     out

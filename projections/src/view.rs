@@ -5,6 +5,7 @@
 //! any prefix and then the rest equals folding everything at once, and a view
 //! can be rebuilt from scratch whenever its stored copy is in doubt.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
@@ -34,6 +35,27 @@ pub struct JobView {
     pub version: u64,
     /// Global position of the last event folded in.
     pub position: u64,
+    /// Rounds (indexes) changed since the last `take_touched`: what a store must rewrite.
+    #[serde(skip)]
+    pub touched: Touched,
+}
+
+/// Indexes of rounds changed since they were last stored. Bookkeeping for
+/// storage, not part of the view: always equal, never serialized.
+#[derive(Clone, Debug, Default)]
+pub struct Touched(pub BTreeSet<usize>);
+
+impl PartialEq for Touched {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl JobView {
+    /// The rounds changed since the last call.
+    pub fn take_touched(&mut self) -> BTreeSet<usize> {
+        std::mem::take(&mut self.touched.0)
+    }
 }
 
 /// Where a job stands.
@@ -178,13 +200,11 @@ pub struct Placement {
     pub at: DateTime<Utc>,
 }
 
-/// A task's update in one round.
+/// A task's update in one round (its digest is in the round's participants).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskUpdate {
     /// Round.
     pub round: u32,
-    /// Digest.
-    pub digest: String,
     /// Samples.
     pub samples: u64,
     /// Seconds from the round's start.
@@ -242,6 +262,32 @@ pub struct LineageInput {
     pub samples: u64,
 }
 
+/// What became of a command or report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Applied.
+    Accepted,
+    /// A report that was refused (`ReportRejected`).
+    Rejected,
+    /// An update the aggregator left out (`UpdateExcluded`).
+    Excluded,
+    /// An event this program cannot decode.
+    Undecodable,
+}
+
+impl Outcome {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Rejected => "rejected",
+            Self::Excluded => "excluded",
+            Self::Undecodable => "undecodable",
+        }
+    }
+}
+
 /// One entry of the audit log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -254,15 +300,16 @@ pub struct AuditEntry {
     /// Who caused it: `user:<name>`, `engine`, `worker:<id>`.
     pub actor: String,
     /// The event type.
-    pub action: String,
-    /// `accepted`, `rejected` (a refused report) or `excluded` (an update left out).
-    pub outcome: String,
+    pub action: Cow<'static, str>,
+    /// What became of it.
+    pub outcome: Outcome,
     /// The command or event that caused it.
     pub causation_id: Option<String>,
     /// The job it belongs to.
     pub correlation_id: Option<String>,
-    /// What it says, briefly.
-    pub detail: String,
+    /// Why, for a refused report, an excluded update or an undecodable event
+    /// (`render::audit_table` describes the others from their events).
+    pub reason: Option<String>,
 }
 
 impl JobView {
@@ -277,43 +324,46 @@ impl JobView {
         self.position = e.position;
         let at = e.recorded_at;
         self.status.updated_at = Some(at);
-        let worker = e.actor.strip_prefix("worker:").map(str::to_string);
-        if let Some(w) = &worker {
-            self.workers.entry(w.clone()).or_default().last_seen_at = Some(at);
+        if let Some(w) = e.actor.strip_prefix("worker:") {
+            match self.workers.get_mut(w) {
+                Some(history) => history.last_seen_at = Some(at),
+                None => self.workers.entry(w.to_string()).or_default().last_seen_at = Some(at),
+            }
         }
         let event = match JobEvent::from_envelope(e) {
             Ok(ev) => ev,
             Err(err) => {
-                self.audit.push(self.entry(e, "undecodable", err.to_string()));
+                self.audit.push(self.entry(e, Cow::Owned(e.event_type.clone()), Outcome::Undecodable, Some(err.to_string())));
                 return;
             }
         };
-        let outcome = match &event {
-            JobEvent::ReportRejected { .. } => "rejected",
-            JobEvent::UpdateExcluded { .. } => "excluded",
-            _ => "accepted",
+        let (outcome, reason) = match &event {
+            JobEvent::ReportRejected { reason, .. } => (Outcome::Rejected, Some(reason.clone())),
+            JobEvent::UpdateExcluded { reason, .. } => (Outcome::Excluded, Some(reason.clone())),
+            _ => (Outcome::Accepted, None),
         };
-        let detail = detail(&event);
-        self.audit.push(self.entry(e, outcome, detail));
+        self.audit.push(self.entry(e, Cow::Borrowed(event.event_type()), outcome, reason));
         self.fold(event, at, &e.actor);
     }
 
-    fn entry(&self, e: &Envelope, outcome: &str, detail: String) -> AuditEntry {
+    fn entry(&self, e: &Envelope, action: Cow<'static, str>, outcome: Outcome, reason: Option<String>) -> AuditEntry {
         AuditEntry {
             position: e.position,
             version: e.version,
             at: e.recorded_at,
             actor: e.actor.clone(),
-            action: e.event_type.clone(),
-            outcome: outcome.into(),
+            action,
+            outcome,
             causation_id: e.causation_id.clone(),
             correlation_id: e.correlation_id.clone(),
-            detail,
+            reason,
         }
     }
 
     fn round_mut(&mut self, round: u32) -> Option<&mut RoundView> {
-        self.rounds.iter_mut().rev().find(|r| r.round == round)
+        let i = self.rounds.iter().rposition(|r| r.round == round)?;
+        self.touched.0.insert(i);
+        self.rounds.get_mut(i)
     }
 
     fn end(&mut self, state: &str, reason: Option<&str>, at: DateTime<Utc>) {
@@ -377,6 +427,7 @@ impl JobView {
             }
             JobEvent::RoundStarted { round, global_model } => {
                 self.status.round = round;
+                self.touched.0.insert(self.rounds.len());
                 self.rounds.push(RoundView {
                     round,
                     start_model: global_model,
@@ -393,23 +444,23 @@ impl JobView {
                 });
             }
             JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics } => {
-                let mut seconds = 0.0;
-                if let Some(r) = self.round_mut(round) {
-                    seconds = seconds_between(r.started_at, at);
-                    r.training_done_at = Some(at);
-                    r.participants.push(Participant {
-                        task_id: task_id.clone(),
-                        worker_id: worker_id.clone(),
-                        digest: digest.clone(),
-                        samples,
-                        metrics,
-                        at,
-                    });
-                }
-                self.tasks.entry(task_id).or_default().updates.push(TaskUpdate { round, digest, samples, seconds });
-                let w = self.workers.entry(worker_id).or_default();
+                let w = match self.workers.get_mut(&worker_id) {
+                    Some(w) => w,
+                    None => self.workers.entry(worker_id.clone()).or_default(),
+                };
                 w.updates += 1;
                 w.samples += samples;
+                let started = self.round_mut(round).map(|r| r.started_at);
+                let seconds = started.map_or(0.0, |s| seconds_between(s, at));
+                let update = TaskUpdate { round, samples, seconds };
+                match self.tasks.get_mut(&task_id) {
+                    Some(t) => t.updates.push(update),
+                    None => self.tasks.entry(task_id.clone()).or_default().updates.push(update),
+                }
+                if let Some(r) = self.round_mut(round) {
+                    r.training_done_at = Some(at);
+                    r.participants.push(Participant { task_id, worker_id, digest, samples, metrics, at });
+                }
             }
             JobEvent::TrainingClosed { round, dropped } => {
                 for t in &dropped {
@@ -731,6 +782,7 @@ mod tests {
         let outcomes: Vec<&str> = v.audit.iter().map(|a| a.outcome.as_str()).collect();
         assert_eq!(outcomes.iter().filter(|o| **o == "rejected").count(), 1);
         assert_eq!(v.audit[7].causation_id.as_deref(), Some("cmd-17"));
-        assert!(v.audit[7].detail.contains("already reported"), "{}", v.audit[7].detail);
+        assert!(v.audit[7].reason.as_deref().is_some_and(|r| r.contains("already reported")), "{:?}", v.audit[7]);
+        assert_eq!(v.audit[6].reason, None);
     }
 }

@@ -64,7 +64,8 @@ fn snapshot_trace_tree() {
 
 #[test]
 fn snapshot_audit() {
-    insta::assert_snapshot!(render::audit_table(&view::fold(&fixture())));
+    let events = fixture();
+    insta::assert_snapshot!(render::audit_table(&view::fold(&events), &events));
 }
 
 #[test]
@@ -165,13 +166,19 @@ async fn the_runner_stores_views_equal_to_a_rebuild_byte_for_byte() {
             store.append("design-d", ExpectedVersion::Any, vec![n]).await.expect("append");
         }
     }
+    // A long job (the fixture seven times over, 322 events): its audit and
+    // lineage lists cross the 256-entry chunks they are stored in.
+    for (i, e) in events.iter().cycle().take(7 * events.len()).enumerate() {
+        let n = flame_events::NewEvent::new(e.event_type.clone(), e.payload.clone(), e.actor.clone()).correlated("c");
+        store.append("job-c", ExpectedVersion::Exact(i as u64), vec![n]).await.expect("append");
+    }
     let models = SqliteViews::open(path).expect("views");
     // Small batches: many commits, views written partially folded and resumed.
     let progress = runner::Runner::open(&store, &models, 7).await.expect("open").catch_up().await.expect("catch up");
-    assert_eq!(progress.events, 2 * events.len() as u64 + 5);
+    assert_eq!(progress.events, 9 * events.len() as u64 + 5);
     assert!(progress.commits > 10);
     let all = store.read_all(1, 10_000).await.expect("read");
-    for job in ["a", "b"] {
+    for job in ["a", "b", "c"] {
         let stream: Vec<Envelope> = all.iter().filter(|e| e.stream_id == format!("job-{job}")).cloned().collect();
         let stored = models.get(job).await.expect("get").expect("stored");
         assert_eq!(stored.json, serde_json::to_string(&view::fold(&stream)).expect("json"), "job {job}");

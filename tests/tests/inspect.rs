@@ -96,7 +96,7 @@ fn a_finished_job_can_be_replayed_traced_audited_plotted_and_verified() {
     assert_eq!((out.status.code(), verdict["ok"].as_bool()), (Some(0), Some(true)), "{verdict}");
     let db = rusqlite::Connection::open(format!("{data}/events.db")).expect("sqlite");
     let changed = db
-        .execute("UPDATE job_views SET view = json_set(view, '$.rounds[2].participants[0].samples', 9999) WHERE job_id = ?1", [&job])
+        .execute("UPDATE job_view_parts SET json = json_set(json, '$.participants[0].samples', 9999) WHERE job_id = ?1 AND part = 'round:000002'", [&job])
         .expect("corrupt");
     assert_eq!(changed, 1);
     let out = run(&["replay", "--verify", "-o", "json"]);
