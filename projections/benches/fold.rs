@@ -28,12 +28,15 @@ const TRAINERS: usize = 10;
 const ROUNDS: u32 = 76;
 const ACTIVE: usize = 10;
 
+/// Events appended together, with their actors.
+type Chunk = Vec<(JobEvent, String)>;
+
 fn digest(i: u64) -> String {
     format!("{i:064x}")
 }
 
 /// One job's events, in chunks that are appended together (setup, each round, the end).
-fn job(j: usize) -> Vec<Vec<(JobEvent, String)>> {
+fn job(j: usize) -> Vec<Chunk> {
     let id = format!("job{j}");
     let engine = "engine".to_string();
     let tasks: Vec<TaskSpec> = (0..=TRAINERS)
@@ -119,11 +122,11 @@ fn job(j: usize) -> Vec<Vec<(JobEvent, String)>> {
 }
 
 /// The whole log as (job, chunk) in global order: `ACTIVE` jobs at a time, round-robin.
-fn history(target: usize) -> Vec<(String, Vec<(JobEvent, String)>)> {
+fn history(target: usize) -> Vec<(String, Chunk)> {
     let mut out = Vec::new();
     let mut total = 0;
     let mut next_job = 0;
-    let mut running: Vec<(String, std::collections::VecDeque<Vec<(JobEvent, String)>>)> = Vec::new();
+    let mut running: Vec<(String, std::collections::VecDeque<Chunk>)> = Vec::new();
     while total < target {
         while running.len() < ACTIVE {
             running.push((format!("job{next_job}"), job(next_job).into()));
@@ -140,7 +143,7 @@ fn history(target: usize) -> Vec<(String, Vec<(JobEvent, String)>)> {
     out
 }
 
-fn envelopes(log: &[(String, Vec<(JobEvent, String)>)]) -> Vec<Envelope> {
+fn envelopes(log: &[(String, Chunk)]) -> Vec<Envelope> {
     let mut versions: std::collections::HashMap<&str, u64> = Default::default();
     let t0: DateTime<Utc> = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
     let mut out = Vec::new();
