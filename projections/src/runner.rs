@@ -101,6 +101,11 @@ impl Projector {
         self.views.get(job_id)
     }
 
+    /// One job's view, to take its changed parts.
+    pub fn view_mut(&mut self, job_id: &str) -> Option<&mut JobView> {
+        self.views.get_mut(job_id)
+    }
+
     /// Every view, by job id.
     pub fn views(&self) -> &BTreeMap<String, JobView> {
         &self.views
@@ -155,7 +160,7 @@ impl<'a> Runner<'a> {
         let mut parts = Vec::new();
         let mut marks = Vec::new();
         for id in changed {
-            if let Some(view) = self.projector.views.get_mut(id) {
+            if let Some(view) = self.projector.view_mut(id) {
                 let (p, mark) = changed_parts(view, self.marks.get(id).copied().unwrap_or_default())?;
                 parts.extend(p);
                 marks.push((id.to_string(), mark));

@@ -246,6 +246,8 @@ impl SqliteViews {
         }
         let conn = Connection::open(path).map_err(|e| Error::Config(format!("cannot open '{path}': {e}")))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        // As the event store: durable at each WAL checkpoint, atomic always.
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(backend)?;
         conn.execute_batch(SQLITE_SCHEMA).map_err(backend)?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)), path: path.into() })
