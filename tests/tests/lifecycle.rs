@@ -436,6 +436,28 @@ async fn the_management_api_serves_every_resource_with_auth_and_clear_errors() {
     }
     assert_eq!(names, vec!["JobCreated", "JobUpdated", "JobStarting"]);
 
+    // The inspection commands read the same events through the API.
+    let inspect = |args: &[&str], token: &str| {
+        Command::new(bin("flamectl"))
+            .args(args)
+            .args(["--api", &format!("http://127.0.0.1:{port}")])
+            .env("FLAME_TOKEN", token)
+            .output()
+            .expect("flamectl")
+    };
+    let all = rest["events"].as_array().map_or(0, Vec::len) + 2;
+    let out = inspect(&["events", &id, "-o", "json"], &token);
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!((out.status.code(), lines.len()), (Some(0), all), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = inspect(&["audit", &id, "-o", "json"], &token);
+    let audit = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(audit.lines().any(|l| l.contains("\"JobStopping\"") && l.contains("user:grace")), "{audit}");
+    let out = inspect(&["replay", &id, "--verify"], &token);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = inspect(&["events", &id], "wrong");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", String::from_utf8_lossy(&out.stderr));
+
     // Delete, then 404; computes and the rest of the resource verbs.
     assert_eq!(api.call("DELETE", &format!("/jobs/{id}"), None).0, 204);
     assert_eq!(api.call("GET", &format!("/jobs/{id}"), None).0, 404);
