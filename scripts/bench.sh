@@ -3,6 +3,7 @@
 #   scripts/bench.sh store     event store append/read throughput, SQLite and MongoDB
 #   scripts/bench.sh rounds    engine overhead per round, 100 and 1,000 simulated workers on NATS
 #   scripts/bench.sh flower    FedAvg vs Flower's numpy FedAvg and a memory-bandwidth baseline (flwr in .deps/flower)
+#   scripts/bench.sh worker-rss  idle resident memory of flame-worker, full and aggregator-only (no libtorch) release builds
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -18,5 +19,10 @@ case "${1:-store}" in
       .deps/flower/bin/pip install -q flwr numpy
     fi
     FLOWER_PYTHON="$root/.deps/flower/bin/python" cargo bench -q -p flame-workers --bench aggregate ;;
-  *) echo "usage: $0 store|rounds|flower" >&2; exit 2 ;;
+  worker-rss)
+    cargo build -q --release -p flame-workers --no-default-features --bin flame-worker
+    cp target/release/flame-worker target/release/flame-worker-aggregator
+    cargo build -q --release -p flame-workers --bin flame-worker
+    bash scripts/services.sh run bash scripts/worker-rss.sh ;;
+  *) echo "usage: $0 store|rounds|flower|worker-rss" >&2; exit 2 ;;
 esac

@@ -8,7 +8,11 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup-libtorch.sh
 bash scripts/services.sh install
-# Test binaries and the binaries they start share one build.
+# The aggregator-only worker (no libtorch) for the tests that use it; then the
+# full build (test binaries and the binaries they start share it), which
+# relinks the usual flame-worker.
+cargo build -p flame-workers --no-default-features --bin flame-worker --quiet
+cp target/debug/flame-worker target/debug/flame-worker-aggregator
 cargo build --workspace --bins --tests --quiet
 mkdir -p target
 log="target/test-output.txt"

@@ -19,14 +19,22 @@ async fn engine_and_four_workers_complete_the_digits_job() {
     let suffix = unique();
     let db = format!("flame_e2e_{suffix}");
     let mut procs = Processes::default();
+    // The aggregator is the build without libtorch (scripts/test.sh makes it):
+    // it has no rpath to libtorch, so it could not even start if it needed it.
+    let aggregator_only = bin("flame-worker-aggregator");
+    let ldd = Command::new("ldd").arg(&aggregator_only).output().expect("ldd");
+    assert!(!String::from_utf8_lossy(&ldd.stdout).contains("libtorch"), "the aggregator-only worker links libtorch");
+    let refused = Command::new(&aggregator_only).args(["--nats", &nats, "--id", "x", "--roles", "trainer"]).output().expect("run");
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("without the training backend"));
     for (id, roles, realm) in [
         ("agg", "aggregator", "default"),
         ("t0", "trainer", "default/site1"),
         ("t1", "trainer", "default/site2"),
         ("t2", "trainer", "default/site3"),
     ] {
+        let program = if roles == "aggregator" { aggregator_only.clone() } else { bin("flame-worker") };
         procs.spawn(
-            Command::new(bin("flame-worker"))
+            Command::new(program)
                 .args(["--nats", &nats, "--id", &format!("{id}-{suffix}"), "--roles", roles, "--realm", realm])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null()),
@@ -56,6 +64,8 @@ async fn engine_and_four_workers_complete_the_digits_job() {
     let summary: Value = serde_json::from_str(out.trim()).expect("engine prints one JSON summary");
     assert_eq!(summary["state"], "completed");
     assert_eq!(summary["rounds_completed"], 5);
+    // Evaluated by the aggregator-only worker in plain Rust.
+    assert!(summary["metrics"]["accuracy"].as_f64().is_some_and(|a| a > 0.9), "{summary}");
     let job_id = summary["job_id"].as_str().expect("job id").to_string();
 
     // The job's stream in MongoDB: versions 1..N, no gap, one document per event.

@@ -1,11 +1,15 @@
-//! Built-in models and their training on the tch (libtorch) backend.
+//! Built-in models: their description, initial weights and evaluation in
+//! plain Rust (all an aggregator needs), and training on the tch (libtorch)
+//! backend when the `tch` feature is on (the default).
 //!
 //! Initial weights are drawn in Rust from a seeded generator and batches are
 //! shuffled the same way, so training is deterministic for a seed even when
 //! several workers share one process (libtorch's global RNG is not touched).
 
 use serde::Deserialize;
+#[cfg(feature = "tch")]
 use tch::nn::{self, Module, OptimizerConfig};
+#[cfg(feature = "tch")]
 use tch::{Device, Kind, Tensor as TchTensor};
 
 use flame_events::job::Metrics;
@@ -27,6 +31,7 @@ pub enum Error {
     Torch(String),
 }
 
+#[cfg(feature = "tch")]
 fn torch(e: tch::TchError) -> Error {
     Error::Torch(e.to_string())
 }
@@ -126,18 +131,80 @@ impl TrainSettings {
     }
 }
 
+/// Loss (mean cross-entropy) and accuracy of weights on a split, computed in
+/// plain Rust (f32 layers, f64 loss): what an aggregator reports for a new
+/// global model, with or without libtorch.
+pub fn evaluate(cfg: &ModelConfig, weights: &Weights, data: &Split) -> Result<Metrics, Error> {
+    let mut layers = Vec::new();
+    for i in 1.. {
+        let Some(w) = weights.get(&format!("fc{i}.weight")) else { break };
+        let b = weights.get(&format!("fc{i}.bias")).ok_or_else(|| Error::Weights(format!("fc{i}.bias is missing")))?;
+        let [fan_out, fan_in] = w.shape[..] else {
+            return Err(Error::Weights(format!("fc{i}.weight has shape {:?}; expected [out, in]", w.shape)));
+        };
+        if b.data.len() != fan_out || w.data.len() != fan_out * fan_in {
+            return Err(Error::Weights(format!(
+                "fc{i} has {} weights and {} biases for [{fan_out}, {fan_in}]",
+                w.data.len(),
+                b.data.len()
+            )));
+        }
+        layers.push((w, b, fan_in, fan_out));
+    }
+    if layers.is_empty() || (cfg.name == "logreg" && layers.len() != 1) {
+        return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.name)));
+    }
+    if layers[0].2 != data.features {
+        return Err(Error::Weights(format!("the model takes {} features, the data has {}", layers[0].2, data.features)));
+    }
+    if data.is_empty() {
+        return Ok(Metrics::new());
+    }
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    let last = layers.len() - 1;
+    for (row, &label) in data.x.chunks_exact(data.features).zip(&data.y) {
+        let mut h = row.to_vec();
+        for (i, (w, b, fan_in, _)) in layers.iter().enumerate() {
+            h = w
+                .data
+                .chunks_exact(*fan_in)
+                .zip(&b.data)
+                .map(|(wr, bias)| {
+                    let z = wr.iter().zip(&h).map(|(a, x)| a * x).sum::<f32>() + bias;
+                    if i < last { z.max(0.0) } else { z }
+                })
+                .collect();
+        }
+        let max = h.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = h.iter().map(|z| f64::from(z - max).exp()).sum::<f64>().ln() + f64::from(max);
+        let label = usize::try_from(label).unwrap_or(usize::MAX);
+        let Some(&target) = h.get(label) else {
+            return Err(Error::Config(format!("label {label} is outside the model's {} classes", h.len())));
+        };
+        loss += log_sum - f64::from(target);
+        // The first maximum wins ties, as argmax does.
+        let best = h.iter().enumerate().fold(0, |best, (j, z)| if *z > h[best] { j } else { best });
+        correct += usize::from(best == label);
+    }
+    let n = data.len() as f64;
+    Ok(Metrics::from([("loss".to_string(), loss / n), ("accuracy".to_string(), correct as f64 / n), ("test_samples".to_string(), n)]))
+}
+
 /// A built-in model on libtorch.
+#[cfg(feature = "tch")]
 pub struct Net {
     vs: nn::VarStore,
     layers: Vec<nn::Linear>,
 }
 
+#[cfg(feature = "tch")]
 fn to_tensors(split: &Split) -> (TchTensor, TchTensor) {
     let x = TchTensor::from_slice(&split.x).view([split.len() as i64, split.features as i64]);
     let y = TchTensor::from_slice(&split.y);
     (x, y)
 }
 
+#[cfg(feature = "tch")]
 impl Net {
     /// Builds the model with the given weights.
     pub fn new(cfg: &ModelConfig, weights: &Weights) -> Result<Self, Error> {
@@ -253,17 +320,42 @@ impl Net {
 /// training erratic (see docs).
 /// Safe to call more than once (libtorch refuses a second interop setting).
 pub fn init_backend() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        tch::set_num_threads(1);
-        tch::set_num_interop_threads(1);
-    });
+    #[cfg(feature = "tch")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tch::set_num_threads(1);
+            tch::set_num_interop_threads(1);
+        });
+    }
 }
 
-#[cfg(test)]
+/// Whether this build can train (the `tch` feature).
+pub const CAN_TRAIN: bool = cfg!(feature = "tch");
+
+#[cfg(all(test, feature = "tch"))]
 mod tests {
     use super::*;
     use crate::data;
+
+    #[test]
+    fn plain_rust_evaluation_agrees_with_libtorch() {
+        init_backend();
+        let d = data::load("builtin://digits?part=2&of=3").expect("digits");
+        for (cfg, seed) in [(serde_json::json!({"name": "mlp", "hidden": [32, 16]}), 4), (serde_json::json!({"name": "logreg"}), 9)] {
+            let cfg = ModelConfig::from_json(&cfg).expect("cfg");
+            let mut net = Net::new(&cfg, &cfg.init(64, 10, seed)).expect("net");
+            net.train(&d.train, &TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3, mu: 0.0 }, 1).expect("train");
+            let w = net.weights().expect("w");
+            let (torch, plain) = (net.evaluate(&d.test), evaluate(&cfg, &w, &d.test).expect("evaluate"));
+            // libtorch reports accuracy as an f32; ours is the exact fraction.
+            assert!((plain["accuracy"] - torch["accuracy"]).abs() < 1e-6, "{cfg:?}: {plain:?} vs {torch:?}");
+            assert!((plain["loss"] - torch["loss"]).abs() < 1e-5, "{cfg:?}: {plain:?} vs {torch:?}");
+            assert!(torch["accuracy"] > 0.5);
+        }
+        let cfg = ModelConfig::from_json(&serde_json::json!({"name": "logreg"})).expect("cfg");
+        assert!(evaluate(&cfg, &cfg.init(63, 10, 0), &d.test).is_err(), "feature count checked");
+    }
 
     #[test]
     fn training_learns_digits_and_is_deterministic() {

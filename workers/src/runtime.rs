@@ -13,7 +13,9 @@ use flame_events::protocol::{self, Command, CommandBody, Excluded, Report, Repor
 use flame_events::transport::Transport;
 
 use crate::blob::BlobStore;
-use crate::model::{ModelConfig, Net, TrainSettings};
+use crate::model::ModelConfig;
+#[cfg(feature = "tch")]
+use crate::model::{Net, TrainSettings};
 use crate::weights::{self, Weights};
 use crate::{aggregate, data};
 
@@ -144,6 +146,11 @@ impl Worker {
                 let digest = self.store(&cfg.init(d.train.features, d.classes, *seed)).await?;
                 Ok(ReportBody::Initialized { digest })
             }
+            #[cfg(not(feature = "tch"))]
+            CommandBody::Train { .. } => {
+                bail!("worker '{}' was built without the training backend (feature `tch`): it aggregates but cannot train", self.info.id)
+            }
+            #[cfg(feature = "tch")]
             CommandBody::Train { model, global_model, dataset, hyperparameters, seed } => {
                 let cfg = ModelConfig::from_json(model)?;
                 let settings = TrainSettings::from_hyperparameters(hyperparameters)?;
@@ -195,7 +202,7 @@ impl Worker {
                 let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let (next, state) = aggregate::combine(&optimizer, &kwargs, &global, &inputs, state.as_ref())?;
                     let metrics = match eval {
-                        Some(url) => Net::new(&cfg, &next)?.evaluate(&data::load(&url)?.test),
+                        Some(url) => crate::model::evaluate(&cfg, &next, &data::load(&url)?.test)?,
                         None => Default::default(),
                     };
                     Ok((next, state, metrics))
@@ -216,6 +223,7 @@ impl Worker {
 /// it (`clip_threshold` > 0, optional `noise_factor` >= 0): the update is
 /// clipped and noised before it leaves the worker, and what was done is
 /// reported in the metrics (`dp_update_norm`, `dp_clip_scale`, `dp_noise_std`).
+#[cfg(feature = "tch")]
 fn privatize(
     hyperparameters: &serde_json::Value,
     global: &Weights,
@@ -242,7 +250,7 @@ fn privatize(
     Ok((private, metrics))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "tch"))]
 mod tests {
     use flame_events::transport::InProcess;
 

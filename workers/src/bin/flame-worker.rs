@@ -10,6 +10,8 @@ use flame_events::transport::Nats;
 use flame_workers::blob::NatsBlobs;
 use flame_workers::{Worker, model};
 
+const DEFAULT_ROLES: &str = if model::CAN_TRAIN { "trainer,aggregator" } else { "aggregator" };
+
 /// Runs FL tasks (training, aggregation) that the engine sends over NATS.
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -20,8 +22,9 @@ struct Args {
     /// This worker's id (letters, digits, '-', '_'), unique in the deployment.
     #[arg(long)]
     id: String,
-    /// Roles this worker may take, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "trainer,aggregator")]
+    /// Roles this worker may take, comma-separated (a build without the
+    /// training backend offers `aggregator` only).
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_ROLES)]
     roles: Vec<String>,
     /// Where this worker runs, e.g. default/us/west.
     #[arg(long, default_value = "default")]
@@ -38,6 +41,12 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if !model::CAN_TRAIN && args.roles.iter().any(|r| r == "trainer") {
+        anyhow::bail!(
+            "this flame-worker was built without the training backend (cargo feature `tch`): it can only be an aggregator, not {:?}; use a full build to train",
+            args.roles
+        );
+    }
     model::init_backend();
     let transport = Nats::connect(&args.nats).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
