@@ -141,7 +141,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
     let round = job.round;
     if !job.training_done() {
         return job
-            .active_trainers()
+            .round_trainers()
             .filter(|t| !job.updates.contains_key(&t.task_id))
             .filter_map(|t| {
                 let worker = job.assignments.get(&t.task_id)?;

@@ -306,6 +306,8 @@ pub struct Job {
     pub round: u32,
     /// Rounds aggregated.
     pub rounds_completed: u32,
+    /// Trainer tasks selected for the open round (empty: every trainer with a worker).
+    pub selected: BTreeSet<String>,
     /// Updates accepted in the open round, by task id.
     pub updates: BTreeMap<String, UpdateRef>,
     /// Whether the open round stopped taking updates at its deadline.
@@ -339,6 +341,7 @@ impl Default for Job {
             global_model: None,
             round: 0,
             rounds_completed: 0,
+            selected: BTreeSet::new(),
             updates: BTreeMap::new(),
             training_closed: false,
             metrics: Metrics::new(),
@@ -391,15 +394,39 @@ impl Job {
         self.trainers().filter(|t| !self.orphaned.contains(&t.task_id))
     }
 
+    /// Trainers of the open round: selected (when a selector chose) and with a worker.
+    pub fn round_trainers(&self) -> impl Iterator<Item = &TaskSpec> {
+        self.active_trainers().filter(|t| self.selected.is_empty() || self.selected.contains(&t.task_id))
+    }
+
+    /// The trainers a round starting now takes: `k` per aggregation group when
+    /// the job has a random selector (seeded by the job's seed and the round,
+    /// the same pick `flamectl plan` shows), else none (meaning all).
+    fn select(&self, round: u32) -> Vec<String> {
+        let Some(k) = self.spec.as_ref().and_then(|s| s.select) else { return Vec::new() };
+        let seed = self.spec.as_ref().map_or(0, |s| s.seed);
+        let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for t in self.active_trainers() {
+            let key = t.group_association.iter().map(|(c, g)| format!("{c}/{g}")).collect::<Vec<_>>().join(",");
+            groups.entry(key).or_default().push(t.task_id.clone());
+        }
+        let mut out: Vec<String> = groups
+            .iter()
+            .flat_map(|(key, members)| crate::plan::choose(members, (k as usize).min(members.len()), seed, round, key))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Fewest updates a round may aggregate.
     pub fn quorum(&self) -> usize {
-        let all = self.trainers().count();
+        let all = if self.selected.is_empty() { self.trainers().count() } else { self.selected.len() };
         self.spec.as_ref().and_then(|s| s.quorum).map_or(all, |q| (q as usize).clamp(1, all.max(1)))
     }
 
     /// Whether the open round has every update it will get.
     pub fn training_done(&self) -> bool {
-        self.training_closed || self.active_trainers().all(|t| self.updates.contains_key(&t.task_id))
+        self.training_closed || self.round_trainers().all(|t| self.updates.contains_key(&t.task_id))
     }
 
     /// The earliest armed timer.
@@ -449,7 +476,7 @@ impl Job {
                 }
                 let round = self.round + 1;
                 Ok(vec![
-                    JobEvent::RoundStarted { round, global_model },
+                    JobEvent::RoundStarted { round, global_model, selected: self.select(round) },
                     JobEvent::TimerSet { timer: round_timer(round), due_at_ms: now_ms.saturating_add(self.round_timeout_ms()) },
                 ])
             }
@@ -511,7 +538,7 @@ impl Job {
                 if self.training_done() {
                     events.push(JobEvent::JobFailed { reason: waiting(format!("round {round}: the aggregator did not aggregate")) });
                 } else if self.updates.len() >= self.quorum() {
-                    let dropped = self.active_trainers().map(|t| t.task_id.clone()).filter(|t| !self.updates.contains_key(t)).collect();
+                    let dropped = self.round_trainers().map(|t| t.task_id.clone()).filter(|t| !self.updates.contains_key(t)).collect();
                     events.push(JobEvent::TrainingClosed { round, dropped });
                     events
                         .push(JobEvent::TimerSet { timer: round_timer(round), due_at_ms: now_ms.saturating_add(self.round_timeout_ms()) });
@@ -520,7 +547,7 @@ impl Job {
                         reason: waiting(format!(
                             "round {round}: {} of {} updates arrived, fewer than the quorum of {} (minClients)",
                             self.updates.len(),
-                            self.active_trainers().count(),
+                            self.round_trainers().count(),
                             self.quorum()
                         )),
                     });
@@ -615,6 +642,9 @@ impl Job {
                 if self.updates.contains_key(&r.task_id) {
                     return Err(Rejection::Duplicate { task: r.task_id, round: r.round });
                 }
+                if !self.selected.is_empty() && !self.selected.contains(&r.task_id) {
+                    return Err(Rejection::Unexpected(format!("task '{}' was not selected for round {}", r.task_id, r.round)));
+                }
                 if self.training_closed {
                     return Err(Rejection::Unexpected(format!("round {} stopped taking updates at its deadline", r.round)));
                 }
@@ -629,7 +659,7 @@ impl Job {
                     return Err(Rejection::Unexpected(format!("task '{}' does not aggregate", r.task_id)));
                 }
                 if !self.training_done() {
-                    let missing = self.active_trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
+                    let missing = self.round_trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
                     return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} update(s) arrived", r.round)));
                 }
                 for x in &excluded {
@@ -728,8 +758,9 @@ impl Job {
                 self.global_model = Some(digest.clone());
                 self.timers.remove(DEPLOY);
             }
-            JobEvent::RoundStarted { round, .. } => {
+            JobEvent::RoundStarted { round, selected, .. } => {
                 self.round = *round;
+                self.selected = selected.iter().cloned().collect();
                 self.updates.clear();
                 self.training_closed = false;
             }
@@ -1035,10 +1066,43 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                JobEvent::RoundStarted { round: 1, global_model: "m0".into() },
+                JobEvent::RoundStarted { round: 1, global_model: "m0".into(), selected: vec![] },
                 JobEvent::TimerSet { timer: "round-1".into(), due_at_ms: 5_100 }
             ]
         );
+    }
+
+    #[test]
+    fn a_random_selector_picks_k_trainers_per_round_and_only_they_report() {
+        let base = History::created_with(6, |s| s.select = Some(1)).started().initialized();
+        let mut picks = BTreeSet::new();
+        for round in 1..=6 {
+            let mut job = base.job();
+            (job.round, job.rounds_completed) = (round - 1, round - 1);
+            let events = job.handle(JobCommand::StartRound { now_ms: 0 }).expect("round");
+            let JobEvent::RoundStarted { selected, .. } = &events[0] else { panic!("{events:?}") };
+            assert_eq!(selected.len(), 1, "k = 1 of 2 trainers");
+            picks.insert(selected[0].clone());
+            // The same round picks the same trainer again (seeded, recorded).
+            assert_eq!(job.select(round), *selected);
+        }
+        assert_eq!(picks.len(), 2, "both trainers are picked over six rounds");
+
+        let started = base.job().handle(JobCommand::StartRound { now_ms: 0 }).expect("round");
+        let JobEvent::RoundStarted { selected, .. } = &started[0] else { panic!() };
+        let (chosen, other) = (selected[0].clone(), if selected[0] == "t0" { "t1" } else { "t0" });
+        let history = History { events: base.events.clone() }.then(started[0].clone());
+        let job = history.job();
+        assert_eq!(job.quorum(), 1);
+        assert!(matches!(job.handle(report(other, 1, trained(1, other))), Err(Rejection::Unexpected(m)) if m.contains("not selected")));
+        let accepted = job.handle(report(&chosen, 1, trained(1, &chosen))).expect("the chosen trainer reports");
+        let mut job = job;
+        for e in &accepted {
+            job.apply(e);
+        }
+        assert!(job.training_done(), "one update of one selected trainer completes the round");
+        let events = job.handle(report("agg", 1, aggregated(1))).expect("aggregate");
+        assert!(matches!(&events[0], JobEvent::RoundAggregated { inputs, .. } if inputs.len() == 1));
     }
 
     #[test]

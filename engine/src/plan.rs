@@ -132,7 +132,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// Picks `k` of `items`, the same for the same seed and round.
-fn choose(items: &[String], k: usize, seed: u64, round: u32, salt: &str) -> Vec<String> {
+pub(crate) fn choose(items: &[String], k: usize, seed: u64, round: u32, salt: &str) -> Vec<String> {
     let salt = salt.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)));
     let mut keyed: Vec<(u64, &String)> =
         items.iter().map(|t| (mix(seed ^ mix(u64::from(round) ^ salt) ^ t.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)))), t)).collect();

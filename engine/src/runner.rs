@@ -115,6 +115,20 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         let mu = def.model_spec.optimizer.as_ref().and_then(|o| o.kwargs.get("mu")).cloned().unwrap_or(json!(0.01));
         hyperparameters.entry("mu").or_insert(mu);
     }
+    // Selection at run time: Flame's `random` selector (kwarg `k`); `default` takes every trainer.
+    let select = match def.model_spec.selector.as_ref().map(|s| s.sort.to_ascii_lowercase()) {
+        None => None,
+        Some(s) if s == "default" => None,
+        Some(s) if s == "random" => {
+            Some(def.model_spec.selector.as_ref().and_then(|s| s.kwargs.get("k")).and_then(serde_json::Value::as_u64).unwrap_or(1) as u32)
+        }
+        Some(other) => {
+            return Err(Error::Definition(format!(
+                "{}#/selector/sort: selector '{other}' is not implemented at run time yet; use default or random",
+                def.job.model_spec_path
+            )));
+        }
+    };
     let mut model = json!({ "name": name });
     if let Some(hidden) = h.get("hidden") {
         model["hidden"] = hidden.clone();
@@ -129,6 +143,7 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         max_run_time_s: def.job.max_run_time.filter(|s| *s > 0.0).map(|s| s.ceil() as u64),
         round_timeout_s: def.hyper_u64("roundTimeout"),
         quorum: def.hyper_u64("minClients").map(|q| q as u32),
+        select,
     })
 }
 

@@ -39,6 +39,7 @@ pub fn created(rounds: u32) -> JobEvent {
             max_run_time_s: None,
             round_timeout_s: None,
             quorum: None,
+            select: None,
         },
         tasks: vec![task("t0", true), task("t1", true), task("agg", false)],
     }
@@ -99,7 +100,7 @@ impl History {
     /// Round `round` started at time 0 (deadline at `DEFAULT_ROUND_TIMEOUT_S`).
     pub fn round_started(self, round: u32) -> Self {
         let global = if round == 1 { "m0".to_string() } else { format!("m{}", round - 1) };
-        self.then(JobEvent::RoundStarted { round, global_model: global })
+        self.then(JobEvent::RoundStarted { round, global_model: global, selected: vec![] })
             .then(JobEvent::TimerSet { timer: crate::job::round_timer(round), due_at_ms: crate::job::DEFAULT_ROUND_TIMEOUT_S * 1000 })
     }
 

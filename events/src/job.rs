@@ -54,6 +54,9 @@ pub struct RunSpec {
     /// Fewest updates a round may aggregate (`minClients`); all selected trainers when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quorum: Option<u32>,
+    /// Trainers chosen at random per round (Flame's `random` selector, kwarg `k`); all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<u32>,
 }
 
 /// Every event in a job stream.
@@ -138,6 +141,9 @@ pub enum JobEvent {
         round: u32,
         /// Digest of the global model trainers start from.
         global_model: String,
+        /// Trainer tasks chosen for this round by the selector; empty: every trainer with a worker.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        selected: Vec<String>,
     },
     /// A trainer's update for a round was accepted.
     UpdateReported {

@@ -60,6 +60,7 @@ fn job(j: usize) -> Vec<Chunk> {
         max_run_time_s: None,
         round_timeout_s: None,
         quorum: None,
+        select: None,
     };
     let mut setup = vec![(
         JobEvent::JobCreated { job_id: id.clone(), name: "bench".into(), source: "bench".into(), spec, tasks: tasks.clone() },
@@ -84,7 +85,7 @@ fn job(j: usize) -> Vec<Chunk> {
     let mut model = digest(0);
     for r in 1..=ROUNDS {
         let mut c = vec![
-            (JobEvent::RoundStarted { round: r, global_model: model.clone() }, engine.clone()),
+            (JobEvent::RoundStarted { round: r, global_model: model.clone(), selected: vec![] }, engine.clone()),
             (JobEvent::TimerSet { timer: format!("round-{r}"), due_at_ms: 1_800_000_000_000 + u64::from(r) }, engine.clone()),
         ];
         let mut inputs = Vec::new();

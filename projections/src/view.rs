@@ -103,6 +103,9 @@ pub struct RoundView {
     pub start_model: String,
     /// Model it produced, once aggregated.
     pub model: Option<String>,
+    /// Trainer tasks the selector chose (empty: every trainer with a worker).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selected: Vec<String>,
     /// Updates accepted, in arrival order.
     pub participants: Vec<Participant>,
     /// Tasks whose updates missed the round's deadline.
@@ -425,12 +428,13 @@ impl JobView {
                     at,
                 });
             }
-            JobEvent::RoundStarted { round, global_model } => {
+            JobEvent::RoundStarted { round, global_model, selected } => {
                 self.status.round = round;
                 self.touched.0.insert(self.rounds.len());
                 self.rounds.push(RoundView {
                     round,
                     start_model: global_model,
+                    selected,
                     model: None,
                     participants: Vec::new(),
                     stragglers: Vec::new(),
@@ -558,7 +562,10 @@ pub fn detail(event: &JobEvent) -> String {
         JobEvent::TimerFired { timer } => format!("timer {timer} fired"),
         JobEvent::WorkerLost { worker_id, orphaned } => format!("{worker_id} lost; orphaned: [{}]", orphaned.join(", ")),
         JobEvent::ModelInitialized { digest, worker_id } => format!("initial model {} by {worker_id}", short(digest)),
-        JobEvent::RoundStarted { round, global_model } => format!("round {round} from {}", short(global_model)),
+        JobEvent::RoundStarted { round, global_model, selected } if !selected.is_empty() => {
+            format!("round {round} from {}; selected [{}]", short(global_model), selected.join(", "))
+        }
+        JobEvent::RoundStarted { round, global_model, .. } => format!("round {round} from {}", short(global_model)),
         JobEvent::UpdateReported { round, task_id, digest, samples, .. } => {
             format!("round {round}: {task_id} update {} ({samples} samples)", short(digest))
         }
@@ -629,6 +636,7 @@ mod tests {
                 max_run_time_s: None,
                 round_timeout_s: None,
                 quorum: None,
+                select: None,
             },
             tasks: ["t0", "t1", "agg"]
                 .iter()
@@ -659,7 +667,11 @@ mod tests {
             (task.clone(), worker.clone()).prop_map(|(task_id, worker_id)| JobEvent::TaskDeployed { task_id, worker_id }),
             Just(JobEvent::JobStarted {}),
             (digest.clone(), worker.clone()).prop_map(|(digest, worker_id)| JobEvent::ModelInitialized { digest, worker_id }),
-            (round.clone(), digest.clone()).prop_map(|(round, global_model)| JobEvent::RoundStarted { round, global_model }),
+            (round.clone(), digest.clone()).prop_map(|(round, global_model)| JobEvent::RoundStarted {
+                round,
+                global_model,
+                selected: vec![]
+            }),
             (round.clone(), task.clone(), worker.clone(), digest.clone(), 1u64..100).prop_map(
                 |(round, task_id, worker_id, digest, samples)| {
                     JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics: Metrics::from([("loss".into(), 0.5)]) }
@@ -727,7 +739,7 @@ mod tests {
             (JobEvent::TaskAssigned { task_id: "t1".into(), worker_id: "w1".into() }, "engine"),
             (JobEvent::JobStarted {}, "engine"),
             (JobEvent::ModelInitialized { digest: "m0".into(), worker_id: "w2".into() }, "worker:w2"),
-            (JobEvent::RoundStarted { round: 1, global_model: "m0".into() }, "engine"),
+            (JobEvent::RoundStarted { round: 1, global_model: "m0".into(), selected: vec![] }, "engine"),
             (
                 JobEvent::UpdateReported {
                     round: 1,

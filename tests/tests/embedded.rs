@@ -161,3 +161,55 @@ fn adaptive_and_robust_server_optimizers_run_end_to_end() {
         }
     }
 }
+
+/// Flame's random selector at run time: `k` of the trainers each round,
+/// recorded in `RoundStarted`, only they train, and the aggregate has k inputs.
+#[test]
+fn a_random_selector_trains_k_trainers_a_round() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("job");
+    std::fs::create_dir(&job).expect("mkdir");
+    copy_example(&job);
+    let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(job.join("modelSpec.json")).expect("read")).expect("json");
+    spec["selector"] = serde_json::json!({"sort": "random", "kwargs": {"k": 2}});
+    std::fs::write(job.join("modelSpec.json"), spec.to_string()).expect("write");
+    let data = dir.path().join("data");
+    let out = flamectl(&["run", job.to_str().expect("utf8"), "-o", "json", "--data-dir", data.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(summary["state"], "completed");
+    let out =
+        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
+    let events: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("line")).collect();
+    let mut picked = std::collections::BTreeSet::new();
+    for round in 1..=5u64 {
+        let started = events.iter().find(|e| e["event_type"] == "RoundStarted" && e["payload"]["round"] == round).expect("round");
+        let selected: Vec<String> =
+            started["payload"]["selected"].as_array().expect("selected").iter().map(|t| t.as_str().expect("task").to_string()).collect();
+        assert_eq!(selected.len(), 2, "round {round}");
+        let trained: Vec<String> = events
+            .iter()
+            .filter(|e| e["event_type"] == "UpdateReported" && e["payload"]["round"] == round)
+            .map(|e| e["payload"]["task_id"].as_str().expect("task").to_string())
+            .collect();
+        assert_eq!(
+            trained.iter().collect::<std::collections::BTreeSet<_>>(),
+            selected.iter().collect(),
+            "round {round}: only the selected train"
+        );
+        let aggregated = events.iter().find(|e| e["event_type"] == "RoundAggregated" && e["payload"]["round"] == round).expect("aggregate");
+        assert_eq!(aggregated["payload"]["inputs"].as_array().map(Vec::len), Some(2));
+        picked.insert(selected);
+    }
+    assert!(picked.len() > 1, "the pick changes across rounds: {picked:?}");
+    // `flamectl plan` shows the same pick for a round as the run made.
+    let out = flamectl(&["plan", job.to_str().expect("utf8"), "-o", "json", "--round", "3"]);
+    let plan: Value = serde_json::from_slice(&out.stdout).expect("plan json");
+    let planned: std::collections::BTreeSet<String> =
+        plan["plan"]["selected"].as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    let started = events.iter().find(|e| e["event_type"] == "RoundStarted" && e["payload"]["round"] == 3).expect("round 3");
+    let ran: std::collections::BTreeSet<String> =
+        started["payload"]["selected"].as_array().expect("selected").iter().filter_map(|t| t.as_str().map(str::to_string)).collect();
+    assert_eq!(planned, ran);
+}
