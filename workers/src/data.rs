@@ -1,15 +1,21 @@
 //! Datasets a worker can load from a dataset URL.
 //!
-//! - `builtin://digits?part=I&of=N`: the bundled UCI digits (1,797 8x8 images,
-//!   10 classes). A fixed, seeded 20% is held out as the test split (the same
-//!   for every part); the rest is dealt round-robin into N parts and part I is
-//!   the train split. Without `part`/`of`, all of the train split.
+//! - `builtin://digits?part=I&of=N[&split=iid|dirichlet|shards][&alpha=A][&shards=S][&seed=S]`:
+//!   the bundled UCI digits (1,797 8x8 images, 10 classes). A fixed, seeded
+//!   20% is held out as the test split (the same for every part); the rest is
+//!   dealt into N parts (round robin; Dirichlet(alpha) label skew; or S label
+//!   shards per part, see `partition`) and part I is the train split.
+//!   Without `part`/`of`, all of the train split.
 //! - `synthetic://fedprox?alpha=A&beta=B&device=K[&devices=30][&seed=S]`:
 //!   device K of the FedProx paper's Synthetic(alpha, beta) (see `synthetic`).
 //! - `file:PATH` or a path ending in `.csv`: numeric CSV, label in the last
 //!   column (classes 0..K-1), no header; the last 20% of rows is the test split.
+//! - a path ending in `.safetensors`: tensors `x` (F32, [rows, features]) and
+//!   `y` (I64 or I32, [rows]); the last 20% of rows is the test split.
 
 use std::io::Read;
+
+use crate::partition::Scheme;
 
 /// Errors loading data.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +185,27 @@ pub fn load(url: &str) -> Result<Data, Error> {
         if of == 0 || part >= of {
             return Err(Error::Url { url: url.into(), reason: format!("need 0 <= part < of, got part={part} of={of}") });
         }
-        let mine: Vec<usize> = train_rows.iter().copied().skip(part).step_by(of).collect();
+        let scheme = match q.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == "split").map(|(_, v)| v) {
+            None | Some("iid") => Scheme::Iid,
+            Some("dirichlet") => {
+                let alpha =
+                    q.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == "alpha").and_then(|(_, v)| v.parse::<f64>().ok());
+                match alpha {
+                    Some(alpha) if alpha > 0.0 && alpha.is_finite() => Scheme::Dirichlet { alpha },
+                    _ => return Err(Error::Url { url: url.into(), reason: "split=dirichlet needs alpha > 0 (e.g. alpha=0.5)".into() }),
+                }
+            }
+            Some("shards") => Scheme::Shards { shards: query(url, q, "shards")?.unwrap_or(2).max(1) },
+            Some(other) => {
+                return Err(Error::Url {
+                    url: url.into(),
+                    reason: format!("unknown split '{other}': use iid, dirichlet (alpha=) or shards (shards=)"),
+                });
+            }
+        };
+        let seed = query(url, q, "seed")?.unwrap_or(0) as u64;
+        let labels: Vec<i64> = train_rows.iter().map(|&r| all.y[r]).collect();
+        let mine: Vec<usize> = crate::partition::deal(&labels, of, part, &scheme, seed).into_iter().map(|i| train_rows[i]).collect();
         return Ok(Data { train: all.select(&mine), test: all.select(test_rows), classes: 10 });
     }
     if let Some(rest) = url.strip_prefix("synthetic://") {
@@ -206,6 +232,10 @@ pub fn load(url: &str) -> Result<Data, Error> {
         return Ok(crate::synthetic::fedprox(float("alpha")?, float("beta")?, device, seed));
     }
     let path = url.strip_prefix("file://").or_else(|| url.strip_prefix("file:")).unwrap_or(url);
+    if path.ends_with(".safetensors") {
+        let bytes = std::fs::read(path).map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
+        return Ok(held_out(safetensors_rows(url, &bytes)?));
+    }
     if !path.ends_with(".csv") {
         return Err(Error::Url {
             url: url.into(),
@@ -213,12 +243,44 @@ pub fn load(url: &str) -> Result<Data, Error> {
         });
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
-    let all = parse_csv(url, &text, 1.0)?;
+    Ok(held_out(parse_csv(url, &text, 1.0)?))
+}
+
+/// A file's rows with the last 20% held out for evaluation.
+fn held_out(all: Split) -> Data {
     let classes = all.y.iter().max().map_or(0, |m| *m as usize + 1);
     let n_test = (all.len() as f64 * TEST_FRACTION).round() as usize;
     let cut = all.len() - n_test;
     let rows: Vec<usize> = (0..all.len()).collect();
-    Ok(Data { train: all.select(&rows[..cut]), test: all.select(&rows[cut..]), classes })
+    Data { train: all.select(&rows[..cut]), test: all.select(&rows[cut..]), classes }
+}
+
+/// Rows from a safetensors file with tensors `x` (F32 [rows, features]) and `y` (I64 or I32 [rows]).
+fn safetensors_rows(url: &str, bytes: &[u8]) -> Result<Split, Error> {
+    use safetensors::tensor::Dtype;
+    let bad = |reason: String| Error::Read { url: url.into(), reason };
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let x = st.tensor("x").map_err(|_| bad("no tensor 'x' (F32, [rows, features])".into()))?;
+    let y = st.tensor("y").map_err(|_| bad("no tensor 'y' (I64 or I32, [rows])".into()))?;
+    let (&[rows, features], Dtype::F32) = (x.shape(), x.dtype()) else {
+        return Err(bad(format!("tensor 'x' is {:?} {:?}; it must be F32 [rows, features]", x.dtype(), x.shape())));
+    };
+    if y.shape() != [rows] {
+        return Err(bad(format!("tensor 'y' has shape {:?}; 'x' has {rows} rows", y.shape())));
+    }
+    let labels: Vec<i64> = match y.dtype() {
+        Dtype::I64 => y.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect(),
+        Dtype::I32 => y.data().chunks_exact(4).map(|b| i64::from(i32::from_le_bytes(b.try_into().unwrap_or([0; 4])))).collect(),
+        other => return Err(bad(format!("tensor 'y' is {other:?}; it must be I64 or I32 class numbers"))),
+    };
+    if let Some(l) = labels.iter().find(|l| **l < 0) {
+        return Err(bad(format!("label {l} is not a class number 0, 1, 2, ...")));
+    }
+    let x: Vec<f32> = x.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap_or([0; 4]))).collect();
+    if x.iter().any(|v| !v.is_finite()) {
+        return Err(bad("tensor 'x' holds NaN or infinite values".into()));
+    }
+    Ok(Split { x, y: labels, features })
 }
 
 #[cfg(test)]
@@ -248,6 +310,54 @@ mod tests {
         let e = load("builtin://digits?part=3&of=3").expect_err("part out of range");
         assert!(e.to_string().contains("part=3"), "{e}");
         assert!(load("https://example.org/data.npz").is_err());
+    }
+
+    #[test]
+    fn digits_parts_can_be_label_skewed() {
+        let share = |url: &str| {
+            let d = load(url).expect("digits");
+            let mut counts = [0usize; 10];
+            for y in &d.train.y {
+                counts[*y as usize] += 1;
+            }
+            (d.train.len(), *counts.iter().max().unwrap_or(&0) as f64 / d.train.len().max(1) as f64)
+        };
+        let skewed: Vec<(usize, f64)> =
+            (0..5).map(|i| share(&format!("builtin://digits?part={i}&of=5&split=dirichlet&alpha=0.1&seed=2"))).collect();
+        assert_eq!(skewed.iter().map(|s| s.0).sum::<usize>(), 1438, "the parts cover the train split");
+        assert!(skewed.iter().map(|s| s.1).sum::<f64>() / 5.0 > 0.4, "{skewed:?}");
+        let (_, iid) = share("builtin://digits?part=0&of=5");
+        assert!(iid < 0.15);
+        assert!(load("builtin://digits?part=0&of=5&split=dirichlet").expect_err("alpha").to_string().contains("alpha"));
+        assert!(load("builtin://digits?part=0&of=5&split=zipf").expect_err("split").to_string().contains("unknown split"));
+    }
+
+    #[test]
+    fn safetensors_files_load_x_and_y_and_refuse_bad_tensors() {
+        use safetensors::tensor::{Dtype, TensorView};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.safetensors");
+        let write = |x: &[f32], shape: Vec<usize>, y: &[i64]| {
+            let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let yb: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let views = vec![
+                ("x".to_string(), TensorView::new(Dtype::F32, shape, &xb).expect("x")),
+                ("y".to_string(), TensorView::new(Dtype::I64, vec![y.len()], &yb).expect("y")),
+            ];
+            std::fs::write(&path, safetensors::serialize(views, None).expect("serialize")).expect("write");
+        };
+        let x: Vec<f32> = (0..20).map(|i| i as f32).collect();
+        let y: Vec<i64> = (0..10).map(|i| i % 3).collect();
+        write(&x, vec![10, 2], &y);
+        let d = load(path.to_str().expect("utf8")).expect("safetensors");
+        assert_eq!((d.train.len(), d.test.len(), d.classes, d.train.features), (8, 2, 3, 2));
+        assert_eq!(d.test.x, vec![16.0, 17.0, 18.0, 19.0]);
+        write(&x, vec![10, 2], &y[..9]);
+        assert!(load(path.to_str().expect("utf8")).expect_err("rows").to_string().contains("rows"));
+        let mut nan = x.clone();
+        nan[3] = f32::NAN;
+        write(&nan, vec![10, 2], &y);
+        assert!(load(path.to_str().expect("utf8")).expect_err("nan").to_string().contains("NaN"));
     }
 
     #[test]

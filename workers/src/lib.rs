@@ -7,6 +7,7 @@ pub mod data;
 pub mod fedavg;
 pub mod model;
 pub mod optimizers;
+pub mod partition;
 pub mod privacy;
 pub mod robust;
 pub mod runtime;
