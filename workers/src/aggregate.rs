@@ -46,13 +46,13 @@ pub fn combine(
     optimizer: &str,
     kwargs: &Map<String, Value>,
     global: &Weights,
-    updates: &[(Weights, u64)],
+    mut updates: Vec<(Weights, u64)>,
     state: Option<&Weights>,
 ) -> Result<(Weights, Option<Weights>), Error> {
     let models = || updates.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>();
     match optimizer {
         // FedProx changes the trainers' objective (`mu`); the server averages as FedAvg does.
-        "fedavg" | "fedprox" => Ok((fedavg::fedavg(updates)?, None)),
+        "fedavg" | "fedprox" => Ok((fedavg::fedavg_into_first(&mut updates)?, None)),
         "fedadam" | "fedyogi" | "fedadagrad" => {
             let rule = match optimizer {
                 "fedadam" => Rule::Adam,
@@ -67,7 +67,7 @@ pub fn combine(
                 tau: number(kwargs, "tau", d.tau)?,
             };
             let mut st = state.map(unpack).unwrap_or_default();
-            let average = fedavg::fedavg(updates)?;
+            let average = fedavg::fedavg_into_first(&mut updates)?;
             let next = optimizers::step(rule, &settings, &mut st, global, &average)?;
             Ok((next, Some(pack(&st))))
         }
@@ -94,14 +94,14 @@ mod tests {
     #[test]
     fn adaptive_state_round_trips_between_rounds() {
         let kwargs: Map<String, Value> = serde_json::from_value(serde_json::json!({"eta": 0.1})).expect("kwargs");
-        let (a, s1) = combine("fedadam", &kwargs, &w(0.0), &[(w(1.0), 1)], None).expect("round 1");
+        let (a, s1) = combine("fedadam", &kwargs, &w(0.0), vec![(w(1.0), 1)], None).expect("round 1");
         let s1 = s1.expect("state");
         assert!(s1.contains_key("m/p") && s1.contains_key("v/p"));
-        let (b, _) = combine("fedadam", &kwargs, &a, &[(w(1.0), 1)], Some(&s1)).expect("round 2");
-        let (b_fresh, _) = combine("fedadam", &kwargs, &a, &[(w(1.0), 1)], None).expect("round 2 without state");
+        let (b, _) = combine("fedadam", &kwargs, &a, vec![(w(1.0), 1)], Some(&s1)).expect("round 2");
+        let (b_fresh, _) = combine("fedadam", &kwargs, &a, vec![(w(1.0), 1)], None).expect("round 2 without state");
         assert_ne!(b, b_fresh, "the carried moments change the step");
-        assert!(combine("fedmagic", &kwargs, &w(0.0), &[(w(1.0), 1)], None).is_err());
+        assert!(combine("fedmagic", &kwargs, &w(0.0), vec![(w(1.0), 1)], None).is_err());
         let bad: Map<String, Value> = serde_json::from_value(serde_json::json!({"eta": "fast"})).expect("kwargs");
-        assert!(combine("fedadam", &bad, &w(0.0), &[(w(1.0), 1)], None).is_err());
+        assert!(combine("fedadam", &bad, &w(0.0), vec![(w(1.0), 1)], None).is_err());
     }
 }

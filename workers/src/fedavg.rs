@@ -6,8 +6,8 @@ use crate::weights::{Error, Tensor, Weights, check_same_layout};
 /// while every update's slice of it streams through once.
 const BLOCK: usize = 8192;
 
-/// Tensors smaller than this are averaged on the calling thread.
-const PARALLEL_FROM: usize = 1 << 18;
+/// Sums over fewer values than this (tensor length x updates) run on the calling thread.
+const PARALLEL_FROM: usize = 1 << 21;
 
 /// Averages models weighted by their sample counts. Every model must have the
 /// layout of the first; the total weight must be positive. Sums run in f64,
@@ -35,29 +35,84 @@ pub fn fedavg(updates: &[(Weights, u64)]) -> Result<Weights, Error> {
     Ok(out)
 }
 
+/// FedAvg written over the first update: its tensors become the result (the
+/// first entry is left empty), so the output goes to memory that is already
+/// mapped (on a VM, faulting in a fresh 40 MB buffer costs about as much as
+/// reading 400 MB). The sums are the same, in the same order, as `fedavg`'s.
+pub fn fedavg_into_first(updates: &mut [(Weights, u64)]) -> Result<Weights, Error> {
+    let Some(((first, _), rest)) = updates.split_first() else {
+        return Err(Error::Mismatch("no updates to aggregate".into()));
+    };
+    for (w, _) in rest {
+        check_same_layout(first, w)?;
+    }
+    let total: f64 = updates.iter().map(|(_, n)| *n as f64).sum();
+    if total <= 0.0 {
+        return Err(Error::Mismatch("updates carry no samples".into()));
+    }
+    let scales: Vec<f64> = updates.iter().map(|(_, n)| *n as f64 / total).collect();
+    let (head, rest) = updates.split_at_mut(1);
+    let mut out = std::mem::take(&mut head[0].0);
+    for (name, t) in &mut out {
+        let inputs: Vec<&[f32]> = rest.iter().filter_map(|(w, _)| w.get(name)).map(|t| t.data.as_slice()).collect();
+        weighted_sum_in_place(&mut t.data, &inputs, &scales);
+    }
+    Ok(out)
+}
+
 /// `out[i] = sum_k scales[k] * inputs[k][i]`, block by block, on every core for large tensors.
 pub fn weighted_sum(out: &mut [f32], inputs: &[&[f32]], scales: &[f64]) {
+    split(out, inputs.len(), |part, offset| sum_range(part, offset, Start::Zero, inputs, scales));
+}
+
+/// As `weighted_sum` where `out` holds input 0 (weight `scales[0]`) and
+/// `rest` the others: each block reads `out` before it writes it.
+pub fn weighted_sum_in_place(out: &mut [f32], rest: &[&[f32]], scales: &[f64]) {
+    split(out, rest.len() + 1, |part, offset| sum_range(part, offset, Start::Own(scales[0]), rest, &scales[1..]));
+}
+
+/// Runs `f` over parts of `out` (whole blocks) on every core, or on this
+/// thread when the sum (`out.len()` x `updates`) is small.
+fn split(out: &mut [f32], updates: usize, f: impl Fn(&mut [f32], usize) + Sync) {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    if threads <= 1 || out.len() < PARALLEL_FROM {
-        sum_range(out, 0, inputs, scales);
+    if threads <= 1 || out.len().saturating_mul(updates) < PARALLEL_FROM || out.len() < 2 * BLOCK {
+        f(out, 0);
         return;
     }
     let per = out.len().div_ceil(threads).div_ceil(BLOCK) * BLOCK;
     std::thread::scope(|scope| {
         for (i, part) in out.chunks_mut(per).enumerate() {
-            scope.spawn(move || sum_range(part, i * per, inputs, scales));
+            let f = &f;
+            scope.spawn(move || f(part, i * per));
         }
     });
 }
 
-fn sum_range(out: &mut [f32], offset: usize, inputs: &[&[f32]], scales: &[f64]) {
+/// Where a block's sum starts.
+#[derive(Clone, Copy)]
+enum Start {
+    /// From zero.
+    Zero,
+    /// From the block's own values times this weight (the first input).
+    Own(f64),
+}
+
+fn sum_range(out: &mut [f32], offset: usize, start: Start, inputs: &[&[f32]], scales: &[f64]) {
     let mut acc = vec![0.0f64; BLOCK.min(out.len())];
     for (b, block) in out.chunks_mut(BLOCK).enumerate() {
-        let start = offset + b * BLOCK;
+        let begin = offset + b * BLOCK;
         let acc = &mut acc[..block.len()];
-        acc.fill(0.0);
+        match start {
+            Start::Zero => acc.fill(0.0),
+            // 0 + s*v, as the plain sum's first step.
+            Start::Own(s) => {
+                for (a, &v) in acc.iter_mut().zip(block.iter()) {
+                    *a = 0.0 + s * f64::from(v);
+                }
+            }
+        }
         for (input, &s) in inputs.iter().zip(scales) {
-            for (a, &v) in acc.iter_mut().zip(&input[start..start + block.len()]) {
+            for (a, &v) in acc.iter_mut().zip(&input[begin..begin + block.len()]) {
                 *a += s * f64::from(v);
             }
         }
@@ -88,6 +143,26 @@ mod tests {
         assert!(fedavg(&[]).is_err());
         assert!(fedavg(&[(model(&[1.0]), 1), (model(&[1.0, 2.0]), 1)]).is_err());
         assert!(fedavg(&[(model(&[1.0]), 0)]).is_err());
+    }
+
+    #[test]
+    fn the_owned_fedavg_equals_the_borrowed_one_bit_for_bit() {
+        let mut seed = 3u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for len in [5, BLOCK + 1, PARALLEL_FROM + 777] {
+            let updates: Vec<(Weights, u64)> =
+                (0..4).map(|k| (model(&(0..len).map(|_| next()).collect::<Vec<_>>()), 10 + k as u64 * 7)).collect();
+            let borrowed = fedavg(&updates).expect("fedavg");
+            let mut updates = updates;
+            let owned = fedavg_into_first(&mut updates).expect("in place");
+            assert!(updates[0].0.is_empty(), "the first update's tensors became the result");
+            assert!(borrowed["w"].data.iter().zip(&owned["w"].data).all(|(a, b)| a.to_bits() == b.to_bits()), "length {len}");
+        }
+        assert!(fedavg_into_first(&mut []).is_err());
+        assert!(fedavg_into_first(&mut [(model(&[1.0]), 1), (model(&[1.0, 2.0]), 1)]).is_err());
     }
 
     /// The blocked, threaded sum equals the plain per-element f64 sum bit for

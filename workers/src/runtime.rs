@@ -200,7 +200,7 @@ impl Worker {
                 };
                 let (eval, optimizer, kwargs) = (eval_dataset.clone(), optimizer.clone(), optimizer_kwargs.clone());
                 let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                    let (next, state) = aggregate::combine(&optimizer, &kwargs, &global, &inputs, state.as_ref())?;
+                    let (next, state) = aggregate::combine(&optimizer, &kwargs, &global, inputs, state.as_ref())?;
                     let metrics = match eval {
                         Some(url) => crate::model::evaluate(&cfg, &next, &data::load(&url)?.test)?,
                         None => Default::default(),
