@@ -213,3 +213,22 @@ fn a_random_selector_trains_k_trainers_a_round() {
         started["payload"]["selected"].as_array().expect("selected").iter().filter_map(|t| t.as_str().map(str::to_string)).collect();
     assert_eq!(planned, ran);
 }
+
+/// Every example folder is a valid job that expands and plans.
+#[test]
+fn every_example_validates_and_plans() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root().join("examples")).expect("examples") {
+        let path = entry.expect("entry").path();
+        if !path.is_dir() {
+            continue;
+        }
+        let arg = path.to_str().expect("utf8");
+        let out = flamectl(&["validate", arg, "-o", "json"]);
+        assert!(out.status.success(), "{arg}: {}", String::from_utf8_lossy(&out.stdout));
+        let out = flamectl(&["plan", arg, "-o", "json"]);
+        assert!(out.status.success(), "{arg}: {}", String::from_utf8_lossy(&out.stderr));
+        seen += 1;
+    }
+    assert!(seen >= 2, "examples found: {seen}");
+}
