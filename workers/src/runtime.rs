@@ -23,6 +23,8 @@ use crate::{aggregate, data};
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How many finished commands a worker remembers, to answer redeliveries without redoing them.
 const REMEMBERED: usize = 4096;
+/// Commands a worker runs at once unless told otherwise (`--concurrency`).
+pub const DEFAULT_CONCURRENCY: usize = 4;
 
 /// A worker: one identity, one command inbox.
 #[derive(Clone)]
@@ -31,12 +33,20 @@ pub struct Worker {
     transport: Arc<dyn Transport>,
     blobs: Arc<dyn BlobStore>,
     done: Arc<Mutex<HashMap<String, Report>>>,
+    concurrency: usize,
 }
 
 impl Worker {
     /// A worker with this identity, transport and blob store.
     pub fn new(info: WorkerInfo, transport: Arc<dyn Transport>, blobs: Arc<dyn BlobStore>) -> Self {
-        Self { info, transport, blobs, done: Arc::default() }
+        Self { info, transport, blobs, done: Arc::default(), concurrency: DEFAULT_CONCURRENCY }
+    }
+
+    /// Runs at most `n` commands at once (at least 1). Each is acked only
+    /// after its report is sent, so a crash redelivers every one in flight.
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
     }
 
     /// Registers, then runs commands until `shutdown` resolves or the inbox closes.
@@ -57,26 +67,54 @@ impl Worker {
         };
         tracing::info!(worker = %self.info.id, roles = ?self.info.roles, "worker ready");
         tokio::pin!(shutdown);
+        let mut running: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+        let finished = |done: Option<Result<anyhow::Result<()>, tokio::task::JoinError>>| match done {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(anyhow!(e).context("a command task panicked")),
+        };
         let result = loop {
+            // At the bound, the next command waits for one in flight to finish.
+            if running.len() >= self.concurrency {
+                match finished(running.join_next().await) {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e),
+                }
+            }
             let next = tokio::select! {
                 () = &mut shutdown => break Ok(()),
+                done = running.join_next(), if !running.is_empty() => match finished(done) {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e),
+                },
                 next = inbox.next() => next,
             };
             match next {
                 None => break Ok(()),
                 Some(Err(e)) => tracing::warn!(worker = %self.info.id, "skipping a command: {e}"),
                 Some(Ok(delivery)) => {
-                    let report = self.execute(&delivery.message).await;
-                    if let Err(e) = self.transport.send_report(&report).await {
-                        // Not acked: the command is redelivered and answered from memory.
-                        break Err(anyhow!(e).context("sending a report"));
-                    }
-                    if let Err(e) = delivery.ack().await {
-                        tracing::warn!(worker = %self.info.id, "ack failed (the command may be redelivered): {e}");
-                    }
+                    let worker = self.clone();
+                    running.spawn(async move {
+                        let report = worker.execute(&delivery.message).await;
+                        // Not acked on failure: the command is redelivered and answered from memory.
+                        worker.transport.send_report(&report).await.map_err(|e| anyhow!(e).context("sending a report"))?;
+                        if let Err(e) = delivery.ack().await {
+                            tracing::warn!(worker = %worker.info.id, "ack failed (the command may be redelivered): {e}");
+                        }
+                        Ok(())
+                    });
                 }
             }
         };
+        // A graceful stop lets the commands in flight report; a failure abandons them (they are redelivered).
+        if result.is_ok() {
+            while let Some(done) = running.join_next().await {
+                if let Err(e) = finished(Some(done)) {
+                    tracing::warn!(worker = %self.info.id, "a command in flight failed at shutdown: {e:#}");
+                }
+            }
+        }
+        running.abort_all();
         heartbeat.abort();
         result
     }
@@ -259,6 +297,39 @@ mod tests {
 
     fn norm_of_difference(a: &Weights, b: &Weights) -> f64 {
         a.iter().map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
+    }
+
+    #[tokio::test]
+    async fn commands_run_concurrently_and_each_is_reported_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let transport = Arc::new(InProcess::default());
+        let info = WorkerInfo { id: "w".into(), roles: vec!["trainer".into()], realm: "default".into(), device: "cpu".into() };
+        let worker = Worker::new(info, transport.clone(), blobs).with_concurrency(3);
+        let mut reports = transport.report_inbox("j").await.expect("reports");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(worker.run(async move {
+            let _ = stopped.await;
+        }));
+        for i in 0..8 {
+            let deploy = Command {
+                v: protocol::VERSION,
+                id: format!("deploy-{i}"),
+                job_id: "j".into(),
+                task_id: format!("t{i}"),
+                round: 0,
+                body: CommandBody::Deploy { role: "trainer".into(), dataset: Some(format!("builtin://digits?part={i}&of=8")) },
+            };
+            transport.send_command("w", &deploy).await.expect("send");
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        while ids.len() < 8 {
+            let report = tokio::time::timeout(Duration::from_secs(30), reports.next()).await.expect("a report").expect("open").expect("ok");
+            assert!(matches!(report.message.body, ReportBody::Deployed {}), "{:?}", report.message.body);
+            assert!(ids.insert(report.message.command_id.clone()), "reported twice: {}", report.message.command_id);
+        }
+        let _ = stop.send(());
+        running.await.expect("join").expect("a clean stop");
     }
 
     #[tokio::test]

@@ -32,6 +32,9 @@ struct Args {
     /// Compute device it trains on.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Commands run at once (each acked only after its report is sent).
+    #[arg(long, default_value_t = flame_workers::runtime::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
 }
 
 #[tokio::main]
@@ -51,5 +54,5 @@ async fn main() -> anyhow::Result<()> {
     let transport = Nats::connect(&args.nats).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
-    Worker::new(info, Arc::new(transport), Arc::new(blobs)).run(flame_events::shutdown_signal()).await
+    Worker::new(info, Arc::new(transport), Arc::new(blobs)).with_concurrency(args.concurrency).run(flame_events::shutdown_signal()).await
 }
