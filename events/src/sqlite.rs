@@ -65,14 +65,22 @@ impl SqliteStore {
     }
 
     async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| Error::Backend("the SQLite connection lock is poisoned".into()))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(backend)?
+        blocking(&self.conn, f).await
     }
+}
+
+/// Runs `f` on a shared SQLite connection on the blocking pool (SQLite calls block).
+pub async fn blocking<T: Send + 'static>(
+    conn: &Arc<Mutex<Connection>>,
+    f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = conn.lock().map_err(|_| Error::Backend("the SQLite connection lock is poisoned".into()))?;
+        f(&mut guard)
+    })
+    .await
+    .map_err(backend)?
 }
 
 fn row_to_envelope(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {

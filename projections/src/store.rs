@@ -254,13 +254,7 @@ impl SqliteViews {
     }
 
     async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| Error::Backend("the SQLite connection lock is poisoned".into()))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(backend)?
+        flame_events::sqlite::blocking(&self.conn, f).await
     }
 }
 

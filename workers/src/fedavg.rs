@@ -14,19 +14,9 @@ const PARALLEL_FROM: usize = 1 << 21;
 /// update by update in the given order, so the result does not depend on how
 /// the work is split.
 pub fn fedavg(updates: &[(Weights, u64)]) -> Result<Weights, Error> {
-    let Some((first, _)) = updates.first() else {
-        return Err(Error::Mismatch("no updates to aggregate".into()));
-    };
-    for (w, _) in &updates[1..] {
-        check_same_layout(first, w)?;
-    }
-    let total: f64 = updates.iter().map(|(_, n)| *n as f64).sum();
-    if total <= 0.0 {
-        return Err(Error::Mismatch("updates carry no samples".into()));
-    }
-    let scales: Vec<f64> = updates.iter().map(|(_, n)| *n as f64 / total).collect();
+    let scales = scales(updates)?;
     let mut out = Weights::new();
-    for (name, t) in first {
+    for (name, t) in &updates[0].0 {
         let inputs: Vec<&[f32]> = updates.iter().filter_map(|(w, _)| w.get(name)).map(|t| t.data.as_slice()).collect();
         let mut data = vec![0.0f32; t.data.len()];
         weighted_sum(&mut data, &inputs, &scales);
@@ -40,6 +30,19 @@ pub fn fedavg(updates: &[(Weights, u64)]) -> Result<Weights, Error> {
 /// mapped (on a VM, faulting in a fresh 40 MB buffer costs about as much as
 /// reading 400 MB). The sums are the same, in the same order, as `fedavg`'s.
 pub fn fedavg_into_first(updates: &mut [(Weights, u64)]) -> Result<Weights, Error> {
+    let scales = scales(updates)?;
+    let (head, rest) = updates.split_at_mut(1);
+    let mut out = std::mem::take(&mut head[0].0);
+    for (name, t) in &mut out {
+        let inputs: Vec<&[f32]> = rest.iter().filter_map(|(w, _)| w.get(name)).map(|t| t.data.as_slice()).collect();
+        weighted_sum_in_place(&mut t.data, &inputs, &scales);
+    }
+    Ok(out)
+}
+
+/// Each update's weight (its share of the samples), once every update is
+/// checked to have the first one's layout and the samples add up to more than 0.
+fn scales(updates: &[(Weights, u64)]) -> Result<Vec<f64>, Error> {
     let Some(((first, _), rest)) = updates.split_first() else {
         return Err(Error::Mismatch("no updates to aggregate".into()));
     };
@@ -50,14 +53,7 @@ pub fn fedavg_into_first(updates: &mut [(Weights, u64)]) -> Result<Weights, Erro
     if total <= 0.0 {
         return Err(Error::Mismatch("updates carry no samples".into()));
     }
-    let scales: Vec<f64> = updates.iter().map(|(_, n)| *n as f64 / total).collect();
-    let (head, rest) = updates.split_at_mut(1);
-    let mut out = std::mem::take(&mut head[0].0);
-    for (name, t) in &mut out {
-        let inputs: Vec<&[f32]> = rest.iter().filter_map(|(w, _)| w.get(name)).map(|t| t.data.as_slice()).collect();
-        weighted_sum_in_place(&mut t.data, &inputs, &scales);
-    }
-    Ok(out)
+    Ok(updates.iter().map(|(_, n)| *n as f64 / total).collect())
 }
 
 /// `out[i] = sum_k scales[k] * inputs[k][i]`, block by block, on every core for large tensors.
