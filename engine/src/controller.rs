@@ -123,11 +123,11 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
     let (Some(spec), Some(aggregator)) = (&job.spec, job.aggregator()) else {
         return Vec::new();
     };
-    let Some(agg_worker) = job.assignments.get(&aggregator.task_id) else {
-        return Vec::new();
-    };
     let eval_dataset = job.trainers().find_map(|t| t.dataset.clone());
     let Some(global_model) = job.global_model.clone() else {
+        let Some(agg_worker) = job.assignments.get(&aggregator.task_id) else {
+            return Vec::new();
+        };
         let body = CommandBody::InitModel { model: spec.model.clone(), dataset: eval_dataset.unwrap_or_default(), seed: spec.seed };
         return vec![Action::Send { worker_id: agg_worker.clone(), command: command(job, &aggregator.task_id, 0, "init", body) }];
     };
@@ -139,40 +139,42 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
         })];
     }
     let round = job.round;
+    let mut actions: Vec<Action> = Vec::new();
     if !job.training_done() {
-        return job
-            .round_trainers()
-            .filter(|t| !job.updates.contains_key(&t.task_id))
-            .filter_map(|t| {
-                let worker = job.assignments.get(&t.task_id)?;
-                let body = CommandBody::Train {
-                    model: spec.model.clone(),
-                    global_model: global_model.clone(),
-                    dataset: t.dataset.clone().unwrap_or_default(),
-                    hyperparameters: spec.hyperparameters.clone(),
-                    seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
-                };
-                Some(Action::Send {
-                    worker_id: worker.clone(),
-                    command: command(job, &t.task_id, round, &format!("r{round}/train/{}", t.task_id), body),
-                })
+        actions.extend(job.round_trainers().filter(|t| !job.updates.contains_key(&t.task_id)).filter_map(|t| {
+            let worker = job.assignments.get(&t.task_id)?;
+            let body = CommandBody::Train {
+                model: spec.model.clone(),
+                global_model: global_model.clone(),
+                dataset: t.dataset.clone().unwrap_or_default(),
+                hyperparameters: spec.hyperparameters.clone(),
+                seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
+            };
+            Some(Action::Send {
+                worker_id: worker.clone(),
+                command: command(job, &t.task_id, round, &format!("r{round}/train/{}", t.task_id), body),
             })
-            .collect();
+        }));
     }
-    let updates = job.trainers().filter_map(|t| job.updates.get(&t.task_id)).cloned().collect();
-    let body = CommandBody::Aggregate {
-        model: spec.model.clone(),
-        optimizer: spec.optimizer.clone(),
-        optimizer_kwargs: spec.optimizer_kwargs.clone(),
-        optimizer_state: job.optimizer_state.clone(),
-        global_model,
-        updates,
-        eval_dataset,
-    };
-    vec![Action::Send {
-        worker_id: agg_worker.clone(),
-        command: command(job, &aggregator.task_id, round, &format!("r{round}/aggregate"), body),
-    }]
+    // Each aggregator whose inputs are in: a middle one averages its group
+    // (FedAvg, weighted by samples) while other groups may still train; the
+    // top one applies the job's optimizer and evaluates the new global model.
+    for a in job.aggregators().filter(|a| job.ready(&a.task_id)) {
+        let Some(worker) = job.assignments.get(&a.task_id) else { continue };
+        let top = a.task_id == aggregator.task_id;
+        let body = CommandBody::Aggregate {
+            model: spec.model.clone(),
+            optimizer: if top { spec.optimizer.clone() } else { "fedavg".into() },
+            optimizer_kwargs: if top { spec.optimizer_kwargs.clone() } else { Default::default() },
+            optimizer_state: if top { job.optimizer_state.clone() } else { None },
+            global_model: global_model.clone(),
+            updates: job.updates_for(&a.task_id),
+            eval_dataset: if top { eval_dataset.clone() } else { None },
+        };
+        let key = if top { format!("r{round}/aggregate") } else { format!("r{round}/aggregate/{}", a.task_id) };
+        actions.push(Action::Send { worker_id: worker.clone(), command: command(job, &a.task_id, round, &key, body) });
+    }
+    actions
 }
 
 #[cfg(test)]
@@ -318,6 +320,118 @@ mod tests {
             sends(&decide(&moved.job(), 0, Some(&live))),
             vec![("w-t0".into(), "job-1/r1/train/t0".into()), ("w-spare".into(), "job-1/r1/train/t1".into())]
         );
+    }
+
+    /// The hierarchical test job, running with the initial model and round 1 open.
+    fn hierarchical_round() -> History {
+        let mut h = History { events: vec![crate::testing::created_hierarchical(1)] }.then(JobEvent::JobStarting {});
+        for t in ["t0", "t1", "t2", "t3", "m-eu", "m-na", "top"] {
+            h = h.then(JobEvent::TaskAssigned { task_id: t.into(), worker_id: format!("w-{t}") });
+        }
+        h = h.then(JobEvent::JobDeploying {});
+        for t in ["t0", "t1", "t2", "t3", "m-eu", "m-na", "top"] {
+            h = h.then(JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}") });
+        }
+        h.then(JobEvent::JobStarted {}).then(JobEvent::ModelInitialized { digest: "m0".into(), worker_id: "w-top".into() }).round_started(1)
+    }
+
+    fn handle(h: History, command: JobCommand) -> History {
+        let events = h.job().handle(command).expect("accepted");
+        events.into_iter().fold(h, History::then)
+    }
+
+    fn aggregate_of<'a>(actions: &'a [Action], worker: &str) -> (&'a str, &'a Vec<flame_events::protocol::UpdateRef>, bool) {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Send { worker_id, command } if worker_id == worker => match &command.body {
+                    CommandBody::Aggregate { optimizer, updates, eval_dataset, .. } => {
+                        Some((optimizer.as_str(), updates, eval_dataset.is_some()))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no aggregate for {worker} in {actions:?}"))
+    }
+
+    #[test]
+    fn hierarchical_rounds_aggregate_each_group_then_the_groups() {
+        use crate::testing::report;
+        use flame_events::protocol::{Excluded, ReportBody};
+        let aggregated = |d: &str, excluded: Vec<Excluded>| ReportBody::Aggregated {
+            digest: d.into(),
+            metrics: Default::default(),
+            optimizer_state: None,
+            excluded,
+        };
+        let mut h = hierarchical_round();
+        if let JobEvent::JobCreated { spec, .. } = &mut h.events[0] {
+            spec.quorum = Some(3);
+        }
+        assert_eq!(h.job().aggregator().map(|t| t.task_id.as_str()), Some("top"));
+        assert_eq!(sends(&decide(&h.job(), 0, None)).len(), 4, "all four trainers train");
+
+        // Group eu is complete: its middle aggregator averages it while na still trains.
+        let h = h.then(update(1, "t0")).then(update(1, "t1"));
+        let actions = decide(&h.job(), 0, None);
+        assert_eq!(sends(&actions).iter().filter(|(_, id)| id.contains("/train/")).count(), 2);
+        let (optimizer, updates, evaluates) = aggregate_of(&actions, "w-m-eu");
+        assert_eq!((optimizer, evaluates), ("fedavg", false), "middle tiers average and do not evaluate");
+        assert_eq!(updates.iter().map(|u| u.digest.as_str()).collect::<Vec<_>>(), ["u1t0", "u1t1"]);
+        assert!(!sends(&actions).iter().any(|(w, _)| w == "w-top" || w == "w-m-na"));
+
+        let h = handle(h, report("m-eu", 1, aggregated("g-eu", vec![])));
+        assert!(matches!(h.events.last(), Some(JobEvent::GroupAggregated { samples: 20, inputs, .. }) if inputs == &["u1t0", "u1t1"]));
+        assert!(matches!(h.job().handle(report("m-eu", 1, aggregated("g-eu", vec![]))), Err(crate::job::Rejection::Duplicate { .. })));
+        let early = h.job().handle(report("top", 1, aggregated("m1", vec![])));
+        assert!(matches!(early, Err(crate::job::Rejection::Unexpected(m)) if m.contains("before 1 input(s)")), "top waits for na");
+
+        // Group na: t3's update is unusable; the middle aggregator leaves it out.
+        let h = h.then(update(1, "t2")).then(update(1, "t3"));
+        let bad = || vec![Excluded { task_id: "t3".into(), digest: "u1t3".into(), reason: "NaN".into() }];
+        let foreign = vec![Excluded { task_id: "t0".into(), digest: "u1t0".into(), reason: "x".into() }];
+        assert!(h.job().handle(report("m-na", 1, aggregated("g-na", foreign))).is_err(), "m-na cannot exclude eu's updates");
+        let h = handle(h, report("m-na", 1, aggregated("g-na", bad())));
+        let n = h.events.len();
+        assert!(matches!(&h.events[n - 2], JobEvent::UpdateExcluded { task_id, .. } if task_id == "t3"));
+        assert!(matches!(&h.events[n - 1], JobEvent::GroupAggregated { samples: 10, inputs, .. } if inputs == &["u1t2"]));
+
+        // The top aggregator combines the two groups, weighted by their samples, with the job's optimizer.
+        let actions = decide(&h.job(), 0, None);
+        assert_eq!(sends(&actions), vec![("w-top".to_string(), "job-1/r1/aggregate".to_string())]);
+        let (_, updates, evaluates) = aggregate_of(&actions, "w-top");
+        assert!(evaluates);
+        let got: Vec<(&str, &str, u64)> = updates.iter().map(|u| (u.task_id.as_str(), u.digest.as_str(), u.samples)).collect();
+        assert_eq!(got, [("m-eu", "g-eu", 20), ("m-na", "g-na", 10)]);
+        let h = handle(h, report("top", 1, aggregated("m1", vec![])));
+        assert!(
+            matches!(h.events.last(), Some(JobEvent::RoundAggregated { inputs, .. }) if inputs == &["u1t0", "u1t1", "u1t2"]),
+            "the round's inputs are the trainers' updates inside the groups"
+        );
+        assert_eq!(decide(&h.job(), 0, None), vec![Action::Handle(JobCommand::Complete)]);
+    }
+
+    #[test]
+    fn a_group_whose_trainers_all_missed_the_deadline_sits_the_round_out() {
+        let h = hierarchical_round()
+            .then(update(1, "t2"))
+            .then(update(1, "t3"))
+            .then(JobEvent::TrainingClosed { round: 1, dropped: vec!["t0".into(), "t1".into()] });
+        let actions = decide(&h.job(), 0, None);
+        assert_eq!(sends(&actions), vec![("w-m-na".to_string(), "job-1/r1/aggregate/m-na".to_string())]);
+        let h = h.then(JobEvent::GroupAggregated {
+            round: 1,
+            task_id: "m-na".into(),
+            worker_id: "w-m-na".into(),
+            digest: "g-na".into(),
+            samples: 20,
+            inputs: vec!["u1t2".into(), "u1t3".into()],
+            metrics: Default::default(),
+        });
+        let actions = decide(&h.job(), 0, None);
+        let (_, updates, _) = aggregate_of(&actions, "w-top");
+        assert_eq!(updates.len(), 1, "the top aggregator does not wait for the empty group");
     }
 
     #[test]

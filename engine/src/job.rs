@@ -310,6 +310,12 @@ pub struct Job {
     pub selected: BTreeSet<String>,
     /// Updates accepted in the open round, by task id.
     pub updates: BTreeMap<String, UpdateRef>,
+    /// Middle aggregators' results in the open round, by task id.
+    #[serde(default)]
+    pub partials: BTreeMap<String, Partial>,
+    /// Task id -> the task it uploads to (derived from the definition; the top aggregator has none).
+    #[serde(default)]
+    pub parents: BTreeMap<String, String>,
     /// Whether the open round stopped taking updates at its deadline.
     pub training_closed: bool,
     /// Metrics of the latest global model.
@@ -324,6 +330,31 @@ pub struct Job {
     pub rejected: u64,
     /// Events applied (the stream version).
     pub version: u64,
+}
+
+/// A middle aggregator's result in the open round.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Partial {
+    /// Its model as an input one tier up: its task, digest and the samples behind it.
+    pub update: UpdateRef,
+    /// Digests of the trainers' updates it contains.
+    pub inputs: Vec<String>,
+}
+
+/// One input of an aggregator: an update (or a partial aggregate) and the trainers' digests inside it.
+struct Input<'a> {
+    update: &'a UpdateRef,
+    trainers: Vec<&'a str>,
+}
+
+/// Each task's parent: the run settings' uplinks, or for jobs recorded
+/// before hierarchies ran (no uplinks) every trainer under the one aggregator.
+fn parents(spec: &RunSpec, tasks: &[TaskSpec]) -> BTreeMap<String, String> {
+    if !spec.uplinks.is_empty() {
+        return spec.uplinks.clone();
+    }
+    let Some(agg) = tasks.iter().find(|t| !t.is_data_consumer) else { return BTreeMap::new() };
+    tasks.iter().filter(|t| t.is_data_consumer).map(|t| (t.task_id.clone(), agg.task_id.clone())).collect()
 }
 
 impl Default for Job {
@@ -343,6 +374,8 @@ impl Default for Job {
             rounds_completed: 0,
             selected: BTreeSet::new(),
             updates: BTreeMap::new(),
+            partials: BTreeMap::new(),
+            parents: BTreeMap::new(),
             training_closed: false,
             metrics: Metrics::new(),
             optimizer_state: None,
@@ -379,9 +412,65 @@ impl Job {
         self.spec.as_ref().and_then(|s| s.round_timeout_s).unwrap_or(DEFAULT_ROUND_TIMEOUT_S).saturating_mul(1000)
     }
 
-    /// The task that aggregates (two-tier: the only non-data task).
+    /// The top aggregator: the task that makes the global model (it reports to no one).
     pub fn aggregator(&self) -> Option<&TaskSpec> {
-        self.tasks.iter().find(|t| !t.is_data_consumer)
+        self.tasks.iter().find(|t| !t.is_data_consumer && !self.parents.contains_key(&t.task_id))
+    }
+
+    /// Every aggregating task: the top aggregator and any middle aggregators.
+    pub fn aggregators(&self) -> impl Iterator<Item = &TaskSpec> {
+        self.tasks.iter().filter(|t| !t.is_data_consumer)
+    }
+
+    /// The tasks that upload to `task`.
+    pub fn children<'a>(&'a self, task: &'a str) -> impl Iterator<Item = &'a TaskSpec> + 'a {
+        self.tasks.iter().filter(move |t| self.parents.get(&t.task_id).is_some_and(|p| p == task))
+    }
+
+    /// Whether `t` may still bring an input to its aggregator in the open round:
+    /// a round trainer that reported or may yet (training is open), or an
+    /// aggregator that has its result or a child that still may.
+    fn expects(&self, t: &TaskSpec) -> bool {
+        if t.is_data_consumer {
+            self.updates.contains_key(&t.task_id) || (!self.training_closed && self.round_trainers().any(|r| r.task_id == t.task_id))
+        } else {
+            self.partials.contains_key(&t.task_id) || self.children(&t.task_id).any(|c| self.expects(c))
+        }
+    }
+
+    /// The inputs `task` has for the open round, in task order.
+    fn inputs_of<'a>(&'a self, task: &str) -> Vec<Input<'a>> {
+        self.children(task)
+            .filter_map(|c| match self.updates.get(&c.task_id) {
+                Some(u) => Some(Input { update: u, trainers: vec![u.digest.as_str()] }),
+                None => self
+                    .partials
+                    .get(&c.task_id)
+                    .map(|p| Input { update: &p.update, trainers: p.inputs.iter().map(String::as_str).collect() }),
+            })
+            .collect()
+    }
+
+    /// Whether aggregator `task` has every input it will get this round (at
+    /// least one) and has not aggregated yet: time to ask it.
+    pub fn ready(&self, task: &str) -> bool {
+        if !self.round_open() || self.partials.contains_key(task) {
+            return false;
+        }
+        let mut any = false;
+        for c in self.children(task) {
+            let has = self.updates.contains_key(&c.task_id) || self.partials.contains_key(&c.task_id);
+            if !has && self.expects(c) {
+                return false;
+            }
+            any |= has;
+        }
+        any
+    }
+
+    /// The updates aggregator `task` combines this round.
+    pub fn updates_for(&self, task: &str) -> Vec<UpdateRef> {
+        self.inputs_of(task).into_iter().map(|i| i.update.clone()).collect()
     }
 
     /// The data-consuming tasks.
@@ -658,25 +747,24 @@ impl Job {
                 if task.is_data_consumer {
                     return Err(Rejection::Unexpected(format!("task '{}' does not aggregate", r.task_id)));
                 }
-                if !self.training_done() {
-                    let missing = self.round_trainers().filter(|t| !self.updates.contains_key(&t.task_id)).count();
-                    return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} update(s) arrived", r.round)));
+                if self.partials.contains_key(&r.task_id) {
+                    return Err(Rejection::Duplicate { task: r.task_id, round: r.round });
                 }
+                if !self.ready(&r.task_id) {
+                    let missing = self.children(&r.task_id).filter(|c| self.expects(c)).count() - self.inputs_of(&r.task_id).len();
+                    return Err(Rejection::Unexpected(format!("aggregate for round {} before {missing} input(s) arrived", r.round)));
+                }
+                let inputs = self.inputs_of(&r.task_id);
                 for x in &excluded {
-                    if self.updates.get(&x.task_id).is_none_or(|u| u.digest != x.digest) {
+                    if !inputs.iter().any(|i| i.update.task_id == x.task_id && i.update.digest == x.digest) {
                         return Err(Rejection::Unexpected(format!(
-                            "the aggregate excludes update {} of task '{}', which is not an update of round {}",
-                            x.digest, x.task_id, r.round
+                            "the aggregate excludes update {} of task '{}', which is not an input of '{}' in round {}",
+                            x.digest, x.task_id, r.task_id, r.round
                         )));
                     }
                 }
-                let is_excluded = |t: &str| excluded.iter().any(|x| x.task_id == t);
-                let inputs: Vec<String> = self
-                    .trainers()
-                    .filter(|t| !is_excluded(&t.task_id))
-                    .filter_map(|t| self.updates.get(&t.task_id))
-                    .map(|u| u.digest.clone())
-                    .collect();
+                let used: Vec<&Input> = inputs.iter().filter(|i| !excluded.iter().any(|x| x.task_id == i.update.task_id)).collect();
+                let trainers: Vec<String> = used.iter().flat_map(|i| i.trainers.iter().map(|d| d.to_string())).collect();
                 let mut events: Vec<JobEvent> = excluded
                     .iter()
                     .map(|x| JobEvent::UpdateExcluded {
@@ -686,18 +774,33 @@ impl Job {
                         reason: x.reason.clone(),
                     })
                     .collect();
-                if inputs.len() < self.quorum().min(self.updates.len()).max(1) {
+                let top = !self.parents.contains_key(&r.task_id);
+                if top && trainers.len() < self.quorum().min(self.updates.len()).max(1) {
                     events.push(JobEvent::JobFailed {
                         reason: format!(
                             "round {}: {} of {} updates were usable, fewer than the quorum of {} (minClients)",
                             r.round,
-                            inputs.len(),
+                            trainers.len(),
                             self.updates.len(),
                             self.quorum()
                         ),
                     });
+                } else if top {
+                    events.push(JobEvent::RoundAggregated { round: r.round, digest, inputs: trainers, metrics, optimizer_state });
+                } else if used.is_empty() {
+                    events.push(JobEvent::JobFailed {
+                        reason: format!("round {}: middle aggregator '{}' had no usable update", r.round, r.task_id),
+                    });
                 } else {
-                    events.push(JobEvent::RoundAggregated { round: r.round, digest, inputs, metrics, optimizer_state });
+                    events.push(JobEvent::GroupAggregated {
+                        round: r.round,
+                        task_id: r.task_id,
+                        worker_id: r.worker_id,
+                        digest,
+                        samples: used.iter().map(|i| i.update.samples).sum(),
+                        inputs: trainers,
+                        metrics,
+                    });
                 }
                 Ok(events)
             }
@@ -725,6 +828,7 @@ impl Job {
         self.version += 1;
         match event {
             JobEvent::JobCreated { job_id, name, source, spec, tasks } => {
+                self.parents = parents(spec, tasks);
                 self.job_id = job_id.clone();
                 self.name = name.clone();
                 self.source = source.clone();
@@ -733,6 +837,7 @@ impl Job {
                 self.status = Status::Ready;
             }
             JobEvent::JobUpdated { name, source, spec, tasks } => {
+                self.parents = parents(spec, tasks);
                 self.name = name.clone();
                 self.source = source.clone();
                 self.spec = Some(spec.clone());
@@ -762,10 +867,15 @@ impl Job {
                 self.round = *round;
                 self.selected = selected.iter().cloned().collect();
                 self.updates.clear();
+                self.partials.clear();
                 self.training_closed = false;
             }
             JobEvent::UpdateReported { task_id, digest, samples, .. } => {
                 self.updates.insert(task_id.clone(), UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples });
+            }
+            JobEvent::GroupAggregated { round: _, task_id, digest, samples, inputs, .. } => {
+                let update = UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples };
+                self.partials.insert(task_id.clone(), Partial { update, inputs: inputs.clone() });
             }
             JobEvent::TrainingClosed { .. } => self.training_closed = true,
             JobEvent::ReportRejected { .. } => self.rejected += 1,
@@ -776,6 +886,7 @@ impl Job {
                 self.global_model = Some(digest.clone());
                 self.metrics = metrics.clone();
                 self.updates.clear();
+                self.partials.clear();
                 self.training_closed = false;
                 self.timers.remove(&round_timer(*round));
             }
@@ -1127,7 +1238,7 @@ mod tests {
         assert!(matches!(after.handle(report("t0", 1, trained(1, "t0"))), Err(Rejection::Duplicate { round: 1, .. })));
         // The aggregate cannot come before every update.
         let early = after.handle(report("agg", 1, aggregated(1)));
-        assert!(matches!(early, Err(Rejection::Unexpected(m)) if m.contains("1 update")));
+        assert!(matches!(early, Err(Rejection::Unexpected(m)) if m.contains("before 1 input(s) arrived")));
     }
 
     #[test]

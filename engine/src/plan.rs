@@ -182,15 +182,26 @@ impl Builder {
     }
 }
 
-/// The plan of round `round` for a job's tasks.
-pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan, Error> {
-    let h = &def.model_spec.hyperparameters;
-    let seed = def.hyper_u64("seed").unwrap_or(0);
-    let selector = def.model_spec.selector.as_ref().map(|s| (s.sort.to_ascii_lowercase(), s.kwargs.clone()));
-    let kw = |k: &str| selector.as_ref().and_then(|(_, kw)| kw.get(k)).and_then(serde_json::Value::as_u64);
-    let sort = selector.as_ref().map_or("default", |(s, _)| s.as_str());
-    let asynchronous = def.optimizer() == "fedbuff" || sort == "fedbuff" || h.contains_key("aggGoal");
+/// An aggregation channel's group: (channel, group).
+type Group<'a> = (&'a str, &'a str);
 
+/// Who talks to whom, from the tasks' group associations and the channels' directions.
+struct Links<'a> {
+    /// Roles that coordinate (their channels carry no models).
+    coordinators: BTreeSet<&'a str>,
+    /// Per aggregation group, the tasks above (distribute/aggregate).
+    uppers: BTreeMap<Group<'a>, Vec<&'a str>>,
+    /// Per aggregation group, the tasks below (fetch/upload).
+    lowers: BTreeMap<Group<'a>, Vec<&'a str>>,
+    /// Per ring group (a channel pairing a role with itself), its members.
+    rings: BTreeMap<Group<'a>, Vec<&'a str>>,
+    /// Per task, the groups it uploads to.
+    task_ups: BTreeMap<&'a str, Vec<Group<'a>>>,
+    /// Per task, the groups it aggregates.
+    task_downs: BTreeMap<&'a str, Vec<Group<'a>>>,
+}
+
+fn links<'a>(def: &'a JobDefinition, tasks: &'a [TaskSpec]) -> Links<'a> {
     let coordinators: BTreeSet<&str> = def
         .design
         .roles
@@ -202,9 +213,7 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
         .map(|r| r.name.as_str())
         .collect();
     let channels: BTreeMap<&str, &Channel> = def.design.channels.iter().map(|c| (c.name.as_str(), c)).collect();
-    let by_id: BTreeMap<&str, &TaskSpec> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
 
-    // Links: for each aggregation channel and group, the upper and lower tasks; rings by (channel, group).
     let mut uppers: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     let mut lowers: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     let mut rings: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
@@ -232,6 +241,88 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
             }
         }
     }
+
+    Links { coordinators, uppers, lowers, rings, task_ups, task_downs }
+}
+
+/// For a job the engine runs as a tree of aggregations (two-tier and
+/// hierarchical), each task's parent: the task it uploads its update or
+/// partial aggregate to. The top aggregator has none. Topologies the engine
+/// does not run yet (rings, coordinators) are refused with a message.
+pub fn uplinks(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<BTreeMap<String, String>, String> {
+    let l = links(def, tasks);
+    if let Some(c) = l.coordinators.first() {
+        return Err(format!("role '{c}' coordinates: coordinated topologies are planned (flamectl plan) but not run yet"));
+    }
+    if let Some(((c, _), _)) = l.rings.first_key_value() {
+        return Err(format!(
+            "channel '{c}' pairs a role with itself (ring all-reduce): such jobs are planned (flamectl plan) but not run yet"
+        ));
+    }
+    let mut parent = BTreeMap::new();
+    for t in tasks {
+        let ups = l.task_ups.get(t.task_id.as_str()).map_or(&[][..], Vec::as_slice);
+        match ups {
+            [] => {}
+            [(c, g)] => match l.uppers.get(&(*c, *g)).map_or(&[][..], Vec::as_slice) {
+                [one] => {
+                    parent.insert(t.task_id.clone(), one.to_string());
+                }
+                none_or_many => {
+                    return Err(format!(
+                        "task '{}' uploads on channel '{c}' group '{g}', where {} task(s) aggregate; the engine needs exactly one",
+                        t.task_id,
+                        none_or_many.len()
+                    ));
+                }
+            },
+            many => {
+                return Err(format!(
+                    "task '{}' uploads on {} channels ({many:?}); the engine needs one parent per task",
+                    t.task_id,
+                    many.len()
+                ));
+            }
+        }
+    }
+    let roots: Vec<&str> = tasks.iter().filter(|t| !parent.contains_key(&t.task_id)).map(|t| t.task_id.as_str()).collect();
+    let root = match roots.as_slice() {
+        [one] if tasks.iter().any(|t| t.task_id == *one && !t.is_data_consumer) => *one,
+        _ => {
+            return Err(format!(
+                "the job needs one top aggregator that every other task reports to, directly or through middle aggregators; these tasks report to no one: {roots:?}"
+            ));
+        }
+    };
+    for t in tasks {
+        let mut at = t.task_id.as_str();
+        for _ in 0..=tasks.len() {
+            match parent.get(at) {
+                Some(p) => at = p,
+                None => break,
+            }
+        }
+        if at != root {
+            return Err(format!("task '{}' does not reach the top aggregator '{root}' through its aggregators", t.task_id));
+        }
+        if t.is_data_consumer && tasks.iter().any(|x| parent.get(&x.task_id) == Some(&t.task_id)) {
+            return Err(format!("task '{}' trains and also aggregates other tasks; the engine runs trainers as leaves", t.task_id));
+        }
+    }
+    Ok(parent)
+}
+
+/// The plan of round `round` for a job's tasks.
+pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan, Error> {
+    let h = &def.model_spec.hyperparameters;
+    let seed = def.hyper_u64("seed").unwrap_or(0);
+    let selector = def.model_spec.selector.as_ref().map(|s| (s.sort.to_ascii_lowercase(), s.kwargs.clone()));
+    let kw = |k: &str| selector.as_ref().and_then(|(_, kw)| kw.get(k)).and_then(serde_json::Value::as_u64);
+    let sort = selector.as_ref().map_or("default", |(s, _)| s.as_str());
+    let asynchronous = def.optimizer() == "fedbuff" || sort == "fedbuff" || h.contains_key("aggGoal");
+
+    let Links { coordinators, uppers, lowers, rings, task_ups, task_downs } = links(def, tasks);
+    let by_id: BTreeMap<&str, &TaskSpec> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
 
     // Selection: which data consumers take part this round, per aggregation group.
     let trainers: Vec<String> = tasks.iter().filter(|t| t.is_data_consumer).map(|t| t.task_id.clone()).collect();
@@ -486,6 +577,35 @@ mod tests {
         assert_eq!(after(&p, &format!("distribute:{eu_mid}:param-channel")), [format!("fetch:{eu_mid}:global-channel")]);
         assert_eq!(after(&p, "aggregate:top-aggregator-0:global-channel").len(), 2);
         assert_eq!(p.steps.last().map(|s| s.id.as_str()), Some("aggregate:top-aggregator-0:global-channel"));
+    }
+
+    #[test]
+    fn uplinks_make_a_tree_for_two_tier_and_hierarchical_jobs_only() {
+        let (_d, def, tasks) = fixture("mnist");
+        let up = uplinks(&def, &tasks).expect("two-tier");
+        assert_eq!(up.len(), 1);
+        assert_eq!(up.values().next().map(String::as_str), tasks.iter().find(|t| !t.is_data_consumer).map(|t| t.task_id.as_str()));
+
+        let (_d, def, tasks) = fixture("hier_mnist");
+        let up = uplinks(&def, &tasks).expect("hierarchical");
+        let role = |id: &str| tasks.iter().find(|t| t.task_id == id).map(|t| t.role.as_str()).expect("task");
+        assert_eq!(up.len(), tasks.len() - 1, "everyone but the top aggregator has a parent");
+        for (child, parent) in &up {
+            let want = if role(child) == "trainer" { "middle-aggregator" } else { "top-aggregator" };
+            assert_eq!(role(parent), want, "{child} -> {parent}");
+        }
+        // Trainers of a group report to that group's middle aggregator.
+        for t in tasks.iter().filter(|t| t.is_data_consumer) {
+            let m = &up[&t.task_id];
+            let group = |id: &str| tasks.iter().find(|x| x.task_id == id).and_then(|x| x.group_association.get("param-channel").cloned());
+            assert_eq!(group(&t.task_id), group(m), "{} and {m}", t.task_id);
+        }
+
+        for name in ["distributed_training", "hybrid"] {
+            let (_d, def, tasks) = fixture(name);
+            let err = uplinks(&def, &tasks).expect_err(name);
+            assert!(err.contains("ring all-reduce"), "{name}: {err}");
+        }
     }
 
     #[test]
@@ -757,6 +877,7 @@ mod coordinated {
         assert_eq!(def.check(), vec![]);
         let tasks = crate::planner::expand(&def).expect("expand");
         assert_eq!(tasks.iter().filter(|t| t.role == "middle-aggregator").count(), 2);
+        assert!(uplinks(&def, &tasks).expect_err("not run yet").contains("coordinates"));
         let p = plan(&def, &tasks, 1).expect("plan");
         assert_eq!(p.steps[0].id, "coordinate:coordinator-0");
         for s in p.steps.iter().filter(|s| s.kind == StepKind::Fetch) {

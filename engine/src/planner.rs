@@ -62,30 +62,6 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
     if problems.is_empty() { Ok(tasks) } else { Err(Problems(problems)) }
 }
 
-/// The shape the runner drives today: one aggregator task and its trainers.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TwoTier {
-    /// The aggregator's task id.
-    pub aggregator: String,
-    /// The trainers' task ids.
-    pub trainers: Vec<String>,
-}
-
-/// Recognises a two-tier job (one non-data role with one task, data consumers
-/// beside it); other topologies are refused with a clear message.
-pub fn two_tier(tasks: &[TaskSpec]) -> Result<TwoTier, String> {
-    let aggregators: Vec<&TaskSpec> = tasks.iter().filter(|t| !t.is_data_consumer).collect();
-    let trainers: Vec<String> = tasks.iter().filter(|t| t.is_data_consumer).map(|t| t.task_id.clone()).collect();
-    match aggregators.as_slice() {
-        [one] if !trainers.is_empty() => Ok(TwoTier { aggregator: one.task_id.clone(), trainers }),
-        _ => Err(format!(
-            "this version runs two-tier jobs only (one aggregator task and at least one trainer); this job expands to {} aggregator task(s) and {} trainer task(s)",
-            aggregators.len(),
-            trainers.len()
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -176,18 +152,5 @@ mod tests {
         // Without the registry, an id is reported with its place in the data spec.
         let err = JobDefinition::load(&dir).expect_err("ids need a registry");
         assert!(err.0.iter().any(|p| p.path == "dataSpec.json#/0/datasetGroups/eu/0"), "{err}");
-    }
-
-    #[test]
-    fn two_tier_is_recognised_and_others_refused() {
-        let dir = fixtures().join("mnist");
-        let def = JobDefinition::load_with(&dir, &registry(&dir)).expect("mnist");
-        let tasks = expand(&def).expect("expand");
-        let shape = two_tier(&tasks).expect("two-tier");
-        assert_eq!(shape.trainers.len(), 1);
-        let dir = fixtures().join("hier_mnist");
-        let def = JobDefinition::load_with(&dir, &registry(&dir)).expect("hier");
-        let err = two_tier(&expand(&def).expect("expand")).expect_err("hierarchical is not two-tier yet");
-        assert!(err.contains("3 aggregator task(s)"), "{err}");
     }
 }

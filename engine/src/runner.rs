@@ -3,7 +3,7 @@
 //! reads the worker registry and feeds reports back. Everything it knows
 //! comes from the job's events, so a restarted runner continues any job.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,8 +92,8 @@ pub struct Runner {
 /// The run settings and tasks a definition implies.
 pub fn prepare(def: &JobDefinition) -> Result<(RunSpec, Vec<TaskSpec>), Error> {
     let tasks = planner::expand(def).map_err(Error::Invalid)?;
-    planner::two_tier(&tasks).map_err(Error::Definition)?;
-    Ok((run_spec(def)?, tasks))
+    let uplinks = crate::plan::uplinks(def, &tasks).map_err(Error::Definition)?;
+    Ok((RunSpec { uplinks, ..run_spec(def)? }, tasks))
 }
 
 /// The run settings a definition implies.
@@ -144,6 +144,7 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         round_timeout_s: def.hyper_u64("roundTimeout"),
         quorum: def.hyper_u64("minClients").map(|q| q as u32),
         select,
+        uplinks: BTreeMap::new(),
     })
 }
 

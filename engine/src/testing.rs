@@ -40,9 +40,43 @@ pub fn created(rounds: u32) -> JobEvent {
             round_timeout_s: None,
             quorum: None,
             select: None,
+            uplinks: Default::default(),
         },
         tasks: vec![task("t0", true), task("t1", true), task("agg", false)],
     }
+}
+
+/// `JobCreated` for a hierarchical job: trainers `t0`, `t1` under middle
+/// aggregator `m-eu`, `t2`, `t3` under `m-na`, both under `top`.
+pub fn created_hierarchical(rounds: u32) -> JobEvent {
+    let mut e = created(rounds);
+    if let JobEvent::JobCreated { spec, tasks, .. } = &mut e {
+        let group = |t: &mut TaskSpec, g: &str| {
+            t.group_association = BTreeMap::from([("param-channel".into(), g.into())]);
+        };
+        *tasks = ["t0", "t1", "t2", "t3"].iter().map(|id| task(id, true)).collect();
+        for (i, t) in tasks.iter_mut().enumerate() {
+            group(t, if i < 2 { "eu" } else { "na" });
+        }
+        for m in ["m-eu", "m-na"] {
+            let mut t = task(m, false);
+            t.role = "middle-aggregator".into();
+            group(&mut t, &m[2..]);
+            tasks.push(t);
+        }
+        let mut top = task("top", false);
+        top.role = "top-aggregator".into();
+        tasks.push(top);
+        spec.uplinks = BTreeMap::from([
+            ("t0".into(), "m-eu".into()),
+            ("t1".into(), "m-eu".into()),
+            ("t2".into(), "m-na".into()),
+            ("t3".into(), "m-na".into()),
+            ("m-eu".into(), "top".into()),
+            ("m-na".into(), "top".into()),
+        ]);
+    }
+    e
 }
 
 /// Builds a job history event by event, applying each (Temporal's TestHistoryBuilder habit).

@@ -57,6 +57,10 @@ pub struct RunSpec {
     /// Trainers chosen at random per round (Flame's `random` selector, kwarg `k`); all when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub select: Option<u32>,
+    /// Task id -> the task it uploads to (its aggregator); the top aggregator has none.
+    /// Empty in jobs recorded before hierarchies ran: every trainer reports to the one aggregator.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub uplinks: BTreeMap<String, String>,
 }
 
 /// Every event in a job stream.
@@ -160,6 +164,23 @@ pub enum JobEvent {
         /// Local training metrics.
         metrics: Metrics,
     },
+    /// A middle aggregator combined the updates of its group; the result goes up to its own aggregator.
+    GroupAggregated {
+        /// Round number.
+        round: u32,
+        /// The middle aggregator's task id.
+        task_id: String,
+        /// Its worker.
+        worker_id: String,
+        /// Digest of the group's model.
+        digest: String,
+        /// Training samples behind it (the sum over its inputs): its weight one tier up.
+        samples: u64,
+        /// Digests of the trainers' updates it contains, in task order.
+        inputs: Vec<String>,
+        /// What its worker measured, if anything.
+        metrics: Metrics,
+    },
     /// A round's training closed at its deadline without every update; the rest are dropped.
     TrainingClosed {
         /// Round number.
@@ -256,6 +277,7 @@ impl JobEvent {
             Self::ModelInitialized { .. } => "ModelInitialized",
             Self::RoundStarted { .. } => "RoundStarted",
             Self::UpdateReported { .. } => "UpdateReported",
+            Self::GroupAggregated { .. } => "GroupAggregated",
             Self::RoundAggregated { .. } => "RoundAggregated",
             Self::JobCompleted { .. } => "JobCompleted",
             Self::JobFailed { .. } => "JobFailed",

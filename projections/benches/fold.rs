@@ -61,6 +61,7 @@ fn job(j: usize) -> Vec<Chunk> {
         round_timeout_s: None,
         quorum: None,
         select: None,
+        uplinks: Default::default(),
     };
     let mut setup = vec![(
         JobEvent::JobCreated { job_id: id.clone(), name: "bench".into(), source: "bench".into(), spec, tasks: tasks.clone() },

@@ -57,6 +57,8 @@ struct Builder {
     setup: Option<Span>,
     deploying: BTreeMap<String, Span>,
     rounds: Vec<Span>,
+    /// When each update of the open rounds arrived, by digest (a group aggregate starts after its last input).
+    arrivals: BTreeMap<String, DateTime<Utc>>,
     last: Option<DateTime<Utc>>,
 }
 
@@ -128,7 +130,8 @@ impl Builder {
                 r.children.push(Span::new("train", "step", at));
                 self.rounds.push(r);
             }
-            JobEvent::UpdateReported { round, task_id, worker_id, .. } => {
+            JobEvent::UpdateReported { round, task_id, worker_id, digest, .. } => {
+                self.arrivals.insert(digest, at);
                 if let Some(r) = self.open_round(round) {
                     let start = r.start;
                     if let Some(train) = r.children.first_mut() {
@@ -154,9 +157,26 @@ impl Builder {
                     }
                 }
             }
-            JobEvent::RoundAggregated { round, .. } => {
+            JobEvent::GroupAggregated { round, task_id, worker_id, inputs, .. } => {
+                let start = inputs.iter().filter_map(|d| self.arrivals.get(d)).max().copied();
                 if let Some(r) = self.open_round(round) {
-                    let train_end = r.children.first().map_or(r.start, |t| t.end);
+                    if r.children.len() < 2 {
+                        r.children.push(Span::new("group aggregates", "step", start.unwrap_or(r.start)));
+                    }
+                    if let Some(groups) = r.children.get_mut(1) {
+                        let mut t = Span::new(task_id, "task", start.unwrap_or(groups.start));
+                        t.worker = Some(worker_id);
+                        t.close(at);
+                        groups.start = groups.start.min(t.start);
+                        groups.close(at);
+                        groups.children.push(t);
+                    }
+                }
+            }
+            JobEvent::RoundAggregated { round, .. } => {
+                self.arrivals.clear();
+                if let Some(r) = self.open_round(round) {
+                    let train_end = r.children.iter().map(|t| t.end).max().unwrap_or(r.start);
                     let mut agg = Span::new("aggregate", "step", train_end);
                     agg.worker = actor;
                     agg.close(at);

@@ -114,7 +114,10 @@ pub struct RoundView {
     pub excluded: Vec<Exclusion>,
     /// Reports refused while the round was open.
     pub rejected: u32,
-    /// Digests that went into the aggregate.
+    /// Middle aggregators' partial aggregates (hierarchical jobs), in arrival order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupAggregate>,
+    /// Digests of the trainers' updates that went into the aggregate.
     pub inputs: Vec<String>,
     /// Evaluation of the produced model.
     pub metrics: Metrics,
@@ -155,6 +158,25 @@ pub struct Participant {
     /// Samples behind it.
     pub samples: u64,
     /// Local training metrics.
+    pub metrics: Metrics,
+    /// When it was accepted.
+    pub at: DateTime<Utc>,
+}
+
+/// A middle aggregator's combination of its group's updates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupAggregate {
+    /// The middle aggregator's task.
+    pub task_id: String,
+    /// Its worker.
+    pub worker_id: String,
+    /// Digest of the group's model.
+    pub digest: String,
+    /// Samples behind it.
+    pub samples: u64,
+    /// The trainers' update digests it contains.
+    pub inputs: Vec<String>,
+    /// What its worker measured.
     pub metrics: Metrics,
     /// When it was accepted.
     pub at: DateTime<Utc>,
@@ -440,6 +462,7 @@ impl JobView {
                     stragglers: Vec::new(),
                     excluded: Vec::new(),
                     rejected: 0,
+                    groups: Vec::new(),
                     inputs: Vec::new(),
                     metrics: Metrics::new(),
                     started_at: at,
@@ -464,6 +487,11 @@ impl JobView {
                 if let Some(r) = self.round_mut(round) {
                     r.training_done_at = Some(at);
                     r.participants.push(Participant { task_id, worker_id, digest, samples, metrics, at });
+                }
+            }
+            JobEvent::GroupAggregated { round, task_id, worker_id, digest, samples, inputs, metrics } => {
+                if let Some(r) = self.round_mut(round) {
+                    r.groups.push(GroupAggregate { task_id, worker_id, digest, samples, inputs, metrics, at });
                 }
             }
             JobEvent::TrainingClosed { round, dropped } => {
@@ -569,6 +597,9 @@ pub fn detail(event: &JobEvent) -> String {
         JobEvent::UpdateReported { round, task_id, digest, samples, .. } => {
             format!("round {round}: {task_id} update {} ({samples} samples)", short(digest))
         }
+        JobEvent::GroupAggregated { round, task_id, digest, samples, inputs, .. } => {
+            format!("round {round}: {task_id} combined {} update(s) -> {} ({samples} samples)", inputs.len(), short(digest))
+        }
         JobEvent::TrainingClosed { round, dropped } => format!("round {round} closed at its deadline; dropped [{}]", dropped.join(", ")),
         JobEvent::UpdateExcluded { round, task_id, reason, .. } => format!("round {round}: {task_id} left out: {reason}"),
         JobEvent::ReportRejected { round, task_id, worker_id, reason, .. } => {
@@ -637,6 +668,7 @@ mod tests {
                 round_timeout_s: None,
                 quorum: None,
                 select: None,
+                uplinks: Default::default(),
             },
             tasks: ["t0", "t1", "agg"]
                 .iter()
@@ -675,6 +707,17 @@ mod tests {
             (round.clone(), task.clone(), worker.clone(), digest.clone(), 1u64..100).prop_map(
                 |(round, task_id, worker_id, digest, samples)| {
                     JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics: Metrics::from([("loss".into(), 0.5)]) }
+                }
+            ),
+            (round.clone(), task.clone(), worker.clone(), digest.clone(), prop::collection::vec(digest.clone(), 0..3)).prop_map(
+                |(round, task_id, worker_id, digest, inputs)| JobEvent::GroupAggregated {
+                    round,
+                    task_id,
+                    worker_id,
+                    digest,
+                    samples: 20,
+                    inputs,
+                    metrics: Metrics::new()
                 }
             ),
             (round.clone(), task.clone()).prop_map(|(round, t)| JobEvent::TrainingClosed { round, dropped: vec![t] }),

@@ -44,6 +44,65 @@ fn digits_job_completes_and_its_events_are_listed() {
     assert_eq!(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)), digest);
 }
 
+/// The hierarchical example: each round, each region's middle aggregator
+/// averages its trainers' updates, and the top aggregator averages the regions
+/// by their samples; the result is flat FedAvg over all four trainers.
+#[test]
+fn hierarchical_digits_aggregates_each_region_then_the_regions() {
+    use flame_workers::{fedavg, weights};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf8");
+    let out = flamectl(&["run", "examples/hierarchical-digits", "-o", "json", "--data-dir", data]);
+    assert!(out.status.success(), "flamectl run failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(summary["state"], "completed");
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.85, "final accuracy {accuracy}");
+    let out =
+        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let of = |t: &'static str| events.iter().filter(move |e| e["event_type"] == t).map(|e| &e["payload"]);
+    let created = of("JobCreated").next().expect("created");
+    let uplinks = created["spec"]["uplinks"].as_object().expect("uplinks recorded");
+    let blob = |d: &Value| {
+        weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
+    };
+
+    for round in 1..=5u64 {
+        let updates: Vec<&Value> = of("UpdateReported").filter(|u| u["round"] == round).collect();
+        let groups: Vec<&Value> = of("GroupAggregated").filter(|g| g["round"] == round).collect();
+        assert_eq!((updates.len(), groups.len()), (4, 2), "round {round}");
+        let mut flat = Vec::new();
+        let mut by_group = Vec::new();
+        for g in &groups {
+            let mine: Vec<&&Value> = updates.iter().filter(|u| uplinks[u["task_id"].as_str().expect("task")] == g["task_id"]).collect();
+            assert_eq!(mine.len(), 2, "two trainers per region");
+            let digests: Vec<&Value> = mine.iter().map(|u| &u["digest"]).collect();
+            let mut listed: Vec<&Value> = g["inputs"].as_array().expect("inputs").iter().collect();
+            listed.sort_by_key(|d| d.as_str());
+            let mut want = digests.clone();
+            want.sort_by_key(|d| d.as_str());
+            assert_eq!(listed, want, "round {round}: {} holds its region's updates", g["task_id"]);
+            let inputs: Vec<(weights::Weights, u64)> =
+                mine.iter().map(|u| (blob(&u["digest"]), u["samples"].as_u64().expect("n"))).collect();
+            let samples: u64 = inputs.iter().map(|(_, n)| n).sum();
+            assert_eq!(g["samples"].as_u64(), Some(samples));
+            assert_eq!(blob(&g["digest"]), fedavg::fedavg(&inputs).expect("fedavg"), "the region's model is its FedAvg");
+            flat.extend(inputs);
+            by_group.push((blob(&g["digest"]), samples));
+        }
+        let global = of("RoundAggregated").find(|r| r["round"] == round).expect("aggregated");
+        assert_eq!(global["inputs"].as_array().map(Vec::len), Some(4), "the round lists the trainers' updates");
+        let global = blob(&global["digest"]);
+        assert_eq!(global, fedavg::fedavg(&by_group).expect("fedavg"), "the top averages the regions by samples");
+        let flat = fedavg::fedavg(&flat).expect("flat");
+        for (name, t) in &global {
+            let worst = t.data.iter().zip(&flat[name].data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "round {round}, {name}: hierarchical and flat FedAvg differ by {worst}");
+        }
+    }
+}
+
 fn copy_example(to: &std::path::Path) {
     for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
         let entry = entry.expect("entry");
