@@ -140,7 +140,21 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
     }
     let round = job.round;
     let mut actions: Vec<Action> = Vec::new();
-    if !job.training_done() {
+    if job.is_async() {
+        // FedBuff: every trainer in flight trains from the model of the round that sent it, buffer full or not.
+        actions.extend(job.in_flight.iter().filter(|(t, _)| !job.orphaned.contains(*t)).filter_map(|(t, d)| {
+            let task = job.tasks.iter().find(|x| &x.task_id == t)?;
+            let worker = job.assignments.get(t)?;
+            let body = CommandBody::Train {
+                model: spec.model.clone(),
+                global_model: d.model.clone(),
+                dataset: task.dataset.clone().unwrap_or_default(),
+                hyperparameters: spec.hyperparameters.clone(),
+                seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(d.round)),
+            };
+            Some(Action::Send { worker_id: worker.clone(), command: command(job, t, d.round, &format!("r{}/train/{t}", d.round), body) })
+        }));
+    } else if !job.training_done() {
         actions.extend(job.round_trainers().filter(|t| !job.updates.contains_key(&t.task_id)).filter_map(|t| {
             let worker = job.assignments.get(&t.task_id)?;
             let body = CommandBody::Train {
@@ -432,6 +446,101 @@ mod tests {
         let actions = decide(&h.job(), 0, None);
         let (_, updates, _) = aggregate_of(&actions, "w-top");
         assert_eq!(updates.len(), 1, "the top aggregator does not wait for the empty group");
+    }
+
+    fn fedbuff(goal: u32, concurrency: u32) -> History {
+        History::created_with(3, |s| {
+            s.optimizer = "fedbuff".into();
+            s.agg_goal = Some(goal);
+            s.concurrency = Some(concurrency);
+        })
+        .started()
+        .initialized()
+    }
+
+    fn trains(actions: &[Action]) -> Vec<(String, String)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { command, .. } => match &command.body {
+                    CommandBody::Train { global_model, .. } => Some((command.id.clone(), global_model.clone())),
+                    _ => None,
+                },
+                Action::Handle(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fedbuff_aggregates_every_goal_updates_and_late_ones_join_the_next_buffer_stale() {
+        use crate::testing::{report, trained};
+        use flame_events::protocol::ReportBody;
+        let start = |h: History| {
+            let actions = decide(&h.job(), 0, None);
+            assert!(matches!(&actions[..], [Action::Handle(JobCommand::StartRound { .. })]), "{actions:?}");
+            handle(h, JobCommand::StartRound { now_ms: 0 })
+        };
+        let h = start(fedbuff(1, 2));
+        assert!(matches!(&h.events[h.events.len() - 2], JobEvent::RoundStarted { selected, .. } if selected == &["t0", "t1"]));
+        assert_eq!(
+            trains(&decide(&h.job(), 0, None)),
+            [("job-1/r1/train/t0".to_string(), "m0".to_string()), ("job-1/r1/train/t1".into(), "m0".into())]
+        );
+
+        // t0 fills the buffer (aggGoal 1): the aggregator is asked while t1 keeps training.
+        let h = handle(h, report("t0", 1, trained(1, "t0")));
+        assert!(matches!(h.events.last(), Some(JobEvent::UpdateReported { round: 1, staleness: 0, .. })));
+        let actions = decide(&h.job(), 0, None);
+        assert_eq!(trains(&actions), [("job-1/r1/train/t1".to_string(), "m0".to_string())]);
+        let (optimizer, updates, _) = aggregate_of(&actions, "w-agg");
+        assert_eq!(optimizer, "fedbuff");
+        assert_eq!(updates.iter().map(|u| (u.task_id.as_str(), u.staleness, u.base_model.clone())).collect::<Vec<_>>(), [("t0", 0, None)]);
+
+        // t1 reports while the buffer is full: it joins round 2's buffer, one model stale.
+        let h = handle(h, report("t1", 1, trained(1, "t1")));
+        assert!(matches!(h.events.last(), Some(JobEvent::UpdateReported { round: 2, staleness: 1, .. })));
+        let actions = decide(&h.job(), 0, None);
+        let (_, updates, _) = aggregate_of(&actions, "w-agg");
+        assert_eq!(updates.len(), 1, "the aggregate asked for is not changed by a late update");
+        assert!(h.job().handle(report("t1", 1, trained(1, "t1"))).is_err(), "a second report of the same training is refused");
+
+        let aggregated =
+            ReportBody::Aggregated { digest: "m1".into(), metrics: Default::default(), optimizer_state: None, excluded: vec![] };
+        let h = handle(h, report("agg", 1, aggregated));
+        assert!(matches!(h.events.last(), Some(JobEvent::RoundAggregated { round: 1, inputs, .. }) if inputs == &["u1t0"]));
+
+        // Round 2 starts with t1's stale update already in its buffer, and sends both idle trainers the new model.
+        let h = start(h);
+        let actions = decide(&h.job(), 0, None);
+        let (_, updates, _) = aggregate_of(&actions, "w-agg");
+        let got: Vec<_> = updates.iter().map(|u| (u.task_id.as_str(), u.staleness, u.base_model.as_deref())).collect();
+        assert_eq!(got, [("t1", 1, Some("m0"))], "the stale update names the model it trained from");
+        assert_eq!(trains(&actions), [("job-1/r2/train/t0".to_string(), "m1".to_string()), ("job-1/r2/train/t1".into(), "m1".into())]);
+        assert!(matches!(
+            h.job().handle(report("t1", 1, trained(1, "t1"))),
+            Err(crate::job::Rejection::WrongRound { got: 1, open: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn fedbuff_keeps_concurrency_trainers_busy_and_its_deadline_takes_min_clients() {
+        use crate::testing::{report, trained};
+        let h = handle(fedbuff(2, 1), JobCommand::StartRound { now_ms: 0 });
+        let job = h.job();
+        assert_eq!(job.in_flight.len(), 1, "c = 1: one trainer at a time");
+        let busy = job.in_flight.keys().next().cloned().expect("one");
+        let h = handle(h, report(&busy, 1, trained(1, &busy)));
+        // The buffer wants 2; at the deadline 1 update is fewer than the quorum (aggGoal) and the job fails...
+        let late = crate::job::DEFAULT_ROUND_TIMEOUT_S * 1000;
+        let events = h.job().handle(JobCommand::Fire { timer: "round-1".into(), now_ms: late }).expect("fire");
+        assert!(matches!(events.last(), Some(JobEvent::JobFailed { .. })), "{events:?}");
+        // ...unless minClients allows a smaller buffer: training closes and nobody is dropped.
+        let mut lenient = h;
+        if let JobEvent::JobCreated { spec, .. } = &mut lenient.events[0] {
+            spec.quorum = Some(1);
+        }
+        let events = lenient.job().handle(JobCommand::Fire { timer: "round-1".into(), now_ms: late }).expect("fire");
+        assert!(events.iter().any(|e| matches!(e, JobEvent::TrainingClosed { dropped, .. } if dropped.is_empty())), "{events:?}");
     }
 
     #[test]

@@ -316,6 +316,12 @@ pub struct Job {
     /// Task id -> the task it uploads to (derived from the definition; the top aggregator has none).
     #[serde(default)]
     pub parents: BTreeMap<String, String>,
+    /// Asynchronous jobs: trainers training now, with the round (and model) they started from.
+    #[serde(default)]
+    pub in_flight: BTreeMap<String, Dispatch>,
+    /// Asynchronous jobs: updates that arrived while the open round's buffer was full; they open the next one.
+    #[serde(default)]
+    pub queued: BTreeMap<String, UpdateRef>,
     /// Whether the open round stopped taking updates at its deadline.
     pub training_closed: bool,
     /// Metrics of the latest global model.
@@ -339,6 +345,15 @@ pub struct Partial {
     pub update: UpdateRef,
     /// Digests of the trainers' updates it contains.
     pub inputs: Vec<String>,
+}
+
+/// Asynchronous jobs: a trainer's training in flight.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Dispatch {
+    /// The round that sent it.
+    pub round: u32,
+    /// The global model it trains from.
+    pub model: String,
 }
 
 /// One input of an aggregator: an update (or a partial aggregate) and the trainers' digests inside it.
@@ -376,6 +391,8 @@ impl Default for Job {
             updates: BTreeMap::new(),
             partials: BTreeMap::new(),
             parents: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            queued: BTreeMap::new(),
             training_closed: false,
             metrics: Metrics::new(),
             optimizer_state: None,
@@ -457,6 +474,9 @@ impl Job {
         if !self.round_open() || self.partials.contains_key(task) {
             return false;
         }
+        if self.is_async() {
+            return self.training_done() && !self.updates.is_empty() && self.aggregator().is_some_and(|a| a.task_id == task);
+        }
         let mut any = false;
         for c in self.children(task) {
             let has = self.updates.contains_key(&c.task_id) || self.partials.contains_key(&c.task_id);
@@ -478,6 +498,15 @@ impl Job {
         self.tasks.iter().filter(|t| t.is_data_consumer)
     }
 
+    /// Whether the job aggregates asynchronously (FedBuff): every `agg_goal` updates, no barrier.
+    pub fn is_async(&self) -> bool {
+        self.agg_goal().is_some()
+    }
+
+    fn agg_goal(&self) -> Option<usize> {
+        self.spec.as_ref().and_then(|s| s.agg_goal).map(|g| (g as usize).max(1))
+    }
+
     /// Trainers that still have a worker.
     pub fn active_trainers(&self) -> impl Iterator<Item = &TaskSpec> {
         self.trainers().filter(|t| !self.orphaned.contains(&t.task_id))
@@ -492,8 +521,16 @@ impl Job {
     /// the job has a random selector (seeded by the job's seed and the round,
     /// the same pick `flamectl plan` shows), else none (meaning all).
     fn select(&self, round: u32) -> Vec<String> {
-        let Some(k) = self.spec.as_ref().and_then(|s| s.select) else { return Vec::new() };
         let seed = self.spec.as_ref().map_or(0, |s| s.seed);
+        if self.is_async() {
+            // FedBuff: keep `concurrency` trainers busy; idle ones are picked at random.
+            let c = self.spec.as_ref().and_then(|s| s.concurrency).map_or(usize::MAX, |c| c as usize);
+            let idle: Vec<String> =
+                self.active_trainers().filter(|t| !self.in_flight.contains_key(&t.task_id)).map(|t| t.task_id.clone()).collect();
+            let busy = self.in_flight.keys().filter(|t| !self.orphaned.contains(*t)).count();
+            return crate::plan::choose(&idle, c.saturating_sub(busy).min(idle.len()), seed, round, "fedbuff");
+        }
+        let Some(k) = self.spec.as_ref().and_then(|s| s.select) else { return Vec::new() };
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for t in self.active_trainers() {
             let key = t.group_association.iter().map(|(c, g)| format!("{c}/{g}")).collect::<Vec<_>>().join(",");
@@ -509,12 +546,18 @@ impl Job {
 
     /// Fewest updates a round may aggregate.
     pub fn quorum(&self) -> usize {
+        if let Some(goal) = self.agg_goal() {
+            return self.spec.as_ref().and_then(|s| s.quorum).map_or(goal, |q| (q as usize).clamp(1, goal));
+        }
         let all = if self.selected.is_empty() { self.trainers().count() } else { self.selected.len() };
         self.spec.as_ref().and_then(|s| s.quorum).map_or(all, |q| (q as usize).clamp(1, all.max(1)))
     }
 
     /// Whether the open round has every update it will get.
     pub fn training_done(&self) -> bool {
+        if let Some(goal) = self.agg_goal() {
+            return self.training_closed || self.updates.len() >= goal;
+        }
         self.training_closed || self.round_trainers().all(|t| self.updates.contains_key(&t.task_id))
     }
 
@@ -627,7 +670,12 @@ impl Job {
                 if self.training_done() {
                     events.push(JobEvent::JobFailed { reason: waiting(format!("round {round}: the aggregator did not aggregate")) });
                 } else if self.updates.len() >= self.quorum() {
-                    let dropped = self.round_trainers().map(|t| t.task_id.clone()).filter(|t| !self.updates.contains_key(t)).collect();
+                    // Asynchronous trainers still training are not dropped: their updates join a later buffer.
+                    let dropped = if self.is_async() {
+                        Vec::new()
+                    } else {
+                        self.round_trainers().map(|t| t.task_id.clone()).filter(|t| !self.updates.contains_key(t)).collect()
+                    };
                     events.push(JobEvent::TrainingClosed { round, dropped });
                     events
                         .push(JobEvent::TimerSet { timer: round_timer(round), due_at_ms: now_ms.saturating_add(self.round_timeout_ms()) });
@@ -723,6 +771,32 @@ impl Job {
                 }
                 Ok(vec![JobEvent::ModelInitialized { digest, worker_id: r.worker_id }])
             }
+            ReportBody::Trained { digest, samples, metrics } if self.is_async() => {
+                let Some(d) = self.in_flight.get(&r.task_id) else {
+                    return Err(Rejection::Unexpected(format!(
+                        "task '{}' has no training in flight (it reported already or was not dispatched)",
+                        r.task_id
+                    )));
+                };
+                if d.round != r.round {
+                    return Err(Rejection::WrongRound { task: r.task_id, got: r.round, open: d.round });
+                }
+                if samples == 0 {
+                    return Err(Rejection::Unexpected(format!("task '{}' reported an update trained on 0 samples", r.task_id)));
+                }
+                // It joins the open round's buffer, or the next one when this one is full.
+                let buffer = if self.round_open() && !self.training_done() { self.round } else { self.round + 1 };
+                let staleness = buffer.saturating_sub(d.round);
+                Ok(vec![JobEvent::UpdateReported {
+                    round: buffer,
+                    task_id: r.task_id,
+                    worker_id: r.worker_id,
+                    digest,
+                    samples,
+                    metrics,
+                    staleness,
+                }])
+            }
             ReportBody::Trained { digest, samples, metrics } => {
                 self.check_round(&r.task_id, r.round)?;
                 if !task.is_data_consumer {
@@ -740,7 +814,15 @@ impl Job {
                 if samples == 0 {
                     return Err(Rejection::Unexpected(format!("task '{}' reported an update trained on 0 samples", r.task_id)));
                 }
-                Ok(vec![JobEvent::UpdateReported { round: r.round, task_id: r.task_id, worker_id: r.worker_id, digest, samples, metrics }])
+                Ok(vec![JobEvent::UpdateReported {
+                    round: r.round,
+                    task_id: r.task_id,
+                    worker_id: r.worker_id,
+                    digest,
+                    samples,
+                    metrics,
+                    staleness: 0,
+                }])
             }
             ReportBody::Aggregated { digest, metrics, optimizer_state, excluded } => {
                 self.check_round(&r.task_id, r.round)?;
@@ -749,6 +831,14 @@ impl Job {
                 }
                 if self.partials.contains_key(&r.task_id) {
                     return Err(Rejection::Duplicate { task: r.task_id, round: r.round });
+                }
+                if self.is_async() && !self.ready(&r.task_id) {
+                    return Err(Rejection::Unexpected(format!(
+                        "aggregate for round {} before its buffer filled ({} of {} updates)",
+                        r.round,
+                        self.updates.len(),
+                        self.quorum()
+                    )));
                 }
                 if !self.ready(&r.task_id) {
                     let missing = self.children(&r.task_id).filter(|c| self.expects(c)).count() - self.inputs_of(&r.task_id).len();
@@ -858,23 +948,44 @@ impl Job {
             JobEvent::TimerFired { timer } => {
                 self.timers.remove(timer);
             }
-            JobEvent::WorkerLost { orphaned, .. } => self.orphaned.extend(orphaned.iter().cloned()),
+            JobEvent::WorkerLost { orphaned, .. } => {
+                for t in orphaned {
+                    self.in_flight.remove(t);
+                }
+                self.orphaned.extend(orphaned.iter().cloned());
+            }
             JobEvent::ModelInitialized { digest, .. } => {
                 self.global_model = Some(digest.clone());
                 self.timers.remove(DEPLOY);
             }
-            JobEvent::RoundStarted { round, selected, .. } => {
+            JobEvent::RoundStarted { round, selected, global_model } => {
                 self.round = *round;
                 self.selected = selected.iter().cloned().collect();
                 self.updates.clear();
+                if self.is_async() {
+                    self.updates = std::mem::take(&mut self.queued);
+                    for t in selected {
+                        self.in_flight.insert(t.clone(), Dispatch { round: *round, model: global_model.clone() });
+                    }
+                }
                 self.partials.clear();
                 self.training_closed = false;
             }
-            JobEvent::UpdateReported { task_id, digest, samples, .. } => {
-                self.updates.insert(task_id.clone(), UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples });
+            JobEvent::UpdateReported { round, task_id, digest, samples, staleness, .. } => {
+                let mut update = UpdateRef::new(task_id.clone(), digest.clone(), *samples);
+                let dispatch = self.in_flight.remove(task_id);
+                if *staleness > 0 {
+                    update.base_model = dispatch.map(|d| d.model);
+                    update.staleness = *staleness;
+                }
+                if self.is_async() && !(*round == self.round && self.round_open()) {
+                    self.queued.insert(task_id.clone(), update);
+                } else {
+                    self.updates.insert(task_id.clone(), update);
+                }
             }
             JobEvent::GroupAggregated { round: _, task_id, digest, samples, inputs, .. } => {
-                let update = UpdateRef { task_id: task_id.clone(), digest: digest.clone(), samples: *samples };
+                let update = UpdateRef::new(task_id.clone(), digest.clone(), *samples);
                 self.partials.insert(task_id.clone(), Partial { update, inputs: inputs.clone() });
             }
             JobEvent::TrainingClosed { .. } => self.training_closed = true,

@@ -93,7 +93,13 @@ pub struct Runner {
 pub fn prepare(def: &JobDefinition) -> Result<(RunSpec, Vec<TaskSpec>), Error> {
     let tasks = planner::expand(def).map_err(Error::Invalid)?;
     let uplinks = crate::plan::uplinks(def, &tasks).map_err(Error::Definition)?;
-    Ok((RunSpec { uplinks, ..run_spec(def)? }, tasks))
+    let spec = run_spec(def)?;
+    if spec.agg_goal.is_some() && tasks.iter().filter(|t| !t.is_data_consumer).count() > 1 {
+        return Err(Error::Definition(
+            "asynchronous (FedBuff) jobs run two-tier for now: one aggregator and its trainers; this design has middle aggregators".into(),
+        ));
+    }
+    Ok((RunSpec { uplinks, ..spec }, tasks))
 }
 
 /// The run settings a definition implies.
@@ -115,16 +121,34 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         let mu = def.model_spec.optimizer.as_ref().and_then(|o| o.kwargs.get("mu")).cloned().unwrap_or(json!(0.01));
         hyperparameters.entry("mu").or_insert(mu);
     }
+    // Asynchronous aggregation (FedBuff): Flame's `aggGoal` and the fedbuff selector's `c`.
+    let sort = def.model_spec.selector.as_ref().map(|s| s.sort.to_ascii_lowercase());
+    let kwarg = |k: &str| def.model_spec.selector.as_ref().and_then(|s| s.kwargs.get(k)).and_then(serde_json::Value::as_u64);
+    let asynchronous = optimizer == "fedbuff" || sort.as_deref() == Some("fedbuff") || h.contains_key("aggGoal");
+    if asynchronous && optimizer != "fedbuff" {
+        return Err(Error::Definition(format!(
+            "{}#/optimizer/sort: an asynchronous job (fedbuff selector or aggGoal) needs optimizer 'fedbuff', not '{optimizer}'",
+            def.job.model_spec_path
+        )));
+    }
+    let (agg_goal, concurrency) = if asynchronous {
+        let goal = def.hyper_u64("aggGoal").unwrap_or(1);
+        if goal == 0 {
+            return Err(Error::Definition(format!("{}#/hyperparameters/aggGoal: must be at least 1", def.job.model_spec_path)));
+        }
+        (Some(goal as u32), kwarg("c").or_else(|| def.hyper_u64("concurrency")).map(|c| c.max(1) as u32))
+    } else {
+        (None, None)
+    };
     // Selection at run time: Flame's `random` selector (kwarg `k`); `default` takes every trainer.
-    let select = match def.model_spec.selector.as_ref().map(|s| s.sort.to_ascii_lowercase()) {
+    let select = match sort {
         None => None,
         Some(s) if s == "default" => None,
-        Some(s) if s == "random" => {
-            Some(def.model_spec.selector.as_ref().and_then(|s| s.kwargs.get("k")).and_then(serde_json::Value::as_u64).unwrap_or(1) as u32)
-        }
+        Some(s) if s == "fedbuff" => None,
+        Some(s) if s == "random" && !asynchronous => Some(kwarg("k").unwrap_or(1) as u32),
         Some(other) => {
             return Err(Error::Definition(format!(
-                "{}#/selector/sort: selector '{other}' is not implemented at run time yet; use default or random",
+                "{}#/selector/sort: selector '{other}' is not implemented at run time yet; use default, random or fedbuff (asynchronous jobs: default or fedbuff)",
                 def.job.model_spec_path
             )));
         }
@@ -145,6 +169,8 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         quorum: def.hyper_u64("minClients").map(|q| q as u32),
         select,
         uplinks: BTreeMap::new(),
+        agg_goal,
+        concurrency,
     })
 }
 

@@ -41,6 +41,8 @@ pub fn created(rounds: u32) -> JobEvent {
             quorum: None,
             select: None,
             uplinks: Default::default(),
+            agg_goal: None,
+            concurrency: None,
         },
         tasks: vec![task("t0", true), task("t1", true), task("agg", false)],
     }
@@ -169,6 +171,7 @@ pub fn update(round: u32, task: &str) -> JobEvent {
         digest: format!("u{round}{task}"),
         samples: 10,
         metrics: Metrics::new(),
+        staleness: 0,
     }
 }
 

@@ -61,6 +61,12 @@ pub struct RunSpec {
     /// Empty in jobs recorded before hierarchies ran: every trainer reports to the one aggregator.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub uplinks: BTreeMap<String, String>,
+    /// Asynchronous (FedBuff) jobs: aggregate every `agg_goal` updates, with no barrier (Flame's `aggGoal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agg_goal: Option<u32>,
+    /// Asynchronous jobs: trainers training at once (the fedbuff selector's `c`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
 }
 
 /// Every event in a job stream.
@@ -163,6 +169,10 @@ pub enum JobEvent {
         samples: u64,
         /// Local training metrics.
         metrics: Metrics,
+        /// Asynchronous (FedBuff) jobs: how many global models older than the
+        /// one this round started from is the model it trained from (0 in synchronous rounds).
+        #[serde(default, skip_serializing_if = "crate::is_zero")]
+        staleness: u32,
     },
     /// A middle aggregator combined the updates of its group; the result goes up to its own aggregator.
     GroupAggregated {
@@ -333,6 +343,7 @@ impl JobEvent {
 /// no hashing); `None` sends it down the general path.
 fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
     let (mut round, mut task_id, mut worker_id, mut digest, mut samples, mut metrics) = (None, None, None, None, None, None);
+    let mut staleness = 0;
     for (k, v) in p.as_object()? {
         match k.as_str() {
             "type" if v.as_str() != Some("UpdateReported") => return None,
@@ -341,6 +352,7 @@ fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
             "worker_id" => worker_id = Some(v.as_str()?.to_string()),
             "digest" => digest = Some(v.as_str()?.to_string()),
             "samples" => samples = Some(v.as_u64()?),
+            "staleness" => staleness = u32::try_from(v.as_u64()?).ok()?,
             "metrics" => {
                 metrics = Some(v.as_object()?.iter().map(|(k, v)| v.as_f64().map(|v| (k.clone(), v))).collect::<Option<Metrics>>()?)
             }
@@ -354,6 +366,7 @@ fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
         digest: digest?,
         samples: samples?,
         metrics: metrics?,
+        staleness,
     })
 }
 
@@ -410,9 +423,24 @@ mod tests {
             digest: "ab".into(),
             samples: 480,
             metrics: Metrics::from([("loss".into(), 0.25), ("n".into(), 7.0)]),
+            staleness: 0,
         };
         let payload = event.to_new_event("j", "worker:w1").payload;
         assert_eq!(decode_update(&payload), Some(event.clone()));
+        assert!(payload.get("staleness").is_none(), "synchronous updates are written as before");
+        let stale = JobEvent::UpdateReported {
+            round: 3,
+            task_id: "trainer-1".into(),
+            worker_id: "w1".into(),
+            digest: "ab".into(),
+            samples: 480,
+            metrics: Metrics::new(),
+            staleness: 2,
+        };
+        let stale_payload = stale.to_new_event("j", "worker:w1").payload;
+        assert_eq!(stale_payload["staleness"], 2);
+        assert_eq!(decode_update(&stale_payload), Some(stale.clone()));
+        assert_eq!(JobEvent::from_envelope(&envelope(stale_payload)).expect("decodes"), stale);
         assert_eq!(JobEvent::from_envelope(&envelope(payload.clone())).expect("decodes"), event);
         // Integer metrics read as numbers; an unknown extra field is ignored, as serde does.
         let mut extra = payload.clone();

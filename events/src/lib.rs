@@ -14,6 +14,11 @@ pub mod transport;
 pub mod upcast;
 
 pub use envelope::{Envelope, NewEvent};
+
+/// For `skip_serializing_if`: leave a zero count out of the JSON.
+pub fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
 pub use store::{AppendResult, EventStore, ExpectedVersion};
 
 /// Opens an event store from a URL: `sqlite:PATH` or `mongodb://...`.

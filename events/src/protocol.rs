@@ -9,7 +9,7 @@ use crate::job::Metrics;
 pub const VERSION: u32 = 1;
 
 /// Server-side optimizers this version's aggregators run.
-pub const AGGREGATORS: &[&str] = &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum"];
+pub const AGGREGATORS: &[&str] = &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "median", "trimmed_mean", "krum"];
 
 /// A worker announcing itself (and, repeated, its heartbeat).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,6 +55,19 @@ pub struct UpdateRef {
     pub digest: String,
     /// Training samples behind it.
     pub samples: u64,
+    /// Asynchronous (FedBuff) jobs: the model it trained from, when not the current global model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    /// Asynchronous jobs: how many global models have been made since its base model.
+    #[serde(default, skip_serializing_if = "crate::is_zero")]
+    pub staleness: u32,
+}
+
+impl UpdateRef {
+    /// A synchronous update: trained from the current global model.
+    pub fn new(task_id: impl Into<String>, digest: impl Into<String>, samples: u64) -> Self {
+        Self { task_id: task_id.into(), digest: digest.into(), samples, base_model: None, staleness: 0 }
+    }
 }
 
 /// An update an aggregator refused to use, and why.

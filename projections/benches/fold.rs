@@ -62,6 +62,8 @@ fn job(j: usize) -> Vec<Chunk> {
         quorum: None,
         select: None,
         uplinks: Default::default(),
+        agg_goal: None,
+        concurrency: None,
     };
     let mut setup = vec![(
         JobEvent::JobCreated { job_id: id.clone(), name: "bench".into(), source: "bench".into(), spec, tasks: tasks.clone() },
@@ -102,6 +104,7 @@ fn job(j: usize) -> Vec<Chunk> {
                     digest: d,
                     samples: 100 + t as u64,
                     metrics: Metrics::from([("loss".into(), 0.5), ("train_accuracy".into(), 0.9)]),
+                    staleness: 0,
                 },
                 format!("worker:{w}"),
             ));

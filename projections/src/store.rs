@@ -66,6 +66,8 @@ struct HeadRef<'a> {
     status: &'a crate::view::JobStatus,
     tasks: &'a std::collections::BTreeMap<String, crate::view::TaskHistory>,
     workers: &'a std::collections::BTreeMap<String, crate::view::WorkerHistory>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    early: &'a [crate::view::EarlyUpdate],
     version: u64,
     position: u64,
 }
@@ -76,6 +78,8 @@ struct Head {
     status: crate::view::JobStatus,
     tasks: std::collections::BTreeMap<String, crate::view::TaskHistory>,
     workers: std::collections::BTreeMap<String, crate::view::WorkerHistory>,
+    #[serde(default)]
+    early: Vec<crate::view::EarlyUpdate>,
     version: u64,
     position: u64,
 }
@@ -118,6 +122,7 @@ pub fn changed_parts(view: &mut JobView, mark: Mark) -> Result<(Vec<Part>, Mark)
         status: &view.status,
         tasks: &view.tasks,
         workers: &view.workers,
+        early: &view.early,
         version: view.version,
         position: view.position,
     };
@@ -152,6 +157,7 @@ pub fn assemble(job_id: &str, parts: &[Part]) -> Result<JobView, Error> {
         status: head.status,
         tasks: head.tasks,
         workers: head.workers,
+        early: head.early,
         version: head.version,
         position: head.position,
         ..JobView::default()

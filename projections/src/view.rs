@@ -31,6 +31,9 @@ pub struct JobView {
     pub lineage: Vec<ModelNode>,
     /// Every event of the job: who did what and when, refusals included.
     pub audit: Vec<AuditEntry>,
+    /// Asynchronous jobs: updates that joined the buffer of a round not started yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub early: Vec<EarlyUpdate>,
     /// Stream version of the last event folded in.
     pub version: u64,
     /// Global position of the last event folded in.
@@ -161,6 +164,9 @@ pub struct Participant {
     pub metrics: Metrics,
     /// When it was accepted.
     pub at: DateTime<Utc>,
+    /// Asynchronous jobs: global models made since the model it trained from.
+    #[serde(default, skip_serializing_if = "flame_events::is_zero")]
+    pub staleness: u32,
 }
 
 /// A middle aggregator's combination of its group's updates.
@@ -180,6 +186,16 @@ pub struct GroupAggregate {
     pub metrics: Metrics,
     /// When it was accepted.
     pub at: DateTime<Utc>,
+}
+
+/// An update accepted for a round that has not started yet (asynchronous
+/// jobs: it arrived while the open round's buffer was full).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EarlyUpdate {
+    /// The round whose buffer it joins.
+    pub round: u32,
+    /// The update.
+    pub participant: Participant,
 }
 
 /// An update left out of an aggregate.
@@ -453,12 +469,15 @@ impl JobView {
             JobEvent::RoundStarted { round, global_model, selected } => {
                 self.status.round = round;
                 self.touched.0.insert(self.rounds.len());
+                let (early, later): (Vec<EarlyUpdate>, Vec<EarlyUpdate>) =
+                    std::mem::take(&mut self.early).into_iter().partition(|e| e.round == round);
+                self.early = later;
                 self.rounds.push(RoundView {
                     round,
                     start_model: global_model,
                     selected,
                     model: None,
-                    participants: Vec::new(),
+                    participants: early.into_iter().map(|e| e.participant).collect(),
                     stragglers: Vec::new(),
                     excluded: Vec::new(),
                     rejected: 0,
@@ -470,7 +489,7 @@ impl JobView {
                     closed_at: None,
                 });
             }
-            JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics } => {
+            JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics, staleness } => {
                 let w = match self.workers.get_mut(&worker_id) {
                     Some(w) => w,
                     None => self.workers.entry(worker_id.clone()).or_default(),
@@ -484,9 +503,13 @@ impl JobView {
                     Some(t) => t.updates.push(update),
                     None => self.tasks.entry(task_id.clone()).or_default().updates.push(update),
                 }
-                if let Some(r) = self.round_mut(round) {
-                    r.training_done_at = Some(at);
-                    r.participants.push(Participant { task_id, worker_id, digest, samples, metrics, at });
+                let participant = Participant { task_id, worker_id, digest, samples, metrics, at, staleness };
+                match self.round_mut(round) {
+                    Some(r) => {
+                        r.training_done_at = Some(at);
+                        r.participants.push(participant);
+                    }
+                    None => self.early.push(EarlyUpdate { round, participant }),
                 }
             }
             JobEvent::GroupAggregated { round, task_id, worker_id, digest, samples, inputs, metrics } => {
@@ -594,8 +617,11 @@ pub fn detail(event: &JobEvent) -> String {
             format!("round {round} from {}; selected [{}]", short(global_model), selected.join(", "))
         }
         JobEvent::RoundStarted { round, global_model, .. } => format!("round {round} from {}", short(global_model)),
-        JobEvent::UpdateReported { round, task_id, digest, samples, .. } => {
+        JobEvent::UpdateReported { round, task_id, digest, samples, staleness: 0, .. } => {
             format!("round {round}: {task_id} update {} ({samples} samples)", short(digest))
+        }
+        JobEvent::UpdateReported { round, task_id, digest, samples, staleness, .. } => {
+            format!("round {round}: {task_id} update {} ({samples} samples, {staleness} model(s) stale)", short(digest))
         }
         JobEvent::GroupAggregated { round, task_id, digest, samples, inputs, .. } => {
             format!("round {round}: {task_id} combined {} update(s) -> {} ({samples} samples)", inputs.len(), short(digest))
@@ -669,6 +695,8 @@ mod tests {
                 quorum: None,
                 select: None,
                 uplinks: Default::default(),
+                agg_goal: None,
+                concurrency: None,
             },
             tasks: ["t0", "t1", "agg"]
                 .iter()
@@ -704,9 +732,10 @@ mod tests {
                 global_model,
                 selected: vec![]
             }),
-            (round.clone(), task.clone(), worker.clone(), digest.clone(), 1u64..100).prop_map(
-                |(round, task_id, worker_id, digest, samples)| {
-                    JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics: Metrics::from([("loss".into(), 0.5)]) }
+            (round.clone(), task.clone(), worker.clone(), digest.clone(), 1u64..100, 0u32..3).prop_map(
+                |(round, task_id, worker_id, digest, samples, staleness)| {
+                    let metrics = Metrics::from([("loss".into(), 0.5)]);
+                    JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics, staleness }
                 }
             ),
             (round.clone(), task.clone(), worker.clone(), digest.clone(), prop::collection::vec(digest.clone(), 0..3)).prop_map(
@@ -791,6 +820,7 @@ mod tests {
                     digest: "u0".into(),
                     samples: 30,
                     metrics: Metrics::from([("loss".into(), 0.25)]),
+                    staleness: 0,
                 },
                 "worker:w0",
             ),

@@ -103,6 +103,86 @@ fn hierarchical_digits_aggregates_each_region_then_the_regions() {
     }
 }
 
+/// The FedBuff example: no barrier. Each update records how stale it is
+/// (rounds since the one that sent it), each round aggregates a full buffer,
+/// and each new global model is FedBuff's step over that buffer, every
+/// update's change taken from the model it trained from.
+#[test]
+fn fedbuff_digits_aggregates_buffers_of_stale_updates() {
+    use flame_workers::{fedbuff, weights};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf8");
+    let out = flamectl(&["run", "examples/fedbuff-digits", "-o", "json", "--data-dir", data]);
+    assert!(out.status.success(), "flamectl run failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(summary["state"], "completed");
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.75, "final accuracy {accuracy}");
+    let job = summary["job_id"].as_str().expect("id");
+    let out = flamectl(&["events", job, "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let blob = |d: &Value| {
+        weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
+    };
+    let start_model = |round: u64| {
+        events
+            .iter()
+            .find(|e| e["event_type"] == "RoundStarted" && e["payload"]["round"] == round)
+            .map(|e| e["payload"]["global_model"].clone())
+    };
+
+    let mut buffer: std::collections::BTreeMap<String, (Value, u64, u64, u32)> = Default::default();
+    let mut rounds = 0;
+    let mut stale = 0;
+    for e in &events {
+        let p = &e["payload"];
+        match e["event_type"].as_str() {
+            Some("RoundStarted") => {
+                let dispatched = p["selected"].as_array().map_or(0, Vec::len);
+                assert!(dispatched <= 4, "the fedbuff selector keeps at most c = 4 trainers busy: {p}");
+            }
+            Some("UpdateReported") => {
+                // The command that asked for it names the round that sent it.
+                let cause = e["causation_id"].as_str().expect("caused by a command");
+                let sent: u64 = cause
+                    .split("/r")
+                    .nth(1)
+                    .and_then(|r| r.split('/').next())
+                    .and_then(|r| r.parse().ok())
+                    .expect("round in the command id");
+                let round = p["round"].as_u64().expect("round");
+                let staleness = p["staleness"].as_u64().unwrap_or(0);
+                assert_eq!(staleness, round - sent, "{p}");
+                stale += u64::from(staleness > 0);
+                buffer.insert(
+                    p["digest"].as_str().expect("digest").into(),
+                    (p["digest"].clone(), p["samples"].as_u64().expect("n"), sent, staleness as u32),
+                );
+            }
+            Some("RoundAggregated") => {
+                let round = p["round"].as_u64().expect("round");
+                let inputs: Vec<&str> = p["inputs"].as_array().expect("inputs").iter().filter_map(Value::as_str).collect();
+                assert!(inputs.len() >= 2, "round {round} aggregated a full buffer (aggGoal 2): {inputs:?}");
+                let global = blob(&start_model(round).expect("round start"));
+                let taken: Vec<(weights::Weights, u64, weights::Weights, u32)> = inputs
+                    .iter()
+                    .map(|d| {
+                        let (digest, samples, sent, staleness) = buffer.remove(*d).expect("an input was reported");
+                        (blob(&digest), samples, blob(&start_model(sent).expect("sent")), staleness)
+                    })
+                    .collect();
+                let step: Vec<fedbuff::Buffered> =
+                    taken.iter().map(|(w, n, b, s)| fedbuff::Buffered { trained: w, base: b, samples: *n, staleness: *s }).collect();
+                assert_eq!(blob(&p["digest"]), fedbuff::step(&global, &step, 1.0).expect("step"), "round {round} is FedBuff's step");
+                rounds += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(rounds, 12);
+    assert!(stale > 0, "some updates trained from an older model");
+}
+
 fn copy_example(to: &std::path::Path) {
     for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
         let entry = entry.expect("entry");

@@ -78,8 +78,25 @@ pub fn combine(
             let m = number(kwargs, "m", 1.0)? as usize;
             Ok((robust::multi_krum(&models(), f, m)?.0, None))
         }
+        "fedbuff" => Err(Error::Mismatch("fedbuff needs each update's base model; use aggregate::fedbuff".into())),
         other => Err(Error::Mismatch(format!("optimizer '{other}' is not implemented by this worker"))),
     }
+}
+
+/// FedBuff: each update (model, samples) with the model it trained from and
+/// its staleness; kwarg `eta` is the server learning rate (default 1).
+pub fn fedbuff(
+    kwargs: &Map<String, Value>,
+    global: &Weights,
+    updates: &[(Weights, u64)],
+    bases: &[(&Weights, u32)],
+) -> Result<Weights, Error> {
+    let buffer: Vec<crate::fedbuff::Buffered> = updates
+        .iter()
+        .zip(bases)
+        .map(|((trained, samples), (base, staleness))| crate::fedbuff::Buffered { trained, base, samples: *samples, staleness: *staleness })
+        .collect();
+    crate::fedbuff::step(global, &buffer, number(kwargs, "eta", 1.0)?)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod blob;
 pub mod data;
 pub mod fedavg;
+pub mod fedbuff;
 pub mod model;
 pub mod optimizers;
 pub mod partition;

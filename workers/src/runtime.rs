@@ -2,7 +2,7 @@
 //! The same runtime serves embedded mode (in-process transport) and
 //! distributed mode (NATS).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -216,13 +216,33 @@ impl Worker {
                 // safetensors, other tensors than the global model's) is left out and named.
                 let mut inputs = Vec::with_capacity(updates.len());
                 let mut excluded = Vec::new();
+                // FedBuff: the model each update trained from, once per distinct digest.
+                let mut bases: Vec<(String, u32)> = Vec::new();
+                let mut base_models: BTreeMap<String, Weights> = BTreeMap::new();
                 for u in updates {
+                    let base = u.base_model.clone().unwrap_or_else(|| global_model.clone());
                     let checked = match self.fetch(&u.digest).await {
                         Ok(w) => weights::check_same_layout(&global, &w).map(|()| w).map_err(anyhow::Error::from),
                         Err(e) => Err(e),
                     };
+                    let checked = match checked {
+                        Ok(w) if optimizer == "fedbuff" && !base_models.contains_key(&base) => match self.fetch(&base).await {
+                            Ok(b) => {
+                                weights::check_same_layout(&global, &b).map(|()| (w, Some(b))).map_err(|e| anyhow!("its base model: {e}"))
+                            }
+                            Err(e) => Err(e.context("its base model")),
+                        },
+                        Ok(w) => Ok((w, None)),
+                        Err(e) => Err(e),
+                    };
                     match checked {
-                        Ok(w) => inputs.push((w, u.samples)),
+                        Ok((w, b)) => {
+                            if let Some(b) = b {
+                                base_models.insert(base.clone(), b);
+                            }
+                            bases.push((base, u.staleness));
+                            inputs.push((w, u.samples));
+                        }
                         Err(e) => {
                             tracing::warn!(worker = %self.info.id, task = %u.task_id, digest = %u.digest, "update left out: {e:#}");
                             excluded.push(Excluded { task_id: u.task_id.clone(), digest: u.digest.clone(), reason: format!("{e:#}") });
@@ -238,7 +258,15 @@ impl Worker {
                 };
                 let (eval, optimizer, kwargs) = (eval_dataset.clone(), optimizer.clone(), optimizer_kwargs.clone());
                 let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                    let (next, state) = aggregate::combine(&optimizer, &kwargs, &global, inputs, state.as_ref())?;
+                    let (next, state) = if optimizer == "fedbuff" {
+                        let bases = bases
+                            .iter()
+                            .map(|(d, s)| base_models.get(d).map(|b| (b, *s)).ok_or_else(|| anyhow!("base model {d} was not fetched")))
+                            .collect::<anyhow::Result<Vec<_>>>()?;
+                        (aggregate::fedbuff(&kwargs, &global, &inputs, &bases)?, None)
+                    } else {
+                        aggregate::combine(&optimizer, &kwargs, &global, inputs, state.as_ref())?
+                    };
                     let metrics = match eval {
                         Some(url) => crate::model::evaluate(&cfg, &next, &data::load(&url)?.test)?,
                         None => Default::default(),
@@ -397,7 +425,7 @@ mod tests {
         let missing = "0".repeat(64);
         let updates: Vec<protocol::UpdateRef> = [("good", &good), ("nan", &nan), ("narrow", &narrow), ("missing", &missing)]
             .iter()
-            .map(|(t, d)| protocol::UpdateRef { task_id: t.to_string(), digest: d.to_string(), samples: 10 })
+            .map(|(t, d)| protocol::UpdateRef::new(*t, *d, 10))
             .collect();
         let aggregate = Command {
             v: protocol::VERSION,
