@@ -425,7 +425,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let job = runner.load(&job_id).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
-    for t in &job.tasks {
+    for t in job.tasks.iter().filter(|t| t.colocate.is_none()) {
         let role = if t.is_data_consumer { "trainer" } else { "aggregator" };
         let info = WorkerInfo {
             id: format!("local-{}", t.task_id),

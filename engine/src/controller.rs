@@ -42,17 +42,22 @@ pub fn generic_role(t: &TaskSpec) -> &'static str {
 
 /// Places each task on a distinct live worker that offers the task's role
 /// and serves its dataset's realm, skipping `busy` workers; aggregators first
-/// (they are fewer and workers may offer both roles), then in id order.
+/// (they are fewer and workers may offer both roles), then in id order. A
+/// task that runs beside another (a ring's reducer) goes where that one goes.
 /// `None` while some task finds no worker.
 pub fn assign(tasks: &[&TaskSpec], workers: &[WorkerInfo], busy: &BTreeSet<String>) -> Option<BTreeMap<String, String>> {
     let mut used = busy.clone();
     let mut out = BTreeMap::new();
-    let mut ordered: Vec<_> = tasks.to_vec();
+    let mut ordered: Vec<_> = tasks.iter().filter(|t| t.colocate.is_none()).copied().collect();
     ordered.sort_by_key(|t| t.is_data_consumer);
     for t in ordered {
         let w = workers.iter().find(|w| !used.contains(&w.id) && w.can_run(&t.role, generic_role(t), t.realm.as_deref()))?;
         used.insert(w.id.clone());
         out.insert(t.task_id.clone(), w.id.clone());
+    }
+    for t in tasks.iter().filter(|t| t.colocate.is_some()) {
+        let w = out.get(t.colocate.as_deref()?)?.clone();
+        out.insert(t.task_id.clone(), w);
     }
     Some(out)
 }
@@ -95,10 +100,16 @@ fn lost_worker(job: &Job, live: &[WorkerInfo]) -> Option<JobCommand> {
     // Replace task by task, so a task finds a worker even if its siblings do not.
     let mut replacements = BTreeMap::new();
     let mut taken = busy;
-    for t in tasks {
+    for t in tasks.iter().filter(|t| t.colocate.is_none()) {
         if let Some(a) = assign(&[t], live, &taken) {
             taken.extend(a.values().cloned());
             replacements.extend(a);
+        }
+    }
+    // A task that runs beside another follows it.
+    for t in tasks.iter().filter(|t| t.colocate.is_some()) {
+        if let Some(w) = t.colocate.as_ref().and_then(|c| replacements.get(c)).cloned() {
+            replacements.insert(t.task_id.clone(), w);
         }
     }
     Some(JobCommand::LoseWorker { worker_id: lost, replacements })

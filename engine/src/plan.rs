@@ -245,29 +245,58 @@ fn links<'a>(def: &'a JobDefinition, tasks: &'a [TaskSpec]) -> Links<'a> {
     Links { coordinators, uppers, lowers, rings, task_ups, task_downs }
 }
 
-/// For a job the engine runs as a tree of aggregations (two-tier and
-/// hierarchical), each task's parent: the task it uploads its update or
-/// partial aggregate to. The top aggregator has none. Topologies the engine
-/// does not run yet (rings, coordinators) are refused with a message.
-pub fn uplinks(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<BTreeMap<String, String>, String> {
+/// How the engine runs a job: every task's parent (the task it uploads its
+/// update or partial aggregate to; the top aggregator has none) and the
+/// reducer tasks it adds for rings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tree {
+    /// Task id -> parent task id.
+    pub uplinks: BTreeMap<String, String>,
+    /// One task per ring group (`ring-<channel>-<group>`, role `ring-reducer`),
+    /// placed on the ring leader's worker: it averages the members' updates,
+    /// and its result goes up the ring leader's channel (hybrid) or is the
+    /// global model (ring all-reduce without an aggregator).
+    pub reducers: Vec<TaskSpec>,
+}
+
+/// The tree of aggregations the engine runs for a job: two-tier,
+/// hierarchical (any depth), ring all-reduce and hybrid designs. Coordinated
+/// designs are refused with a message (they are planned, not run).
+pub fn tree(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<Tree, String> {
     let l = links(def, tasks);
     if let Some(c) = l.coordinators.first() {
         return Err(format!("role '{c}' coordinates: coordinated topologies are planned (flamectl plan) but not run yet"));
     }
-    if let Some(((c, _), _)) = l.rings.first_key_value() {
-        return Err(format!(
-            "channel '{c}' pairs a role with itself (ring all-reduce): such jobs are planned (flamectl plan) but not run yet"
-        ));
-    }
     let mut parent = BTreeMap::new();
+    let mut reducers = Vec::new();
+    // Ring groups: the members report to a reducer on their leader's (lowest task id's) worker.
+    let mut ring_of: BTreeMap<&str, String> = BTreeMap::new();
+    for ((c, g), members) in &l.rings {
+        let Some(leader) = members.iter().min() else { continue };
+        let id = format!("ring-{c}-{g}");
+        for m in members {
+            if ring_of.insert(m, id.clone()).is_some() {
+                return Err(format!("task '{m}' is in more than one ring; the engine runs one ring per task"));
+            }
+            parent.insert(m.to_string(), id.clone());
+        }
+        reducers.push(TaskSpec {
+            task_id: id,
+            role: "ring-reducer".into(),
+            is_data_consumer: false,
+            group_association: BTreeMap::from([(c.to_string(), g.to_string())]),
+            channels: vec![c.to_string()],
+            dataset: None,
+            realm: tasks.iter().find(|t| t.task_id == *leader).and_then(|t| t.realm.clone()),
+            colocate: Some(leader.to_string()),
+        });
+    }
     for t in tasks {
         let ups = l.task_ups.get(t.task_id.as_str()).map_or(&[][..], Vec::as_slice);
-        match ups {
-            [] => {}
+        let up = match ups {
+            [] => None,
             [(c, g)] => match l.uppers.get(&(*c, *g)).map_or(&[][..], Vec::as_slice) {
-                [one] => {
-                    parent.insert(t.task_id.clone(), one.to_string());
-                }
+                [one] => Some(one.to_string()),
                 none_or_many => {
                     return Err(format!(
                         "task '{}' uploads on channel '{c}' group '{g}', where {} task(s) aggregate; the engine needs exactly one",
@@ -283,20 +312,31 @@ pub fn uplinks(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<BTreeMap<Strin
                     many.len()
                 ));
             }
+        };
+        match (up, ring_of.get(t.task_id.as_str())) {
+            // A ring member: its ring's result goes up instead (only the leader uploads).
+            (Some(p), Some(ring)) => {
+                parent.insert(ring.clone(), p);
+            }
+            (Some(p), None) => {
+                parent.insert(t.task_id.clone(), p);
+            }
+            (None, _) => {}
         }
     }
-    let roots: Vec<&str> = tasks.iter().filter(|t| !parent.contains_key(&t.task_id)).map(|t| t.task_id.as_str()).collect();
+    let all: Vec<&TaskSpec> = tasks.iter().chain(&reducers).collect();
+    let roots: Vec<&str> = all.iter().filter(|t| !parent.contains_key(&t.task_id)).map(|t| t.task_id.as_str()).collect();
     let root = match roots.as_slice() {
-        [one] if tasks.iter().any(|t| t.task_id == *one && !t.is_data_consumer) => *one,
+        [one] if all.iter().any(|t| t.task_id == *one && !t.is_data_consumer) => *one,
         _ => {
             return Err(format!(
-                "the job needs one top aggregator that every other task reports to, directly or through middle aggregators; these tasks report to no one: {roots:?}"
+                "the job needs one top aggregator that every other task reports to, directly or through middle aggregators or rings; these tasks report to no one: {roots:?}"
             ));
         }
     };
-    for t in tasks {
+    for t in &all {
         let mut at = t.task_id.as_str();
-        for _ in 0..=tasks.len() {
+        for _ in 0..=all.len() {
             match parent.get(at) {
                 Some(p) => at = p,
                 None => break,
@@ -305,11 +345,11 @@ pub fn uplinks(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<BTreeMap<Strin
         if at != root {
             return Err(format!("task '{}' does not reach the top aggregator '{root}' through its aggregators", t.task_id));
         }
-        if t.is_data_consumer && tasks.iter().any(|x| parent.get(&x.task_id) == Some(&t.task_id)) {
+        if t.is_data_consumer && parent.values().any(|p| p == &t.task_id) {
             return Err(format!("task '{}' trains and also aggregates other tasks; the engine runs trainers as leaves", t.task_id));
         }
     }
-    Ok(parent)
+    Ok(Tree { uplinks: parent, reducers })
 }
 
 /// The plan of round `round` for a job's tasks.
@@ -580,14 +620,14 @@ mod tests {
     }
 
     #[test]
-    fn uplinks_make_a_tree_for_two_tier_and_hierarchical_jobs_only() {
+    fn trees_for_two_tier_and_hierarchical_jobs() {
         let (_d, def, tasks) = fixture("mnist");
-        let up = uplinks(&def, &tasks).expect("two-tier");
+        let up = tree(&def, &tasks).expect("two-tier").uplinks;
         assert_eq!(up.len(), 1);
         assert_eq!(up.values().next().map(String::as_str), tasks.iter().find(|t| !t.is_data_consumer).map(|t| t.task_id.as_str()));
 
         let (_d, def, tasks) = fixture("hier_mnist");
-        let up = uplinks(&def, &tasks).expect("hierarchical");
+        let up = tree(&def, &tasks).expect("hierarchical").uplinks;
         let role = |id: &str| tasks.iter().find(|t| t.task_id == id).map(|t| t.role.as_str()).expect("task");
         assert_eq!(up.len(), tasks.len() - 1, "everyone but the top aggregator has a parent");
         for (child, parent) in &up {
@@ -600,11 +640,27 @@ mod tests {
             let group = |id: &str| tasks.iter().find(|x| x.task_id == id).and_then(|x| x.group_association.get("param-channel").cloned());
             assert_eq!(group(&t.task_id), group(m), "{} and {m}", t.task_id);
         }
+    }
 
-        for name in ["distributed_training", "hybrid"] {
-            let (_d, def, tasks) = fixture(name);
-            let err = uplinks(&def, &tasks).expect_err(name);
-            assert!(err.contains("ring all-reduce"), "{name}: {err}");
+    #[test]
+    fn rings_reduce_on_their_leader_and_hybrid_rings_report_to_the_aggregator() {
+        let (_d, def, tasks) = fixture("distributed_training");
+        let t = tree(&def, &tasks).expect("ring");
+        assert_eq!(t.reducers.len(), 1, "one ring");
+        let ring = &t.reducers[0];
+        assert_eq!(ring.colocate.as_deref(), tasks.iter().map(|t| t.task_id.as_str()).min(), "on the lowest member's worker");
+        assert!(tasks.iter().all(|m| t.uplinks[&m.task_id] == ring.task_id));
+        assert!(!t.uplinks.contains_key(&ring.task_id), "without an aggregator the ring's mean is the global model");
+
+        let (_d, def, tasks) = fixture("hybrid");
+        let t = tree(&def, &tasks).expect("hybrid");
+        assert_eq!(t.reducers.len(), 2, "a ring per group (eu, us)");
+        let aggregator = tasks.iter().find(|t| !t.is_data_consumer).expect("aggregator");
+        for r in &t.reducers {
+            assert_eq!(t.uplinks[&r.task_id], aggregator.task_id, "{} reports to the aggregator", r.task_id);
+            let members: Vec<&String> = t.uplinks.iter().filter(|(_, p)| **p == r.task_id).map(|(c, _)| c).collect();
+            assert_eq!(members.len(), 2, "{}: {members:?}", r.task_id);
+            assert_eq!(r.colocate.as_ref(), members.into_iter().min());
         }
     }
 
@@ -877,7 +933,7 @@ mod coordinated {
         assert_eq!(def.check(), vec![]);
         let tasks = crate::planner::expand(&def).expect("expand");
         assert_eq!(tasks.iter().filter(|t| t.role == "middle-aggregator").count(), 2);
-        assert!(uplinks(&def, &tasks).expect_err("not run yet").contains("coordinates"));
+        assert!(tree(&def, &tasks).expect_err("not run yet").contains("coordinates"));
         let p = plan(&def, &tasks, 1).expect("plan");
         assert_eq!(p.steps[0].id, "coordinate:coordinator-0");
         for s in p.steps.iter().filter(|s| s.kind == StepKind::Fetch) {

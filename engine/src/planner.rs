@@ -27,6 +27,7 @@ pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
                 channels: channels.clone(),
                 dataset,
                 realm,
+                colocate: None,
             });
             index += 1;
         };

@@ -92,14 +92,16 @@ pub struct Runner {
 /// The run settings and tasks a definition implies.
 pub fn prepare(def: &JobDefinition) -> Result<(RunSpec, Vec<TaskSpec>), Error> {
     let tasks = planner::expand(def).map_err(Error::Invalid)?;
-    let uplinks = crate::plan::uplinks(def, &tasks).map_err(Error::Definition)?;
+    let mut tasks = tasks;
+    let tree = crate::plan::tree(def, &tasks).map_err(Error::Definition)?;
+    tasks.extend(tree.reducers);
     let spec = run_spec(def)?;
     if spec.agg_goal.is_some() && tasks.iter().filter(|t| !t.is_data_consumer).count() > 1 {
         return Err(Error::Definition(
-            "asynchronous (FedBuff) jobs run two-tier for now: one aggregator and its trainers; this design has middle aggregators".into(),
+            "asynchronous (FedBuff) jobs run two-tier for now: one aggregator and its trainers; this design has middle aggregators or rings".into(),
         ));
     }
-    Ok((RunSpec { uplinks, ..spec }, tasks))
+    Ok((RunSpec { uplinks: tree.uplinks, ..spec }, tasks))
 }
 
 /// The run settings a definition implies.

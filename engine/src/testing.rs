@@ -20,6 +20,7 @@ pub fn task(id: &str, trainer: bool) -> TaskSpec {
         channels: vec!["param-channel".into()],
         dataset: trainer.then(|| format!("builtin://digits?part={}&of=2", &id[id.len() - 1..])),
         realm: None,
+        colocate: None,
     }
 }
 

@@ -27,6 +27,9 @@ pub struct TaskSpec {
     pub dataset: Option<String>,
     /// Realm of the dataset (where its data lives), used to place the task.
     pub realm: Option<String>,
+    /// Runs on the same worker as this task (a ring's reduction runs on its leader's worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colocate: Option<String>,
 }
 
 /// What the engine needs to run a job's rounds, fixed at creation.

@@ -48,6 +48,7 @@ fn job(j: usize) -> Vec<Chunk> {
             channels: vec!["param-channel".into()],
             dataset: (t < TRAINERS).then(|| format!("builtin://digits?part={t}&of={TRAINERS}")),
             realm: Some("default".into()),
+            colocate: None,
         })
         .collect();
     let spec = RunSpec {

@@ -708,6 +708,7 @@ mod tests {
                     channels: vec![],
                     dataset: None,
                     realm: None,
+                    colocate: None,
                 })
                 .collect(),
         }

@@ -44,20 +44,20 @@ fn digits_job_completes_and_its_events_are_listed() {
     assert_eq!(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)), digest);
 }
 
-/// The hierarchical example: each round, each region's middle aggregator
-/// averages its trainers' updates, and the top aggregator averages the regions
-/// by their samples; the result is flat FedAvg over all four trainers.
-#[test]
-fn hierarchical_digits_aggregates_each_region_then_the_regions() {
+/// Runs an example whose trainers report through groups (middle aggregators
+/// or rings) and checks every round: each group's model is the FedAvg of its
+/// members' updates, the global model is the FedAvg of the groups by their
+/// samples, and that equals flat FedAvg over all trainers (to f32 rounding).
+fn check_grouped_example(example: &str, groups_per_round: usize, members: usize) -> Value {
     use flame_workers::{fedavg, weights};
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_str().expect("utf8");
-    let out = flamectl(&["run", "examples/hierarchical-digits", "-o", "json", "--data-dir", data]);
+    let out = flamectl(&["run", example, "-o", "json", "--data-dir", data]);
     assert!(out.status.success(), "flamectl run failed: {}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(summary["state"], "completed");
     let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
-    assert!(accuracy >= 0.85, "final accuracy {accuracy}");
+    assert!(accuracy >= 0.85, "{example}: final accuracy {accuracy}");
     let out =
         flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
     let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
@@ -67,40 +67,86 @@ fn hierarchical_digits_aggregates_each_region_then_the_regions() {
     let blob = |d: &Value| {
         weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
     };
+    let trainers = groups_per_round * members;
 
     for round in 1..=5u64 {
         let updates: Vec<&Value> = of("UpdateReported").filter(|u| u["round"] == round).collect();
         let groups: Vec<&Value> = of("GroupAggregated").filter(|g| g["round"] == round).collect();
-        assert_eq!((updates.len(), groups.len()), (4, 2), "round {round}");
+        assert_eq!((updates.len(), groups.len()), (trainers, groups_per_round), "{example} round {round}");
         let mut flat = Vec::new();
         let mut by_group = Vec::new();
         for g in &groups {
             let mine: Vec<&&Value> = updates.iter().filter(|u| uplinks[u["task_id"].as_str().expect("task")] == g["task_id"]).collect();
-            assert_eq!(mine.len(), 2, "two trainers per region");
-            let digests: Vec<&Value> = mine.iter().map(|u| &u["digest"]).collect();
+            assert_eq!(mine.len(), members, "{example}: members of {}", g["task_id"]);
             let mut listed: Vec<&Value> = g["inputs"].as_array().expect("inputs").iter().collect();
             listed.sort_by_key(|d| d.as_str());
-            let mut want = digests.clone();
+            let mut want: Vec<&Value> = mine.iter().map(|u| &u["digest"]).collect();
             want.sort_by_key(|d| d.as_str());
-            assert_eq!(listed, want, "round {round}: {} holds its region's updates", g["task_id"]);
+            assert_eq!(listed, want, "round {round}: {} holds its members' updates", g["task_id"]);
             let inputs: Vec<(weights::Weights, u64)> =
                 mine.iter().map(|u| (blob(&u["digest"]), u["samples"].as_u64().expect("n"))).collect();
             let samples: u64 = inputs.iter().map(|(_, n)| n).sum();
             assert_eq!(g["samples"].as_u64(), Some(samples));
-            assert_eq!(blob(&g["digest"]), fedavg::fedavg(&inputs).expect("fedavg"), "the region's model is its FedAvg");
+            assert_eq!(blob(&g["digest"]), fedavg::fedavg(&inputs).expect("fedavg"), "the group's model is its FedAvg");
             flat.extend(inputs);
             by_group.push((blob(&g["digest"]), samples));
         }
         let global = of("RoundAggregated").find(|r| r["round"] == round).expect("aggregated");
-        assert_eq!(global["inputs"].as_array().map(Vec::len), Some(4), "the round lists the trainers' updates");
+        assert_eq!(global["inputs"].as_array().map(Vec::len), Some(trainers), "the round lists the trainers' updates");
         let global = blob(&global["digest"]);
-        assert_eq!(global, fedavg::fedavg(&by_group).expect("fedavg"), "the top averages the regions by samples");
+        assert_eq!(global, fedavg::fedavg(&by_group).expect("fedavg"), "the top averages the groups by samples");
         let flat = fedavg::fedavg(&flat).expect("flat");
         for (name, t) in &global {
             let worst = t.data.iter().zip(&flat[name].data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(worst < 1e-5, "round {round}, {name}: hierarchical and flat FedAvg differ by {worst}");
+            assert!(worst < 1e-5, "round {round}, {name}: grouped and flat FedAvg differ by {worst}");
         }
     }
+    summary
+}
+
+/// Hierarchical: each region's middle aggregator averages its two trainers,
+/// the top aggregator the two regions.
+#[test]
+fn hierarchical_digits_aggregates_each_region_then_the_regions() {
+    check_grouped_example("examples/hierarchical-digits", 2, 2);
+}
+
+/// Hybrid: each region's trainers reduce in a ring (on the ring leader's
+/// worker), the ring's mean goes to the aggregator.
+#[test]
+fn hybrid_digits_reduces_each_ring_then_the_rings() {
+    check_grouped_example("examples/hybrid-digits", 2, 2);
+}
+
+/// Ring all-reduce without an aggregator: the ring's reducer runs on its
+/// leader's worker, its mean is the global model, and that is bit for bit the
+/// two-tier example's (same data, seeds and FedAvg).
+#[test]
+fn ring_digits_equals_two_tier_fedavg() {
+    let run = |example: &str, dir: &std::path::Path| -> Value {
+        let out = flamectl(&["run", example, "-o", "json", "--data-dir", dir.to_str().expect("utf8")]);
+        assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let (a, b) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let ring = run("examples/ring-digits", a.path());
+    assert_eq!(ring["state"], "completed");
+    let two_tier = run("examples/digits-two-tier", b.path());
+    assert_eq!(ring["final_model"], two_tier["final_model"], "the ring's mean is FedAvg");
+
+    let out = flamectl(&["events", ring["job_id"].as_str().expect("id"), "--store", ring["store"].as_str().expect("store"), "-o", "json"]);
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let placed: std::collections::BTreeMap<&str, &str> = events
+        .iter()
+        .filter(|e| e["event_type"] == "TaskAssigned")
+        .map(|e| (e["payload"]["task_id"].as_str().expect("task"), e["payload"]["worker_id"].as_str().expect("worker")))
+        .collect();
+    assert_eq!(placed.len(), 4, "three trainers and the ring's reducer: {placed:?}");
+    assert_eq!(placed["ring-param-channel-default"], placed["trainer-0"], "the reducer runs on the leader's worker");
+    let aggregated: Vec<&Value> = events.iter().filter(|e| e["event_type"] == "RoundAggregated").collect();
+    assert_eq!(aggregated.len(), 5);
+    assert!(aggregated.iter().all(|e| e["payload"]["inputs"].as_array().map(Vec::len) == Some(3)));
+    assert!(aggregated.iter().all(|e| e["actor"] == format!("worker:{}", placed["trainer-0"])));
 }
 
 /// The FedBuff example: no barrier. Each update records how stale it is
