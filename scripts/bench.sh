@@ -3,6 +3,7 @@
 #   scripts/bench.sh store     event store append/read throughput, SQLite and MongoDB
 #   scripts/bench.sh rounds    engine overhead per round, 100 and 1,000 simulated workers on NATS
 #   scripts/bench.sh flower    FedAvg vs Flower's numpy FedAvg and a memory-bandwidth baseline (flwr in .deps/flower)
+#   scripts/bench.sh drift     FedAvg vs SCAFFOLD vs FedDyn on label-skewed digits (scripts/drift.sh)
 #   scripts/bench.sh worker-rss  idle resident memory of flame-worker, full and aggregator-only (no libtorch) release builds
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,5 +25,6 @@ case "${1:-store}" in
     cp target/release/flame-worker target/release/flame-worker-aggregator
     cargo build -q --release -p flame-workers --bin flame-worker
     bash scripts/services.sh run bash scripts/worker-rss.sh ;;
-  *) echo "usage: $0 store|rounds|flower|worker-rss" >&2; exit 2 ;;
+  drift) bash scripts/drift.sh ;;
+  *) echo "usage: $0 store|rounds|flower|drift|worker-rss" >&2; exit 2 ;;
 esac

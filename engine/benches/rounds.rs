@@ -81,7 +81,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
             CommandBody::Deploy { .. } => ReportBody::Deployed {},
             CommandBody::InitModel { .. } => ReportBody::Initialized { digest: "m0".into() },
             CommandBody::Train { .. } => {
-                ReportBody::Trained { digest: format!("u-{}-{}", info.id, c.round), samples: 100, metrics: Default::default() }
+                ReportBody::Trained { digest: format!("u-{}-{}", info.id, c.round), samples: 100, metrics: Default::default(), state: None }
             }
             CommandBody::Aggregate { .. } => ReportBody::Aggregated {
                 digest: format!("m{}", c.round),

@@ -162,6 +162,8 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
                 dataset: task.dataset.clone().unwrap_or_default(),
                 hyperparameters: spec.hyperparameters.clone(),
                 seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(d.round)),
+                client_state: job.client_states.get(t).cloned(),
+                server_state: None,
             };
             Some(Action::Send { worker_id: worker.clone(), command: command(job, t, d.round, &format!("r{}/train/{t}", d.round), body) })
         }));
@@ -174,6 +176,9 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
                 dataset: t.dataset.clone().unwrap_or_default(),
                 hyperparameters: spec.hyperparameters.clone(),
                 seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
+                client_state: job.client_states.get(&t.task_id).cloned(),
+                // SCAFFOLD's trainers correct their gradients with the server's control variate.
+                server_state: if spec.optimizer == "scaffold" { job.optimizer_state.clone() } else { None },
             };
             Some(Action::Send {
                 worker_id: worker.clone(),

@@ -322,6 +322,9 @@ pub struct Job {
     /// Asynchronous jobs: updates that arrived while the open round's buffer was full; they open the next one.
     #[serde(default)]
     pub queued: BTreeMap<String, UpdateRef>,
+    /// SCAFFOLD / FedDyn: each trainer's latest state (digest), handed back with its next training.
+    #[serde(default)]
+    pub client_states: BTreeMap<String, String>,
     /// Whether the open round stopped taking updates at its deadline.
     pub training_closed: bool,
     /// Metrics of the latest global model.
@@ -393,6 +396,7 @@ impl Default for Job {
             parents: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             queued: BTreeMap::new(),
+            client_states: BTreeMap::new(),
             training_closed: false,
             metrics: Metrics::new(),
             optimizer_state: None,
@@ -501,6 +505,11 @@ impl Job {
     /// Whether the job aggregates asynchronously (FedBuff): every `agg_goal` updates, no barrier.
     pub fn is_async(&self) -> bool {
         self.agg_goal().is_some()
+    }
+
+    /// Whether trainers keep a state between rounds (SCAFFOLD, FedDyn).
+    pub fn keeps_client_state(&self) -> bool {
+        self.spec.as_ref().is_some_and(|s| matches!(s.optimizer.as_str(), "scaffold" | "feddyn"))
     }
 
     fn agg_goal(&self) -> Option<usize> {
@@ -771,7 +780,12 @@ impl Job {
                 }
                 Ok(vec![JobEvent::ModelInitialized { digest, worker_id: r.worker_id }])
             }
-            ReportBody::Trained { digest, samples, metrics } if self.is_async() => {
+            ReportBody::Trained { state: None, .. } if self.keeps_client_state() => Err(Rejection::Unexpected(format!(
+                "task '{}' sent no client state with its update; {} needs one",
+                r.task_id,
+                self.spec.as_ref().map_or("", |s| s.optimizer.as_str())
+            ))),
+            ReportBody::Trained { digest, samples, metrics, state } if self.is_async() => {
                 let Some(d) = self.in_flight.get(&r.task_id) else {
                     return Err(Rejection::Unexpected(format!(
                         "task '{}' has no training in flight (it reported already or was not dispatched)",
@@ -795,9 +809,10 @@ impl Job {
                     samples,
                     metrics,
                     staleness,
+                    client_state: state,
                 }])
             }
-            ReportBody::Trained { digest, samples, metrics } => {
+            ReportBody::Trained { digest, samples, metrics, state } => {
                 self.check_round(&r.task_id, r.round)?;
                 if !task.is_data_consumer {
                     return Err(Rejection::Unexpected(format!("task '{}' does not train", r.task_id)));
@@ -822,6 +837,7 @@ impl Job {
                     samples,
                     metrics,
                     staleness: 0,
+                    client_state: state,
                 }])
             }
             ReportBody::Aggregated { digest, metrics, optimizer_state, excluded } => {
@@ -971,8 +987,12 @@ impl Job {
                 self.partials.clear();
                 self.training_closed = false;
             }
-            JobEvent::UpdateReported { round, task_id, digest, samples, staleness, .. } => {
+            JobEvent::UpdateReported { round, task_id, digest, samples, staleness, client_state, .. } => {
                 let mut update = UpdateRef::new(task_id.clone(), digest.clone(), *samples);
+                if let Some(s) = client_state {
+                    self.client_states.insert(task_id.clone(), s.clone());
+                    update.client_state = Some(s.clone());
+                }
                 let dispatch = self.in_flight.remove(task_id);
                 if *staleness > 0 {
                     update.base_model = dispatch.map(|d| d.model);
@@ -1342,7 +1362,7 @@ mod tests {
         assert!(matches!(job.handle(impostor), Err(Rejection::WrongWorker { .. })));
         assert!(matches!(job.handle(report("t0", 2, trained(2, "t0"))), Err(Rejection::WrongRound { got: 2, open: 1, .. })));
         assert!(matches!(job.handle(report("nope", 1, trained(1, "nope"))), Err(Rejection::UnknownTask(_))));
-        let zero = report("t0", 1, ReportBody::Trained { digest: "u".into(), samples: 0, metrics: Metrics::new() });
+        let zero = report("t0", 1, ReportBody::Trained { digest: "u".into(), samples: 0, metrics: Metrics::new(), state: None });
         assert!(matches!(job.handle(zero), Err(Rejection::Unexpected(_))));
 
         let after = History::created(2).started().initialized().round_started(1).then(update(1, "t0")).job();

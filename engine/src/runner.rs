@@ -101,7 +101,12 @@ pub fn prepare(def: &JobDefinition) -> Result<(RunSpec, Vec<TaskSpec>), Error> {
             "asynchronous (FedBuff) jobs run two-tier for now: one aggregator and its trainers; this design has middle aggregators or rings".into(),
         ));
     }
-    Ok((RunSpec { uplinks: tree.uplinks, ..spec }, tasks))
+    let mut spec = RunSpec { uplinks: tree.uplinks, ..spec };
+    if matches!(spec.optimizer.as_str(), "scaffold" | "feddyn") {
+        // Their server steps average over every trainer of the job, not just the round's.
+        spec.optimizer_kwargs.insert("clients".into(), json!(tasks.iter().filter(|t| t.is_data_consumer).count()));
+    }
+    Ok((spec, tasks))
 }
 
 /// The run settings a definition implies.
@@ -119,9 +124,23 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         def.model_spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(|n| n.as_str()).filter(|n| !n.is_empty()).unwrap_or("mlp");
     // FedProx's `mu` is the trainers' business: it travels with the hyperparameters.
     let mut hyperparameters = h.clone();
+    let optimizer_kwarg = |k: &str| def.model_spec.optimizer.as_ref().and_then(|o| o.kwargs.get(k)).cloned();
     if optimizer == "fedprox" {
-        let mu = def.model_spec.optimizer.as_ref().and_then(|o| o.kwargs.get("mu")).cloned().unwrap_or(json!(0.01));
-        hyperparameters.entry("mu").or_insert(mu);
+        hyperparameters.entry("mu").or_insert(optimizer_kwarg("mu").unwrap_or(json!(0.01)));
+    }
+    // SCAFFOLD and FedDyn change the trainers' objective and keep a state per trainer.
+    if optimizer == "scaffold" || optimizer == "feddyn" {
+        hyperparameters.insert("client_optimizer".into(), json!(optimizer));
+    }
+    if optimizer == "feddyn" {
+        let alpha = optimizer_kwarg("alpha").unwrap_or(json!(0.01));
+        if alpha.as_f64().is_none_or(|a| a <= 0.0 || !a.is_finite()) {
+            return Err(Error::Definition(format!(
+                "{}#/optimizer/kwargs/alpha: FedDyn's alpha must be a number > 0, not {alpha}",
+                def.job.model_spec_path
+            )));
+        }
+        hyperparameters.insert("alpha".into(), alpha);
     }
     // Asynchronous aggregation (FedBuff): Flame's `aggGoal` and the fedbuff selector's `c`.
     let sort = def.model_spec.selector.as_ref().map(|s| s.sort.to_ascii_lowercase());

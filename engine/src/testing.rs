@@ -173,6 +173,7 @@ pub fn update(round: u32, task: &str) -> JobEvent {
         samples: 10,
         metrics: Metrics::new(),
         staleness: 0,
+        client_state: None,
     }
 }
 
@@ -191,7 +192,7 @@ pub fn report(task: &str, round: u32, body: ReportBody) -> JobCommand {
 
 /// A `Trained` report body.
 pub fn trained(round: u32, task: &str) -> ReportBody {
-    ReportBody::Trained { digest: format!("u{round}{task}"), samples: 10, metrics: Metrics::new() }
+    ReportBody::Trained { digest: format!("u{round}{task}"), samples: 10, metrics: Metrics::new(), state: None }
 }
 
 /// Flame's example fixtures beside the repository (`../shared/flame-examples`).

@@ -176,6 +176,9 @@ pub enum JobEvent {
         /// one this round started from is the model it trained from (0 in synchronous rounds).
         #[serde(default, skip_serializing_if = "crate::is_zero")]
         staleness: u32,
+        /// SCAFFOLD / FedDyn: digest of the task's state after this update.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_state: Option<String>,
     },
     /// A middle aggregator combined the updates of its group; the result goes up to its own aggregator.
     GroupAggregated {
@@ -347,6 +350,7 @@ impl JobEvent {
 fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
     let (mut round, mut task_id, mut worker_id, mut digest, mut samples, mut metrics) = (None, None, None, None, None, None);
     let mut staleness = 0;
+    let mut client_state = None;
     for (k, v) in p.as_object()? {
         match k.as_str() {
             "type" if v.as_str() != Some("UpdateReported") => return None,
@@ -356,6 +360,7 @@ fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
             "digest" => digest = Some(v.as_str()?.to_string()),
             "samples" => samples = Some(v.as_u64()?),
             "staleness" => staleness = u32::try_from(v.as_u64()?).ok()?,
+            "client_state" => client_state = Some(v.as_str()?.to_string()),
             "metrics" => {
                 metrics = Some(v.as_object()?.iter().map(|(k, v)| v.as_f64().map(|v| (k.clone(), v))).collect::<Option<Metrics>>()?)
             }
@@ -370,6 +375,7 @@ fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
         samples: samples?,
         metrics: metrics?,
         staleness,
+        client_state,
     })
 }
 
@@ -427,6 +433,7 @@ mod tests {
             samples: 480,
             metrics: Metrics::from([("loss".into(), 0.25), ("n".into(), 7.0)]),
             staleness: 0,
+            client_state: None,
         };
         let payload = event.to_new_event("j", "worker:w1").payload;
         assert_eq!(decode_update(&payload), Some(event.clone()));
@@ -439,6 +446,7 @@ mod tests {
             samples: 480,
             metrics: Metrics::new(),
             staleness: 2,
+            client_state: None,
         };
         let stale_payload = stale.to_new_event("j", "worker:w1").payload;
         assert_eq!(stale_payload["staleness"], 2);

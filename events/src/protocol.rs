@@ -9,7 +9,8 @@ use crate::job::Metrics;
 pub const VERSION: u32 = 1;
 
 /// Server-side optimizers this version's aggregators run.
-pub const AGGREGATORS: &[&str] = &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "median", "trimmed_mean", "krum"];
+pub const AGGREGATORS: &[&str] =
+    &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "scaffold", "feddyn", "median", "trimmed_mean", "krum"];
 
 /// A worker announcing itself (and, repeated, its heartbeat).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,12 +62,15 @@ pub struct UpdateRef {
     /// Asynchronous jobs: how many global models have been made since its base model.
     #[serde(default, skip_serializing_if = "crate::is_zero")]
     pub staleness: u32,
+    /// SCAFFOLD: digest of the trainer's state after this update (its control variate and the change in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_state: Option<String>,
 }
 
 impl UpdateRef {
     /// A synchronous update: trained from the current global model.
     pub fn new(task_id: impl Into<String>, digest: impl Into<String>, samples: u64) -> Self {
-        Self { task_id: task_id.into(), digest: digest.into(), samples, base_model: None, staleness: 0 }
+        Self { task_id: task_id.into(), digest: digest.into(), samples, base_model: None, staleness: 0, client_state: None }
     }
 }
 
@@ -130,6 +134,12 @@ pub enum CommandBody {
         hyperparameters: serde_json::Value,
         /// Seed for this round's shuffling.
         seed: u64,
+        /// SCAFFOLD / FedDyn: digest of this task's state from its last update (none before its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_state: Option<String>,
+        /// SCAFFOLD: digest of the server's state (its control variate), none before the first aggregate.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        server_state: Option<String>,
     },
     /// Combine updates into a new global model and evaluate it.
     Aggregate {
@@ -190,6 +200,9 @@ pub enum ReportBody {
         samples: u64,
         /// Local metrics.
         metrics: Metrics,
+        /// SCAFFOLD / FedDyn: digest of the task's new state (the next `train` gets it back as `client_state`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<String>,
     },
     /// The new global model is stored.
     Aggregated {

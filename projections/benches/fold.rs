@@ -106,6 +106,7 @@ fn job(j: usize) -> Vec<Chunk> {
                     samples: 100 + t as u64,
                     metrics: Metrics::from([("loss".into(), 0.5), ("train_accuracy".into(), 0.9)]),
                     staleness: 0,
+                    client_state: None,
                 },
                 format!("worker:{w}"),
             ));

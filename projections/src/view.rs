@@ -489,7 +489,7 @@ impl JobView {
                     closed_at: None,
                 });
             }
-            JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics, staleness } => {
+            JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics, staleness, .. } => {
                 let w = match self.workers.get_mut(&worker_id) {
                     Some(w) => w,
                     None => self.workers.entry(worker_id.clone()).or_default(),
@@ -736,7 +736,7 @@ mod tests {
             (round.clone(), task.clone(), worker.clone(), digest.clone(), 1u64..100, 0u32..3).prop_map(
                 |(round, task_id, worker_id, digest, samples, staleness)| {
                     let metrics = Metrics::from([("loss".into(), 0.5)]);
-                    JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics, staleness }
+                    JobEvent::UpdateReported { round, task_id, worker_id, digest, samples, metrics, staleness, client_state: None }
                 }
             ),
             (round.clone(), task.clone(), worker.clone(), digest.clone(), prop::collection::vec(digest.clone(), 0..3)).prop_map(
@@ -822,6 +822,7 @@ mod tests {
                     samples: 30,
                     metrics: Metrics::from([("loss".into(), 0.25)]),
                     staleness: 0,
+                    client_state: None,
                 },
                 "worker:w0",
             ),

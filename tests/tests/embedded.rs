@@ -229,6 +229,86 @@ fn fedbuff_digits_aggregates_buffers_of_stale_updates() {
     assert!(stale > 0, "some updates trained from an older model");
 }
 
+/// SCAFFOLD end to end: each trainer's control variate travels as a state
+/// blob recorded with its update and handed back the next round; the server's
+/// moves by the mean change over all trainers; with eta 1 the global model is
+/// the FedAvg of the updates. Round 1 starts from zero variates, so each
+/// trainer's first variate is (x - y) / (K lr).
+#[test]
+fn scaffold_digits_carries_control_variates_between_rounds() {
+    use flame_workers::{control, fedavg, weights};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf8");
+    let out = flamectl(&["run", "examples/scaffold-digits", "-o", "json", "--data-dir", data]);
+    assert!(out.status.success(), "flamectl run failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(summary["state"], "completed");
+    let out =
+        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let blob = |d: &Value| {
+        weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
+    };
+    let payloads = |t: &'static str| events.iter().filter(move |e| e["event_type"] == t).map(|e| &e["payload"]);
+    let created = payloads("JobCreated").next().expect("created");
+    assert_eq!(created["spec"]["optimizer_kwargs"]["clients"], 4, "the server divides by every trainer of the job");
+    let h = &created["spec"]["hyperparameters"];
+    let (epochs, batch, lr) =
+        (h["epochs"].as_u64().expect("epochs"), h["batchSize"].as_u64().expect("batch"), h["learningRate"].as_f64().expect("lr"));
+    let near = |a: &weights::Weights, b: &weights::Weights, what: &str| {
+        for (name, t) in a {
+            let worst = t.data.iter().zip(&b[name].data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{what}, {name}: off by {worst}");
+        }
+    };
+
+    let mut global = blob(&payloads("ModelInitialized").next().expect("init")["digest"]);
+    let mut server_c = control::zeros(&global);
+    let mut client_c: std::collections::BTreeMap<String, weights::Weights> = Default::default();
+    for round in 1..=8u64 {
+        // In task order, as the aggregator sums them.
+        let mut updates: Vec<&Value> = payloads("UpdateReported").filter(|u| u["round"] == round).collect();
+        updates.sort_by_key(|u| u["task_id"].as_str().map(str::to_string));
+        assert_eq!(updates.len(), 4);
+        let mut changes = Vec::new();
+        let mut models = Vec::new();
+        for u in &updates {
+            let task = u["task_id"].as_str().expect("task").to_string();
+            let state = blob(&u["client_state"]);
+            let (c_i, dc) =
+                (control::part(Some(&state), "c", &global).expect("c"), control::part(Some(&state), "dc", &global).expect("dc"));
+            let before = client_c.get(&task).cloned().unwrap_or_else(|| control::zeros(&global));
+            near(
+                &c_i,
+                &control::combine(&[(1.0, &before), (1.0, &dc)]).expect("sum"),
+                &format!("round {round}: {task}'s variate is its last plus its change"),
+            );
+            let model = blob(&u["digest"]);
+            if round == 1 {
+                let samples = u["samples"].as_u64().expect("samples");
+                let k = (epochs * samples.div_ceil(batch)) as f64 * lr;
+                let first = control::combine(&[(1.0 / k, &global), (-1.0 / k, &model)]).expect("first");
+                near(&c_i, &first, &format!("{task}'s first variate is (x - y) / (K lr)"));
+            }
+            client_c.insert(task, c_i);
+            changes.push(dc);
+            models.push((model, u["samples"].as_u64().expect("samples")));
+        }
+        let aggregated = payloads("RoundAggregated").find(|r| r["round"] == round).expect("aggregated");
+        let next = blob(&aggregated["digest"]);
+        assert!(next == fedavg::fedavg(&models).expect("fedavg"), "round {round}: eta 1 takes the clients' mean");
+        let mut terms = vec![(1.0, &server_c)];
+        terms.extend(changes.iter().map(|d| (0.25, d)));
+        let want = control::combine(&terms).expect("c");
+        let got = control::part(Some(&blob(&aggregated["optimizer_state"])), "c", &global).expect("server c");
+        near(&got, &want, &format!("round {round}: c += mean change over the 4 trainers"));
+        server_c = got;
+        global = next;
+    }
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.85, "final accuracy {accuracy}");
+}
+
 fn copy_example(to: &std::path::Path) {
     for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
         let entry = entry.expect("entry");

@@ -79,7 +79,46 @@ pub fn combine(
             Ok((robust::multi_krum(&models(), f, m)?.0, None))
         }
         "fedbuff" => Err(Error::Mismatch("fedbuff needs each update's base model; use aggregate::fedbuff".into())),
+        "scaffold" | "feddyn" => Err(Error::Mismatch(format!("{optimizer} needs the clients' states; use aggregate::with_client_states"))),
         other => Err(Error::Mismatch(format!("optimizer '{other}' is not implemented by this worker"))),
+    }
+}
+
+/// SCAFFOLD and FedDyn: the round's updates (model, samples) with each
+/// trainer's state after it (SCAFFOLD reads the change in its control
+/// variate), the server state from the last round. Kwargs: `clients` (all
+/// trainers of the job, which the engine fills in), SCAFFOLD's `eta` (server
+/// learning rate, default 1), FedDyn's `alpha` (default 0.01).
+pub fn with_client_states(
+    optimizer: &str,
+    kwargs: &Map<String, Value>,
+    global: &Weights,
+    updates: &[(Weights, u64)],
+    client_states: &[Weights],
+    state: Option<&Weights>,
+) -> Result<(Weights, Weights), Error> {
+    use crate::control;
+    let clients = number(kwargs, "clients", updates.len() as f64)? as usize;
+    let mean = fedavg::fedavg(updates)?;
+    match optimizer {
+        "scaffold" => {
+            let c = control::part(state, "c", global)?;
+            let deltas = client_states.iter().map(|s| control::part(Some(s), "dc", global)).collect::<Result<Vec<_>, _>>()?;
+            let (next, c) =
+                control::scaffold_server(global, &mean, &c, &deltas.iter().collect::<Vec<_>>(), clients, number(kwargs, "eta", 1.0)?)?;
+            Ok((next, control::pack(&[("c", &c)])))
+        }
+        "feddyn" => {
+            let alpha = number(kwargs, "alpha", 0.01)?;
+            if alpha <= 0.0 {
+                return Err(Error::Mismatch(format!("FedDyn's alpha must be > 0, not {alpha}")));
+            }
+            let h = control::part(state, "h", global)?;
+            let models: Vec<&Weights> = updates.iter().map(|(w, _)| w).collect();
+            let (next, h) = control::feddyn_server(global, &mean, &models, &h, clients, alpha)?;
+            Ok((next, control::pack(&[("h", &h)])))
+        }
+        other => Err(Error::Mismatch(format!("optimizer '{other}' keeps no client state"))),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod blob;
+pub mod control;
 pub mod data;
 pub mod fedavg;
 pub mod fedbuff;

@@ -266,9 +266,40 @@ impl Net {
 
     /// Minibatch SGD on a split; returns the mean training loss of the last epoch.
     pub fn train(&mut self, data: &Split, settings: &TrainSettings, seed: u64) -> Result<Metrics, Error> {
+        self.train_corrected(data, settings, seed, None)
+    }
+
+    /// Minibatch steps one round of training takes on `rows` rows.
+    pub fn steps(rows: usize, settings: &TrainSettings) -> usize {
+        settings.epochs.max(1) * rows.div_ceil(settings.batch_size.max(1))
+    }
+
+    /// As `train`, with a fixed vector added to every gradient (SCAFFOLD's
+    /// `c - c_i`, FedDyn's `-g_i`): the objective gains `<correction, w>`.
+    pub fn train_corrected(
+        &mut self,
+        data: &Split,
+        settings: &TrainSettings,
+        seed: u64,
+        correction: Option<&Weights>,
+    ) -> Result<Metrics, Error> {
         if data.is_empty() {
             return Err(Error::Config("no training rows".into()));
         }
+        let linear: Vec<(TchTensor, TchTensor)> = match correction {
+            None => Vec::new(),
+            Some(c) => {
+                let mut vars: Vec<(String, TchTensor)> = self.vs.variables().into_iter().collect();
+                vars.sort_by(|a, b| a.0.cmp(&b.0));
+                vars.into_iter()
+                    .map(|(name, p)| {
+                        let t = c.get(&name).ok_or_else(|| Error::Weights(format!("the gradient correction has no tensor '{name}'")))?;
+                        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                        Ok((TchTensor::from_slice(&t.data).view(shape.as_slice()), p))
+                    })
+                    .collect::<Result<_, Error>>()?
+            }
+        };
         let (x, y) = to_tensors(data);
         let mut opt = nn::Sgd::default().build(&self.vs, settings.learning_rate).map_err(torch)?;
         // FedProx: the weights this round started from anchor the proximal term.
@@ -290,6 +321,7 @@ impl Net {
                 let objective = anchors
                     .iter()
                     .fold(loss.shallow_clone(), |acc, (anchor, p)| acc + (p - anchor).square().sum(Kind::Float) * (settings.mu / 2.0));
+                let objective = linear.iter().fold(objective, |acc, (c, p)| acc + (c * p).sum(Kind::Float));
                 opt.backward_step(&objective);
                 sum += loss.double_value(&[]) * batch.len() as f64;
                 rows += batch.len();

@@ -13,6 +13,8 @@ use flame_events::protocol::{self, Command, CommandBody, Excluded, Report, Repor
 use flame_events::transport::Transport;
 
 use crate::blob::BlobStore;
+#[cfg(feature = "tch")]
+use crate::control;
 use crate::model::ModelConfig;
 #[cfg(feature = "tch")]
 use crate::model::{Net, TrainSettings};
@@ -189,25 +191,64 @@ impl Worker {
                 bail!("worker '{}' was built without the training backend (feature `tch`): it aggregates but cannot train", self.info.id)
             }
             #[cfg(feature = "tch")]
-            CommandBody::Train { model, global_model, dataset, hyperparameters, seed } => {
+            CommandBody::Train { model, global_model, dataset, hyperparameters, seed, client_state, server_state } => {
                 let cfg = ModelConfig::from_json(model)?;
-                let settings = TrainSettings::from_hyperparameters(hyperparameters)?;
+                let mut settings = TrainSettings::from_hyperparameters(hyperparameters)?;
+                let stateful = ClientOptimizer::from_hyperparameters(hyperparameters)?;
+                if let Some(ClientOptimizer::FedDyn { alpha }) = stateful {
+                    settings.mu = alpha;
+                }
                 let global = self.fetch(global_model).await?;
+                let client = match client_state {
+                    Some(d) => Some(self.fetch(d).await.context("this task's state from its last update")?),
+                    None => None,
+                };
+                let server = match server_state {
+                    Some(d) => Some(self.fetch(d).await.context("the server's state")?),
+                    None => None,
+                };
                 let (url, seed) = (dataset.clone(), *seed);
                 let global_for_dp = global.clone();
-                let (trained, samples, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let (trained, samples, metrics, state) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let d = data::load(&url)?;
                     let mut net = Net::new(&cfg, &global)?;
-                    let mut metrics = net.train(&d.train, &settings, seed)?;
+                    let (correction, before) = match stateful {
+                        Some(ClientOptimizer::Scaffold) => {
+                            let (c, ci) = (control::part(server.as_ref(), "c", &global)?, control::part(client.as_ref(), "c", &global)?);
+                            (Some(control::combine(&[(1.0, &c), (-1.0, &ci)])?), Some((c, ci)))
+                        }
+                        Some(ClientOptimizer::FedDyn { .. }) => {
+                            let g = control::part(client.as_ref(), "g", &global)?;
+                            (Some(control::combine(&[(-1.0, &g)])?), Some((g.clone(), g)))
+                        }
+                        None => (None, None),
+                    };
+                    let mut metrics = net.train_corrected(&d.train, &settings, seed, correction.as_ref())?;
                     if let Some(acc) = net.evaluate(&d.train).get("accuracy") {
                         metrics.insert("train_accuracy".into(), *acc);
                     }
-                    Ok((net.weights()?, d.train.len() as u64, metrics))
+                    let trained = net.weights()?;
+                    let state = match (stateful, before) {
+                        (Some(ClientOptimizer::Scaffold), Some((c, ci))) => {
+                            let steps = Net::steps(d.train.len(), &settings);
+                            let (next, change) = control::scaffold_client(&ci, &c, &global, &trained, steps, settings.learning_rate)?;
+                            Some(control::pack(&[("c", &next), ("dc", &change)]))
+                        }
+                        (Some(ClientOptimizer::FedDyn { alpha }), Some((g, _))) => {
+                            Some(control::pack(&[("g", &control::feddyn_client(&g, &global, &trained, alpha)?)]))
+                        }
+                        _ => None,
+                    };
+                    Ok((trained, d.train.len() as u64, metrics, state))
                 })
                 .await??;
                 let (trained, metrics) = privatize(hyperparameters, &global_for_dp, trained, metrics, seed)?;
                 let digest = self.store(&trained).await?;
-                Ok(ReportBody::Trained { digest, samples, metrics })
+                let state = match state {
+                    Some(s) => Some(self.store(&s).await?),
+                    None => None,
+                };
+                Ok(ReportBody::Trained { digest, samples, metrics, state })
             }
             CommandBody::Aggregate { model, optimizer, optimizer_kwargs, optimizer_state, global_model, updates, eval_dataset } => {
                 let cfg = ModelConfig::from_json(model)?;
@@ -219,6 +260,9 @@ impl Worker {
                 // FedBuff: the model each update trained from, once per distinct digest.
                 let mut bases: Vec<(String, u32)> = Vec::new();
                 let mut base_models: BTreeMap<String, Weights> = BTreeMap::new();
+                // SCAFFOLD / FedDyn: each trainer's state after its update.
+                let stateful = matches!(optimizer.as_str(), "scaffold" | "feddyn");
+                let mut client_states = Vec::new();
                 for u in updates {
                     let base = u.base_model.clone().unwrap_or_else(|| global_model.clone());
                     let checked = match self.fetch(&u.digest).await {
@@ -235,11 +279,21 @@ impl Worker {
                         Ok(w) => Ok((w, None)),
                         Err(e) => Err(e),
                     };
+                    let checked = match (checked, stateful.then_some(&u.client_state)) {
+                        (Ok(ok), Some(Some(d))) => match self.fetch(d).await {
+                            Ok(s) => Ok((ok, Some(s))),
+                            Err(e) => Err(e.context("its client state")),
+                        },
+                        (Ok(_), Some(None)) => Err(anyhow!("{optimizer} needs the trainer's state with its update, and it sent none")),
+                        (Ok(ok), None) => Ok((ok, None)),
+                        (Err(e), _) => Err(e),
+                    };
                     match checked {
-                        Ok((w, b)) => {
+                        Ok(((w, b), s)) => {
                             if let Some(b) = b {
                                 base_models.insert(base.clone(), b);
                             }
+                            client_states.extend(s);
                             bases.push((base, u.staleness));
                             inputs.push((w, u.samples));
                         }
@@ -258,7 +312,11 @@ impl Worker {
                 };
                 let (eval, optimizer, kwargs) = (eval_dataset.clone(), optimizer.clone(), optimizer_kwargs.clone());
                 let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                    let (next, state) = if optimizer == "fedbuff" {
+                    let (next, state) = if stateful {
+                        let (next, state) =
+                            aggregate::with_client_states(&optimizer, &kwargs, &global, &inputs, &client_states, state.as_ref())?;
+                        (next, Some(state))
+                    } else if optimizer == "fedbuff" {
                         let bases = bases
                             .iter()
                             .map(|(d, s)| base_models.get(d).map(|b| (b, *s)).ok_or_else(|| anyhow!("base model {d} was not fetched")))
@@ -281,6 +339,34 @@ impl Worker {
                 };
                 Ok(ReportBody::Aggregated { digest, metrics, optimizer_state, excluded })
             }
+        }
+    }
+}
+
+/// Trainer-side algorithms that keep a state between rounds, from the
+/// hyperparameters the engine fills in (`client_optimizer`, FedDyn's `alpha`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ClientOptimizer {
+    /// SCAFFOLD: gradients corrected by `c - c_i`.
+    Scaffold,
+    /// FedDyn with its `alpha`.
+    FedDyn {
+        /// The dynamic regulariser's weight.
+        alpha: f64,
+    },
+}
+
+impl ClientOptimizer {
+    /// `None` for stateless training.
+    pub fn from_hyperparameters(h: &serde_json::Value) -> anyhow::Result<Option<Self>> {
+        match h.get("client_optimizer").and_then(serde_json::Value::as_str) {
+            None => Ok(None),
+            Some("scaffold") => Ok(Some(Self::Scaffold)),
+            Some("feddyn") => {
+                let alpha = h.get("alpha").map_or(Some(0.01), serde_json::Value::as_f64).filter(|a| *a > 0.0 && a.is_finite());
+                Ok(Some(Self::FedDyn { alpha: alpha.ok_or_else(|| anyhow!("hyperparameter 'alpha' (FedDyn) must be a number > 0"))? }))
+            }
+            Some(other) => bail!("hyperparameter 'client_optimizer' is '{other}'; this worker knows scaffold and feddyn"),
         }
     }
 }
@@ -382,6 +468,8 @@ mod tests {
                 dataset: "builtin://digits?part=0&of=3".into(),
                 hyperparameters: h,
                 seed: 9,
+                client_state: None,
+                server_state: None,
             },
         };
         let run = |c: Command| {
