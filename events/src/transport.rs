@@ -175,6 +175,72 @@ impl Transport for InProcess {
     }
 }
 
+/// How to authenticate to NATS (at most one way; none: the URL alone, which
+/// may carry `user:password@`). The same flags for the engine and workers.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq)]
+pub struct NatsAuth {
+    /// A NATS credentials file (JWT and NKey seed, as `nsc` writes it).
+    #[arg(long = "nats-creds", env = "FLAME_NATS_CREDS", value_name = "FILE")]
+    pub creds: Option<std::path::PathBuf>,
+    /// A file holding an NKey seed (`SU...`).
+    #[arg(long = "nats-nkey", env = "FLAME_NATS_NKEY", value_name = "FILE")]
+    pub nkey: Option<std::path::PathBuf>,
+    /// User name (with `--nats-password`).
+    #[arg(long = "nats-user", env = "FLAME_NATS_USER", requires = "password")]
+    pub user: Option<String>,
+    /// Password (with `--nats-user`).
+    #[arg(long = "nats-password", env = "FLAME_NATS_PASSWORD", requires = "user", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Token.
+    #[arg(long = "nats-token", env = "FLAME_NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A CA certificate (PEM) to trust for TLS; TLS is then required.
+    #[arg(long = "nats-tls-ca", env = "FLAME_NATS_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl NatsAuth {
+    /// The connect options these settings give; a clear error for a missing
+    /// or unreadable file, or for more than one way to authenticate.
+    pub async fn options(&self) -> Result<async_nats::ConnectOptions, Error> {
+        let ways = [self.creds.is_some(), self.nkey.is_some(), self.user.is_some(), self.token.is_some()];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err(Error::Nats(
+                "give one way to authenticate to NATS: --nats-creds, --nats-nkey, --nats-user/--nats-password or --nats-token".into(),
+            ));
+        }
+        let mut opts = async_nats::ConnectOptions::new();
+        if let Some(path) = &self.creds {
+            opts = async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|e| Error::Nats(format!("cannot read the NATS credentials file '{}': {e}", path.display())))?;
+        }
+        if let Some(path) = &self.nkey {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|e| Error::Nats(format!("cannot read the NKey seed file '{}': {e}", path.display())))?;
+            let seed = seed
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with("SU"))
+                .ok_or_else(|| Error::Nats(format!("'{}' holds no user NKey seed (a line starting with SU)", path.display())))?;
+            opts = opts.nkey(seed.to_string());
+        }
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.token {
+            opts = opts.token(token.clone());
+        }
+        if let Some(ca) = &self.tls_ca {
+            if !ca.is_file() {
+                return Err(Error::Nats(format!("the TLS CA file '{}' does not exist", ca.display())));
+            }
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok(opts)
+    }
+}
+
 /// The distributed transport: JetStream streams for commands and reports, a KV
 /// bucket with a TTL for worker liveness.
 #[derive(Clone)]
@@ -186,7 +252,13 @@ pub struct Nats {
 impl Nats {
     /// Connects and creates the streams and bucket it needs (idempotent).
     pub async fn connect(url: &str) -> Result<Self, Error> {
-        let client = async_nats::connect(url).await.map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
+        Self::connect_with(url, &NatsAuth::default()).await
+    }
+
+    /// Connects with credentials.
+    pub async fn connect_with(url: &str, auth: &NatsAuth) -> Result<Self, Error> {
+        let client =
+            auth.options().await?.connect(url).await.map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
         Self::new(client).await
     }
 

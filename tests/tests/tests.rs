@@ -1,5 +1,6 @@
 //! End-to-end tests: one test binary, a module per feature (ripgrep's layout).
 
+mod auth;
 mod distributed;
 mod embedded;
 mod inspect;

@@ -73,9 +73,15 @@ pub struct Nats {
 impl Nats {
     /// Starts a server on `port` with JetStream data under `dir`.
     pub fn start(port: u16, dir: &std::path::Path) -> Self {
+        Self::start_with(port, dir, &[])
+    }
+
+    /// Starts a server with extra command-line options (e.g. `--user`, `--auth`).
+    pub fn start_with(port: u16, dir: &std::path::Path, extra: &[&str]) -> Self {
         let bin = std::env::var("FLAME_TEST_NATS_BIN").expect("FLAME_TEST_NATS_BIN is unset: run the tests with scripts/test.sh");
         let child = Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", dir.to_str().expect("utf8")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

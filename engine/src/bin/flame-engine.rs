@@ -37,6 +37,8 @@ struct Connect {
     /// NATS server URL.
     #[arg(long, env = "FLAME_NATS")]
     nats: String,
+    #[command(flatten)]
+    auth: flame_events::transport::NatsAuth,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,7 +122,7 @@ async fn project(store: Arc<MongoStore>, views: MongoViews, mut stop: tokio::syn
 
 async fn connect(c: &Connect) -> anyhow::Result<Engine> {
     let store = Arc::new(MongoStore::connect(&c.mongo, &c.db).await?);
-    let transport = Nats::connect(&c.nats).await?;
+    let transport = Nats::connect_with(&c.nats, &c.auth).await?;
     let relay = Relay::new(store.clone(), transport.jetstream().clone(), "engine").await?;
     let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
     let relay = tokio::spawn(relay.run(Duration::from_millis(100), async move {

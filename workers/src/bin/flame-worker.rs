@@ -19,6 +19,8 @@ struct Args {
     /// NATS server URL.
     #[arg(long, env = "FLAME_NATS")]
     nats: String,
+    #[command(flatten)]
+    auth: flame_events::transport::NatsAuth,
     /// This worker's id (letters, digits, '-', '_'), unique in the deployment.
     #[arg(long)]
     id: String,
@@ -51,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     model::init_backend();
-    let transport = Nats::connect(&args.nats).await?;
+    let transport = Nats::connect_with(&args.nats, &args.auth).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
     Worker::new(info, Arc::new(transport), Arc::new(blobs)).with_concurrency(args.concurrency).run(flame_events::shutdown_signal()).await
