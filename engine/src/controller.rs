@@ -560,6 +560,33 @@ mod tests {
     }
 
     #[test]
+    fn oort_closes_the_round_at_aggr_num_and_learns_from_updates() {
+        use crate::testing::{report, trained};
+        use flame_events::protocol::ReportBody;
+        let h = History::created_with(2, |s| s.oort = Some(1)).started().initialized();
+        let h = handle(h, JobCommand::StartRound { now_ms: 0 });
+        assert!(
+            matches!(&h.events[h.events.len() - 2], JobEvent::RoundStarted { selected, .. } if selected.len() == 2),
+            "1.3 x aggr_num, rounded up"
+        );
+        assert_eq!(h.job().quorum(), 1);
+        let body = ReportBody::Trained {
+            digest: "u1t1".into(),
+            samples: 50,
+            metrics: [("loss".to_string(), 0.7), ("train_seconds".to_string(), 2.0)].into(),
+            state: None,
+        };
+        let h = handle(h, report("t1", 1, body));
+        assert!(matches!(h.events.last(), Some(JobEvent::TrainingClosed { dropped, .. }) if dropped == &["t0"]));
+        assert!(h.job().training_done());
+        assert!(h.job().handle(report("t0", 1, trained(1, "t0"))).is_err(), "the straggler's late update is refused");
+        let stats = &h.job().oort["t1"];
+        assert_eq!((stats.samples, stats.loss, stats.seconds, stats.last_round), (50, 0.7, Some(2.0), 1));
+        let actions = decide(&h.job(), 0, None);
+        assert_eq!(aggregate_of(&actions, "w-agg").1.len(), 1);
+    }
+
+    #[test]
     fn decisions_are_deterministic() {
         let h = History::created(2).started().initialized().round_started(1);
         assert_eq!(decide(&h.job(), 5, Some(&everyone())), decide(&h.job(), 5, Some(&everyone())));

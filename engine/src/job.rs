@@ -325,6 +325,9 @@ pub struct Job {
     /// SCAFFOLD / FedDyn: each trainer's latest state (digest), handed back with its next training.
     #[serde(default)]
     pub client_states: BTreeMap<String, String>,
+    /// Oort: what each trainer's last update said of its usefulness and speed.
+    #[serde(default)]
+    pub oort: BTreeMap<String, crate::oort::Stats>,
     /// Whether the open round stopped taking updates at its deadline.
     pub training_closed: bool,
     /// Metrics of the latest global model.
@@ -397,6 +400,7 @@ impl Default for Job {
             in_flight: BTreeMap::new(),
             queued: BTreeMap::new(),
             client_states: BTreeMap::new(),
+            oort: BTreeMap::new(),
             training_closed: false,
             metrics: Metrics::new(),
             optimizer_state: None,
@@ -539,6 +543,10 @@ impl Job {
             let busy = self.in_flight.keys().filter(|t| !self.orphaned.contains(*t)).count();
             return crate::plan::choose(&idle, c.saturating_sub(busy).min(idle.len()), seed, round, "fedbuff");
         }
+        if let Some(aggr_num) = self.spec.as_ref().and_then(|s| s.oort) {
+            let candidates: Vec<String> = self.active_trainers().map(|t| t.task_id.clone()).collect();
+            return crate::oort::select(&candidates, &self.oort, crate::oort::over_commit(aggr_num as usize), seed, round);
+        }
         let Some(k) = self.spec.as_ref().and_then(|s| s.select) else { return Vec::new() };
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for t in self.active_trainers() {
@@ -559,6 +567,8 @@ impl Job {
             return self.spec.as_ref().and_then(|s| s.quorum).map_or(goal, |q| (q as usize).clamp(1, goal));
         }
         let all = if self.selected.is_empty() { self.trainers().count() } else { self.selected.len() };
+        // Oort closes a round at aggr_num updates of the over-committed selection.
+        let all = self.spec.as_ref().and_then(|s| s.oort).map_or(all, |n| (n as usize).min(all));
         self.spec.as_ref().and_then(|s| s.quorum).map_or(all, |q| (q as usize).clamp(1, all.max(1)))
     }
 
@@ -829,8 +839,10 @@ impl Job {
                 if samples == 0 {
                     return Err(Rejection::Unexpected(format!("task '{}' reported an update trained on 0 samples", r.task_id)));
                 }
-                Ok(vec![JobEvent::UpdateReported {
-                    round: r.round,
+                let round = r.round;
+                let task_id = r.task_id.clone();
+                let mut events = vec![JobEvent::UpdateReported {
+                    round,
                     task_id: r.task_id,
                     worker_id: r.worker_id,
                     digest,
@@ -838,7 +850,21 @@ impl Job {
                     metrics,
                     staleness: 0,
                     client_state: state,
-                }])
+                }];
+                // Oort: the aggr_num-th update closes the round; the over-committed rest are stragglers.
+                if let Some(n) = self.spec.as_ref().and_then(|s| s.oort)
+                    && self.updates.len() + 1 >= n as usize
+                {
+                    let dropped: Vec<String> = self
+                        .round_trainers()
+                        .map(|t| t.task_id.clone())
+                        .filter(|t| *t != task_id && !self.updates.contains_key(t))
+                        .collect();
+                    if !dropped.is_empty() {
+                        events.push(JobEvent::TrainingClosed { round, dropped });
+                    }
+                }
+                Ok(events)
             }
             ReportBody::Aggregated { digest, metrics, optimizer_state, excluded } => {
                 self.check_round(&r.task_id, r.round)?;
@@ -987,7 +1013,16 @@ impl Job {
                 self.partials.clear();
                 self.training_closed = false;
             }
-            JobEvent::UpdateReported { round, task_id, digest, samples, staleness, client_state, .. } => {
+            JobEvent::UpdateReported { round, task_id, digest, samples, staleness, client_state, metrics, .. } => {
+                if self.spec.as_ref().is_some_and(|s| s.oort.is_some()) {
+                    let stats = crate::oort::Stats {
+                        samples: *samples,
+                        loss: metrics.get("loss").copied().unwrap_or(0.0),
+                        seconds: metrics.get("train_seconds").copied(),
+                        last_round: *round,
+                    };
+                    self.oort.insert(task_id.clone(), stats);
+                }
                 let mut update = UpdateRef::new(task_id.clone(), digest.clone(), *samples);
                 if let Some(s) = client_state {
                     self.client_states.insert(task_id.clone(), s.clone());

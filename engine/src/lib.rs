@@ -5,6 +5,7 @@ pub mod api;
 pub mod controller;
 pub mod definition;
 pub mod job;
+pub mod oort;
 pub mod persist;
 pub mod plan;
 pub mod planner;

@@ -102,6 +102,11 @@ pub fn prepare(def: &JobDefinition) -> Result<(RunSpec, Vec<TaskSpec>), Error> {
         ));
     }
     let mut spec = RunSpec { uplinks: tree.uplinks, ..spec };
+    if def.model_spec.selector.as_ref().is_some_and(|s| s.sort.eq_ignore_ascii_case("oort")) {
+        let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
+        let aggr_num = def.model_spec.selector.as_ref().and_then(|s| s.kwargs.get("aggr_num")).and_then(serde_json::Value::as_u64);
+        spec.oort = Some(aggr_num.map_or(trainers, |n| n as usize).clamp(1, trainers.max(1)) as u32);
+    }
     if matches!(spec.optimizer.as_str(), "scaffold" | "feddyn") {
         // Their server steps average over every trainer of the job, not just the round's.
         spec.optimizer_kwargs.insert("clients".into(), json!(tasks.iter().filter(|t| t.is_data_consumer).count()));
@@ -166,6 +171,8 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         None => None,
         Some(s) if s == "default" => None,
         Some(s) if s == "fedbuff" => None,
+        // Oort: `oort` (aggr_num) is set below, once the trainers are known.
+        Some(s) if s == "oort" && !asynchronous => None,
         Some(s) if s == "random" && !asynchronous => Some(kwarg("k").unwrap_or(1) as u32),
         Some(other) => {
             return Err(Error::Definition(format!(
@@ -192,6 +199,7 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         uplinks: BTreeMap::new(),
         agg_goal,
         concurrency,
+        oort: None,
     })
 }
 

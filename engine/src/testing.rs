@@ -44,6 +44,7 @@ pub fn created(rounds: u32) -> JobEvent {
             uplinks: Default::default(),
             agg_goal: None,
             concurrency: None,
+            oort: None,
         },
         tasks: vec![task("t0", true), task("t1", true), task("agg", false)],
     }

@@ -70,6 +70,9 @@ pub struct RunSpec {
     /// Asynchronous jobs: trainers training at once (the fedbuff selector's `c`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
+    /// Oort's selector: rounds close at this many updates (`aggr_num`), from 30% more trainers picked by utility.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oort: Option<u32>,
 }
 
 /// Every event in a job stream.

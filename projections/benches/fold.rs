@@ -65,6 +65,7 @@ fn job(j: usize) -> Vec<Chunk> {
         uplinks: Default::default(),
         agg_goal: None,
         concurrency: None,
+        oort: None,
     };
     let mut setup = vec![(
         JobEvent::JobCreated { job_id: id.clone(), name: "bench".into(), source: "bench".into(), spec, tasks: tasks.clone() },

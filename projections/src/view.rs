@@ -697,6 +697,7 @@ mod tests {
                 uplinks: Default::default(),
                 agg_goal: None,
                 concurrency: None,
+                oort: None,
             },
             tasks: ["t0", "t1", "agg"]
                 .iter()

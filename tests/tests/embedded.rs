@@ -309,6 +309,55 @@ fn scaffold_digits_carries_control_variates_between_rounds() {
     assert!(accuracy >= 0.85, "final accuracy {accuracy}");
 }
 
+/// Oort at run time on the ten FedProx devices: each round picks 30% more
+/// trainers than `aggr_num` (by utility once they have reported, exploring the
+/// untried), closes at `aggr_num` updates and drops the rest as stragglers;
+/// the trainers report their training time, which Oort weighs.
+#[test]
+fn oort_closes_rounds_at_aggr_num_of_an_over_committed_selection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("job");
+    std::fs::create_dir(&job).expect("mkdir");
+    for entry in std::fs::read_dir(root().join("examples/fedprox-synthetic")).expect("example") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), job.join(entry.file_name())).expect("copy");
+    }
+    let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(job.join("modelSpec.json")).expect("read")).expect("json");
+    spec["selector"] = serde_json::json!({"sort": "oort", "kwargs": {"aggr_num": 3}});
+    spec["hyperparameters"]["rounds"] = serde_json::json!(6);
+    std::fs::write(job.join("modelSpec.json"), spec.to_string()).expect("write");
+    let data = dir.path().join("data");
+    let out = flamectl(&["run", job.to_str().expect("utf8"), "-o", "json", "--data-dir", data.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(summary["state"], "completed");
+    let out =
+        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
+    let events: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("line")).collect();
+    let mut tried = std::collections::BTreeSet::new();
+    for round in 1..=6u64 {
+        let of =
+            |t: &'static str| events.iter().filter(move |e| e["event_type"] == t && e["payload"]["round"] == round).map(|e| &e["payload"]);
+        let selected: Vec<&str> = of("RoundStarted").next().expect("started")["selected"]
+            .as_array()
+            .expect("selected")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(selected.len(), 4, "round {round}: ceil(1.3 * 3) trainers");
+        let updates: Vec<&Value> = of("UpdateReported").collect();
+        assert_eq!(updates.len(), 3, "round {round} closes at aggr_num");
+        assert!(updates.iter().all(|u| u["metrics"]["train_seconds"].as_f64().is_some_and(|t| t > 0.0)), "trainers report their time");
+        let dropped = of("TrainingClosed").next().expect("closed")["dropped"].as_array().expect("dropped").len();
+        assert_eq!(dropped, 1, "round {round}: the fourth is a straggler");
+        let aggregated = of("RoundAggregated").next().expect("aggregated");
+        assert_eq!(aggregated["inputs"].as_array().map(Vec::len), Some(3));
+        tried.extend(updates.iter().filter_map(|u| u["task_id"].as_str().map(str::to_string)));
+    }
+    assert!(tried.len() > 4, "exploration reaches beyond the first picks: {tried:?}");
+}
+
 fn copy_example(to: &std::path::Path) {
     for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
         let entry = entry.expect("entry");

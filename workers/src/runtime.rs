@@ -223,7 +223,10 @@ impl Worker {
                         }
                         None => (None, None),
                     };
+                    let started = std::time::Instant::now();
                     let mut metrics = net.train_corrected(&d.train, &settings, seed, correction.as_ref())?;
+                    // Oort weighs trainers by speed as well as usefulness.
+                    metrics.insert("train_seconds".into(), started.elapsed().as_secs_f64());
                     if let Some(acc) = net.evaluate(&d.train).get("accuracy") {
                         metrics.insert("train_accuracy".into(), *acc);
                     }
