@@ -182,6 +182,9 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         }
     };
     let mut model = json!({ "name": name });
+    if let Some(channels) = h.get("channels") {
+        model["channels"] = channels.clone();
+    }
     if let Some(hidden) = h.get("hidden") {
         model["hidden"] = hidden.clone();
     }

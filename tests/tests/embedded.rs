@@ -358,6 +358,23 @@ fn oort_closes_rounds_at_aggr_num_of_an_over_committed_selection() {
     assert!(tried.len() > 4, "exploration reaches beyond the first picks: {tried:?}");
 }
 
+/// The small CNN end to end: trainers train it with libtorch, the aggregator
+/// averages and evaluates it (in plain Rust), the final model holds its convolutions.
+#[test]
+fn digits_cnn_trains_a_small_convolutional_network() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = flamectl(&["run", "examples/digits-cnn", "-o", "json", "--data-dir", dir.path().to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(summary["state"], "completed");
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.9, "final accuracy {accuracy}");
+    let bytes = std::fs::read(dir.path().join("blobs").join(summary["final_model"].as_str().expect("digest"))).expect("blob");
+    let model = flame_workers::weights::decode(&bytes).expect("safetensors");
+    assert_eq!(model["conv1.weight"].shape, [8, 1, 3, 3]);
+    assert_eq!(model["conv2.weight"].shape, [16, 8, 3, 3]);
+}
+
 fn copy_example(to: &std::path::Path) {
     for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
         let entry = entry.expect("entry");

@@ -42,9 +42,16 @@ pub struct ModelConfig {
     /// `mlp` (ReLU hidden layers) or `logreg` (multinomial logistic regression).
     #[serde(default = "default_name")]
     pub name: String,
-    /// Hidden layer widths for `mlp`.
+    /// Hidden layer widths for `mlp` (and the fully connected layers after a `cnn`'s convolutions).
     #[serde(default = "default_hidden")]
     pub hidden: Vec<usize>,
+    /// `cnn`: output channels of each 3x3 convolution (each followed by ReLU and 2x2 max pooling).
+    #[serde(default = "default_channels")]
+    pub channels: Vec<usize>,
+}
+
+fn default_channels() -> Vec<usize> {
+    vec![8, 16]
 }
 
 fn default_name() -> String {
@@ -60,14 +67,35 @@ impl ModelConfig {
         let cfg: Self = serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("bad model description {v}: {e}")))?;
         match cfg.name.as_str() {
             "mlp" | "logreg" => Ok(cfg),
-            other => Err(Error::Config(format!("unknown model '{other}': the built-in models are 'mlp' and 'logreg'"))),
+            "cnn" if !cfg.channels.is_empty() && cfg.channels.iter().all(|c| *c > 0) => Ok(cfg),
+            "cnn" => Err(Error::Config(format!("model 'cnn' needs at least one convolution with channels > 0, not {:?}", cfg.channels))),
+            other => Err(Error::Config(format!("unknown model '{other}': the built-in models are 'mlp', 'logreg' and 'cnn'"))),
         }
     }
 
-    /// Layer sizes from inputs to classes.
+    /// `cnn`: the side of the square one-channel images `inputs` features make,
+    /// which each convolution's 2x2 pooling halves.
+    pub fn image_side(&self, inputs: usize) -> Result<usize, Error> {
+        let side = (inputs as f64).sqrt().round() as usize;
+        let shrink = 1usize << self.channels.len();
+        if side * side != inputs || !side.is_multiple_of(shrink) {
+            return Err(Error::Config(format!(
+                "model 'cnn' needs square images whose side divides by {shrink} ({} poolings); {inputs} features are not",
+                self.channels.len()
+            )));
+        }
+        Ok(side)
+    }
+
+    /// Fully connected layer sizes from inputs (for a `cnn`: the flattened
+    /// output of its convolutions) to classes.
     pub fn layers(&self, inputs: usize, classes: usize) -> Vec<(usize, usize)> {
         let mut sizes = vec![inputs];
-        if self.name == "mlp" {
+        if self.name == "cnn" {
+            let side = (inputs as f64).sqrt().round() as usize >> self.channels.len();
+            sizes = vec![self.channels.last().copied().unwrap_or(1) * side * side];
+        }
+        if self.name == "mlp" || self.name == "cnn" {
             sizes.extend(&self.hidden);
         }
         sizes.push(classes);
@@ -79,6 +107,17 @@ impl ModelConfig {
         let mut rng = SplitMix::new(seed);
         let mut uniform = |bound: f64| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound;
         let mut w = Weights::new();
+        if self.name == "cnn" {
+            let mut c_in = 1;
+            for (i, &c_out) in self.channels.iter().enumerate() {
+                let bound = 1.0 / ((c_in * 9) as f64).sqrt();
+                let weight = (0..c_out * c_in * 9).map(|_| uniform(bound) as f32).collect();
+                let bias = (0..c_out).map(|_| uniform(bound) as f32).collect();
+                w.insert(format!("conv{}.weight", i + 1), Tensor { shape: vec![c_out, c_in, 3, 3], data: weight });
+                w.insert(format!("conv{}.bias", i + 1), Tensor { shape: vec![c_out], data: bias });
+                c_in = c_out;
+            }
+        }
         for (i, (fan_in, fan_out)) in self.layers(inputs, classes).into_iter().enumerate() {
             let bound = 1.0 / (fan_in as f64).sqrt();
             let weight = (0..fan_in * fan_out).map(|_| uniform(bound) as f32).collect();
@@ -154,8 +193,11 @@ pub fn evaluate(cfg: &ModelConfig, weights: &Weights, data: &Split) -> Result<Me
     if layers.is_empty() || (cfg.name == "logreg" && layers.len() != 1) {
         return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.name)));
     }
-    if layers[0].2 != data.features {
-        return Err(Error::Weights(format!("the model takes {} features, the data has {}", layers[0].2, data.features)));
+    let convs = convolutions(weights)?;
+    let side = if convs.is_empty() { 0 } else { cfg.image_side(data.features)? };
+    let flat = if convs.is_empty() { data.features } else { convs.last().map_or(0, |c| c.0.shape[0]) * (side >> convs.len()).pow(2) };
+    if layers[0].2 != flat {
+        return Err(Error::Weights(format!("the model takes {} features, the data gives {flat}", layers[0].2)));
     }
     if data.is_empty() {
         return Ok(Metrics::new());
@@ -164,6 +206,11 @@ pub fn evaluate(cfg: &ModelConfig, weights: &Weights, data: &Split) -> Result<Me
     let last = layers.len() - 1;
     for (row, &label) in data.x.chunks_exact(data.features).zip(&data.y) {
         let mut h = row.to_vec();
+        let mut s = side;
+        for (w, b) in &convs {
+            h = conv3x3_relu_pool(&h, s, w, b);
+            s /= 2;
+        }
         for (i, (w, b, fan_in, _)) in layers.iter().enumerate() {
             h = w
                 .data
@@ -190,10 +237,67 @@ pub fn evaluate(cfg: &ModelConfig, weights: &Weights, data: &Split) -> Result<Me
     Ok(Metrics::from([("loss".to_string(), loss / n), ("accuracy".to_string(), correct as f64 / n), ("test_samples".to_string(), n)]))
 }
 
+/// The convolutions of a `cnn`'s weights (`conv1.*`, `conv2.*`, ...), checked.
+fn convolutions(weights: &Weights) -> Result<Vec<(&Tensor, &Tensor)>, Error> {
+    let mut out: Vec<(&Tensor, &Tensor)> = Vec::new();
+    for i in 1.. {
+        let Some(w) = weights.get(&format!("conv{i}.weight")) else { break };
+        let b = weights.get(&format!("conv{i}.bias")).ok_or_else(|| Error::Weights(format!("conv{i}.bias is missing")))?;
+        let c_in = out.last().map_or(1, |(w, _)| w.shape[0]);
+        match w.shape[..] {
+            [c_out, ci, 3, 3] if ci == c_in && b.shape == [c_out] && w.data.len() == c_out * ci * 9 && b.data.len() == c_out => {
+                out.push((w, b))
+            }
+            _ => {
+                return Err(Error::Weights(format!(
+                    "conv{i}.weight has shape {:?} (bias {:?}); expected [out, {c_in}, 3, 3] and [out]",
+                    w.shape, b.shape
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One 3x3 convolution (padding 1) over `side` x `side` channels, ReLU, then
+/// 2x2 max pooling: channel-major in and out, as PyTorch lays out NCHW.
+fn conv3x3_relu_pool(input: &[f32], side: usize, w: &Tensor, b: &Tensor) -> Vec<f32> {
+    let (c_out, c_in) = (w.shape[0], w.shape[1]);
+    let half = side / 2;
+    let mut out = vec![0f32; c_out * half * half];
+    let mut plane = vec![0f32; side * side];
+    for co in 0..c_out {
+        for y in 0..side {
+            for x in 0..side {
+                let mut z = b.data[co];
+                for ci in 0..c_in {
+                    for ky in 0..3 {
+                        let Some(iy) = (y + ky).checked_sub(1).filter(|v| *v < side) else { continue };
+                        for kx in 0..3 {
+                            let Some(ix) = (x + kx).checked_sub(1).filter(|v| *v < side) else { continue };
+                            z += w.data[((co * c_in + ci) * 3 + ky) * 3 + kx] * input[(ci * side + iy) * side + ix];
+                        }
+                    }
+                }
+                plane[y * side + x] = z.max(0.0);
+            }
+        }
+        for y in 0..half {
+            for x in 0..half {
+                let at = |dy: usize, dx: usize| plane[(2 * y + dy) * side + 2 * x + dx];
+                out[(co * half + y) * half + x] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
+            }
+        }
+    }
+    out
+}
+
 /// A built-in model on libtorch.
 #[cfg(feature = "tch")]
 pub struct Net {
     vs: nn::VarStore,
+    convs: Vec<nn::Conv2D>,
+    side: i64,
     layers: Vec<nn::Linear>,
 }
 
@@ -209,6 +313,11 @@ impl Net {
     /// Builds the model with the given weights.
     pub fn new(cfg: &ModelConfig, weights: &Weights) -> Result<Self, Error> {
         let vs = nn::VarStore::new(Device::Cpu);
+        let mut convs = Vec::new();
+        for (i, (w, _)) in convolutions(weights)?.iter().enumerate() {
+            let config = nn::ConvConfig { padding: 1, ..Default::default() };
+            convs.push(nn::conv2d(vs.root() / format!("conv{}", i + 1), w.shape[1] as i64, w.shape[0] as i64, 3, config));
+        }
         let mut layers = Vec::new();
         for i in 1.. {
             let Some(w) = weights.get(&format!("fc{i}.weight")) else {
@@ -222,7 +331,20 @@ impl Net {
         if layers.is_empty() || (cfg.name == "logreg" && layers.len() != 1) {
             return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.name)));
         }
-        let mut net = Self { vs, layers };
+        // The image side follows from the first linear layer: channels x (side / 2^convs)^2 inputs.
+        let side = match (weights.get("fc1.weight"), convs.len()) {
+            (_, 0) => 0,
+            (Some(fc1), n) => {
+                let channels = weights.get(&format!("conv{n}.weight")).map_or(1, |w| w.shape[0]);
+                let cells = fc1.shape.get(1).copied().unwrap_or(0) / channels;
+                ((cells as f64).sqrt().round() as i64) << n
+            }
+            (None, _) => 0,
+        };
+        if cfg.name == "cnn" && convs.is_empty() {
+            return Err(Error::Weights("model 'cnn' needs conv1.weight".into()));
+        }
+        let mut net = Self { vs, convs, side, layers };
         net.load(weights)?;
         Ok(net)
     }
@@ -258,7 +380,13 @@ impl Net {
 
     fn forward(&self, x: &TchTensor) -> TchTensor {
         let last = self.layers.len() - 1;
-        self.layers.iter().enumerate().fold(x.shallow_clone(), |h, (i, l)| {
+        let x = if self.convs.is_empty() {
+            x.shallow_clone()
+        } else {
+            let h = x.view([-1, 1, self.side, self.side]);
+            self.convs.iter().fold(h, |h, c| h.apply(c).relu().max_pool2d_default(2)).flatten(1, -1)
+        };
+        self.layers.iter().enumerate().fold(x, |h, (i, l)| {
             let z = l.forward(&h);
             if i < last { z.relu() } else { z }
         })
@@ -374,7 +502,11 @@ mod tests {
     fn plain_rust_evaluation_agrees_with_libtorch() {
         init_backend();
         let d = data::load("builtin://digits?part=2&of=3").expect("digits");
-        for (cfg, seed) in [(serde_json::json!({"name": "mlp", "hidden": [32, 16]}), 4), (serde_json::json!({"name": "logreg"}), 9)] {
+        for (cfg, seed) in [
+            (serde_json::json!({"name": "mlp", "hidden": [32, 16]}), 4),
+            (serde_json::json!({"name": "logreg"}), 9),
+            (serde_json::json!({"name": "cnn", "channels": [4, 8], "hidden": [16]}), 2),
+        ] {
             let cfg = ModelConfig::from_json(&cfg).expect("cfg");
             let mut net = Net::new(&cfg, &cfg.init(64, 10, seed)).expect("net");
             net.train(&d.train, &TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3, mu: 0.0 }, 1).expect("train");
@@ -426,6 +558,41 @@ mod tests {
         let h = serde_json::json!({"mu": -1});
         assert!(TrainSettings::from_hyperparameters(&h).is_err());
         assert_eq!(TrainSettings::from_hyperparameters(&serde_json::json!({"mu": 0.5})).expect("mu").mu, 0.5);
+    }
+
+    #[test]
+    fn a_small_cnn_learns_digits_and_checks_its_images() {
+        init_backend();
+        let d = data::load("builtin://digits?part=0&of=1").expect("digits");
+        let cfg = ModelConfig::from_json(&serde_json::json!({"name": "cnn"})).expect("cnn");
+        let init = cfg.init(64, 10, 3);
+        let shapes: Vec<(&str, &[usize])> = init.iter().map(|(k, t)| (k.as_str(), t.shape.as_slice())).collect();
+        assert_eq!(
+            shapes,
+            [
+                ("conv1.bias", &[8][..]),
+                ("conv1.weight", &[8, 1, 3, 3][..]),
+                ("conv2.bias", &[16][..]),
+                ("conv2.weight", &[16, 8, 3, 3][..]),
+                ("fc1.bias", &[32][..]),
+                ("fc1.weight", &[32, 64][..]),
+                ("fc2.bias", &[10][..]),
+                ("fc2.weight", &[10, 32][..]),
+            ]
+        );
+        let mut net = Net::new(&cfg, &init).expect("net");
+        net.train(&d.train, &TrainSettings { epochs: 10, batch_size: 16, learning_rate: 0.3, mu: 0.0 }, 1).expect("train");
+        let accuracy = evaluate(&cfg, &net.weights().expect("w"), &d.test).expect("evaluate")["accuracy"];
+        assert!(accuracy > 0.9, "CNN test accuracy {accuracy}");
+        assert!(cfg.image_side(64).is_ok());
+        assert!(cfg.image_side(63).is_err(), "not square");
+        assert!(cfg.image_side(36).is_err(), "6 does not halve twice");
+        let bad = ModelConfig::from_json(&serde_json::json!({"name": "cnn", "channels": []}));
+        assert!(bad.is_err());
+        // A convolution of the wrong shape is named.
+        let mut wrong = init.clone();
+        wrong.insert("conv2.weight".into(), Tensor { shape: vec![16, 4, 3, 3], data: vec![0.0; 16 * 4 * 9] });
+        assert!(matches!(evaluate(&cfg, &wrong, &d.test), Err(Error::Weights(m)) if m.contains("conv2.weight")));
     }
 
     #[test]

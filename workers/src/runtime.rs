@@ -183,6 +183,9 @@ impl Worker {
                 let cfg = ModelConfig::from_json(model)?;
                 let url = dataset.clone();
                 let d = tokio::task::spawn_blocking(move || data::load(&url)).await??;
+                if cfg.name == "cnn" {
+                    cfg.image_side(d.train.features)?;
+                }
                 let digest = self.store(&cfg.init(d.train.features, d.classes, *seed)).await?;
                 Ok(ReportBody::Initialized { digest })
             }
