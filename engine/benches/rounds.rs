@@ -83,6 +83,9 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
             CommandBody::Train { .. } => {
                 ReportBody::Trained { digest: format!("u-{}-{}", info.id, c.round), samples: 100, metrics: Default::default(), state: None }
             }
+            CommandBody::Coordinate { candidates, .. } => ReportBody::Coordinated {
+                pairing: candidates.iter().filter_map(|(t, o)| o.first().map(|a| (t.clone(), a.clone()))).collect(),
+            },
             CommandBody::Aggregate { .. } => ReportBody::Aggregated {
                 digest: format!("m{}", c.round),
                 metrics: Default::default(),

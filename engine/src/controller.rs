@@ -186,6 +186,19 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
             })
         }));
     }
+    // Coordinated jobs: the coordinator pairs the round's trainers with aggregators while they train.
+    if job.awaits_coordination()
+        && let Some(c) = job.coordinator()
+        && let Some(worker) = job.assignments.get(c)
+    {
+        let candidates = job
+            .round_trainers()
+            .filter_map(|t| spec.candidates.get(&t.task_id).map(|o| (t.task_id.clone(), o.clone())))
+            .collect::<BTreeMap<_, _>>();
+        let samples = candidates.keys().filter_map(|t| job.samples.get(t).map(|n| (t.clone(), *n))).collect();
+        let body = CommandBody::Coordinate { candidates, samples };
+        actions.push(Action::Send { worker_id: worker.clone(), command: command(job, c, round, &format!("r{round}/coordinate"), body) });
+    }
     // Each aggregator whose inputs are in: a middle one averages its group
     // (FedAvg, weighted by samples) while other groups may still train; the
     // top one applies the job's optimizer and evaluates the new global model.
@@ -584,6 +597,51 @@ mod tests {
         assert_eq!((stats.samples, stats.loss, stats.seconds, stats.last_round), (50, 0.7, Some(2.0), 1));
         let actions = decide(&h.job(), 0, None);
         assert_eq!(aggregate_of(&actions, "w-agg").1.len(), 1);
+    }
+
+    #[test]
+    fn a_coordinated_round_waits_for_a_valid_pairing() {
+        use crate::testing::{report, task};
+        use flame_events::protocol::ReportBody;
+        let mut h = hierarchical_round();
+        if let JobEvent::JobCreated { spec, tasks, .. } = &mut h.events[0] {
+            let mut c = task("coord", false);
+            c.role = "coordinator".into();
+            tasks.push(c);
+            spec.coordinator = Some("coord".into());
+            for t in ["t0", "t1", "t2", "t3"] {
+                spec.candidates.insert(t.into(), vec!["m-eu".into(), "m-na".into()]);
+            }
+        }
+        h.events.insert(h.events.len() - 2, JobEvent::TaskAssigned { task_id: "coord".into(), worker_id: "w-coord".into() });
+        let h = h.then(update(1, "t0")).then(update(1, "t1"));
+        let job = h.job();
+        assert_eq!(job.aggregator().map(|t| t.task_id.as_str()), Some("top"), "the coordinator is not an aggregator");
+        let actions = decide(&job, 0, None);
+        assert!(sends(&actions).contains(&("w-coord".to_string(), "job-1/r1/coordinate".to_string())));
+        assert!(!sends(&actions).iter().any(|(_, id)| id.contains("aggregate")), "no aggregation before the pairing");
+
+        let pair =
+            |p: &[(&str, &str)]| ReportBody::Coordinated { pairing: p.iter().map(|(t, a)| (t.to_string(), a.to_string())).collect() };
+        let partial = pair(&[("t0", "m-na"), ("t1", "m-na"), ("t2", "m-eu")]);
+        assert!(
+            matches!(job.handle(report("coord", 1, partial)), Err(crate::job::Rejection::Unexpected(m)) if m.contains("leaves out trainer 't3'"))
+        );
+        let foreign = pair(&[("t0", "top"), ("t1", "m-na"), ("t2", "m-eu"), ("t3", "m-eu")]);
+        assert!(
+            matches!(job.handle(report("coord", 1, foreign)), Err(crate::job::Rejection::Unexpected(m)) if m.contains("not one of its aggregators"))
+        );
+        assert!(job.handle(report("m-eu", 1, pair(&[]))).is_err(), "only the coordinator pairs");
+
+        // t0 and t1 (both reported) go to m-na: that middle aggregator is ready, m-eu waits for t2 and t3.
+        let good = pair(&[("t0", "m-na"), ("t1", "m-na"), ("t2", "m-eu"), ("t3", "m-eu")]);
+        let h = handle(h, report("coord", 1, good.clone()));
+        assert!(matches!(h.events.last(), Some(JobEvent::RoundCoordinated { round: 1, .. })));
+        assert!(matches!(h.job().handle(report("coord", 1, good)), Err(crate::job::Rejection::Duplicate { .. })));
+        let actions = decide(&h.job(), 0, None);
+        let (_, updates, _) = aggregate_of(&actions, "w-m-na");
+        assert_eq!(updates.iter().map(|u| u.task_id.as_str()).collect::<Vec<_>>(), ["t0", "t1"]);
+        assert!(!sends(&actions).iter().any(|(w, _)| w == "w-m-eu"));
     }
 
     #[test]

@@ -328,6 +328,12 @@ pub struct Job {
     /// Oort: what each trainer's last update said of its usefulness and speed.
     #[serde(default)]
     pub oort: BTreeMap<String, crate::oort::Stats>,
+    /// Coordinated jobs: the last round the coordinator paired, and each trainer's last samples (what it balances).
+    #[serde(default)]
+    pub coordinated: u32,
+    /// Training samples of each trainer's last accepted update.
+    #[serde(default)]
+    pub samples: BTreeMap<String, u64>,
     /// Whether the open round stopped taking updates at its deadline.
     pub training_closed: bool,
     /// Metrics of the latest global model.
@@ -401,6 +407,8 @@ impl Default for Job {
             queued: BTreeMap::new(),
             client_states: BTreeMap::new(),
             oort: BTreeMap::new(),
+            coordinated: 0,
+            samples: BTreeMap::new(),
             training_closed: false,
             metrics: Metrics::new(),
             optimizer_state: None,
@@ -439,12 +447,23 @@ impl Job {
 
     /// The top aggregator: the task that makes the global model (it reports to no one).
     pub fn aggregator(&self) -> Option<&TaskSpec> {
-        self.tasks.iter().find(|t| !t.is_data_consumer && !self.parents.contains_key(&t.task_id))
+        self.aggregators().find(|t| !self.parents.contains_key(&t.task_id))
     }
 
-    /// Every aggregating task: the top aggregator and any middle aggregators.
+    /// Every aggregating task: the top aggregator and any middle aggregators (not a coordinator).
     pub fn aggregators(&self) -> impl Iterator<Item = &TaskSpec> {
-        self.tasks.iter().filter(|t| !t.is_data_consumer)
+        let coordinator = self.coordinator();
+        self.tasks.iter().filter(move |t| !t.is_data_consumer && Some(t.task_id.as_str()) != coordinator)
+    }
+
+    /// Coordinated jobs: the coordinator's task id.
+    pub fn coordinator(&self) -> Option<&str> {
+        self.spec.as_ref().and_then(|s| s.coordinator.as_deref())
+    }
+
+    /// Coordinated jobs: whether the open round still waits for the coordinator's pairing.
+    pub fn awaits_coordination(&self) -> bool {
+        self.coordinator().is_some() && self.round_open() && self.coordinated < self.round
     }
 
     /// The tasks that upload to `task`.
@@ -479,7 +498,7 @@ impl Job {
     /// Whether aggregator `task` has every input it will get this round (at
     /// least one) and has not aggregated yet: time to ask it.
     pub fn ready(&self, task: &str) -> bool {
-        if !self.round_open() || self.partials.contains_key(task) {
+        if !self.round_open() || self.partials.contains_key(task) || self.awaits_coordination() {
             return false;
         }
         if self.is_async() {
@@ -866,6 +885,34 @@ impl Job {
                 }
                 Ok(events)
             }
+            ReportBody::Coordinated { pairing } => {
+                self.check_round(&r.task_id, r.round)?;
+                if self.coordinator() != Some(r.task_id.as_str()) {
+                    return Err(Rejection::Unexpected(format!("task '{}' does not coordinate", r.task_id)));
+                }
+                if !self.awaits_coordination() {
+                    return Err(Rejection::Duplicate { task: r.task_id, round: r.round });
+                }
+                let candidates = self.spec.as_ref().map(|s| &s.candidates);
+                for t in self.round_trainers() {
+                    let options = candidates.and_then(|c| c.get(&t.task_id));
+                    match (pairing.get(&t.task_id), options) {
+                        (Some(a), Some(o)) if o.contains(a) => {}
+                        (Some(a), Some(_)) => {
+                            return Err(Rejection::Unexpected(format!(
+                                "the pairing sends '{}' to '{a}', which is not one of its aggregators",
+                                t.task_id
+                            )));
+                        }
+                        (None, Some(_)) => return Err(Rejection::Unexpected(format!("the pairing leaves out trainer '{}'", t.task_id))),
+                        (_, None) => {}
+                    }
+                }
+                if let Some(t) = pairing.keys().find(|t| !self.round_trainers().any(|x| &x.task_id == *t)) {
+                    return Err(Rejection::Unexpected(format!("the pairing names '{t}', which is not a trainer of round {}", r.round)));
+                }
+                Ok(vec![JobEvent::RoundCoordinated { round: r.round, pairing }])
+            }
             ReportBody::Aggregated { digest, metrics, optimizer_state, excluded } => {
                 self.check_round(&r.task_id, r.round)?;
                 if task.is_data_consumer {
@@ -1013,7 +1060,14 @@ impl Job {
                 self.partials.clear();
                 self.training_closed = false;
             }
+            JobEvent::RoundCoordinated { round, pairing } => {
+                for (t, a) in pairing {
+                    self.parents.insert(t.clone(), a.clone());
+                }
+                self.coordinated = *round;
+            }
             JobEvent::UpdateReported { round, task_id, digest, samples, staleness, client_state, metrics, .. } => {
+                self.samples.insert(task_id.clone(), *samples);
                 if self.spec.as_ref().is_some_and(|s| s.oort.is_some()) {
                     let stats = crate::oort::Stats {
                         samples: *samples,

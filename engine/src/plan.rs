@@ -257,16 +257,24 @@ pub struct Tree {
     /// and its result goes up the ring leader's channel (hybrid) or is the
     /// global model (ring all-reduce without an aggregator).
     pub reducers: Vec<TaskSpec>,
+    /// Coordinated designs: the coordinator's task.
+    pub coordinator: Option<String>,
+    /// Coordinated designs: task -> the aggregators it may upload to (the coordinator picks one each round).
+    pub candidates: BTreeMap<String, Vec<String>>,
 }
 
 /// The tree of aggregations the engine runs for a job: two-tier,
-/// hierarchical (any depth), ring all-reduce and hybrid designs. Coordinated
-/// designs are refused with a message (they are planned, not run).
+/// hierarchical (any depth), ring all-reduce, hybrid and coordinated designs
+/// (where a trainer's aggregator, among several, is picked each round).
 pub fn tree(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<Tree, String> {
     let l = links(def, tasks);
-    if let Some(c) = l.coordinators.first() {
-        return Err(format!("role '{c}' coordinates: coordinated topologies are planned (flamectl plan) but not run yet"));
-    }
+    let coordinators: Vec<&TaskSpec> = tasks.iter().filter(|t| l.coordinators.contains(t.role.as_str())).collect();
+    let coordinator = match coordinators.as_slice() {
+        [] => None,
+        [one] => Some(one.task_id.clone()),
+        many => return Err(format!("{} coordinator tasks; the engine runs one", many.len())),
+    };
+    let mut candidates: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut parent = BTreeMap::new();
     let mut reducers = Vec::new();
     // Ring groups: the members report to a reducer on their leader's (lowest task id's) worker.
@@ -297,6 +305,14 @@ pub fn tree(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<Tree, String> {
             [] => None,
             [(c, g)] => match l.uppers.get(&(*c, *g)).map_or(&[][..], Vec::as_slice) {
                 [one] => Some(one.to_string()),
+                // Several aggregators on the trainer's group: the coordinator picks one each round.
+                many if coordinator.is_some() && many.len() > 1 => {
+                    let mut options: Vec<String> = many.iter().map(|m| m.to_string()).collect();
+                    options.sort();
+                    let first = options[0].clone();
+                    candidates.insert(t.task_id.clone(), options);
+                    Some(first)
+                }
                 none_or_many => {
                     return Err(format!(
                         "task '{}' uploads on channel '{c}' group '{g}', where {} task(s) aggregate; the engine needs exactly one",
@@ -324,7 +340,7 @@ pub fn tree(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<Tree, String> {
             (None, _) => {}
         }
     }
-    let all: Vec<&TaskSpec> = tasks.iter().chain(&reducers).collect();
+    let all: Vec<&TaskSpec> = tasks.iter().chain(&reducers).filter(|t| Some(&t.task_id) != coordinator.as_ref()).collect();
     let roots: Vec<&str> = all.iter().filter(|t| !parent.contains_key(&t.task_id)).map(|t| t.task_id.as_str()).collect();
     let root = match roots.as_slice() {
         [one] if all.iter().any(|t| t.task_id == *one && !t.is_data_consumer) => *one,
@@ -349,7 +365,7 @@ pub fn tree(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<Tree, String> {
             return Err(format!("task '{}' trains and also aggregates other tasks; the engine runs trainers as leaves", t.task_id));
         }
     }
-    Ok(Tree { uplinks: parent, reducers })
+    Ok(Tree { uplinks: parent, reducers, coordinator, candidates })
 }
 
 /// The plan of round `round` for a job's tasks.
@@ -933,7 +949,12 @@ mod coordinated {
         assert_eq!(def.check(), vec![]);
         let tasks = crate::planner::expand(&def).expect("expand");
         assert_eq!(tasks.iter().filter(|t| t.role == "middle-aggregator").count(), 2);
-        assert!(tree(&def, &tasks).expect_err("not run yet").contains("coordinates"));
+        let t = tree(&def, &tasks).expect("coordinated");
+        assert_eq!(t.coordinator.as_deref(), Some("coordinator-0"));
+        let trainers: Vec<&TaskSpec> = tasks.iter().filter(|t| t.is_data_consumer).collect();
+        assert_eq!(t.candidates.len(), trainers.len(), "every trainer may go to either middle aggregator");
+        assert!(t.candidates.values().all(|c| c == &["middle-aggregator-0", "middle-aggregator-1"]));
+        assert_eq!(t.uplinks["middle-aggregator-0"], "top-aggregator-0");
         let p = plan(&def, &tasks, 1).expect("plan");
         assert_eq!(p.steps[0].id, "coordinate:coordinator-0");
         for s in p.steps.iter().filter(|s| s.kind == StepKind::Fetch) {

@@ -101,7 +101,7 @@ pub fn prepare(def: &JobDefinition) -> Result<(RunSpec, Vec<TaskSpec>), Error> {
             "asynchronous (FedBuff) jobs run two-tier for now: one aggregator and its trainers; this design has middle aggregators or rings".into(),
         ));
     }
-    let mut spec = RunSpec { uplinks: tree.uplinks, ..spec };
+    let mut spec = RunSpec { uplinks: tree.uplinks, coordinator: tree.coordinator, candidates: tree.candidates, ..spec };
     if def.model_spec.selector.as_ref().is_some_and(|s| s.sort.eq_ignore_ascii_case("oort")) {
         let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
         let aggr_num = def.model_spec.selector.as_ref().and_then(|s| s.kwargs.get("aggr_num")).and_then(serde_json::Value::as_u64);
@@ -203,6 +203,8 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         agg_goal,
         concurrency,
         oort: None,
+        coordinator: None,
+        candidates: Default::default(),
     })
 }
 

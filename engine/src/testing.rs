@@ -45,6 +45,8 @@ pub fn created(rounds: u32) -> JobEvent {
             agg_goal: None,
             concurrency: None,
             oort: None,
+            coordinator: None,
+            candidates: Default::default(),
         },
         tasks: vec![task("t0", true), task("t1", true), task("agg", false)],
     }

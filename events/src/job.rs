@@ -73,6 +73,12 @@ pub struct RunSpec {
     /// Oort's selector: rounds close at this many updates (`aggr_num`), from 30% more trainers picked by utility.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oort: Option<u32>,
+    /// Coordinated jobs: the coordinator's task id; it pairs trainers with aggregators each round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// Coordinated jobs: task id -> the aggregators it may upload to.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub candidates: BTreeMap<String, Vec<String>>,
 }
 
 /// Every event in a job stream.
@@ -200,6 +206,13 @@ pub enum JobEvent {
         /// What its worker measured, if anything.
         metrics: Metrics,
     },
+    /// The coordinator paired the round's trainers with aggregators.
+    RoundCoordinated {
+        /// Round number.
+        round: u32,
+        /// Trainer task id -> the aggregator task it uploads to this round.
+        pairing: BTreeMap<String, String>,
+    },
     /// A round's training closed at its deadline without every update; the rest are dropped.
     TrainingClosed {
         /// Round number.
@@ -297,6 +310,7 @@ impl JobEvent {
             Self::RoundStarted { .. } => "RoundStarted",
             Self::UpdateReported { .. } => "UpdateReported",
             Self::GroupAggregated { .. } => "GroupAggregated",
+            Self::RoundCoordinated { .. } => "RoundCoordinated",
             Self::RoundAggregated { .. } => "RoundAggregated",
             Self::JobCompleted { .. } => "JobCompleted",
             Self::JobFailed { .. } => "JobFailed",

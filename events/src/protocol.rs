@@ -141,6 +141,14 @@ pub enum CommandBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         server_state: Option<String>,
     },
+    /// Coordinated jobs: pair this round's trainers with aggregators.
+    Coordinate {
+        /// The round's trainers, each with the aggregators it may upload to.
+        candidates: std::collections::BTreeMap<String, Vec<String>>,
+        /// Training samples each trainer reported last (absent before its first update).
+        #[serde(default)]
+        samples: std::collections::BTreeMap<String, u64>,
+    },
     /// Combine updates into a new global model and evaluate it.
     Aggregate {
         /// Model description.
@@ -203,6 +211,11 @@ pub enum ReportBody {
         /// SCAFFOLD / FedDyn: digest of the task's new state (the next `train` gets it back as `client_state`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         state: Option<String>,
+    },
+    /// The coordinator's pairing for the round.
+    Coordinated {
+        /// Trainer task id -> aggregator task id.
+        pairing: std::collections::BTreeMap<String, String>,
     },
     /// The new global model is stored.
     Aggregated {

@@ -66,6 +66,8 @@ fn job(j: usize) -> Vec<Chunk> {
         agg_goal: None,
         concurrency: None,
         oort: None,
+        coordinator: None,
+        candidates: Default::default(),
     };
     let mut setup = vec![(
         JobEvent::JobCreated { job_id: id.clone(), name: "bench".into(), source: "bench".into(), spec, tasks: tasks.clone() },

@@ -117,6 +117,9 @@ pub struct RoundView {
     pub excluded: Vec<Exclusion>,
     /// Reports refused while the round was open.
     pub rejected: u32,
+    /// Coordinated jobs: which aggregator each trainer uploaded to this round.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pairing: BTreeMap<String, String>,
     /// Middle aggregators' partial aggregates (hierarchical jobs), in arrival order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<GroupAggregate>,
@@ -481,6 +484,7 @@ impl JobView {
                     stragglers: Vec::new(),
                     excluded: Vec::new(),
                     rejected: 0,
+                    pairing: BTreeMap::new(),
                     groups: Vec::new(),
                     inputs: Vec::new(),
                     metrics: Metrics::new(),
@@ -510,6 +514,11 @@ impl JobView {
                         r.participants.push(participant);
                     }
                     None => self.early.push(EarlyUpdate { round, participant }),
+                }
+            }
+            JobEvent::RoundCoordinated { round, pairing } => {
+                if let Some(r) = self.round_mut(round) {
+                    r.pairing = pairing;
                 }
             }
             JobEvent::GroupAggregated { round, task_id, worker_id, digest, samples, inputs, metrics } => {
@@ -623,6 +632,10 @@ pub fn detail(event: &JobEvent) -> String {
         JobEvent::UpdateReported { round, task_id, digest, samples, staleness, .. } => {
             format!("round {round}: {task_id} update {} ({samples} samples, {staleness} model(s) stale)", short(digest))
         }
+        JobEvent::RoundCoordinated { round, pairing } => {
+            let pairs: Vec<String> = pairing.iter().map(|(t, a)| format!("{t}->{a}")).collect();
+            format!("round {round}: paired {}", pairs.join(", "))
+        }
         JobEvent::GroupAggregated { round, task_id, digest, samples, inputs, .. } => {
             format!("round {round}: {task_id} combined {} update(s) -> {} ({samples} samples)", inputs.len(), short(digest))
         }
@@ -698,6 +711,8 @@ mod tests {
                 agg_goal: None,
                 concurrency: None,
                 oort: None,
+                coordinator: None,
+                candidates: Default::default(),
             },
             tasks: ["t0", "t1", "agg"]
                 .iter()
@@ -751,6 +766,8 @@ mod tests {
                     metrics: Metrics::new()
                 }
             ),
+            (round.clone(), task.clone(), task.clone())
+                .prop_map(|(round, t, a)| JobEvent::RoundCoordinated { round, pairing: BTreeMap::from([(t, a)]) }),
             (round.clone(), task.clone()).prop_map(|(round, t)| JobEvent::TrainingClosed { round, dropped: vec![t] }),
             (round.clone(), task.clone(), digest.clone()).prop_map(|(round, task_id, digest)| JobEvent::UpdateExcluded {
                 round,

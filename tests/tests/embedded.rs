@@ -375,6 +375,57 @@ fn digits_cnn_trains_a_small_convolutional_network() {
     assert_eq!(model["conv2.weight"].shape, [16, 8, 3, 3]);
 }
 
+/// Coordinated topology: each round the coordinator pairs the trainers with
+/// the two middle aggregators before any of them aggregates; each middle
+/// averages exactly the trainers paired with it; from round 2 on the pairing
+/// balances the trainers' samples.
+#[test]
+fn coordinated_digits_pairs_trainers_with_middle_aggregators_each_round() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = flamectl(&["run", "examples/coordinated-digits", "-o", "json", "--data-dir", dir.path().to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(summary["state"], "completed");
+    assert!(summary["metrics"]["accuracy"].as_f64().expect("accuracy") >= 0.85);
+    let out =
+        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
+    let events: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("line")).collect();
+    let mut pairings = Vec::new();
+    for round in 1..=5u64 {
+        let at = |t: &str| events.iter().position(|e| e["event_type"] == t && e["payload"]["round"] == round);
+        let coordinated = at("RoundCoordinated").expect("coordinated");
+        assert!(coordinated < at("GroupAggregated").expect("grouped"), "round {round}: pairing before aggregation");
+        let pairing = events[coordinated]["payload"]["pairing"].as_object().expect("pairing").clone();
+        assert_eq!(pairing.len(), 4, "round {round}: every trainer paired");
+        let updates: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["event_type"] == "UpdateReported" && e["payload"]["round"] == round)
+            .map(|e| &e["payload"])
+            .collect();
+        let mut loads = Vec::new();
+        for g in events.iter().filter(|e| e["event_type"] == "GroupAggregated" && e["payload"]["round"] == round).map(|e| &e["payload"]) {
+            let mut want: Vec<&str> = updates
+                .iter()
+                .filter(|u| pairing[u["task_id"].as_str().expect("task")] == g["task_id"])
+                .filter_map(|u| u["digest"].as_str())
+                .collect();
+            let mut got: Vec<&str> = g["inputs"].as_array().expect("inputs").iter().filter_map(Value::as_str).collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "round {round}: {} averages its paired trainers", g["task_id"]);
+            loads.push(g["samples"].as_u64().expect("samples"));
+        }
+        assert_eq!(loads.len(), 2, "round {round}: both middles in use");
+        if round > 1 {
+            let biggest = updates.iter().filter_map(|u| u["samples"].as_u64()).max().expect("samples");
+            assert!(loads[0].abs_diff(loads[1]) <= biggest, "round {round}: balanced by samples {loads:?}");
+        }
+        pairings.push(pairing);
+    }
+    assert!(pairings.windows(2).any(|w| w[0] != w[1]), "the pairing changes between rounds");
+}
+
 fn copy_example(to: &std::path::Path) {
     for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
         let entry = entry.expect("entry");

@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod blob;
 pub mod control;
+pub mod coordinate;
 pub mod data;
 pub mod fedavg;
 pub mod fedbuff;

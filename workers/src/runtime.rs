@@ -256,6 +256,9 @@ impl Worker {
                 };
                 Ok(ReportBody::Trained { digest, samples, metrics, state })
             }
+            CommandBody::Coordinate { candidates, samples } => {
+                Ok(ReportBody::Coordinated { pairing: crate::coordinate::pair(candidates, samples, command.round) })
+            }
             CommandBody::Aggregate { model, optimizer, optimizer_kwargs, optimizer_state, global_model, updates, eval_dataset } => {
                 let cfg = ModelConfig::from_json(model)?;
                 let global = self.fetch(global_model).await?;
