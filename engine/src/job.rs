@@ -476,7 +476,7 @@ impl Job {
     /// aggregator that has its result or a child that still may.
     fn expects(&self, t: &TaskSpec) -> bool {
         if t.is_data_consumer {
-            self.updates.contains_key(&t.task_id) || (!self.training_closed && self.round_trainers().any(|r| r.task_id == t.task_id))
+            self.updates.contains_key(&t.task_id) || (!self.training_closed && self.in_round(t))
         } else {
             self.partials.contains_key(&t.task_id) || self.children(&t.task_id).any(|c| self.expects(c))
         }
@@ -546,7 +546,12 @@ impl Job {
 
     /// Trainers of the open round: selected (when a selector chose) and with a worker.
     pub fn round_trainers(&self) -> impl Iterator<Item = &TaskSpec> {
-        self.active_trainers().filter(|t| self.selected.is_empty() || self.selected.contains(&t.task_id))
+        self.trainers().filter(|t| self.in_round(t))
+    }
+
+    /// Whether `t` trains in the open round (without scanning the tasks).
+    fn in_round(&self, t: &TaskSpec) -> bool {
+        t.is_data_consumer && !self.orphaned.contains(&t.task_id) && (self.selected.is_empty() || self.selected.contains(&t.task_id))
     }
 
     /// The trainers a round starting now takes: `k` per aggregation group when
