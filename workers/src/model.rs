@@ -292,6 +292,41 @@ fn conv3x3_relu_pool(input: &[f32], side: usize, w: &Tensor, b: &Tensor) -> Vec<
     out
 }
 
+/// A training backend: the model a trainer task trains from a global model.
+/// [`Net`] (libtorch) is the built-in one; [`trainer`] picks it for a model
+/// description. Another backend implements this and is returned there.
+pub trait Trainer {
+    /// One round of local training; `correction` is added to every gradient
+    /// (SCAFFOLD's `c - c_i`, FedDyn's `-g_i`). Returns the training metrics
+    /// (at least `loss`, the mean training loss of the last epoch).
+    fn train(&mut self, data: &Split, settings: &TrainSettings, seed: u64, correction: Option<&Weights>) -> Result<Metrics, Error>;
+    /// Loss and accuracy on a split.
+    fn evaluate(&self, data: &Split) -> Metrics;
+    /// The current weights.
+    fn weights(&self) -> Result<Weights, Error>;
+}
+
+/// The backend that trains `cfg`, starting from `weights`.
+#[cfg(feature = "tch")]
+pub fn trainer(cfg: &ModelConfig, weights: &Weights) -> Result<Box<dyn Trainer>, Error> {
+    Ok(Box::new(Net::new(cfg, weights)?))
+}
+
+#[cfg(feature = "tch")]
+impl Trainer for Net {
+    fn train(&mut self, data: &Split, settings: &TrainSettings, seed: u64, correction: Option<&Weights>) -> Result<Metrics, Error> {
+        self.train_corrected(data, settings, seed, correction)
+    }
+
+    fn evaluate(&self, data: &Split) -> Metrics {
+        Net::evaluate(self, data)
+    }
+
+    fn weights(&self) -> Result<Weights, Error> {
+        Net::weights(self)
+    }
+}
+
 /// A built-in model on libtorch.
 #[cfg(feature = "tch")]
 pub struct Net {
@@ -593,6 +628,33 @@ mod tests {
         let mut wrong = init.clone();
         wrong.insert("conv2.weight".into(), Tensor { shape: vec![16, 4, 3, 3], data: vec![0.0; 16 * 4 * 9] });
         assert!(matches!(evaluate(&cfg, &wrong, &d.test), Err(Error::Weights(m)) if m.contains("conv2.weight")));
+    }
+
+    /// One client, one full-batch epoch a round, FedAvg over the one update:
+    /// the same as training centrally for as many full-batch epochs.
+    #[test]
+    fn one_client_fedavg_with_full_batch_sgd_is_centralized_training() {
+        init_backend();
+        let d = data::load("builtin://digits?part=0&of=1").expect("digits");
+        let cfg = ModelConfig::from_json(&serde_json::json!({"name": "mlp", "hidden": [16]})).expect("cfg");
+        let init = cfg.init(64, 10, 5);
+        let n = d.train.len();
+        let full = TrainSettings { epochs: 1, batch_size: n, learning_rate: 0.5, mu: 0.0 };
+        let mut global = init.clone();
+        for round in 0..6 {
+            let mut client = trainer(&cfg, &global).expect("trainer");
+            client.train(&d.train, &full, round, None).expect("train");
+            global = crate::fedavg::fedavg(&[(client.weights().expect("w"), n as u64)]).expect("fedavg");
+        }
+        let mut central = Net::new(&cfg, &init).expect("net");
+        central.train(&d.train, &TrainSettings { epochs: 6, ..full.clone() }, 99).expect("train");
+        let central = central.weights().expect("w");
+        assert_ne!(global, init, "it trained");
+        for (name, t) in &global {
+            let worst = t.data.iter().zip(&central[name].data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            // Equal up to the order the full batch is summed in.
+            assert!(worst < 1e-5, "{name}: FedAvg of one client and central training differ by {worst}");
+        }
     }
 
     #[test]

@@ -214,7 +214,7 @@ impl Worker {
                 let global_for_dp = global.clone();
                 let (trained, samples, metrics, state) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let d = data::load(&url)?;
-                    let mut net = Net::new(&cfg, &global)?;
+                    let mut net = crate::model::trainer(&cfg, &global)?;
                     let (correction, before) = match stateful {
                         Some(ClientOptimizer::Scaffold) => {
                             let (c, ci) = (control::part(server.as_ref(), "c", &global)?, control::part(client.as_ref(), "c", &global)?);
@@ -227,7 +227,7 @@ impl Worker {
                         None => (None, None),
                     };
                     let started = std::time::Instant::now();
-                    let mut metrics = net.train_corrected(&d.train, &settings, seed, correction.as_ref())?;
+                    let mut metrics = net.train(&d.train, &settings, seed, correction.as_ref())?;
                     // Oort weighs trainers by speed as well as usefulness.
                     metrics.insert("train_seconds".into(), started.elapsed().as_secs_f64());
                     if let Some(acc) = net.evaluate(&d.train).get("accuracy") {
