@@ -3,7 +3,7 @@
 //! reads the worker registry and feeds reports back. Everything it knows
 //! comes from the job's events, so a restarted runner continues any job.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -199,12 +199,10 @@ pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
         round_timeout_s: def.hyper_u64("roundTimeout"),
         quorum: def.hyper_u64("minClients").map(|q| q as u32),
         select,
-        uplinks: BTreeMap::new(),
         agg_goal,
         concurrency,
-        oort: None,
-        coordinator: None,
-        candidates: Default::default(),
+        // The tree, coordination and Oort need the tasks: `prepare` fills them in.
+        ..RunSpec::default()
     })
 }
 

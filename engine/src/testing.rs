@@ -37,16 +37,7 @@ pub fn created(rounds: u32) -> JobEvent {
             model: serde_json::json!({"name": "mlp"}),
             hyperparameters: serde_json::json!({}),
             seed: 0,
-            max_run_time_s: None,
-            round_timeout_s: None,
-            quorum: None,
-            select: None,
-            uplinks: Default::default(),
-            agg_goal: None,
-            concurrency: None,
-            oort: None,
-            coordinator: None,
-            candidates: Default::default(),
+            ..RunSpec::default()
         },
         tasks: vec![task("t0", true), task("t1", true), task("agg", false)],
     }

@@ -33,7 +33,7 @@ pub struct TaskSpec {
 }
 
 /// What the engine needs to run a job's rounds, fixed at creation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
     /// Number of rounds.
     pub rounds: u32,

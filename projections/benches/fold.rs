@@ -58,16 +58,7 @@ fn job(j: usize) -> Vec<Chunk> {
         model: serde_json::json!({"baseModel": "mlp"}),
         hyperparameters: serde_json::json!({"epochs": 1, "batchSize": 32, "learningRate": 0.1}),
         seed: j as u64,
-        max_run_time_s: None,
-        round_timeout_s: None,
-        quorum: None,
-        select: None,
-        uplinks: Default::default(),
-        agg_goal: None,
-        concurrency: None,
-        oort: None,
-        coordinator: None,
-        candidates: Default::default(),
+        ..RunSpec::default()
     };
     let mut setup = vec![(
         JobEvent::JobCreated { job_id: id.clone(), name: "bench".into(), source: "bench".into(), spec, tasks: tasks.clone() },

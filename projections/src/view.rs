@@ -703,16 +703,7 @@ mod tests {
                 model: serde_json::json!({}),
                 hyperparameters: serde_json::json!({}),
                 seed: 1,
-                max_run_time_s: None,
-                round_timeout_s: None,
-                quorum: None,
-                select: None,
-                uplinks: Default::default(),
-                agg_goal: None,
-                concurrency: None,
-                oort: None,
-                coordinator: None,
-                candidates: Default::default(),
+                ..RunSpec::default()
             },
             tasks: ["t0", "t1", "agg"]
                 .iter()

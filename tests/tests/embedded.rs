@@ -44,6 +44,20 @@ fn digits_job_completes_and_its_events_are_listed() {
     assert_eq!(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)), digest);
 }
 
+/// Runs a job folder with `flamectl run -o json` (data under `data`), checks
+/// that it completed, and returns its summary and its events.
+fn run_completed(job: &str, data: &str) -> (Value, Vec<Value>) {
+    let out = flamectl(&["run", job, "-o", "json", "--data-dir", data]);
+    assert!(out.status.success(), "flamectl run {job} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(summary["state"], "completed", "{job}");
+    let out =
+        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    (summary, events)
+}
+
 /// Runs an example whose trainers report through groups (middle aggregators
 /// or rings) and checks every round: each group's model is the FedAvg of its
 /// members' updates, the global model is the FedAvg of the groups by their
@@ -52,15 +66,9 @@ fn check_grouped_example(example: &str, groups_per_round: usize, members: usize)
     use flame_workers::{fedavg, weights};
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_str().expect("utf8");
-    let out = flamectl(&["run", example, "-o", "json", "--data-dir", data]);
-    assert!(out.status.success(), "flamectl run failed: {}", String::from_utf8_lossy(&out.stderr));
-    let summary: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
-    assert_eq!(summary["state"], "completed");
+    let (summary, events) = run_completed(example, data);
     let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
     assert!(accuracy >= 0.85, "{example}: final accuracy {accuracy}");
-    let out =
-        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     let of = |t: &'static str| events.iter().filter(move |e| e["event_type"] == t).map(|e| &e["payload"]);
     let created = of("JobCreated").next().expect("created");
     let uplinks = created["spec"]["uplinks"].as_object().expect("uplinks recorded");
@@ -123,19 +131,10 @@ fn hybrid_digits_reduces_each_ring_then_the_rings() {
 /// two-tier example's (same data, seeds and FedAvg).
 #[test]
 fn ring_digits_equals_two_tier_fedavg() {
-    let run = |example: &str, dir: &std::path::Path| -> Value {
-        let out = flamectl(&["run", example, "-o", "json", "--data-dir", dir.to_str().expect("utf8")]);
-        assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("JSON")
-    };
     let (a, b) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
-    let ring = run("examples/ring-digits", a.path());
-    assert_eq!(ring["state"], "completed");
-    let two_tier = run("examples/digits-two-tier", b.path());
+    let (ring, events) = run_completed("examples/ring-digits", a.path().to_str().expect("utf8"));
+    let (two_tier, _) = run_completed("examples/digits-two-tier", b.path().to_str().expect("utf8"));
     assert_eq!(ring["final_model"], two_tier["final_model"], "the ring's mean is FedAvg");
-
-    let out = flamectl(&["events", ring["job_id"].as_str().expect("id"), "--store", ring["store"].as_str().expect("store"), "-o", "json"]);
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     let placed: std::collections::BTreeMap<&str, &str> = events
         .iter()
         .filter(|e| e["event_type"] == "TaskAssigned")
@@ -158,15 +157,9 @@ fn fedbuff_digits_aggregates_buffers_of_stale_updates() {
     use flame_workers::{fedbuff, weights};
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_str().expect("utf8");
-    let out = flamectl(&["run", "examples/fedbuff-digits", "-o", "json", "--data-dir", data]);
-    assert!(out.status.success(), "flamectl run failed: {}", String::from_utf8_lossy(&out.stderr));
-    let summary: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
-    assert_eq!(summary["state"], "completed");
+    let (summary, events) = run_completed("examples/fedbuff-digits", data);
     let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
     assert!(accuracy >= 0.75, "final accuracy {accuracy}");
-    let job = summary["job_id"].as_str().expect("id");
-    let out = flamectl(&["events", job, "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     let blob = |d: &Value| {
         weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
     };
@@ -239,13 +232,7 @@ fn scaffold_digits_carries_control_variates_between_rounds() {
     use flame_workers::{control, fedavg, weights};
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_str().expect("utf8");
-    let out = flamectl(&["run", "examples/scaffold-digits", "-o", "json", "--data-dir", data]);
-    assert!(out.status.success(), "flamectl run failed: {}", String::from_utf8_lossy(&out.stderr));
-    let summary: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(summary["state"], "completed");
-    let out =
-        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let (summary, events) = run_completed("examples/scaffold-digits", data);
     let blob = |d: &Value| {
         weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
     };
@@ -327,14 +314,7 @@ fn oort_closes_rounds_at_aggr_num_of_an_over_committed_selection() {
     spec["hyperparameters"]["rounds"] = serde_json::json!(6);
     std::fs::write(job.join("modelSpec.json"), spec.to_string()).expect("write");
     let data = dir.path().join("data");
-    let out = flamectl(&["run", job.to_str().expect("utf8"), "-o", "json", "--data-dir", data.to_str().expect("utf8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(summary["state"], "completed");
-    let out =
-        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
-    let events: Vec<Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("line")).collect();
+    let (_, events) = run_completed(job.to_str().expect("utf8"), data.to_str().expect("utf8"));
     let mut tried = std::collections::BTreeSet::new();
     for round in 1..=6u64 {
         let of =
@@ -363,10 +343,7 @@ fn oort_closes_rounds_at_aggr_num_of_an_over_committed_selection() {
 #[test]
 fn digits_cnn_trains_a_small_convolutional_network() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = flamectl(&["run", "examples/digits-cnn", "-o", "json", "--data-dir", dir.path().to_str().expect("utf8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(summary["state"], "completed");
+    let (summary, _) = run_completed("examples/digits-cnn", dir.path().to_str().expect("utf8"));
     let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
     assert!(accuracy >= 0.9, "final accuracy {accuracy}");
     let bytes = std::fs::read(dir.path().join("blobs").join(summary["final_model"].as_str().expect("digest"))).expect("blob");
@@ -382,15 +359,8 @@ fn digits_cnn_trains_a_small_convolutional_network() {
 #[test]
 fn coordinated_digits_pairs_trainers_with_middle_aggregators_each_round() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = flamectl(&["run", "examples/coordinated-digits", "-o", "json", "--data-dir", dir.path().to_str().expect("utf8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(summary["state"], "completed");
+    let (summary, events) = run_completed("examples/coordinated-digits", dir.path().to_str().expect("utf8"));
     assert!(summary["metrics"]["accuracy"].as_f64().expect("accuracy") >= 0.85);
-    let out =
-        flamectl(&["events", summary["job_id"].as_str().expect("id"), "--store", summary["store"].as_str().expect("store"), "-o", "json"]);
-    let events: Vec<Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("line")).collect();
     let mut pairings = Vec::new();
     for round in 1..=5u64 {
         let at = |t: &str| events.iter().position(|e| e["event_type"] == t && e["payload"]["round"] == round);
