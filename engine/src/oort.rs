@@ -89,6 +89,9 @@ pub fn select(candidates: &[String], stats: &BTreeMap<String, Stats>, take: usiz
         let cutoff = 0.95 * util[explored[exploit - 1]];
         let mut pool: Vec<&String> = explored.iter().copied().filter(|c| util[*c] >= cutoff).collect();
         for _ in 0..exploit {
+            if pool.is_empty() {
+                break;
+            }
             let total: f64 = pool.iter().map(|c| util[*c].max(1e-12)).sum();
             let mut at = rng.unit() * total;
             let mut pick = pool.len() - 1;
@@ -166,6 +169,19 @@ mod tests {
         }
         let u = utilities(&stats, 80);
         assert!(u["t00"] < u["t05"], "slow and useful {} < fast and less useful {}", u["t00"], u["t05"]);
+    }
+
+    #[test]
+    fn extreme_reports_still_give_a_full_pick() {
+        let all = ids(6);
+        let mut stats = BTreeMap::new();
+        stats.insert("t00".to_string(), stat(u64::MAX, f64::MAX, 1.0, 1));
+        stats.insert("t01".to_string(), stat(10, -5.0, 0.0, 1));
+        stats.insert("t02".to_string(), stat(0, 0.0, f64::MAX, 1));
+        for round in [1, 50, 500] {
+            let picks = select(&all, &stats, 4, 1, round);
+            assert_eq!(picks.len(), 4, "round {round}: {picks:?}");
+        }
     }
 
     #[test]
