@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
             && let Ok(tasks) = planner::expand(&def)
             && tasks.len() <= 10_000
         {
-            let _ = planner::two_tier(&tasks);
+            let _ = plan::tree(&def, &tasks);
             for round in 1..=2 {
                 let _ = plan::plan(&def, &tasks, round);
             }
