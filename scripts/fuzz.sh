@@ -18,6 +18,9 @@ else
   sanitizer=none
 fi
 mkdir -p corpus/definition
+# The fuzz target is outside the workspace: a compile error in it (our code)
+# fails here, before a libFuzzer build that a machine may be unable to do.
+cargo check --quiet
 # A machine that cannot build libFuzzer targets at all is reported, not failed;
 # a crash found by the fuzzer always fails.
 if ! cargo "${toolchain[@]}" fuzz build --sanitizer "$sanitizer" definition >build.log 2>&1; then
