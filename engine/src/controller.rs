@@ -153,8 +153,8 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
     let mut actions: Vec<Action> = Vec::new();
     if job.is_async() {
         // FedBuff: every trainer in flight trains from the model of the round that sent it, buffer full or not.
-        actions.extend(job.in_flight.iter().filter(|(t, _)| !job.orphaned.contains(*t)).filter_map(|(t, d)| {
-            let task = job.tasks.iter().find(|x| &x.task_id == t)?;
+        actions.extend(job.active_trainers().filter_map(|task| {
+            let (t, d) = job.in_flight.get_key_value(&task.task_id)?;
             let worker = job.assignments.get(t)?;
             let body = CommandBody::Train {
                 model: spec.model.clone(),

@@ -1072,7 +1072,10 @@ impl Job {
                 self.coordinated = *round;
             }
             JobEvent::UpdateReported { round, task_id, digest, samples, staleness, client_state, metrics, .. } => {
-                self.samples.insert(task_id.clone(), *samples);
+                // Only the coordinator balances by them: no map to grow in other jobs' folds.
+                if self.coordinator().is_some() {
+                    self.samples.insert(task_id.clone(), *samples);
+                }
                 if self.spec.as_ref().is_some_and(|s| s.oort.is_some()) {
                     let stats = crate::oort::Stats {
                         samples: *samples,
