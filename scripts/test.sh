@@ -3,6 +3,11 @@
 # services if missing, builds once, starts NATS + SecantusDB on free loopback
 # ports, runs every test, stops the services, and ends with one line
 # "tests: N passed, N failed" (also left in target/test-summary.txt).
+#
+# FLAME_CHECK_PATHS=1 (CI sets it) runs the tests as a fresh clone would
+# (FLAME_EXAMPLES empty: no comparison with Flame's fixtures beside the
+# repository) under strace, and fails if any test read a path outside the
+# repository that a fresh clone does not have (scripts/check-paths.py).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -16,8 +21,23 @@ cp target/debug/flame-worker target/debug/flame-worker-aggregator
 cargo build --workspace --bins --tests --quiet
 mkdir -p target
 log="target/test-output.txt"
+trace=()
+if [ -n "${FLAME_CHECK_PATHS:-}" ]; then
+    if ! command -v strace > /dev/null; then
+        echo "test.sh: FLAME_CHECK_PATHS needs strace (apt-get install strace)" >&2
+        exit 1
+    fi
+    export FLAME_EXAMPLES=""
+    trace=(strace -f --seccomp-bpf -qq -y -e trace=%file -o target/test-paths.trace)
+fi
 rc=0
-bash scripts/services.sh run cargo test --workspace --lib --bins --tests --quiet -- --test-threads=2 "$@" 2>&1 | tee "$log" || rc=$?
+bash scripts/services.sh run "${trace[@]}" cargo test --workspace --lib --bins --tests --quiet -- --test-threads=2 "$@" 2>&1 | tee "$log" || rc=$?
 summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "tests: %d passed, %d failed\n", p, f }' "$log")
+# Checks that could not run here say so (e.g. the comparison with Flame's fixtures in a clone).
+grep -o 'skipped: .*' "$log" || true
+if [ -n "${FLAME_CHECK_PATHS:-}" ]; then
+    python3 scripts/check-paths.py target/test-paths.trace "$root" || rc=1
+    rm -f target/test-paths.trace
+fi
 echo "$summary" | tee target/test-summary.txt
 exit "$rc"

@@ -593,19 +593,30 @@ mod tests {
 
     #[test]
     fn two_tier_with_a_random_selector_trains_k_trainers() {
-        let (_d, def, tasks) = fixture("mnist");
+        let (def, tasks) = fixture("two-tier");
         let p = plan(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         assert_eq!(p.mode, Mode::Sync);
-        assert_eq!(p.selected, vec!["trainer-0".to_string()]);
-        assert_eq!(after(&p, "fetch:trainer-0:param-channel"), ["distribute:aggregator-0:param-channel"]);
-        assert_eq!(after(&p, "train:trainer-0"), ["fetch:trainer-0:param-channel"]);
-        assert_eq!(after(&p, "aggregate:aggregator-0:param-channel"), ["upload:trainer-0:param-channel"]);
+        assert_eq!(p.selected.len(), 2, "k = 2 of 3 trainers: {:?}", p.selected);
+        let mut uploads = vec![];
+        for t in tasks.iter().filter(|t| t.is_data_consumer) {
+            let id = &t.task_id;
+            if p.selected.contains(id) {
+                assert_eq!(after(&p, &format!("fetch:{id}:param-channel")), ["distribute:aggregator-0:param-channel"]);
+                assert_eq!(after(&p, &format!("train:{id}")), [format!("fetch:{id}:param-channel")]);
+                uploads.push(format!("upload:{id}:param-channel"));
+            } else {
+                assert!(p.steps.iter().all(|s| s.task_id != *id), "{id} is not selected and has no step");
+            }
+        }
+        let mut inputs = after(&p, "aggregate:aggregator-0:param-channel").to_vec();
+        inputs.sort();
+        assert_eq!(inputs, uploads);
     }
 
     #[test]
     fn two_tier_with_ten_trainers_aggregates_all_of_them() {
-        let (_d, def, tasks) = fixture("medmnist");
+        let (def, tasks) = fixture("two-tier-ten");
         let p = plan(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         assert_eq!(ids(&p, StepKind::Train).len(), 10);
@@ -614,35 +625,38 @@ mod tests {
 
     #[test]
     fn hierarchical_rounds_go_through_the_middle_tier() {
-        let (_d, def, tasks) = fixture("hier_mnist");
+        let (def, tasks) = fixture("hierarchical");
         let p = plan(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
-        let eu_mid = tasks
-            .iter()
-            .find(|t| t.role == "middle-aggregator" && t.group_association["param-channel"] == "eu")
-            .expect("eu")
-            .task_id
-            .clone();
-        let eu_trainers: Vec<String> = tasks
-            .iter()
-            .filter(|t| t.is_data_consumer && t.group_association["param-channel"] == "eu")
-            .map(|t| format!("upload:{}:param-channel", t.task_id))
-            .collect();
-        assert_eq!(after(&p, &format!("aggregate:{eu_mid}:param-channel")), eu_trainers.as_slice());
-        assert_eq!(after(&p, &format!("upload:{eu_mid}:global-channel")), [format!("aggregate:{eu_mid}:param-channel")]);
-        assert_eq!(after(&p, &format!("distribute:{eu_mid}:param-channel")), [format!("fetch:{eu_mid}:global-channel")]);
+        for group in ["west", "east"] {
+            let mid = tasks
+                .iter()
+                .find(|t| t.role == "middle-aggregator" && t.group_association["param-channel"] == group)
+                .expect("middle aggregator")
+                .task_id
+                .clone();
+            let trainers: Vec<String> = tasks
+                .iter()
+                .filter(|t| t.is_data_consumer && t.group_association["param-channel"] == group)
+                .map(|t| format!("upload:{}:param-channel", t.task_id))
+                .collect();
+            assert_eq!(trainers.len(), if group == "west" { 2 } else { 3 });
+            assert_eq!(after(&p, &format!("aggregate:{mid}:param-channel")), trainers.as_slice(), "{group}");
+            assert_eq!(after(&p, &format!("upload:{mid}:global-channel")), [format!("aggregate:{mid}:param-channel")]);
+            assert_eq!(after(&p, &format!("distribute:{mid}:param-channel")), [format!("fetch:{mid}:global-channel")]);
+        }
         assert_eq!(after(&p, "aggregate:top-aggregator-0:global-channel").len(), 2);
         assert_eq!(p.steps.last().map(|s| s.id.as_str()), Some("aggregate:top-aggregator-0:global-channel"));
     }
 
     #[test]
     fn trees_for_two_tier_and_hierarchical_jobs() {
-        let (_d, def, tasks) = fixture("mnist");
+        let (def, tasks) = fixture("two-tier");
         let up = tree(&def, &tasks).expect("two-tier").uplinks;
-        assert_eq!(up.len(), 1);
-        assert_eq!(up.values().next().map(String::as_str), tasks.iter().find(|t| !t.is_data_consumer).map(|t| t.task_id.as_str()));
+        assert_eq!(up.len(), 3, "every trainer has the aggregator as parent");
+        assert!(up.values().all(|p| p == "aggregator-0"));
 
-        let (_d, def, tasks) = fixture("hier_mnist");
+        let (def, tasks) = fixture("hierarchical");
         let up = tree(&def, &tasks).expect("hierarchical").uplinks;
         let role = |id: &str| tasks.iter().find(|t| t.task_id == id).map(|t| t.role.as_str()).expect("task");
         assert_eq!(up.len(), tasks.len() - 1, "everyone but the top aggregator has a parent");
@@ -660,7 +674,7 @@ mod tests {
 
     #[test]
     fn rings_reduce_on_their_leader_and_hybrid_rings_report_to_the_aggregator() {
-        let (_d, def, tasks) = fixture("distributed_training");
+        let (def, tasks) = fixture("ring");
         let t = tree(&def, &tasks).expect("ring");
         assert_eq!(t.reducers.len(), 1, "one ring");
         let ring = &t.reducers[0];
@@ -668,21 +682,29 @@ mod tests {
         assert!(tasks.iter().all(|m| t.uplinks[&m.task_id] == ring.task_id));
         assert!(!t.uplinks.contains_key(&ring.task_id), "without an aggregator the ring's mean is the global model");
 
-        let (_d, def, tasks) = fixture("hybrid");
+        let (def, tasks) = fixture("hybrid");
         let t = tree(&def, &tasks).expect("hybrid");
-        assert_eq!(t.reducers.len(), 2, "a ring per group (eu, us)");
+        assert_eq!(t.reducers.len(), 2, "a ring per group (north, south)");
         let aggregator = tasks.iter().find(|t| !t.is_data_consumer).expect("aggregator");
+        let mut sizes = vec![];
         for r in &t.reducers {
             assert_eq!(t.uplinks[&r.task_id], aggregator.task_id, "{} reports to the aggregator", r.task_id);
             let members: Vec<&String> = t.uplinks.iter().filter(|(_, p)| **p == r.task_id).map(|(c, _)| c).collect();
-            assert_eq!(members.len(), 2, "{}: {members:?}", r.task_id);
+            let groups: BTreeSet<&String> = members
+                .iter()
+                .map(|m| &tasks.iter().find(|t| &&t.task_id == m).expect("member").group_association["ring-channel"])
+                .collect();
+            assert_eq!(groups.len(), 1, "{}: one ring group: {members:?}", r.task_id);
+            sizes.push(members.len());
             assert_eq!(r.colocate.as_ref(), members.into_iter().min());
         }
+        sizes.sort();
+        assert_eq!(sizes, [2, 3], "north has two members, south three");
     }
 
     #[test]
     fn ring_all_reduce_has_no_aggregator() {
-        let (_d, def, tasks) = fixture("distributed_training");
+        let (def, tasks) = fixture("ring");
         let p = plan(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         assert!(ids(&p, StepKind::Aggregate).is_empty() && ids(&p, StepKind::Upload).is_empty());
@@ -695,51 +717,57 @@ mod tests {
 
     #[test]
     fn hybrid_rings_then_one_member_per_group_uploads() {
-        let (_d, def, tasks) = fixture("hybrid");
+        let (def, tasks) = fixture("hybrid");
         let p = plan(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
-        assert_eq!(ids(&p, StepKind::RingAllreduce).len(), 4);
+        assert_eq!(ids(&p, StepKind::RingAllreduce).len(), 5);
         let mut uploads = ids(&p, StepKind::Upload);
         uploads.sort();
         assert_eq!(uploads.len(), 2, "one upload per ring group: {uploads:?}");
         for u in &uploads {
             let task = u.split(':').nth(1).expect("task");
-            assert_eq!(after(&p, u), [format!("ring_allreduce:{task}:param-channel")]);
+            assert_eq!(after(&p, u), [format!("ring_allreduce:{task}:ring-channel")]);
         }
-        assert_eq!(after(&p, "aggregate:aggregator-0:global-channel"), uploads.as_slice());
+        let mut inputs = after(&p, "aggregate:aggregator-0:global-channel").to_vec();
+        inputs.sort();
+        assert_eq!(inputs, uploads);
     }
 
     #[test]
     fn fedbuff_is_a_rolling_plan() {
-        let (_d, def, tasks) = fixture("asyncfl_hier_mnist");
+        let (def, tasks) = fixture("async-hierarchical");
         let p = plan(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
-        assert_eq!(p.mode, Mode::Async { agg_goal: 1, concurrency: 2 });
+        assert_eq!(p.mode, Mode::Async { agg_goal: 2, concurrency: 3 });
     }
 
     #[test]
     fn parallel_experiments_stay_separate() {
-        let (_d, mut def, _) = fixture("medmnist");
         // Two groups on one channel, an aggregator for each: two independent models.
-        def.design.channels[0].group_by.as_mut().expect("groupBy").value = vec!["us".into(), "eu".into()];
-        def.design.roles[0].group_association =
-            vec![[("param-channel".to_string(), "us".to_string())].into(), [("param-channel".to_string(), "eu".to_string())].into()];
-        def.design.roles[1].group_association = def.design.roles[0].group_association.clone();
-        let refs = def.data_spec[0].dataset_groups["us"].clone();
-        def.data_spec[0].dataset_groups = [("us".to_string(), refs[..4].to_vec()), ("eu".to_string(), refs[4..].to_vec())].into();
-        assert_eq!(def.check(), vec![]);
-        let tasks = crate::planner::expand(&def).expect("expand");
+        let (def, tasks) = fixture("parallel");
         let p = plan(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         let aggs = ids(&p, StepKind::Aggregate);
         assert_eq!(aggs.len(), 2);
-        assert_eq!(after(&p, &aggs[0]).len() + after(&p, &aggs[1]).len(), 10);
-        assert!(after(&p, &aggs[0]).iter().all(|u| !after(&p, &aggs[1]).contains(u)));
+        for a in &aggs {
+            let agg = tasks.iter().find(|t| a == &format!("aggregate:{}:param-channel", t.task_id)).expect("aggregator");
+            let lab = &agg.group_association["param-channel"];
+            let mut want: Vec<String> = tasks
+                .iter()
+                .filter(|t| t.is_data_consumer && &t.group_association["param-channel"] == lab)
+                .map(|t| format!("upload:{}:param-channel", t.task_id))
+                .collect();
+            want.sort();
+            let mut got = after(&p, a).to_vec();
+            got.sort();
+            assert_eq!(got, want, "{a} aggregates {lab}'s trainers only");
+        }
+        assert_eq!(after(&p, &aggs[0]).len() + after(&p, &aggs[1]).len(), 5);
     }
 
     #[test]
     fn oort_over_commits_and_closes_at_its_quorum() {
-        let (_d, mut def, tasks) = fixture("medmnist");
+        let (mut def, tasks) = fixture("two-tier-ten");
         def.model_spec.selector = Some(crate::definition::Sort {
             sort: "oort".into(),
             kwargs: [("aggr_num".to_string(), serde_json::json!(4))].into_iter().collect(),
@@ -753,7 +781,7 @@ mod tests {
 
     #[test]
     fn plans_are_deterministic_and_selection_varies_by_round() {
-        let (_d, mut def, tasks) = fixture("medmnist");
+        let (mut def, tasks) = fixture("two-tier-ten");
         def.model_spec.selector = Some(crate::definition::Sort {
             sort: "random".into(),
             kwargs: [("k".to_string(), serde_json::json!(3))].into_iter().collect(),
@@ -766,12 +794,12 @@ mod tests {
 
     #[test]
     fn dot_output_names_every_step_and_edge() {
-        let (_d, def, tasks) = fixture("mnist");
+        let (def, tasks) = fixture("two-tier");
         let p = plan(&def, &tasks, 1).expect("plan");
         let dot = p.to_dot();
         assert!(dot.starts_with("digraph plan {"));
         assert_eq!(dot.matches(" -> ").count(), p.steps.iter().map(|s| s.after.len()).sum::<usize>());
-        assert!(dot.contains("\"train:trainer-0\""));
+        assert!(dot.contains(&format!("\"train:{}\"", p.selected[0])));
     }
 }
 
@@ -895,59 +923,14 @@ mod properties {
 
 #[cfg(test)]
 mod coordinated {
-    use std::collections::BTreeMap;
-
-    use serde_json::json;
-
     use super::*;
-    use crate::definition::{DataSpecEntry, Dataset, Design, JobFile, ModelSpec};
-
-    /// Flame's coordinated hierarchical layout: a coordinator talks to every
-    /// tier and decides each round which middle aggregator serves which trainers.
-    fn coordinated() -> JobDefinition {
-        let design = json!({
-            "name": "coordinated",
-            "roles": [
-                {"name": "trainer", "isDataConsumer": true, "groupAssociation": [{"param-channel": "default", "trainer-coord-channel": "default"}]},
-                {"name": "middle-aggregator", "replica": 2, "groupAssociation": [{"param-channel": "default", "global-channel": "default", "middle-agg-coord-channel": "default"}]},
-                {"name": "top-aggregator", "replica": 1, "groupAssociation": [{"global-channel": "default", "top-agg-coord-channel": "default"}]},
-                {"name": "coordinator", "replica": 1, "groupAssociation": [{"trainer-coord-channel": "default", "middle-agg-coord-channel": "default", "top-agg-coord-channel": "default"}]}
-            ],
-            "channels": [
-                {"name": "param-channel", "pair": ["trainer", "middle-aggregator"], "groupBy": {"type": "tag", "value": ["default"]},
-                 "funcTags": {"trainer": ["fetch", "upload"], "middle-aggregator": ["distribute", "aggregate"]}},
-                {"name": "global-channel", "pair": ["top-aggregator", "middle-aggregator"], "groupBy": {"type": "tag", "value": ["default"]},
-                 "funcTags": {"top-aggregator": ["distribute", "aggregate"], "middle-aggregator": ["fetch", "upload"]}},
-                {"name": "trainer-coord-channel", "pair": ["trainer", "coordinator"], "groupBy": {"type": "tag", "value": ["default"]},
-                 "funcTags": {"coordinator": ["coordinate"], "trainer": ["getAggregator"]}},
-                {"name": "middle-agg-coord-channel", "pair": ["middle-aggregator", "coordinator"], "groupBy": {"type": "tag", "value": ["default"]},
-                 "funcTags": {"coordinator": ["coordinate"], "middle-aggregator": ["getTrainers"]}},
-                {"name": "top-agg-coord-channel", "pair": ["top-aggregator", "coordinator"], "groupBy": {"type": "tag", "value": ["default"]},
-                 "funcTags": {"coordinator": ["coordinate"], "top-aggregator": ["getCoordinatorInfo"]}}
-            ]
-        });
-        let refs: Vec<String> = (0..4).map(|i| format!("d{i}.json")).collect();
-        let datasets: BTreeMap<String, Dataset> =
-            refs.iter().map(|r| (r.clone(), Dataset::new(r.clone(), format!("file:{r}.csv")))).collect();
-        JobDefinition {
-            folder: "mem".into(),
-            job: serde_json::from_value::<JobFile>(json!({"designId": "c"})).expect("job"),
-            design: serde_json::from_value::<Design>(design).expect("design"),
-            data_spec: vec![DataSpecEntry {
-                role: "trainer".into(),
-                dataset_groups: [("default".to_string(), refs)].into(),
-                extra: Default::default(),
-            }],
-            model_spec: serde_json::from_value::<ModelSpec>(json!({"hyperparameters": {"rounds": 2}})).expect("model"),
-            datasets,
-        }
-    }
+    use crate::testing::fixture;
 
     #[test]
     fn the_coordinator_decides_first_and_aggregates_are_dynamic() {
-        let def = coordinated();
-        assert_eq!(def.check(), vec![]);
-        let tasks = crate::planner::expand(&def).expect("expand");
+        // Flame's coordinated hierarchical layout: a coordinator talks to every
+        // tier and decides each round which middle aggregator serves which trainers.
+        let (def, tasks) = fixture("coordinated");
         assert_eq!(tasks.iter().filter(|t| t.role == "middle-aggregator").count(), 2);
         let t = tree(&def, &tasks).expect("coordinated");
         assert_eq!(t.coordinator.as_deref(), Some("coordinator-0"));

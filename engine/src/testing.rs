@@ -189,9 +189,48 @@ pub fn trained(round: u32, task: &str) -> ReportBody {
     ReportBody::Trained { digest: format!("u{round}{task}"), samples: 10, metrics: Metrics::new(), state: None }
 }
 
-/// Flame's example fixtures beside the repository (`../shared/flame-examples`).
+/// The repository's own topology fixtures (`engine/fixtures/<name>/`): a job
+/// folder per topology with the tasks it must expand to (`expected-tasks.json`).
 pub fn fixtures() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/flame-examples")
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Every topology the repository keeps a fixture for; a test checks that the
+/// folder holds exactly these.
+pub const TOPOLOGIES: &[&str] =
+    &["two-tier", "two-tier-ten", "hierarchical", "parallel", "ring", "hybrid", "coordinated", "async-hierarchical"];
+
+/// Where Flame's own example fixtures are, when they are there: the folder
+/// named by `FLAME_EXAMPLES`, else `../shared/flame-examples` beside the
+/// repository (as in CI). `FLAME_EXAMPLES=` (empty) runs the tests as a fresh
+/// clone would, without them. `Err` says why the comparison with Flame cannot
+/// run. Naming a folder that does not exist is an error, so that CI cannot
+/// silently stop comparing.
+pub fn flame_examples() -> Result<std::path::PathBuf, String> {
+    match std::env::var_os("FLAME_EXAMPLES") {
+        Some(dir) if dir.is_empty() => Err("FLAME_EXAMPLES is empty (the tests run as in a fresh clone)".into()),
+        Some(dir) => {
+            let dir = std::path::PathBuf::from(dir);
+            assert!(dir.is_dir(), "FLAME_EXAMPLES={} is not a folder", dir.display());
+            Ok(dir)
+        }
+        None => {
+            let repository = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the engine crate is in the repository");
+            let beside = repository.parent().unwrap_or(repository).join("shared/flame-examples");
+            if beside.is_dir() {
+                Ok(beside)
+            } else {
+                Err(format!("{} is not there (it is beside the repository in CI, not in a clone)", beside.display()))
+            }
+        }
+    }
+}
+
+/// Says, on the test run's own standard error (not captured by the test
+/// harness), that a check was skipped and why.
+pub fn skipped(check: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {check}: {why}");
 }
 
 /// Reads a JSON file, panicking with its path.
@@ -220,10 +259,10 @@ pub fn folder_form(dir: &std::path::Path) -> tempfile::TempDir {
     tmp
 }
 
-/// A fixture loaded in folder form, with its tasks.
-pub fn fixture(name: &str) -> (tempfile::TempDir, crate::JobDefinition, Vec<TaskSpec>) {
-    let dir = folder_form(&fixtures().join(name));
-    let def = crate::JobDefinition::load(dir.path()).unwrap_or_else(|p| panic!("{name}: {p}"));
+/// One of the repository's topology fixtures, loaded, with its tasks.
+pub fn fixture(name: &str) -> (crate::JobDefinition, Vec<TaskSpec>) {
+    let dir = fixtures().join(name);
+    let def = crate::JobDefinition::load(&dir).unwrap_or_else(|p| panic!("{name}: {p}"));
     let tasks = crate::planner::expand(&def).unwrap_or_else(|p| panic!("{name}: {p}"));
-    (dir, def, tasks)
+    (def, tasks)
 }

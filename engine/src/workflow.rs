@@ -162,12 +162,12 @@ fn relocate(mut p: Problem, file: &str, def: &JobDefinition) -> Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::fixture;
+    use crate::testing::{TOPOLOGIES, fixture};
 
     #[test]
     fn folder_to_file_to_folder_round_trips() {
-        for name in ["mnist", "hier_mnist", "hybrid", "distributed_training", "asyncfl_hier_mnist", "medmnist"] {
-            let (_d, def, tasks) = fixture(name);
+        for name in TOPOLOGIES {
+            let (def, tasks) = fixture(name);
             let wf = Workflow::from_definition(&def);
             let dir = tempfile::tempdir().expect("tempdir");
             let file = dir.path().join("wf.json");
@@ -183,17 +183,17 @@ mod tests {
 
     #[test]
     fn problems_point_into_the_single_file() {
-        let (_d, def, _) = fixture("mnist");
+        let (def, _) = fixture("two-tier");
         let mut wf = Workflow::from_definition(&def);
         wf.design.channels[0].pair[1] = "nobody".into();
-        wf.data_spec[0].dataset_groups.get_mut("us").expect("us").push("missing.json".into());
+        wf.data_spec[0].dataset_groups.get_mut("default").expect("default").push("missing.json".into());
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("wf.json");
         std::fs::write(&file, serde_json::to_string(&wf).expect("json")).expect("write");
         let err = Workflow::load(&file).expect_err("invalid");
         let paths: Vec<String> = err.0.iter().map(|p| p.path.replace(&file.display().to_string(), "wf.json")).collect();
         assert!(paths.contains(&"wf.json#/design/channels/0/pair/1".to_string()), "{paths:?}");
-        assert!(paths.contains(&"wf.json#/dataSpec/0/datasetGroups/us/1".to_string()), "{paths:?}");
+        assert!(paths.contains(&"wf.json#/dataSpec/0/datasetGroups/default/3".to_string()), "{paths:?}");
     }
 
     #[test]
