@@ -4,6 +4,7 @@
 #   scripts/bench.sh rounds    engine overhead per round, 100 and 1,000 simulated workers on NATS
 #   scripts/bench.sh flower    FedAvg vs Flower's numpy FedAvg and a memory-bandwidth baseline (flwr in .deps/flower)
 #   scripts/bench.sh drift     FedAvg vs SCAFFOLD vs FedDyn on label-skewed digits (scripts/drift.sh)
+#   scripts/bench.sh kernels   training time and result, native vs portable CPU kernels (5 runs each, alternating)
 #   scripts/bench.sh worker-rss  idle resident memory of flame-worker, full and aggregator-only (no libtorch) release builds
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,5 +27,24 @@ case "${1:-store}" in
     cargo build -q --release -p flame-workers --bin flame-worker
     bash scripts/services.sh run bash scripts/worker-rss.sh ;;
   drift) bash scripts/drift.sh ;;
-  *) echo "usage: $0 store|rounds|flower|drift|worker-rss" >&2; exit 2 ;;
+  kernels)
+    cargo build -q --release -p flame-workers --bench kernels
+    bench=$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -n 1)
+    for i in 1 2 3 4 5; do
+      for k in native portable; do FLAME_KERNELS=$k "$bench"; done
+    done | tee target/bench-kernels.txt
+    python3 - target/bench-kernels.txt <<'PY'
+import re, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    f = dict(kv.split("=", 1) for kv in line.split())
+    runs.setdefault((f["model"], f["kernels"]), []).append((float(f["seconds"]), f["digest"]))
+for model in sorted({m for m, _ in runs}):
+    n, p = runs[(model, "native")], runs[(model, "portable")]
+    mn, mp = statistics.median(s for s, _ in n), statistics.median(s for s, _ in p)
+    same = lambda r: len({d for _, d in r}) == 1
+    print(f"{model}: native {mn:.3f} s, portable {mp:.3f} s (x{mp / mn:.2f}); digests stable across runs: native {same(n)}, portable {same(p)}")
+PY
+    ;;
+  *) echo "usage: $0 store|rounds|flower|drift|kernels|worker-rss" >&2; exit 2 ;;
 esac

@@ -17,6 +17,7 @@ use flame_events::job;
 use flame_events::protocol::WorkerInfo;
 use flame_events::transport::InProcess;
 use flame_workers::blob::LocalBlobs;
+use flame_workers::kernels::Kernels;
 use flame_workers::{Worker, model};
 
 mod inspect;
@@ -60,6 +61,11 @@ enum Cmd {
         /// Folder for the event store and model blobs.
         #[arg(long, default_value = ".flame")]
         data_dir: PathBuf,
+        /// CPU kernels to train with: `native` (fastest; the last bits of the
+        /// models differ between CPU models) or `portable` (the same bits on
+        /// every x86-64 CPU, slower).
+        #[arg(long, value_enum, env = "FLAME_KERNELS", default_value = "native")]
+        kernels: Kernels,
     },
     /// Check a job folder and show the tasks it expands to.
     Validate {
@@ -264,6 +270,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Cmd::Run { kernels, .. } = &cli.command
+        && let Err(e) = kernels.select()
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -283,7 +295,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { folder, output, data_dir } => run(&folder, output, &data_dir).await,
+        Cmd::Run { folder, output, data_dir, kernels: _ } => run(&folder, output, &data_dir).await,
         Cmd::Validate { folder, output } => validate(&folder, output),
         Cmd::Plan { folder, output, round } => show_plan(&folder, output, round),
         Cmd::Convert { from, to } => convert(&from, &to),
@@ -483,6 +495,7 @@ fn print_summary(
                     "events": events.len(),
                     "rounds": rounds,
                     "elapsed_s": elapsed.as_secs_f64(),
+                    "kernels": Kernels::current().name(),
                 })
             )?;
         }
@@ -501,7 +514,7 @@ fn print_summary(
             if let Some(acc) = job.metrics.get("accuracy") {
                 outln!("final test accuracy: {acc:.4}")?;
             }
-            outln!("final model: sha256:{}", job.global_model.clone().unwrap_or_default())?;
+            outln!("final model: sha256:{} ({} kernels)", job.global_model.clone().unwrap_or_default(), Kernels::current().name())?;
             outln!("events: {} in {store} (flamectl events {} --store {store})", events.len(), job.job_id)?;
             outln!("time: {:.1} s", elapsed.as_secs_f64())?;
         }

@@ -44,6 +44,34 @@ fn digits_job_completes_and_its_events_are_listed() {
     assert_eq!(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)), digest);
 }
 
+/// The digits examples' final models with portable kernels: the same on every
+/// x86-64 CPU (README, "Reproducibility"; `scripts/cpu-models.sh` runs the
+/// examples under emulated CPU models). A change to training, data, seeding or
+/// aggregation that changes results on purpose changes these: say so in the
+/// commit, with the new digests.
+const PORTABLE_DIGESTS: [(&str, &str); 2] = [
+    ("examples/digits-two-tier", "24d8314b94e65173ac8f4356ad2a525cd7cfbfb53f54ec9f061680f9347e25e5"),
+    ("examples/digits-cnn", "0de60b9b06397684e205abecacb7218461626169be897f5fdc211cdf3bb82a8a"),
+];
+
+#[test]
+fn portable_kernels_end_at_the_pinned_models_and_native_runs_repeat() {
+    let final_model = |job: &str, kernels: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = flamectl(&["run", job, "-o", "json", "--kernels", kernels, "--data-dir", dir.path().to_str().expect("utf8")]);
+        assert!(out.status.success(), "flamectl run {job} --kernels {kernels}: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+        assert_eq!(summary["kernels"], kernels, "{job}");
+        summary["final_model"].as_str().expect("final model").to_string()
+    };
+    for (job, pinned) in PORTABLE_DIGESTS {
+        assert_eq!(final_model(job, "portable"), pinned, "{job} with portable kernels");
+    }
+    // Native kernels: the fastest for this CPU, the same bits run after run here.
+    let native = final_model("examples/digits-two-tier", "native");
+    assert_eq!(final_model("examples/digits-two-tier", "native"), native);
+}
+
 /// Runs a job folder with `flamectl run -o json` (data under `data`), checks
 /// that it completed, and returns its summary and its events.
 fn run_completed(job: &str, data: &str) -> (Value, Vec<Value>) {

@@ -8,6 +8,7 @@ pub mod coordinate;
 pub mod data;
 pub mod fedavg;
 pub mod fedbuff;
+pub mod kernels;
 pub mod model;
 pub mod optimizers;
 pub mod partition;

@@ -67,7 +67,7 @@ impl Worker {
                 }
             })
         };
-        tracing::info!(worker = %self.info.id, roles = ?self.info.roles, "worker ready");
+        tracing::info!(worker = %self.info.id, roles = ?self.info.roles, kernels = crate::kernels::Kernels::current().name(), "worker ready");
         tokio::pin!(shutdown);
         let mut running: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
         let finished = |done: Option<Result<anyhow::Result<()>, tokio::task::JoinError>>| match done {

@@ -8,6 +8,7 @@ use clap::Parser;
 use flame_events::protocol::WorkerInfo;
 use flame_events::transport::Nats;
 use flame_workers::blob::NatsBlobs;
+use flame_workers::kernels::Kernels;
 use flame_workers::{Worker, model};
 
 const DEFAULT_ROLES: &str = if model::CAN_TRAIN { "trainer,aggregator" } else { "aggregator" };
@@ -37,15 +38,25 @@ struct Args {
     /// Commands run at once (each acked only after its report is sent).
     #[arg(long, default_value_t = flame_workers::runtime::DEFAULT_CONCURRENCY)]
     concurrency: usize,
+    /// CPU kernels to train with: `native` (fastest; the last bits of the
+    /// models differ between CPU models) or `portable` (the same bits on
+    /// every x86-64 CPU, slower).
+    #[arg(long, value_enum, env = "FLAME_KERNELS", default_value = "native")]
+    kernels: Kernels,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // First: portable kernels may start this program again with their settings.
+    args.kernels.select()?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    tokio::runtime::Runtime::new().context("starting the async runtime")?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     if !model::CAN_TRAIN && args.roles.iter().any(|r| r == "trainer") {
         anyhow::bail!(
             "this flame-worker was built without the training backend (cargo feature `tch`): it can only be an aggregator, not {:?}; use a full build to train",
