@@ -5,6 +5,7 @@ mod distributed;
 mod embedded;
 mod inspect;
 mod lifecycle;
+mod logs;
 mod relay;
 mod store_contract;
 mod util;
