@@ -387,7 +387,15 @@ fn show_plan(folder: &Path, output: PlanOutput, round: u32) -> anyhow::Result<Ex
             return Ok(ExitCode::from(2));
         }
     };
-    let plan = plan::plan(&def, &tasks, round.max(1))?;
+    let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
+    let selection = match flame_engine::compile::algorithms(&def, trainers) {
+        Ok(a) => a.selection,
+        Err(problems) => {
+            eprintln!("error: {}", flame_engine::definition::Problems(problems));
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let plan = plan::plan(&def, &tasks, selection, flame_engine::compile::seed(&def), round.max(1))?;
     match output {
         PlanOutput::Json => outln!("{}", json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>(), "plan": plan}))?,
         PlanOutput::Dot => write!(std::io::stdout().lock(), "{}", plan.to_dot())?,

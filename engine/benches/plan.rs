@@ -67,7 +67,7 @@ fn main() {
         let t1 = Instant::now();
         let tasks = planner::expand(&def).expect("expand");
         let t2 = Instant::now();
-        let p = plan::plan(&def, &tasks, 1).expect("plan");
+        let p = plan::plan(&def, &tasks, flame_events::algorithm::Selection::All, 0, 1).expect("plan");
         let t3 = Instant::now();
         steps = p.steps.len();
         tasks_n = tasks.len();

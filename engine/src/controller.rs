@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use flame_events::algorithm::ServerOptimizer;
 use flame_events::job::TaskSpec;
 use flame_events::protocol::{self, Command, CommandBody, WorkerInfo};
 
@@ -160,7 +161,8 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
                 model: spec.model.clone(),
                 global_model: d.model.clone(),
                 dataset: task.dataset.clone().unwrap_or_default(),
-                hyperparameters: spec.hyperparameters.clone(),
+                training: spec.training,
+                objective: spec.optimizer.objective(),
                 seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(d.round)),
                 client_state: job.client_states.get(t).cloned(),
                 server_state: None,
@@ -174,11 +176,12 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
                 model: spec.model.clone(),
                 global_model: global_model.clone(),
                 dataset: t.dataset.clone().unwrap_or_default(),
-                hyperparameters: spec.hyperparameters.clone(),
+                training: spec.training,
+                objective: spec.optimizer.objective(),
                 seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
                 client_state: job.client_states.get(&t.task_id).cloned(),
                 // SCAFFOLD's trainers correct their gradients with the server's control variate.
-                server_state: if spec.optimizer == "scaffold" { job.optimizer_state.clone() } else { None },
+                server_state: if spec.optimizer.trainers_need_server_state() { job.optimizer_state.clone() } else { None },
             };
             Some(Action::Send {
                 worker_id: worker.clone(),
@@ -207,8 +210,8 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
         let top = a.task_id == aggregator.task_id;
         let body = CommandBody::Aggregate {
             model: spec.model.clone(),
-            optimizer: if top { spec.optimizer.clone() } else { "fedavg".into() },
-            optimizer_kwargs: if top { spec.optimizer_kwargs.clone() } else { Default::default() },
+            optimizer: if top { spec.optimizer } else { ServerOptimizer::FedAvg },
+            trainers: u32::try_from(job.trainers().count()).unwrap_or(u32::MAX),
             optimizer_state: if top { job.optimizer_state.clone() } else { None },
             global_model: global_model.clone(),
             updates: job.updates_for(&a.task_id),
@@ -222,6 +225,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
 
 #[cfg(test)]
 mod tests {
+    use flame_events::algorithm::Selection;
     use flame_events::job::JobEvent;
     use flame_events::protocol::CommandBody;
 
@@ -389,7 +393,7 @@ mod tests {
             .find_map(|a| match a {
                 Action::Send { worker_id, command } if worker_id == worker => match &command.body {
                     CommandBody::Aggregate { optimizer, updates, eval_dataset, .. } => {
-                        Some((optimizer.as_str(), updates, eval_dataset.is_some()))
+                        Some((optimizer.name(), updates, eval_dataset.is_some()))
                     }
                     _ => None,
                 },
@@ -479,9 +483,8 @@ mod tests {
 
     fn fedbuff(goal: u32, concurrency: u32) -> History {
         History::created_with(3, |s| {
-            s.optimizer = "fedbuff".into();
-            s.agg_goal = Some(goal);
-            s.concurrency = Some(concurrency);
+            s.optimizer = ServerOptimizer::FedBuff { eta: 1.0 };
+            s.selection = Selection::Buffered { goal, concurrency: Some(concurrency) };
         })
         .started()
         .initialized()
@@ -576,7 +579,7 @@ mod tests {
     fn oort_closes_the_round_at_aggr_num_and_learns_from_updates() {
         use crate::testing::{report, trained};
         use flame_events::protocol::ReportBody;
-        let h = History::created_with(2, |s| s.oort = Some(1)).started().initialized();
+        let h = History::created_with(2, |s| s.selection = Selection::Oort { aggr_num: 1 }).started().initialized();
         let h = handle(h, JobCommand::StartRound { now_ms: 0 });
         assert!(
             matches!(&h.events[h.events.len() - 2], JobEvent::RoundStarted { selected, .. } if selected.len() == 2),

@@ -9,12 +9,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Optimizers a job may name (Flame's `optimizer.sort`).
-pub const OPTIMIZERS: &[&str] =
-    &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "feddyn", "scaffold", "median", "trimmed_mean", "krum"];
-/// Selectors a job may name (Flame's `selector.sort`).
-pub const SELECTORS: &[&str] = &["default", "random", "fedbuff", "oort"];
-
 /// Fields nobody here knows about, kept as they were.
 pub type Extra = BTreeMap<String, Value>;
 
@@ -363,11 +357,6 @@ impl JobDefinition {
         } else {
             self.design.name.clone()
         }
-    }
-
-    /// The optimizer's name, lower case; FedAvg when none is given, as in Flame.
-    pub fn optimizer(&self) -> String {
-        self.model_spec.optimizer.as_ref().map(|o| o.sort.to_ascii_lowercase()).filter(|s| !s.is_empty()).unwrap_or_else(|| "fedavg".into())
     }
 
     /// A hyperparameter as an unsigned number.

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use flame_events::algorithm::{Selection, over_commit};
 use flame_events::job::{JobEvent, Metrics, RunSpec, TaskSpec};
 use flame_events::protocol::{Report, ReportBody, UpdateRef};
 
@@ -532,11 +533,26 @@ impl Job {
 
     /// Whether trainers keep a state between rounds (SCAFFOLD, FedDyn).
     pub fn keeps_client_state(&self) -> bool {
-        self.spec.as_ref().is_some_and(|s| matches!(s.optimizer.as_str(), "scaffold" | "feddyn"))
+        self.spec.as_ref().is_some_and(|s| s.optimizer.keeps_client_state())
+    }
+
+    /// Which trainers take part in a round.
+    pub fn selection(&self) -> Selection {
+        self.spec.as_ref().map(|s| s.selection).unwrap_or_default()
     }
 
     fn agg_goal(&self) -> Option<usize> {
-        self.spec.as_ref().and_then(|s| s.agg_goal).map(|g| (g as usize).max(1))
+        match self.selection() {
+            Selection::Buffered { goal, .. } => Some((goal as usize).max(1)),
+            _ => None,
+        }
+    }
+
+    fn oort(&self) -> Option<usize> {
+        match self.selection() {
+            Selection::Oort { aggr_num } => Some(aggr_num as usize),
+            _ => None,
+        }
     }
 
     /// Trainers that still have a worker.
@@ -561,17 +577,20 @@ impl Job {
         let seed = self.spec.as_ref().map_or(0, |s| s.seed);
         if self.is_async() {
             // FedBuff: keep `concurrency` trainers busy; idle ones are picked at random.
-            let c = self.spec.as_ref().and_then(|s| s.concurrency).map_or(usize::MAX, |c| c as usize);
+            let c = match self.selection() {
+                Selection::Buffered { concurrency: Some(c), .. } => c as usize,
+                _ => usize::MAX,
+            };
             let idle: Vec<String> =
                 self.active_trainers().filter(|t| !self.in_flight.contains_key(&t.task_id)).map(|t| t.task_id.clone()).collect();
             let busy = self.in_flight.keys().filter(|t| !self.orphaned.contains(*t)).count();
-            return crate::plan::choose(&idle, c.saturating_sub(busy).min(idle.len()), seed, round, "fedbuff");
+            return crate::plan::choose(&idle, c.saturating_sub(busy).min(idle.len()), seed, round, self.selection().name());
         }
-        if let Some(aggr_num) = self.spec.as_ref().and_then(|s| s.oort) {
+        if let Some(aggr_num) = self.oort() {
             let candidates: Vec<String> = self.active_trainers().map(|t| t.task_id.clone()).collect();
-            return crate::oort::select(&candidates, &self.oort, crate::oort::over_commit(aggr_num as usize), seed, round);
+            return crate::oort::select(&candidates, &self.oort, over_commit(aggr_num), seed, round);
         }
-        let Some(k) = self.spec.as_ref().and_then(|s| s.select) else { return Vec::new() };
+        let Selection::Random { k } = self.selection() else { return Vec::new() };
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for t in self.active_trainers() {
             let key = t.group_association.iter().map(|(c, g)| format!("{c}/{g}")).collect::<Vec<_>>().join(",");
@@ -592,7 +611,7 @@ impl Job {
         }
         let all = if self.selected.is_empty() { self.trainers().count() } else { self.selected.len() };
         // Oort closes a round at aggr_num updates of the over-committed selection.
-        let all = self.spec.as_ref().and_then(|s| s.oort).map_or(all, |n| (n as usize).min(all));
+        let all = self.oort().map_or(all, |n| n.min(all));
         self.spec.as_ref().and_then(|s| s.quorum).map_or(all, |q| (q as usize).clamp(1, all.max(1)))
     }
 
@@ -817,7 +836,7 @@ impl Job {
             ReportBody::Trained { state: None, .. } if self.keeps_client_state() => Err(Rejection::Unexpected(format!(
                 "task '{}' sent no client state with its update; {} needs one",
                 r.task_id,
-                self.spec.as_ref().map_or("", |s| s.optimizer.as_str())
+                self.spec.as_ref().map_or("", |s| s.optimizer.name())
             ))),
             ReportBody::Trained { digest, samples, metrics, state } if self.is_async() => {
                 let Some(d) = self.in_flight.get(&r.task_id) else {
@@ -876,8 +895,8 @@ impl Job {
                     client_state: state,
                 }];
                 // Oort: the aggr_num-th update closes the round; the over-committed rest are stragglers.
-                if let Some(n) = self.spec.as_ref().and_then(|s| s.oort)
-                    && self.updates.len() + 1 >= n as usize
+                if let Some(n) = self.oort()
+                    && self.updates.len() + 1 >= n
                 {
                     let dropped: Vec<String> = self
                         .round_trainers()
@@ -1076,7 +1095,7 @@ impl Job {
                 if self.coordinator().is_some() {
                     self.samples.insert(task_id.clone(), *samples);
                 }
-                if self.spec.as_ref().is_some_and(|s| s.oort.is_some()) {
+                if self.oort().is_some() {
                     let stats = crate::oort::Stats {
                         samples: *samples,
                         loss: metrics.get("loss").copied().unwrap_or(0.0),
@@ -1413,7 +1432,7 @@ mod tests {
 
     #[test]
     fn a_random_selector_picks_k_trainers_per_round_and_only_they_report() {
-        let base = History::created_with(6, |s| s.select = Some(1)).started().initialized();
+        let base = History::created_with(6, |s| s.selection = Selection::Random { k: 1 }).started().initialized();
         let mut picks = BTreeSet::new();
         for round in 1..=6 {
             let mut job = base.job();

@@ -2,6 +2,7 @@
 //! aggregate, the controller's decisions and the runner that carries them out.
 
 pub mod api;
+pub mod compile;
 pub mod controller;
 pub mod definition;
 pub mod job;

@@ -31,10 +31,7 @@ pub struct Stats {
     pub last_round: u32,
 }
 
-/// How many trainers a round picks to close at `aggr_num` updates.
-pub fn over_commit(aggr_num: usize) -> usize {
-    (aggr_num * 13).div_ceil(10)
-}
+pub use flame_events::algorithm::over_commit;
 
 struct Rng(u64);
 

@@ -21,6 +21,7 @@ use petgraph::algo::toposort;
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 
+use flame_events::algorithm::{Selection, over_commit};
 use flame_events::job::TaskSpec;
 
 use crate::definition::{Channel, JobDefinition};
@@ -368,15 +369,9 @@ pub fn tree(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<Tree, String> {
     Ok(Tree { uplinks: parent, reducers, coordinator, candidates })
 }
 
-/// The plan of round `round` for a job's tasks.
-pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan, Error> {
-    let h = &def.model_spec.hyperparameters;
-    let seed = def.hyper_u64("seed").unwrap_or(0);
-    let selector = def.model_spec.selector.as_ref().map(|s| (s.sort.to_ascii_lowercase(), s.kwargs.clone()));
-    let kw = |k: &str| selector.as_ref().and_then(|(_, kw)| kw.get(k)).and_then(serde_json::Value::as_u64);
-    let sort = selector.as_ref().map_or("default", |(s, _)| s.as_str());
-    let asynchronous = def.optimizer() == "fedbuff" || sort == "fedbuff" || h.contains_key("aggGoal");
-
+/// The plan of round `round` for a job's tasks (as expanded), whose trainers
+/// are picked by `selection` with the job's `seed`.
+pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], selection: Selection, seed: u64, round: u32) -> Result<Plan, Error> {
     let Links { coordinators, uppers, lowers, rings, task_ups, task_downs } = links(def, tasks);
     let by_id: BTreeMap<&str, &TaskSpec> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
 
@@ -384,7 +379,7 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
     let trainers: Vec<String> = tasks.iter().filter(|t| t.is_data_consumer).map(|t| t.task_id.clone()).collect();
     let mut selected: BTreeSet<String> = trainers.iter().cloned().collect();
     let mut quorum: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-    if matches!(sort, "random" | "oort") && !asynchronous {
+    if matches!(selection, Selection::Random { .. } | Selection::Oort { .. }) {
         selected.clear();
         for (key, members) in &lowers {
             let data: Vec<String> =
@@ -392,16 +387,17 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
             if data.is_empty() {
                 continue;
             }
-            let (take, need) = match sort {
-                "random" => {
-                    let k = (kw("k").unwrap_or(1) as usize).min(data.len());
+            let (take, need) = match selection {
+                Selection::Random { k } => {
+                    let k = (k as usize).min(data.len());
                     (k, k)
                 }
-                _ => {
+                Selection::Oort { aggr_num } => {
                     // Oort over-commits by 30% and closes the round at aggr_num updates.
-                    let need = (kw("aggr_num").unwrap_or(data.len() as u64) as usize).clamp(1, data.len());
-                    (need.saturating_mul(13).div_ceil(10).min(data.len()), need)
+                    let need = (aggr_num as usize).clamp(1, data.len());
+                    (over_commit(need).min(data.len()), need)
                 }
+                Selection::All | Selection::Buffered { .. } => (data.len(), data.len()),
             };
             selected.extend(choose(&data, take, seed, round, &format!("{}/{}", key.0, key.1)));
             quorum.insert(*key, need);
@@ -522,12 +518,11 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<Plan,
             step
         })
         .collect();
-    let mode = if asynchronous {
-        let agg_goal = def.hyper_u64("aggGoal").unwrap_or(1).max(1);
-        let concurrency = kw("c").or_else(|| def.hyper_u64("concurrency")).unwrap_or(trainers.len() as u64).max(1);
-        Mode::Async { agg_goal, concurrency }
-    } else {
-        Mode::Sync
+    let mode = match selection {
+        Selection::Buffered { goal, concurrency } => {
+            Mode::Async { agg_goal: u64::from(goal.max(1)), concurrency: concurrency.map_or(trainers.len() as u64, u64::from).max(1) }
+        }
+        _ => Mode::Sync,
     };
     Ok(Plan { round, mode, selected: selected.into_iter().collect(), steps })
 }
@@ -594,7 +589,7 @@ mod tests {
     #[test]
     fn two_tier_with_a_random_selector_trains_k_trainers() {
         let (def, tasks) = fixture("two-tier");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         assert_eq!(p.mode, Mode::Sync);
         assert_eq!(p.selected.len(), 2, "k = 2 of 3 trainers: {:?}", p.selected);
@@ -617,7 +612,7 @@ mod tests {
     #[test]
     fn two_tier_with_ten_trainers_aggregates_all_of_them() {
         let (def, tasks) = fixture("two-tier-ten");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         assert_eq!(ids(&p, StepKind::Train).len(), 10);
         assert_eq!(after(&p, "aggregate:aggregator-0:param-channel").len(), 10);
@@ -626,7 +621,7 @@ mod tests {
     #[test]
     fn hierarchical_rounds_go_through_the_middle_tier() {
         let (def, tasks) = fixture("hierarchical");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         for group in ["west", "east"] {
             let mid = tasks
@@ -705,7 +700,7 @@ mod tests {
     #[test]
     fn ring_all_reduce_has_no_aggregator() {
         let (def, tasks) = fixture("ring");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         assert!(ids(&p, StepKind::Aggregate).is_empty() && ids(&p, StepKind::Upload).is_empty());
         let rings = ids(&p, StepKind::RingAllreduce);
@@ -718,7 +713,7 @@ mod tests {
     #[test]
     fn hybrid_rings_then_one_member_per_group_uploads() {
         let (def, tasks) = fixture("hybrid");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         assert_eq!(ids(&p, StepKind::RingAllreduce).len(), 5);
         let mut uploads = ids(&p, StepKind::Upload);
@@ -736,7 +731,7 @@ mod tests {
     #[test]
     fn fedbuff_is_a_rolling_plan() {
         let (def, tasks) = fixture("async-hierarchical");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         assert_eq!(p.mode, Mode::Async { agg_goal: 2, concurrency: 3 });
     }
@@ -745,7 +740,7 @@ mod tests {
     fn parallel_experiments_stay_separate() {
         // Two groups on one channel, an aggregator for each: two independent models.
         let (def, tasks) = fixture("parallel");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         check_invariants(&p, &tasks);
         let aggs = ids(&p, StepKind::Aggregate);
         assert_eq!(aggs.len(), 2);
@@ -772,7 +767,7 @@ mod tests {
             sort: "oort".into(),
             kwargs: [("aggr_num".to_string(), serde_json::json!(4))].into_iter().collect(),
         });
-        let p = plan(&def, &tasks, 3).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 3).expect("plan");
         check_invariants(&p, &tasks);
         assert_eq!(p.selected.len(), 6, "4 plus 30% over-commit, rounded up");
         let agg = p.steps.iter().find(|s| s.kind == StepKind::Aggregate).expect("aggregate");
@@ -786,8 +781,8 @@ mod tests {
             sort: "random".into(),
             kwargs: [("k".to_string(), serde_json::json!(3))].into_iter().collect(),
         });
-        assert_eq!(plan(&def, &tasks, 1), plan(&def, &tasks, 1));
-        let picks: BTreeSet<Vec<String>> = (1..=8).map(|r| plan(&def, &tasks, r).expect("plan").selected).collect();
+        assert_eq!(crate::testing::plan_round(&def, &tasks, 1), crate::testing::plan_round(&def, &tasks, 1));
+        let picks: BTreeSet<Vec<String>> = (1..=8).map(|r| crate::testing::plan_round(&def, &tasks, r).expect("plan").selected).collect();
         assert!(picks.len() > 1, "the random selector picks differently across rounds");
         assert!(picks.iter().all(|s| s.len() == 3));
     }
@@ -795,7 +790,7 @@ mod tests {
     #[test]
     fn dot_output_names_every_step_and_edge() {
         let (def, tasks) = fixture("two-tier");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         let dot = p.to_dot();
         assert!(dot.starts_with("digraph plan {"));
         assert_eq!(dot.matches(" -> ").count(), p.steps.iter().map(|s| s.after.len()).sum::<usize>());
@@ -884,8 +879,8 @@ mod properties {
             prop_assert_eq!(def.check(), vec![]);
             let tasks = crate::planner::expand(&def).expect("expand");
             prop_assert_eq!(tasks.iter().filter(|t| t.is_data_consumer).count(), groups.iter().sum::<usize>());
-            let p = plan(&def, &tasks, round).expect("acyclic");
-            prop_assert_eq!(&p, &plan(&def, &tasks, round).expect("again"));
+            let p = crate::testing::plan_round(&def, &tasks, round).expect("acyclic");
+            prop_assert_eq!(&p, &crate::testing::plan_round(&def, &tasks, round).expect("again"));
 
             let mut seen = BTreeSet::new();
             for s in &p.steps {
@@ -938,7 +933,7 @@ mod coordinated {
         assert_eq!(t.candidates.len(), trainers.len(), "every trainer may go to either middle aggregator");
         assert!(t.candidates.values().all(|c| c == &["middle-aggregator-0", "middle-aggregator-1"]));
         assert_eq!(t.uplinks["middle-aggregator-0"], "top-aggregator-0");
-        let p = plan(&def, &tasks, 1).expect("plan");
+        let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
         assert_eq!(p.steps[0].id, "coordinate:coordinator-0");
         for s in p.steps.iter().filter(|s| s.kind == StepKind::Fetch) {
             assert!(s.after.contains(&"coordinate:coordinator-0".to_string()), "{} waits for the coordinator", s.id);

@@ -8,10 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use serde_json::json;
 
 use cqrs_es::{AggregateError, CqrsFramework};
-use flame_events::job::{RunSpec, TaskSpec};
 use flame_events::protocol::{Report, WorkerInfo};
 use flame_events::store::EventStore;
 use flame_events::transport::Transport;
@@ -20,7 +18,6 @@ use crate::controller::{Action, decide};
 use crate::definition::{JobDefinition, Problems};
 use crate::job::{Job, JobCommand, Rejection, Status};
 use crate::persist::{self, Jobs};
-use crate::planner;
 
 /// Most reports taken into one append.
 const MAX_REPORT_BATCH: usize = 1000;
@@ -89,123 +86,6 @@ pub struct Runner {
     wake: Arc<tokio::sync::Notify>,
 }
 
-/// The run settings and tasks a definition implies.
-pub fn prepare(def: &JobDefinition) -> Result<(RunSpec, Vec<TaskSpec>), Error> {
-    let tasks = planner::expand(def).map_err(Error::Invalid)?;
-    let mut tasks = tasks;
-    let tree = crate::plan::tree(def, &tasks).map_err(Error::Definition)?;
-    tasks.extend(tree.reducers);
-    let spec = run_spec(def)?;
-    if spec.agg_goal.is_some() && tasks.iter().filter(|t| !t.is_data_consumer).count() > 1 {
-        return Err(Error::Definition(
-            "asynchronous (FedBuff) jobs run two-tier for now: one aggregator and its trainers; this design has middle aggregators or rings".into(),
-        ));
-    }
-    let mut spec = RunSpec { uplinks: tree.uplinks, coordinator: tree.coordinator, candidates: tree.candidates, ..spec };
-    if def.model_spec.selector.as_ref().is_some_and(|s| s.sort.eq_ignore_ascii_case("oort")) {
-        let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
-        let aggr_num = def.model_spec.selector.as_ref().and_then(|s| s.kwargs.get("aggr_num")).and_then(serde_json::Value::as_u64);
-        spec.oort = Some(aggr_num.map_or(trainers, |n| n as usize).clamp(1, trainers.max(1)) as u32);
-    }
-    if matches!(spec.optimizer.as_str(), "scaffold" | "feddyn") {
-        // Their server steps average over every trainer of the job, not just the round's.
-        spec.optimizer_kwargs.insert("clients".into(), json!(tasks.iter().filter(|t| t.is_data_consumer).count()));
-    }
-    Ok((spec, tasks))
-}
-
-/// The run settings a definition implies.
-pub fn run_spec(def: &JobDefinition) -> Result<RunSpec, Error> {
-    let optimizer = def.optimizer();
-    if !flame_events::protocol::AGGREGATORS.contains(&optimizer.as_str()) {
-        return Err(Error::Definition(format!(
-            "{}#/optimizer/sort: optimizer '{optimizer}' is not implemented yet; use one of: {}",
-            def.job.model_spec_path,
-            flame_events::protocol::AGGREGATORS.join(", ")
-        )));
-    }
-    let h = &def.model_spec.hyperparameters;
-    let name =
-        def.model_spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(|n| n.as_str()).filter(|n| !n.is_empty()).unwrap_or("mlp");
-    // FedProx's `mu` is the trainers' business: it travels with the hyperparameters.
-    let mut hyperparameters = h.clone();
-    let optimizer_kwarg = |k: &str| def.model_spec.optimizer.as_ref().and_then(|o| o.kwargs.get(k)).cloned();
-    if optimizer == "fedprox" {
-        hyperparameters.entry("mu").or_insert(optimizer_kwarg("mu").unwrap_or(json!(0.01)));
-    }
-    // SCAFFOLD and FedDyn change the trainers' objective and keep a state per trainer.
-    if optimizer == "scaffold" || optimizer == "feddyn" {
-        hyperparameters.insert("client_optimizer".into(), json!(optimizer));
-    }
-    if optimizer == "feddyn" {
-        let alpha = optimizer_kwarg("alpha").unwrap_or(json!(0.01));
-        if alpha.as_f64().is_none_or(|a| a <= 0.0 || !a.is_finite()) {
-            return Err(Error::Definition(format!(
-                "{}#/optimizer/kwargs/alpha: FedDyn's alpha must be a number > 0, not {alpha}",
-                def.job.model_spec_path
-            )));
-        }
-        hyperparameters.insert("alpha".into(), alpha);
-    }
-    // Asynchronous aggregation (FedBuff): Flame's `aggGoal` and the fedbuff selector's `c`.
-    let sort = def.model_spec.selector.as_ref().map(|s| s.sort.to_ascii_lowercase());
-    let kwarg = |k: &str| def.model_spec.selector.as_ref().and_then(|s| s.kwargs.get(k)).and_then(serde_json::Value::as_u64);
-    let asynchronous = optimizer == "fedbuff" || sort.as_deref() == Some("fedbuff") || h.contains_key("aggGoal");
-    if asynchronous && optimizer != "fedbuff" {
-        return Err(Error::Definition(format!(
-            "{}#/optimizer/sort: an asynchronous job (fedbuff selector or aggGoal) needs optimizer 'fedbuff', not '{optimizer}'",
-            def.job.model_spec_path
-        )));
-    }
-    let (agg_goal, concurrency) = if asynchronous {
-        let goal = def.hyper_u64("aggGoal").unwrap_or(1);
-        if goal == 0 {
-            return Err(Error::Definition(format!("{}#/hyperparameters/aggGoal: must be at least 1", def.job.model_spec_path)));
-        }
-        (Some(goal as u32), kwarg("c").or_else(|| def.hyper_u64("concurrency")).map(|c| c.max(1) as u32))
-    } else {
-        (None, None)
-    };
-    // Selection at run time: Flame's `random` selector (kwarg `k`); `default` takes every trainer.
-    let select = match sort {
-        None => None,
-        Some(s) if s == "default" => None,
-        Some(s) if s == "fedbuff" => None,
-        // Oort: `oort` (aggr_num) is set below, once the trainers are known.
-        Some(s) if s == "oort" && !asynchronous => None,
-        Some(s) if s == "random" && !asynchronous => Some(kwarg("k").unwrap_or(1) as u32),
-        Some(other) => {
-            return Err(Error::Definition(format!(
-                "{}#/selector/sort: selector '{other}' is not implemented at run time yet; use default, random or fedbuff (asynchronous jobs: default or fedbuff)",
-                def.job.model_spec_path
-            )));
-        }
-    };
-    let mut model = json!({ "name": name });
-    if let Some(channels) = h.get("channels") {
-        model["channels"] = channels.clone();
-    }
-    if let Some(hidden) = h.get("hidden") {
-        model["hidden"] = hidden.clone();
-    }
-    Ok(RunSpec {
-        rounds: def.hyper_u64("rounds").unwrap_or(1) as u32,
-        optimizer,
-        optimizer_kwargs: def.model_spec.optimizer.as_ref().map(|o| o.kwargs.clone()).unwrap_or_default(),
-        model,
-        hyperparameters: serde_json::Value::Object(hyperparameters),
-        seed: def.hyper_u64("seed").unwrap_or(0),
-        max_run_time_s: def.job.max_run_time.filter(|s| *s > 0.0).map(|s| s.ceil() as u64),
-        round_timeout_s: def.hyper_u64("roundTimeout"),
-        quorum: def.hyper_u64("minClients").map(|q| q as u32),
-        select,
-        agg_goal,
-        concurrency,
-        // The tree, coordination and Oort need the tasks: `prepare` fills them in.
-        ..RunSpec::default()
-    })
-}
-
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -226,7 +106,7 @@ impl Runner {
 
     /// Records a new job from a definition; returns its id.
     pub async fn submit(&self, def: &JobDefinition, actor: &str) -> Result<String, Error> {
-        let (spec, tasks) = prepare(def)?;
+        let crate::compile::Compiled { spec, tasks } = crate::compile::compile(def).map_err(Error::Invalid)?;
         let job_id = uuid::Uuid::now_v7().to_string();
         let command =
             JobCommand::Create { job_id: job_id.clone(), name: def.name(), source: def.folder.display().to_string(), spec, tasks };
@@ -237,7 +117,7 @@ impl Runner {
     /// Replaces the definition of a job that is not running.
     pub async fn update(&self, job_id: &str, def: &JobDefinition, actor: &str) -> Result<Job, Error> {
         self.load(job_id).await?;
-        let (spec, tasks) = prepare(def)?;
+        let crate::compile::Compiled { spec, tasks } = crate::compile::compile(def).map_err(Error::Invalid)?;
         self.user(job_id, JobCommand::Update { name: def.name(), source: def.folder.display().to_string(), spec, tasks }, actor).await
     }
 

@@ -32,8 +32,6 @@ pub fn created(rounds: u32) -> JobEvent {
         source: "memory".into(),
         spec: RunSpec {
             rounds,
-            optimizer: "fedavg".into(),
-            optimizer_kwargs: Default::default(),
             model: serde_json::json!({"name": "mlp"}),
             hyperparameters: serde_json::json!({}),
             seed: 0,
@@ -265,4 +263,11 @@ pub fn fixture(name: &str) -> (crate::JobDefinition, Vec<TaskSpec>) {
     let def = crate::JobDefinition::load(&dir).unwrap_or_else(|p| panic!("{name}: {p}"));
     let tasks = crate::planner::expand(&def).unwrap_or_else(|p| panic!("{name}: {p}"));
     (def, tasks)
+}
+
+/// Round `round`'s plan of a definition, with the selection it compiles to.
+pub fn plan_round(def: &crate::JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<crate::plan::Plan, crate::plan::Error> {
+    let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
+    let selection = crate::compile::algorithms(def, trainers).unwrap_or_else(|p| panic!("{p:?}")).selection;
+    crate::plan::plan(def, tasks, selection, crate::compile::seed(def), round)
 }

@@ -8,7 +8,7 @@ use petgraph::algo::is_cyclic_directed;
 use petgraph::graph::DiGraph;
 use serde_json::Value;
 
-use crate::definition::{Channel, JobDefinition, OPTIMIZERS, Problem, SELECTORS, problem};
+use crate::definition::{Channel, JobDefinition, Problem, problem};
 
 /// Function tags that put a role below its peer on a channel (it sends updates up).
 pub const LOWER_TAGS: &[&str] = &["fetch", "upload"];
@@ -30,41 +30,12 @@ pub fn check(def: &JobDefinition) -> Vec<Problem> {
 
 fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
     let file = &def.job.model_spec_path;
-    if let Some(opt) = &def.model_spec.optimizer {
-        let sort = opt.sort.to_ascii_lowercase();
-        if !opt.sort.is_empty() && !OPTIMIZERS.contains(&sort.as_str()) {
-            out.push(problem(
-                format!("{file}#/optimizer/sort"),
-                format!("unknown optimizer '{}'", opt.sort),
-                format!("use one of: {}", OPTIMIZERS.join(", ")),
-            ));
-        }
-        let numbers: &[&str] = match sort.as_str() {
-            "fedprox" => &["mu"],
-            "fedadam" | "fedyogi" | "fedadagrad" => &["beta_1", "beta_2", "eta", "tau"],
-            "feddyn" => &["alpha"],
-            "trimmed_mean" => &["beta"],
-            _ => &[],
-        };
-        let counts: &[&str] = if sort == "krum" { &["f", "m"] } else { &[] };
-        kwargs(&opt.kwargs, numbers, counts, &format!("{file}#/optimizer/kwargs"), out);
-    }
-    if let Some(sel) = &def.model_spec.selector {
-        let sort = sel.sort.to_ascii_lowercase();
-        if !sel.sort.is_empty() && !SELECTORS.contains(&sort.as_str()) {
-            out.push(problem(
-                format!("{file}#/selector/sort"),
-                format!("unknown selector '{}'", sel.sort),
-                format!("use one of: {}", SELECTORS.join(", ")),
-            ));
-        }
-        let counts: &[&str] = match sort.as_str() {
-            "random" => &["k"],
-            "fedbuff" => &["c"],
-            "oort" => &["aggr_num"],
-            _ => &[],
-        };
-        kwargs(&sel.kwargs, &[], counts, &format!("{file}#/selector/kwargs"), out);
+    // The optimizer, the selector and their arguments: the one list in the
+    // event vocabulary decides what is valid, as it does for compilation.
+    let trainers = def.data_spec.iter().flat_map(|e| e.dataset_groups.values()).map(Vec::len).sum();
+    if let Err(problems) = crate::compile::algorithms(def, trainers) {
+        // Hyperparameters are checked below, one message each.
+        out.extend(problems.into_iter().filter(|p| !p.path.contains("#/hyperparameters/")));
     }
     let h = &def.model_spec.hyperparameters;
     for key in ["rounds", "epochs", "batchSize", "aggGoal", "concurrency"] {
@@ -87,23 +58,15 @@ fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
             "set hyperparameters.learningRate to e.g. 0.01",
         ));
     }
-}
-
-/// Known kwargs must have the right type: `numbers` any number, `counts` whole numbers >= 1.
-fn kwargs(map: &serde_json::Map<String, Value>, numbers: &[&str], counts: &[&str], path: &str, out: &mut Vec<Problem>) {
-    for (k, v) in map {
-        if numbers.contains(&k.as_str()) && !v.is_number() {
+    // Differential privacy: the clipping bound and the noise it scales.
+    for (key, positive) in [("clip_threshold", true), ("noise_factor", false)] {
+        if let Some(v) = h.get(key)
+            && !v.as_f64().is_some_and(|x| x.is_finite() && if positive { x > 0.0 } else { x >= 0.0 })
+        {
             out.push(problem(
-                format!("{path}/{k}"),
-                format!("'{k}' must be a number, not {v}"),
-                format!("write \"{k}\": 0.1 (a JSON number, not a string)"),
-            ));
-        }
-        if counts.contains(&k.as_str()) && v.as_u64().is_none_or(|n| n < 1) {
-            out.push(problem(
-                format!("{path}/{k}"),
-                format!("'{k}' must be a whole number of at least 1, not {v}"),
-                format!("write \"{k}\": 2"),
+                format!("{file}#/hyperparameters/{key}"),
+                format!("{key} must be a number {} 0, not {v}", if positive { "greater than" } else { "of at least" }),
+                format!("set hyperparameters.{key} to e.g. {}", if positive { "1.0" } else { "0.5" }),
             ));
         }
     }

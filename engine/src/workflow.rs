@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use flame_events::algorithm;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -31,9 +32,54 @@ pub struct Workflow {
     pub datasets: BTreeMap<String, Dataset>,
 }
 
-/// The JSON Schema of the single-file form.
+/// The JSON Schema of the single-file form. The optimizer and the selector
+/// are described from the one list of algorithms (each name with its
+/// arguments, their kinds and defaults), so editors offer what the engine runs.
 pub fn json_schema() -> serde_json::Value {
-    serde_json::to_value(schemars::schema_for!(Workflow)).unwrap_or_default()
+    let mut schema = serde_json::to_value(schemars::schema_for!(Workflow)).unwrap_or_default();
+    let defs = &mut schema["$defs"];
+    defs["Optimizer"] = algorithms_schema("A server optimizer: `sort` names it, `kwargs` holds its arguments.", algorithm::OPTIMIZERS);
+    defs["Selector"] = algorithms_schema("A trainer selector: `sort` names it, `kwargs` holds its arguments.", algorithm::SELECTORS);
+    let props = &mut defs["ModelSpec"]["properties"];
+    for (key, def) in [("optimizer", "Optimizer"), ("selector", "Selector")] {
+        props[key]["anyOf"][0] = serde_json::json!({ "$ref": format!("#/$defs/{def}") });
+    }
+    schema
+}
+
+fn algorithms_schema(description: &str, list: &[algorithm::Algorithm]) -> serde_json::Value {
+    use algorithm::ParamKind;
+    let one = |a: &algorithm::Algorithm| {
+        let params: serde_json::Map<String, serde_json::Value> = a
+            .params
+            .iter()
+            .map(|p| {
+                let mut v = match p.kind {
+                    ParamKind::Count => serde_json::json!({"type": "integer", "minimum": 1}),
+                    ParamKind::Number => serde_json::json!({"type": "number"}),
+                    ParamKind::Positive => serde_json::json!({"type": "number", "exclusiveMinimum": 0}),
+                    ParamKind::NonNegative => serde_json::json!({"type": "number", "minimum": 0}),
+                    ParamKind::Share => serde_json::json!({"type": "number", "minimum": 0, "exclusiveMaximum": 0.5}),
+                    ParamKind::Decay => serde_json::json!({"type": "number", "minimum": 0, "exclusiveMaximum": 1}),
+                };
+                v["description"] = p.doc.into();
+                if let Some(d) = p.default {
+                    v["default"] = d.into();
+                }
+                (p.name.to_string(), v)
+            })
+            .collect();
+        serde_json::json!({
+            "description": a.doc,
+            "type": "object",
+            "properties": {
+                "sort": {"const": a.name},
+                "kwargs": {"type": "object", "properties": params, "additionalProperties": true, "default": {}}
+            },
+            "required": ["sort"]
+        })
+    };
+    serde_json::json!({ "description": description, "oneOf": list.iter().map(one).collect::<Vec<_>>() })
 }
 
 impl Workflow {
@@ -205,5 +251,24 @@ mod tests {
         for key in ["job", "design", "dataSpec", "modelSpec", "datasets"] {
             assert!(props.get(key).is_some(), "schema has {key}");
         }
+        // Every algorithm of the one list, with its arguments.
+        let schema = json_schema();
+        let sorts = |def: &str| -> Vec<String> {
+            schema["$defs"][def]["oneOf"]
+                .as_array()
+                .expect("oneOf")
+                .iter()
+                .map(|a| a["properties"]["sort"]["const"].as_str().expect("name").to_string())
+                .collect()
+        };
+        assert_eq!(sorts("Optimizer"), algorithm::OPTIMIZERS.iter().map(|a| a.name.to_string()).collect::<Vec<_>>());
+        assert_eq!(sorts("Selector"), algorithm::SELECTORS.iter().map(|a| a.name.to_string()).collect::<Vec<_>>());
+        let krum = &schema["$defs"]["Optimizer"]["oneOf"]
+            .as_array()
+            .expect("oneOf")
+            .iter()
+            .find(|a| a["properties"]["sort"]["const"] == "krum")
+            .expect("krum")["properties"]["kwargs"]["properties"];
+        assert_eq!((krum["f"]["type"].as_str(), krum["f"]["default"].as_f64()), (Some("integer"), Some(1.0)));
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::algorithm::{Selection, ServerOptimizer, Training};
 use crate::upcast::Upcasters;
 use crate::{Envelope, NewEvent, store};
 
@@ -32,19 +33,25 @@ pub struct TaskSpec {
     pub colocate: Option<String>,
 }
 
-/// What the engine needs to run a job's rounds, fixed at creation.
+/// What the engine needs to run a job's rounds, fixed at creation: compiled
+/// from the definition once (schema version 2 of `JobCreated`/`JobUpdated`;
+/// version 1 kept the algorithms as names and arguments, lifted on read by
+/// [`upcasters`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
     /// Number of rounds.
     pub rounds: u32,
-    /// Server-side optimizer (`fedavg`, ...).
-    pub optimizer: String,
-    /// The optimizer's arguments.
+    /// How the top aggregator makes the next global model.
+    pub optimizer: ServerOptimizer,
+    /// Which trainers take part in a round, and when it closes.
     #[serde(default)]
-    pub optimizer_kwargs: serde_json::Map<String, serde_json::Value>,
+    pub selection: Selection,
+    /// How trainers train.
+    #[serde(default)]
+    pub training: Training,
     /// Model description handed to workers (`baseModel` plus architecture settings).
     pub model: serde_json::Value,
-    /// Hyperparameters handed to workers (`epochs`, `batchSize`, `learningRate`, ...).
+    /// The hyperparameters as the job gave them (for the record; trainers get `training`).
     pub hyperparameters: serde_json::Value,
     /// Seed for model initialisation and training.
     pub seed: u64,
@@ -57,22 +64,10 @@ pub struct RunSpec {
     /// Fewest updates a round may aggregate (`minClients`); all selected trainers when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quorum: Option<u32>,
-    /// Trainers chosen at random per round (Flame's `random` selector, kwarg `k`); all when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub select: Option<u32>,
     /// Task id -> the task it uploads to (its aggregator); the top aggregator has none.
     /// Empty in jobs recorded before hierarchies ran: every trainer reports to the one aggregator.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub uplinks: BTreeMap<String, String>,
-    /// Asynchronous (FedBuff) jobs: aggregate every `agg_goal` updates, with no barrier (Flame's `aggGoal`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agg_goal: Option<u32>,
-    /// Asynchronous jobs: trainers training at once (the fedbuff selector's `c`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub concurrency: Option<u32>,
-    /// Oort's selector: rounds close at this many updates (`aggr_num`), from 30% more trainers picked by utility.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oort: Option<u32>,
     /// Coordinated jobs: the coordinator's task id; it pairs trainers with aggregators each round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
@@ -320,13 +315,16 @@ impl JobEvent {
     /// Wraps the event for appending, correlated with its job.
     pub fn to_new_event(&self, job_id: &str, actor: &str) -> NewEvent {
         let payload = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        NewEvent::new(self.event_type(), payload, actor).correlated(job_id)
+        let mut event = NewEvent::new(self.event_type(), payload, actor).correlated(job_id);
+        event.schema_version = schema_version(self.event_type());
+        event
     }
 
     /// Decodes a stored event of a job stream, upcasting old schema versions.
     pub fn from_envelope(e: &Envelope) -> Result<Self, store::Error> {
         // The common case, without copying the payload: current schema, tagged with its type.
-        if e.schema_version == SCHEMA_VERSION {
+        let current = schema_version(&e.event_type);
+        if e.schema_version == current {
             // Most of a job's events are updates: read them field by field, which
             // is several times faster than serde's buffering of tagged enums.
             if e.event_type == "UpdateReported"
@@ -341,12 +339,12 @@ impl JobEvent {
             }
         }
         let e = upcasters().upcast(e.clone())?;
-        if e.schema_version != SCHEMA_VERSION {
+        if e.schema_version != current {
             return Err(store::Error::Decode {
                 stream: e.stream_id.clone(),
                 version: e.version,
                 event_type: e.event_type.clone(),
-                reason: format!("schema version {} is newer than this program knows ({SCHEMA_VERSION}); upgrade flame", e.schema_version),
+                reason: format!("schema version {} is newer than this program knows ({current}); upgrade flame", e.schema_version),
             });
         }
         let mut payload = e.payload.clone();
@@ -396,13 +394,67 @@ fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
     })
 }
 
-/// The schema version job events are written with.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema version job events are written with, by type: 2 for the
+/// events that carry a [`RunSpec`] (typed algorithms), 1 for the rest.
+pub fn schema_version(event_type: &str) -> u32 {
+    match event_type {
+        "JobCreated" | "JobUpdated" => 2,
+        _ => 1,
+    }
+}
 
-/// The upcasters for job events (none yet: every job event is at version 1).
+/// The upcasters for job events: `JobCreated` and `JobUpdated` from version 1
+/// (algorithms as names and arguments) to 2 (typed).
 pub fn upcasters() -> &'static Upcasters {
     static UPCASTERS: std::sync::OnceLock<Upcasters> = std::sync::OnceLock::new();
-    UPCASTERS.get_or_init(Upcasters::default)
+    UPCASTERS.get_or_init(|| {
+        let mut u = Upcasters::default();
+        u.register("JobCreated", 1, spec_v1_to_v2).register("JobUpdated", 1, spec_v1_to_v2);
+        u
+    })
+}
+
+/// Version 1 of a `RunSpec` named its optimizer (`optimizer`,
+/// `optimizer_kwargs`), kept selection in `select`, `oort`, `agg_goal` and
+/// `concurrency`, and handed trainers the raw hyperparameters (with
+/// `client_optimizer`, FedProx's `mu` and FedDyn's `alpha` filled in).
+/// Version 2 carries the typed [`ServerOptimizer`], [`Selection`] and
+/// [`Training`]. Arguments are taken as recorded (the job ran with them),
+/// without version 2's stricter checks.
+fn spec_v1_to_v2(mut payload: serde_json::Value) -> Result<serde_json::Value, String> {
+    let spec = payload.get_mut("spec").and_then(serde_json::Value::as_object_mut).ok_or("no spec")?;
+    let name = spec.remove("optimizer").and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let kwargs = match spec.remove("optimizer_kwargs") {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let hyperparameters = match spec.get_mut("hyperparameters") {
+        Some(serde_json::Value::Object(h)) => {
+            h.remove("client_optimizer");
+            h.clone()
+        }
+        _ => serde_json::Map::new(),
+    };
+    let mut optimizer = ServerOptimizer::from_record(&name, &kwargs)?;
+    if let (ServerOptimizer::FedProx { mu }, Some(m)) = (&mut optimizer, hyperparameters.get("mu").and_then(serde_json::Value::as_f64)) {
+        // Version 1 gave the trainers the hyperparameters' `mu` first.
+        *mu = m;
+    }
+    let count =
+        |spec: &serde_json::Map<String, serde_json::Value>, k: &str| spec.get(k).and_then(serde_json::Value::as_u64).map(|n| n as u32);
+    let selection = match (count(spec, "agg_goal"), count(spec, "oort"), count(spec, "select")) {
+        (Some(goal), _, _) => Selection::Buffered { goal, concurrency: count(spec, "concurrency") },
+        (None, Some(aggr_num), _) => Selection::Oort { aggr_num },
+        (None, None, Some(k)) => Selection::Random { k },
+        (None, None, None) => Selection::All,
+    };
+    for old in ["agg_goal", "concurrency", "oort", "select"] {
+        spec.remove(old);
+    }
+    spec.insert("optimizer".into(), serde_json::to_value(optimizer).map_err(|e| e.to_string())?);
+    spec.insert("selection".into(), serde_json::to_value(selection).map_err(|e| e.to_string())?);
+    spec.insert("training".into(), serde_json::to_value(Training::from_record(&hyperparameters)).map_err(|e| e.to_string())?);
+    Ok(payload)
 }
 
 /// The stream id of a job.
@@ -416,7 +468,7 @@ impl cqrs_es::DomainEvent for JobEvent {
     }
 
     fn event_version(&self) -> String {
-        SCHEMA_VERSION.to_string()
+        schema_version(JobEvent::event_type(self)).to_string()
     }
 }
 
@@ -431,13 +483,71 @@ mod tests {
             version: 1,
             position: 1,
             event_type: "UpdateReported".into(),
-            schema_version: SCHEMA_VERSION,
+            schema_version: 1,
             payload,
             recorded_at: chrono::Utc::now(),
             causation_id: None,
             correlation_id: None,
             actor: "worker:w".into(),
         }
+    }
+
+    fn created_v1(spec: serde_json::Value) -> Envelope {
+        let mut e = envelope(serde_json::json!({"job_id": "j", "name": "n", "source": "s", "spec": spec, "tasks": []}));
+        e.event_type = "JobCreated".into();
+        e.schema_version = 1;
+        e
+    }
+
+    #[test]
+    fn version_1_specs_are_lifted_to_typed_algorithms() {
+        use crate::algorithm::{AdaptiveRule, Privacy};
+        let base = |extra: serde_json::Value| {
+            let mut spec = serde_json::json!({"rounds": 5, "model": {"name": "mlp"}, "seed": 1,
+                "hyperparameters": {"epochs": 2, "batchSize": 16, "learningRate": 0.3}});
+            for (k, v) in extra.as_object().expect("object") {
+                spec[k] = v.clone();
+            }
+            spec
+        };
+        let spec = |e: Envelope| match JobEvent::from_envelope(&e).expect("decodes") {
+            JobEvent::JobCreated { spec, .. } => spec,
+            other => panic!("{other:?}"),
+        };
+        let adam = spec(created_v1(base(serde_json::json!({"optimizer": "fedadam", "optimizer_kwargs": {"eta": 0.05}, "select": 2}))));
+        assert_eq!(adam.optimizer, ServerOptimizer::Adaptive { rule: AdaptiveRule::Adam, eta: 0.05, beta_1: 0.9, beta_2: 0.99, tau: 1e-3 });
+        assert_eq!(adam.selection, Selection::Random { k: 2 });
+        assert_eq!(adam.training, Training { epochs: 2, batch_size: 16, learning_rate: 0.3, privacy: None });
+        // FedProx's mu came to the trainers through the hyperparameters, which won.
+        let mut prox = base(serde_json::json!({"optimizer": "fedprox", "optimizer_kwargs": {"mu": 0.5}, "oort": 3}));
+        prox["hyperparameters"]["mu"] = serde_json::json!(1.0);
+        prox["hyperparameters"]["clip_threshold"] = serde_json::json!(2.0);
+        let prox = spec(created_v1(prox));
+        assert_eq!((prox.optimizer, prox.selection), (ServerOptimizer::FedProx { mu: 1.0 }, Selection::Oort { aggr_num: 3 }));
+        assert_eq!(prox.training.privacy, Some(Privacy { clip_threshold: 2.0, noise_factor: 0.0 }));
+        let mut dyn_ = base(serde_json::json!({"optimizer": "feddyn", "optimizer_kwargs": {"alpha": 0.02, "clients": 4}}));
+        dyn_["hyperparameters"]["client_optimizer"] = serde_json::json!("feddyn");
+        let dyn_ = spec(created_v1(dyn_));
+        assert_eq!(dyn_.optimizer, ServerOptimizer::FedDyn { alpha: 0.02 });
+        assert!(dyn_.hyperparameters.get("client_optimizer").is_none(), "what v1 filled in for the trainers is gone");
+        let buff = spec(created_v1(base(serde_json::json!({"optimizer": "fedbuff", "agg_goal": 2, "concurrency": 4}))));
+        assert_eq!(
+            (buff.optimizer, buff.selection),
+            (ServerOptimizer::FedBuff { eta: 1.0 }, Selection::Buffered { goal: 2, concurrency: Some(4) })
+        );
+        // Arguments the job ran with are kept, even where today's checks are stricter.
+        let odd = spec(created_v1(base(serde_json::json!({"optimizer": "trimmed_mean", "optimizer_kwargs": {"beta": 0.7}}))));
+        assert_eq!(odd.optimizer, ServerOptimizer::TrimmedMean { beta: 0.7 });
+        // New events are written at version 2 and read back as they were.
+        let new = JobEvent::JobCreated { job_id: "j".into(), name: "n".into(), source: "s".into(), spec: adam.clone(), tasks: vec![] };
+        let n = new.to_new_event("j", "user:u");
+        assert_eq!(n.schema_version, 2);
+        let mut e = envelope(n.payload);
+        (e.event_type, e.schema_version) = ("JobCreated".into(), 2);
+        assert_eq!(JobEvent::from_envelope(&e).expect("v2"), new);
+        // An unknown optimizer in an old event is a decode error that names the event.
+        let err = JobEvent::from_envelope(&created_v1(base(serde_json::json!({"optimizer": "fedmagic"})))).expect_err("unknown");
+        assert!(err.to_string().contains("JobCreated") && err.to_string().contains("fedmagic"), "{err}");
     }
 
     #[test]

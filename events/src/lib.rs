@@ -2,6 +2,7 @@
 //! envelopes, the `EventStore` contract with its SQLite and MongoDB backends,
 //! the outbox relay to NATS JetStream, the worker protocol and its transports.
 
+pub mod algorithm;
 pub mod envelope;
 pub mod job;
 pub mod mongo;

@@ -3,14 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::algorithm::{ClientObjective, ServerOptimizer, Training};
 use crate::job::Metrics;
 
-/// Protocol version carried by every command and report.
-pub const VERSION: u32 = 1;
-
-/// Server-side optimizers this version's aggregators run.
-pub const AGGREGATORS: &[&str] =
-    &["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbuff", "scaffold", "feddyn", "median", "trimmed_mean", "krum"];
+/// Protocol version carried by every command and report. Version 2 carries
+/// typed algorithms (`Train.training`, `Train.objective`,
+/// `Aggregate.optimizer`) where version 1 carried names and raw hyperparameters.
+pub const VERSION: u32 = 2;
 
 /// A worker announcing itself (and, repeated, its heartbeat).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,8 +129,11 @@ pub enum CommandBody {
         global_model: String,
         /// Dataset URL.
         dataset: String,
-        /// Hyperparameters (`epochs`, `batchSize`, `learningRate`, ...).
-        hyperparameters: serde_json::Value,
+        /// Epochs, batch size, learning rate, differential privacy.
+        training: Training,
+        /// What the trainer minimises besides its loss (FedProx, SCAFFOLD, FedDyn).
+        #[serde(default)]
+        objective: ClientObjective,
         /// Seed for this round's shuffling.
         seed: u64,
         /// SCAFFOLD / FedDyn: digest of this task's state from its last update (none before its first).
@@ -153,11 +155,11 @@ pub enum CommandBody {
     Aggregate {
         /// Model description.
         model: serde_json::Value,
-        /// Optimizer name (`fedavg`, `fedadam`, `median`, ...).
-        optimizer: String,
-        /// The optimizer's arguments (`eta`, `beta`, `f`, ...).
+        /// How to combine the updates (middle aggregators: FedAvg).
+        optimizer: ServerOptimizer,
+        /// Trainers in the whole job (SCAFFOLD and FedDyn average their server step over all of them).
         #[serde(default)]
-        optimizer_kwargs: serde_json::Map<String, serde_json::Value>,
+        trainers: u32,
         /// Digest of the optimizer's state from the previous round, if it keeps one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         optimizer_state: Option<String>,

@@ -53,8 +53,6 @@ fn job(j: usize) -> Vec<Chunk> {
         .collect();
     let spec = RunSpec {
         rounds: ROUNDS,
-        optimizer: "fedavg".into(),
-        optimizer_kwargs: Default::default(),
         model: serde_json::json!({"baseModel": "mlp"}),
         hyperparameters: serde_json::json!({"epochs": 1, "batchSize": 32, "learningRate": 0.1}),
         seed: j as u64,

@@ -421,7 +421,7 @@ impl JobView {
     fn define(&mut self, name: &str, spec: &flame_events::job::RunSpec, tasks: &[flame_events::job::TaskSpec]) {
         self.status.name = name.into();
         self.status.rounds_total = spec.rounds;
-        self.status.optimizer = spec.optimizer.clone();
+        self.status.optimizer = spec.optimizer.name().to_string();
         self.tasks = tasks
             .iter()
             .map(|t| (t.task_id.clone(), TaskHistory { role: t.role.clone(), dataset: t.dataset.clone(), ..TaskHistory::default() }))
@@ -607,7 +607,7 @@ fn short(digest: &str) -> &str {
 pub fn detail(event: &JobEvent) -> String {
     match event {
         JobEvent::JobCreated { name, source, spec, tasks, .. } => {
-            format!("created '{name}' from {source}: {} task(s), {} round(s), {}", tasks.len(), spec.rounds, spec.optimizer)
+            format!("created '{name}' from {source}: {} task(s), {} round(s), {}", tasks.len(), spec.rounds, spec.optimizer.name())
         }
         JobEvent::JobUpdated { name, tasks, .. } => format!("definition of '{name}' replaced: {} task(s)", tasks.len()),
         JobEvent::JobStarting {} => "start asked for".into(),
@@ -698,8 +698,6 @@ mod tests {
             source: "s".into(),
             spec: RunSpec {
                 rounds: 3,
-                optimizer: "fedavg".into(),
-                optimizer_kwargs: Default::default(),
                 model: serde_json::json!({}),
                 hyperparameters: serde_json::json!({}),
                 seed: 1,

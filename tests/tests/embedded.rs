@@ -266,7 +266,8 @@ fn scaffold_digits_carries_control_variates_between_rounds() {
     };
     let payloads = |t: &'static str| events.iter().filter(move |e| e["event_type"] == t).map(|e| &e["payload"]);
     let created = payloads("JobCreated").next().expect("created");
-    assert_eq!(created["spec"]["optimizer_kwargs"]["clients"], 4, "the server divides by every trainer of the job");
+    assert_eq!(created["spec"]["optimizer"], serde_json::json!({"kind": "scaffold", "eta": 1.0}), "SCAFFOLD, typed");
+    assert_eq!(created["spec"]["training"]["epochs"], created["spec"]["hyperparameters"]["epochs"]);
     let h = &created["spec"]["hyperparameters"];
     let (epochs, batch, lr) =
         (h["epochs"].as_u64().expect("epochs"), h["batchSize"].as_u64().expect("batch"), h["learningRate"].as_f64().expect("lr"));
@@ -524,9 +525,9 @@ fn adaptive_and_robust_server_optimizers_run_end_to_end() {
         let events: Vec<Value> =
             String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("line")).collect();
         if optimizer == "fedprox" {
-            // The proximal weight reaches the trainers with the hyperparameters.
+            // The proximal weight is part of the typed optimizer the trainers' objective comes from.
             let created = events.iter().find(|e| e["event_type"] == "JobCreated").expect("created");
-            assert_eq!(created["payload"]["spec"]["hyperparameters"]["mu"], 0.1);
+            assert_eq!(created["payload"]["spec"]["optimizer"], serde_json::json!({"kind": "fedprox", "mu": 0.1}));
         }
         let states: Vec<Value> =
             events.iter().filter(|e| e["event_type"] == "RoundAggregated").map(|e| e["payload"]["optimizer_state"].clone()).collect();

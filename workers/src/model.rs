@@ -12,6 +12,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 #[cfg(feature = "tch")]
 use tch::{Device, Kind, Tensor as TchTensor};
 
+use flame_events::algorithm::{ClientObjective, Training};
 use flame_events::job::Metrics;
 
 use crate::data::{Split, SplitMix};
@@ -143,30 +144,21 @@ pub struct TrainSettings {
 }
 
 impl TrainSettings {
-    /// Reads `epochs`, `batchSize`, `learningRate` (defaults 1, 32, 0.01, as in Flame's examples).
-    pub fn from_hyperparameters(h: &serde_json::Value) -> Result<Self, Error> {
-        let num = |k: &str, default: f64| -> Result<f64, Error> {
-            match h.get(k) {
-                None => Ok(default),
-                Some(v) => v
-                    .as_f64()
-                    .filter(|x| *x > 0.0)
-                    .ok_or_else(|| Error::Config(format!("hyperparameter '{k}' must be a positive number, not {v}"))),
-            }
+    /// The settings a `train` command asks for: its training settings, and the
+    /// proximal weight of its objective (FedProx's `mu`; FedDyn's `alpha`
+    /// weighs the same quadratic term).
+    pub fn new(training: &Training, objective: &ClientObjective) -> Self {
+        let mu = match *objective {
+            ClientObjective::Proximal { mu } => mu,
+            ClientObjective::FedDyn { alpha } => alpha,
+            ClientObjective::Plain | ClientObjective::Scaffold => 0.0,
         };
-        let mu = match h.get("mu") {
-            None => 0.0,
-            Some(v) => v
-                .as_f64()
-                .filter(|x| *x >= 0.0 && x.is_finite())
-                .ok_or_else(|| Error::Config(format!("hyperparameter 'mu' (FedProx's proximal weight) must be a number >= 0, not {v}")))?,
-        };
-        Ok(Self {
-            epochs: num("epochs", 1.0)? as usize,
-            batch_size: num("batchSize", 32.0)? as usize,
-            learning_rate: num("learningRate", 0.01)?,
+        Self {
+            epochs: training.epochs.max(1) as usize,
+            batch_size: training.batch_size.max(1) as usize,
+            learning_rate: training.learning_rate,
             mu,
-        })
+        }
     }
 }
 
@@ -590,9 +582,10 @@ mod tests {
         let (plain, prox) = (drift(0.0), drift(1.0));
         assert!(prox < 0.8 * plain, "mu = 1 should pull the weights back: drift {prox} vs {plain}");
         assert!(prox > 0.0);
-        let h = serde_json::json!({"mu": -1});
-        assert!(TrainSettings::from_hyperparameters(&h).is_err());
-        assert_eq!(TrainSettings::from_hyperparameters(&serde_json::json!({"mu": 0.5})).expect("mu").mu, 0.5);
+        let training = Training { epochs: 3, batch_size: 16, learning_rate: 0.3, privacy: None };
+        assert_eq!(TrainSettings::new(&training, &ClientObjective::Proximal { mu: 0.5 }).mu, 0.5);
+        assert_eq!(TrainSettings::new(&training, &ClientObjective::FedDyn { alpha: 0.01 }).mu, 0.01);
+        assert_eq!(TrainSettings::new(&training, &ClientObjective::Scaffold).mu, 0.0);
     }
 
     #[test]

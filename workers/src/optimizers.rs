@@ -6,16 +6,8 @@
 
 use crate::weights::{Error, Weights, check_same_layout};
 
-/// Which adaptive rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rule {
-    /// v += Δ²
-    AdaGrad,
-    /// v -= (1-β2) Δ² sign(v - Δ²)
-    Yogi,
-    /// v = β2 v + (1-β2) Δ²
-    Adam,
-}
+/// Which adaptive rule (the vocabulary's, so the worker and the job file agree).
+pub use flame_events::algorithm::AdaptiveRule as Rule;
 
 /// Hyperparameters, with Flame's defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use futures::StreamExt;
 
+use flame_events::algorithm::ServerOptimizer;
+#[cfg(feature = "tch")]
+use flame_events::algorithm::{ClientObjective, Privacy};
 use flame_events::protocol::{self, Command, CommandBody, Excluded, Report, ReportBody, WorkerInfo};
 use flame_events::transport::Transport;
 
@@ -194,13 +197,10 @@ impl Worker {
                 bail!("worker '{}' was built without the training backend (feature `tch`): it aggregates but cannot train", self.info.id)
             }
             #[cfg(feature = "tch")]
-            CommandBody::Train { model, global_model, dataset, hyperparameters, seed, client_state, server_state } => {
+            CommandBody::Train { model, global_model, dataset, training, objective, seed, client_state, server_state } => {
                 let cfg = ModelConfig::from_json(model)?;
-                let mut settings = TrainSettings::from_hyperparameters(hyperparameters)?;
-                let stateful = ClientOptimizer::from_hyperparameters(hyperparameters)?;
-                if let Some(ClientOptimizer::FedDyn { alpha }) = stateful {
-                    settings.mu = alpha;
-                }
+                let settings = TrainSettings::new(training, objective);
+                let objective = *objective;
                 let global = self.fetch(global_model).await?;
                 let client = match client_state {
                     Some(d) => Some(self.fetch(d).await.context("this task's state from its last update")?),
@@ -215,16 +215,16 @@ impl Worker {
                 let (trained, samples, metrics, state) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let d = data::load(&url)?;
                     let mut net = crate::model::trainer(&cfg, &global)?;
-                    let (correction, before) = match stateful {
-                        Some(ClientOptimizer::Scaffold) => {
+                    let (correction, before) = match objective {
+                        ClientObjective::Scaffold => {
                             let (c, ci) = (control::part(server.as_ref(), "c", &global)?, control::part(client.as_ref(), "c", &global)?);
                             (Some(control::combine(&[(1.0, &c), (-1.0, &ci)])?), Some((c, ci)))
                         }
-                        Some(ClientOptimizer::FedDyn { .. }) => {
+                        ClientObjective::FedDyn { .. } => {
                             let g = control::part(client.as_ref(), "g", &global)?;
                             (Some(control::combine(&[(-1.0, &g)])?), Some((g.clone(), g)))
                         }
-                        None => (None, None),
+                        ClientObjective::Plain | ClientObjective::Proximal { .. } => (None, None),
                     };
                     let started = std::time::Instant::now();
                     let mut metrics = net.train(&d.train, &settings, seed, correction.as_ref())?;
@@ -234,13 +234,13 @@ impl Worker {
                         metrics.insert("train_accuracy".into(), *acc);
                     }
                     let trained = net.weights()?;
-                    let state = match (stateful, before) {
-                        (Some(ClientOptimizer::Scaffold), Some((c, ci))) => {
+                    let state = match (objective, before) {
+                        (ClientObjective::Scaffold, Some((c, ci))) => {
                             let steps = Net::steps(d.train.len(), &settings);
                             let (next, change) = control::scaffold_client(&ci, &c, &global, &trained, steps, settings.learning_rate)?;
                             Some(control::pack(&[("c", &next), ("dc", &change)]))
                         }
-                        (Some(ClientOptimizer::FedDyn { alpha }), Some((g, _))) => {
+                        (ClientObjective::FedDyn { alpha }, Some((g, _))) => {
                             Some(control::pack(&[("g", &control::feddyn_client(&g, &global, &trained, alpha)?)]))
                         }
                         _ => None,
@@ -248,7 +248,7 @@ impl Worker {
                     Ok((trained, d.train.len() as u64, metrics, state))
                 })
                 .await??;
-                let (trained, metrics) = privatize(hyperparameters, &global_for_dp, trained, metrics, seed)?;
+                let (trained, metrics) = privatize(training.privacy, &global_for_dp, trained, metrics, seed)?;
                 let digest = self.store(&trained).await?;
                 let state = match state {
                     Some(s) => Some(self.store(&s).await?),
@@ -259,7 +259,7 @@ impl Worker {
             CommandBody::Coordinate { candidates, samples } => {
                 Ok(ReportBody::Coordinated { pairing: crate::coordinate::pair(candidates, samples, command.round) })
             }
-            CommandBody::Aggregate { model, optimizer, optimizer_kwargs, optimizer_state, global_model, updates, eval_dataset } => {
+            CommandBody::Aggregate { model, optimizer, trainers, optimizer_state, global_model, updates, eval_dataset } => {
                 let cfg = ModelConfig::from_json(model)?;
                 let global = self.fetch(global_model).await?;
                 // An unusable update (missing, bytes not matching the digest, not finite f32
@@ -270,7 +270,8 @@ impl Worker {
                 let mut bases: Vec<(String, u32)> = Vec::new();
                 let mut base_models: BTreeMap<String, Weights> = BTreeMap::new();
                 // SCAFFOLD / FedDyn: each trainer's state after its update.
-                let stateful = matches!(optimizer.as_str(), "scaffold" | "feddyn");
+                let stateful = optimizer.keeps_client_state();
+                let buffered = optimizer.is_asynchronous();
                 let mut client_states = Vec::new();
                 for u in updates {
                     let base = u.base_model.clone().unwrap_or_else(|| global_model.clone());
@@ -279,7 +280,7 @@ impl Worker {
                         Err(e) => Err(e),
                     };
                     let checked = match checked {
-                        Ok(w) if optimizer == "fedbuff" && !base_models.contains_key(&base) => match self.fetch(&base).await {
+                        Ok(w) if buffered && !base_models.contains_key(&base) => match self.fetch(&base).await {
                             Ok(b) => {
                                 weights::check_same_layout(&global, &b).map(|()| (w, Some(b))).map_err(|e| anyhow!("its base model: {e}"))
                             }
@@ -293,7 +294,9 @@ impl Worker {
                             Ok(s) => Ok((ok, Some(s))),
                             Err(e) => Err(e.context("its client state")),
                         },
-                        (Ok(_), Some(None)) => Err(anyhow!("{optimizer} needs the trainer's state with its update, and it sent none")),
+                        (Ok(_), Some(None)) => {
+                            Err(anyhow!("{} needs the trainer's state with its update, and it sent none", optimizer.name()))
+                        }
                         (Ok(ok), None) => Ok((ok, None)),
                         (Err(e), _) => Err(e),
                     };
@@ -319,20 +322,23 @@ impl Worker {
                     Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
                     None => None,
                 };
-                let (eval, optimizer, kwargs) = (eval_dataset.clone(), optimizer.clone(), optimizer_kwargs.clone());
+                let (eval, optimizer, trainers) = (eval_dataset.clone(), *optimizer, *trainers);
                 let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                    let (next, state) = if stateful {
-                        let (next, state) =
-                            aggregate::with_client_states(&optimizer, &kwargs, &global, &inputs, &client_states, state.as_ref())?;
-                        (next, Some(state))
-                    } else if optimizer == "fedbuff" {
-                        let bases = bases
-                            .iter()
-                            .map(|(d, s)| base_models.get(d).map(|b| (b, *s)).ok_or_else(|| anyhow!("base model {d} was not fetched")))
-                            .collect::<anyhow::Result<Vec<_>>>()?;
-                        (aggregate::fedbuff(&kwargs, &global, &inputs, &bases)?, None)
-                    } else {
-                        aggregate::combine(&optimizer, &kwargs, &global, inputs, state.as_ref())?
+                    let (next, state) = match optimizer {
+                        ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => {
+                            let trainers = if trainers == 0 { inputs.len() } else { trainers as usize };
+                            let (next, state) =
+                                aggregate::with_client_states(&optimizer, trainers, &global, &inputs, &client_states, state.as_ref())?;
+                            (next, Some(state))
+                        }
+                        ServerOptimizer::FedBuff { eta } => {
+                            let bases = bases
+                                .iter()
+                                .map(|(d, s)| base_models.get(d).map(|b| (b, *s)).ok_or_else(|| anyhow!("base model {d} was not fetched")))
+                                .collect::<anyhow::Result<Vec<_>>>()?;
+                            (aggregate::fedbuff(eta, &global, &inputs, &bases)?, None)
+                        }
+                        _ => aggregate::combine(&optimizer, &global, inputs, state.as_ref())?,
                     };
                     let metrics = match eval {
                         Some(url) => crate::model::evaluate(&cfg, &next, &data::load(&url)?.test)?,
@@ -352,59 +358,22 @@ impl Worker {
     }
 }
 
-/// Trainer-side algorithms that keep a state between rounds, from the
-/// hyperparameters the engine fills in (`client_optimizer`, FedDyn's `alpha`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum ClientOptimizer {
-    /// SCAFFOLD: gradients corrected by `c - c_i`.
-    Scaffold,
-    /// FedDyn with its `alpha`.
-    FedDyn {
-        /// The dynamic regulariser's weight.
-        alpha: f64,
-    },
-}
-
-impl ClientOptimizer {
-    /// `None` for stateless training.
-    pub fn from_hyperparameters(h: &serde_json::Value) -> anyhow::Result<Option<Self>> {
-        match h.get("client_optimizer").and_then(serde_json::Value::as_str) {
-            None => Ok(None),
-            Some("scaffold") => Ok(Some(Self::Scaffold)),
-            Some("feddyn") => {
-                let alpha = h.get("alpha").map_or(Some(0.01), serde_json::Value::as_f64).filter(|a| *a > 0.0 && a.is_finite());
-                Ok(Some(Self::FedDyn { alpha: alpha.ok_or_else(|| anyhow!("hyperparameter 'alpha' (FedDyn) must be a number > 0"))? }))
-            }
-            Some(other) => bail!("hyperparameter 'client_optimizer' is '{other}'; this worker knows scaffold and feddyn"),
-        }
-    }
-}
-
-/// Differential privacy on a trainer's update when the hyperparameters ask for
-/// it (`clip_threshold` > 0, optional `noise_factor` >= 0): the update is
-/// clipped and noised before it leaves the worker, and what was done is
-/// reported in the metrics (`dp_update_norm`, `dp_clip_scale`, `dp_noise_std`).
+/// Differential privacy on a trainer's update when the job asks for it: the
+/// update is clipped and noised before it leaves the worker, and what was
+/// done is reported in the metrics (`dp_update_norm`, `dp_clip_scale`, `dp_noise_std`).
 #[cfg(feature = "tch")]
 fn privatize(
-    hyperparameters: &serde_json::Value,
+    privacy: Option<Privacy>,
     global: &Weights,
     trained: Weights,
     mut metrics: flame_events::job::Metrics,
     seed: u64,
 ) -> anyhow::Result<(Weights, flame_events::job::Metrics)> {
-    let Some(clip) = hyperparameters.get("clip_threshold") else {
+    let Some(Privacy { clip_threshold, noise_factor }) = privacy else {
         return Ok((trained, metrics));
     };
-    let clip =
-        clip.as_f64().filter(|c| *c > 0.0).ok_or_else(|| anyhow!("hyperparameter 'clip_threshold' must be a number > 0, not {clip}"))?;
-    let noise = match hyperparameters.get("noise_factor") {
-        None => 0.0,
-        Some(v) => {
-            v.as_f64().filter(|n| *n >= 0.0).ok_or_else(|| anyhow!("hyperparameter 'noise_factor' must be a number >= 0, not {v}"))?
-        }
-    };
     // The noise seed differs from the shuffling seed but is as reproducible.
-    let (private, applied) = crate::privacy::privatize(global, &trained, clip, noise, seed ^ 0x5eed_d1ff_e4e7_1a11)?;
+    let (private, applied) = crate::privacy::privatize(global, &trained, clip_threshold, noise_factor, seed ^ 0x5eed_d1ff_e4e7_1a11)?;
     metrics.insert("dp_update_norm".into(), applied.norm_before);
     metrics.insert("dp_clip_scale".into(), applied.scale);
     metrics.insert("dp_noise_std".into(), applied.sigma);
@@ -465,7 +434,7 @@ mod tests {
         let model = serde_json::json!({"name": "mlp", "hidden": [16]});
         let global = ModelConfig::from_json(&model).expect("cfg").init(64, 10, 1);
         let digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
-        let train = |id: &str, h: serde_json::Value| Command {
+        let train = |id: &str, privacy: Option<(f64, f64)>| Command {
             v: protocol::VERSION,
             id: id.into(),
             job_id: "j".into(),
@@ -475,7 +444,13 @@ mod tests {
                 model: model.clone(),
                 global_model: digest.clone(),
                 dataset: "builtin://digits?part=0&of=3".into(),
-                hyperparameters: h,
+                training: flame_events::algorithm::Training {
+                    epochs: 1,
+                    batch_size: 32,
+                    learning_rate: 0.3,
+                    privacy: privacy.map(|(clip_threshold, noise_factor)| Privacy { clip_threshold, noise_factor }),
+                },
+                objective: ClientObjective::Plain,
                 seed: 9,
                 client_state: None,
                 server_state: None,
@@ -490,25 +465,23 @@ mod tests {
                 }
             }
         };
-        let (plain, plain_metrics) = run(train("plain", serde_json::json!({"epochs": 1, "learningRate": 0.3}))).await;
+        let (plain, plain_metrics) = run(train("plain", None)).await;
         assert!(!plain_metrics.contains_key("dp_update_norm"), "no privacy unless asked");
         let plain = weights::decode(&blobs.get(&plain).await.expect("get")).expect("decode");
         let unclipped = norm_of_difference(&plain, &global);
 
-        let (clipped, m) =
-            run(train("clipped", serde_json::json!({"epochs": 1, "learningRate": 0.3, "clip_threshold": 0.5, "noise_factor": 0}))).await;
+        let (clipped, m) = run(train("clipped", Some((0.5, 0.0)))).await;
         let clipped = weights::decode(&blobs.get(&clipped).await.expect("get")).expect("decode");
         assert!(unclipped > 0.5, "the test needs an update larger than the bound: {unclipped}");
         assert!((norm_of_difference(&clipped, &global) - 0.5).abs() < 1e-3, "the update is clipped to the bound");
         assert!((m["dp_update_norm"] - unclipped).abs() < 1e-3 && m["dp_clip_scale"] < 1.0 && m["dp_noise_std"] == 0.0, "{m:?}");
 
-        let (noisy, m) =
-            run(train("noisy", serde_json::json!({"epochs": 1, "learningRate": 0.3, "clip_threshold": 0.5, "noise_factor": 1.0}))).await;
+        let (noisy, m) = run(train("noisy", Some((0.5, 1.0)))).await;
         let noisy = weights::decode(&blobs.get(&noisy).await.expect("get")).expect("decode");
         assert_eq!(m["dp_noise_std"], 0.5);
         assert!(norm_of_difference(&noisy, &clipped) > 1.0, "noise of std 0.5 per coordinate moves the model");
 
-        let bad = worker.execute(&train("bad", serde_json::json!({"clip_threshold": -1}))).await;
+        let bad = worker.execute(&train("bad", Some((-1.0, 0.0)))).await;
         assert!(matches!(bad.body, ReportBody::Failed { ref error } if error.contains("clip_threshold")), "{bad:?}");
 
         // An aggregator leaves out unusable updates and names them.
@@ -532,8 +505,8 @@ mod tests {
             round: 1,
             body: CommandBody::Aggregate {
                 model: model.clone(),
-                optimizer: "fedavg".into(),
-                optimizer_kwargs: Default::default(),
+                optimizer: ServerOptimizer::FedAvg,
+                trainers: 4,
                 optimizer_state: None,
                 global_model: digest.clone(),
                 updates,

@@ -1,0 +1,214 @@
+//! Compilation: a checked job definition becomes what the engine runs, once,
+//! when the job is created. The design expands into tasks (TAG expansion),
+//! the tasks form a tree of aggregations, and the model spec's `{sort,
+//! kwargs}` and hyperparameters become typed algorithm settings
+//! ([`ServerOptimizer`], [`Selection`], [`Training`]). This and validation are
+//! the only code that reads the job's raw strings; everything after matches
+//! on types.
+
+use serde_json::{Map, Value, json};
+
+use flame_events::algorithm::{self, ParamError, Selection, ServerOptimizer, Training};
+use flame_events::job::{RunSpec, TaskSpec};
+
+use crate::definition::{JobDefinition, Problem, Problems, problem};
+
+/// A job ready to run: its settings and its tasks (ring reducers included).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compiled {
+    /// Run settings, recorded in `JobCreated`.
+    pub spec: RunSpec,
+    /// Every task.
+    pub tasks: Vec<TaskSpec>,
+}
+
+/// The typed algorithm settings of a definition, or every problem with them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Algorithms {
+    /// The top aggregator's optimizer.
+    pub optimizer: ServerOptimizer,
+    /// Which trainers take part in a round.
+    pub selection: Selection,
+    /// How trainers train.
+    pub training: Training,
+}
+
+fn no_kwargs() -> &'static Map<String, Value> {
+    static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Map::new)
+}
+
+/// The optimizer, selection and training settings a definition names, for a
+/// job of `trainers` trainers; every problem at once, with its JSON path.
+pub fn algorithms(def: &JobDefinition, trainers: usize) -> Result<Algorithms, Vec<Problem>> {
+    let file = &def.job.model_spec_path;
+    let spec = &def.model_spec;
+    let h = &spec.hyperparameters;
+    let at = |section: &str, e: ParamError| {
+        let path = match e.param.as_str() {
+            "" => format!("{file}#/{section}/sort"),
+            "aggGoal" | "concurrency" => format!("{file}#/hyperparameters/{}", e.param),
+            p => format!("{file}#/{section}/kwargs/{p}"),
+        };
+        problem(path, e.message, e.hint)
+    };
+    let mut problems = Vec::new();
+    let (opt_sort, opt_kwargs) = spec.optimizer.as_ref().map_or(("", no_kwargs()), |o| (o.sort.as_str(), &o.kwargs));
+    let (sel_sort, sel_kwargs) = spec.selector.as_ref().map_or(("", no_kwargs()), |s| (s.sort.as_str(), &s.kwargs));
+    // Every argument problem of both algorithms, not just the first.
+    let mut arguments_ok = |list: &'static [algorithm::Algorithm], sort: &str, kwargs: &Map<String, Value>, section: &str| {
+        let found = algorithm::find(list, if sort.is_empty() { list[0].name } else { sort });
+        let bad = found.map(|a| a.problems(kwargs)).unwrap_or_default();
+        let ok = bad.is_empty();
+        problems.extend(bad.into_iter().map(|e| at(section, e)));
+        ok
+    };
+    let optimizer_ok = arguments_ok(algorithm::OPTIMIZERS, opt_sort, opt_kwargs, "optimizer");
+    let selector_ok = arguments_ok(algorithm::SELECTORS, sel_sort, sel_kwargs, "selector");
+    let optimizer =
+        if optimizer_ok { ServerOptimizer::parse(opt_sort, opt_kwargs).map_err(|e| problems.push(at("optimizer", e))).ok() } else { None };
+    let optimizer = optimizer.map(|o| match o {
+        // FedProx's `mu` may also come with the hyperparameters, where it takes precedence (as it always has).
+        ServerOptimizer::FedProx { mu } => ServerOptimizer::FedProx { mu: h.get("mu").and_then(Value::as_f64).unwrap_or(mu) },
+        o => o,
+    });
+    let selection = optimizer.as_ref().filter(|_| selector_ok).and_then(|o| {
+        Selection::parse(sel_sort, sel_kwargs, h.get("aggGoal"), h.get("concurrency"), o, trainers)
+            .map_err(|e| {
+                let section = if e.message.contains("needs optimizer") { "optimizer" } else { "selector" };
+                problems.push(at(section, e));
+            })
+            .ok()
+    });
+    if !selector_ok || optimizer.is_none() {
+        // The selector's own name, when the arguments or the optimizer kept it from being parsed.
+        if algorithm::find(algorithm::SELECTORS, if sel_sort.is_empty() { "default" } else { sel_sort }).is_none() {
+            problems.push(at(
+                "selector",
+                ParamError {
+                    param: String::new(),
+                    message: format!("unknown selector '{sel_sort}'"),
+                    hint: format!("use one of: {}", algorithm::names(algorithm::SELECTORS)),
+                },
+            ));
+        }
+    }
+    let training = Training::from_hyperparameters(h)
+        .map_err(|e| problems.push(problem(format!("{file}#/hyperparameters/{}", e.param), e.message, e.hint)))
+        .ok();
+    match (optimizer, selection, training) {
+        (Some(optimizer), Some(selection), Some(training)) if problems.is_empty() => Ok(Algorithms { optimizer, selection, training }),
+        _ => Err(problems),
+    }
+}
+
+/// The seed a definition gives its initialisation, shuffling and selection (0 when none).
+pub fn seed(def: &JobDefinition) -> u64 {
+    def.model_spec.hyperparameters.get("seed").and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Compiles a definition: tasks, the tree of aggregations, typed settings.
+pub fn compile(def: &JobDefinition) -> Result<Compiled, Problems> {
+    let mut tasks = crate::planner::expand(def)?;
+    let tree = crate::plan::tree(def, &tasks)
+        .map_err(|e| Problems(vec![problem("schema.json", e, "check the channels' funcTags and the roles' groupAssociation")]))?;
+    tasks.extend(tree.reducers);
+    let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
+    let Algorithms { optimizer, selection, training } = algorithms(def, trainers).map_err(Problems)?;
+    if selection.is_asynchronous() && tasks.iter().filter(|t| !t.is_data_consumer).count() > 1 {
+        return Err(Problems(vec![problem(
+            format!("{}#/optimizer/sort", def.job.model_spec_path),
+            "asynchronous (FedBuff) jobs run two-tier for now: one aggregator and its trainers; this design has middle aggregators or rings",
+            "use a two-tier design, or a synchronous optimizer",
+        )]));
+    }
+    let h = &def.model_spec.hyperparameters;
+    let whole = |key: &str| h.get(key).and_then(Value::as_u64);
+    let name =
+        def.model_spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(|n| n.as_str()).filter(|n| !n.is_empty()).unwrap_or("mlp");
+    let mut model = json!({ "name": name });
+    for key in ["channels", "hidden"] {
+        if let Some(v) = h.get(key) {
+            model[key] = v.clone();
+        }
+    }
+    let spec = RunSpec {
+        rounds: whole("rounds").unwrap_or(1) as u32,
+        optimizer,
+        selection,
+        training,
+        model,
+        hyperparameters: Value::Object(h.clone()),
+        seed: seed(def),
+        max_run_time_s: def.job.max_run_time.filter(|s| *s > 0.0).map(|s| s.ceil() as u64),
+        round_timeout_s: whole("roundTimeout"),
+        quorum: whole("minClients").map(|q| q as u32),
+        uplinks: tree.uplinks,
+        coordinator: tree.coordinator,
+        candidates: tree.candidates,
+    };
+    Ok(Compiled { spec, tasks })
+}
+
+#[cfg(test)]
+mod tests {
+    use flame_events::algorithm::{AdaptiveRule, ClientObjective};
+
+    use super::*;
+    use crate::testing::fixture;
+
+    fn with_model_spec(name: &str, f: impl FnOnce(&mut crate::definition::ModelSpec)) -> JobDefinition {
+        let (mut def, _) = fixture(name);
+        f(&mut def.model_spec);
+        def
+    }
+
+    fn sort(s: &str, kwargs: Value) -> Option<crate::definition::Sort> {
+        Some(crate::definition::Sort { sort: s.into(), kwargs: serde_json::from_value(kwargs).expect("kwargs") })
+    }
+
+    #[test]
+    fn names_and_arguments_become_types() {
+        let def = with_model_spec("two-tier-ten", |m| {
+            m.optimizer = sort("FedAdam", json!({"eta": 0.05}));
+            m.selector = sort("oort", json!({"aggr_num": 4}));
+        });
+        let c = compile(&def).expect("compiles");
+        assert_eq!(
+            c.spec.optimizer,
+            ServerOptimizer::Adaptive { rule: AdaptiveRule::Adam, eta: 0.05, beta_1: 0.9, beta_2: 0.99, tau: 1e-3 }
+        );
+        assert_eq!(c.spec.selection, Selection::Oort { aggr_num: 4 });
+        assert_eq!(c.spec.training.learning_rate, 0.1);
+        assert_eq!(c.tasks.len(), 11);
+
+        let prox = compile(&with_model_spec("two-tier", |m| m.optimizer = sort("fedprox", json!({"mu": 0.5})))).expect("fedprox");
+        assert_eq!(prox.spec.optimizer.objective(), ClientObjective::Proximal { mu: 0.5 });
+
+        let buffered = compile(&fixture("async-hierarchical").0);
+        assert!(buffered.is_err(), "asynchronous jobs are two-tier for now");
+        let two_tier_async = with_model_spec("two-tier-ten", |m| {
+            m.optimizer = sort("fedbuff", json!({}));
+            m.selector = sort("fedbuff", json!({"c": 3}));
+            m.hyperparameters.insert("aggGoal".into(), json!(2));
+        });
+        assert_eq!(compile(&two_tier_async).expect("fedbuff").spec.selection, Selection::Buffered { goal: 2, concurrency: Some(3) });
+    }
+
+    #[test]
+    fn every_problem_names_its_place() {
+        let def = with_model_spec("two-tier", |m| {
+            m.optimizer = sort("krum", json!({"f": 0, "m": "two"}));
+            m.selector = sort("random", json!({"k": -1}));
+        });
+        let paths: Vec<String> = algorithms(&def, 3).expect_err("invalid").into_iter().map(|p| p.path).collect();
+        for want in ["optimizer/kwargs/f", "optimizer/kwargs/m", "selector/kwargs/k"] {
+            assert!(paths.iter().any(|p| p == &format!("modelSpec.json#/{want}")), "{want}: {paths:?}");
+        }
+        let def = with_model_spec("two-tier", |m| {
+            m.hyperparameters.insert("aggGoal".into(), json!(2));
+        });
+        let paths: Vec<String> = algorithms(&def, 3).expect_err("aggGoal needs fedbuff").into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, ["modelSpec.json#/optimizer/sort"]);
+    }
+}
