@@ -199,10 +199,9 @@ fn engine_disagreement(events: &[Envelope]) -> anyhow::Result<Option<String>> {
         engine.apply(&event);
         projection.apply(e);
         let s = &projection.status;
-        let engine_state = serde_json::to_value(engine.status)?.as_str().unwrap_or_default().to_string();
         let pairs: [(&str, Value, Value); 7] = [
-            ("state", json!(engine_state), json!(s.state)),
-            ("round", json!(engine.round), json!(s.round)),
+            ("state", json!(engine.status), json!(s.state)),
+            ("round", json!(engine.round.number), json!(s.round)),
             ("rounds completed", json!(engine.rounds_completed), json!(s.rounds_completed)),
             ("global model", json!(engine.global_model), json!(s.global_model)),
             ("metrics", json!(engine.metrics), json!(s.metrics)),
@@ -455,7 +454,7 @@ pub async fn watch(job_id: &str, source: &Source) -> anyhow::Result<ExitCode> {
     if let Some(f) = &s.failure {
         outln!("failure: {f}")?;
     }
-    Ok(if s.state == "completed" { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if s.state == flame_events::job::Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// `flamectl project`: brings the stored read models up to date (or rebuilds them).

@@ -426,7 +426,7 @@ impl From<&Job> for JobView {
             id: j.job_id.clone(),
             name: j.name.clone(),
             state: j.status,
-            round: j.round,
+            round: j.round.number,
             rounds_completed: j.rounds_completed,
             total_rounds: j.total_rounds(),
             metrics: j.metrics.clone(),
@@ -584,7 +584,7 @@ fn tasks_of(job: &Job) -> Vec<TaskView> {
             realm: t.realm.clone(),
             deployed: job.deployed.contains(&t.task_id),
             orphaned: job.orphaned.contains(&t.task_id),
-            reported_this_round: job.updates.contains_key(&t.task_id),
+            reported_this_round: job.round.updates.contains_key(&t.task_id),
         })
         .collect()
 }

@@ -150,12 +150,12 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
             JobCommand::StartRound { now_ms }
         })];
     }
-    let round = job.round;
+    let round = job.round.number;
     let mut actions: Vec<Action> = Vec::new();
     if job.is_async() {
         // FedBuff: every trainer in flight trains from the model of the round that sent it, buffer full or not.
         actions.extend(job.active_trainers().filter_map(|task| {
-            let (t, d) = job.in_flight.get_key_value(&task.task_id)?;
+            let (t, d) = job.round.buffer.in_flight.get_key_value(&task.task_id)?;
             let worker = job.assignments.get(t)?;
             let body = CommandBody::Train {
                 model: spec.model.clone(),
@@ -164,13 +164,13 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
                 training: spec.training,
                 objective: spec.optimizer.objective(),
                 seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(d.round)),
-                client_state: job.client_states.get(t).cloned(),
+                client_state: job.records.client_states.get(t).cloned(),
                 server_state: None,
             };
             Some(Action::Send { worker_id: worker.clone(), command: command(job, t, d.round, &format!("r{}/train/{t}", d.round), body) })
         }));
     } else if !job.training_done() {
-        actions.extend(job.round_trainers().filter(|t| !job.updates.contains_key(&t.task_id)).filter_map(|t| {
+        actions.extend(job.round_trainers().filter(|t| !job.round.updates.contains_key(&t.task_id)).filter_map(|t| {
             let worker = job.assignments.get(&t.task_id)?;
             let body = CommandBody::Train {
                 model: spec.model.clone(),
@@ -179,7 +179,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
                 training: spec.training,
                 objective: spec.optimizer.objective(),
                 seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
-                client_state: job.client_states.get(&t.task_id).cloned(),
+                client_state: job.records.client_states.get(&t.task_id).cloned(),
                 // SCAFFOLD's trainers correct their gradients with the server's control variate.
                 server_state: if spec.optimizer.trainers_need_server_state() { job.optimizer_state.clone() } else { None },
             };
@@ -198,7 +198,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
             .round_trainers()
             .filter_map(|t| spec.candidates.get(&t.task_id).map(|o| (t.task_id.clone(), o.clone())))
             .collect::<BTreeMap<_, _>>();
-        let samples = candidates.keys().filter_map(|t| job.samples.get(t).map(|n| (t.clone(), *n))).collect();
+        let samples = candidates.keys().filter_map(|t| job.records.samples.get(t).map(|n| (t.clone(), *n))).collect();
         let body = CommandBody::Coordinate { candidates, samples };
         actions.push(Action::Send { worker_id: worker.clone(), command: command(job, c, round, &format!("r{round}/coordinate"), body) });
     }
@@ -559,8 +559,8 @@ mod tests {
         use crate::testing::{report, trained};
         let h = handle(fedbuff(2, 1), JobCommand::StartRound { now_ms: 0 });
         let job = h.job();
-        assert_eq!(job.in_flight.len(), 1, "c = 1: one trainer at a time");
-        let busy = job.in_flight.keys().next().cloned().expect("one");
+        assert_eq!(job.round.buffer.in_flight.len(), 1, "c = 1: one trainer at a time");
+        let busy = job.round.buffer.in_flight.keys().next().cloned().expect("one");
         let h = handle(h, report(&busy, 1, trained(1, &busy)));
         // The buffer wants 2; at the deadline 1 update is fewer than the quorum (aggGoal) and the job fails...
         let late = crate::job::DEFAULT_ROUND_TIMEOUT_S * 1000;
@@ -596,7 +596,7 @@ mod tests {
         assert!(matches!(h.events.last(), Some(JobEvent::TrainingClosed { dropped, .. }) if dropped == &["t0"]));
         assert!(h.job().training_done());
         assert!(h.job().handle(report("t0", 1, trained(1, "t0"))).is_err(), "the straggler's late update is refused");
-        let stats = &h.job().oort["t1"];
+        let stats = &h.job().records.oort["t1"];
         assert_eq!((stats.samples, stats.loss, stats.seconds, stats.last_round), (50, 0.7, Some(2.0), 1));
         let actions = decide(&h.job(), 0, None);
         assert_eq!(aggregate_of(&actions, "w-agg").1.len(), 1);

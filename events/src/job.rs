@@ -11,6 +11,81 @@ use crate::{Envelope, NewEvent, store};
 /// Metrics by name (`accuracy`, `loss`, ...).
 pub type Metrics = BTreeMap<String, f64>;
 
+/// Flame's job states.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Nothing recorded yet.
+    #[default]
+    New,
+    /// Created; may be updated, started or deleted.
+    Ready,
+    /// Start asked for; tasks are being placed on workers.
+    Starting,
+    /// Tasks placed; workers are confirming they can run them.
+    Deploying,
+    /// Rounds run.
+    Running,
+    /// A stop was asked for (by a user or `maxRunTime`).
+    Stopping,
+    /// All rounds done.
+    Completed,
+    /// Stopped by an error.
+    Failed,
+    /// Stopped before the end.
+    Terminated,
+    /// Removed (its events stay).
+    Deleted,
+}
+
+impl Status {
+    /// Every state, for tables and tests.
+    pub const ALL: [Status; 10] = [
+        Self::New,
+        Self::Ready,
+        Self::Starting,
+        Self::Deploying,
+        Self::Running,
+        Self::Stopping,
+        Self::Completed,
+        Self::Failed,
+        Self::Terminated,
+        Self::Deleted,
+    ];
+
+    /// Whether the job can change no more (except by deletion).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Terminated | Self::Deleted)
+    }
+
+    /// Whether the engine is working on the job.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Starting | Self::Deploying | Self::Running | Self::Stopping)
+    }
+
+    /// The state's name, as stored and shown (`running`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Ready => "ready",
+            Self::Starting => "starting",
+            Self::Deploying => "deploying",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Terminated => "terminated",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One task of an expanded job: a role instance, with its dataset if it consumes data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskSpec {

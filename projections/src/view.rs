@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use flame_events::Envelope;
-use flame_events::job::{JobEvent, Metrics};
+use flame_events::job::{JobEvent, Metrics, Status};
 
 /// Everything the projections know about one job.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -66,9 +66,8 @@ impl JobView {
 pub struct JobStatus {
     /// Job name.
     pub name: String,
-    /// Flame's state name: ready, starting, deploying, running, stopping,
-    /// completed, failed, terminated, deleted (empty before any event).
-    pub state: String,
+    /// Flame's state (`new` before any event).
+    pub state: Status,
     /// Latest round started (0 = none).
     pub round: u32,
     /// Rounds the job runs.
@@ -410,8 +409,8 @@ impl JobView {
         self.rounds.get_mut(i)
     }
 
-    fn end(&mut self, state: &str, reason: Option<&str>, at: DateTime<Utc>) {
-        self.status.state = state.into();
+    fn end(&mut self, state: Status, reason: Option<&str>, at: DateTime<Utc>) {
+        self.status.state = state;
         if let Some(r) = reason {
             self.status.failure = Some(r.into());
         }
@@ -432,21 +431,21 @@ impl JobView {
         match event {
             JobEvent::JobCreated { name, spec, tasks, .. } => {
                 self.define(&name, &spec, &tasks);
-                self.status.state = "ready".into();
+                self.status.state = Status::Ready;
                 self.status.created_at = Some(at);
             }
             JobEvent::JobUpdated { name, spec, tasks, .. } => self.define(&name, &spec, &tasks),
-            JobEvent::JobStarting {} => self.status.state = "starting".into(),
+            JobEvent::JobStarting {} => self.status.state = Status::Starting,
             JobEvent::TaskAssigned { task_id, worker_id } => {
                 let task = self.tasks.entry(task_id.clone()).or_default();
                 task.placements.push(Placement { worker_id: worker_id.clone(), at });
                 task.orphaned = false;
                 self.workers.entry(worker_id).or_default().tasks.insert(task_id);
             }
-            JobEvent::JobDeploying {} => self.status.state = "deploying".into(),
+            JobEvent::JobDeploying {} => self.status.state = Status::Deploying,
             JobEvent::TaskDeployed { task_id, .. } => self.tasks.entry(task_id).or_default().deployed_at = Some(at),
             JobEvent::JobStarted {} => {
-                self.status.state = "running".into();
+                self.status.state = Status::Running;
                 self.status.started_at = Some(at);
             }
             JobEvent::TimerSet { .. } | JobEvent::TimerFired { .. } => {}
@@ -586,15 +585,15 @@ impl JobView {
             JobEvent::JobCompleted { final_model, metrics, .. } => {
                 self.status.global_model = Some(final_model);
                 self.status.metrics = metrics;
-                self.end("completed", None, at);
+                self.end(Status::Completed, None, at);
             }
-            JobEvent::JobFailed { reason } => self.end("failed", Some(&reason), at),
+            JobEvent::JobFailed { reason } => self.end(Status::Failed, Some(&reason), at),
             JobEvent::JobStopping { reason } => {
-                self.status.state = "stopping".into();
+                self.status.state = Status::Stopping;
                 self.status.failure = Some(reason);
             }
-            JobEvent::JobTerminated { reason } => self.end("terminated", Some(&reason), at),
-            JobEvent::JobDeleted {} => self.end("deleted", None, at),
+            JobEvent::JobTerminated { reason } => self.end(Status::Terminated, Some(&reason), at),
+            JobEvent::JobDeleted {} => self.end(Status::Deleted, None, at),
         }
     }
 }
@@ -860,7 +859,7 @@ mod tests {
         let history: Vec<Envelope> =
             events.iter().enumerate().map(|(i, (e, a))| envelope("j", i as u64 + 1, 10 + i as u64, e, a)).collect();
         let v = fold(&history);
-        assert_eq!((v.job_id.as_str(), v.status.state.as_str(), v.status.failure.as_deref()), ("j", "failed", Some("quorum")));
+        assert_eq!((v.job_id.as_str(), v.status.state, v.status.failure.as_deref()), ("j", Status::Failed, Some("quorum")));
         assert_eq!((v.status.rounds_completed, v.status.rejected, v.version, v.position), (1, 1, 12, 21));
         let r = &v.rounds[0];
         assert_eq!(r.participants.iter().map(|p| (p.task_id.as_str(), p.samples)).collect::<Vec<_>>(), [("t0", 30)]);

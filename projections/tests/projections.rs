@@ -17,7 +17,7 @@ fn fixture() -> Vec<Envelope> {
 fn the_recorded_job_folds_into_its_read_models() {
     let events = fixture();
     let v = view::fold(&events);
-    assert_eq!((v.status.state.as_str(), v.status.rounds_completed, v.rounds.len()), ("completed", 5, 5));
+    assert_eq!((v.status.state.name(), v.status.rounds_completed, v.rounds.len()), ("completed", 5, 5));
     assert_eq!(v.lineage.len(), 6, "initial model plus one per round");
     for (r, m) in v.rounds.iter().zip(&v.lineage[1..]) {
         assert_eq!(r.participants.len(), 3);
