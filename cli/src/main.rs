@@ -474,8 +474,8 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
 }
 
 /// The actor recorded for commands typed on this machine.
-fn local_user() -> String {
-    format!("user:{}", std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "local".into()))
+fn local_user() -> flame_events::Actor {
+    flame_events::Actor::user(std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "local".into()))
 }
 
 fn print_summary(

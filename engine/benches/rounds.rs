@@ -131,8 +131,9 @@ async fn measure(label: &str, store: Arc<dyn EventStore>, nats_url: &str, traine
     let runner = Runner::new(store.clone(), engine, runner::Options::default());
     let def = definition(trainers);
     let started = Instant::now();
-    let id = runner.submit(&def, "user:bench").await.expect("submit");
-    runner.start(&id, "user:bench").await.expect("start");
+    let bench = flame_events::Actor::user("bench");
+    let id = runner.submit(&def, &bench).await.expect("submit");
+    runner.start(&id, &bench).await.expect("start");
     let job = runner.run(&id).await.expect("run");
     let wall = started.elapsed().as_secs_f64();
     assert_eq!(job.rounds_completed as u64, ROUNDS, "{:?}", job.failure);

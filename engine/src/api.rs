@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
 
 use flame_events::store::{EventStore, ExpectedVersion};
-use flame_events::{Envelope, NewEvent};
+use flame_events::{Actor, Envelope, NewEvent};
 
 use crate::definition::{Dataset, Design, Problem};
 use crate::job::{Job, Status};
@@ -215,8 +215,8 @@ impl From<flame_events::store::Error> for ApiError {
 pub struct User(pub String);
 
 impl User {
-    fn actor(&self) -> String {
-        format!("user:{}", self.0)
+    fn actor(&self) -> Actor {
+        Actor::user(&self.0)
     }
 }
 
@@ -255,9 +255,9 @@ async fn put_resource(
     id: &str,
     expected: ExpectedVersion,
     body: Value,
-    actor: &str,
+    actor: &Actor,
 ) -> Result<(), ApiError> {
-    let event = NewEvent::new(PUT, body, actor).correlated(format!("{kind}-{id}"));
+    let event = NewEvent::new(PUT, body, actor.to_string()).correlated(format!("{kind}-{id}"));
     match store.append(&format!("{kind}-{id}"), expected, vec![event]).await {
         Ok(_) => Ok(()),
         Err(flame_events::store::Error::Conflict { .. }) => {
@@ -267,9 +267,9 @@ async fn put_resource(
     }
 }
 
-async fn remove_resource(store: &dyn EventStore, kind: &str, id: &str, actor: &str) -> Result<StatusCode, ApiError> {
+async fn remove_resource(store: &dyn EventStore, kind: &str, id: &str, actor: &Actor) -> Result<StatusCode, ApiError> {
     let (version, _) = resource(store, kind, id).await?.ok_or_else(|| ApiError::not_found(kind, id))?;
-    let event = NewEvent::new(REMOVED, json!({}), actor).correlated(format!("{kind}-{id}"));
+    let event = NewEvent::new(REMOVED, json!({}), actor.to_string()).correlated(format!("{kind}-{id}"));
     store.append(&format!("{kind}-{id}"), ExpectedVersion::Exact(version), vec![event]).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,50 +1,47 @@
-//! The job aggregate's persistence through cqrs-es, on top of our own
-//! `EventStore` (cqrs-es's snapshot and aggregate stores apply events twice
-//! in 0.5.0, so they are not used; see docs/adr/0001).
+//! The one write path of the job aggregate. Every command, a user's, the
+//! controller's or a batch of workers' reports, goes through [`Jobs::write`]:
+//! the aggregate decides on the job's latest state, the events are appended
+//! after that state's version with each event's own cause (who, and which
+//! command or report), and a writer that appended first makes it decide again
+//! on the new state. See docs/adr/0006-one-write-path.md for why this is not
+//! cqrs-es's framework.
 //!
-//! Loading is incremental: the last state committed through this repository
-//! is cached, and a load reads only the events appended after it, so a job
-//! with thousands of events does not re-fold its whole stream per command.
+//! Loading is incremental: the last state written or read through a `Jobs`
+//! is cached, and a load reads only the events appended after it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-use cqrs_es::{AggregateContext, AggregateError, EventEnvelope};
+use std::time::Duration;
 
 use flame_events::job::{self, JobEvent};
+use flame_events::protocol::Report;
 use flame_events::store::{self, EventStore, ExpectedVersion};
+use flame_events::{Actor, Cause};
 
-use crate::job::{Job, Rejection};
+use crate::job::{Job, JobCommand, Rejection};
 
-/// Metadata key naming who caused the events (`engine`, `worker:<id>`, `user:<name>`).
-pub const ACTOR: &str = "actor";
-/// Metadata key naming the command or report that caused the events.
-pub const CAUSATION: &str = "causation_id";
+/// Attempts a write makes when other writers keep appending first.
+const ATTEMPTS: u32 = 10;
 
-/// A job as loaded: its state and its stream version.
-pub struct Loaded {
-    job_id: String,
-    job: Job,
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The aggregate refused the command; nothing was recorded.
+    #[error("{0}")]
+    Refused(Rejection),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// Other writers appended first every time.
+    #[error("other writers kept appending to the job's stream; gave up after {ATTEMPTS} attempts")]
+    Contended,
 }
 
-impl AggregateContext<Job> for Loaded {
-    fn aggregate(&mut self) -> &mut Job {
-        &mut self.job
-    }
-}
-
-/// Jobs in an `EventStore`, as cqrs-es's event store.
+/// Jobs in an event store.
 #[derive(Clone)]
 pub struct Jobs {
     store: Arc<dyn EventStore>,
     cache: Arc<Mutex<HashMap<String, Job>>>,
-}
-
-fn database(e: store::Error) -> AggregateError<Rejection> {
-    match e {
-        store::Error::Conflict { .. } => AggregateError::AggregateConflict,
-        other => AggregateError::DatabaseConnectionError(Box::new(other)),
-    }
 }
 
 impl Jobs {
@@ -66,33 +63,66 @@ impl Jobs {
         Ok(job)
     }
 
-    /// Appends events decided outside cqrs-es (a batch of worker reports), each with its own
-    /// actor and causation, in one atomic append after `job`'s version; returns the new state.
-    /// Fails with a conflict if someone appended after `job` was loaded.
-    pub async fn append_batch(&self, job: &Job, batch: Vec<(JobEvent, String, Option<String>)>) -> Result<Job, store::Error> {
-        let mut next = job.clone();
-        let mut new = Vec::with_capacity(batch.len());
-        for (event, actor, cause) in &batch {
-            next.apply(event);
-            let e = event.to_new_event(&job.job_id, actor);
-            new.push(match cause {
-                Some(c) => e.caused_by(c.clone()),
-                None => e,
-            });
-        }
-        let expected = if job.version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(job.version) };
-        if let Err(e) = self.store.append(&job::stream_id(&job.job_id), expected, new).await {
-            self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.job_id);
-            return Err(e);
-        }
-        self.remember(&job.job_id, &next);
-        tracing::debug!(job = %job.job_id, events = batch.len(), version = next.version, "recorded a batch of reports");
-        Ok(next)
-    }
-
-    /// The state last loaded or committed through this repository, without reading the store.
+    /// The state last loaded or written through this `Jobs`, without reading the store.
     pub fn last_known(&self, job_id: &str) -> Option<Job> {
         self.cached(job_id)
+    }
+
+    /// Decides and records: `decide` sees the job's latest state and returns
+    /// the events with their causes, which are appended in one atomic append
+    /// after that state's version. If another writer appended first, the job
+    /// is reloaded and `decide` runs again on the new state. Returns the state
+    /// after the events (unchanged when `decide` returned none).
+    pub async fn write(&self, job_id: &str, decide: impl Fn(&Job) -> Result<Vec<(JobEvent, Cause)>, Rejection>) -> Result<Job, Error> {
+        for attempt in 1..=ATTEMPTS {
+            let job = self.load(job_id).await?;
+            let decided = decide(&job).map_err(Error::Refused)?;
+            if decided.is_empty() {
+                return Ok(job);
+            }
+            let mut next = job.clone();
+            let mut new = Vec::with_capacity(decided.len());
+            for (event, cause) in &decided {
+                next.apply(event);
+                let e = event.to_new_event(job_id, &cause.actor.to_string());
+                new.push(match &cause.causation {
+                    Some(c) => e.caused_by(c.clone()),
+                    None => e,
+                });
+            }
+            let expected = if job.version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(job.version) };
+            match self.store.append(&job::stream_id(job_id), expected, new).await {
+                Ok(_) => {
+                    self.remember(job_id, &next);
+                    for (i, (e, cause)) in decided.iter().enumerate() {
+                        tracing::debug!(job = job_id, event = e.event_type(), version = job.version + 1 + i as u64, actor = %cause.actor, "recorded");
+                    }
+                    return Ok(next);
+                }
+                Err(store::Error::Conflict { .. }) => {
+                    // What is cached is behind what someone else stored: read it again, decide again.
+                    self.forget(job_id);
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    self.forget(job_id);
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(Error::Contended)
+    }
+
+    /// One command, all its events caused by `cause`; refused as a whole.
+    pub async fn execute(&self, job_id: &str, command: JobCommand, cause: Cause) -> Result<Job, Error> {
+        self.write(job_id, |job| Ok(job.handle(command.clone())?.into_iter().map(|e| (e, cause.clone())).collect())).await
+    }
+
+    /// A batch of workers' reports in one append: each accepted one's events,
+    /// each refused one recorded as `ReportRejected`, caused by its worker and
+    /// the command it answers.
+    pub async fn take_reports(&self, job_id: &str, reports: &[Report]) -> Result<Job, Error> {
+        self.write(job_id, |job| Ok(decide_reports(job, reports))).await
     }
 
     fn cached(&self, job_id: &str) -> Option<Job> {
@@ -102,131 +132,154 @@ impl Jobs {
     fn remember(&self, job_id: &str, job: &Job) {
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.to_string(), job.clone());
     }
+
+    fn forget(&self, job_id: &str) {
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(job_id);
+    }
 }
 
-impl cqrs_es::EventStore<Job> for Jobs {
-    type AC = Loaded;
-
-    async fn load_events(&self, job_id: &str) -> Result<Vec<EventEnvelope<Job>>, AggregateError<Rejection>> {
-        let stored = self.store.read_stream(&job::stream_id(job_id), 1).await.map_err(database)?;
-        stored
-            .iter()
-            .map(|e| {
-                let payload = JobEvent::from_envelope(e).map_err(database)?;
-                let metadata = HashMap::from([
-                    ("event_id".to_string(), e.event_id.to_string()),
-                    ("position".to_string(), e.position.to_string()),
-                    (ACTOR.to_string(), e.actor.clone()),
-                ]);
-                Ok(EventEnvelope { aggregate_id: job_id.to_string(), sequence: e.version as usize, payload, metadata })
-            })
-            .collect()
-    }
-
-    async fn load_aggregate(&self, job_id: &str) -> Result<Loaded, AggregateError<Rejection>> {
-        let job = self.load(job_id).await.map_err(database)?;
-        Ok(Loaded { job_id: job_id.to_string(), job })
-    }
-
-    async fn commit(
-        &self,
-        events: Vec<JobEvent>,
-        loaded: Loaded,
-        metadata: HashMap<String, String>,
-    ) -> Result<Vec<EventEnvelope<Job>>, AggregateError<Rejection>> {
-        if events.is_empty() {
-            return Ok(Vec::new());
+/// The events a batch of reports makes, each decided on the state the ones
+/// before it left: an accepted report's events, or the record of its refusal.
+pub fn decide_reports(job: &Job, reports: &[Report]) -> Vec<(JobEvent, Cause)> {
+    let mut scratch = job.clone();
+    let mut out = Vec::new();
+    for r in reports {
+        let cause = Cause { actor: Actor::worker(&r.worker_id), causation: Some(r.command_id.clone()) };
+        let events = match scratch.handle(JobCommand::Report(r.clone())) {
+            Ok(events) => events,
+            Err(rejection) => {
+                tracing::warn!(job = %job.job_id, worker = %r.worker_id, "report rejected: {rejection}");
+                let record = JobCommand::RecordRejection { report: Box::new(r.clone()), reason: rejection.to_string() };
+                scratch.handle(record).unwrap_or_default()
+            }
+        };
+        for e in events {
+            scratch.apply(&e);
+            out.push((e, cause.clone()));
         }
-        // The sink already applied `events` to `loaded.job`; its version before them is:
-        let before = loaded.job.version - events.len() as u64;
-        let expected = if before == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(before) };
-        let actor = metadata.get(ACTOR).map_or("engine", String::as_str);
-        let new = events
-            .iter()
-            .map(|e| {
-                let n = e.to_new_event(&loaded.job_id, actor);
-                match metadata.get(CAUSATION) {
-                    Some(c) => n.caused_by(c.clone()),
-                    None => n,
-                }
-            })
-            .collect();
-        let result = self.store.append(&job::stream_id(&loaded.job_id), expected, new).await;
-        if let Err(e) = result {
-            // What is cached may be behind what was stored by someone else: drop it.
-            self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&loaded.job_id);
-            return Err(database(e));
-        }
-        self.remember(&loaded.job_id, &loaded.job);
-        for (i, e) in events.iter().enumerate() {
-            tracing::info!(job = %loaded.job_id, event = e.event_type(), version = before + 1 + i as u64, actor, "recorded");
-        }
-        Ok(events
-            .into_iter()
-            .enumerate()
-            .map(|(i, payload)| EventEnvelope {
-                aggregate_id: loaded.job_id.clone(),
-                sequence: (before + 1) as usize + i,
-                payload,
-                metadata: metadata.clone(),
-            })
-            .collect())
     }
+    out
 }
 
 #[cfg(test)]
 mod tests {
-    use cqrs_es::{CqrsFramework, EventStore as _};
     use flame_events::sqlite::SqliteStore;
 
     use super::*;
-    use crate::job::{JobCommand, Status};
-    use crate::testing::{self, JOB};
+    use crate::job::Status;
+    use crate::testing::{self, JOB, report, trained};
 
     fn create() -> JobCommand {
         let JobEvent::JobCreated { job_id, name, source, spec, tasks } = testing::created(1) else { unreachable!() };
         JobCommand::Create { job_id, name, source, spec, tasks }
     }
 
+    fn engine() -> Cause {
+        Cause::by(Actor::Engine)
+    }
+
     #[tokio::test]
     async fn commands_commit_through_the_event_store_once() {
         let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(":memory:").expect("store"));
         let jobs = Jobs::new(store.clone());
-        let cqrs = CqrsFramework::new(jobs.clone(), vec![], ());
-        cqrs.execute_with_metadata(JOB, create(), HashMap::from([(ACTOR.to_string(), "user:ada".to_string())])).await.expect("create");
-        cqrs.execute(JOB, JobCommand::Start { now_ms: 0 }).await.expect("start");
+        jobs.execute(JOB, create(), Cause::by(Actor::user("ada"))).await.expect("create");
+        jobs.execute(JOB, JobCommand::Start { now_ms: 0 }, engine()).await.expect("start");
         let assignments = ["t0", "t1", "agg"].iter().map(|t| (t.to_string(), format!("w-{t}"))).collect();
-        cqrs.execute(JOB, JobCommand::Assign(assignments)).await.expect("assign");
+        jobs.execute(JOB, JobCommand::Assign(assignments), engine()).await.expect("assign");
 
         let stored = store.read_stream(&job::stream_id(JOB), 1).await.expect("read");
         assert_eq!(stored.len(), 7, "created, starting, deploy timer, three assignments, deploying: each once");
         assert_eq!(stored[0].actor, "user:ada");
+        assert_eq!(stored[1].actor, "engine");
         let job = jobs.load(JOB).await.expect("load");
         assert_eq!((job.status, job.version), (Status::Deploying, 7));
         // A fresh repository over the same store folds the same state.
         assert_eq!(Jobs::new(store.clone()).load(JOB).await.expect("load"), job);
-        assert_eq!(jobs.load_events(JOB).await.expect("events").len(), 7);
 
         // Rejections record nothing.
-        let again = cqrs.execute(JOB, create()).await;
-        assert!(matches!(again, Err(AggregateError::UserError(Rejection::IllegalInState { .. }))));
+        let again = jobs.execute(JOB, create(), engine()).await;
+        assert!(matches!(again, Err(Error::Refused(Rejection::IllegalInState { .. }))));
         assert_eq!(store.read_stream(&job::stream_id(JOB), 1).await.expect("read").len(), 7);
     }
 
     #[tokio::test]
-    async fn a_writer_behind_the_store_gets_a_conflict_and_then_catches_up() {
+    async fn reports_carry_their_own_worker_and_command_and_refusals_are_recorded() {
         let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(":memory:").expect("store"));
-        let (a, b) = (Jobs::new(store.clone()), Jobs::new(store.clone()));
-        CqrsFramework::new(a.clone(), vec![], ()).execute(JOB, create()).await.expect("create");
-        let stale = b.load_aggregate(JOB).await.expect("load");
-        CqrsFramework::new(a.clone(), vec![], ()).execute(JOB, JobCommand::Start { now_ms: 0 }).await.expect("start");
-        let mut stale = stale;
-        let events = Job::handle(stale.aggregate(), JobCommand::Start { now_ms: 1 }).expect("decide");
-        for e in &events {
-            stale.aggregate().apply(e);
+        let jobs = Jobs::new(store.clone());
+        for e in testing::History::created(2).started().initialized().round_started(1).events {
+            jobs.write(JOB, |_| Ok(vec![(e.clone(), engine())])).await.expect("history");
         }
-        let err = b.commit(events, stale, HashMap::new()).await.expect_err("stale");
-        assert!(matches!(err, AggregateError::AggregateConflict));
-        assert_eq!(b.load(JOB).await.expect("reload").status, Status::Starting);
+        let JobCommand::Report(good) = report("t0", 1, trained(1, "t0")) else { unreachable!() };
+        let JobCommand::Report(late) = report("t1", 7, trained(7, "t1")) else { unreachable!() };
+        let before = jobs.load(JOB).await.expect("load").version;
+        let job = jobs.take_reports(JOB, &[good, late]).await.expect("reports");
+        assert_eq!(job.version, before + 2, "one update, one recorded refusal, in one append");
+        let stored = store.read_stream(&job::stream_id(JOB), before + 1).await.expect("read");
+        assert_eq!(
+            stored.iter().map(|e| (e.event_type.as_str(), e.actor.as_str(), e.causation_id.as_deref())).collect::<Vec<_>>(),
+            [("UpdateReported", "worker:w-t0", Some("c-t0-1")), ("ReportRejected", "worker:w-t1", Some("c-t1-7"))]
+        );
+    }
+
+    /// A store where another writer gets in first once: just before the first
+    /// append through it, a user's stop lands in the job's stream.
+    struct Racing {
+        inner: Arc<SqliteStore>,
+        raced: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl EventStore for Racing {
+        async fn append(
+            &self,
+            stream: &str,
+            expected: ExpectedVersion,
+            events: Vec<flame_events::NewEvent>,
+        ) -> Result<store::AppendResult, store::Error> {
+            if !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let before = self.inner.read_stream(stream, 1).await?.len() as u64;
+                let stop = JobEvent::JobStopping { reason: "stopped by user:bob".into() }.to_new_event(JOB, "user:bob");
+                self.inner.append(stream, ExpectedVersion::Exact(before), vec![stop]).await?;
+            }
+            self.inner.append(stream, expected, events).await
+        }
+        async fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<flame_events::Envelope>, store::Error> {
+            self.inner.read_stream(stream, from_version).await
+        }
+        async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<flame_events::Envelope>, store::Error> {
+            self.inner.read_all(from_position, limit).await
+        }
+        async fn load_checkpoint(&self, name: &str) -> Result<u64, store::Error> {
+            self.inner.load_checkpoint(name).await
+        }
+        async fn save_checkpoint(&self, name: &str, position: u64) -> Result<(), store::Error> {
+            self.inner.save_checkpoint(name, position).await
+        }
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_behind_the_store_decides_again_on_the_new_state() {
+        let inner = Arc::new(SqliteStore::open(":memory:").expect("store"));
+        let setup = Jobs::new(inner.clone());
+        for e in testing::History::created(2).started().initialized().events {
+            setup.write(JOB, |_| Ok(vec![(e.clone(), engine())])).await.expect("history");
+        }
+        let racing: Arc<dyn EventStore> = Arc::new(Racing { inner: inner.clone(), raced: false.into() });
+        let jobs = Jobs::new(racing);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let result = jobs
+            .write(JOB, |job| {
+                seen.lock().expect("lock").push(job.status);
+                job.handle(JobCommand::StartRound { now_ms: 0 }).map(|events| events.into_iter().map(|e| (e, engine())).collect())
+            })
+            .await;
+        // The first decision conflicted with the stop; decided again on the stopping job, the round is refused.
+        assert_eq!(seen.into_inner().expect("lock"), [Status::Running, Status::Stopping]);
+        assert!(matches!(result, Err(Error::Refused(Rejection::IllegalInState { command: "start round", .. }))), "{result:?}");
+        let stored = inner.read_stream(&job::stream_id(JOB), 1).await.expect("read");
+        assert_eq!(stored.last().map(|e| e.event_type.as_str()), Some("JobStopping"), "no round started after the stop");
     }
 }

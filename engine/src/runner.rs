@@ -3,13 +3,12 @@
 //! reads the worker registry and feeds reports back. Everything it knows
 //! comes from the job's events, so a restarted runner continues any job.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 
-use cqrs_es::{AggregateError, CqrsFramework};
 use flame_events::protocol::{Report, WorkerInfo};
 use flame_events::store::EventStore;
 use flame_events::transport::Transport;
@@ -18,6 +17,7 @@ use crate::controller::{Action, decide};
 use crate::definition::{JobDefinition, Problems};
 use crate::job::{Job, JobCommand, Rejection, Status};
 use crate::persist::{self, Jobs};
+use flame_events::{Actor, Cause};
 
 /// Most reports taken into one append.
 const MAX_REPORT_BATCH: usize = 1000;
@@ -47,17 +47,22 @@ pub enum Error {
         /// Why.
         rejection: Rejection,
     },
-    /// Committing through cqrs-es failed (the store, or writers racing too long).
-    #[error("job {job}: cannot record events: {reason}")]
-    Persist {
-        /// Job id.
-        job: String,
-        /// Why.
-        reason: String,
-    },
+    /// Other writers kept appending to the job's stream first.
+    #[error("job {0}: other writers kept appending first; try again")]
+    Contended(String),
     /// No such job in the store.
     #[error("job '{0}' has no events in this store")]
     UnknownJob(String),
+}
+
+impl Error {
+    fn from_write(job: &str, e: persist::Error) -> Self {
+        match e {
+            persist::Error::Refused(rejection) => Self::Refused { job: job.to_string(), rejection },
+            persist::Error::Store(e) => Self::Store(e),
+            persist::Error::Contended => Self::Contended(job.to_string()),
+        }
+    }
 }
 
 /// How often the runner looks around.
@@ -80,7 +85,6 @@ impl Default for Options {
 pub struct Runner {
     store: Arc<dyn EventStore>,
     jobs: Jobs,
-    cqrs: Arc<CqrsFramework<Job, Jobs>>,
     transport: Arc<dyn Transport>,
     options: Options,
     wake: Arc<tokio::sync::Notify>,
@@ -95,8 +99,7 @@ impl Runner {
     /// A runner over a store and a transport.
     pub fn new(store: Arc<dyn EventStore>, transport: Arc<dyn Transport>, options: Options) -> Self {
         let jobs = Jobs::new(store.clone());
-        let cqrs = Arc::new(CqrsFramework::new(jobs.clone(), vec![], ()));
-        Self { store, jobs, cqrs, transport, options, wake: Arc::default() }
+        Self { store, jobs, transport, options, wake: Arc::default() }
     }
 
     /// The worker registry, as the transport sees it.
@@ -105,40 +108,40 @@ impl Runner {
     }
 
     /// Records a new job from a definition; returns its id.
-    pub async fn submit(&self, def: &JobDefinition, actor: &str) -> Result<String, Error> {
+    pub async fn submit(&self, def: &JobDefinition, actor: &Actor) -> Result<String, Error> {
         let crate::compile::Compiled { spec, tasks } = crate::compile::compile(def).map_err(Error::Invalid)?;
         let job_id = uuid::Uuid::now_v7().to_string();
         let command =
             JobCommand::Create { job_id: job_id.clone(), name: def.name(), source: def.folder.display().to_string(), spec, tasks };
-        self.execute(&job_id, command, actor, None).await?;
+        self.execute(&job_id, command, Cause::by(actor.clone())).await?;
         Ok(job_id)
     }
 
     /// Replaces the definition of a job that is not running.
-    pub async fn update(&self, job_id: &str, def: &JobDefinition, actor: &str) -> Result<Job, Error> {
+    pub async fn update(&self, job_id: &str, def: &JobDefinition, actor: &Actor) -> Result<Job, Error> {
         self.load(job_id).await?;
         let crate::compile::Compiled { spec, tasks } = crate::compile::compile(def).map_err(Error::Invalid)?;
         self.user(job_id, JobCommand::Update { name: def.name(), source: def.folder.display().to_string(), spec, tasks }, actor).await
     }
 
     /// Asks a ready job to start; `run` then drives it.
-    pub async fn start(&self, job_id: &str, actor: &str) -> Result<Job, Error> {
+    pub async fn start(&self, job_id: &str, actor: &Actor) -> Result<Job, Error> {
         self.user(job_id, JobCommand::Start { now_ms: now_ms() }, actor).await
     }
 
     /// Asks an active job to stop.
-    pub async fn stop(&self, job_id: &str, reason: &str, actor: &str) -> Result<Job, Error> {
+    pub async fn stop(&self, job_id: &str, reason: &str, actor: &Actor) -> Result<Job, Error> {
         self.user(job_id, JobCommand::Stop { reason: format!("stopped by {actor}: {reason}") }, actor).await
     }
 
     /// Removes a job that is not active (its events stay).
-    pub async fn delete(&self, job_id: &str, actor: &str) -> Result<Job, Error> {
+    pub async fn delete(&self, job_id: &str, actor: &Actor) -> Result<Job, Error> {
         self.user(job_id, JobCommand::Delete, actor).await
     }
 
-    async fn user(&self, job_id: &str, command: JobCommand, actor: &str) -> Result<Job, Error> {
+    async fn user(&self, job_id: &str, command: JobCommand, actor: &Actor) -> Result<Job, Error> {
         self.load(job_id).await?;
-        let job = self.execute(job_id, command, actor, None).await?;
+        let job = self.execute(job_id, command, Cause::by(actor.clone())).await?;
         self.wake.notify_waiters();
         Ok(job)
     }
@@ -206,7 +209,7 @@ impl Runner {
                         }
                     }
                     Action::Handle(command) => {
-                        job = match self.execute(job_id, command, "engine", None).await {
+                        job = match self.execute(job_id, command, Cause::by(Actor::Engine)).await {
                             Ok(job) => job,
                             // Someone else (a user, another step) moved the job first: decide again.
                             Err(Error::Refused { rejection, .. }) => {
@@ -286,64 +289,14 @@ impl Runner {
 
     /// Applies reports, and records why any was refused, in one append: each is dealt with once.
     async fn take_reports(&self, job_id: &str, reports: Vec<Report>) -> Result<(), Error> {
-        if reports.is_empty() {
-            return Ok(());
+        if !reports.is_empty() {
+            self.jobs.take_reports(job_id, &reports).await.map_err(|e| Error::from_write(job_id, e))?;
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let job = self.jobs.load(job_id).await?;
-            let mut scratch = job.clone();
-            let mut batch = Vec::new();
-            for r in &reports {
-                let (actor, cause) = (format!("worker:{}", r.worker_id), Some(r.command_id.clone()));
-                let events = match scratch.handle(JobCommand::Report(r.clone())) {
-                    Ok(events) => events,
-                    Err(rejection) => {
-                        tracing::warn!(job = job_id, worker = %r.worker_id, "report rejected: {rejection}");
-                        let record = JobCommand::RecordRejection { report: Box::new(r.clone()), reason: rejection.to_string() };
-                        scratch.handle(record).unwrap_or_default()
-                    }
-                };
-                for e in events {
-                    scratch.apply(&e);
-                    batch.push((e, actor.clone(), cause.clone()));
-                }
-            }
-            if batch.is_empty() {
-                return Ok(());
-            }
-            match self.jobs.append_batch(&job, batch).await {
-                Ok(_) => return Ok(()),
-                // Someone else appended meanwhile (a user's stop): decide again on the new state.
-                Err(flame_events::store::Error::Conflict { .. }) if attempt < 10 => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Ok(())
     }
 
-    /// Runs a command through the aggregate (cqrs-es over our store) and returns the new state.
-    /// A conflict with another writer reloads and retries.
-    async fn execute(&self, job_id: &str, command: JobCommand, actor: &str, cause: Option<&str>) -> Result<Job, Error> {
-        let mut metadata = HashMap::from([(persist::ACTOR.to_string(), actor.to_string())]);
-        if let Some(c) = cause {
-            metadata.insert(persist::CAUSATION.to_string(), c.to_string());
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.cqrs.execute_with_metadata(job_id, command.clone(), metadata.clone()).await {
-                Ok(()) => break,
-                Err(AggregateError::UserError(rejection)) => return Err(Error::Refused { job: job_id.to_string(), rejection }),
-                Err(AggregateError::AggregateConflict) if attempt < 10 => {
-                    tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
-                }
-                Err(other) => return Err(Error::Persist { job: job_id.to_string(), reason: other.to_string() }),
-            }
-        }
-        match self.jobs.last_known(job_id) {
-            Some(job) => Ok(job),
-            None => Ok(self.jobs.load(job_id).await?),
-        }
+    /// Runs a command through the aggregate's one write path and returns the new state.
+    async fn execute(&self, job_id: &str, command: JobCommand, cause: Cause) -> Result<Job, Error> {
+        self.jobs.execute(job_id, command, cause).await.map_err(|e| Error::from_write(job_id, e))
     }
 }

@@ -76,3 +76,52 @@ impl NewEvent {
         self
     }
 }
+
+/// Who caused an event, as envelopes record it (`user:<name>`, `engine`, `worker:<id>`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Actor {
+    /// A person, through flamectl or the management API.
+    User(String),
+    /// The engine's own decisions (placing tasks, starting rounds, deadlines).
+    Engine,
+    /// A worker, through its reports.
+    Worker(String),
+}
+
+impl Actor {
+    /// A person by name.
+    pub fn user(name: impl Into<String>) -> Self {
+        Self::User(name.into())
+    }
+
+    /// A worker by id.
+    pub fn worker(id: impl Into<String>) -> Self {
+        Self::Worker(id.into())
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::User(name) => write!(f, "user:{name}"),
+            Self::Engine => f.write_str("engine"),
+            Self::Worker(id) => write!(f, "worker:{id}"),
+        }
+    }
+}
+
+/// Why events were recorded: who asked, and the command or report they answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cause {
+    /// Who.
+    pub actor: Actor,
+    /// The command or report id (a worker's report: the command it answers).
+    pub causation: Option<String>,
+}
+
+impl Cause {
+    /// Caused by `actor`, answering nothing in particular.
+    pub fn by(actor: Actor) -> Self {
+        Self { actor, causation: None }
+    }
+}

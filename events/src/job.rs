@@ -537,16 +537,6 @@ pub fn stream_id(job_id: &str) -> String {
     format!("job-{job_id}")
 }
 
-impl cqrs_es::DomainEvent for JobEvent {
-    fn event_type(&self) -> String {
-        JobEvent::event_type(self).to_string()
-    }
-
-    fn event_version(&self) -> String {
-        schema_version(JobEvent::event_type(self)).to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ pub mod subscription;
 pub mod transport;
 pub mod upcast;
 
-pub use envelope::{Envelope, NewEvent};
+pub use envelope::{Actor, Cause, Envelope, NewEvent};
 
 /// For `skip_serializing_if`: leave a zero count out of the JSON.
 pub fn is_zero(n: &u32) -> bool {

@@ -178,8 +178,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Run { connect: c, job } => {
             let def = JobDefinition::load(&job)?;
             let engine = connect(&c).await?;
-            let job_id = engine.runner.submit(&def, "user:cli").await?;
-            engine.runner.start(&job_id, "user:cli").await?;
+            let cli = flame_events::Actor::user("cli");
+            let job_id = engine.runner.submit(&def, &cli).await?;
+            engine.runner.start(&job_id, &cli).await?;
             eprintln!("job {job_id} submitted from {}", job.display());
             let result = engine.runner.run(&job_id).await;
             engine.close().await?;

@@ -172,24 +172,3 @@ impl Job {
         self.trainers().filter(|t| !self.orphaned.contains(&t.task_id))
     }
 }
-
-/// The job aggregate as cqrs-es sees it: `handle` writes the decided events
-/// to the sink (which applies them), `apply` folds one event.
-impl cqrs_es::Aggregate for Job {
-    const TYPE: &'static str = "job";
-    type Command = JobCommand;
-    type Event = JobEvent;
-    type Error = Rejection;
-    type Services = ();
-
-    async fn handle(&mut self, command: JobCommand, _: &(), sink: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), Rejection> {
-        for event in Job::handle(self, command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: JobEvent) {
-        Job::apply(self, &event);
-    }
-}
