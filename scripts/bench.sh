@@ -12,7 +12,7 @@ cd "$root"
 bash scripts/setup-libtorch.sh
 bash scripts/services.sh install
 case "${1:-store}" in
-  store) bash scripts/services.sh run cargo bench -q -p flame-events --bench store ;;
+  store) bash scripts/services.sh run cargo bench -q -p flame-stores --bench store ;;
   rounds) bash scripts/services.sh run cargo bench -q -p flame-engine --bench rounds ;;
   flower)
     # Flower is installed for this benchmark only, in its own venv.

@@ -59,7 +59,7 @@ impl Events {
                 base: api.trim_end_matches('/').to_string(),
                 auth: source.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default(),
             },
-            None => Events::Store(flame_events::open_store(&source.store).await?, source.store.clone()),
+            None => Events::Store(flame_stores::open_store(&source.store).await?, source.store.clone()),
         })
     }
 
@@ -459,7 +459,7 @@ pub async fn watch(job_id: &str, source: &Source) -> anyhow::Result<ExitCode> {
 
 /// `flamectl project`: brings the stored read models up to date (or rebuilds them).
 pub async fn project(store_url: &str, rebuild: bool, follow: bool, batch: usize) -> anyhow::Result<ExitCode> {
-    let store = flame_events::open_store(store_url).await?;
+    let store = flame_stores::open_store(store_url).await?;
     let models = views::open(store_url).await?;
     let started = Instant::now();
     if rebuild {
@@ -478,7 +478,7 @@ pub async fn project(store_url: &str, rebuild: bool, follow: bool, batch: usize)
         models.location()
     );
     if follow {
-        runner.follow(flame_events::shutdown_signal()).await?;
+        runner.follow(flame_transport::shutdown_signal()).await?;
     }
     Ok(ExitCode::SUCCESS)
 }

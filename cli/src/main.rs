@@ -15,7 +15,7 @@ use flame_engine::{JobDefinition, Runner, plan, planner, runner};
 use flame_events::Envelope;
 use flame_events::job;
 use flame_events::protocol::WorkerInfo;
-use flame_events::transport::InProcess;
+use flame_transport::InProcess;
 use flame_workers::blob::LocalBlobs;
 use flame_workers::kernels::Kernels;
 use flame_workers::{Worker, model};
@@ -432,7 +432,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     model::init_backend();
     let started = Instant::now();
     let store_url = format!("sqlite:{}", data_dir.join("events.db").display());
-    let store = flame_events::open_store(&store_url).await?;
+    let store = flame_stores::open_store(&store_url).await?;
     let blobs = Arc::new(LocalBlobs::new(data_dir.join("blobs"))?);
     let transport = Arc::new(InProcess::default());
     let runner = Runner::new(store.clone(), transport.clone(), runner::Options::default());

@@ -18,7 +18,7 @@ use flame_engine::{JobDefinition, Runner, runner};
 use flame_events::job::stream_id;
 use flame_events::protocol::{self, CommandBody, Report, ReportBody, WorkerInfo};
 use flame_events::store::EventStore;
-use flame_events::transport::{Nats, Transport};
+use flame_transport::{Nats, Transport};
 
 const ROUNDS: u64 = 10;
 /// Simulated workers share NATS connections, this many to a connection.
@@ -190,12 +190,12 @@ async fn main() {
     println!("{ROUNDS} rounds each; workers answer at once; NATS JetStream for commands and reports");
     for &n in &sizes {
         let store =
-            flame_events::open_store(&format!("sqlite:{}", dir.path().join(format!("events-{n}.db")).display())).await.expect("sqlite");
+            flame_stores::open_store(&format!("sqlite:{}", dir.path().join(format!("events-{n}.db")).display())).await.expect("sqlite");
         measure("sqlite", store, &nats, n).await;
     }
     if let Ok(mongo) = std::env::var("FLAME_TEST_MONGO_URI") {
         let db = format!("flame_bench_{}", uuid::Uuid::now_v7().simple());
-        let store: Arc<dyn EventStore> = Arc::new(flame_events::mongo::MongoStore::connect(&mongo, &db).await.expect("mongo"));
+        let store: Arc<dyn EventStore> = Arc::new(flame_stores::mongo::MongoStore::connect(&mongo, &db).await.expect("mongo"));
         measure("mongodb", store, &nats, sizes[0]).await;
     }
 }

@@ -291,7 +291,7 @@ fn bad_body(e: &serde_json::Error, what: &str, hint: &str) -> ApiError {
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    flame_events::transport::check_id(id).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+    flame_transport::check_id(id).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
 }
 
 /// A design: Flame's topology (its schema is set separately).

@@ -163,7 +163,7 @@ pub fn decide_reports(job: &Job, reports: &[Report]) -> Vec<(JobEvent, Cause)> {
 
 #[cfg(test)]
 mod tests {
-    use flame_events::sqlite::SqliteStore;
+    use flame_stores::sqlite::SqliteStore;
 
     use super::*;
     use crate::job::Status;

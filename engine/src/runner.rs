@@ -11,7 +11,7 @@ use futures::{FutureExt, StreamExt};
 
 use flame_events::protocol::{Report, WorkerInfo};
 use flame_events::store::EventStore;
-use flame_events::transport::Transport;
+use flame_transport::Transport;
 
 use crate::controller::{Action, decide};
 use crate::definition::{JobDefinition, Problems};
@@ -38,7 +38,7 @@ pub enum Error {
     Store(#[from] flame_events::store::Error),
     /// The transport failed.
     #[error(transparent)]
-    Transport(#[from] flame_events::transport::Error),
+    Transport(#[from] flame_transport::Error),
     /// The job refused the command (illegal in its state, or a bad report).
     #[error("job {job}: {rejection}")]
     Refused {

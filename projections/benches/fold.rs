@@ -14,11 +14,11 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 
 use flame_events::job::{JobEvent, Metrics, RunSpec, TaskSpec};
-use flame_events::sqlite::SqliteStore;
 use flame_events::store::{EventStore, ExpectedVersion};
 use flame_events::{Envelope, NewEvent};
 use flame_projections::store::{ReadModels, SqliteViews};
 use flame_projections::{Projector, Runner};
+use flame_stores::sqlite::SqliteStore;
 
 // The allocator flamectl and flame-engine use too: folding is allocation-bound.
 #[global_allocator]

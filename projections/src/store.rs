@@ -215,7 +215,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn ReadModels>, Error> {
     if let Some(path) = url.strip_prefix("sqlite:") {
         Ok(Arc::new(SqliteViews::open(path)?))
     } else if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
-        Ok(Arc::new(MongoViews::connect(url, flame_events::mongo::DEFAULT_DB).await?))
+        Ok(Arc::new(MongoViews::connect(url, flame_stores::mongo::DEFAULT_DB).await?))
     } else {
         Err(Error::Config(format!("unknown store URL '{url}': use sqlite:PATH or mongodb://HOST:PORT/...")))
     }
@@ -260,7 +260,7 @@ impl SqliteViews {
     }
 
     async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-        flame_events::sqlite::blocking(&self.conn, f).await
+        flame_stores::sqlite::blocking(&self.conn, f).await
     }
 }
 

@@ -3,10 +3,10 @@
 //! stored it, checked in as `fixtures/digits-two-tier.jsonl`.
 
 use flame_events::Envelope;
-use flame_events::sqlite::SqliteStore;
 use flame_events::store::{EventStore, ExpectedVersion};
 use flame_projections::store::{ReadModels, SqliteViews};
 use flame_projections::{render, runner, trace, verify, view};
+use flame_stores::sqlite::SqliteStore;
 use serde_json::Value;
 
 fn fixture() -> Vec<Envelope> {

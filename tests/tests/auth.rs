@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use flame_events::transport::{Nats, NatsAuth, Transport};
+use flame_transport::{Nats, NatsAuth, Transport};
 
 use crate::util::{self, Processes, bin, free_port};
 

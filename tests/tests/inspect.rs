@@ -131,7 +131,7 @@ async fn a_projection_runner_killed_mid_catch_up_resumes_exactly_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("events.db");
     let path = path.to_str().expect("utf8").to_string();
-    let store = flame_events::sqlite::SqliteStore::open(&path).expect("store");
+    let store = flame_stores::sqlite::SqliteStore::open(&path).expect("store");
     let events = fixture();
     let jobs = 300;
     for j in 0..jobs {

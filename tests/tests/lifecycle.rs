@@ -171,7 +171,7 @@ async fn an_engine_killed_at_any_point_resumes_and_counts_every_update_once() {
     let (status, started) = http.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"start"}"#));
     assert_eq!(status, 200, "{started}");
 
-    let store = flame_events::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
+    let store = flame_stores::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
     let mut kills = Vec::new();
     // 1. During placement and deployment: right after the start was recorded.
     kill(&mut procs, engine);
@@ -253,7 +253,7 @@ async fn a_lost_trainer_is_survived_by_quorum_and_max_run_time_terminates() {
     let stdout = run(&mut procs, &file);
     let engine = procs.0.len() - 1;
 
-    let store = flame_events::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
+    let store = flame_stores::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
     let job_id = {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -75,7 +75,7 @@ fn every_recorded_log_decodes_folds_to_its_end_and_verifies() {
         // Into a store of its own, events as they were written, then flamectl replay --verify.
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("events.db");
-        let store = flame_events::sqlite::SqliteStore::open(path.to_str().expect("utf8")).expect("store");
+        let store = flame_stores::sqlite::SqliteStore::open(path.to_str().expect("utf8")).expect("store");
         let batch = events
             .iter()
             .map(|e| {

@@ -7,9 +7,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::json;
 
-use flame_events::relay::{EVENT_STREAM, Relay};
-use flame_events::sqlite::SqliteStore;
 use flame_events::{EventStore, ExpectedVersion, NewEvent};
+use flame_stores::sqlite::SqliteStore;
+use flame_transport::relay::{EVENT_STREAM, Relay};
 
 use crate::util::{Nats, connect, free_port};
 

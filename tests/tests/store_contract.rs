@@ -9,11 +9,11 @@ use futures::StreamExt;
 
 use serde_json::json;
 
-use flame_events::mongo::MongoStore;
-use flame_events::sqlite::SqliteStore;
 use flame_events::store::Error;
 use flame_events::subscription::subscribe;
 use flame_events::{EventStore, ExpectedVersion, NewEvent};
+use flame_stores::mongo::MongoStore;
+use flame_stores::sqlite::SqliteStore;
 
 use crate::util::{mongo_uri, unique};
 

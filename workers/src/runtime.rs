@@ -13,7 +13,7 @@ use flame_events::algorithm::ServerOptimizer;
 #[cfg(feature = "tch")]
 use flame_events::algorithm::{ClientObjective, Privacy};
 use flame_events::protocol::{self, Command, CommandBody, Excluded, Report, ReportBody, WorkerInfo};
-use flame_events::transport::Transport;
+use flame_transport::Transport;
 
 use crate::blob::BlobStore;
 #[cfg(feature = "tch")]
@@ -56,7 +56,7 @@ impl Worker {
 
     /// Registers, then runs commands until `shutdown` resolves or the inbox closes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        flame_events::transport::check_id(&self.info.id)?;
+        flame_transport::check_id(&self.info.id)?;
         self.transport.register(&self.info).await.context("registering the worker")?;
         let mut inbox = self.transport.command_inbox(&self.info.id).await.context("opening the command inbox")?;
         let heartbeat = {
@@ -382,7 +382,7 @@ fn privatize(
 
 #[cfg(all(test, feature = "tch"))]
 mod tests {
-    use flame_events::transport::InProcess;
+    use flame_transport::InProcess;
 
     use super::*;
     use crate::blob::LocalBlobs;

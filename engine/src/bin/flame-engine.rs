@@ -12,11 +12,11 @@ use clap::{Parser, Subcommand};
 
 use flame_engine::api::{Api, Tokens};
 use flame_engine::{JobDefinition, Runner, runner};
-use flame_events::mongo::{DEFAULT_DB, MongoStore};
-use flame_events::relay::Relay;
 use flame_events::store::EventStore;
-use flame_events::transport::Nats;
 use flame_projections::store::MongoViews;
+use flame_stores::mongo::{DEFAULT_DB, MongoStore};
+use flame_transport::Nats;
+use flame_transport::relay::Relay;
 
 /// The Flame engine: events in MongoDB, commands and reports over NATS.
 #[derive(Parser, Debug)]
@@ -38,7 +38,7 @@ struct Connect {
     #[arg(long, env = "FLAME_NATS")]
     nats: String,
     #[command(flatten)]
-    auth: flame_events::transport::NatsAuth,
+    auth: flame_transport::NatsAuth,
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,7 +88,7 @@ struct Engine {
     store: Arc<MongoStore>,
     runner: Runner,
     stop_relay: tokio::sync::oneshot::Sender<()>,
-    relay: tokio::task::JoinHandle<Result<(), flame_events::relay::Error>>,
+    relay: tokio::task::JoinHandle<Result<(), flame_transport::relay::Error>>,
 }
 
 /// Keeps the job views in the database up to date until `stop` fires; a
@@ -170,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
                 resumed.len(),
                 engine.store.location()
             );
-            axum::serve(listener, api.router()).with_graceful_shutdown(flame_events::shutdown_signal()).await?;
+            axum::serve(listener, api.router()).with_graceful_shutdown(flame_transport::shutdown_signal()).await?;
             let _ = stop_projection.send(true);
             projection.await.context("job projection task")?;
             engine.close().await

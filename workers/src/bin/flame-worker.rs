@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use flame_events::protocol::WorkerInfo;
-use flame_events::transport::Nats;
+use flame_transport::Nats;
 use flame_workers::blob::NatsBlobs;
 use flame_workers::kernels::Kernels;
 use flame_workers::{Worker, model};
@@ -21,7 +21,7 @@ struct Args {
     #[arg(long, env = "FLAME_NATS")]
     nats: String,
     #[command(flatten)]
-    auth: flame_events::transport::NatsAuth,
+    auth: flame_transport::NatsAuth,
     /// This worker's id (letters, digits, '-', '_'), unique in the deployment.
     #[arg(long)]
     id: String,
@@ -67,5 +67,5 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let transport = Nats::connect_with(&args.nats, &args.auth).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
-    Worker::new(info, Arc::new(transport), Arc::new(blobs)).with_concurrency(args.concurrency).run(flame_events::shutdown_signal()).await
+    Worker::new(info, Arc::new(transport), Arc::new(blobs)).with_concurrency(args.concurrency).run(flame_transport::shutdown_signal()).await
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use futures::stream::{FuturesOrdered, StreamExt};
 
-use crate::store::EventStore;
+use flame_events::store::EventStore;
 
 /// The JetStream stream that carries committed events.
 pub const EVENT_STREAM: &str = "FLAME_EVENTS";
@@ -19,7 +19,7 @@ const BATCH: usize = 1000;
 pub enum Error {
     /// The store failed.
     #[error(transparent)]
-    Store(#[from] crate::store::Error),
+    Store(#[from] flame_events::store::Error),
     /// NATS failed.
     #[error("publishing events to NATS failed: {0}")]
     Nats(String),

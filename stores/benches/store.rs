@@ -12,9 +12,9 @@ use std::time::Instant;
 use mongodb::bson::doc;
 use serde_json::json;
 
-use flame_events::mongo::MongoStore;
-use flame_events::sqlite::SqliteStore;
 use flame_events::{EventStore, ExpectedVersion, NewEvent};
+use flame_stores::mongo::MongoStore;
+use flame_stores::sqlite::SqliteStore;
 
 const EVENTS: usize = 2000;
 

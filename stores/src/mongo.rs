@@ -12,8 +12,8 @@ use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION
 use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Client, ClientSession, Collection, IndexModel};
 
-use crate::store::{AppendResult, Error, EventStore, ExpectedVersion};
-use crate::{Envelope, NewEvent};
+use flame_events::store::{AppendResult, Error, EventStore, ExpectedVersion};
+use flame_events::{Envelope, NewEvent};
 
 /// The database used when the URL names none.
 pub const DEFAULT_DB: &str = "flame";

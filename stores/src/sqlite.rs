@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::store::{AppendResult, Error, EventStore, ExpectedVersion};
-use crate::{Envelope, NewEvent};
+use flame_events::store::{AppendResult, Error, EventStore, ExpectedVersion};
+use flame_events::{Envelope, NewEvent};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -281,8 +281,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::job::JobEvent;
-    use crate::upcast::Upcasters;
+    use flame_events::job::JobEvent;
+    use flame_events::upcast::Upcasters;
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
@@ -315,7 +315,7 @@ mod tests {
             // An unknown event type decodes as an envelope but not as a job event, and says where.
             let odd = store.read_stream("job-odd", 1).await.expect("envelope");
             let err = JobEvent::from_envelope(&odd[0]).expect_err("unknown type");
-            assert!(matches!(&err, crate::store::Error::Decode { stream, version: 1, event_type, .. } if stream == "job-odd" && event_type == "JobTeleported"), "{err}");
+            assert!(matches!(&err, flame_events::store::Error::Decode { stream, version: 1, event_type, .. } if stream == "job-odd" && event_type == "JobTeleported"), "{err}");
         });
     }
 

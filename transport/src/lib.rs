@@ -1,5 +1,9 @@
 //! How commands reach workers and reports reach the engine: one trait, an
-//! in-process implementation for embedded mode and a NATS JetStream one.
+//! in-process implementation for embedded mode and a NATS JetStream one; and
+//! the outbox relay that publishes committed events to JetStream
+//! ([`relay`]). Workers link this and the event vocabulary, no database driver.
+
+pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -14,7 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use crate::protocol::{Command, Report, WorkerInfo};
+use flame_events::protocol::{Command, Report, WorkerInfo};
 
 /// JetStream stream holding commands, subjects `flame.cmd.<worker-id>`.
 pub const COMMAND_STREAM: &str = "FLAME_CMDS";
@@ -406,5 +410,17 @@ impl Transport for Nats {
             Err(e) if e.to_string().contains("not found") => Ok(()),
             Err(e) => Err(nats(e)),
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the graceful-shutdown trigger of every binary.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
