@@ -465,7 +465,7 @@ pub async fn project(store_url: &str, rebuild: bool, follow: bool, batch: usize)
     if rebuild {
         models.reset().await?;
     }
-    let mut runner = flame_projections::Runner::open(store.as_ref(), models.as_ref(), batch).await?;
+    let mut runner = flame_projections::ViewWriter::open(store.as_ref(), models.as_ref(), batch).await?;
     let p = runner.catch_up().await?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use flame_engine::job::Status;
-use flame_engine::{JobDefinition, Runner, plan, planner, runner};
+use flame_engine::{JobDefinition, Runner, expand, plan, runner};
 use flame_events::Envelope;
 use flame_events::job;
 use flame_events::protocol::WorkerInfo;
@@ -100,14 +100,14 @@ enum Cmd {
         #[command(subcommand)]
         what: remote::Create,
         #[command(flatten)]
-        api: remote::Api,
+        api: remote::Remote,
     },
     /// Show designs, schemas, datasets, jobs, tasks or computes of a running engine.
     Get {
         #[command(subcommand)]
         what: remote::Get,
         #[command(flatten)]
-        api: remote::Api,
+        api: remote::Remote,
     },
     /// Replace a job's definition while it is not running.
     Update {
@@ -119,14 +119,14 @@ enum Cmd {
         /// Job folder or workflow file.
         path: PathBuf,
         #[command(flatten)]
-        api: remote::Api,
+        api: remote::Remote,
     },
     /// Remove a design, dataset or job.
     Remove {
         #[command(subcommand)]
         what: remote::Remove,
         #[command(flatten)]
-        api: remote::Api,
+        api: remote::Remote,
     },
     /// Start a job.
     Start {
@@ -136,7 +136,7 @@ enum Cmd {
         /// Job id.
         id: String,
         #[command(flatten)]
-        api: remote::Api,
+        api: remote::Remote,
     },
     /// Stop a job.
     Stop {
@@ -149,7 +149,7 @@ enum Cmd {
         #[arg(long, default_value = "stopped from flamectl")]
         reason: String,
         #[command(flatten)]
-        api: remote::Api,
+        api: remote::Remote,
     },
     /// Print a job's events in order, filtered; --follow tails them until the job ends.
     Events {
@@ -326,7 +326,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
 }
 
 fn validate(folder: &Path, output: Output) -> anyhow::Result<ExitCode> {
-    let result = JobDefinition::load(folder).and_then(|d| planner::expand(&d));
+    let result = JobDefinition::load(folder).and_then(|d| expand::tasks(&d));
     match (result, output) {
         (Ok(tasks), Output::Json) => outln!("{}", json!({"valid": true, "errors": [], "tasks": tasks}))?,
         (Ok(tasks), Output::Table) => {
@@ -379,7 +379,7 @@ fn task_json(t: &flame_events::job::TaskSpec) -> serde_json::Value {
 }
 
 fn show_plan(folder: &Path, output: PlanOutput, round: u32) -> anyhow::Result<ExitCode> {
-    let loaded = JobDefinition::load(folder).and_then(|d| planner::expand(&d).map(|t| (d, t)));
+    let loaded = JobDefinition::load(folder).and_then(|d| expand::tasks(&d).map(|t| (d, t)));
     let (def, tasks) = match loaded {
         Ok(x) => x,
         Err(p) => {
@@ -395,7 +395,7 @@ fn show_plan(folder: &Path, output: PlanOutput, round: u32) -> anyhow::Result<Ex
             return Ok(ExitCode::from(2));
         }
     };
-    let plan = plan::plan(&def, &tasks, selection, flame_engine::compile::seed(&def), round.max(1))?;
+    let plan = plan::build(&def, &tasks, selection, flame_engine::compile::seed(&def), round.max(1))?;
     match output {
         PlanOutput::Json => outln!("{}", json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>(), "plan": plan}))?,
         PlanOutput::Dot => write!(std::io::stdout().lock(), "{}", plan.to_dot())?,
@@ -468,7 +468,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let events = store.read_stream(&job::stream_id(&job_id), 1).await?;
     // The read models (`flamectl replay --verify` compares with them).
     let models = flame_projections::store::open(&store_url).await?;
-    flame_projections::Runner::open(store.as_ref(), models.as_ref(), 1000).await?.catch_up().await?;
+    flame_projections::ViewWriter::open(store.as_ref(), models.as_ref(), 1000).await?.catch_up().await?;
     print_summary(&job, &events, store.location(), started.elapsed(), output)?;
     Ok(if job.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

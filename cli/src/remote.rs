@@ -17,7 +17,7 @@ use flame_engine::workflow::Workflow;
 
 /// Where the API is and who calls it.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Api {
+pub struct Remote {
     /// The engine's management API.
     #[arg(long, env = "FLAME_API", default_value = "http://127.0.0.1:8080", global = true)]
     pub api: String,
@@ -160,7 +160,7 @@ fn read(path: &Path) -> Result<String, String> {
 }
 
 /// Sends the request and prints the answer (JSON on stdout, problems on stderr).
-pub fn run(api: &Api, request: Request) -> ExitCode {
+pub fn run(api: &Remote, request: Request) -> ExitCode {
     let call = || -> Result<(&'static str, String, Option<String>), String> {
         use Request as R;
         Ok(match request {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use flame_engine::definition::{DataSpecEntry, Dataset, Design, JobFile, ModelSpec};
-use flame_engine::{JobDefinition, plan, planner};
+use flame_engine::{JobDefinition, expand, plan};
 
 const GROUPS: usize = 100;
 const PER_GROUP: usize = 100;
@@ -65,9 +65,9 @@ fn main() {
         let t0 = Instant::now();
         assert!(def.check().is_empty());
         let t1 = Instant::now();
-        let tasks = planner::expand(&def).expect("expand");
+        let tasks = expand::tasks(&def).expect("expand");
         let t2 = Instant::now();
-        let p = plan::plan(&def, &tasks, flame_events::algorithm::Selection::All, 0, 1).expect("plan");
+        let p = plan::build(&def, &tasks, flame_events::algorithm::Selection::All, 0, 1).expect("plan");
         let t3 = Instant::now();
         steps = p.steps.len();
         tasks_n = tasks.len();

@@ -4,9 +4,9 @@
 //! token; the token's user becomes the actor of the events it causes.
 //! Errors are RFC 9457 problem details.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Path as UrlPath, Query, State};
@@ -17,16 +17,18 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
 
+use flame_events::resource::{self, Kind, ResourceEvent};
 use flame_events::store::{EventStore, ExpectedVersion};
-use flame_events::{Actor, Envelope, NewEvent};
+use flame_events::{Actor, Envelope};
 
 use crate::definition::{Dataset, Design, Problem};
 use crate::job::{Job, Status};
 use crate::runner::{self, Runner};
+use crate::supervisor::Supervisor;
 use crate::workflow::Workflow;
 
 /// Bearer tokens by their sha256 (hex) -> user name. Tokens themselves are never stored.
@@ -83,54 +85,23 @@ pub struct Api {
     runner: Runner,
     store: Arc<dyn EventStore>,
     tokens: Arc<Tokens>,
-    running: Arc<Mutex<HashSet<String>>>,
+    supervisor: Supervisor,
 }
 
 impl Api {
     /// An API over a runner and its store.
     pub fn new(runner: Runner, store: Arc<dyn EventStore>, tokens: Tokens) -> Self {
-        Self { runner, store, tokens: Arc::new(tokens), running: Arc::default() }
+        Self { supervisor: Supervisor::new(runner.clone()), runner, store, tokens: Arc::new(tokens) }
     }
 
     /// Drives a job in the background unless this server already does.
     pub fn drive(&self, job_id: &str) {
-        let fresh = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.to_string());
-        if !fresh {
-            return;
-        }
-        let (api, id) = (self.clone(), job_id.to_string());
-        tokio::spawn(async move {
-            // A runner that fails (the store or NATS away) starts again from the log, backing off.
-            let mut pause = Duration::from_secs(1);
-            loop {
-                match api.runner.run(&id).await {
-                    Ok(job) => {
-                        tracing::info!(job = %id, state = ?job.status, "job ended");
-                        break;
-                    }
-                    Err(e @ (runner::Error::UnknownJob(_) | runner::Error::Refused { .. })) => {
-                        tracing::error!(job = %id, "job runner stopped: {e}");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::error!(job = %id, "job runner failed, resuming in {pause:?}: {e}");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
-            api.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
-        });
+        self.supervisor.drive(job_id);
     }
 
     /// Resumes every job the log says is active; returns their ids.
     pub async fn resume(&self) -> Result<Vec<String>, runner::Error> {
-        let ids = self.runner.active_jobs().await?;
-        for id in &ids {
-            tracing::info!(job = %id, "resuming");
-            self.drive(id);
-        }
-        Ok(ids)
+        self.supervisor.resume().await
     }
 
     /// The HTTP routes.
@@ -237,45 +208,37 @@ impl FromRequestParts<Api> for User {
 
 // ---- designs and datasets: small event-sourced resources ----------------------------------
 
-const PUT: &str = "ResourcePut";
-const REMOVED: &str = "ResourceRemoved";
-
-async fn resource(store: &dyn EventStore, kind: &str, id: &str) -> Result<Option<(u64, Value)>, ApiError> {
-    let events = store.read_stream(&format!("{kind}-{id}"), 1).await?;
-    let version = events.last().map_or(0, |e| e.version);
-    Ok(match events.last() {
-        Some(e) if e.event_type == PUT => Some((version, e.payload.clone())),
-        _ => None,
-    })
+async fn resource(store: &dyn EventStore, kind: Kind, id: &str) -> Result<Option<(u64, Value)>, ApiError> {
+    Ok(resource::current(&store.read_stream(&kind.stream_id(id), 1).await?))
 }
 
 async fn put_resource(
     store: &dyn EventStore,
-    kind: &str,
+    kind: Kind,
     id: &str,
     expected: ExpectedVersion,
     body: Value,
     actor: &Actor,
 ) -> Result<(), ApiError> {
-    let event = NewEvent::new(PUT, body, actor.to_string()).correlated(format!("{kind}-{id}"));
-    match store.append(&format!("{kind}-{id}"), expected, vec![event]).await {
+    let event = ResourceEvent::Put(body).to_new_event(kind, id, actor);
+    match store.append(&kind.stream_id(id), expected, vec![event]).await {
         Ok(_) => Ok(()),
         Err(flame_events::store::Error::Conflict { .. }) => {
-            Err(ApiError::new(StatusCode::CONFLICT, format!("{kind} '{id}' changed meanwhile or exists")))
+            Err(ApiError::new(StatusCode::CONFLICT, format!("{} '{id}' changed meanwhile or exists", kind.name())))
         }
         Err(e) => Err(e.into()),
     }
 }
 
-async fn remove_resource(store: &dyn EventStore, kind: &str, id: &str, actor: &Actor) -> Result<StatusCode, ApiError> {
-    let (version, _) = resource(store, kind, id).await?.ok_or_else(|| ApiError::not_found(kind, id))?;
-    let event = NewEvent::new(REMOVED, json!({}), actor.to_string()).correlated(format!("{kind}-{id}"));
-    store.append(&format!("{kind}-{id}"), ExpectedVersion::Exact(version), vec![event]).await?;
+async fn remove_resource(store: &dyn EventStore, kind: Kind, id: &str, actor: &Actor) -> Result<StatusCode, ApiError> {
+    let (version, _) = resource(store, kind, id).await?.ok_or_else(|| ApiError::not_found(kind.name(), id))?;
+    let event = ResourceEvent::Removed.to_new_event(kind, id, actor);
+    store.append(&kind.stream_id(id), ExpectedVersion::Exact(version), vec![event]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_resources(store: &dyn EventStore, kind: &str) -> Result<Vec<Value>, ApiError> {
-    let ids = flame_events::store::stream_ids(store, &format!("{kind}-")).await?;
+async fn list_resources(store: &dyn EventStore, kind: Kind) -> Result<Vec<Value>, ApiError> {
+    let ids = flame_events::store::stream_ids(store, &kind.stream_prefix()).await?;
     let mut out = Vec::new();
     for id in ids {
         if let Some((_, v)) = resource(store, kind, &id).await? {
@@ -315,39 +278,39 @@ pub struct DesignInfo {
 async fn create_design(State(api): State<Api>, user: User, Json(d): Json<DesignInfo>) -> Result<(StatusCode, Json<DesignInfo>), ApiError> {
     check_id(&d.id)?;
     let body = serde_json::to_value(&d).unwrap_or_default();
-    put_resource(api.store.as_ref(), "design", &d.id, ExpectedVersion::NoStream, body, &user.actor()).await?;
+    put_resource(api.store.as_ref(), Kind::Design, &d.id, ExpectedVersion::NoStream, body, &user.actor()).await?;
     Ok((StatusCode::CREATED, Json(d)))
 }
 
 #[utoipa::path(get, path = "/designs", responses((status = 200, body = Vec<DesignInfo>)))]
 async fn list_designs(State(api): State<Api>, _: User) -> Result<Json<Vec<Value>>, ApiError> {
-    Ok(Json(list_resources(api.store.as_ref(), "design").await?))
+    Ok(Json(list_resources(api.store.as_ref(), Kind::Design).await?))
 }
 
 #[utoipa::path(get, path = "/designs/{id}", responses((status = 200, body = DesignInfo), (status = 404, body = ApiError)))]
 async fn get_design(State(api): State<Api>, _: User, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(resource(api.store.as_ref(), "design", &id).await?.ok_or_else(|| ApiError::not_found("design", &id))?.1))
+    Ok(Json(resource(api.store.as_ref(), Kind::Design, &id).await?.ok_or_else(|| ApiError::not_found("design", &id))?.1))
 }
 
 #[utoipa::path(delete, path = "/designs/{id}", responses((status = 204), (status = 404, body = ApiError)))]
 async fn delete_design(State(api): State<Api>, user: User, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
-    remove_resource(api.store.as_ref(), "design", &id, &user.actor()).await
+    remove_resource(api.store.as_ref(), Kind::Design, &id, &user.actor()).await
 }
 
 #[utoipa::path(put, path = "/designs/{id}/schema", request_body(content = Object, description = "Flame's schema.json: roles and channels"),
     responses((status = 200, body = DesignInfo), (status = 404, body = ApiError), (status = 422, body = ApiError)))]
 async fn put_schema(State(api): State<Api>, user: User, UrlPath(id): UrlPath<String>, body: String) -> Result<Json<Value>, ApiError> {
-    let (version, mut design) = resource(api.store.as_ref(), "design", &id).await?.ok_or_else(|| ApiError::not_found("design", &id))?;
+    let (version, mut design) = resource(api.store.as_ref(), Kind::Design, &id).await?.ok_or_else(|| ApiError::not_found("design", &id))?;
     let schema: Design =
         serde_json::from_str(&body).map_err(|e| bad_body(&e, "not a design schema", "send Flame's schema.json (name, roles, channels)"))?;
     design["schema"] = serde_json::to_value(schema).unwrap_or_default();
-    put_resource(api.store.as_ref(), "design", &id, ExpectedVersion::Exact(version), design.clone(), &user.actor()).await?;
+    put_resource(api.store.as_ref(), Kind::Design, &id, ExpectedVersion::Exact(version), design.clone(), &user.actor()).await?;
     Ok(Json(design))
 }
 
 #[utoipa::path(get, path = "/designs/{id}/schema", responses((status = 200, body = Object), (status = 404, body = ApiError)))]
 async fn get_schema(State(api): State<Api>, _: User, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
-    let (_, design) = resource(api.store.as_ref(), "design", &id).await?.ok_or_else(|| ApiError::not_found("design", &id))?;
+    let (_, design) = resource(api.store.as_ref(), Kind::Design, &id).await?.ok_or_else(|| ApiError::not_found("design", &id))?;
     design.get("schema").cloned().map(Json).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("design '{id}' has no schema yet")))
 }
 
@@ -370,30 +333,30 @@ async fn create_dataset(State(api): State<Api>, user: User, body: String) -> Res
         serde_json::from_str(&body).map_err(|e| bad_body(&e, "not a dataset", "send Flame's dataset.json (name, url, realm)"))?;
     let info = DatasetInfo { id: uuid::Uuid::now_v7().to_string(), dataset };
     let body = serde_json::to_value(&info).unwrap_or_default();
-    put_resource(api.store.as_ref(), "dataset", &info.id, ExpectedVersion::NoStream, body, &user.actor()).await?;
+    put_resource(api.store.as_ref(), Kind::Dataset, &info.id, ExpectedVersion::NoStream, body, &user.actor()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
 #[utoipa::path(get, path = "/datasets", responses((status = 200, body = Vec<DatasetInfo>)))]
 async fn list_datasets(State(api): State<Api>, _: User) -> Result<Json<Vec<Value>>, ApiError> {
-    Ok(Json(list_resources(api.store.as_ref(), "dataset").await?))
+    Ok(Json(list_resources(api.store.as_ref(), Kind::Dataset).await?))
 }
 
 #[utoipa::path(get, path = "/datasets/{id}", responses((status = 200, body = DatasetInfo), (status = 404, body = ApiError)))]
 async fn get_dataset(State(api): State<Api>, _: User, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(resource(api.store.as_ref(), "dataset", &id).await?.ok_or_else(|| ApiError::not_found("dataset", &id))?.1))
+    Ok(Json(resource(api.store.as_ref(), Kind::Dataset, &id).await?.ok_or_else(|| ApiError::not_found("dataset", &id))?.1))
 }
 
 #[utoipa::path(delete, path = "/datasets/{id}", responses((status = 204), (status = 404, body = ApiError)))]
 async fn delete_dataset(State(api): State<Api>, user: User, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
-    remove_resource(api.store.as_ref(), "dataset", &id, &user.actor()).await
+    remove_resource(api.store.as_ref(), Kind::Dataset, &id, &user.actor()).await
 }
 
 // ---- jobs ---------------------------------------------------------------------------------
 
 /// A job as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct JobView {
+pub struct JobSummary {
     /// Id.
     pub id: String,
     /// Name.
@@ -420,7 +383,7 @@ pub struct JobView {
     pub version: u64,
 }
 
-impl From<&Job> for JobView {
+impl From<&Job> for JobSummary {
     fn from(j: &Job) -> Self {
         Self {
             id: j.job_id.clone(),
@@ -454,7 +417,7 @@ async fn definition(api: &Api, body: &str) -> Result<crate::JobDefinition, ApiEr
     if value.get("design").is_none()
         && let Some(design_id) = value.pointer("/job/designId").and_then(Value::as_str).map(str::to_string)
     {
-        let (_, design) = resource(api.store.as_ref(), "design", &design_id).await?.ok_or_else(|| {
+        let (_, design) = resource(api.store.as_ref(), Kind::Design, &design_id).await?.ok_or_else(|| {
             ApiError::invalid(vec![crate::definition::problem(
                 "request body#/job/designId",
                 format!("no design '{design_id}'"),
@@ -471,7 +434,7 @@ async fn definition(api: &Api, body: &str) -> Result<crate::JobDefinition, ApiEr
         value["design"] = schema;
     }
     let mut registered = BTreeMap::new();
-    for d in list_resources(api.store.as_ref(), "dataset").await? {
+    for d in list_resources(api.store.as_ref(), Kind::Dataset).await? {
         if let Ok(info) = serde_json::from_value::<DatasetInfo>(d) {
             registered.insert(info.id.clone(), info.dataset);
         }
@@ -480,36 +443,36 @@ async fn definition(api: &Api, body: &str) -> Result<crate::JobDefinition, ApiEr
 }
 
 #[utoipa::path(post, path = "/jobs", request_body(content = Object, description = "a workflow (docs/workflow.schema.json); `design` may be left out when `job.designId` names a stored design"),
-    responses((status = 201, body = JobView), (status = 401, body = ApiError), (status = 422, body = ApiError)))]
-async fn create_job(State(api): State<Api>, user: User, body: String) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    responses((status = 201, body = JobSummary), (status = 401, body = ApiError), (status = 422, body = ApiError)))]
+async fn create_job(State(api): State<Api>, user: User, body: String) -> Result<(StatusCode, Json<JobSummary>), ApiError> {
     let def = definition(&api, &body).await?;
     let id = api.runner.submit(&def, &user.actor()).await?;
-    Ok((StatusCode::CREATED, Json(JobView::from(&api.runner.load(&id).await?))))
+    Ok((StatusCode::CREATED, Json(JobSummary::from(&api.runner.load(&id).await?))))
 }
 
-#[utoipa::path(get, path = "/jobs", responses((status = 200, body = Vec<JobView>)))]
-async fn list_jobs(State(api): State<Api>, _: User) -> Result<Json<Vec<JobView>>, ApiError> {
+#[utoipa::path(get, path = "/jobs", responses((status = 200, body = Vec<JobSummary>)))]
+async fn list_jobs(State(api): State<Api>, _: User) -> Result<Json<Vec<JobSummary>>, ApiError> {
     let mut out = Vec::new();
     for id in api.runner.job_ids().await? {
         let job = api.runner.load(&id).await?;
         if job.status != Status::Deleted {
-            out.push(JobView::from(&job));
+            out.push(JobSummary::from(&job));
         }
     }
     Ok(Json(out))
 }
 
-#[utoipa::path(get, path = "/jobs/{id}", responses((status = 200, body = JobView), (status = 404, body = ApiError)))]
-async fn get_job(State(api): State<Api>, _: User, UrlPath(id): UrlPath<String>) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(JobView::from(&live_job(&api, &id).await?)))
+#[utoipa::path(get, path = "/jobs/{id}", responses((status = 200, body = JobSummary), (status = 404, body = ApiError)))]
+async fn get_job(State(api): State<Api>, _: User, UrlPath(id): UrlPath<String>) -> Result<Json<JobSummary>, ApiError> {
+    Ok(Json(JobSummary::from(&live_job(&api, &id).await?)))
 }
 
 #[utoipa::path(put, path = "/jobs/{id}", request_body(content = Object, description = "a workflow"),
-    responses((status = 200, body = JobView), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 422, body = ApiError)))]
-async fn update_job(State(api): State<Api>, user: User, UrlPath(id): UrlPath<String>, body: String) -> Result<Json<JobView>, ApiError> {
+    responses((status = 200, body = JobSummary), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 422, body = ApiError)))]
+async fn update_job(State(api): State<Api>, user: User, UrlPath(id): UrlPath<String>, body: String) -> Result<Json<JobSummary>, ApiError> {
     live_job(&api, &id).await?;
     let def = definition(&api, &body).await?;
-    Ok(Json(JobView::from(&api.runner.update(&id, &def, &user.actor()).await?)))
+    Ok(Json(JobSummary::from(&api.runner.update(&id, &def, &user.actor()).await?)))
 }
 
 #[utoipa::path(delete, path = "/jobs/{id}", responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
@@ -530,13 +493,13 @@ pub struct StatusChange {
 }
 
 #[utoipa::path(put, path = "/jobs/{id}/status", request_body = StatusChange,
-    responses((status = 200, body = JobView), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 422, body = ApiError)))]
+    responses((status = 200, body = JobSummary), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 422, body = ApiError)))]
 async fn change_status(
     State(api): State<Api>,
     user: User,
     UrlPath(id): UrlPath<String>,
     Json(change): Json<StatusChange>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Json<JobSummary>, ApiError> {
     live_job(&api, &id).await?;
     let job = match change.state.as_str() {
         "start" => {
@@ -549,7 +512,7 @@ async fn change_status(
             return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("unknown state '{other}': use \"start\" or \"stop\"")));
         }
     };
-    Ok(Json(JobView::from(&job)))
+    Ok(Json(JobSummary::from(&job)))
 }
 
 /// A task of a job and where it runs.
@@ -700,7 +663,7 @@ async fn list_computes(State(api): State<Api>, _: User) -> Result<Json<Vec<Compu
         create_job, list_jobs, get_job, update_job, delete_job, change_status, list_tasks, get_task, job_events, stream_events,
         list_computes
     ),
-    components(schemas(ApiError, DesignInfo, DatasetInfo, JobView, StatusChange, TaskView, EventPage, ComputeView)),
+    components(schemas(ApiError, DesignInfo, DatasetInfo, JobSummary, StatusChange, TaskView, EventPage, ComputeView)),
     modifiers(&Bearer)
 )]
 pub struct ApiDoc;

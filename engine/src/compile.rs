@@ -109,8 +109,8 @@ pub fn seed(def: &JobDefinition) -> u64 {
 
 /// Compiles a definition: tasks, the tree of aggregations, typed settings.
 pub fn compile(def: &JobDefinition) -> Result<Compiled, Problems> {
-    let mut tasks = crate::planner::expand(def)?;
-    let tree = crate::plan::tree(def, &tasks)
+    let mut tasks = crate::expand::tasks(def)?;
+    let tree = crate::tree::derive(def, &tasks)
         .map_err(|e| Problems(vec![problem("schema.json", e, "check the channels' funcTags and the roles' groupAssociation")]))?;
     tasks.extend(tree.reducers);
     let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();

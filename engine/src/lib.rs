@@ -5,14 +5,17 @@ pub mod api;
 pub mod compile;
 pub mod controller;
 pub mod definition;
+pub mod expand;
 pub mod job;
+pub mod links;
 pub mod oort;
 pub mod persist;
 pub mod plan;
-pub mod planner;
 pub mod runner;
+pub mod supervisor;
 #[cfg(test)]
 pub mod testing;
+pub mod tree;
 pub mod validate;
 pub mod workflow;
 

@@ -32,22 +32,7 @@ pub struct Stats {
 }
 
 pub use flame_events::algorithm::over_commit;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use flame_events::rng::SplitMix;
 
 /// Each explored trainer's utility in round `round`.
 pub fn utilities(stats: &BTreeMap<String, Stats>, round: u32) -> BTreeMap<String, f64> {
@@ -73,7 +58,7 @@ pub fn utilities(stats: &BTreeMap<String, Stats>, round: u32) -> BTreeMap<String
 /// The trainers (of `candidates`) round `round` asks to train: `take` of them.
 pub fn select(candidates: &[String], stats: &BTreeMap<String, Stats>, take: usize, seed: u64, round: u32) -> Vec<String> {
     let take = take.min(candidates.len());
-    let mut rng = Rng(seed ^ u64::from(round).wrapping_mul(0xA076_1D64_78BD_642F));
+    let mut rng = SplitMix::new(seed ^ u64::from(round).wrapping_mul(0xA076_1D64_78BD_642F));
     let eps = (0.9 * 0.98f64.powi(round.saturating_sub(1) as i32)).max(0.2);
     let util = utilities(stats, round);
     let (mut explored, mut fresh): (Vec<&String>, Vec<&String>) = candidates.iter().partition(|c| util.contains_key(*c));
@@ -104,7 +89,7 @@ pub fn select(candidates: &[String], stats: &BTreeMap<String, Stats>, take: usiz
     }
     // Exploration (and any shortfall): never-tried trainers at random, then the best of the rest.
     for _ in 0..explore {
-        let i = (rng.next() % fresh.len() as u64) as usize;
+        let i = (rng.next_u64() % fresh.len() as u64) as usize;
         out.push(fresh.remove(i).clone());
     }
     let short = take - out.len();

@@ -24,8 +24,8 @@ use serde::Serialize;
 use flame_events::algorithm::{Selection, over_commit};
 use flame_events::job::TaskSpec;
 
-use crate::definition::{Channel, JobDefinition};
-use crate::validate::direction;
+use crate::definition::JobDefinition;
+use crate::links::{Links, links};
 
 /// What a step does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -120,29 +120,7 @@ pub enum Error {
     Cycle(String),
 }
 
-fn is_coordination(c: &Channel, coordinators: &BTreeSet<&str>) -> bool {
-    c.pair.iter().any(|r| coordinators.contains(r.as_str()))
-}
-
-/// A deterministic 64-bit mix (SplitMix64's finaliser) for seeded choices.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Picks `k` of `items`, the same for the same seed and round.
-pub(crate) fn choose(items: &[String], k: usize, seed: u64, round: u32, salt: &str) -> Vec<String> {
-    let salt = salt.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)));
-    let mut keyed: Vec<(u64, &String)> =
-        items.iter().map(|t| (mix(seed ^ mix(u64::from(round) ^ salt) ^ t.bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)))), t)).collect();
-    keyed.sort();
-    let mut out: Vec<String> = keyed.into_iter().take(k).map(|(_, t)| t.clone()).collect();
-    out.sort();
-    out
-}
-
+/// The step graph under construction, with each step id's node.
 struct Builder {
     graph: DiGraph<Step, ()>,
     index: BTreeMap<String, NodeIndex>,
@@ -183,195 +161,9 @@ impl Builder {
     }
 }
 
-/// An aggregation channel's group: (channel, group).
-type Group<'a> = (&'a str, &'a str);
-
-/// Who talks to whom, from the tasks' group associations and the channels' directions.
-struct Links<'a> {
-    /// Roles that coordinate (their channels carry no models).
-    coordinators: BTreeSet<&'a str>,
-    /// Per aggregation group, the tasks above (distribute/aggregate).
-    uppers: BTreeMap<Group<'a>, Vec<&'a str>>,
-    /// Per aggregation group, the tasks below (fetch/upload).
-    lowers: BTreeMap<Group<'a>, Vec<&'a str>>,
-    /// Per ring group (a channel pairing a role with itself), its members.
-    rings: BTreeMap<Group<'a>, Vec<&'a str>>,
-    /// Per task, the groups it uploads to.
-    task_ups: BTreeMap<&'a str, Vec<Group<'a>>>,
-    /// Per task, the groups it aggregates.
-    task_downs: BTreeMap<&'a str, Vec<Group<'a>>>,
-}
-
-fn links<'a>(def: &'a JobDefinition, tasks: &'a [TaskSpec]) -> Links<'a> {
-    let coordinators: BTreeSet<&str> = def
-        .design
-        .roles
-        .iter()
-        .filter(|r| {
-            r.name == "coordinator"
-                || def.design.channels.iter().any(|c| c.func_tags.get(&r.name).is_some_and(|t| t.iter().any(|x| x == "coordinate")))
-        })
-        .map(|r| r.name.as_str())
-        .collect();
-    let channels: BTreeMap<&str, &Channel> = def.design.channels.iter().map(|c| (c.name.as_str(), c)).collect();
-
-    let mut uppers: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
-    let mut lowers: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
-    let mut rings: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
-    let mut task_ups: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
-    let mut task_downs: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
-    for t in tasks {
-        for (c, g) in &t.group_association {
-            let Some(ch) = channels.get(c.as_str()) else {
-                continue;
-            };
-            if is_coordination(ch, &coordinators) {
-                continue;
-            }
-            match direction(def, ch) {
-                None if ch.pair.len() == 2 && ch.pair[0] == ch.pair[1] => rings.entry((c, g)).or_default().push(&t.task_id),
-                None => {}
-                Some((lower, _)) if lower == t.role => {
-                    lowers.entry((c, g)).or_default().push(&t.task_id);
-                    task_ups.entry(&t.task_id).or_default().push((c, g));
-                }
-                Some(_) => {
-                    uppers.entry((c, g)).or_default().push(&t.task_id);
-                    task_downs.entry(&t.task_id).or_default().push((c, g));
-                }
-            }
-        }
-    }
-
-    Links { coordinators, uppers, lowers, rings, task_ups, task_downs }
-}
-
-/// How the engine runs a job: every task's parent (the task it uploads its
-/// update or partial aggregate to; the top aggregator has none) and the
-/// reducer tasks it adds for rings.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tree {
-    /// Task id -> parent task id.
-    pub uplinks: BTreeMap<String, String>,
-    /// One task per ring group (`ring-<channel>-<group>`, role `ring-reducer`),
-    /// placed on the ring leader's worker: it averages the members' updates,
-    /// and its result goes up the ring leader's channel (hybrid) or is the
-    /// global model (ring all-reduce without an aggregator).
-    pub reducers: Vec<TaskSpec>,
-    /// Coordinated designs: the coordinator's task.
-    pub coordinator: Option<String>,
-    /// Coordinated designs: task -> the aggregators it may upload to (the coordinator picks one each round).
-    pub candidates: BTreeMap<String, Vec<String>>,
-}
-
-/// The tree of aggregations the engine runs for a job: two-tier,
-/// hierarchical (any depth), ring all-reduce, hybrid and coordinated designs
-/// (where a trainer's aggregator, among several, is picked each round).
-pub fn tree(def: &JobDefinition, tasks: &[TaskSpec]) -> Result<Tree, String> {
-    let l = links(def, tasks);
-    let coordinators: Vec<&TaskSpec> = tasks.iter().filter(|t| l.coordinators.contains(t.role.as_str())).collect();
-    let coordinator = match coordinators.as_slice() {
-        [] => None,
-        [one] => Some(one.task_id.clone()),
-        many => return Err(format!("{} coordinator tasks; the engine runs one", many.len())),
-    };
-    let mut candidates: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut parent = BTreeMap::new();
-    let mut reducers = Vec::new();
-    // Ring groups: the members report to a reducer on their leader's (lowest task id's) worker.
-    let mut ring_of: BTreeMap<&str, String> = BTreeMap::new();
-    for ((c, g), members) in &l.rings {
-        let Some(leader) = members.iter().min() else { continue };
-        let id = format!("ring-{c}-{g}");
-        for m in members {
-            if ring_of.insert(m, id.clone()).is_some() {
-                return Err(format!("task '{m}' is in more than one ring; the engine runs one ring per task"));
-            }
-            parent.insert(m.to_string(), id.clone());
-        }
-        reducers.push(TaskSpec {
-            task_id: id,
-            role: "ring-reducer".into(),
-            is_data_consumer: false,
-            group_association: BTreeMap::from([(c.to_string(), g.to_string())]),
-            channels: vec![c.to_string()],
-            dataset: None,
-            realm: tasks.iter().find(|t| t.task_id == *leader).and_then(|t| t.realm.clone()),
-            colocate: Some(leader.to_string()),
-        });
-    }
-    for t in tasks {
-        let ups = l.task_ups.get(t.task_id.as_str()).map_or(&[][..], Vec::as_slice);
-        let up = match ups {
-            [] => None,
-            [(c, g)] => match l.uppers.get(&(*c, *g)).map_or(&[][..], Vec::as_slice) {
-                [one] => Some(one.to_string()),
-                // Several aggregators on the trainer's group: the coordinator picks one each round.
-                many if coordinator.is_some() && many.len() > 1 => {
-                    let mut options: Vec<String> = many.iter().map(|m| m.to_string()).collect();
-                    options.sort();
-                    let first = options[0].clone();
-                    candidates.insert(t.task_id.clone(), options);
-                    Some(first)
-                }
-                none_or_many => {
-                    return Err(format!(
-                        "task '{}' uploads on channel '{c}' group '{g}', where {} task(s) aggregate; the engine needs exactly one",
-                        t.task_id,
-                        none_or_many.len()
-                    ));
-                }
-            },
-            many => {
-                return Err(format!(
-                    "task '{}' uploads on {} channels ({many:?}); the engine needs one parent per task",
-                    t.task_id,
-                    many.len()
-                ));
-            }
-        };
-        match (up, ring_of.get(t.task_id.as_str())) {
-            // A ring member: its ring's result goes up instead (only the leader uploads).
-            (Some(p), Some(ring)) => {
-                parent.insert(ring.clone(), p);
-            }
-            (Some(p), None) => {
-                parent.insert(t.task_id.clone(), p);
-            }
-            (None, _) => {}
-        }
-    }
-    let all: Vec<&TaskSpec> = tasks.iter().chain(&reducers).filter(|t| Some(&t.task_id) != coordinator.as_ref()).collect();
-    let roots: Vec<&str> = all.iter().filter(|t| !parent.contains_key(&t.task_id)).map(|t| t.task_id.as_str()).collect();
-    let root = match roots.as_slice() {
-        [one] if all.iter().any(|t| t.task_id == *one && !t.is_data_consumer) => *one,
-        _ => {
-            return Err(format!(
-                "the job needs one top aggregator that every other task reports to, directly or through middle aggregators or rings; these tasks report to no one: {roots:?}"
-            ));
-        }
-    };
-    for t in &all {
-        let mut at = t.task_id.as_str();
-        for _ in 0..=all.len() {
-            match parent.get(at) {
-                Some(p) => at = p,
-                None => break,
-            }
-        }
-        if at != root {
-            return Err(format!("task '{}' does not reach the top aggregator '{root}' through its aggregators", t.task_id));
-        }
-        if t.is_data_consumer && parent.values().any(|p| p == &t.task_id) {
-            return Err(format!("task '{}' trains and also aggregates other tasks; the engine runs trainers as leaves", t.task_id));
-        }
-    }
-    Ok(Tree { uplinks: parent, reducers, coordinator, candidates })
-}
-
 /// The plan of round `round` for a job's tasks (as expanded), whose trainers
 /// are picked by `selection` with the job's `seed`.
-pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], selection: Selection, seed: u64, round: u32) -> Result<Plan, Error> {
+pub fn build(def: &JobDefinition, tasks: &[TaskSpec], selection: Selection, seed: u64, round: u32) -> Result<Plan, Error> {
     let Links { coordinators, uppers, lowers, rings, task_ups, task_downs } = links(def, tasks);
     let by_id: BTreeMap<&str, &TaskSpec> = tasks.iter().map(|t| (t.task_id.as_str(), t)).collect();
 
@@ -399,7 +191,7 @@ pub fn plan(def: &JobDefinition, tasks: &[TaskSpec], selection: Selection, seed:
                 }
                 Selection::All | Selection::Buffered { .. } => (data.len(), data.len()),
             };
-            selected.extend(choose(&data, take, seed, round, &format!("{}/{}", key.0, key.1)));
+            selected.extend(flame_events::rng::choose(&data, take, seed, round, &format!("{}/{}", key.0, key.1)));
             quorum.insert(*key, need);
         }
         // Trainers that only sit on rings (no aggregator) are always in.
@@ -645,59 +437,6 @@ mod tests {
     }
 
     #[test]
-    fn trees_for_two_tier_and_hierarchical_jobs() {
-        let (def, tasks) = fixture("two-tier");
-        let up = tree(&def, &tasks).expect("two-tier").uplinks;
-        assert_eq!(up.len(), 3, "every trainer has the aggregator as parent");
-        assert!(up.values().all(|p| p == "aggregator-0"));
-
-        let (def, tasks) = fixture("hierarchical");
-        let up = tree(&def, &tasks).expect("hierarchical").uplinks;
-        let role = |id: &str| tasks.iter().find(|t| t.task_id == id).map(|t| t.role.as_str()).expect("task");
-        assert_eq!(up.len(), tasks.len() - 1, "everyone but the top aggregator has a parent");
-        for (child, parent) in &up {
-            let want = if role(child) == "trainer" { "middle-aggregator" } else { "top-aggregator" };
-            assert_eq!(role(parent), want, "{child} -> {parent}");
-        }
-        // Trainers of a group report to that group's middle aggregator.
-        for t in tasks.iter().filter(|t| t.is_data_consumer) {
-            let m = &up[&t.task_id];
-            let group = |id: &str| tasks.iter().find(|x| x.task_id == id).and_then(|x| x.group_association.get("param-channel").cloned());
-            assert_eq!(group(&t.task_id), group(m), "{} and {m}", t.task_id);
-        }
-    }
-
-    #[test]
-    fn rings_reduce_on_their_leader_and_hybrid_rings_report_to_the_aggregator() {
-        let (def, tasks) = fixture("ring");
-        let t = tree(&def, &tasks).expect("ring");
-        assert_eq!(t.reducers.len(), 1, "one ring");
-        let ring = &t.reducers[0];
-        assert_eq!(ring.colocate.as_deref(), tasks.iter().map(|t| t.task_id.as_str()).min(), "on the lowest member's worker");
-        assert!(tasks.iter().all(|m| t.uplinks[&m.task_id] == ring.task_id));
-        assert!(!t.uplinks.contains_key(&ring.task_id), "without an aggregator the ring's mean is the global model");
-
-        let (def, tasks) = fixture("hybrid");
-        let t = tree(&def, &tasks).expect("hybrid");
-        assert_eq!(t.reducers.len(), 2, "a ring per group (north, south)");
-        let aggregator = tasks.iter().find(|t| !t.is_data_consumer).expect("aggregator");
-        let mut sizes = vec![];
-        for r in &t.reducers {
-            assert_eq!(t.uplinks[&r.task_id], aggregator.task_id, "{} reports to the aggregator", r.task_id);
-            let members: Vec<&String> = t.uplinks.iter().filter(|(_, p)| **p == r.task_id).map(|(c, _)| c).collect();
-            let groups: BTreeSet<&String> = members
-                .iter()
-                .map(|m| &tasks.iter().find(|t| &&t.task_id == m).expect("member").group_association["ring-channel"])
-                .collect();
-            assert_eq!(groups.len(), 1, "{}: one ring group: {members:?}", r.task_id);
-            sizes.push(members.len());
-            assert_eq!(r.colocate.as_ref(), members.into_iter().min());
-        }
-        sizes.sort();
-        assert_eq!(sizes, [2, 3], "north has two members, south three");
-    }
-
-    #[test]
     fn ring_all_reduce_has_no_aggregator() {
         let (def, tasks) = fixture("ring");
         let p = crate::testing::plan_round(&def, &tasks, 1).expect("plan");
@@ -877,7 +616,7 @@ mod properties {
         ) {
             let def = design(&groups, middle, ring, k);
             prop_assert_eq!(def.check(), vec![]);
-            let tasks = crate::planner::expand(&def).expect("expand");
+            let tasks = crate::expand::tasks(&def).expect("expand");
             prop_assert_eq!(tasks.iter().filter(|t| t.is_data_consumer).count(), groups.iter().sum::<usize>());
             let p = crate::testing::plan_round(&def, &tasks, round).expect("acyclic");
             prop_assert_eq!(&p, &crate::testing::plan_round(&def, &tasks, round).expect("again"));
@@ -927,7 +666,7 @@ mod coordinated {
         // tier and decides each round which middle aggregator serves which trainers.
         let (def, tasks) = fixture("coordinated");
         assert_eq!(tasks.iter().filter(|t| t.role == "middle-aggregator").count(), 2);
-        let t = tree(&def, &tasks).expect("coordinated");
+        let t = crate::tree::derive(&def, &tasks).expect("coordinated");
         assert_eq!(t.coordinator.as_deref(), Some("coordinator-0"));
         let trainers: Vec<&TaskSpec> = tasks.iter().filter(|t| t.is_data_consumer).collect();
         assert_eq!(t.candidates.len(), trainers.len(), "every trainer may go to either middle aggregator");

@@ -261,7 +261,7 @@ pub fn folder_form(dir: &std::path::Path) -> tempfile::TempDir {
 pub fn fixture(name: &str) -> (crate::JobDefinition, Vec<TaskSpec>) {
     let dir = fixtures().join(name);
     let def = crate::JobDefinition::load(&dir).unwrap_or_else(|p| panic!("{name}: {p}"));
-    let tasks = crate::planner::expand(&def).unwrap_or_else(|p| panic!("{name}: {p}"));
+    let tasks = crate::expand::tasks(&def).unwrap_or_else(|p| panic!("{name}: {p}"));
     (def, tasks)
 }
 
@@ -269,5 +269,5 @@ pub fn fixture(name: &str) -> (crate::JobDefinition, Vec<TaskSpec>) {
 pub fn plan_round(def: &crate::JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<crate::plan::Plan, crate::plan::Error> {
     let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
     let selection = crate::compile::algorithms(def, trainers).unwrap_or_else(|p| panic!("{p:?}")).selection;
-    crate::plan::plan(def, tasks, selection, crate::compile::seed(def), round)
+    crate::plan::build(def, tasks, selection, crate::compile::seed(def), round)
 }

@@ -219,7 +219,7 @@ mod tests {
             let file = dir.path().join("wf.json");
             std::fs::write(&file, serde_json::to_string_pretty(&wf).expect("json")).expect("write");
             let from_file = Workflow::load(&file).unwrap_or_else(|p| panic!("{name}: {p}"));
-            assert_eq!(crate::planner::expand(&from_file).expect("expand"), tasks, "{name}");
+            assert_eq!(crate::expand::tasks(&from_file).expect("expand"), tasks, "{name}");
             let folder = dir.path().join("folder");
             wf.write_folder(&folder).expect("folder");
             let again = JobDefinition::load(&folder).unwrap_or_else(|p| panic!("{name}: {p}"));

@@ -8,6 +8,8 @@ pub mod algorithm;
 pub mod envelope;
 pub mod job;
 pub mod protocol;
+pub mod resource;
+pub mod rng;
 pub mod store;
 pub mod subscription;
 pub mod upcast;

@@ -4,7 +4,7 @@
 //! (placement, deployment, 76 rounds of 10 updates, completion), 10 running
 //! at a time and interleaved round by round as concurrent jobs are in a real
 //! log. Measured: (1) in memory, `Projector::apply` over the envelopes;
-//! (2) the embedded store, `Runner::catch_up` reading the SQLite log and
+//! (2) the embedded store, `ViewWriter::catch_up` reading the SQLite log and
 //! committing views + checkpoint per batch of 5,000 events.
 //!
 //! `cargo bench -p flame-projections --bench fold` (FOLD_EVENTS to change the size).
@@ -17,7 +17,7 @@ use flame_events::job::{JobEvent, Metrics, RunSpec, TaskSpec};
 use flame_events::store::{EventStore, ExpectedVersion};
 use flame_events::{Envelope, NewEvent};
 use flame_projections::store::{ReadModels, SqliteViews};
-use flame_projections::{Projector, Runner};
+use flame_projections::{Projector, ViewWriter};
 use flame_stores::sqlite::SqliteStore;
 
 // The allocator flamectl and flame-engine use too: folding is allocation-bound.
@@ -247,7 +247,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..3 {
         models.reset().await?;
         let started = Instant::now();
-        let p = Runner::open(&store, &models, 5000).await?.catch_up().await?;
+        let p = ViewWriter::open(&store, &models, 5000).await?.catch_up().await?;
         let secs = started.elapsed().as_secs_f64();
         assert_eq!(p.events as usize, n);
         rates.push(n as f64 / secs);

@@ -5,7 +5,7 @@
 use flame_events::Envelope;
 use flame_events::store::{EventStore, ExpectedVersion};
 use flame_projections::store::{ReadModels, SqliteViews};
-use flame_projections::{render, runner, trace, verify, view};
+use flame_projections::{render, trace, verify, view, writer};
 use flame_stores::sqlite::SqliteStore;
 use serde_json::Value;
 
@@ -174,7 +174,7 @@ async fn the_runner_stores_views_equal_to_a_rebuild_byte_for_byte() {
     }
     let models = SqliteViews::open(path).expect("views");
     // Small batches: many commits, views written partially folded and resumed.
-    let progress = runner::Runner::open(&store, &models, 7).await.expect("open").catch_up().await.expect("catch up");
+    let progress = writer::ViewWriter::open(&store, &models, 7).await.expect("open").catch_up().await.expect("catch up");
     assert_eq!(progress.events, 9 * events.len() as u64 + 5);
     assert!(progress.commits > 10);
     let all = store.read_all(1, 10_000).await.expect("read");
@@ -186,9 +186,9 @@ async fn the_runner_stores_views_equal_to_a_rebuild_byte_for_byte() {
     }
     assert_eq!(models.checkpoint().await.expect("checkpoint"), all.last().map_or(0, |e| e.position));
     // Nothing new: a second catch-up folds nothing; a rebuild gives the same views.
-    let again = runner::Runner::open(&store, &models, 7).await.expect("open").catch_up().await.expect("catch up");
+    let again = writer::ViewWriter::open(&store, &models, 7).await.expect("open").catch_up().await.expect("catch up");
     assert_eq!(again.events, 0);
     let before = models.load_all().await.expect("load");
-    runner::rebuild(&store, &models, 1000).await.expect("rebuild");
+    writer::rebuild(&store, &models, 1000).await.expect("rebuild");
     assert_eq!(models.load_all().await.expect("load"), before);
 }

@@ -85,39 +85,8 @@ const DIGITS_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
 const TEST_FRACTION: f64 = 0.2;
 const SPLIT_SEED: u64 = 0x5eed;
 
-/// A small deterministic PRNG (SplitMix64), so every worker cuts the same splits.
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    /// Seeds the generator.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A standard normal draw (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / ((1u64 << 53) as f64 + 1.0);
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    /// Shuffles in place (Fisher-Yates).
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            items.swap(i, j);
-        }
-    }
-}
+/// The platform's one seeded generator, so every worker cuts the same splits.
+pub use flame_events::rng::SplitMix;
 
 fn parse_csv(url: &str, text: &str, scale: f32) -> Result<Split, Error> {
     let mut x = Vec::new();

@@ -25,7 +25,7 @@ pub enum Scheme {
 
 /// A Gamma(shape, 1) draw (Marsaglia and Tsang; boosted for shape < 1).
 fn gamma(shape: f64, rng: &mut SplitMix) -> f64 {
-    let uniform = |rng: &mut SplitMix| ((rng.next_u64() >> 11) as f64 + 1.0) / ((1u64 << 53) as f64 + 1.0);
+    let uniform = |rng: &mut SplitMix| rng.unit_open();
     if shape < 1.0 {
         return gamma(shape + 1.0, rng) * uniform(rng).powf(1.0 / shape);
     }

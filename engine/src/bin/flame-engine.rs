@@ -102,7 +102,7 @@ async fn project(store: Arc<MongoStore>, views: MongoViews, mut stop: tokio::syn
                 let _ = stop.wait_for(|s| *s).await;
             }
         };
-        let result = match flame_projections::Runner::open(store.as_ref(), &views, 1000).await {
+        let result = match flame_projections::ViewWriter::open(store.as_ref(), &views, 1000).await {
             Ok(mut runner) => runner.follow(stopped).await,
             Err(e) => Err(e),
         };

@@ -162,7 +162,7 @@ impl Job {
                 let idle: Vec<String> =
                     self.active_trainers().filter(|t| !in_flight.contains_key(&t.task_id)).map(|t| t.task_id.clone()).collect();
                 let busy = in_flight.keys().filter(|t| !self.orphaned.contains(*t)).count();
-                crate::plan::choose(&idle, c.saturating_sub(busy).min(idle.len()), seed, round, self.selection().name())
+                flame_events::rng::choose(&idle, c.saturating_sub(busy).min(idle.len()), seed, round, self.selection().name())
             }
             Selection::Oort { aggr_num } => {
                 let candidates: Vec<String> = self.active_trainers().map(|t| t.task_id.clone()).collect();
@@ -176,7 +176,7 @@ impl Job {
                 }
                 let mut out: Vec<String> = groups
                     .iter()
-                    .flat_map(|(key, members)| crate::plan::choose(members, (k as usize).min(members.len()), seed, round, key))
+                    .flat_map(|(key, members)| flame_events::rng::choose(members, (k as usize).min(members.len()), seed, round, key))
                     .collect();
                 out.sort();
                 out

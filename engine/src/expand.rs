@@ -10,7 +10,7 @@ use crate::definition::{JobDefinition, Problem, Problems};
 
 /// Expands a definition into its tasks, in a stable order: roles as the design
 /// lists them, then group associations, datasets and replicas.
-pub fn expand(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
+pub fn tasks(def: &JobDefinition) -> Result<Vec<TaskSpec>, Problems> {
     let mut tasks = Vec::new();
     let mut problems = Vec::new();
     for role in &def.design.roles {
@@ -84,7 +84,7 @@ mod tests {
     }
 
     /// The tasks a fixture must expand to, as written by hand in its
-    /// `expected-tasks.json` (not by this planner).
+    /// `expected-tasks.json` (not by this expansion).
     fn expected_tasks(dir: &Path) -> Vec<TaskSpec> {
         let file = dir.join("expected-tasks.json");
         read(&file)
@@ -129,7 +129,7 @@ mod tests {
         for name in TOPOLOGIES {
             let dir = fixtures().join(name);
             let def = JobDefinition::load(&dir).unwrap_or_else(|p| panic!("{name}: {p}"));
-            let mut got = expand(&def).unwrap_or_else(|p| panic!("{name}: {p}"));
+            let mut got = tasks(&def).unwrap_or_else(|p| panic!("{name}: {p}"));
             for t in &mut got {
                 t.channels.sort();
             }
@@ -167,7 +167,7 @@ mod tests {
         let (copy, registry) = registered(&dir);
         let by_id = JobDefinition::load_with(copy.path(), &registry).expect("ids");
         let by_file = JobDefinition::load(&dir).expect("files");
-        let urls = |d: &JobDefinition| expand(d).expect("expand").into_iter().map(|t| (t.dataset, t.realm)).collect::<Vec<_>>();
+        let urls = |d: &JobDefinition| tasks(d).expect("expand").into_iter().map(|t| (t.dataset, t.realm)).collect::<Vec<_>>();
         assert_eq!(urls(&by_id), urls(&by_file));
         // Without the registry, an id is reported with its place in the data spec.
         let err = JobDefinition::load(copy.path()).expect_err("ids need a registry");
@@ -236,14 +236,14 @@ mod tests {
             }
             let copy = folder_form(&dir);
             let def = JobDefinition::load(copy.path()).unwrap_or_else(|p| panic!("{}: {p}", dir.display()));
-            let mut got: Vec<Shape> = expand(&def).unwrap_or_else(|p| panic!("{}: {p}", dir.display())).into_iter().map(shape).collect();
+            let mut got: Vec<Shape> = tasks(&def).unwrap_or_else(|p| panic!("{}: {p}", dir.display())).into_iter().map(shape).collect();
             got.sort();
             assert_eq!(got, flame_expected(&dir), "tasks of {}", dir.display());
             // Flame's hybrid/dataSpec.json is not valid JSON; the others name registered ids.
             let spec = std::fs::read_to_string(dir.join("dataSpec.json")).unwrap_or_default();
             if serde_json::from_str::<Value>(&spec).is_ok() {
                 let by_id = JobDefinition::load_with(&dir, &flame_registry(&dir)).unwrap_or_else(|p| panic!("{}: {p}", dir.display()));
-                let mut got: Vec<Shape> = expand(&by_id).expect("expand").into_iter().map(shape).collect();
+                let mut got: Vec<Shape> = tasks(&by_id).expect("expand").into_iter().map(shape).collect();
                 got.sort();
                 assert_eq!(got, flame_expected(&dir), "tasks of {} with registered dataset ids", dir.display());
                 with_ids += 1;

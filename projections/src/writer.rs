@@ -1,4 +1,4 @@
-//! The projection runner: reads the global log after its checkpoint, folds
+//! The view writer: reads the global log after its checkpoint, folds
 //! each job event into that job's view, and stores the changed views with the
 //! new checkpoint in one transaction per batch. Killed at any moment, it
 //! resumes from the last commit: no event is applied twice or skipped.
@@ -128,8 +128,8 @@ pub struct Progress {
     pub checkpoint: u64,
 }
 
-/// Runs the job projection over an event store into read models.
-pub struct Runner<'a> {
+/// Folds an event store's job events into stored read models, batch by batch.
+pub struct ViewWriter<'a> {
     events: &'a dyn EventStore,
     models: &'a dyn ReadModels,
     projector: Projector,
@@ -138,7 +138,7 @@ pub struct Runner<'a> {
     threads: usize,
 }
 
-impl<'a> Runner<'a> {
+impl<'a> ViewWriter<'a> {
     /// Loads the stored views and checkpoint. `batch`: events per transaction.
     pub async fn open(events: &'a dyn EventStore, models: &'a dyn ReadModels, batch: usize) -> Result<Self, Error> {
         let checkpoint = models.checkpoint().await?;
@@ -207,5 +207,5 @@ impl<'a> Runner<'a> {
 /// Rebuilds the views from the first event: drops the stored ones, then catches up.
 pub async fn rebuild(events: &dyn EventStore, models: &dyn ReadModels, batch: usize) -> Result<Progress, Error> {
     models.reset().await?;
-    Runner::open(events, models, batch).await?.catch_up().await
+    ViewWriter::open(events, models, batch).await?.catch_up().await
 }
