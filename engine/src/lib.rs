@@ -8,6 +8,7 @@ pub mod definition;
 pub mod expand;
 pub mod job;
 pub mod links;
+pub mod load;
 pub mod oort;
 pub mod persist;
 pub mod plan;

@@ -9,9 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use flame_events::job::TaskSpec;
 
 use crate::definition::{Channel, JobDefinition};
-use crate::validate::direction;
 
 /// An aggregation channel's group: (channel, group).
+/// Function tags that put a role below its peer on a channel (it sends updates up).
+pub const LOWER_TAGS: &[&str] = &["fetch", "upload"];
+/// Function tags that put a role above its peer on a channel (it aggregates).
+pub const UPPER_TAGS: &[&str] = &["distribute", "aggregate"];
+
 pub(crate) type Group<'a> = (&'a str, &'a str);
 
 /// Who talks to whom, from the tasks' group associations and the channels' directions.
@@ -76,4 +80,28 @@ pub(crate) fn links<'a>(def: &'a JobDefinition, tasks: &'a [TaskSpec]) -> Links<
 
 pub(crate) fn is_coordination(c: &Channel, coordinators: &BTreeSet<&str>) -> bool {
     c.pair.iter().any(|r| coordinators.contains(r.as_str()))
+}
+
+/// The direction of aggregation on a channel: (lower role, upper role), from
+/// function tags, else from which side consumes data. `None` for rings.
+pub fn direction<'a>(def: &'a JobDefinition, c: &'a Channel) -> Option<(&'a str, &'a str)> {
+    let [a, b] = c.pair.as_slice() else {
+        return None;
+    };
+    if a == b {
+        return None;
+    }
+    let tagged = |role: &str, tags: &[&str]| c.func_tags.get(role).is_some_and(|t| t.iter().any(|x| tags.contains(&x.as_str())));
+    if tagged(a, LOWER_TAGS) || tagged(b, UPPER_TAGS) {
+        return Some((a, b));
+    }
+    if tagged(b, LOWER_TAGS) || tagged(a, UPPER_TAGS) {
+        return Some((b, a));
+    }
+    let consumes = |r: &str| def.design.roles.iter().any(|x| x.name == r && x.is_data_consumer);
+    match (consumes(a), consumes(b)) {
+        (true, false) => Some((a, b)),
+        (false, true) => Some((b, a)),
+        _ => None,
+    }
 }

@@ -9,11 +9,14 @@ use petgraph::graph::DiGraph;
 use serde_json::Value;
 
 use crate::definition::{Channel, JobDefinition, Problem, problem};
+use crate::links::direction;
 
-/// Function tags that put a role below its peer on a channel (it sends updates up).
-pub const LOWER_TAGS: &[&str] = &["fetch", "upload"];
-/// Function tags that put a role above its peer on a channel (it aggregates).
-pub const UPPER_TAGS: &[&str] = &["distribute", "aggregate"];
+impl JobDefinition {
+    /// Checks the parsed definition's meaning; returns every problem.
+    pub fn check(&self) -> Vec<Problem> {
+        check(self)
+    }
+}
 
 /// Every problem with a parsed definition.
 pub fn check(def: &JobDefinition) -> Vec<Problem> {
@@ -244,30 +247,6 @@ fn data_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
                 ));
             }
         }
-    }
-}
-
-/// The direction of aggregation on a channel: (lower role, upper role), from
-/// function tags, else from which side consumes data. `None` for rings.
-pub fn direction<'a>(def: &'a JobDefinition, c: &'a Channel) -> Option<(&'a str, &'a str)> {
-    let [a, b] = c.pair.as_slice() else {
-        return None;
-    };
-    if a == b {
-        return None;
-    }
-    let tagged = |role: &str, tags: &[&str]| c.func_tags.get(role).is_some_and(|t| t.iter().any(|x| tags.contains(&x.as_str())));
-    if tagged(a, LOWER_TAGS) || tagged(b, UPPER_TAGS) {
-        return Some((a, b));
-    }
-    if tagged(b, LOWER_TAGS) || tagged(a, UPPER_TAGS) {
-        return Some((b, a));
-    }
-    let consumes = |r: &str| def.design.roles.iter().any(|x| x.name == r && x.is_data_consumer);
-    match (consumes(a), consumes(b)) {
-        (true, false) => Some((a, b)),
-        (false, true) => Some((b, a)),
-        _ => None,
     }
 }
 

@@ -10,7 +10,7 @@
 //! every device's training split. Run: `cargo bench -p flame-workers --bench fedprox`
 //! (FLAME_BENCH_ROUNDS sets the rounds, default 100).
 
-use flame_workers::data::SplitMix;
+use flame_events::rng::SplitMix;
 use flame_workers::model::{ModelConfig, Net, TrainSettings, init_backend};
 use flame_workers::synthetic::{self, CLASSES, DEVICES, FEATURES};
 use flame_workers::weights::Weights;

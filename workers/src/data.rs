@@ -16,6 +16,7 @@
 use std::io::Read;
 
 use crate::partition::Scheme;
+pub use crate::split::{Data, Split};
 
 /// Errors loading data.
 #[derive(Debug, thiserror::Error)]
@@ -38,55 +39,11 @@ pub enum Error {
     },
 }
 
-/// Rows of features with class labels.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Split {
-    /// Row-major features, `len() == rows * features`.
-    pub x: Vec<f32>,
-    /// Labels, `0..classes`.
-    pub y: Vec<i64>,
-    /// Features per row.
-    pub features: usize,
-}
-
-impl Split {
-    /// Number of rows.
-    pub fn len(&self) -> usize {
-        self.y.len()
-    }
-
-    /// Whether there are no rows.
-    pub fn is_empty(&self) -> bool {
-        self.y.is_empty()
-    }
-
-    pub(crate) fn select(&self, rows: &[usize]) -> Self {
-        let f = self.features;
-        Self {
-            x: rows.iter().flat_map(|&r| self.x[r * f..(r + 1) * f].iter().copied()).collect(),
-            y: rows.iter().map(|&r| self.y[r]).collect(),
-            features: f,
-        }
-    }
-}
-
-/// A dataset's train and test splits.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Data {
-    /// What this worker trains on.
-    pub train: Split,
-    /// Held-out rows for evaluation.
-    pub test: Split,
-    /// Number of classes.
-    pub classes: usize,
-}
-
 const DIGITS_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
 const TEST_FRACTION: f64 = 0.2;
 const SPLIT_SEED: u64 = 0x5eed;
 
-/// The platform's one seeded generator, so every worker cuts the same splits.
-pub use flame_events::rng::SplitMix;
+use flame_events::rng::SplitMix;
 
 fn parse_csv(url: &str, text: &str, scale: f32) -> Result<Split, Error> {
     let mut x = Vec::new();

@@ -15,6 +15,7 @@ pub mod partition;
 pub mod privacy;
 pub mod robust;
 pub mod runtime;
+pub mod split;
 pub mod synthetic;
 pub mod weights;
 

@@ -15,8 +15,9 @@ use tch::{Device, Kind, Tensor as TchTensor};
 use flame_events::algorithm::{ClientObjective, Training};
 use flame_events::job::Metrics;
 
-use crate::data::{Split, SplitMix};
+use crate::split::Split;
 use crate::weights::{Tensor, Weights};
+use flame_events::rng::SplitMix;
 
 /// Errors building, loading or training a model.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //! Every part computes the same deal from the seed, so parts are disjoint
 //! and together cover the split.
 
-use crate::data::SplitMix;
+use flame_events::rng::SplitMix;
 
 /// How rows are dealt.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,8 +1,8 @@
 //! Differential privacy on trainer updates: clip the update (trained minus
 //! global) to an L2 norm bound, then add Gaussian noise scaled to that bound.
 
-use crate::data::SplitMix;
 use crate::weights::{Error, Weights, check_same_layout};
+use flame_events::rng::SplitMix;
 
 /// What was done to an update, reported as metadata.
 #[derive(Clone, Copy, Debug, PartialEq)]

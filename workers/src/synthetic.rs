@@ -12,7 +12,9 @@
 //! Unlike the paper's script, every draw comes from a generator seeded by
 //! (seed, device), so any worker regenerates exactly its device's data.
 
-use crate::data::{Data, Split, SplitMix};
+use flame_events::rng::SplitMix;
+
+use crate::split::{Data, Split};
 
 /// Devices in the paper's setting.
 pub const DEVICES: usize = 30;
