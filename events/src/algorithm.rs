@@ -68,6 +68,14 @@ pub const OPTIMIZERS: &[Algorithm] = &[
         params: &[param("mu", ParamKind::NonNegative, 0.01, "the trainers' proximal weight")],
         doc: "FedProx: trainers add (mu / 2) ||w - w_global||^2 to their loss; the server averages as FedAvg",
     },
+    Algorithm {
+        name: "fedavgm",
+        params: &[
+            param("eta", ParamKind::Positive, 1.0, "server learning rate"),
+            param("momentum", ParamKind::Decay, 0.9, "server momentum: the share of the last step kept"),
+        ],
+        doc: "FedAvgM: FedAvg with server momentum (Hsu et al. 2019); eta 1 and momentum 0 is FedAvg",
+    },
     Algorithm { name: "fedadam", params: ADAPTIVE, doc: "FedAdam: Adam on the averaged change (Reddi et al. 2021)" },
     Algorithm { name: "fedyogi", params: ADAPTIVE, doc: "FedYogi: Yogi on the averaged change" },
     Algorithm { name: "fedadagrad", params: ADAPTIVE, doc: "FedAdaGrad: AdaGrad on the averaged change" },
@@ -213,6 +221,14 @@ pub enum ServerOptimizer {
     #[default]
     #[serde(rename = "fedavg")]
     FedAvg,
+    /// FedAvg with server momentum: `v = momentum v + (mean - w)`, `w += eta v`.
+    #[serde(rename = "fedavgm")]
+    FedAvgM {
+        /// Server learning rate.
+        eta: f64,
+        /// The share of the last step kept.
+        momentum: f64,
+    },
     /// FedAvg on the server; the trainers add a proximal term with weight `mu`.
     #[serde(rename = "fedprox")]
     FedProx {
@@ -288,6 +304,7 @@ impl ServerOptimizer {
         let adaptive = |rule| Self::Adaptive { rule, eta: x(0), beta_1: x(1), beta_2: x(2), tau: x(3) };
         match algorithm.name {
             "fedavg" => Self::FedAvg,
+            "fedavgm" => Self::FedAvgM { eta: x(0), momentum: x(1) },
             "fedprox" => Self::FedProx { mu: x(0) },
             "fedadam" => adaptive(AdaptiveRule::Adam),
             "fedyogi" => adaptive(AdaptiveRule::Yogi),
@@ -306,6 +323,7 @@ impl ServerOptimizer {
     pub fn name(&self) -> &'static str {
         match self {
             Self::FedAvg => "fedavg",
+            Self::FedAvgM { .. } => "fedavgm",
             Self::FedProx { .. } => "fedprox",
             Self::Adaptive { rule: AdaptiveRule::Adam, .. } => "fedadam",
             Self::Adaptive { rule: AdaptiveRule::Yogi, .. } => "fedyogi",

@@ -496,9 +496,12 @@ fn plan_shows_tasks_and_the_first_round() {
 
 #[test]
 fn adaptive_and_robust_server_optimizers_run_end_to_end() {
-    for (optimizer, kwargs) in
-        [("fedadam", serde_json::json!({"eta": 0.05})), ("median", serde_json::json!({})), ("fedprox", serde_json::json!({"mu": 0.1}))]
-    {
+    for (optimizer, kwargs) in [
+        ("fedadam", serde_json::json!({"eta": 0.05})),
+        ("fedavgm", serde_json::json!({"eta": 1.0, "momentum": 0.5})),
+        ("median", serde_json::json!({})),
+        ("fedprox", serde_json::json!({"mu": 0.1})),
+    ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let job = dir.path().join("job");
         std::fs::create_dir(&job).expect("mkdir");
@@ -532,8 +535,8 @@ fn adaptive_and_robust_server_optimizers_run_end_to_end() {
         let states: Vec<Value> =
             events.iter().filter(|e| e["event_type"] == "RoundAggregated").map(|e| e["payload"]["optimizer_state"].clone()).collect();
         assert_eq!(states.len(), 5);
-        if optimizer == "fedadam" {
-            // The server's moments are recorded every round and change as it learns.
+        if optimizer == "fedadam" || optimizer == "fedavgm" {
+            // The server's moments (or velocity) are recorded every round and change as it learns.
             assert!(states.iter().all(Value::is_string), "{states:?}");
             let distinct: std::collections::BTreeSet<String> = states.iter().map(|s| s.to_string()).collect();
             assert_eq!(distinct.len(), 5);

@@ -46,6 +46,12 @@ pub fn combine(
     match *optimizer {
         // FedProx changes the trainers' objective (`mu`); the server averages as FedAvg does.
         ServerOptimizer::FedAvg | ServerOptimizer::FedProx { .. } => Ok((fedavg::fedavg_into_first(&mut updates)?, None)),
+        ServerOptimizer::FedAvgM { eta, momentum } => {
+            let mut velocity = state.map(|s| unpack(s).m).unwrap_or_default();
+            let average = fedavg::fedavg_into_first(&mut updates)?;
+            let next = optimizers::momentum_step(eta, momentum, &mut velocity, global, &average)?;
+            Ok((next, Some(pack(&State { m: velocity, v: Weights::new() }))))
+        }
         ServerOptimizer::Adaptive { rule, eta, beta_1, beta_2, tau } => {
             let settings = Settings { beta_1, beta_2, eta, tau };
             let mut st = state.map(unpack).unwrap_or_default();
@@ -128,5 +134,19 @@ mod tests {
         let (b_fresh, _) = combine(&adam, &a, vec![(w(1.0), 1)], None).expect("round 2 without state");
         assert_ne!(b, b_fresh, "the carried moments change the step");
         assert!(combine(&ServerOptimizer::FedBuff { eta: 1.0 }, &w(0.0), vec![(w(1.0), 1)], None).is_err(), "FedBuff needs base models");
+    }
+
+    #[test]
+    fn server_momentum_carries_its_velocity_between_rounds() {
+        let m = ServerOptimizer::FedAvgM { eta: 0.5, momentum: 0.9 };
+        let (a, s1) = combine(&m, &w(1.0), vec![(w(3.0), 1)], None).expect("round 1");
+        let s1 = s1.expect("velocity");
+        assert_eq!((a["p"].data[0], s1["m/p"].data[0]), (2.0, 2.0));
+        let (b, _) = combine(&m, &a, vec![(w(3.0), 1)], Some(&s1)).expect("round 2");
+        assert!((b["p"].data[0] - 3.4).abs() < 1e-6, "the carried velocity adds 0.9 x 2: {}", b["p"].data[0]);
+        // eta 1 and momentum 0 is FedAvg, bit for bit.
+        let ups = vec![(w(1.0), 3), (w(4.0), 1)];
+        let plain = combine(&ServerOptimizer::FedAvgM { eta: 1.0, momentum: 0.0 }, &w(0.0), ups.clone(), None).expect("fedavgm").0;
+        assert_eq!(plain, combine(&ServerOptimizer::FedAvg, &w(0.0), ups, None).expect("fedavg").0);
     }
 }

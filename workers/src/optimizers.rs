@@ -78,6 +78,31 @@ pub fn step(rule: Rule, s: &Settings, state: &mut State, global: &Weights, avera
     Ok(out)
 }
 
+/// FedAvgM's server step (Hsu, Qi and Brown 2019): the averaged change
+/// `mean - w` goes into the momentum buffer `v = momentum v + (mean - w)` (zero
+/// before the first round), and the model moves by `eta v`. With `eta` 1 and
+/// `momentum` 0 this is FedAvg. Updates `velocity`.
+pub fn momentum_step(eta: f64, momentum: f64, velocity: &mut Weights, global: &Weights, average: &Weights) -> Result<Weights, Error> {
+    check_same_layout(global, average)?;
+    if velocity.is_empty() {
+        *velocity = global
+            .iter()
+            .map(|(k, t)| (k.clone(), crate::weights::Tensor { shape: t.shape.clone(), data: vec![0.0; t.data.len()] }))
+            .collect();
+    }
+    check_same_layout(global, velocity)?;
+    let mut out = global.clone();
+    for (name, x) in out.iter_mut() {
+        let (avg, v) = (&average[name].data, &mut velocity.get_mut(name).expect("same layout").data);
+        for i in 0..x.data.len() {
+            let vi = momentum * f64::from(v[i]) + (f64::from(avg[i]) - f64::from(x.data[i]));
+            v[i] = vi as f32;
+            x.data[i] = (f64::from(x.data[i]) + eta * vi) as f32;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +135,22 @@ mod tests {
             assert!((f64::from(state.v["p"].data[0]) - v).abs() < 1e-6, "{rule:?} v");
             assert!((f64::from(state.m["p"].data[0]) - 0.2).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn server_momentum_by_hand_and_fedavg_without_it() {
+        // w = 1, mean = 3: round 1 v = 2, w = 1 + 0.5 * 2 = 2; round 2 (mean 3 again) v = 0.9 * 2 + 1 = 2.8, w = 2 + 1.4 = 3.4.
+        let mut v = Weights::new();
+        let a = momentum_step(0.5, 0.9, &mut v, &w(1.0), &w(3.0)).expect("round 1");
+        assert!((a["p"].data[0] - 2.0).abs() < 1e-6 && (v["p"].data[0] - 2.0).abs() < 1e-6);
+        let b = momentum_step(0.5, 0.9, &mut v, &a, &w(3.0)).expect("round 2");
+        assert!((v["p"].data[0] - 2.8).abs() < 1e-6, "{}", v["p"].data[0]);
+        assert!((b["p"].data[0] - 3.4).abs() < 1e-6, "momentum carries it past the mean: {}", b["p"].data[0]);
+        // eta 1, momentum 0: exactly the mean, whatever the buffer held.
+        let plain = momentum_step(1.0, 0.0, &mut v, &w(1.0), &w(3.0)).expect("fedavg");
+        assert_eq!(plain["p"].data[0], 3.0);
+        let other = Weights::from([("q".to_string(), Tensor { shape: vec![1], data: vec![0.0] })]);
+        assert!(momentum_step(1.0, 0.9, &mut Weights::new(), &w(0.0), &other).is_err());
     }
 
     #[test]
