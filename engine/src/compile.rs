@@ -112,14 +112,15 @@ pub fn compile(def: &JobDefinition) -> Result<Compiled, Problems> {
     let mut tasks = crate::expand::tasks(def)?;
     let tree = crate::tree::derive(def, &tasks)
         .map_err(|e| Problems(vec![problem("schema.json", e, "check the channels' funcTags and the roles' groupAssociation")]))?;
+    let rings = !tree.reducers.is_empty();
     tasks.extend(tree.reducers);
     let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
     let Algorithms { optimizer, selection, training } = algorithms(def, trainers).map_err(Problems)?;
-    if selection.is_asynchronous() && tasks.iter().filter(|t| !t.is_data_consumer).count() > 1 {
+    if selection.is_asynchronous() && (rings || tree.coordinator.is_some()) {
         return Err(Problems(vec![problem(
             format!("{}#/optimizer/sort", def.job.model_spec_path),
-            "asynchronous (FedBuff) jobs run two-tier for now: one aggregator and its trainers; this design has middle aggregators or rings",
-            "use a two-tier design, or a synchronous optimizer",
+            "asynchronous (FedBuff) jobs run two-tier or hierarchical designs; this one has rings or a coordinator",
+            "drop the ring or coordinator channels, or use a synchronous optimizer",
         )]));
     }
     let h = &def.model_spec.hyperparameters;
@@ -185,8 +186,12 @@ mod tests {
         let prox = compile(&with_model_spec("two-tier", |m| m.optimizer = sort("fedprox", json!({"mu": 0.5})))).expect("fedprox");
         assert_eq!(prox.spec.optimizer.objective(), ClientObjective::Proximal { mu: 0.5 });
 
-        let buffered = compile(&fixture("async-hierarchical").0);
-        assert!(buffered.is_err(), "asynchronous jobs are two-tier for now");
+        let hierarchical = compile(&fixture("async-hierarchical").0).expect("asynchronous hierarchical jobs compile");
+        assert_eq!(hierarchical.spec.selection, Selection::Buffered { goal: 2, concurrency: Some(3) });
+        let ring = with_model_spec("ring", |m| {
+            m.optimizer = sort("fedbuff", json!({}));
+        });
+        assert!(compile(&ring).is_err(), "a ring does not run asynchronously");
         let two_tier_async = with_model_spec("two-tier-ten", |m| {
             m.optimizer = sort("fedbuff", json!({}));
             m.selector = sort("fedbuff", json!({"c": 3}));

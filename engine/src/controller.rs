@@ -210,7 +210,13 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
         let top = a.task_id == aggregator.task_id;
         let body = CommandBody::Aggregate {
             model: spec.model.clone(),
-            optimizer: if top { spec.optimizer } else { ServerOptimizer::FedAvg },
+            // A middle aggregator averages its group (FedAvg), or in an asynchronous
+            // job takes FedBuff's staleness-discounted step over its buffer.
+            optimizer: match (top, job.is_async()) {
+                (true, _) => spec.optimizer,
+                (false, true) => ServerOptimizer::FedBuff { eta: 1.0 },
+                (false, false) => ServerOptimizer::FedAvg,
+            },
             trainers: u32::try_from(job.trainers().count()).unwrap_or(u32::MAX),
             optimizer_state: if top { job.optimizer_state.clone() } else { None },
             global_model: global_model.clone(),
@@ -225,7 +231,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
 
 #[cfg(test)]
 mod tests {
-    use flame_events::algorithm::Selection;
+    use flame_events::algorithm::{Selection, ServerOptimizer};
     use flame_events::job::JobEvent;
     use flame_events::protocol::CommandBody;
 
@@ -552,6 +558,67 @@ mod tests {
             h.job().handle(report("t1", 1, trained(1, "t1"))),
             Err(crate::job::Rejection::WrongRound { got: 1, open: 2, .. })
         ));
+    }
+
+    /// The hierarchical test job, asynchronous: FedBuff buffers of `goal` at
+    /// each middle aggregator, `c` trainers busy under each, initial model in.
+    fn async_hierarchical(goal: u32, c: u32) -> History {
+        let mut h = hierarchical_round();
+        h.events.truncate(h.events.len() - 2);
+        if let JobEvent::JobCreated { spec, .. } = &mut h.events[0] {
+            spec.rounds = 3;
+            spec.optimizer = ServerOptimizer::FedBuff { eta: 1.0 };
+            spec.selection = Selection::Buffered { goal, concurrency: Some(c) };
+        }
+        h
+    }
+
+    #[test]
+    fn async_hierarchical_buffers_at_each_middle_and_the_top_combines_every_group() {
+        use crate::testing::{report, trained};
+        use flame_events::protocol::ReportBody;
+        let aggregated =
+            |d: &str| ReportBody::Aggregated { digest: d.into(), metrics: Default::default(), optimizer_state: None, excluded: vec![] };
+        // One trainer busy under each middle aggregator, buffers of one update.
+        let h = handle(async_hierarchical(1, 1), JobCommand::StartRound { now_ms: 0 });
+        let JobEvent::RoundStarted { selected, .. } = &h.events[h.events.len() - 2] else { panic!("{:?}", h.events) };
+        assert_eq!(selected.len(), 2, "c = 1 under each of the two middle aggregators: {selected:?}");
+        let (eu, na) = (
+            selected.iter().find(|t| ["t0", "t1"].contains(&t.as_str())).expect("eu").clone(),
+            selected.iter().find(|t| ["t2", "t3"].contains(&t.as_str())).expect("na").clone(),
+        );
+
+        // eu's trainer fills eu's buffer: m-eu takes FedBuff's step over it; the top waits for na.
+        let h = handle(h, report(&eu, 1, trained(1, &eu)));
+        let actions = decide(&h.job(), 0, None);
+        let (optimizer, updates, evaluates) = aggregate_of(&actions, "w-m-eu");
+        assert_eq!((optimizer, updates.len(), evaluates), ("fedbuff", 1, false));
+        assert!(!sends(&actions).iter().any(|(w, _)| w == "w-top" || w == "w-m-na"));
+        let h = handle(h, report("m-eu", 1, aggregated("g-eu")));
+        assert!(!h.job().ready("top"), "the top combines every group");
+
+        // A second eu update now joins round 2's buffer, one model stale.
+        let other_eu = if eu == "t0" { "t1" } else { "t0" };
+        let mut job = h.job();
+        job.round.buffer.in_flight.insert(other_eu.into(), crate::job::Dispatch { round: 1, model: "m0".into() });
+        let late = job.handle(report(other_eu, 1, trained(1, other_eu))).expect("late update");
+        assert!(matches!(&late[..], [JobEvent::UpdateReported { round: 2, staleness: 1, .. }]), "{late:?}");
+
+        // na's trainer fills na's buffer; once m-na has aggregated, the top combines both groups with the job's optimizer.
+        let h = handle(h, report(&na, 1, trained(1, &na)));
+        let h = handle(h, report("m-na", 1, aggregated("g-na")));
+        let actions = decide(&h.job(), 0, None);
+        let (optimizer, updates, evaluates) = aggregate_of(&actions, "w-top");
+        assert_eq!((optimizer, evaluates), ("fedbuff", true));
+        assert_eq!(updates.iter().map(|u| u.digest.as_str()).collect::<Vec<_>>(), ["g-eu", "g-na"]);
+        let h = handle(h, report("top", 1, aggregated("m1")));
+        assert!(matches!(h.events.last(), Some(JobEvent::RoundAggregated { round: 1, inputs, .. }) if inputs.len() == 2));
+
+        // Round 2 keeps one trainer busy under each middle again, from the new model.
+        let h = handle(h, JobCommand::StartRound { now_ms: 0 });
+        let JobEvent::RoundStarted { selected, .. } = &h.events[h.events.len() - 2] else { panic!() };
+        assert_eq!(selected.len(), 2, "{selected:?}");
+        assert!(trains(&decide(&h.job(), 0, None)).iter().all(|(_, m)| m == "m1"));
     }
 
     #[test]

@@ -461,6 +461,13 @@ impl Selection {
                 Some(c) => Some(c),
                 None => count("concurrency", concurrency)?,
             };
+            if let Some(c) = concurrency.filter(|c| *c < goal) {
+                return Err(ParamError {
+                    param: if c_given(kwargs) { "c".into() } else { "concurrency".into() },
+                    message: format!("{c} trainer(s) at once can never fill a buffer of aggGoal {goal} updates"),
+                    hint: format!("keep at least {goal} trainers busy, or lower aggGoal"),
+                });
+            }
             return Ok(Self::Buffered { goal, concurrency });
         }
         let trainers = u32::try_from(trainers.max(1)).unwrap_or(u32::MAX);
@@ -485,6 +492,10 @@ impl Selection {
     pub fn is_asynchronous(&self) -> bool {
         matches!(self, Self::Buffered { .. })
     }
+}
+
+fn c_given(kwargs: &Map<String, Value>) -> bool {
+    kwargs.contains_key("c")
 }
 
 /// Oort's over-commitment: trainers asked to train for a round that closes at `aggr_num` updates (30% more, rounded up).
@@ -630,6 +641,9 @@ mod tests {
         assert!(Selection::parse("default", &none, Some(&goal), None, &avg, 6).is_err(), "aggGoal needs fedbuff");
         assert!(Selection::parse("random", &none, None, None, &buff, 6).is_err(), "random is synchronous");
         assert!(Selection::parse("fedbuff", &none, Some(&serde_json::json!(0)), None, &buff, 6).is_err());
+        let starved =
+            Selection::parse("fedbuff", &kwargs(serde_json::json!({"c": 1})), Some(&goal), None, &buff, 6).expect_err("c < aggGoal");
+        assert_eq!(starved.param, "c");
         assert_eq!(over_commit(4), 6);
     }
 

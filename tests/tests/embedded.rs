@@ -250,6 +250,96 @@ fn fedbuff_digits_aggregates_buffers_of_stale_updates() {
     assert!(stale > 0, "some updates trained from an older model");
 }
 
+/// Asynchronous hierarchical FedBuff (Flame's asyncfl_hier_mnist): each
+/// region's middle aggregator takes FedBuff's step over its own buffer of
+/// `aggGoal` updates (each change from the model it trained from, discounted
+/// by its staleness), and the top aggregator combines the regions' steps with
+/// FedBuff; both are checked bit for bit against the recorded blobs, and
+/// `replay --verify` passes.
+#[test]
+fn fedbuff_hierarchical_digits_buffers_at_each_region_and_combines_the_regions() {
+    use flame_workers::{fedbuff, weights};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf8");
+    let (summary, events) = run_completed("examples/fedbuff-hierarchical-digits", data);
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.75, "final accuracy {accuracy}");
+    let blob = |d: &Value| {
+        weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
+    };
+    let start_model = |round: u64| {
+        events
+            .iter()
+            .find(|e| e["event_type"] == "RoundStarted" && e["payload"]["round"] == round)
+            .map(|e| blob(&e["payload"]["global_model"]))
+    };
+    // Every update: its samples, the model it trained from, its staleness.
+    let mut updates: std::collections::BTreeMap<String, (u64, u64, u32)> = Default::default();
+    let mut groups: Vec<(Value, u64)> = Vec::new();
+    let (mut rounds, mut stale, mut by_group) = (0, 0, std::collections::BTreeMap::<String, usize>::new());
+    for e in &events {
+        let p = &e["payload"];
+        match e["event_type"].as_str() {
+            Some("UpdateReported") => {
+                let sent: u64 = e["causation_id"]
+                    .as_str()
+                    .and_then(|c| c.split("/r").nth(1))
+                    .and_then(|r| r.split('/').next())
+                    .and_then(|r| r.parse().ok())
+                    .expect("round in the command id");
+                let staleness = p["staleness"].as_u64().unwrap_or(0);
+                assert_eq!(staleness, p["round"].as_u64().expect("round") - sent, "{p}");
+                stale += u64::from(staleness > 0);
+                updates.insert(p["digest"].as_str().expect("digest").into(), (p["samples"].as_u64().expect("n"), sent, staleness as u32));
+            }
+            Some("GroupAggregated") => {
+                let round = p["round"].as_u64().expect("round");
+                let global = start_model(round).expect("round started");
+                let inputs: Vec<String> =
+                    p["inputs"].as_array().expect("inputs").iter().map(|d| d.as_str().expect("digest").to_string()).collect();
+                assert!(inputs.len() >= 2, "a full buffer of aggGoal 2: {p}");
+                let held: Vec<(weights::Weights, u64, weights::Weights, u32)> = inputs
+                    .iter()
+                    .map(|d| {
+                        let (n, sent, staleness) = updates[d];
+                        (blob(&Value::from(d.as_str())), n, start_model(sent).expect("sent"), staleness)
+                    })
+                    .collect();
+                let buffer: Vec<fedbuff::Buffered> = held
+                    .iter()
+                    .map(|(trained, samples, base, staleness)| fedbuff::Buffered {
+                        trained,
+                        base,
+                        samples: *samples,
+                        staleness: *staleness,
+                    })
+                    .collect();
+                assert_eq!(blob(&p["digest"]), fedbuff::step(&global, &buffer, 1.0).expect("step"), "round {round}: the region's step");
+                assert_eq!(p["samples"].as_u64(), Some(held.iter().map(|h| h.1).sum()));
+                *by_group.entry(p["task_id"].as_str().expect("task").into()).or_default() += 1;
+                groups.push((p["digest"].clone(), p["samples"].as_u64().expect("n")));
+            }
+            Some("RoundAggregated") => {
+                let round = p["round"].as_u64().expect("round");
+                let global = start_model(round).expect("round started");
+                assert_eq!(groups.len(), 2, "round {round} combines both regions");
+                let models: Vec<(weights::Weights, u64)> = groups.drain(..).map(|(d, n)| (blob(&d), n)).collect();
+                let buffer: Vec<fedbuff::Buffered> =
+                    models.iter().map(|(m, n)| fedbuff::Buffered { trained: m, base: &global, samples: *n, staleness: 0 }).collect();
+                assert_eq!(blob(&p["digest"]), fedbuff::step(&global, &buffer, 1.0).expect("step"), "round {round}: the top's step");
+                rounds += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(rounds, 10);
+    assert_eq!(by_group.values().copied().collect::<Vec<_>>(), [10, 10], "each region aggregates once a round");
+    assert!(stale > 0, "trainers still training when their region's buffer filled joined the next one, stale");
+    let job = summary["job_id"].as_str().expect("id");
+    let out = flamectl(&["replay", job, "--store", summary["store"].as_str().expect("store"), "--verify"]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
 /// SCAFFOLD end to end: each trainer's control variate travels as a state
 /// blob recorded with its update and handed back the next round; the server's
 /// moves by the mean change over all trainers; with eta 1 the global model is

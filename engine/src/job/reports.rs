@@ -97,8 +97,8 @@ impl Job {
         Ok(events)
     }
 
-    /// An asynchronous (FedBuff) update: it joins the open round's buffer, or
-    /// the next one when this one is full, with its staleness.
+    /// An asynchronous (FedBuff) update: it joins its aggregator's buffer in
+    /// the open round, or the next round's when this one is full, with its staleness.
     fn buffered(&self, u: Trained) -> Result<Vec<JobEvent>, Rejection> {
         let id = &u.task.task_id;
         let Some(d) = self.round.buffer.in_flight.get(id) else {
@@ -110,7 +110,8 @@ impl Job {
             return Err(Rejection::WrongRound { task: id.clone(), got: u.round, open: d.round });
         }
         u.check_samples()?;
-        let buffer = if self.round_open() && !self.training_done() { self.round.number } else { self.round.number + 1 };
+        let full = self.parents.get(id).is_none_or(|p| self.buffer_full(p));
+        let buffer = if full { self.round.number + 1 } else { self.round.number };
         Ok(vec![u.event(buffer, buffer.saturating_sub(d.round))])
     }
 
@@ -162,7 +163,7 @@ impl Job {
         }
         if !self.ready(id) {
             return Err(Rejection::Unexpected(if self.is_async() {
-                format!("aggregate for round {round} before its buffer filled ({} of {} updates)", self.round.updates.len(), self.quorum())
+                format!("aggregate for round {round} before its buffer filled ({} of {} updates)", self.buffered_for(id), self.quorum())
             } else {
                 let missing = self.children(id).filter(|c| self.expects(c)).count() - self.inputs_of(id).len();
                 format!("aggregate for round {round} before {missing} input(s) arrived")

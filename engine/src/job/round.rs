@@ -113,7 +113,7 @@ impl Job {
             return false;
         }
         if self.is_async() {
-            return self.training_done() && !self.round.updates.is_empty() && self.aggregator().is_some_and(|a| a.task_id == task);
+            return self.ready_async(task);
         }
         let mut any = false;
         for c in self.children(task) {
@@ -124,6 +124,38 @@ impl Job {
             any |= has;
         }
         any
+    }
+
+    /// Asynchronous jobs: an aggregator over trainers (the top one in a
+    /// two-tier job, a middle one in a hierarchical job) is ready when its
+    /// buffer is full; a top aggregator over middle aggregators when every
+    /// group has its result (or, after the deadline, every group that had
+    /// updates), at least one.
+    fn ready_async(&self, task: &str) -> bool {
+        let over_trainers = self.children(task).any(|c| c.is_data_consumer);
+        if over_trainers {
+            let held = self.buffered_for(task);
+            return held > 0 && (self.round.training_closed || held >= self.agg_goal().unwrap_or(1));
+        }
+        let middles: Vec<&TaskSpec> = self.children(task).collect();
+        let done = |m: &&TaskSpec| {
+            self.round.partials.contains_key(&m.task_id) || (self.round.training_closed && self.buffered_for(&m.task_id) == 0)
+        };
+        middles.iter().any(|m| self.round.partials.contains_key(&m.task_id)) && middles.iter().all(done)
+    }
+
+    /// Asynchronous jobs: updates in aggregator `task`'s buffer this round.
+    pub(super) fn buffered_for(&self, task: &str) -> usize {
+        self.round.updates.keys().filter(|t| self.parents.get(*t).is_some_and(|p| p == task)).count()
+    }
+
+    /// Asynchronous jobs: whether an update for aggregator `task` now joins
+    /// the next round's buffer (this one is full, aggregated, or closed).
+    pub(super) fn buffer_full(&self, task: &str) -> bool {
+        !self.round_open()
+            || self.round.training_closed
+            || self.round.partials.contains_key(task)
+            || self.buffered_for(task) >= self.agg_goal().unwrap_or(1)
     }
 
     /// The updates aggregator `task` combines this round.
@@ -156,13 +188,31 @@ impl Job {
         match self.selection() {
             Selection::All => Vec::new(),
             Selection::Buffered { concurrency, .. } => {
-                // FedBuff: keep `concurrency` trainers busy; idle ones are picked at random.
+                // FedBuff: keep `concurrency` trainers busy under each aggregator
+                // that buffers (the top one, or each middle one); idle ones are picked at random.
                 let c = concurrency.map_or(usize::MAX, |c| c as usize);
                 let in_flight = &self.round.buffer.in_flight;
-                let idle: Vec<String> =
-                    self.active_trainers().filter(|t| !in_flight.contains_key(&t.task_id)).map(|t| t.task_id.clone()).collect();
-                let busy = in_flight.keys().filter(|t| !self.orphaned.contains(*t)).count();
-                flame_events::rng::choose(&idle, c.saturating_sub(busy).min(idle.len()), seed, round, self.selection().name())
+                let top = self.aggregator().map(|a| a.task_id.clone());
+                let mut groups: BTreeMap<&str, (Vec<String>, usize)> = BTreeMap::new();
+                for t in self.active_trainers() {
+                    let parent = self.parents.get(&t.task_id).map_or("", String::as_str);
+                    let (idle, busy) = groups.entry(parent).or_default();
+                    if in_flight.contains_key(&t.task_id) {
+                        *busy += 1;
+                    } else {
+                        idle.push(t.task_id.clone());
+                    }
+                }
+                let mut out: Vec<String> = groups
+                    .into_iter()
+                    .flat_map(|(parent, (idle, busy))| {
+                        // The top aggregator's own trainers keep the two-tier pick.
+                        let salt = if top.as_deref() == Some(parent) { self.selection().name() } else { parent };
+                        flame_events::rng::choose(&idle, c.saturating_sub(busy).min(idle.len()), seed, round, salt)
+                    })
+                    .collect();
+                out.sort();
+                out
             }
             Selection::Oort { aggr_num } => {
                 let candidates: Vec<String> = self.active_trainers().map(|t| t.task_id.clone()).collect();
@@ -196,10 +246,15 @@ impl Job {
         min_clients.map_or(all, |q| q.clamp(1, all.max(1)))
     }
 
-    /// Whether the open round has every update it will get.
+    /// Whether the open round has every update it will get (asynchronous
+    /// jobs: every buffer is full).
     pub fn training_done(&self) -> bool {
-        if let Some(goal) = self.agg_goal() {
-            return self.round.training_closed || self.round.updates.len() >= goal;
+        if self.is_async() {
+            return self.round.training_closed
+                || self
+                    .aggregators()
+                    .filter(|a| self.children(&a.task_id).any(|c| c.is_data_consumer))
+                    .all(|a| self.buffer_full(&a.task_id));
         }
         self.round.training_closed || self.round_trainers().all(|t| self.round.updates.contains_key(&t.task_id))
     }
