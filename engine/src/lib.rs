@@ -1,4 +1,4 @@
-//! The engine: job definitions and their checks, the planner, the job
+//! The engine: job definitions, their checks and compilation, the job
 //! aggregate, the controller's decisions and the runner that carries them out.
 
 pub mod api;

@@ -1,4 +1,4 @@
-//! Read models, renderings and the projection runner on a recorded job: the
+//! Read models, renderings and the view writer on a recorded job: the
 //! digits example (3 trainers, 1 aggregator, 5 rounds) as `flamectl run`
 //! stored it, checked in as `fixtures/digits-two-tier.jsonl`.
 

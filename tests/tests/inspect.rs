@@ -1,6 +1,6 @@
 //! The window onto jobs: `flamectl events|replay|trace|audit|watch|metrics`
 //! on a job run in embedded mode, `replay --verify` against a corrupted read
-//! model, and the projection runner killed mid catch-up.
+//! model, and the view writer killed mid catch-up.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
