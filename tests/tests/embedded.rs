@@ -176,27 +176,50 @@ fn ring_digits_equals_two_tier_fedavg() {
     assert!(aggregated.iter().all(|e| e["actor"] == format!("worker:{}", placed["trainer-0"])));
 }
 
+/// Runs an asynchronous example to completion (test accuracy at least 0.75);
+/// its data folder, summary and events.
+fn run_async(example: &str) -> (tempfile::TempDir, Value, Vec<Value>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (summary, events) = run_completed(example, dir.path().to_str().expect("utf8"));
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.75, "{example}: final accuracy {accuracy}");
+    (dir, summary, events)
+}
+
+/// A model blob of a run, by its digest.
+fn blob_in(data: &std::path::Path, digest: &Value) -> flame_workers::weights::Weights {
+    let bytes = std::fs::read(data.join("blobs").join(digest.as_str().expect("digest"))).expect("blob");
+    flame_workers::weights::decode(&bytes).expect("safetensors")
+}
+
+/// The global model round `round` started from.
+fn round_start(events: &[Value], round: u64) -> Option<Value> {
+    events
+        .iter()
+        .find(|e| e["event_type"] == "RoundStarted" && e["payload"]["round"] == round)
+        .map(|e| e["payload"]["global_model"].clone())
+}
+
+/// The round that sent the training an `UpdateReported` answers: the command id it is caused by names it (`<job>/r<N>/train/...`).
+fn sent_round(e: &Value) -> u64 {
+    e["causation_id"]
+        .as_str()
+        .and_then(|c| c.split("/r").nth(1))
+        .and_then(|r| r.split('/').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no round in the command id of {e}"))
+}
+
 /// The FedBuff example: no barrier. Each update records how stale it is
 /// (rounds since the one that sent it), each round aggregates a full buffer,
 /// and each new global model is FedBuff's step over that buffer, every
 /// update's change taken from the model it trained from.
 #[test]
 fn fedbuff_digits_aggregates_buffers_of_stale_updates() {
-    use flame_workers::{fedbuff, weights};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().to_str().expect("utf8");
-    let (summary, events) = run_completed("examples/fedbuff-digits", data);
-    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
-    assert!(accuracy >= 0.75, "final accuracy {accuracy}");
-    let blob = |d: &Value| {
-        weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
-    };
-    let start_model = |round: u64| {
-        events
-            .iter()
-            .find(|e| e["event_type"] == "RoundStarted" && e["payload"]["round"] == round)
-            .map(|e| e["payload"]["global_model"].clone())
-    };
+    use flame_workers::fedbuff;
+    let (dir, _summary, events) = run_async("examples/fedbuff-digits");
+    let blob = |d: &Value| blob_in(dir.path(), d);
+    let start_model = |round: u64| round_start(&events, round);
 
     let mut buffer: std::collections::BTreeMap<String, (Value, u64, u64, u32)> = Default::default();
     let mut rounds = 0;
@@ -209,14 +232,7 @@ fn fedbuff_digits_aggregates_buffers_of_stale_updates() {
                 assert!(dispatched <= 4, "the fedbuff selector keeps at most c = 4 trainers busy: {p}");
             }
             Some("UpdateReported") => {
-                // The command that asked for it names the round that sent it.
-                let cause = e["causation_id"].as_str().expect("caused by a command");
-                let sent: u64 = cause
-                    .split("/r")
-                    .nth(1)
-                    .and_then(|r| r.split('/').next())
-                    .and_then(|r| r.parse().ok())
-                    .expect("round in the command id");
+                let sent = sent_round(e);
                 let round = p["round"].as_u64().expect("round");
                 let staleness = p["staleness"].as_u64().unwrap_or(0);
                 assert_eq!(staleness, round - sent, "{p}");
@@ -231,7 +247,7 @@ fn fedbuff_digits_aggregates_buffers_of_stale_updates() {
                 let inputs: Vec<&str> = p["inputs"].as_array().expect("inputs").iter().filter_map(Value::as_str).collect();
                 assert!(inputs.len() >= 2, "round {round} aggregated a full buffer (aggGoal 2): {inputs:?}");
                 let global = blob(&start_model(round).expect("round start"));
-                let taken: Vec<(weights::Weights, u64, weights::Weights, u32)> = inputs
+                let taken: Vec<(flame_workers::weights::Weights, u64, flame_workers::weights::Weights, u32)> = inputs
                     .iter()
                     .map(|d| {
                         let (digest, samples, sent, staleness) = buffer.remove(*d).expect("an input was reported");
@@ -259,20 +275,9 @@ fn fedbuff_digits_aggregates_buffers_of_stale_updates() {
 #[test]
 fn fedbuff_hierarchical_digits_buffers_at_each_region_and_combines_the_regions() {
     use flame_workers::{fedbuff, weights};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().to_str().expect("utf8");
-    let (summary, events) = run_completed("examples/fedbuff-hierarchical-digits", data);
-    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
-    assert!(accuracy >= 0.75, "final accuracy {accuracy}");
-    let blob = |d: &Value| {
-        weights::decode(&std::fs::read(dir.path().join("blobs").join(d.as_str().expect("digest"))).expect("blob")).expect("safetensors")
-    };
-    let start_model = |round: u64| {
-        events
-            .iter()
-            .find(|e| e["event_type"] == "RoundStarted" && e["payload"]["round"] == round)
-            .map(|e| blob(&e["payload"]["global_model"]))
-    };
+    let (dir, summary, events) = run_async("examples/fedbuff-hierarchical-digits");
+    let blob = |d: &Value| blob_in(dir.path(), d);
+    let start_model = |round: u64| round_start(&events, round).map(|d| blob(&d));
     // Every update: its samples, the model it trained from, its staleness.
     let mut updates: std::collections::BTreeMap<String, (u64, u64, u32)> = Default::default();
     let mut groups: Vec<(Value, u64)> = Vec::new();
@@ -281,12 +286,7 @@ fn fedbuff_hierarchical_digits_buffers_at_each_region_and_combines_the_regions()
         let p = &e["payload"];
         match e["event_type"].as_str() {
             Some("UpdateReported") => {
-                let sent: u64 = e["causation_id"]
-                    .as_str()
-                    .and_then(|c| c.split("/r").nth(1))
-                    .and_then(|r| r.split('/').next())
-                    .and_then(|r| r.parse().ok())
-                    .expect("round in the command id");
+                let sent = sent_round(e);
                 let staleness = p["staleness"].as_u64().unwrap_or(0);
                 assert_eq!(staleness, p["round"].as_u64().expect("round") - sent, "{p}");
                 stale += u64::from(staleness > 0);
