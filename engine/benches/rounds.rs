@@ -63,9 +63,18 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
             return;
         }
     };
-    let beat = {
+    // The heartbeat stops with this worker, also when the measurement aborts
+    // it: a worker that beats on without answering would be placed again by
+    // the next measurement and stall its deployment.
+    struct Heartbeat(tokio::task::JoinHandle<()>);
+    impl Drop for Heartbeat {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _beat = {
         let (t, i) = (transport.clone(), info.clone());
-        tokio::spawn(async move {
+        Heartbeat(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let started = Instant::now();
@@ -73,7 +82,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
                     eprintln!("heartbeat of {} failed after {:?}: {e}", i.id, started.elapsed());
                 }
             }
-        })
+        }))
     };
     while let Some(Ok(d)) = inbox.next().await {
         let c = &d.message;
@@ -107,7 +116,6 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
         }
         let _ = d.ack().await;
     }
-    beat.abort();
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -174,6 +182,8 @@ async fn measure(label: &str, store: Arc<dyn EventStore>, nats_url: &str, traine
     for w in workers {
         w.abort();
     }
+    // Let the stopped workers' registrations expire before the next measurement places tasks.
+    tokio::time::sleep(flame_transport::WORKER_TTL + Duration::from_secs(1)).await;
 }
 
 #[tokio::main]
