@@ -388,7 +388,7 @@ fn show_plan(folder: &Path, output: PlanOutput, round: u32) -> anyhow::Result<Ex
         }
     };
     let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
-    let selection = match flame_engine::compile::algorithms(&def, trainers) {
+    let selection = match flame_engine::compile::settings(&def, trainers) {
         Ok(a) => a.selection,
         Err(problems) => {
             eprintln!("error: {}", flame_engine::definition::Problems(problems));

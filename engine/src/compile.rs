@@ -1,15 +1,16 @@
 //! Compilation: a checked job definition becomes what the engine runs, once,
 //! when the job is created. The design expands into tasks (TAG expansion),
 //! the tasks form a tree of aggregations, and the model spec's `{sort,
-//! kwargs}` and hyperparameters become typed algorithm settings
-//! ([`ServerOptimizer`], [`Selection`], [`Training`]). This and validation are
+//! kwargs}`, `baseModel` and hyperparameters become typed settings
+//! ([`Model`], [`ServerOptimizer`], [`Selection`], [`Training`]). This and validation are
 //! the only code that reads the job's raw strings; everything after matches
 //! on types.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use flame_events::algorithm::{self, ParamError, Selection, ServerOptimizer, Training};
 use flame_events::job::{RunSpec, TaskSpec};
+use flame_events::model::Model;
 
 use crate::definition::{JobDefinition, Problem, Problems, problem};
 
@@ -22,9 +23,11 @@ pub struct Compiled {
     pub tasks: Vec<TaskSpec>,
 }
 
-/// The typed algorithm settings of a definition, or every problem with them.
+/// The typed settings of a definition: its model and algorithms.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Algorithms {
+pub struct Settings {
+    /// The model trainers train.
+    pub model: Model,
     /// The top aggregator's optimizer.
     pub optimizer: ServerOptimizer,
     /// Which trainers take part in a round.
@@ -38,9 +41,9 @@ fn no_kwargs() -> &'static Map<String, Value> {
     EMPTY.get_or_init(Map::new)
 }
 
-/// The optimizer, selection and training settings a definition names, for a
-/// job of `trainers` trainers; every problem at once, with its JSON path.
-pub fn algorithms(def: &JobDefinition, trainers: usize) -> Result<Algorithms, Vec<Problem>> {
+/// The model, optimizer, selection and training settings a definition names,
+/// for a job of `trainers` trainers; every problem at once, with its JSON path.
+pub fn settings(def: &JobDefinition, trainers: usize) -> Result<Settings, Vec<Problem>> {
     let file = &def.job.model_spec_path;
     let spec = &def.model_spec;
     let h = &spec.hyperparameters;
@@ -96,8 +99,17 @@ pub fn algorithms(def: &JobDefinition, trainers: usize) -> Result<Algorithms, Ve
     let training = Training::from_hyperparameters(h)
         .map_err(|e| problems.push(problem(format!("{file}#/hyperparameters/{}", e.param), e.message, e.hint)))
         .ok();
-    match (optimizer, selection, training) {
-        (Some(optimizer), Some(selection), Some(training)) if problems.is_empty() => Ok(Algorithms { optimizer, selection, training }),
+    let name = spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(Value::as_str).unwrap_or("");
+    let model = Model::parse(name, h)
+        .map_err(|e| {
+            let path = if e.param.is_empty() { format!("{file}#/baseModel/name") } else { format!("{file}#/hyperparameters/{}", e.param) };
+            problems.push(problem(path, e.message, e.hint));
+        })
+        .ok();
+    match (model, optimizer, selection, training) {
+        (Some(model), Some(optimizer), Some(selection), Some(training)) if problems.is_empty() => {
+            Ok(Settings { model, optimizer, selection, training })
+        }
         _ => Err(problems),
     }
 }
@@ -115,7 +127,7 @@ pub fn compile(def: &JobDefinition) -> Result<Compiled, Problems> {
     let rings = !tree.reducers.is_empty();
     tasks.extend(tree.reducers);
     let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
-    let Algorithms { optimizer, selection, training } = algorithms(def, trainers).map_err(Problems)?;
+    let Settings { model, optimizer, selection, training } = settings(def, trainers).map_err(Problems)?;
     if selection.is_asynchronous() && (rings || tree.coordinator.is_some()) {
         return Err(Problems(vec![problem(
             format!("{}#/optimizer/sort", def.job.model_spec_path),
@@ -125,14 +137,6 @@ pub fn compile(def: &JobDefinition) -> Result<Compiled, Problems> {
     }
     let h = &def.model_spec.hyperparameters;
     let whole = |key: &str| h.get(key).and_then(Value::as_u64);
-    let name =
-        def.model_spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(|n| n.as_str()).filter(|n| !n.is_empty()).unwrap_or("mlp");
-    let mut model = json!({ "name": name });
-    for key in ["channels", "hidden"] {
-        if let Some(v) = h.get(key) {
-            model[key] = v.clone();
-        }
-    }
     let spec = RunSpec {
         rounds: whole("rounds").unwrap_or(1) as u32,
         optimizer,
@@ -154,6 +158,7 @@ pub fn compile(def: &JobDefinition) -> Result<Compiled, Problems> {
 #[cfg(test)]
 mod tests {
     use flame_events::algorithm::{AdaptiveRule, ClientObjective};
+    use serde_json::json;
 
     use super::*;
     use crate::testing::fixture;
@@ -201,19 +206,37 @@ mod tests {
     }
 
     #[test]
+    fn the_model_is_typed_and_an_unknown_one_named() {
+        let cnn = with_model_spec("two-tier", |m| {
+            m.base_model = Some(json!({"name": "cnn", "version": 1}));
+            m.hyperparameters.insert("channels".into(), json!([4]));
+        });
+        assert_eq!(compile(&cnn).expect("cnn").spec.model, Model::Cnn { channels: vec![4], hidden: vec![32] });
+        let unknown = with_model_spec("two-tier", |m| m.base_model = Some(json!({"name": "resnet"})));
+        let problems = settings(&unknown, 3).expect_err("unknown model");
+        assert_eq!(problems[0].path, "modelSpec.json#/baseModel/name");
+        assert!(problems[0].hint.contains("mlp, logreg, cnn"), "{problems:?}");
+        let bad = with_model_spec("two-tier", |m| {
+            m.hyperparameters.insert("hidden".into(), json!("wide"));
+        });
+        assert_eq!(settings(&bad, 3).expect_err("bad widths")[0].path, "modelSpec.json#/hyperparameters/hidden");
+        assert!(unknown.check().iter().any(|p| p.path == "modelSpec.json#/baseModel/name"), "validation reports it too");
+    }
+
+    #[test]
     fn every_problem_names_its_place() {
         let def = with_model_spec("two-tier", |m| {
             m.optimizer = sort("krum", json!({"f": 0, "m": "two"}));
             m.selector = sort("random", json!({"k": -1}));
         });
-        let paths: Vec<String> = algorithms(&def, 3).expect_err("invalid").into_iter().map(|p| p.path).collect();
+        let paths: Vec<String> = settings(&def, 3).expect_err("invalid").into_iter().map(|p| p.path).collect();
         for want in ["optimizer/kwargs/f", "optimizer/kwargs/m", "selector/kwargs/k"] {
             assert!(paths.iter().any(|p| p == &format!("modelSpec.json#/{want}")), "{want}: {paths:?}");
         }
         let def = with_model_spec("two-tier", |m| {
             m.hyperparameters.insert("aggGoal".into(), json!(2));
         });
-        let paths: Vec<String> = algorithms(&def, 3).expect_err("aggGoal needs fedbuff").into_iter().map(|p| p.path).collect();
+        let paths: Vec<String> = settings(&def, 3).expect_err("aggGoal needs fedbuff").into_iter().map(|p| p.path).collect();
         assert_eq!(paths, ["modelSpec.json#/optimizer/sort"]);
     }
 }

@@ -32,7 +32,7 @@ pub fn created(rounds: u32) -> JobEvent {
         source: "memory".into(),
         spec: RunSpec {
             rounds,
-            model: serde_json::json!({"name": "mlp"}),
+            model: flame_events::model::Model::default(),
             hyperparameters: serde_json::json!({}),
             seed: 0,
             ..RunSpec::default()
@@ -268,6 +268,6 @@ pub fn fixture(name: &str) -> (crate::JobDefinition, Vec<TaskSpec>) {
 /// Round `round`'s plan of a definition, with the selection it compiles to.
 pub fn plan_round(def: &crate::JobDefinition, tasks: &[TaskSpec], round: u32) -> Result<crate::plan::Plan, crate::plan::Error> {
     let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
-    let selection = crate::compile::algorithms(def, trainers).unwrap_or_else(|p| panic!("{p:?}")).selection;
+    let selection = crate::compile::settings(def, trainers).unwrap_or_else(|p| panic!("{p:?}")).selection;
     crate::plan::build(def, tasks, selection, crate::compile::seed(def), round)
 }

@@ -33,12 +33,14 @@ pub fn check(def: &JobDefinition) -> Vec<Problem> {
 
 fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
     let file = &def.job.model_spec_path;
-    // The optimizer, the selector and their arguments: the one list in the
-    // event vocabulary decides what is valid, as it does for compilation.
+    // The model, the optimizer, the selector and their arguments: the event
+    // vocabulary decides what is valid, as it does for compilation.
     let trainers = def.data_spec.iter().flat_map(|e| e.dataset_groups.values()).map(Vec::len).sum();
-    if let Err(problems) = crate::compile::algorithms(def, trainers) {
-        // Hyperparameters are checked below, one message each.
-        out.extend(problems.into_iter().filter(|p| !p.path.contains("#/hyperparameters/")));
+    if let Err(problems) = crate::compile::settings(def, trainers) {
+        // The training hyperparameters are checked below, one message each.
+        const BELOW: [&str; 8] =
+            ["rounds", "epochs", "batchSize", "aggGoal", "concurrency", "learningRate", "clip_threshold", "noise_factor"];
+        out.extend(problems.into_iter().filter(|p| !BELOW.iter().any(|k| p.path.ends_with(&format!("#/hyperparameters/{k}")))));
     }
     let h = &def.model_spec.hyperparameters;
     for key in ["rounds", "epochs", "batchSize", "aggGoal", "concurrency"] {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::algorithm::{Selection, ServerOptimizer, Training};
+use crate::model::Model;
 use crate::upcast::Upcasters;
 use crate::{Envelope, NewEvent, store};
 
@@ -124,8 +125,8 @@ pub struct RunSpec {
     /// How trainers train.
     #[serde(default)]
     pub training: Training,
-    /// Model description handed to workers (`baseModel` plus architecture settings).
-    pub model: serde_json::Value,
+    /// The model trainers train (its JSON form is `{"name": "mlp", "hidden": [32]}` in every schema version).
+    pub model: Model,
     /// The hyperparameters as the job gave them (for the record; trainers get `training`).
     pub hyperparameters: serde_json::Value,
     /// Seed for model initialisation and training.

@@ -7,6 +7,7 @@
 pub mod algorithm;
 pub mod envelope;
 pub mod job;
+pub mod model;
 pub mod protocol;
 pub mod resource;
 pub mod rng;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::algorithm::{ClientObjective, ServerOptimizer, Training};
 use crate::job::Metrics;
+use crate::model::Model;
 
 /// Protocol version carried by every command and report. Version 2 carries
 /// typed algorithms (`Train.training`, `Train.objective`,
@@ -114,8 +115,8 @@ pub enum CommandBody {
     },
     /// Create the initial global model.
     InitModel {
-        /// Model description.
-        model: serde_json::Value,
+        /// The model.
+        model: Model,
         /// A dataset URL whose shape the model must fit.
         dataset: String,
         /// Seed for the initial weights.
@@ -123,8 +124,8 @@ pub enum CommandBody {
     },
     /// Train from a global model on the task's dataset.
     Train {
-        /// Model description.
-        model: serde_json::Value,
+        /// The model.
+        model: Model,
         /// Digest of the global model to start from.
         global_model: String,
         /// Dataset URL.
@@ -153,8 +154,8 @@ pub enum CommandBody {
     },
     /// Combine updates into a new global model and evaluate it.
     Aggregate {
-        /// Model description.
-        model: serde_json::Value,
+        /// The model.
+        model: Model,
         /// How to combine the updates (middle aggregators: FedAvg).
         optimizer: ServerOptimizer,
         /// Trainers in the whole job (SCAFFOLD and FedDyn average their server step over all of them).

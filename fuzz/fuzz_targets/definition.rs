@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = tree::derive(&def, &tasks);
             let _ = compile::compile(&def);
             let trainers = tasks.iter().filter(|t| t.is_data_consumer).count();
-            if let Ok(a) = compile::algorithms(&def, trainers) {
+            if let Ok(a) = compile::settings(&def, trainers) {
                 for round in 1..=2 {
                     let _ = plan::build(&def, &tasks, a.selection, compile::seed(&def), round);
                 }

@@ -53,7 +53,7 @@ fn job(j: usize) -> Vec<Chunk> {
         .collect();
     let spec = RunSpec {
         rounds: ROUNDS,
-        model: serde_json::json!({"baseModel": "mlp"}),
+        model: flame_events::model::Model::default(),
         hyperparameters: serde_json::json!({"epochs": 1, "batchSize": 32, "learningRate": 0.1}),
         seed: j as u64,
         ..RunSpec::default()

@@ -697,7 +697,7 @@ mod tests {
             source: "s".into(),
             spec: RunSpec {
                 rounds: 3,
-                model: serde_json::json!({}),
+                model: flame_events::model::Model::default(),
                 hyperparameters: serde_json::json!({}),
                 seed: 1,
                 ..RunSpec::default()

@@ -6,7 +6,6 @@
 //! shuffled the same way, so training is deterministic for a seed even when
 //! several workers share one process (libtorch's global RNG is not touched).
 
-use serde::Deserialize;
 #[cfg(feature = "tch")]
 use tch::nn::{self, Module, OptimizerConfig};
 #[cfg(feature = "tch")]
@@ -14,6 +13,7 @@ use tch::{Device, Kind, Tensor as TchTensor};
 
 use flame_events::algorithm::{ClientObjective, Training};
 use flame_events::job::Metrics;
+use flame_events::model::Model;
 
 use crate::split::Split;
 use crate::weights::{Tensor, Weights};
@@ -38,52 +38,49 @@ fn torch(e: tch::TchError) -> Error {
     Error::Torch(e.to_string())
 }
 
-/// A model description, from the job's model spec.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// A model a worker builds: the job's typed [`Model`], checked for what this
+/// worker can make of it.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
-    /// `mlp` (ReLU hidden layers) or `logreg` (multinomial logistic regression).
-    #[serde(default = "default_name")]
-    pub name: String,
-    /// Hidden layer widths for `mlp` (and the fully connected layers after a `cnn`'s convolutions).
-    #[serde(default = "default_hidden")]
-    pub hidden: Vec<usize>,
-    /// `cnn`: output channels of each 3x3 convolution (each followed by ReLU and 2x2 max pooling).
-    #[serde(default = "default_channels")]
-    pub channels: Vec<usize>,
-}
-
-fn default_channels() -> Vec<usize> {
-    vec![8, 16]
-}
-
-fn default_name() -> String {
-    "mlp".into()
-}
-fn default_hidden() -> Vec<usize> {
-    vec![32]
+    /// The model.
+    pub model: Model,
 }
 
 impl ModelConfig {
-    /// Reads the description a command carries.
-    pub fn from_json(v: &serde_json::Value) -> Result<Self, Error> {
-        let cfg: Self = serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("bad model description {v}: {e}")))?;
-        match cfg.name.as_str() {
-            "mlp" | "logreg" => Ok(cfg),
-            "cnn" if !cfg.channels.is_empty() && cfg.channels.iter().all(|c| *c > 0) => Ok(cfg),
-            "cnn" => Err(Error::Config(format!("model 'cnn' needs at least one convolution with channels > 0, not {:?}", cfg.channels))),
-            other => Err(Error::Config(format!("unknown model '{other}': the built-in models are 'mlp', 'logreg' and 'cnn'"))),
+    /// The model a command names.
+    pub fn new(model: &Model) -> Result<Self, Error> {
+        if let Model::Cnn { channels, .. } = model
+            && (channels.is_empty() || channels.contains(&0))
+        {
+            return Err(Error::Config(format!("model 'cnn' needs at least one convolution with channels > 0, not {channels:?}")));
         }
+        Ok(Self { model: model.clone() })
+    }
+
+    /// Reads a model from its JSON form (`{"name": "mlp", "hidden": [32]}`).
+    pub fn from_json(v: &serde_json::Value) -> Result<Self, Error> {
+        let model: Model = serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("bad model description {v}: {e}")))?;
+        Self::new(&model)
+    }
+
+    /// Whether it is the CNN.
+    pub fn is_cnn(&self) -> bool {
+        matches!(self.model, Model::Cnn { .. })
+    }
+
+    fn channels(&self) -> &[usize] {
+        self.model.channels()
     }
 
     /// `cnn`: the side of the square one-channel images `inputs` features make,
     /// which each convolution's 2x2 pooling halves.
     pub fn image_side(&self, inputs: usize) -> Result<usize, Error> {
         let side = (inputs as f64).sqrt().round() as usize;
-        let shrink = 1usize << self.channels.len();
+        let shrink = 1usize << self.channels().len();
         if side * side != inputs || !side.is_multiple_of(shrink) {
             return Err(Error::Config(format!(
                 "model 'cnn' needs square images whose side divides by {shrink} ({} poolings); {inputs} features are not",
-                self.channels.len()
+                self.channels().len()
             )));
         }
         Ok(side)
@@ -93,13 +90,11 @@ impl ModelConfig {
     /// output of its convolutions) to classes.
     pub fn layers(&self, inputs: usize, classes: usize) -> Vec<(usize, usize)> {
         let mut sizes = vec![inputs];
-        if self.name == "cnn" {
-            let side = (inputs as f64).sqrt().round() as usize >> self.channels.len();
-            sizes = vec![self.channels.last().copied().unwrap_or(1) * side * side];
+        if self.is_cnn() {
+            let side = (inputs as f64).sqrt().round() as usize >> self.channels().len();
+            sizes = vec![self.channels().last().copied().unwrap_or(1) * side * side];
         }
-        if self.name == "mlp" || self.name == "cnn" {
-            sizes.extend(&self.hidden);
-        }
+        sizes.extend(self.model.hidden());
         sizes.push(classes);
         sizes.windows(2).map(|w| (w[0], w[1])).collect()
     }
@@ -109,9 +104,9 @@ impl ModelConfig {
         let mut rng = SplitMix::new(seed);
         let mut uniform = |bound: f64| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound;
         let mut w = Weights::new();
-        if self.name == "cnn" {
+        if self.is_cnn() {
             let mut c_in = 1;
-            for (i, &c_out) in self.channels.iter().enumerate() {
+            for (i, &c_out) in self.channels().iter().enumerate() {
                 let bound = 1.0 / ((c_in * 9) as f64).sqrt();
                 let weight = (0..c_out * c_in * 9).map(|_| uniform(bound) as f32).collect();
                 let bias = (0..c_out).map(|_| uniform(bound) as f32).collect();
@@ -183,8 +178,8 @@ pub fn evaluate(cfg: &ModelConfig, weights: &Weights, data: &Split) -> Result<Me
         }
         layers.push((w, b, fan_in, fan_out));
     }
-    if layers.is_empty() || (cfg.name == "logreg" && layers.len() != 1) {
-        return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.name)));
+    if layers.is_empty() || (cfg.model == Model::Logreg && layers.len() != 1) {
+        return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.model.name())));
     }
     let convs = convolutions(weights)?;
     let side = if convs.is_empty() { 0 } else { cfg.image_side(data.features)? };
@@ -356,8 +351,8 @@ impl Net {
             };
             layers.push(nn::linear(vs.root() / format!("fc{i}"), fan_in as i64, fan_out as i64, Default::default()));
         }
-        if layers.is_empty() || (cfg.name == "logreg" && layers.len() != 1) {
-            return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.name)));
+        if layers.is_empty() || (cfg.model == Model::Logreg && layers.len() != 1) {
+            return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.model.name())));
         }
         // The image side follows from the first linear layer: channels x (side / 2^convs)^2 inputs.
         let side = match (weights.get("fc1.weight"), convs.len()) {
@@ -369,7 +364,7 @@ impl Net {
             }
             (None, _) => 0,
         };
-        if cfg.name == "cnn" && convs.is_empty() {
+        if cfg.is_cnn() && convs.is_empty() {
             return Err(Error::Weights("model 'cnn' needs conv1.weight".into()));
         }
         let mut net = Self { vs, convs, side, layers };

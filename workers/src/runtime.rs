@@ -183,10 +183,10 @@ impl Worker {
                 Ok(ReportBody::Deployed {})
             }
             CommandBody::InitModel { model, dataset, seed } => {
-                let cfg = ModelConfig::from_json(model)?;
+                let cfg = ModelConfig::new(model)?;
                 let url = dataset.clone();
                 let d = tokio::task::spawn_blocking(move || data::load(&url)).await??;
-                if cfg.name == "cnn" {
+                if cfg.is_cnn() {
                     cfg.image_side(d.train.features)?;
                 }
                 let digest = self.store(&cfg.init(d.train.features, d.classes, *seed)).await?;
@@ -198,7 +198,7 @@ impl Worker {
             }
             #[cfg(feature = "tch")]
             CommandBody::Train { model, global_model, dataset, training, objective, seed, client_state, server_state } => {
-                let cfg = ModelConfig::from_json(model)?;
+                let cfg = ModelConfig::new(model)?;
                 let settings = TrainSettings::new(training, objective);
                 let objective = *objective;
                 let global = self.fetch(global_model).await?;
@@ -260,7 +260,7 @@ impl Worker {
                 Ok(ReportBody::Coordinated { pairing: crate::coordinate::pair(candidates, samples, command.round) })
             }
             CommandBody::Aggregate { model, optimizer, trainers, optimizer_state, global_model, updates, eval_dataset } => {
-                let cfg = ModelConfig::from_json(model)?;
+                let cfg = ModelConfig::new(model)?;
                 let global = self.fetch(global_model).await?;
                 // An unusable update (missing, bytes not matching the digest, not finite f32
                 // safetensors, other tensors than the global model's) is left out and named.
@@ -431,8 +431,8 @@ mod tests {
         let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
         let info = WorkerInfo { id: "w".into(), roles: vec!["trainer".into()], realm: "default".into(), device: "cpu".into() };
         let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
-        let model = serde_json::json!({"name": "mlp", "hidden": [16]});
-        let global = ModelConfig::from_json(&model).expect("cfg").init(64, 10, 1);
+        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
+        let global = ModelConfig::new(&model).expect("cfg").init(64, 10, 1);
         let digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
         let train = |id: &str, privacy: Option<(f64, f64)>| Command {
             v: protocol::VERSION,

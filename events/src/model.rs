@@ -1,0 +1,142 @@
+//! The model a job trains, as a type: compiled from the model spec's
+//! `baseModel.name` and its architecture hyperparameters (`hidden`,
+//! `channels`), handed to workers in every command that builds one. Its JSON
+//! form is `{"name": "mlp", "hidden": [32]}`, as before it was typed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::algorithm::ParamError;
+
+/// The built-in models.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum Model {
+    /// A multilayer perceptron: ReLU hidden layers of these widths.
+    Mlp {
+        /// Hidden layer widths.
+        #[serde(default = "default_hidden")]
+        hidden: Vec<usize>,
+    },
+    /// Multinomial logistic regression: one linear layer.
+    Logreg,
+    /// A small CNN on square one-channel images: 3x3 convolutions of these
+    /// channels, each with ReLU and 2x2 max pooling, then fully connected
+    /// layers of these widths.
+    Cnn {
+        /// Output channels of each convolution.
+        #[serde(default = "default_channels")]
+        channels: Vec<usize>,
+        /// Fully connected widths after the convolutions.
+        #[serde(default = "default_hidden")]
+        hidden: Vec<usize>,
+    },
+}
+
+/// The names a model spec may give (`baseModel.name`).
+pub const MODELS: &[&str] = &["mlp", "logreg", "cnn"];
+
+fn default_hidden() -> Vec<usize> {
+    vec![32]
+}
+
+fn default_channels() -> Vec<usize> {
+    vec![8, 16]
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self::Mlp { hidden: default_hidden() }
+    }
+}
+
+impl Model {
+    /// The model a spec names (an empty name is the MLP), with `hidden` and
+    /// `channels` from its hyperparameters. An error names the hyperparameter
+    /// (`param`), or nothing when the name is unknown.
+    pub fn parse(name: &str, h: &Map<String, Value>) -> Result<Self, ParamError> {
+        let widths = |key: &str, default: Vec<usize>| -> Result<Vec<usize>, ParamError> {
+            let Some(v) = h.get(key) else { return Ok(default) };
+            v.as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().filter(|n| *n >= 1).map(|n| n as usize)).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| ParamError {
+                    param: key.to_string(),
+                    message: format!("'{key}' must be a list of whole numbers of at least 1, not {v}"),
+                    hint: format!("write \"{key}\": [32]"),
+                })
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "" | "mlp" => Ok(Self::Mlp { hidden: widths("hidden", default_hidden())? }),
+            "logreg" => Ok(Self::Logreg),
+            "cnn" => {
+                let channels = widths("channels", default_channels())?;
+                if channels.is_empty() {
+                    return Err(ParamError {
+                        param: "channels".into(),
+                        message: "model 'cnn' needs at least one convolution".into(),
+                        hint: "write \"channels\": [8, 16]".into(),
+                    });
+                }
+                Ok(Self::Cnn { channels, hidden: widths("hidden", default_hidden())? })
+            }
+            other => Err(ParamError {
+                param: String::new(),
+                message: format!("unknown model '{other}'"),
+                hint: format!("the built-in models are {}", MODELS.join(", ")),
+            }),
+        }
+    }
+
+    /// The name a model spec gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Mlp { .. } => "mlp",
+            Self::Logreg => "logreg",
+            Self::Cnn { .. } => "cnn",
+        }
+    }
+
+    /// Fully connected hidden widths (none for logistic regression).
+    pub fn hidden(&self) -> &[usize] {
+        match self {
+            Self::Mlp { hidden } | Self::Cnn { hidden, .. } => hidden,
+            Self::Logreg => &[],
+        }
+    }
+
+    /// Convolution channels (none but for the CNN).
+    pub fn channels(&self) -> &[usize] {
+        match self {
+            Self::Cnn { channels, .. } => channels,
+            _ => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: Value) -> Map<String, Value> {
+        serde_json::from_value(v).expect("map")
+    }
+
+    #[test]
+    fn models_keep_their_json_form_and_defaults() {
+        let mlp = Model::parse("mlp", &h(serde_json::json!({"hidden": [64, 16], "epochs": 2}))).expect("mlp");
+        assert_eq!(serde_json::to_value(&mlp).expect("json"), serde_json::json!({"name": "mlp", "hidden": [64, 16]}));
+        // What events recorded before the type existed reads back the same.
+        for (json, want) in [
+            (serde_json::json!({"name": "mlp"}), Model::Mlp { hidden: vec![32] }),
+            (serde_json::json!({"name": "logreg", "hidden": [5]}), Model::Logreg),
+            (serde_json::json!({"name": "cnn", "hidden": [16]}), Model::Cnn { channels: vec![8, 16], hidden: vec![16] }),
+        ] {
+            assert_eq!(serde_json::from_value::<Model>(json).expect("model"), want);
+        }
+        assert_eq!(Model::parse("", &Map::new()), Ok(Model::default()));
+        assert_eq!(Model::parse("CNN", &Map::new()).expect("cnn").channels(), [8, 16]);
+        assert!(Model::parse("resnet", &Map::new()).expect_err("unknown").hint.contains("mlp, logreg, cnn"));
+        assert_eq!(Model::parse("cnn", &h(serde_json::json!({"channels": []}))).expect_err("empty").param, "channels");
+        assert_eq!(Model::parse("mlp", &h(serde_json::json!({"hidden": [0]}))).expect_err("zero").param, "hidden");
+    }
+}
