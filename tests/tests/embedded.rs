@@ -280,7 +280,7 @@ fn fedbuff_hierarchical_digits_buffers_at_each_region_and_combines_the_regions()
     let start_model = |round: u64| round_start(&events, round).map(|d| blob(&d));
     // Every update: its samples, the model it trained from, its staleness.
     let mut updates: std::collections::BTreeMap<String, (u64, u64, u32)> = Default::default();
-    let mut groups: Vec<(Value, u64)> = Vec::new();
+    let mut groups: Vec<(String, Value, u64)> = Vec::new();
     let (mut rounds, mut stale, mut by_group) = (0, 0, std::collections::BTreeMap::<String, usize>::new());
     for e in &events {
         let p = &e["payload"];
@@ -317,13 +317,16 @@ fn fedbuff_hierarchical_digits_buffers_at_each_region_and_combines_the_regions()
                 assert_eq!(blob(&p["digest"]), fedbuff::step(&global, &buffer, 1.0).expect("step"), "round {round}: the region's step");
                 assert_eq!(p["samples"].as_u64(), Some(held.iter().map(|h| h.1).sum()));
                 *by_group.entry(p["task_id"].as_str().expect("task").into()).or_default() += 1;
-                groups.push((p["digest"].clone(), p["samples"].as_u64().expect("n")));
+                groups.push((p["task_id"].as_str().expect("task").to_string(), p["digest"].clone(), p["samples"].as_u64().expect("n")));
             }
             Some("RoundAggregated") => {
                 let round = p["round"].as_u64().expect("round");
                 let global = start_model(round).expect("round started");
                 assert_eq!(groups.len(), 2, "round {round} combines both regions");
-                let models: Vec<(weights::Weights, u64)> = groups.drain(..).map(|(d, n)| (blob(&d), n)).collect();
+                // In the order the top takes them (by region task id), not the order the regions
+                // finished in: the sum's order decides the last bits.
+                groups.sort_by(|a, b| a.0.cmp(&b.0));
+                let models: Vec<(weights::Weights, u64)> = groups.drain(..).map(|(_, d, n)| (blob(&d), n)).collect();
                 let buffer: Vec<fedbuff::Buffered> =
                     models.iter().map(|(m, n)| fedbuff::Buffered { trained: m, base: &global, samples: *n, staleness: 0 }).collect();
                 assert_eq!(blob(&p["digest"]), fedbuff::step(&global, &buffer, 1.0).expect("step"), "round {round}: the top's step");
