@@ -3,6 +3,8 @@
 # services if missing, builds once, starts NATS + SecantusDB on free loopback
 # ports, runs every test, stops the services, and ends with one line
 # "tests: N passed, N failed" (also left in target/test-summary.txt).
+# It also installs PyTorch into .deps/torch for the parity tests (about
+# 4.7 GB; FLAME_SKIP_TORCH=1 skips them).
 #
 # FLAME_CHECK_PATHS=1 (CI sets it) runs the tests as a fresh clone would
 # (FLAME_EXAMPLES empty: no comparison with Flame's fixtures beside the
@@ -13,6 +15,12 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup-libtorch.sh
 bash scripts/services.sh install
+# PyTorch for the parity tests (the platform's models loaded and trained in
+# PyTorch). FLAME_SKIP_TORCH=1 leaves it out: those tests then say they were skipped.
+if [ -z "${FLAME_SKIP_TORCH:-}" ]; then
+    FLAME_TORCH_PYTHON="$(bash scripts/torch-venv.sh)"
+    export FLAME_TORCH_PYTHON
+fi
 # The aggregator-only worker (no libtorch) for the tests that use it; then the
 # full build (test binaries and the binaries they start share it), which
 # relinks the usual flame-worker.

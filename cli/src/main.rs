@@ -16,10 +16,11 @@ use flame_events::Envelope;
 use flame_events::job;
 use flame_events::protocol::WorkerInfo;
 use flame_transport::InProcess;
-use flame_workers::blob::LocalBlobs;
+use flame_workers::blob::{BlobStore, LocalBlobs};
 use flame_workers::kernels::Kernels;
 use flame_workers::{Worker, model};
 
+mod export;
 mod inspect;
 mod plot;
 mod remote;
@@ -47,6 +48,29 @@ enum PlanOutput {
     Json,
     /// Graphviz.
     Dot,
+}
+
+/// What `flamectl model` does.
+#[derive(Subcommand, Debug)]
+enum ModelCmd {
+    /// Write a job's global model (the last round's, or --round N's) to a file.
+    Get {
+        /// Job id.
+        job_id: String,
+        #[command(flatten)]
+        source: inspect::Source,
+        #[command(flatten)]
+        blobs: export::Blobs,
+        /// The round whose global model to write (0: the initial model); the last by default.
+        #[arg(long)]
+        round: Option<u32>,
+        /// Where to write it.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// safetensors (PyTorch's tensor names) or torchscript (the job's module with the weights in place).
+        #[arg(long, value_enum, default_value = "safetensors")]
+        format: export::Format,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -226,6 +250,11 @@ enum Cmd {
         #[command(flatten)]
         source: inspect::Source,
     },
+    /// A job's trained model: `flamectl model get JOB -o model.safetensors`.
+    Model {
+        #[command(subcommand)]
+        what: ModelCmd,
+    },
     /// Per-round metrics of a job (loss, accuracy, participants, round time), optionally plotted.
     Metrics {
         /// Job id.
@@ -313,6 +342,9 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Trace { job_id, source, chrome, output } => inspect::trace(&job_id, &source, chrome.as_deref(), output).await,
         Cmd::Audit { job_id, source, output } => inspect::audit(&job_id, &source, output).await,
         Cmd::Watch { job_id, source } => inspect::watch(&job_id, &source).await,
+        Cmd::Model { what: ModelCmd::Get { job_id, source, blobs, round, out, format } } => {
+            export::get(&job_id, &source, &blobs, round, &out, format).await
+        }
         Cmd::Metrics { job_id, source, plot, output } => inspect::metrics(&job_id, &source, plot.as_deref(), output).await,
         Cmd::Project { store, rebuild, follow, batch } => inspect::project(&store, rebuild, follow, batch).await,
         // The management verbs talk to a running engine (blocking HTTP; nothing else runs meanwhile).
@@ -434,6 +466,11 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let store_url = format!("sqlite:{}", data_dir.join("events.db").display());
     let store = flame_stores::open_store(&store_url).await?;
     let blobs = Arc::new(LocalBlobs::new(data_dir.join("blobs"))?);
+    // The user's model file is a blob like any model: workers fetch it by its sha256.
+    if let Some(file) = &def.model_file {
+        let digest = blobs.put(file.bytes.to_vec()).await?;
+        anyhow::ensure!(digest == file.sha256, "the blob store gave the model file digest {digest}, not {}", file.sha256);
+    }
     let transport = Arc::new(InProcess::default());
     let runner = Runner::new(store.clone(), transport.clone(), runner::Options::default());
     let actor = local_user();
@@ -528,4 +565,13 @@ fn print_summary(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        // Clap checks argument names only when a command is parsed; this parses them all.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

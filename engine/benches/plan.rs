@@ -48,6 +48,7 @@ fn definition() -> JobDefinition {
         data_spec: vec![DataSpecEntry { role: "trainer".into(), dataset_groups: groups, extra: Default::default() }],
         model_spec: serde_json::from_value::<ModelSpec>(json!({"hyperparameters": {"rounds": 10}})).expect("model"),
         datasets,
+        model_file: None,
     }
 }
 

@@ -47,6 +47,7 @@ fn definition(trainers: usize) -> JobDefinition {
         }],
         model_spec: serde_json::from_value::<ModelSpec>(json!({"hyperparameters": {"rounds": ROUNDS}})).expect("model"),
         datasets,
+        model_file: None,
     }
 }
 

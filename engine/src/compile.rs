@@ -100,18 +100,70 @@ pub fn settings(def: &JobDefinition, trainers: usize) -> Result<Settings, Vec<Pr
         .map_err(|e| problems.push(problem(format!("{file}#/hyperparameters/{}", e.param), e.message, e.hint)))
         .ok();
     let name = spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(Value::as_str).unwrap_or("");
-    let model = Model::parse(name, h)
-        .map_err(|e| {
-            let path = if e.param.is_empty() { format!("{file}#/baseModel/name") } else { format!("{file}#/hyperparameters/{}", e.param) };
-            problems.push(problem(path, e.message, e.hint));
-        })
-        .ok();
+    let model = if name.eq_ignore_ascii_case("torchscript") {
+        torchscript(def).map_err(|p| problems.extend(p)).ok()
+    } else {
+        Model::parse(name, h)
+            .map_err(|e| {
+                let path =
+                    if e.param.is_empty() { format!("{file}#/baseModel/name") } else { format!("{file}#/hyperparameters/{}", e.param) };
+                problems.push(problem(path, e.message, e.hint));
+            })
+            .ok()
+    };
     match (model, optimizer, selection, training) {
         (Some(model), Some(optimizer), Some(selection), Some(training)) if problems.is_empty() => {
             Ok(Settings { model, optimizer, selection, training })
         }
         _ => Err(problems),
     }
+}
+
+/// A TorchScript model: the `baseModel` fields, and the file the folder
+/// held, checked to be a TorchScript archive whose parameters are float32.
+fn torchscript(def: &JobDefinition) -> Result<Model, Vec<Problem>> {
+    let spec_file = &def.job.model_spec_path;
+    let base = def.model_spec.base_model.as_ref().and_then(Value::as_object).cloned().unwrap_or_default();
+    let at = |field: &str| format!("{spec_file}#/baseModel/{field}");
+    let Some(name) = base.get("file").and_then(Value::as_str) else {
+        return Err(vec![problem(
+            at("file"),
+            "a TorchScript model needs its file",
+            "write \"baseModel\": {\"name\": \"torchscript\", \"file\": \"model.pt\"} and put model.pt in the job folder",
+        )]);
+    };
+    let Some(model_file) = def.model_file.as_ref().filter(|f| f.name == name) else {
+        return Err(vec![problem(
+            at("file"),
+            format!("the model file '{name}' was not read with the definition"),
+            "run the job from its folder (flamectl run FOLDER); the single-file form cannot carry a model file",
+        )]);
+    };
+    let archive = flame_torchscript::Archive::read(model_file.bytes.to_vec()).map_err(|e| {
+        vec![problem(
+            format!("{}", def.folder.join(name).display()),
+            e.to_string(),
+            "see examples/torchscript-digits/make_model.py for a module saved as TorchScript",
+        )]
+    })?;
+    let parameters = archive.tensors().iter().filter(|t| t.role == flame_torchscript::Role::Parameter).count();
+    if parameters == 0 {
+        return Err(vec![problem(
+            format!("{}", def.folder.join(name).display()),
+            "the module has no parameters to train",
+            "save a module with at least one nn.Parameter (a layer such as nn.Linear)",
+        )]);
+    }
+    if let Some(t) =
+        archive.tensors().iter().find(|t| t.role == flame_torchscript::Role::Parameter && t.dtype != flame_torchscript::Dtype::F32)
+    {
+        return Err(vec![problem(
+            format!("{}", def.folder.join(name).display()),
+            format!("parameter '{}' is {:?}; parameters must be float32", t.name, t.dtype),
+            "call model.float() before scripting",
+        )]);
+    }
+    Model::torchscript(&base, model_file.sha256.clone()).map_err(|e| vec![problem(at(&e.param), e.message, e.hint)])
 }
 
 /// The seed a definition gives its initialisation, shuffling and selection (0 when none).

@@ -140,7 +140,12 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
         let Some(agg_worker) = job.assignments.get(&aggregator.task_id) else {
             return Vec::new();
         };
-        let body = CommandBody::InitModel { model: spec.model.clone(), dataset: eval_dataset.unwrap_or_default(), seed: spec.seed };
+        let body = CommandBody::InitModel {
+            model: spec.model.clone(),
+            dataset: eval_dataset.unwrap_or_default(),
+            seed: spec.seed,
+            loss: spec.training.loss,
+        };
         return vec![Action::Send { worker_id: agg_worker.clone(), command: command(job, &aggregator.task_id, 0, "init", body) }];
     };
     if !job.round_open() {
@@ -222,6 +227,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
             global_model: global_model.clone(),
             updates: job.updates_for(&a.task_id),
             eval_dataset: if top { eval_dataset.clone() } else { None },
+            loss: spec.training.loss,
         };
         let key = if top { format!("r{round}/aggregate") } else { format!("r{round}/aggregate/{}", a.task_id) };
         actions.push(Action::Send { worker_id: worker.clone(), command: command(job, &a.task_id, round, &key, body) });

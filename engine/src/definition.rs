@@ -223,6 +223,34 @@ pub struct JobDefinition {
     pub model_spec: ModelSpec,
     /// Datasets by the reference used in the data spec.
     pub datasets: BTreeMap<String, Dataset>,
+    /// The model file a TorchScript model spec names, as read from the folder.
+    pub model_file: Option<ModelFile>,
+}
+
+/// A file of the job folder the model spec names (`baseModel.file`): its
+/// bytes, read once at load, and their sha256.
+#[derive(Clone, PartialEq)]
+pub struct ModelFile {
+    /// Its name in the folder.
+    pub name: String,
+    /// The sha256 of its bytes, lower-case hex.
+    pub sha256: String,
+    /// Its bytes.
+    pub bytes: std::sync::Arc<Vec<u8>>,
+}
+
+impl ModelFile {
+    /// A file's bytes with their digest.
+    pub fn new(name: impl Into<String>, bytes: Vec<u8>) -> Self {
+        use sha2::Digest;
+        Self { name: name.into(), sha256: hex::encode(sha2::Sha256::digest(&bytes)), bytes: std::sync::Arc::new(bytes) }
+    }
+}
+
+impl std::fmt::Debug for ModelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ModelFile({}, {} bytes, sha256 {})", self.name, self.bytes.len(), self.sha256)
+    }
 }
 
 /// One thing wrong with a definition.

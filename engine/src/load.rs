@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::definition::{
-    DataSpecEntry, Dataset, Design, JobDefinition, JobFile, ModelSpec, Problem, Problems, default_data_spec, default_model_spec, problem,
+    DataSpecEntry, Dataset, Design, JobDefinition, JobFile, ModelFile, ModelSpec, Problem, Problems, default_data_spec, default_model_spec,
+    problem,
 };
 
 /// Reads and parses one JSON file of the folder, as a problem on failure.
@@ -32,6 +33,32 @@ fn read_json<T: serde::de::DeserializeOwned>(folder: &Path, name: &str) -> Resul
         };
         problem(format!("{name}:{}:{}", e.line(), e.column()), format!("invalid JSON: {e}"), hint)
     })
+}
+
+/// The file a TorchScript model spec names (`baseModel.file`), read from the
+/// folder; none for the built-in models.
+fn model_file(folder: &Path, spec_path: &str, spec: &ModelSpec) -> Result<Option<ModelFile>, Problem> {
+    let Some(base) = spec.base_model.as_ref().and_then(serde_json::Value::as_object) else { return Ok(None) };
+    let Some(name) = base.get("file").and_then(serde_json::Value::as_str) else { return Ok(None) };
+    let here = format!("{spec_path}#/baseModel/file");
+    let relative = Path::new(name);
+    if name.is_empty() || relative.is_absolute() || relative.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        return Err(problem(
+            here,
+            format!("'{name}' is not a file in the job folder"),
+            "name the model file relative to the folder, e.g. \"model.pt\"",
+        ));
+    }
+    let path = folder.join(relative);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(ModelFile::new(name, bytes))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(problem(
+            here,
+            format!("model file not found: {}", path.display()),
+            "save the module into the job folder: torch.jit.script(model).save(\"model.pt\")",
+        )),
+        Err(e) => Err(problem(here, format!("cannot read {}: {e}", path.display()), "check the file's permissions")),
+    }
 }
 
 impl JobDefinition {
@@ -96,7 +123,8 @@ impl JobDefinition {
         let (Some(job), Some(design), Some(data_spec), Some(model_spec)) = (job, design, data_spec, model_spec) else {
             return Err(Problems(problems));
         };
-        let definition = Self { folder: folder.to_path_buf(), job, design, data_spec, model_spec, datasets };
+        let model_file = model_file(folder, &model_path, &model_spec).map_err(|p| problems.push(p)).ok().flatten();
+        let definition = Self { folder: folder.to_path_buf(), job, design, data_spec, model_spec, datasets, model_file };
         problems.extend(definition.check());
         if problems.is_empty() { Ok(definition) } else { Err(Problems(problems)) }
     }

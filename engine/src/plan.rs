@@ -601,6 +601,7 @@ mod properties {
             model_spec: serde_json::from_value::<ModelSpec>(json!({"selector": selector, "hyperparameters": {"rounds": 3, "seed": 5}}))
                 .expect("model"),
             datasets,
+            model_file: None,
         }
     }
 

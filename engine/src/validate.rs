@@ -318,6 +318,7 @@ mod tests {
             data_spec: serde_json::from_value::<Vec<DataSpecEntry>>(data).expect("data spec"),
             model_spec: serde_json::from_value::<ModelSpec>(model).expect("model"),
             datasets,
+            model_file: None,
         }
     }
 

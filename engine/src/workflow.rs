@@ -150,6 +150,7 @@ impl Workflow {
             data_spec: self.data_spec,
             model_spec: self.model_spec,
             datasets: self.datasets,
+            model_file: None,
         }
     }
 

@@ -524,11 +524,104 @@ pub struct Training {
     /// Differential privacy, when the job asks for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<Privacy>,
+    /// The loss trainers minimize (cross-entropy unless the job says).
+    #[serde(default, skip_serializing_if = "Loss::is_default")]
+    pub loss: Loss,
+    /// The optimizer trainers take local steps with (plain SGD unless the job says).
+    #[serde(default, skip_serializing_if = "ClientOptimizer::is_default")]
+    pub optimizer: ClientOptimizer,
 }
 
 impl Default for Training {
     fn default() -> Self {
-        Self { epochs: 1, batch_size: 32, learning_rate: 0.01, privacy: None }
+        Self { epochs: 1, batch_size: 32, learning_rate: 0.01, privacy: None, loss: Loss::default(), optimizer: ClientOptimizer::default() }
+    }
+}
+
+/// The loss a trainer minimizes, as PyTorch defines it (means over the batch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Loss {
+    /// Classification: `cross_entropy(logits, class)`; labels are class numbers.
+    #[default]
+    CrossEntropy,
+    /// Regression: `mse_loss(output, target)`; targets are numbers.
+    Mse,
+    /// Multi-label: `binary_cross_entropy_with_logits(logits, targets)`; targets are 0/1 per output.
+    BceWithLogits,
+}
+
+/// The losses a job may name (`hyperparameters.loss`).
+pub const LOSSES: &[&str] = &["cross_entropy", "mse", "bce_with_logits"];
+
+impl Loss {
+    /// Whether it is the default (cross-entropy), which records leave out.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Its name in a model spec.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CrossEntropy => "cross_entropy",
+            Self::Mse => "mse",
+            Self::BceWithLogits => "bce_with_logits",
+        }
+    }
+
+    /// Whether labels are class numbers (and accuracy is the share predicted).
+    pub fn is_classification(self) -> bool {
+        self == Self::CrossEntropy
+    }
+}
+
+/// A trainer's local optimizer, as `torch.optim` defines it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "sort", rename_all = "snake_case")]
+pub enum ClientOptimizer {
+    /// `torch.optim.SGD(lr, momentum, weight_decay)`.
+    Sgd {
+        /// Momentum (0: none).
+        #[serde(default)]
+        momentum: f64,
+        /// L2 penalty added to the gradient.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+    /// `torch.optim.Adam(lr, betas, eps, weight_decay)`.
+    Adam {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Added to the denominator.
+        eps: f64,
+        /// L2 penalty added to the gradient.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+}
+
+impl Default for ClientOptimizer {
+    fn default() -> Self {
+        Self::Sgd { momentum: 0.0, weight_decay: 0.0 }
+    }
+}
+
+/// The client optimizers a job may name (`hyperparameters.clientOptimizer`).
+pub const CLIENT_OPTIMIZERS: &[&str] = &["sgd", "adam"];
+
+impl ClientOptimizer {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Its name in a model spec.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sgd { .. } => "sgd",
+            Self::Adam { .. } => "adam",
+        }
     }
 }
 
@@ -549,11 +642,51 @@ impl Training {
                 noise_factor: get("noise_factor", ParamKind::NonNegative, 0.0)?,
             }),
         };
+        let loss = match h.get("loss") {
+            None => Loss::default(),
+            Some(v) => match v.as_str().map(str::to_ascii_lowercase).as_deref() {
+                Some("cross_entropy") => Loss::CrossEntropy,
+                Some("mse") => Loss::Mse,
+                Some("bce_with_logits") => Loss::BceWithLogits,
+                _ => {
+                    return Err(ParamError {
+                        param: "loss".into(),
+                        message: format!("unknown loss {v}"),
+                        hint: format!("the losses are {}", LOSSES.join(", ")),
+                    });
+                }
+            },
+        };
+        let weight_decay = get("weightDecay", ParamKind::NonNegative, 0.0)?;
+        let optimizer = match h.get("clientOptimizer") {
+            None => ClientOptimizer::Sgd { momentum: get("momentum", ParamKind::Decay, 0.0)?, weight_decay },
+            Some(v) => match v.as_str().map(str::to_ascii_lowercase).as_deref() {
+                Some("sgd") => ClientOptimizer::Sgd { momentum: get("momentum", ParamKind::Decay, 0.0)?, weight_decay },
+                Some("adam") => ClientOptimizer::Adam {
+                    beta1: get("beta1", ParamKind::Decay, 0.9)?,
+                    beta2: get("beta2", ParamKind::Decay, 0.999)?,
+                    eps: get("eps", ParamKind::Positive, 1e-8)?,
+                    weight_decay,
+                },
+                _ => {
+                    return Err(ParamError {
+                        param: "clientOptimizer".into(),
+                        message: format!("unknown client optimizer {v}"),
+                        hint: format!(
+                            "the client optimizers are {} (with momentum, weightDecay; beta1, beta2, eps)",
+                            CLIENT_OPTIMIZERS.join(", ")
+                        ),
+                    });
+                }
+            },
+        };
         Ok(Self {
             epochs: get("epochs", ParamKind::Count, f64::from(d.epochs))? as u32,
             batch_size: get("batchSize", ParamKind::Count, f64::from(d.batch_size))? as u32,
             learning_rate: get("learningRate", ParamKind::Positive, d.learning_rate)?,
             privacy,
+            loss,
+            optimizer,
         })
     }
 }
@@ -573,6 +706,8 @@ impl Training {
                 clip_threshold,
                 noise_factor: h.get("noise_factor").and_then(Value::as_f64).filter(|x| *x >= 0.0).unwrap_or(0.0),
             }),
+            loss: Loss::default(),
+            optimizer: ClientOptimizer::default(),
         }
     }
 }
@@ -650,10 +785,39 @@ mod tests {
     #[test]
     fn training_settings_from_hyperparameters() {
         let h = kwargs(serde_json::json!({"epochs": 2, "batchSize": 16, "learningRate": 0.3, "hidden": [32]}));
-        assert_eq!(Training::from_hyperparameters(&h), Ok(Training { epochs: 2, batch_size: 16, learning_rate: 0.3, privacy: None }));
+        assert_eq!(
+            Training::from_hyperparameters(&h),
+            Ok(Training { epochs: 2, batch_size: 16, learning_rate: 0.3, ..Training::default() })
+        );
         let dp = kwargs(serde_json::json!({"clip_threshold": 1.5}));
         assert_eq!(Training::from_hyperparameters(&dp).expect("dp").privacy, Some(Privacy { clip_threshold: 1.5, noise_factor: 0.0 }));
         let bad = Training::from_hyperparameters(&kwargs(serde_json::json!({"batchSize": "32"}))).expect_err("bad");
         assert_eq!(bad.param, "batchSize");
+    }
+
+    #[test]
+    fn loss_and_client_optimizer_from_hyperparameters_and_absent_from_old_records() {
+        let h = kwargs(serde_json::json!({"loss": "mse", "clientOptimizer": "adam", "beta2": 0.99, "weightDecay": 1e-4}));
+        let t = Training::from_hyperparameters(&h).expect("adam");
+        assert_eq!(t.loss, Loss::Mse);
+        assert_eq!(t.optimizer, ClientOptimizer::Adam { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 1e-4 });
+        let sgd = Training::from_hyperparameters(&kwargs(serde_json::json!({"momentum": 0.9}))).expect("sgd");
+        assert_eq!(sgd.optimizer, ClientOptimizer::Sgd { momentum: 0.9, weight_decay: 0.0 });
+        for (bad, param) in [
+            (serde_json::json!({"loss": "hinge"}), "loss"),
+            (serde_json::json!({"clientOptimizer": "lbfgs"}), "clientOptimizer"),
+            (serde_json::json!({"momentum": 1.5}), "momentum"),
+            (serde_json::json!({"clientOptimizer": "adam", "beta1": 1.0}), "beta1"),
+        ] {
+            assert_eq!(Training::from_hyperparameters(&kwargs(bad.clone())).expect_err("refused").param, param, "{bad}");
+        }
+        // Defaults are left out of the JSON, so records written before these fields read and write as they did.
+        let plain = Training::default();
+        let json = serde_json::to_value(plain).expect("json");
+        assert_eq!(json, serde_json::json!({"epochs": 1, "batch_size": 32, "learning_rate": 0.01}));
+        assert_eq!(serde_json::from_value::<Training>(json).expect("back"), plain);
+        let json = serde_json::to_value(t).expect("json");
+        assert_eq!(json["optimizer"]["sort"], "adam");
+        assert_eq!(serde_json::from_value::<Training>(json).expect("back"), t);
     }
 }

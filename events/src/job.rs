@@ -583,7 +583,7 @@ mod tests {
         let adam = spec(created_v1(base(serde_json::json!({"optimizer": "fedadam", "optimizer_kwargs": {"eta": 0.05}, "select": 2}))));
         assert_eq!(adam.optimizer, ServerOptimizer::Adaptive { rule: AdaptiveRule::Adam, eta: 0.05, beta_1: 0.9, beta_2: 0.99, tau: 1e-3 });
         assert_eq!(adam.selection, Selection::Random { k: 2 });
-        assert_eq!(adam.training, Training { epochs: 2, batch_size: 16, learning_rate: 0.3, privacy: None });
+        assert_eq!(adam.training, Training { epochs: 2, batch_size: 16, learning_rate: 0.3, ..Training::default() });
         // FedProx's mu came to the trainers through the hyperparameters, which won.
         let mut prox = base(serde_json::json!({"optimizer": "fedprox", "optimizer_kwargs": {"mu": 0.5}, "oort": 3}));
         prox["hyperparameters"]["mu"] = serde_json::json!(1.0);

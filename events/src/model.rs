@@ -31,10 +31,28 @@ pub enum Model {
         #[serde(default = "default_hidden")]
         hidden: Vec<usize>,
     },
+    /// The user's own PyTorch module, saved as TorchScript
+    /// (`torch.jit.script(model).save("model.pt")`) in the job folder.
+    #[serde(rename = "torchscript")]
+    TorchScript {
+        /// The file in the job folder.
+        file: String,
+        /// The sha256 of its bytes: the blob workers fetch, and exactly which
+        /// architecture ran.
+        sha256: String,
+        /// The shape of one example as the module takes it (`[1, 8, 8]`);
+        /// empty: a flat row of features, or the data's own shape.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        input_shape: Vec<usize>,
+        /// FedBN: trainers keep their own buffers (BatchNorm statistics)
+        /// across rounds instead of taking the averaged ones.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        local_buffers: bool,
+    },
 }
 
 /// The names a model spec may give (`baseModel.name`).
-pub const MODELS: &[&str] = &["mlp", "logreg", "cnn"];
+pub const MODELS: &[&str] = &["mlp", "logreg", "cnn", "torchscript"];
 
 fn default_hidden() -> Vec<usize> {
     vec![32]
@@ -79,12 +97,47 @@ impl Model {
                 }
                 Ok(Self::Cnn { channels, hidden: widths("hidden", default_hidden())? })
             }
+            "torchscript" => Err(ParamError {
+                param: String::new(),
+                message: "a TorchScript model needs its file: baseModel.file".into(),
+                hint: "write \"baseModel\": {\"name\": \"torchscript\", \"file\": \"model.pt\"}".into(),
+            }),
             other => Err(ParamError {
                 param: String::new(),
                 message: format!("unknown model '{other}'"),
-                hint: format!("the built-in models are {}", MODELS.join(", ")),
+                hint: format!("the models are {}", MODELS.join(", ")),
             }),
         }
+    }
+
+    /// A TorchScript model from the model spec's `baseModel` object (`file`,
+    /// optional `inputShape` and `localBuffers`) and the sha256 of the file's
+    /// bytes. An error names the field of `baseModel`.
+    pub fn torchscript(base: &Map<String, Value>, sha256: String) -> Result<Self, ParamError> {
+        let file = base.get("file").and_then(Value::as_str).unwrap_or_default().to_string();
+        let input_shape = match base.get("inputShape") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().filter(|n| *n >= 1).map(|n| n as usize)).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| ParamError {
+                    param: "inputShape".into(),
+                    message: format!("'inputShape' must be a list of whole numbers of at least 1, not {v}"),
+                    hint: "the shape of one example without the batch dimension, e.g. [1, 28, 28]".into(),
+                })?,
+        };
+        let local_buffers = match base.get("localBuffers") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(ParamError {
+                    param: "localBuffers".into(),
+                    message: format!("'localBuffers' must be true or false, not {v}"),
+                    hint: "true keeps each trainer's BatchNorm statistics local (FedBN)".into(),
+                });
+            }
+        };
+        Ok(Self::TorchScript { file, sha256, input_shape, local_buffers })
     }
 
     /// The name a model spec gives it.
@@ -93,6 +146,7 @@ impl Model {
             Self::Mlp { .. } => "mlp",
             Self::Logreg => "logreg",
             Self::Cnn { .. } => "cnn",
+            Self::TorchScript { .. } => "torchscript",
         }
     }
 
@@ -100,7 +154,15 @@ impl Model {
     pub fn hidden(&self) -> &[usize] {
         match self {
             Self::Mlp { hidden } | Self::Cnn { hidden, .. } => hidden,
-            Self::Logreg => &[],
+            Self::Logreg | Self::TorchScript { .. } => &[],
+        }
+    }
+
+    /// The shape of one example for a TorchScript model (empty: as the data gives it).
+    pub fn input_shape(&self) -> &[usize] {
+        match self {
+            Self::TorchScript { input_shape, .. } => input_shape,
+            _ => &[],
         }
     }
 
@@ -135,8 +197,24 @@ mod tests {
         }
         assert_eq!(Model::parse("", &Map::new()), Ok(Model::default()));
         assert_eq!(Model::parse("CNN", &Map::new()).expect("cnn").channels(), [8, 16]);
-        assert!(Model::parse("resnet", &Map::new()).expect_err("unknown").hint.contains("mlp, logreg, cnn"));
+        assert!(Model::parse("resnet", &Map::new()).expect_err("unknown").hint.contains("mlp, logreg, cnn, torchscript"));
         assert_eq!(Model::parse("cnn", &h(serde_json::json!({"channels": []}))).expect_err("empty").param, "channels");
         assert_eq!(Model::parse("mlp", &h(serde_json::json!({"hidden": [0]}))).expect_err("zero").param, "hidden");
+    }
+
+    #[test]
+    fn a_torchscript_model_names_its_file_and_digest() {
+        let base = h(serde_json::json!({"name": "torchscript", "file": "model.pt", "inputShape": [1, 8, 8]}));
+        let m = Model::torchscript(&base, "ab".repeat(32)).expect("torchscript");
+        assert_eq!(
+            serde_json::to_value(&m).expect("json"),
+            serde_json::json!({"name": "torchscript", "file": "model.pt", "sha256": "ab".repeat(32), "input_shape": [1, 8, 8]})
+        );
+        assert_eq!(serde_json::from_value::<Model>(serde_json::to_value(&m).expect("json")).expect("back"), m);
+        let bad = h(serde_json::json!({"file": "model.pt", "inputShape": [0]}));
+        assert_eq!(Model::torchscript(&bad, String::new()).expect_err("zero").param, "inputShape");
+        let bad = h(serde_json::json!({"file": "model.pt", "localBuffers": "yes"}));
+        assert_eq!(Model::torchscript(&bad, String::new()).expect_err("bool").param, "localBuffers");
+        assert!(Model::parse("torchscript", &Map::new()).expect_err("no file").message.contains("baseModel.file"));
     }
 }

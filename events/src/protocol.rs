@@ -121,6 +121,9 @@ pub enum CommandBody {
         dataset: String,
         /// Seed for the initial weights.
         seed: u64,
+        /// The loss the job trains with: a user's model is checked against it.
+        #[serde(default, skip_serializing_if = "crate::algorithm::Loss::is_default")]
+        loss: crate::algorithm::Loss,
     },
     /// Train from a global model on the task's dataset.
     Train {
@@ -170,6 +173,9 @@ pub enum CommandBody {
         updates: Vec<UpdateRef>,
         /// Dataset whose held-out split evaluates the new model.
         eval_dataset: Option<String>,
+        /// The loss the evaluation reports (the job's training loss).
+        #[serde(default, skip_serializing_if = "crate::algorithm::Loss::is_default")]
+        loss: crate::algorithm::Loss,
     },
 }
 

@@ -8,4 +8,5 @@ mod lifecycle;
 mod logs;
 mod relay;
 mod store_contract;
+mod torchscript;
 mod util;

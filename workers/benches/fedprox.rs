@@ -45,7 +45,7 @@ fn run(mu: f64, drop_stragglers: bool, rounds: usize, devices: &[flame_workers::
                 continue;
             }
             let mut net = Net::new(cfg, &global).expect("net");
-            let settings = TrainSettings { epochs, batch_size: 10, learning_rate: 0.01, mu };
+            let settings = TrainSettings { epochs, batch_size: 10, learning_rate: 0.01, mu, ..TrainSettings::default() };
             net.train(&devices[k].train, &settings, (round * DEVICES + k) as u64).expect("train");
             kept.push((net.weights().expect("weights"), devices[k].train.len() as u64));
         }

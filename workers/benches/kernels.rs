@@ -27,7 +27,7 @@ fn main() {
     for (label, spec, batch_size) in models {
         let cfg = ModelConfig::from_json(&spec).expect("model");
         let mut net = Net::new(&cfg, &cfg.init(64, 10, 1)).expect("net");
-        let settings = TrainSettings { epochs: 2, batch_size, learning_rate: 0.05, mu: 0.0 };
+        let settings = TrainSettings { epochs: 2, batch_size, learning_rate: 0.05, mu: 0.0, ..TrainSettings::default() };
         let started = Instant::now();
         net.train(&digits.train, &settings, 7).expect("train");
         let seconds = started.elapsed().as_secs_f64();

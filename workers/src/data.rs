@@ -90,8 +90,27 @@ fn query(url: &str, q: &str, key: &str) -> Result<Option<usize>, Error> {
     Ok(None)
 }
 
-/// Loads the dataset a URL names.
+/// Loads the dataset a URL names, refusing NaN or infinite features.
 pub fn load(url: &str) -> Result<Data, Error> {
+    let data = read(url)?;
+    for (which, split) in [("train", &data.train), ("test", &data.test)] {
+        if let Some(at) = split.x.iter().position(|v| !v.is_finite()) {
+            let f = split.features.max(1);
+            return Err(Error::Read {
+                url: url.into(),
+                reason: format!(
+                    "feature {} of {which} row {} is {}: fill or drop missing values before training",
+                    at % f,
+                    at / f,
+                    split.x[at]
+                ),
+            });
+        }
+    }
+    Ok(data)
+}
+
+fn read(url: &str) -> Result<Data, Error> {
     if let Some(rest) = url.strip_prefix("builtin://") {
         let (name, q) = rest.split_once('?').unwrap_or((rest, ""));
         if name != "digits" {
@@ -179,6 +198,20 @@ fn held_out(all: Split) -> Data {
     let cut = all.len() - n_test;
     let rows: Vec<usize> = (0..all.len()).collect();
     Data { train: all.select(&rows[..cut]), test: all.select(&rows[cut..]), classes }
+}
+
+/// A split as a safetensors file of the form [`load`] reads: `x` (F32
+/// [rows, features]) and `y` (I64 [rows]), e.g. to evaluate a model on the
+/// same rows in PyTorch.
+pub fn encode(split: &Split) -> Result<Vec<u8>, String> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let x: Vec<u8> = split.x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let y: Vec<u8> = split.y.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        ("x".to_string(), TensorView::new(Dtype::F32, vec![split.len(), split.features], &x).map_err(|e| e.to_string())?),
+        ("y".to_string(), TensorView::new(Dtype::I64, vec![split.len()], &y).map_err(|e| e.to_string())?),
+    ];
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
 /// Rows from a safetensors file with tensors `x` (F32 [rows, features]) and `y` (I64 or I32 [rows]).
@@ -296,5 +329,8 @@ mod tests {
         assert_eq!((d.train.len(), d.test.len(), d.classes, d.train.features), (8, 2, 2, 2));
         std::fs::write(&path, "1,2,x\n").expect("write");
         assert!(load(path.to_str().expect("utf8")).expect_err("bad").to_string().contains("line 1"));
+        std::fs::write(&path, "1,2,0\n3,nan,1\n").expect("write");
+        let e = load(path.to_str().expect("utf8")).expect_err("NaN").to_string();
+        assert!(e.contains("feature 1 of train row 1 is NaN"), "{e}");
     }
 }

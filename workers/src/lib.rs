@@ -2,12 +2,15 @@
 //! algorithms, model weights and blobs, the tch training backend and datasets.
 
 pub mod aggregate;
+pub mod archive;
 pub mod blob;
 pub mod control;
 pub mod coordinate;
 pub mod data;
 pub mod fedavg;
 pub mod fedbuff;
+#[cfg(feature = "tch")]
+pub(crate) mod fit;
 pub mod kernels;
 pub mod model;
 pub mod optimizers;
@@ -15,6 +18,8 @@ pub mod partition;
 pub mod privacy;
 pub mod robust;
 pub mod runtime;
+#[cfg(feature = "tch")]
+pub mod script;
 pub mod split;
 pub mod synthetic;
 pub mod weights;

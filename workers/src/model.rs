@@ -7,16 +7,16 @@
 //! several workers share one process (libtorch's global RNG is not touched).
 
 #[cfg(feature = "tch")]
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn::{self, Module};
 #[cfg(feature = "tch")]
-use tch::{Device, Kind, Tensor as TchTensor};
+use tch::{Device, Tensor as TchTensor};
 
-use flame_events::algorithm::{ClientObjective, Training};
+use flame_events::algorithm::{ClientObjective, ClientOptimizer, Loss, Training};
 use flame_events::job::Metrics;
 use flame_events::model::Model;
 
 use crate::split::Split;
-use crate::weights::{Tensor, Weights};
+use crate::weights::{State, Tensor, Weights};
 use flame_events::rng::SplitMix;
 
 /// Errors building, loading or training a model.
@@ -137,6 +137,16 @@ pub struct TrainSettings {
     pub learning_rate: f64,
     /// FedProx's proximal weight: the local loss gains `mu / 2 * ||w - w_global||^2` (0: plain SGD).
     pub mu: f64,
+    /// The loss minimized.
+    pub loss: Loss,
+    /// The local optimizer.
+    pub optimizer: ClientOptimizer,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self::new(&Training::default(), &ClientObjective::Plain)
+    }
 }
 
 impl TrainSettings {
@@ -154,6 +164,8 @@ impl TrainSettings {
             batch_size: training.batch_size.max(1) as usize,
             learning_rate: training.learning_rate,
             mu,
+            loss: training.loss,
+            optimizer: training.optimizer,
         }
     }
 }
@@ -289,9 +301,13 @@ pub trait Trainer {
     /// (at least `loss`, the mean training loss of the last epoch).
     fn train(&mut self, data: &Split, settings: &TrainSettings, seed: u64, correction: Option<&Weights>) -> Result<Metrics, Error>;
     /// Loss and accuracy on a split.
-    fn evaluate(&self, data: &Split) -> Metrics;
+    fn evaluate(&mut self, data: &Split) -> Metrics;
     /// The current weights.
     fn weights(&self) -> Result<Weights, Error>;
+    /// The whole state: the weights, and buffers and counters where the model has them.
+    fn state(&self) -> Result<State, Error> {
+        Ok(State::params(self.weights()?))
+    }
 }
 
 /// The backend that trains `cfg`, starting from `weights`.
@@ -306,7 +322,7 @@ impl Trainer for Net {
         self.train_corrected(data, settings, seed, correction)
     }
 
-    fn evaluate(&self, data: &Split) -> Metrics {
+    fn evaluate(&mut self, data: &Split) -> Metrics {
         Net::evaluate(self, data)
     }
 
@@ -437,49 +453,10 @@ impl Net {
         if data.is_empty() {
             return Err(Error::Config("no training rows".into()));
         }
-        let linear: Vec<(TchTensor, TchTensor)> = match correction {
-            None => Vec::new(),
-            Some(c) => {
-                let mut vars: Vec<(String, TchTensor)> = self.vs.variables().into_iter().collect();
-                vars.sort_by(|a, b| a.0.cmp(&b.0));
-                vars.into_iter()
-                    .map(|(name, p)| {
-                        let t = c.get(&name).ok_or_else(|| Error::Weights(format!("the gradient correction has no tensor '{name}'")))?;
-                        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-                        Ok((TchTensor::from_slice(&t.data).view(shape.as_slice()), p))
-                    })
-                    .collect::<Result<_, Error>>()?
-            }
-        };
-        let (x, y) = to_tensors(data);
-        let mut opt = nn::Sgd::default().build(&self.vs, settings.learning_rate).map_err(torch)?;
-        // FedProx: the weights this round started from anchor the proximal term.
-        let anchors: Vec<(TchTensor, TchTensor)> = if settings.mu > 0.0 {
-            self.vs.trainable_variables().into_iter().map(|p| (p.detach().copy(), p)).collect()
-        } else {
-            Vec::new()
-        };
-        let mut rng = SplitMix::new(seed);
-        let mut order: Vec<i64> = (0..data.len() as i64).collect();
-        let mut last_loss = 0.0;
-        for _ in 0..settings.epochs.max(1) {
-            rng.shuffle(&mut order);
-            let (mut sum, mut rows) = (0.0, 0usize);
-            for batch in order.chunks(settings.batch_size.max(1)) {
-                let idx = TchTensor::from_slice(batch);
-                let (bx, by) = (x.index_select(0, &idx), y.index_select(0, &idx));
-                let loss = self.forward(&bx).cross_entropy_for_logits(&by);
-                let objective = anchors
-                    .iter()
-                    .fold(loss.shallow_clone(), |acc, (anchor, p)| acc + (p - anchor).square().sum(Kind::Float) * (settings.mu / 2.0));
-                let objective = linear.iter().fold(objective, |acc, (c, p)| acc + (c * p).sum(Kind::Float));
-                opt.backward_step(&objective);
-                sum += loss.double_value(&[]) * batch.len() as f64;
-                rows += batch.len();
-            }
-            last_loss = sum / rows as f64;
-        }
-        Ok(Metrics::from([("loss".to_string(), last_loss)]))
+        let mut params: Vec<(String, TchTensor)> = self.vs.variables().into_iter().collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let (x, y) = (crate::fit::inputs(data, &[])?, crate::fit::targets(data, settings.loss));
+        crate::fit::fit(&self.vs, &params, &|bx| Ok(self.forward(bx)), &x, &y, settings, seed, correction)
     }
 
     /// Loss and accuracy on a split.
@@ -532,7 +509,8 @@ mod tests {
         ] {
             let cfg = ModelConfig::from_json(&cfg).expect("cfg");
             let mut net = Net::new(&cfg, &cfg.init(64, 10, seed)).expect("net");
-            net.train(&d.train, &TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3, mu: 0.0 }, 1).expect("train");
+            net.train(&d.train, &TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3, mu: 0.0, ..TrainSettings::default() }, 1)
+                .expect("train");
             let w = net.weights().expect("w");
             let (torch, plain) = (net.evaluate(&d.test), evaluate(&cfg, &w, &d.test).expect("evaluate"));
             // libtorch reports accuracy as an f32; ours is the exact fraction.
@@ -552,7 +530,7 @@ mod tests {
         let init = cfg.init(64, 10, 7);
         assert_eq!(init["fc1.weight"].shape, vec![32, 64]);
         assert_eq!(init["fc2.bias"].shape, vec![10]);
-        let settings = TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3, mu: 0.0 };
+        let settings = TrainSettings { epochs: 5, batch_size: 16, learning_rate: 0.3, mu: 0.0, ..TrainSettings::default() };
         let before = Net::new(&cfg, &init).expect("net").evaluate(&d.test)["accuracy"];
         let mut a = Net::new(&cfg, &init).expect("net");
         a.train(&d.train, &settings, 1).expect("train");
@@ -571,14 +549,15 @@ mod tests {
         let init = cfg.init(64, 10, 3);
         let drift = |mu: f64| {
             let mut net = Net::new(&cfg, &init).expect("net");
-            net.train(&d.train, &TrainSettings { epochs: 3, batch_size: 16, learning_rate: 0.3, mu }, 5).expect("train");
+            net.train(&d.train, &TrainSettings { epochs: 3, batch_size: 16, learning_rate: 0.3, mu, ..TrainSettings::default() }, 5)
+                .expect("train");
             let w = net.weights().expect("w");
             w.iter().map(|(k, t)| t.data.iter().zip(&init[k].data).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
         };
         let (plain, prox) = (drift(0.0), drift(1.0));
         assert!(prox < 0.8 * plain, "mu = 1 should pull the weights back: drift {prox} vs {plain}");
         assert!(prox > 0.0);
-        let training = Training { epochs: 3, batch_size: 16, learning_rate: 0.3, privacy: None };
+        let training = Training { epochs: 3, batch_size: 16, learning_rate: 0.3, ..Training::default() };
         assert_eq!(TrainSettings::new(&training, &ClientObjective::Proximal { mu: 0.5 }).mu, 0.5);
         assert_eq!(TrainSettings::new(&training, &ClientObjective::FedDyn { alpha: 0.01 }).mu, 0.01);
         assert_eq!(TrainSettings::new(&training, &ClientObjective::Scaffold).mu, 0.0);
@@ -605,7 +584,8 @@ mod tests {
             ]
         );
         let mut net = Net::new(&cfg, &init).expect("net");
-        net.train(&d.train, &TrainSettings { epochs: 10, batch_size: 16, learning_rate: 0.3, mu: 0.0 }, 1).expect("train");
+        net.train(&d.train, &TrainSettings { epochs: 10, batch_size: 16, learning_rate: 0.3, mu: 0.0, ..TrainSettings::default() }, 1)
+            .expect("train");
         let accuracy = evaluate(&cfg, &net.weights().expect("w"), &d.test).expect("evaluate")["accuracy"];
         assert!(accuracy > 0.9, "CNN test accuracy {accuracy}");
         assert!(cfg.image_side(64).is_ok());
@@ -628,7 +608,7 @@ mod tests {
         let cfg = ModelConfig::from_json(&serde_json::json!({"name": "mlp", "hidden": [16]})).expect("cfg");
         let init = cfg.init(64, 10, 5);
         let n = d.train.len();
-        let full = TrainSettings { epochs: 1, batch_size: n, learning_rate: 0.5, mu: 0.0 };
+        let full = TrainSettings { epochs: 1, batch_size: n, learning_rate: 0.5, mu: 0.0, ..TrainSettings::default() };
         let mut global = init.clone();
         for round in 0..6 {
             let mut client = trainer(&cfg, &global).expect("trainer");

@@ -21,8 +21,9 @@ use crate::control;
 use crate::model::ModelConfig;
 #[cfg(feature = "tch")]
 use crate::model::{Net, TrainSettings};
-use crate::weights::{self, Weights};
+use crate::weights::{self, State, Weights};
 use crate::{aggregate, data};
+use flame_events::model::Model;
 
 /// How often a worker renews its registration.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -39,12 +40,14 @@ pub struct Worker {
     blobs: Arc<dyn BlobStore>,
     done: Arc<Mutex<HashMap<String, Report>>>,
     concurrency: usize,
+    /// TorchScript model files by sha256, fetched once.
+    archives: Arc<Mutex<HashMap<String, Arc<flame_torchscript::Archive>>>>,
 }
 
 impl Worker {
     /// A worker with this identity, transport and blob store.
     pub fn new(info: WorkerInfo, transport: Arc<dyn Transport>, blobs: Arc<dyn BlobStore>) -> Self {
-        Self { info, transport, blobs, done: Arc::default(), concurrency: DEFAULT_CONCURRENCY }
+        Self { info, transport, blobs, done: Arc::default(), concurrency: DEFAULT_CONCURRENCY, archives: Arc::default() }
     }
 
     /// Runs at most `n` commands at once (at least 1). Each is acked only
@@ -165,6 +168,28 @@ impl Worker {
         Ok(self.blobs.put(weights::encode(w)?).await?)
     }
 
+    /// A model's whole state (parameters, buffers, counters).
+    async fn fetch_state(&self, digest: &str) -> anyhow::Result<State> {
+        let bytes = self.blobs.get(digest).await.with_context(|| format!("fetching model {digest}"))?;
+        weights::decode_state(&bytes).with_context(|| format!("reading model {digest}"))
+    }
+
+    async fn store_state(&self, s: &State) -> anyhow::Result<String> {
+        Ok(self.blobs.put(weights::encode_state(s)?).await?)
+    }
+
+    /// The user's TorchScript model file a model names, fetched once by its sha256.
+    async fn archive(&self, model: &Model) -> anyhow::Result<Option<Arc<flame_torchscript::Archive>>> {
+        let Model::TorchScript { file, sha256, .. } = model else { return Ok(None) };
+        if let Some(a) = self.archives.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(sha256) {
+            return Ok(Some(a.clone()));
+        }
+        let bytes = self.blobs.get(sha256).await.with_context(|| format!("fetching the model file {file} ({sha256})"))?;
+        let archive = Arc::new(flame_torchscript::Archive::read(bytes).with_context(|| format!("the model file {file}"))?);
+        self.archives.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(sha256.clone(), archive.clone());
+        Ok(Some(archive))
+    }
+
     async fn run_command(&self, command: &Command) -> anyhow::Result<ReportBody> {
         if command.v != protocol::VERSION {
             bail!("protocol version {} is not supported (this worker speaks {})", command.v, protocol::VERSION);
@@ -182,10 +207,25 @@ impl Worker {
                 }
                 Ok(ReportBody::Deployed {})
             }
-            CommandBody::InitModel { model, dataset, seed } => {
+            #[cfg_attr(not(feature = "tch"), allow(unused_variables))]
+            CommandBody::InitModel { model, dataset, seed, loss } => {
                 let cfg = ModelConfig::new(model)?;
                 let url = dataset.clone();
                 let d = tokio::task::spawn_blocking(move || data::load(&url)).await??;
+                if let Some(archive) = self.archive(model).await? {
+                    // The user's module starts from the weights its file holds.
+                    let state = crate::archive::state_of(&archive)?;
+                    #[cfg(feature = "tch")]
+                    {
+                        let (state, model, loss) = (state.clone(), model.clone(), *loss);
+                        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                            let mut net = crate::script::ScriptNet::new(archive, &state, model.input_shape(), loss)?;
+                            net.check(&d.train).context("the model on this task's data")
+                        })
+                        .await??;
+                    }
+                    return Ok(ReportBody::Initialized { digest: self.store_state(&state).await? });
+                }
                 if cfg.is_cnn() {
                     cfg.image_side(d.train.features)?;
                 }
@@ -201,7 +241,8 @@ impl Worker {
                 let cfg = ModelConfig::new(model)?;
                 let settings = TrainSettings::new(training, objective);
                 let objective = *objective;
-                let global = self.fetch(global_model).await?;
+                let archive = self.archive(model).await?;
+                let global_state = self.fetch_state(global_model).await?;
                 let client = match client_state {
                     Some(d) => Some(self.fetch(d).await.context("this task's state from its last update")?),
                     None => None,
@@ -211,10 +252,23 @@ impl Worker {
                     None => None,
                 };
                 let (url, seed) = (dataset.clone(), *seed);
+                let global = global_state.params.clone();
                 let global_for_dp = global.clone();
+                let model = model.clone();
                 let (trained, samples, metrics, state) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let d = data::load(&url)?;
-                    let mut net = crate::model::trainer(&cfg, &global)?;
+                    let local_buffers = matches!(model, Model::TorchScript { local_buffers: true, .. });
+                    let mut net: Box<dyn crate::model::Trainer> = match archive {
+                        Some(archive) => {
+                            let mut start = global_state.clone();
+                            // FedBN: this trainer's own buffers from its last round, once it has them.
+                            if local_buffers && client.as_ref().is_some_and(|c| c.keys().any(|k| k.starts_with("buffers/"))) {
+                                start.buffers = control::part(client.as_ref(), "buffers", &global_state.buffers)?;
+                            }
+                            Box::new(crate::script::ScriptNet::new(archive, &start, model.input_shape(), settings.loss)?)
+                        }
+                        None => crate::model::trainer(&cfg, &global)?,
+                    };
                     let (correction, before) = match objective {
                         ClientObjective::Scaffold => {
                             let (c, ci) = (control::part(server.as_ref(), "c", &global)?, control::part(client.as_ref(), "c", &global)?);
@@ -233,23 +287,29 @@ impl Worker {
                     if let Some(acc) = net.evaluate(&d.train).get("accuracy") {
                         metrics.insert("train_accuracy".into(), *acc);
                     }
-                    let trained = net.weights()?;
-                    let state = match (objective, before) {
+                    let trained = net.state()?;
+                    let mut parts: Vec<(&str, Weights)> = match (objective, before) {
                         (ClientObjective::Scaffold, Some((c, ci))) => {
                             let steps = Net::steps(d.train.len(), &settings);
-                            let (next, change) = control::scaffold_client(&ci, &c, &global, &trained, steps, settings.learning_rate)?;
-                            Some(control::pack(&[("c", &next), ("dc", &change)]))
+                            let (next, change) =
+                                control::scaffold_client(&ci, &c, &global, &trained.params, steps, settings.learning_rate)?;
+                            vec![("c", next), ("dc", change)]
                         }
                         (ClientObjective::FedDyn { alpha }, Some((g, _))) => {
-                            Some(control::pack(&[("g", &control::feddyn_client(&g, &global, &trained, alpha)?)]))
+                            vec![("g", control::feddyn_client(&g, &global, &trained.params, alpha)?)]
                         }
-                        _ => None,
+                        _ => Vec::new(),
                     };
+                    if local_buffers && !trained.buffers.is_empty() {
+                        parts.push(("buffers", trained.buffers.clone()));
+                    }
+                    let state = (!parts.is_empty()).then(|| control::pack(&parts.iter().map(|(p, w)| (*p, w)).collect::<Vec<_>>()));
                     Ok((trained, d.train.len() as u64, metrics, state))
                 })
                 .await??;
-                let (trained, metrics) = privatize(training.privacy, &global_for_dp, trained, metrics, seed)?;
-                let digest = self.store(&trained).await?;
+                // Differential privacy clips and noises the parameters' update; buffers are statistics and travel as they are.
+                let (params, metrics) = privatize(training.privacy, &global_for_dp, trained.params.clone(), metrics, seed)?;
+                let digest = self.store_state(&trained.with_params(params)).await?;
                 let state = match state {
                     Some(s) => Some(self.store(&s).await?),
                     None => None,
@@ -259,9 +319,11 @@ impl Worker {
             CommandBody::Coordinate { candidates, samples } => {
                 Ok(ReportBody::Coordinated { pairing: crate::coordinate::pair(candidates, samples, command.round) })
             }
-            CommandBody::Aggregate { model, optimizer, trainers, optimizer_state, global_model, updates, eval_dataset } => {
+            CommandBody::Aggregate { model, optimizer, trainers, optimizer_state, global_model, updates, eval_dataset, loss } => {
                 let cfg = ModelConfig::new(model)?;
-                let global = self.fetch(global_model).await?;
+                let archive = self.archive(model).await?;
+                let global_state = self.fetch_state(global_model).await?;
+                let global = global_state.params.clone();
                 // An unusable update (missing, bytes not matching the digest, not finite f32
                 // safetensors, other tensors than the global model's) is left out and named.
                 let mut inputs = Vec::with_capacity(updates.len());
@@ -273,17 +335,27 @@ impl Worker {
                 let stateful = optimizer.keeps_client_state();
                 let buffered = optimizer.is_asynchronous();
                 let mut client_states = Vec::new();
+                // Buffers and counters of the usable updates, with their samples.
+                let mut buffers: Vec<(State, u64)> = Vec::new();
                 for u in updates {
                     let base = u.base_model.clone().unwrap_or_else(|| global_model.clone());
-                    let checked = match self.fetch(&u.digest).await {
-                        Ok(w) => weights::check_same_layout(&global, &w).map(|()| w).map_err(anyhow::Error::from),
+                    let checked = match self.fetch_state(&u.digest).await {
+                        Ok(s) => weights::check_same_state(&global_state, &s).map(|()| s).map_err(anyhow::Error::from),
                         Err(e) => Err(e),
                     };
+                    let checked = checked.map(|s| {
+                        let params = s.params.clone();
+                        (params, State { params: Weights::new(), ..s })
+                    });
+                    let (checked, rest) = match checked {
+                        Ok((w, rest)) => (Ok(w), Some(rest)),
+                        Err(e) => (Err(e), None),
+                    };
                     let checked = match checked {
-                        Ok(w) if buffered && !base_models.contains_key(&base) => match self.fetch(&base).await {
-                            Ok(b) => {
-                                weights::check_same_layout(&global, &b).map(|()| (w, Some(b))).map_err(|e| anyhow!("its base model: {e}"))
-                            }
+                        Ok(w) if buffered && !base_models.contains_key(&base) => match self.fetch_state(&base).await {
+                            Ok(b) => weights::check_same_layout(&global, &b.params)
+                                .map(|()| (w, Some(b.params)))
+                                .map_err(|e| anyhow!("its base model: {e}")),
                             Err(e) => Err(e.context("its base model")),
                         },
                         Ok(w) => Ok((w, None)),
@@ -306,6 +378,7 @@ impl Worker {
                                 base_models.insert(base.clone(), b);
                             }
                             client_states.extend(s);
+                            buffers.extend(rest.map(|r| (r, u.samples)));
                             bases.push((base, u.staleness));
                             inputs.push((w, u.samples));
                         }
@@ -322,7 +395,9 @@ impl Worker {
                     Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
                     None => None,
                 };
-                let (eval, optimizer, trainers) = (eval_dataset.clone(), *optimizer, *trainers);
+                let (eval, optimizer, trainers, loss, model) = (eval_dataset.clone(), *optimizer, *trainers, *loss, model.clone());
+                let weighted: Vec<(&State, u64)> = buffers.iter().map(|(s, n)| (s, *n)).collect();
+                let (merged_buffers, merged_counters) = weights::merge_buffers(&weighted)?;
                 let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let (next, state) = match optimizer {
                         ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => {
@@ -340,14 +415,16 @@ impl Worker {
                         }
                         _ => aggregate::combine(&optimizer, &global, inputs, state.as_ref())?,
                     };
-                    let metrics = match eval {
-                        Some(url) => crate::model::evaluate(&cfg, &next, &data::load(&url)?.test)?,
-                        None => Default::default(),
+                    let next = State { params: next, buffers: merged_buffers, counters: merged_counters };
+                    let metrics = match (eval, archive) {
+                        (Some(url), None) => crate::model::evaluate(&cfg, &next.params, &data::load(&url)?.test)?,
+                        (Some(url), Some(archive)) => evaluate_script(archive, &next, &model, loss, &data::load(&url)?.test)?,
+                        (None, _) => Default::default(),
                     };
                     Ok((next, state, metrics))
                 })
                 .await??;
-                let digest = self.store(&new_global).await?;
+                let digest = self.store_state(&new_global).await?;
                 let optimizer_state = match new_state {
                     Some(s) => Some(self.store(&s).await?),
                     None => None,
@@ -356,6 +433,26 @@ impl Worker {
             }
         }
     }
+}
+
+/// The held-out loss (and accuracy) of a user's model with a new state: on
+/// libtorch where this worker has it; without, no central evaluation (the
+/// trainers' evaluation reports instead).
+#[cfg_attr(not(feature = "tch"), allow(unused_variables))]
+fn evaluate_script(
+    archive: Arc<flame_torchscript::Archive>,
+    state: &State,
+    model: &Model,
+    loss: flame_events::algorithm::Loss,
+    test: &data::Split,
+) -> anyhow::Result<flame_events::job::Metrics> {
+    #[cfg(feature = "tch")]
+    {
+        let mut net = crate::script::ScriptNet::new(archive, state, model.input_shape(), loss)?;
+        net.evaluate_checked(test).context("evaluating the new global model")
+    }
+    #[cfg(not(feature = "tch"))]
+    Ok(Default::default())
 }
 
 /// Differential privacy on a trainer's update when the job asks for it: the
@@ -449,6 +546,7 @@ mod tests {
                     batch_size: 32,
                     learning_rate: 0.3,
                     privacy: privacy.map(|(clip_threshold, noise_factor)| Privacy { clip_threshold, noise_factor }),
+                    ..Default::default()
                 },
                 objective: ClientObjective::Plain,
                 seed: 9,
@@ -511,6 +609,7 @@ mod tests {
                 global_model: digest.clone(),
                 updates,
                 eval_dataset: None,
+                loss: Default::default(),
             },
         };
         let ReportBody::Aggregated { digest: averaged, excluded, .. } = worker.execute(&aggregate).await.body else { panic!("aggregated") };

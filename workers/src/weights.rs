@@ -18,6 +18,43 @@ pub struct Tensor {
 /// A model's parameters by name (`fc1.weight`, `fc1.bias`, ...), sorted.
 pub type Weights = BTreeMap<String, Tensor>;
 
+/// One named int64 tensor (a counter such as BatchNorm's `num_batches_tracked`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Counter {
+    /// Dimensions (`[]` for a scalar).
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<i64>,
+}
+
+/// A model's whole state: the parameters optimizers train and aggregate,
+/// float buffers (BatchNorm's running statistics: averaged, never stepped,
+/// clipped or noised), and int64 counters. Built-in models have parameters only.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct State {
+    /// Trained parameters.
+    pub params: Weights,
+    /// Float buffers.
+    pub buffers: Weights,
+    /// int64 buffers.
+    pub counters: BTreeMap<String, Counter>,
+}
+
+impl State {
+    /// A state of parameters only.
+    pub fn params(params: Weights) -> Self {
+        Self { params, ..Self::default() }
+    }
+
+    /// The same state with other parameters.
+    pub fn with_params(&self, params: Weights) -> Self {
+        Self { params, buffers: self.buffers.clone(), counters: self.counters.clone() }
+    }
+}
+
+/// The safetensors metadata key listing which float tensors are buffers.
+const BUFFERS: &str = "flame.buffers";
+
 /// Problems with a weights blob.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,6 +93,108 @@ pub fn encode(weights: &Weights) -> Result<Vec<u8>, Error> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Format(e.to_string()))?;
     safetensors::serialize(views, None).map_err(|e| Error::Format(e.to_string()))
+}
+
+/// Encodes a model's state: parameters and buffers as F32 tensors, counters
+/// as I64, and the names of the float buffers in the metadata. A state of
+/// parameters only encodes as [`encode`] does, byte for byte.
+pub fn encode_state(state: &State) -> Result<Vec<u8>, Error> {
+    if state.buffers.is_empty() && state.counters.is_empty() {
+        return encode(&state.params);
+    }
+    if let Some(twice) = state.buffers.keys().chain(state.counters.keys()).find(|k| state.params.contains_key(*k)) {
+        return Err(Error::Mismatch(format!("'{twice}' is both a parameter and a buffer")));
+    }
+    let floats: Vec<(&String, &Tensor)> = state.params.iter().chain(&state.buffers).collect();
+    let bytes: Vec<(Dtype, Vec<usize>, Vec<u8>)> = floats
+        .iter()
+        .map(|(_, t)| (Dtype::F32, t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .chain(state.counters.values().map(|c| (Dtype::I64, c.shape.clone(), c.data.iter().flat_map(|v| v.to_le_bytes()).collect())))
+        .collect();
+    let names = floats.iter().map(|(n, _)| (*n).clone()).chain(state.counters.keys().cloned());
+    let views = names
+        .zip(&bytes)
+        .map(|(name, (dtype, shape, b))| TensorView::new(*dtype, shape.clone(), b).map(|v| (name, v)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Format(e.to_string()))?;
+    let listed: Vec<&String> = state.buffers.keys().collect();
+    let meta = std::collections::HashMap::from([(BUFFERS.to_string(), serde_json::to_string(&listed).unwrap_or_default())]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Format(e.to_string()))
+}
+
+/// Decodes a model's state ([`encode_state`]): finite F32 tensors (those the
+/// metadata lists are buffers) and I64 counters.
+pub fn decode_state(bytes: &[u8]) -> Result<State, Error> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Format(e.to_string()))?;
+    let buffers: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get(BUFFERS)) {
+        Some(list) => serde_json::from_str(list).map_err(|e| Error::Format(format!("metadata '{BUFFERS}': {e}")))?,
+        None => Vec::new(),
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Format(e.to_string()))?;
+    let mut state = State::default();
+    for (name, view) in st.tensors() {
+        match view.dtype() {
+            Dtype::F32 => {
+                let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                if data.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::NotFinite(name));
+                }
+                let t = Tensor { shape: view.shape().to_vec(), data };
+                if buffers.contains(&name) {
+                    state.buffers.insert(name, t)
+                } else {
+                    state.params.insert(name, t)
+                };
+            }
+            Dtype::I64 => {
+                let data =
+                    view.data().chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
+                state.counters.insert(name, Counter { shape: view.shape().to_vec(), data });
+            }
+            other => return Err(Error::Dtype { name, dtype: format!("{other:?}") }),
+        }
+    }
+    Ok(state)
+}
+
+/// Checks that `other` has exactly the tensors and shapes of `reference`,
+/// buffers and counters included.
+pub fn check_same_state(reference: &State, other: &State) -> Result<(), Error> {
+    check_same_layout(&reference.params, &other.params)?;
+    check_same_layout(&reference.buffers, &other.buffers).map_err(|e| Error::Mismatch(format!("buffers: {e}")))?;
+    let shapes = |s: &State| s.counters.iter().map(|(k, c)| (k.clone(), c.shape.clone())).collect::<Vec<_>>();
+    if shapes(reference) != shapes(other) {
+        return Err(Error::Mismatch(format!("counters {:?}, expected {:?}", shapes(other), shapes(reference))));
+    }
+    Ok(())
+}
+
+/// The buffers and counters of an aggregated model: float buffers are the
+/// sample-weighted mean of the updates' (as FedAvg takes parameters),
+/// counters the largest any update reached.
+pub fn merge_buffers(updates: &[(&State, u64)]) -> Result<(Weights, BTreeMap<String, Counter>), Error> {
+    let Some((first, _)) = updates.first() else { return Ok(Default::default()) };
+    let total: f64 = updates.iter().map(|(_, n)| *n as f64).sum::<f64>().max(1.0);
+    let mut buffers = Weights::new();
+    for (name, t) in &first.buffers {
+        let mut sum = vec![0f64; t.data.len()];
+        for (s, n) in updates {
+            let b = s.buffers.get(name).filter(|b| b.shape == t.shape).ok_or_else(|| Error::Mismatch(format!("buffer '{name}'")))?;
+            let w = *n as f64 / total;
+            sum.iter_mut().zip(&b.data).for_each(|(acc, v)| *acc += w * f64::from(*v));
+        }
+        buffers.insert(name.clone(), Tensor { shape: t.shape.clone(), data: sum.into_iter().map(|v| v as f32).collect() });
+    }
+    let mut counters = BTreeMap::new();
+    for (name, c) in &first.counters {
+        let mut max = c.data.clone();
+        for (s, _) in updates {
+            let other = s.counters.get(name).filter(|o| o.shape == c.shape).ok_or_else(|| Error::Mismatch(format!("counter '{name}'")))?;
+            max.iter_mut().zip(&other.data).for_each(|(m, v)| *m = (*m).max(*v));
+        }
+        counters.insert(name.clone(), Counter { shape: c.shape.clone(), data: max });
+    }
+    Ok((buffers, counters))
 }
 
 /// Decodes safetensors bytes, refusing anything but finite f32 tensors.
@@ -120,6 +259,27 @@ mod tests {
         let bytes = encode(&w).expect("encode");
         assert!(matches!(decode(&bytes), Err(Error::NotFinite(n)) if n == "fc1.bias"));
         assert!(matches!(decode(b"not safetensors"), Err(Error::Format(_))));
+    }
+
+    #[test]
+    fn a_state_keeps_buffers_and_counters_apart_and_params_only_encode_as_before() {
+        let plain = State::params(sample());
+        assert_eq!(encode_state(&plain).expect("encode"), encode(&sample()).expect("encode"), "same bytes, same digest");
+        let mut state = plain.clone();
+        state.buffers.insert("bn.running_var".into(), Tensor { shape: vec![2], data: vec![1.0, 2.0] });
+        state.counters.insert("bn.num_batches_tracked".into(), Counter { shape: vec![], data: vec![7] });
+        let bytes = encode_state(&state).expect("encode");
+        assert_eq!(decode_state(&bytes).expect("decode"), state);
+        assert!(matches!(decode(&bytes), Err(Error::Dtype { .. })), "the parameters-only reader refuses a counter");
+        let mut other = state.clone();
+        other.buffers.get_mut("bn.running_var").expect("buffer").data = vec![3.0, 6.0];
+        other.counters.get_mut("bn.num_batches_tracked").expect("counter").data = vec![5];
+        let (buffers, counters) = merge_buffers(&[(&state, 1), (&other, 3)]).expect("merge");
+        assert_eq!(buffers["bn.running_var"].data, vec![2.5, 5.0], "weighted by samples");
+        assert_eq!(counters["bn.num_batches_tracked"].data, vec![7], "the largest count");
+        other.counters.clear();
+        assert!(check_same_state(&state, &other).is_err());
+        assert!(merge_buffers(&[(&state, 1), (&other, 1)]).is_err());
     }
 
     #[test]

@@ -1,0 +1,260 @@
+//! The user's own PyTorch model: a TorchScript CNN with BatchNorm trained
+//! end to end by `flamectl run`, its model out with `flamectl model get`, and
+//! the platform's numbers checked in PyTorch itself (when scripts/test.sh
+//! installed it: FLAME_TORCH_PYTHON).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flame_workers::weights::{self, State};
+use serde_json::Value;
+
+use crate::util::{bin, root};
+
+const EXAMPLE: &str = "examples/torchscript-digits";
+
+fn flamectl(args: &[&str]) -> std::process::Output {
+    Command::new(bin("flamectl")).args(args).current_dir(root()).output().expect("run flamectl")
+}
+
+/// The python of a PyTorch install (scripts/torch-venv.sh), or a line saying the check was skipped.
+fn torch_python(check: &str) -> Option<PathBuf> {
+    match std::env::var("FLAME_TORCH_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: {check}: FLAME_TORCH_PYTHON is unset (scripts/test.sh installs PyTorch into .deps/torch unless FLAME_SKIP_TORCH=1)"
+            );
+            None
+        }
+    }
+}
+
+fn python(py: &Path, script: &str, args: &[&str]) -> String {
+    let out = Command::new(py).arg(root().join("tests/python").join(script)).args(args).output().expect("run python");
+    assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+fn run(folder: &str, data: &Path) -> Value {
+    let out = flamectl(&["run", folder, "-o", "json", "--data-dir", data.to_str().expect("utf8")]);
+    assert!(out.status.success(), "flamectl run {folder}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("summary")
+}
+
+fn blob(data: &Path, digest: &str) -> Vec<u8> {
+    std::fs::read(data.join("blobs").join(digest)).expect("blob")
+}
+
+fn events(job: &str, data: &Path) -> Vec<Value> {
+    let store = format!("sqlite:{}/events.db", data.display());
+    let out = flamectl(&["events", job, "--store", &store, "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("line")).collect()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
+}
+
+#[test]
+fn a_pytorch_cnn_with_batchnorm_trains_exports_and_pytorch_agrees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let summary = run(EXAMPLE, dir.path());
+    assert_eq!(summary["state"], "completed");
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy > 0.9, "final accuracy {accuracy}");
+    let job = summary["job_id"].as_str().expect("job");
+    let events = events(job, dir.path());
+
+    // The job's first event names the model file by its sha256.
+    let file = std::fs::read(root().join(EXAMPLE).join("model.pt")).expect("model.pt");
+    assert_eq!(events[0]["event_type"], "JobCreated");
+    assert_eq!(events[0]["payload"]["spec"]["model"]["sha256"], sha256(&file));
+    // The initial global model is the file's own weights, buffers and counters.
+    let archive = flame_torchscript::Archive::read(file).expect("archive");
+    let init = events.iter().find(|e| e["event_type"] == "ModelInitialized").expect("initialized");
+    let initial = weights::decode_state(&blob(dir.path(), init["payload"]["digest"].as_str().expect("digest"))).expect("state");
+    assert_eq!(initial, flame_workers::archive::state_of(&archive).expect("state of the file"));
+
+    // The final model carries the BatchNorm statistics, averaged, and the counters, which moved.
+    let digest = summary["final_model"].as_str().expect("final");
+    let last = weights::decode_state(&blob(dir.path(), digest)).expect("final state");
+    let names: Vec<&String> = last.buffers.keys().collect();
+    assert_eq!(names, ["features.1.running_mean", "features.1.running_var", "features.5.running_mean", "features.5.running_var"]);
+    assert_ne!(last.buffers, initial.buffers, "the running statistics were trained");
+    for (name, c) in &last.counters {
+        assert!(c.data[0] > initial.counters[name].data[0], "{name} counted batches: {:?}", c.data);
+    }
+
+    // flamectl model get: the blob as it is, and the user's module with it in place.
+    let safetensors = dir.path().join("final.safetensors");
+    let scripted = dir.path().join("final.pt");
+    let store = format!("sqlite:{}/events.db", dir.path().display());
+    let blobs = dir.path().join("blobs");
+    for (out, format) in [(&safetensors, "safetensors"), (&scripted, "torchscript")] {
+        let got = flamectl(&[
+            "model",
+            "get",
+            job,
+            "--store",
+            &store,
+            "--blobs",
+            blobs.to_str().expect("utf8"),
+            "-o",
+            out.to_str().expect("utf8"),
+            "--format",
+            format,
+        ]);
+        assert!(got.status.success(), "model get --format {format}: {}", String::from_utf8_lossy(&got.stderr));
+    }
+    assert_eq!(std::fs::read(&safetensors).expect("written"), blob(dir.path(), digest));
+    let exported = flame_torchscript::Archive::read(std::fs::read(&scripted).expect("written")).expect("an archive");
+    assert_eq!(flame_workers::archive::state_of(&exported).expect("state"), last, "the module holds the final weights");
+    let replay = flamectl(&["replay", job, "--store", &store, "--verify"]);
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stdout));
+
+    // PyTorch evaluates the exported model on the same held-out rows and gets the platform's numbers.
+    let Some(py) = torch_python("PyTorch evaluates the exported TorchScript model as the platform did") else { return };
+    let test = flame_workers::data::load("builtin://digits?part=0&of=3").expect("digits").test;
+    let data = dir.path().join("test.safetensors");
+    std::fs::write(&data, flame_workers::data::encode(&test).expect("encode")).expect("write");
+    let original = root().join(EXAMPLE).join("model.pt");
+    for args in [
+        vec![scripted.to_str().expect("utf8"), data.to_str().expect("utf8"), "--shape", "1,8,8"],
+        vec![
+            original.to_str().expect("utf8"),
+            data.to_str().expect("utf8"),
+            "--shape",
+            "1,8,8",
+            "--state",
+            safetensors.to_str().expect("utf8"),
+        ],
+    ] {
+        let torch: Value = serde_json::from_str(&python(&py, "evaluate.py", &args)).expect("json");
+        for key in ["loss", "accuracy"] {
+            let (ours, theirs) = (summary["metrics"][key].as_f64().expect(key), torch[key].as_f64().expect(key));
+            assert!((ours - theirs).abs() < 1e-4, "{key}: the platform reported {ours}, PyTorch computes {theirs} ({args:?})");
+        }
+        assert_eq!(torch["samples"], 359);
+    }
+}
+
+/// A job folder in `dir`: the example's design and model with one dataset and these hyperparameters.
+fn one_client_job(dir: &Path, dataset_url: &str, hyperparameters: Value, base_model: Value) -> PathBuf {
+    let folder = dir.join("job");
+    std::fs::create_dir_all(&folder).expect("folder");
+    for f in ["job.json", "schema.json", "model.pt"] {
+        std::fs::copy(root().join(EXAMPLE).join(f), folder.join(f)).expect("copy");
+    }
+    let data_spec = serde_json::json!([{"role": "trainer", "datasetGroups": {"default": ["dataset1.json"]}}]);
+    let dataset = serde_json::json!({"name": "one site", "url": dataset_url, "realm": "default/site1"});
+    let model_spec = serde_json::json!({
+        "baseModel": base_model,
+        "optimizer": {"sort": "fedavg", "kwargs": {}},
+        "hyperparameters": hyperparameters,
+    });
+    for (name, v) in [("dataSpec.json", data_spec), ("dataset1.json", dataset), ("modelSpec.json", model_spec)] {
+        std::fs::write(folder.join(name), serde_json::to_vec_pretty(&v).expect("json")).expect("write");
+    }
+    folder
+}
+
+#[test]
+fn one_client_fedavg_of_a_torchscript_module_is_centralized_pytorch_training() {
+    let Some(py) = torch_python("one-client FedAvg of a TorchScript module equals central training in PyTorch") else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows = flame_workers::data::load("builtin://digits?part=0&of=4").expect("digits").train;
+    let data = dir.path().join("site.safetensors");
+    std::fs::write(&data, flame_workers::data::encode(&rows).expect("encode")).expect("write");
+    let (steps, lr) = (4, 0.2);
+    let hyperparameters = serde_json::json!({"rounds": steps, "epochs": 1, "batchSize": 100_000, "learningRate": lr, "seed": 3});
+    let base = serde_json::json!({"name": "torchscript", "file": "model.pt", "inputShape": [1, 8, 8]});
+    let folder = one_client_job(dir.path(), data.to_str().expect("utf8"), hyperparameters, base);
+    let summary = run(folder.to_str().expect("utf8"), &dir.path().join("run"));
+    assert_eq!(summary["state"], "completed");
+    let ours = weights::decode_state(&blob(&dir.path().join("run"), summary["final_model"].as_str().expect("final"))).expect("state");
+
+    let central = dir.path().join("central.safetensors");
+    python(
+        &py,
+        "central.py",
+        &[
+            folder.join("model.pt").to_str().expect("utf8"),
+            data.to_str().expect("utf8"),
+            central.to_str().expect("utf8"),
+            "--steps",
+            &steps.to_string(),
+            "--lr",
+            &lr.to_string(),
+            "--shape",
+            "1,8,8",
+        ],
+    );
+    let theirs: State = weights::decode_state(&std::fs::read(&central).expect("central")).expect("state");
+    assert_eq!(ours.counters, theirs.counters, "as many batches counted");
+    let start = flame_workers::archive::state_of(
+        &flame_torchscript::Archive::read(std::fs::read(folder.join("model.pt")).expect("pt")).expect("archive"),
+    )
+    .expect("state");
+    // PyTorch's state_dict has no buffer list; its float tensors are compared by name either way.
+    let (mut moved, mut largest) = (0.0f32, 0.0f32);
+    for (name, t) in ours.params.iter().chain(&ours.buffers) {
+        let other = theirs.params.get(name).or_else(|| theirs.buffers.get(name)).unwrap_or_else(|| panic!("PyTorch has no '{name}'"));
+        assert_eq!(t.shape, other.shape, "{name}");
+        let worst = t.data.iter().zip(&other.data).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{name}: one-client FedAvg and central PyTorch training differ by {worst}");
+        largest = largest.max(worst);
+        let before = start.params.get(name).or_else(|| start.buffers.get(name)).expect("start");
+        moved = moved.max(t.data.iter().zip(&before.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
+    }
+    assert!(moved > 1e-3, "the weights moved ({moved}): the comparison is not of two untrained models");
+    eprintln!("one-client FedAvg vs central PyTorch: largest relative difference {largest:e}, weights moved up to {moved}");
+}
+
+#[test]
+fn bad_model_files_are_refused_with_the_file_and_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = serde_json::json!({"name": "torchscript", "file": "model.pt", "inputShape": [1, 8, 8]});
+    let h = serde_json::json!({"rounds": 1});
+    let folder = one_client_job(dir.path(), "builtin://digits?part=0&of=2", h.clone(), base.clone());
+    let validate = |folder: &Path| {
+        let out = flamectl(&["validate", folder.to_str().expect("utf8")]);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout))
+    };
+    assert_eq!(validate(&folder).0, Some(0), "{}", validate(&folder).1);
+
+    // Missing.
+    std::fs::remove_file(folder.join("model.pt")).expect("remove");
+    let (code, text) = validate(&folder);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("modelSpec.json#/baseModel/file") && text.contains("model file not found"), "{text}");
+    // Not TorchScript: torch.save's state_dict, and bytes that are not an archive.
+    let fixtures = root().join("torchscript/fixtures");
+    std::fs::copy(fixtures.join("state_dict.pt"), folder.join("model.pt")).expect("copy");
+    let (code, text) = validate(&folder);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("model.pt") && text.contains("torch.save") && text.contains("torch.jit.script"), "{text}");
+    std::fs::write(folder.join("model.pt"), b"not a model").expect("write");
+    let (code, text) = validate(&folder);
+    assert!(code == Some(2) && text.contains("not a TorchScript archive"), "{text}");
+
+    // A module whose output does not fit the labels (3 outputs, 10 digit classes): the job fails at
+    // initialisation, naming the task and both shapes; nothing is trained.
+    std::fs::copy(fixtures.join("bn.pt"), folder.join("model.pt")).expect("copy");
+    let out = flamectl(&["run", folder.to_str().expect("utf8"), "-o", "json", "--data-dir", dir.path().join("a").to_str().expect("utf8")]);
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
+    assert_eq!(summary["state"], "failed", "{summary}");
+    let failure = summary["failure"].to_string();
+    assert!(failure.contains("aggregator") && failure.contains("[8, 3]") && failure.contains("labels go up to 9"), "{failure}");
+
+    // Features of the wrong shape for the module: 64 features are not [1, 7, 7].
+    let wrong = serde_json::json!({"name": "torchscript", "file": "model.pt", "inputShape": [1, 7, 7]});
+    let folder = one_client_job(&dir.path().join("b"), "builtin://digits?part=0&of=2", h, wrong);
+    let out = flamectl(&["run", folder.to_str().expect("utf8"), "-o", "json", "--data-dir", dir.path().join("c").to_str().expect("utf8")]);
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
+    assert_eq!(summary["state"], "failed", "{summary}");
+    assert!(summary["failure"].to_string().contains("[1, 7, 7] take 49 features; the data has 64"), "{summary}");
+}
