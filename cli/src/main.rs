@@ -546,11 +546,23 @@ fn print_summary(
         }
         Output::Table => {
             outln!("job {} ({}): {}", job.job_id, job.name, json!(job.status).as_str().unwrap_or("?"))?;
-            outln!("{:>5}  {:>8}  {:>8}  {:>7}  {:>7}", "round", "accuracy", "loss", "updates", "seconds")?;
+            // Federated evaluation (the trainers' own held-out data) beside the aggregator's, when the job asked for it.
+            let federated = rounds.iter().any(|r| !r.federated.is_empty());
+            let head = if federated { format!("  {:>12}  {:>8}", "fed accuracy", "fed loss") } else { String::new() };
+            outln!("{:>5}  {:>8}  {:>8}  {:>7}  {:>7}{head}", "round", "accuracy", "loss", "updates", "seconds")?;
             for r in rounds {
                 let metric = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
+                let fed = |k: &str| r.federated.get(k).copied().unwrap_or(f64::NAN);
                 let seconds = r.seconds().unwrap_or(f64::NAN);
-                outln!("{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}", r.round, metric("accuracy"), metric("loss"), r.inputs.len(), seconds)?;
+                let tail = if federated { format!("  {:>12.4}  {:>8.4}", fed("accuracy"), fed("loss")) } else { String::new() };
+                outln!(
+                    "{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}{tail}",
+                    r.round,
+                    metric("accuracy"),
+                    metric("loss"),
+                    r.inputs.len(),
+                    seconds
+                )?;
             }
             if let Some(f) = &job.failure {
                 outln!("failure: {f}")?;

@@ -96,6 +96,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
             CommandBody::Coordinate { candidates, .. } => ReportBody::Coordinated {
                 pairing: candidates.iter().filter_map(|(t, o)| o.first().map(|a| (t.clone(), a.clone()))).collect(),
             },
+            CommandBody::Evaluate { .. } => ReportBody::Evaluated { metrics: Default::default() },
             CommandBody::Aggregate { .. } => ReportBody::Aggregated {
                 digest: format!("m{}", c.round),
                 metrics: Default::default(),

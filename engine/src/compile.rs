@@ -203,6 +203,7 @@ pub fn compile(def: &JobDefinition) -> Result<Compiled, Problems> {
         uplinks: tree.uplinks,
         coordinator: tree.coordinator,
         candidates: tree.candidates,
+        eval_every: whole("evalEvery").unwrap_or(0) as u32,
     };
     Ok(Compiled { spec, tasks })
 }

@@ -131,6 +131,26 @@ fn deploy(job: &Job) -> Vec<Action> {
         .collect()
 }
 
+/// The Evaluate commands the trainers still owe for the latest evaluated round's model.
+fn evaluate(job: &Job) -> Vec<Action> {
+    let Some(spec) = &job.spec else { return Vec::new() };
+    let e = &job.evaluation;
+    job.evaluations_owed()
+        .filter_map(|t| {
+            let task = job.tasks.iter().find(|x| &x.task_id == t)?;
+            let worker = job.assignments.get(t)?;
+            let body = CommandBody::Evaluate {
+                model: spec.model.clone(),
+                global_model: e.model.clone(),
+                dataset: task.dataset.clone().unwrap_or_default(),
+                loss: spec.training.loss,
+                client_state: job.records.client_states.get(t).cloned(),
+            };
+            Some(Action::Send { worker_id: worker.clone(), command: command(job, t, e.round, &format!("r{}/evaluate/{t}", e.round), body) })
+        })
+        .collect()
+}
+
 fn run(job: &Job, now_ms: u64) -> Vec<Action> {
     let (Some(spec), Some(aggregator)) = (&job.spec, job.aggregator()) else {
         return Vec::new();
@@ -148,15 +168,23 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
         };
         return vec![Action::Send { worker_id: agg_worker.clone(), command: command(job, &aggregator.task_id, 0, "init", body) }];
     };
+    // Federated evaluation of the latest evaluated round's model, beside the next round's training.
+    let evaluations = evaluate(job);
     if !job.round_open() {
-        return vec![Action::Handle(if job.rounds_completed >= spec.rounds {
-            JobCommand::Complete
-        } else {
-            JobCommand::StartRound { now_ms }
-        })];
+        if job.rounds_completed >= spec.rounds {
+            // The job completes once the last model is evaluated (by every trainer still with a worker).
+            return if evaluations.is_empty() && job.evaluations_owed().next().is_none() {
+                vec![Action::Handle(JobCommand::Complete)]
+            } else {
+                evaluations
+            };
+        }
+        let mut actions = evaluations;
+        actions.push(Action::Handle(JobCommand::StartRound { now_ms }));
+        return actions;
     }
     let round = job.round.number;
-    let mut actions: Vec<Action> = Vec::new();
+    let mut actions: Vec<Action> = evaluations;
     if job.is_async() {
         // FedBuff: every trainer in flight trains from the model of the round that sent it, buffer full or not.
         actions.extend(job.active_trainers().filter_map(|task| {
@@ -242,6 +270,7 @@ mod tests {
     use flame_events::protocol::CommandBody;
 
     use super::*;
+    use crate::job::Rejection;
     use crate::testing::{History, task, update};
 
     fn sends(actions: &[Action]) -> Vec<(String, String)> {
@@ -342,6 +371,60 @@ mod tests {
 
         let last = History::created(2).started().initialized().round(1).round(2);
         assert_eq!(decide(&last.job(), 0, None), vec![Action::Handle(JobCommand::Complete)]);
+    }
+
+    /// The Evaluate commands among actions: (worker, round, global model).
+    fn evaluations(actions: &[Action]) -> Vec<(String, u32, String)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { worker_id, command } => match &command.body {
+                    CommandBody::Evaluate { global_model, .. } => Some((worker_id.clone(), command.round, global_model.clone())),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn trainers_evaluate_the_rounds_models_and_the_job_waits_for_the_last() {
+        use crate::testing::report;
+        use flame_events::protocol::ReportBody;
+        let every = |n: u32| History::created_with(3, move |s| s.eval_every = n).started().initialized();
+        // evalEvery 2 of 3 rounds: round 1 is not evaluated, round 2 is (beside round 3's training), round 3 (the last) is.
+        let after_one = every(2).round(1);
+        assert!(evaluations(&decide(&after_one.job(), 0, None)).is_empty());
+        let after_two = every(2).round(1).round(2);
+        let actions = decide(&after_two.job(), 0, None);
+        assert_eq!(evaluations(&actions), [("w-t0".into(), 2, "m2".into()), ("w-t1".into(), 2, "m2".into())]);
+        assert!(actions.contains(&Action::Handle(JobCommand::StartRound { now_ms: 0 })), "the next round does not wait for them");
+
+        // After the last round the job completes only once every trainer evaluated its model.
+        let last = every(2).round(1).round(2).round(3);
+        assert_eq!(evaluations(&decide(&last.job(), 0, None)).len(), 2);
+        assert!(!decide(&last.job(), 0, None).contains(&Action::Handle(JobCommand::Complete)));
+        let metrics = |acc: f64| ReportBody::Evaluated {
+            metrics: [("accuracy".to_string(), acc), ("test_samples".to_string(), 10.0)].into_iter().collect(),
+        };
+        let job = last.job();
+        let events = job.handle(report("t0", 3, metrics(0.9))).expect("t0 evaluates");
+        assert!(matches!(&events[..], [JobEvent::ModelEvaluated { round: 3, task_id, .. }] if task_id == "t0"));
+        let one = last.clone().then(events[0].clone());
+        assert!(matches!(one.job().handle(report("t0", 3, metrics(0.9))), Err(Rejection::Duplicate { .. })), "once per trainer");
+        assert!(
+            matches!(one.job().handle(report("t1", 2, metrics(0.9))), Err(Rejection::Unexpected(_))),
+            "round 2's is no longer asked for"
+        );
+        assert_eq!(evaluations(&decide(&one.job(), 0, None)), [("w-t1".into(), 3, "m3".into())]);
+        let both = one.clone().then(one.job().handle(report("t1", 3, metrics(0.8))).expect("t1")[0].clone());
+        assert_eq!(decide(&both.job(), 0, None), vec![Action::Handle(JobCommand::Complete)]);
+        // A trainer whose worker is lost is not waited for.
+        let lost = one.then(JobEvent::WorkerLost { worker_id: "w-t1".into(), orphaned: vec!["t1".into()] });
+        assert_eq!(decide(&lost.job(), 0, None), vec![Action::Handle(JobCommand::Complete)]);
+        // Without evalEvery nothing changes.
+        let plain = History::created(1).started().initialized().round(1);
+        assert_eq!(decide(&plain.job(), 0, None), vec![Action::Handle(JobCommand::Complete)]);
     }
 
     #[test]

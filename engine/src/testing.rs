@@ -75,7 +75,7 @@ pub fn created_hierarchical(rounds: u32) -> JobEvent {
 }
 
 /// Builds a job history event by event, applying each (Temporal's TestHistoryBuilder habit).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct History {
     /// The events so far.
     pub events: Vec<JobEvent>,

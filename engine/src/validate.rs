@@ -54,6 +54,15 @@ fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
             )),
         }
     }
+    if let Some(v) = h.get("evalEvery")
+        && v.as_u64().is_none_or(|n| n > u64::from(u32::MAX))
+    {
+        out.push(problem(
+            format!("{file}#/hyperparameters/evalEvery"),
+            format!("evalEvery must be a whole number (0: no federated evaluation), not {v}"),
+            "set hyperparameters.evalEvery to 1 to have the trainers evaluate every round's model",
+        ));
+    }
     if let Some(v) = h.get("learningRate")
         && !v.as_f64().is_some_and(|x| x > 0.0)
     {

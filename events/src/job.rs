@@ -150,6 +150,22 @@ pub struct RunSpec {
     /// Coordinated jobs: task id -> the aggregators it may upload to.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub candidates: BTreeMap<String, Vec<String>>,
+    /// Federated evaluation (`evalEvery`): every this many rounds, and after
+    /// the last, the round's trainers evaluate the new global model on their
+    /// own held-out data. 0: never.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub eval_every: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl RunSpec {
+    /// Whether the trainers evaluate round `round`'s global model.
+    pub fn evaluates(&self, round: u32) -> bool {
+        self.eval_every > 0 && round > 0 && (round.is_multiple_of(self.eval_every) || round == self.rounds)
+    }
 }
 
 /// Every event in a job stream.
@@ -329,6 +345,18 @@ pub enum JobEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         optimizer_state: Option<String>,
     },
+    /// A trainer evaluated a round's global model on its own held-out data
+    /// (federated evaluation: `loss`, `accuracy`, `test_samples`).
+    ModelEvaluated {
+        /// The round whose global model it evaluated.
+        round: u32,
+        /// Task id.
+        task_id: String,
+        /// Worker id.
+        worker_id: String,
+        /// Its metrics.
+        metrics: Metrics,
+    },
     /// All rounds are done.
     JobCompleted {
         /// Rounds completed.
@@ -383,6 +411,7 @@ impl JobEvent {
             Self::GroupAggregated { .. } => "GroupAggregated",
             Self::RoundCoordinated { .. } => "RoundCoordinated",
             Self::RoundAggregated { .. } => "RoundAggregated",
+            Self::ModelEvaluated { .. } => "ModelEvaluated",
             Self::JobCompleted { .. } => "JobCompleted",
             Self::JobFailed { .. } => "JobFailed",
         }

@@ -155,6 +155,21 @@ pub enum CommandBody {
         #[serde(default)]
         samples: std::collections::BTreeMap<String, u64>,
     },
+    /// Federated evaluation: evaluate a global model on the task's own held-out data.
+    Evaluate {
+        /// The model.
+        model: Model,
+        /// Digest of the global model to evaluate.
+        global_model: String,
+        /// The task's dataset (its test split is used).
+        dataset: String,
+        /// The loss to report.
+        #[serde(default, skip_serializing_if = "crate::algorithm::Loss::is_default")]
+        loss: crate::algorithm::Loss,
+        /// The task's own state (FedBN: its local buffers), when it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_state: Option<String>,
+    },
     /// Combine updates into a new global model and evaluate it.
     Aggregate {
         /// The model.
@@ -238,6 +253,11 @@ pub enum ReportBody {
         /// Updates left out because their blob was unusable (missing, wrong digest, wrong tensors, NaN).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         excluded: Vec<Excluded>,
+    },
+    /// The global model's metrics on the task's held-out data (`loss`, `accuracy`, `test_samples`).
+    Evaluated {
+        /// The metrics.
+        metrics: Metrics,
     },
     /// The command failed.
     Failed {

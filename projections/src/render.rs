@@ -132,6 +132,9 @@ pub struct MetricsRow {
     pub round: u32,
     /// Evaluation of the round's model (`accuracy`, `loss`, ...).
     pub metrics: flame_events::job::Metrics,
+    /// Federated evaluation of the round's model: sample-weighted means over the trainers' own held-out data.
+    #[serde(default, skip_serializing_if = "flame_events::job::Metrics::is_empty")]
+    pub federated: flame_events::job::Metrics,
     /// Mean local training loss of the accepted updates, when they reported one.
     pub train_loss: Option<f64>,
     /// Updates that went into the aggregate.
@@ -153,6 +156,7 @@ pub fn metrics(view: &JobView) -> Vec<MetricsRow> {
             MetricsRow {
                 round: r.round,
                 metrics: r.metrics.clone(),
+                federated: r.federated.clone(),
                 train_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
                 participants: if r.model.is_some() { r.inputs.len() } else { r.participants.len() },
                 stragglers: r.stragglers.len(),
@@ -170,15 +174,22 @@ fn num(v: Option<f64>, digits: usize) -> String {
 /// The per-round figures as a table.
 pub fn metrics_table(rows: &[MetricsRow]) -> String {
     let mut out = String::new();
+    let federated = rows.iter().any(|r| !r.federated.is_empty());
+    let head = if federated { format!("  {:>12}  {:>8}", "fed accuracy", "fed loss") } else { String::new() };
     let _ = writeln!(
         out,
-        "{:>5}  {:>8}  {:>8}  {:>10}  {:>12}  {:>10}  {:>7}  {:>7}",
+        "{:>5}  {:>8}  {:>8}  {:>10}  {:>12}  {:>10}  {:>7}  {:>7}{head}",
         "round", "accuracy", "loss", "train loss", "participants", "stragglers", "samples", "seconds"
     );
     for r in rows {
+        let tail = if federated {
+            format!("  {:>12}  {:>8}", num(r.federated.get("accuracy").copied(), 4), num(r.federated.get("loss").copied(), 4))
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "{:>5}  {:>8}  {:>8}  {:>10}  {:>12}  {:>10}  {:>7}  {:>7}",
+            "{:>5}  {:>8}  {:>8}  {:>10}  {:>12}  {:>10}  {:>7}  {:>7}{tail}",
             r.round,
             num(r.metrics.get("accuracy").copied(), 4),
             num(r.metrics.get("loss").copied(), 4),

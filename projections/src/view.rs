@@ -126,6 +126,12 @@ pub struct RoundView {
     pub inputs: Vec<String>,
     /// Evaluation of the produced model.
     pub metrics: Metrics,
+    /// Federated evaluation of the produced model: each trainer's metrics on its own held-out data.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evaluations: BTreeMap<String, Metrics>,
+    /// Their means weighted by each trainer's `test_samples` (which is their sum).
+    #[serde(default, skip_serializing_if = "Metrics::is_empty")]
+    pub federated: Metrics,
     /// When the round started.
     pub started_at: DateTime<Utc>,
     /// When its last update arrived or its deadline closed training.
@@ -487,6 +493,8 @@ impl JobView {
                     groups: Vec::new(),
                     inputs: Vec::new(),
                     metrics: Metrics::new(),
+                    evaluations: BTreeMap::new(),
+                    federated: Metrics::new(),
                     started_at: at,
                     training_done_at: None,
                     closed_at: None,
@@ -592,10 +600,33 @@ impl JobView {
                 self.status.state = Status::Stopping;
                 self.status.failure = Some(reason);
             }
+            JobEvent::ModelEvaluated { round, task_id, metrics, .. } => {
+                if let Some(r) = self.round_mut(round) {
+                    r.evaluations.insert(task_id, metrics);
+                    r.federated = federated(&r.evaluations);
+                }
+            }
             JobEvent::JobTerminated { reason } => self.end(Status::Terminated, Some(&reason), at),
             JobEvent::JobDeleted {} => self.end(Status::Deleted, None, at),
         }
     }
+}
+
+/// Sample-weighted means of the trainers' evaluations (`test_samples` is summed).
+pub fn federated(evaluations: &BTreeMap<String, Metrics>) -> Metrics {
+    let total: f64 = evaluations.values().map(|m| m.get("test_samples").copied().unwrap_or(0.0)).sum();
+    let mut out = Metrics::new();
+    if total <= 0.0 {
+        return out;
+    }
+    for m in evaluations.values() {
+        let w = m.get("test_samples").copied().unwrap_or(0.0) / total;
+        for (k, v) in m.iter().filter(|(k, _)| k.as_str() != "test_samples") {
+            *out.entry(k.clone()).or_insert(0.0) += w * v;
+        }
+    }
+    out.insert("test_samples".into(), total);
+    out
 }
 
 fn short(digest: &str) -> &str {
@@ -647,6 +678,10 @@ pub fn detail(event: &JobEvent) -> String {
             let m: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
             format!("round {round}: {} update(s) -> {} {}", inputs.len(), short(digest), m.join(" "))
         }
+        JobEvent::ModelEvaluated { round, task_id, metrics, .. } => {
+            let m: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+            format!("round {round}'s model evaluated by {task_id}: {}", m.join(" "))
+        }
         JobEvent::JobCompleted { rounds_completed, final_model, .. } => {
             format!("completed after {rounds_completed} round(s), final model {}", short(final_model))
         }
@@ -672,6 +707,16 @@ mod tests {
 
     use super::*;
     use flame_events::job::RunSpec;
+
+    #[test]
+    fn federated_metrics_are_means_weighted_by_test_samples() {
+        let m = |acc: f64, n: f64| Metrics::from([("accuracy".to_string(), acc), ("test_samples".to_string(), n)]);
+        let evaluations = BTreeMap::from([("t0".to_string(), m(0.5, 10.0)), ("t1".to_string(), m(1.0, 30.0))]);
+        let f = federated(&evaluations);
+        assert!((f["accuracy"] - 0.875).abs() < 1e-12, "{f:?}");
+        assert_eq!(f["test_samples"], 40.0);
+        assert!(federated(&BTreeMap::new()).is_empty());
+    }
 
     fn envelope(job: &str, version: u64, position: u64, e: &JobEvent, actor: &str) -> Envelope {
         let n = e.to_new_event(job, actor);

@@ -89,6 +89,22 @@ fn a_pytorch_cnn_with_batchnorm_trains_exports_and_pytorch_agrees() {
         assert!(c.data[0] > initial.counters[name].data[0], "{name} counted batches: {:?}", c.data);
     }
 
+    // Federated evaluation (evalEvery 1): every trainer evaluated every round's model on its own
+    // held-out rows. The digits parts share one test split, so their means are the aggregator's figures.
+    let evaluated: Vec<&Value> = events.iter().filter(|e| e["event_type"] == "ModelEvaluated").collect();
+    assert_eq!(evaluated.len(), 15, "3 trainers x 5 rounds");
+    for round in summary["rounds"].as_array().expect("rounds") {
+        let (central, federated) = (&round["metrics"], &round["federated"]);
+        assert_eq!(round["evaluations"].as_object().expect("evaluations").len(), 3, "{round}");
+        assert_eq!(federated["test_samples"], 3.0 * 359.0);
+        for key in ["loss", "accuracy"] {
+            let (a, b) = (central[key].as_f64().expect(key), federated[key].as_f64().expect(key));
+            assert!((a - b).abs() < 1e-6, "round {}: {key} {a} central, {b} federated", round["round"]);
+        }
+    }
+    let last_evaluation = events.iter().rposition(|e| e["event_type"] == "ModelEvaluated").expect("evaluated");
+    assert_eq!(events[last_evaluation + 1]["event_type"], "JobCompleted", "the job completed once the last model was evaluated");
+
     // flamectl model get: the blob as it is, and the user's module with it in place.
     let safetensors = dir.path().join("final.safetensors");
     let scripted = dir.path().join("final.pt");

@@ -316,6 +316,36 @@ impl Worker {
                 };
                 Ok(ReportBody::Trained { digest, samples, metrics, state })
             }
+            CommandBody::Evaluate { model, global_model, dataset, loss, client_state } => {
+                let cfg = ModelConfig::new(model)?;
+                let archive = self.archive(model).await?;
+                let mut state = self.fetch_state(global_model).await?;
+                // FedBN: the trainer's own buffers, as it trains with them.
+                if matches!(model, Model::TorchScript { local_buffers: true, .. })
+                    && let Some(d) = client_state
+                {
+                    let own = self.fetch(d).await.context("this task's state from its last update")?;
+                    if own.keys().any(|k| k.starts_with("buffers/")) {
+                        state.buffers = crate::control::part(Some(&own), "buffers", &state.buffers)?;
+                    }
+                }
+                let (url, loss, model) = (dataset.clone(), *loss, model.clone());
+                let metrics = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let test = data::load(&url)?.test;
+                    if test.is_empty() {
+                        bail!("dataset {url} holds no test rows to evaluate on");
+                    }
+                    match archive {
+                        Some(archive) => evaluate_script(archive, &state, &model, loss, &test),
+                        None => Ok(crate::model::evaluate(&cfg, &state.params, &test)?),
+                    }
+                })
+                .await??;
+                if metrics.is_empty() {
+                    bail!("this worker cannot evaluate a TorchScript model (built without libtorch)");
+                }
+                Ok(ReportBody::Evaluated { metrics })
+            }
             CommandBody::Coordinate { candidates, samples } => {
                 Ok(ReportBody::Coordinated { pairing: crate::coordinate::pair(candidates, samples, command.round) })
             }

@@ -89,6 +89,11 @@ impl Job {
             JobEvent::ReportRejected { .. } => self.rejected += 1,
             JobEvent::UpdateExcluded { .. } => {}
             JobEvent::RoundAggregated { round, digest, metrics, optimizer_state, .. } => {
+                if self.spec.as_ref().is_some_and(|s| s.evaluates(*round)) {
+                    // The trainers whose updates made the model evaluate it.
+                    let tasks = self.round.updates.keys().cloned().collect();
+                    self.evaluation = super::Evaluation { round: *round, model: digest.clone(), tasks, reported: Default::default() };
+                }
                 self.optimizer_state = optimizer_state.clone();
                 self.rounds_completed = *round;
                 self.global_model = Some(digest.clone());
@@ -97,6 +102,11 @@ impl Job {
                 self.round.partials.clear();
                 self.round.training_closed = false;
                 self.timers.remove(&round_timer(*round));
+            }
+            JobEvent::ModelEvaluated { round, task_id, .. } => {
+                if *round == self.evaluation.round {
+                    self.evaluation.reported.insert(task_id.clone());
+                }
             }
             JobEvent::JobCompleted { .. } => self.end(Status::Completed, None),
             JobEvent::JobFailed { reason } => self.end(Status::Failed, Some(reason)),

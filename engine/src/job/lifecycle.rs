@@ -67,6 +67,9 @@ impl Job {
                 self.total_rounds()
             )));
         }
+        if let Some(t) = self.evaluations_owed().next() {
+            return Err(Rejection::Unexpected(format!("task '{t}' has not evaluated round {}'s model yet", self.evaluation.round)));
+        }
         Ok(vec![JobEvent::JobCompleted {
             rounds_completed: self.rounds_completed,
             final_model: self.global_model.clone().unwrap_or_default(),

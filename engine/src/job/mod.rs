@@ -63,6 +63,9 @@ pub struct Job {
     pub records: TrainerRecords,
     /// Metrics of the latest global model.
     pub metrics: Metrics,
+    /// Federated evaluation of the latest round whose global model the trainers evaluate.
+    #[serde(default)]
+    pub evaluation: Evaluation,
     /// Digest of the server optimizer's state, for adaptive optimizers and SCAFFOLD.
     pub optimizer_state: Option<String>,
     /// Armed timers: name -> due time (ms since the epoch).
@@ -73,6 +76,20 @@ pub struct Job {
     pub rejected: u64,
     /// Events applied (the stream version).
     pub version: u64,
+}
+
+/// Federated evaluation of one round's global model: the trainers asked,
+/// and those that reported.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Evaluation {
+    /// The round whose global model is evaluated (0: none yet).
+    pub round: u32,
+    /// That global model.
+    pub model: String,
+    /// The trainers that evaluate it: those whose updates made it.
+    pub tasks: BTreeSet<String>,
+    /// Those that reported.
+    pub reported: BTreeSet<String>,
 }
 
 /// What trainers' accepted updates leave for the rounds after theirs.
@@ -165,6 +182,11 @@ impl Job {
     /// The data-consuming tasks.
     pub fn trainers(&self) -> impl Iterator<Item = &TaskSpec> {
         self.tasks.iter().filter(|t| t.is_data_consumer)
+    }
+
+    /// Trainers that still owe the latest evaluation (not those whose worker was lost).
+    pub fn evaluations_owed(&self) -> impl Iterator<Item = &String> {
+        self.evaluation.tasks.iter().filter(|t| !self.evaluation.reported.contains(*t) && !self.orphaned.contains(*t))
     }
 
     /// Trainers that still have a worker.

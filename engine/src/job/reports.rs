@@ -41,6 +41,7 @@ impl Job {
             ReportBody::Aggregated { digest, metrics, optimizer_state, excluded } => {
                 self.aggregated(task, worker_id, round, Aggregated { digest, metrics, optimizer_state, excluded })
             }
+            ReportBody::Evaluated { metrics } => self.evaluated(task, worker_id, round, metrics),
         }
     }
 
@@ -63,6 +64,22 @@ impl Job {
             return Err(Rejection::Unexpected(format!("unexpected initial model from task '{}'", task.task_id)));
         }
         Ok(vec![JobEvent::ModelInitialized { digest, worker_id }])
+    }
+
+    /// Federated evaluation: once per asked trainer, for the latest evaluated round.
+    fn evaluated(&self, task: &TaskSpec, worker_id: String, round: u32, metrics: Metrics) -> Result<Vec<JobEvent>, Rejection> {
+        let id = &task.task_id;
+        let e = &self.evaluation;
+        if round != e.round || !e.tasks.contains(id) {
+            return Err(Rejection::Unexpected(format!(
+                "task '{id}' was not asked to evaluate round {round}'s model (the trainers evaluate round {}'s)",
+                e.round
+            )));
+        }
+        if e.reported.contains(id) {
+            return Err(Rejection::Duplicate { task: id.clone(), round });
+        }
+        Ok(vec![JobEvent::ModelEvaluated { round, task_id: id.clone(), worker_id, metrics }])
     }
 
     /// A synchronous round's update: once per selected trainer, while training is open.
