@@ -35,6 +35,25 @@ fn read_json<T: serde::de::DeserializeOwned>(folder: &Path, name: &str) -> Resul
     })
 }
 
+/// A dataset URL that is a relative path to a file in the job folder
+/// (`digits.npz?part=0&of=3`, `file:data/site1.csv`) names that file by its
+/// absolute path, so that workers on this machine find it wherever they
+/// run; other URLs (absolute paths, `builtin://`, paths the folder does not
+/// hold, which workers resolve on their own machines) stay as written.
+fn beside(folder: &Path, url: &str) -> String {
+    if url.contains("://") {
+        return url.to_string();
+    }
+    let (prefix, rest) = url.strip_prefix("file:").map_or(("", url), |r| ("file:", r));
+    let (path, query) = rest.split_once('?').map_or((rest, None), |(p, q)| (p, Some(q)));
+    let relative = Path::new(path);
+    if path.is_empty() || relative.is_absolute() || !folder.join(relative).is_file() {
+        return url.to_string();
+    }
+    let absolute = std::path::absolute(folder.join(relative)).unwrap_or_else(|_| folder.join(relative));
+    format!("{prefix}{}{}", absolute.display(), query.map(|q| format!("?{q}")).unwrap_or_default())
+}
+
 /// The file a TorchScript model spec names (`baseModel.file`), read from the
 /// folder; none for the built-in models.
 fn model_file(folder: &Path, spec_path: &str, spec: &ModelSpec) -> Result<Option<ModelFile>, Problem> {
@@ -112,7 +131,8 @@ impl JobDefinition {
                         continue;
                     }
                     match read_json::<Dataset>(folder, reference) {
-                        Ok(d) => {
+                        Ok(mut d) => {
+                            d.url = beside(folder, &d.url);
                             datasets.insert(reference.clone(), d);
                         }
                         Err(p) => problems.push(p),
@@ -127,5 +147,22 @@ impl JobDefinition {
         let definition = Self { folder: folder.to_path_buf(), job, design, data_spec, model_spec, datasets, model_file };
         problems.extend(definition.check());
         if problems.is_empty() { Ok(definition) } else { Err(Problems(problems)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_dataset_paths_in_the_folder_become_absolute() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("digits.npz"), b"").expect("write");
+        let absolute = std::path::absolute(dir.path().join("digits.npz")).expect("absolute");
+        assert_eq!(beside(dir.path(), "digits.npz?part=1&of=3"), format!("{}?part=1&of=3", absolute.display()));
+        assert_eq!(beside(dir.path(), "file:digits.npz"), format!("file:{}", absolute.display()));
+        for kept in ["builtin://digits?part=0&of=3", "elsewhere.csv", "/data/site.csv", "https://example.org/d.npz"] {
+            assert_eq!(beside(dir.path(), kept), kept, "{kept} is the worker's to find");
+        }
     }
 }

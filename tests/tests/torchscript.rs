@@ -90,7 +90,7 @@ fn a_pytorch_cnn_with_batchnorm_trains_exports_and_pytorch_agrees() {
     }
 
     // Federated evaluation (evalEvery 1): every trainer evaluated every round's model on its own
-    // held-out rows. The digits parts share one test split, so their means are the aggregator's figures.
+    // held-out rows. The sites share one test split (digits.npz's), so their means are the aggregator's figures.
     let evaluated: Vec<&Value> = events.iter().filter(|e| e["event_type"] == "ModelEvaluated").collect();
     assert_eq!(evaluated.len(), 15, "3 trainers x 5 rounds");
     for round in summary["rounds"].as_array().expect("rounds") {
@@ -134,7 +134,9 @@ fn a_pytorch_cnn_with_batchnorm_trains_exports_and_pytorch_agrees() {
 
     // PyTorch evaluates the exported model on the same held-out rows and gets the platform's numbers.
     let Some(py) = torch_python("PyTorch evaluates the exported TorchScript model as the platform did") else { return };
-    let test = flame_workers::data::load("builtin://digits?part=0&of=3").expect("digits").test;
+    let npz = root().join(EXAMPLE).join("digits.npz");
+    let test = flame_workers::data::load(npz.to_str().expect("utf8")).expect("digits.npz").test;
+    assert_eq!(test.shape, [1, 8, 8], "the images keep their shape");
     let data = dir.path().join("test.safetensors");
     std::fs::write(&data, flame_workers::data::encode(&test).expect("encode")).expect("write");
     let original = root().join(EXAMPLE).join("model.pt");

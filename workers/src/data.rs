@@ -12,6 +12,11 @@
 //!   column (classes 0..K-1), no header; the last 20% of rows is the test split.
 //! - a path ending in `.safetensors`: tensors `x` (F32, [rows, features]) and
 //!   `y` (I64 or I32, [rows]); the last 20% of rows is the test split.
+//! - a path ending in `.npz` (NumPy): arrays `x` ([rows, ...], any numeric
+//!   dtype, e.g. [N, 1, 28, 28] images) and `y` (class numbers), and
+//!   optionally `x_test`, `y_test`; or `<name>x.npy` with `<name>y.npy`.
+//! - files take `?part=I&of=N[&split=..][&alpha=..][&shards=..][&seed=..]`
+//!   as the digits do: this worker's share of the training rows.
 
 use std::io::Read;
 
@@ -74,7 +79,7 @@ fn parse_csv(url: &str, text: &str, scale: f32) -> Result<Split, Error> {
         y.push(*label as i64);
     }
     let features = features.ok_or_else(|| Error::Read { url: url.into(), reason: "no rows".into() })?;
-    Ok(Split { x, y, features })
+    Ok(Split { x, y, features, shape: Vec::new() })
 }
 
 fn query(url: &str, q: &str, key: &str) -> Result<Option<usize>, Error> {
@@ -125,33 +130,8 @@ fn read(url: &str) -> Result<Data, Error> {
         SplitMix::new(SPLIT_SEED).shuffle(&mut rows);
         let n_test = (all.len() as f64 * TEST_FRACTION).round() as usize;
         let (test_rows, train_rows) = rows.split_at(n_test);
-        let of = query(url, q, "of")?.unwrap_or(1);
-        let part = query(url, q, "part")?.unwrap_or(0);
-        if of == 0 || part >= of {
-            return Err(Error::Url { url: url.into(), reason: format!("need 0 <= part < of, got part={part} of={of}") });
-        }
-        let scheme = match q.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == "split").map(|(_, v)| v) {
-            None | Some("iid") => Scheme::Iid,
-            Some("dirichlet") => {
-                let alpha =
-                    q.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == "alpha").and_then(|(_, v)| v.parse::<f64>().ok());
-                match alpha {
-                    Some(alpha) if alpha > 0.0 && alpha.is_finite() => Scheme::Dirichlet { alpha },
-                    _ => return Err(Error::Url { url: url.into(), reason: "split=dirichlet needs alpha > 0 (e.g. alpha=0.5)".into() }),
-                }
-            }
-            Some("shards") => Scheme::Shards { shards: query(url, q, "shards")?.unwrap_or(2).max(1) },
-            Some(other) => {
-                return Err(Error::Url {
-                    url: url.into(),
-                    reason: format!("unknown split '{other}': use iid, dirichlet (alpha=) or shards (shards=)"),
-                });
-            }
-        };
-        let seed = query(url, q, "seed")?.unwrap_or(0) as u64;
-        let labels: Vec<i64> = train_rows.iter().map(|&r| all.y[r]).collect();
-        let mine: Vec<usize> = crate::partition::deal(&labels, of, part, &scheme, seed).into_iter().map(|i| train_rows[i]).collect();
-        return Ok(Data { train: all.select(&mine), test: all.select(test_rows), classes: 10 });
+        let data = Data { train: all.select(train_rows), test: all.select(test_rows), classes: 10 };
+        return deal(url, q, data);
     }
     if let Some(rest) = url.strip_prefix("synthetic://") {
         let (name, q) = rest.split_once('?').unwrap_or((rest, ""));
@@ -177,18 +157,118 @@ fn read(url: &str) -> Result<Data, Error> {
         return Ok(crate::synthetic::fedprox(float("alpha")?, float("beta")?, device, seed));
     }
     let path = url.strip_prefix("file://").or_else(|| url.strip_prefix("file:")).unwrap_or(url);
-    if path.ends_with(".safetensors") {
-        let bytes = std::fs::read(path).map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
-        return Ok(held_out(safetensors_rows(url, &bytes)?));
-    }
-    if !path.ends_with(".csv") {
+    // Files take the same `?part=I&of=N[&split=...]` as the digits: this worker's share of the file's rows.
+    let (path, q) = path.split_once('?').unwrap_or((path, ""));
+    let read = |p: &str| std::fs::read(p).map_err(|e| Error::Read { url: url.into(), reason: format!("{p}: {e}") });
+    let data = if path.ends_with(".safetensors") {
+        held_out(safetensors_rows(url, &read(path)?)?)
+    } else if path.ends_with(".npz") {
+        npz(url, &read(path)?)?
+    } else if path.ends_with(".npy") {
+        // Features in `<name>x.npy`, labels beside them in `<name>y.npy` (`train_x.npy`, `train_y.npy`).
+        let Some(stem) = path.strip_suffix("x.npy") else {
+            return Err(Error::Url {
+                url: url.into(),
+                reason: "name the features file '<name>x.npy' (its labels are '<name>y.npy')".into(),
+            });
+        };
+        let bad = |reason: String| Error::Read { url: url.into(), reason };
+        let x = crate::numpy::read_npy(&read(path)?).map_err(|e| bad(format!("{path}: {e}")))?;
+        let labels = format!("{stem}y.npy");
+        let y = crate::numpy::read_npy(&read(&labels)?).map_err(|e| bad(format!("{labels}: {e}")))?;
+        held_out(arrays(url, x, y)?)
+    } else if path.ends_with(".csv") {
+        let text = String::from_utf8(read(path)?).map_err(|_| Error::Read { url: url.into(), reason: "not UTF-8 text".into() })?;
+        held_out(parse_csv(url, &text, 1.0)?)
+    } else {
         return Err(Error::Url {
             url: url.into(),
-            reason: "use builtin://digits?part=I&of=N, synthetic://fedprox?alpha=A&beta=B&device=K, or a path to a .csv file (features, then the label)".into(),
+            reason: "use builtin://digits?part=I&of=N, synthetic://fedprox?alpha=A&beta=B&device=K, or a path to a .csv, .safetensors, .npz or <name>x.npy file".into(),
         });
+    };
+    deal(url, q, data)
+}
+
+/// This worker's part of a dataset's training rows (`part=I&of=N`, dealt by
+/// `split=iid|dirichlet|shards` with `alpha`, `shards`, `seed`); all of them
+/// without `part`/`of`. The test split stays whole.
+fn deal(url: &str, q: &str, data: Data) -> Result<Data, Error> {
+    let of = query(url, q, "of")?.unwrap_or(1);
+    let part = query(url, q, "part")?.unwrap_or(0);
+    if of == 0 || part >= of {
+        return Err(Error::Url { url: url.into(), reason: format!("need 0 <= part < of, got part={part} of={of}") });
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
-    Ok(held_out(parse_csv(url, &text, 1.0)?))
+    if of == 1 {
+        return Ok(data);
+    }
+    let value = |key: &str| q.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v);
+    let scheme = match value("split") {
+        None | Some("iid") => Scheme::Iid,
+        Some("dirichlet") => match value("alpha").and_then(|v| v.parse::<f64>().ok()) {
+            Some(alpha) if alpha > 0.0 && alpha.is_finite() => Scheme::Dirichlet { alpha },
+            _ => return Err(Error::Url { url: url.into(), reason: "split=dirichlet needs alpha > 0 (e.g. alpha=0.5)".into() }),
+        },
+        Some("shards") => Scheme::Shards { shards: query(url, q, "shards")?.unwrap_or(2).max(1) },
+        Some(other) => {
+            return Err(Error::Url {
+                url: url.into(),
+                reason: format!("unknown split '{other}': use iid, dirichlet (alpha=) or shards (shards=)"),
+            });
+        }
+    };
+    let seed = query(url, q, "seed")?.unwrap_or(0) as u64;
+    let mine = crate::partition::deal(&data.train.y, of, part, &scheme, seed);
+    Ok(Data { train: data.train.select(&mine), ..data })
+}
+
+/// Rows from arrays `x` ([rows, ...], any numeric dtype) and `y` ([rows], class numbers).
+fn arrays(url: &str, x: crate::numpy::Array, y: crate::numpy::Array) -> Result<Split, Error> {
+    let bad = |reason: String| Error::Read { url: url.into(), reason };
+    let Some((&rows, shape)) = x.shape.split_first() else { return Err(bad("array 'x' is a scalar; it needs [rows, features...]".into())) };
+    if y.shape != [rows] {
+        return Err(bad(format!("array 'y' has shape {:?}; 'x' has {rows} rows, so 'y' must be [{rows}]", y.shape)));
+    }
+    let labels: Vec<i64> = y
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            (v.fract() == 0.0 && *v >= 0.0)
+                .then_some(*v as i64)
+                .ok_or_else(|| bad(format!("label {v} of row {i} is not a class number 0, 1, 2, ...")))
+        })
+        .collect::<Result<_, _>>()?;
+    let features = shape.iter().product::<usize>().max(1);
+    let shape = if shape.len() > 1 { shape.to_vec() } else { Vec::new() };
+    Ok(Split { x: x.values.iter().map(|v| *v as f32).collect(), y: labels, features, shape })
+}
+
+/// A `.npz` archive with arrays `x` and `y`, and optionally `x_test` and
+/// `y_test` (the test split; otherwise the last 20% of rows).
+fn npz(url: &str, bytes: &[u8]) -> Result<Data, Error> {
+    let bad = |reason: String| Error::Read { url: url.into(), reason };
+    let mut arrays_by_name: std::collections::BTreeMap<String, crate::numpy::Array> =
+        crate::numpy::read_npz(bytes).map_err(bad)?.into_iter().collect();
+    let mut take = |name: &str| arrays_by_name.remove(name);
+    let (Some(x), Some(y)) = (take("x"), take("y")) else {
+        return Err(bad("the archive needs arrays 'x' (features) and 'y' (labels): np.savez(path, x=x, y=y)".into()));
+    };
+    let train = arrays(url, x, y)?;
+    match (take("x_test"), take("y_test")) {
+        (Some(x), Some(y)) => {
+            let test = arrays(url, x, y)?;
+            if test.shape != train.shape || test.features != train.features {
+                return Err(bad(format!(
+                    "'x_test' examples have shape {:?} ({} features); 'x' has {:?} ({})",
+                    test.shape, test.features, train.shape, train.features
+                )));
+            }
+            let classes = train.y.iter().chain(&test.y).max().map_or(0, |m| *m as usize + 1);
+            Ok(Data { train, test, classes })
+        }
+        (None, None) => Ok(held_out(train)),
+        _ => Err(bad("give both 'x_test' and 'y_test', or neither".into())),
+    }
 }
 
 /// A file's rows with the last 20% held out for evaluation.
@@ -239,7 +319,7 @@ fn safetensors_rows(url: &str, bytes: &[u8]) -> Result<Split, Error> {
     if x.iter().any(|v| !v.is_finite()) {
         return Err(bad("tensor 'x' holds NaN or infinite values".into()));
     }
-    Ok(Split { x, y: labels, features })
+    Ok(Split { x, y: labels, features, shape: Vec::new() })
 }
 
 #[cfg(test)]
@@ -317,6 +397,61 @@ mod tests {
         nan[3] = f32::NAN;
         write(&nan, vec![10, 2], &y);
         assert!(load(path.to_str().expect("utf8")).expect_err("nan").to_string().contains("NaN"));
+    }
+
+    /// A .npy file's bytes for an f32 or i64 array.
+    fn npy(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
+        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+        let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+        let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend((header.len() as u16).to_le_bytes());
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    #[test]
+    fn npz_archives_and_npy_pairs_load_with_their_image_shape_and_parts() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rows = 20;
+        let x: Vec<u8> = (0..rows * 4).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let y: Vec<u8> = (0..rows as i64).flat_map(|i| (i % 2).to_le_bytes()).collect();
+        let path = dir.path().join("d.npz");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).expect("create"));
+        for (name, bytes) in [("x.npy", npy("<f4", &[rows, 1, 2, 2], x.clone())), ("y.npy", npy("<i8", &[rows], y.clone()))] {
+            zip.start_file(name, zip::write::FileOptions::default()).expect("start");
+            zip.write_all(&bytes).expect("write");
+        }
+        zip.finish().expect("finish");
+        let url = path.to_str().expect("utf8");
+        let d = load(url).expect("npz");
+        assert_eq!((d.train.len(), d.test.len(), d.classes, d.train.features), (16, 4, 2, 4));
+        assert_eq!(d.train.shape, [1, 2, 2]);
+        assert_eq!(d.test.x[..4], [64.0, 65.0, 66.0, 67.0], "the last 20% of rows are held out");
+        // Parts of a file, as of the digits: disjoint, covering the training rows, one test split.
+        let parts: Vec<Data> = (0..2).map(|i| load(&format!("{url}?part={i}&of=2")).expect("part")).collect();
+        assert_eq!(parts.iter().map(|p| p.train.len()).sum::<usize>(), 16);
+        assert!(parts.iter().all(|p| p.test == d.test && p.train.shape == [1, 2, 2]));
+        let mut seen: Vec<f32> = parts.iter().flat_map(|p| p.train.x.chunks(4).map(|r| r[0])).collect();
+        seen.sort_by(f32::total_cmp);
+        seen.dedup();
+        assert_eq!(seen.len(), 16);
+        // A pair of .npy files.
+        std::fs::write(dir.path().join("sitex.npy"), npy("<f4", &[rows, 4], x)).expect("x");
+        std::fs::write(dir.path().join("sitey.npy"), npy("<i8", &[rows], y)).expect("y");
+        let pair = load(dir.path().join("sitex.npy").to_str().expect("utf8")).expect("npy pair");
+        assert_eq!((pair.train.len(), pair.train.features), (16, 4));
+        assert!(pair.train.shape.is_empty(), "flat rows stay flat");
+        // Labels that are not class numbers, and rows that do not match, are named.
+        std::fs::write(dir.path().join("sitey.npy"), npy("<f4", &[rows], (0..rows).flat_map(|i| (i as f32 + 0.5).to_le_bytes()).collect()))
+            .expect("y");
+        let e = load(dir.path().join("sitex.npy").to_str().expect("utf8")).expect_err("labels").to_string();
+        assert!(e.contains("label 0.5 of row 0"), "{e}");
+        std::fs::write(dir.path().join("sitey.npy"), npy("<i8", &[3], vec![0; 24])).expect("y");
+        let e = load(dir.path().join("sitex.npy").to_str().expect("utf8")).expect_err("rows").to_string();
+        assert!(e.contains("'x' has 20 rows"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod fedbuff;
 pub(crate) mod fit;
 pub mod kernels;
 pub mod model;
+pub mod numpy;
 pub mod optimizers;
 pub mod partition;
 pub mod privacy;

@@ -43,6 +43,11 @@ impl ScriptNet {
         Ok(Self { archive, module, vs, params, input_shape: input_shape.to_vec(), loss })
     }
 
+    /// One example's shape: the model's `inputShape`, else the data's own (a `.npz` of images), else flat.
+    fn shape<'a>(&'a self, data: &'a Split) -> &'a [usize] {
+        if self.input_shape.is_empty() { &data.shape } else { &self.input_shape }
+    }
+
     fn forward(&self, x: &TchTensor) -> Result<TchTensor, Error> {
         self.module.forward_ts(&[x]).map_err(|e| Error::Torch(format!("the model's forward failed: {e}")))
     }
@@ -51,7 +56,7 @@ impl ScriptNet {
     pub fn check(&mut self, data: &Split) -> Result<(), Error> {
         let rows: Vec<usize> = (0..data.len().min(8)).collect();
         let sample = data.select(&rows);
-        let (x, y) = (crate::fit::inputs(&sample, &self.input_shape)?, crate::fit::targets(&sample, self.loss));
+        let (x, y) = (crate::fit::inputs(&sample, self.shape(&sample))?, crate::fit::targets(&sample, self.loss));
         self.module.set_eval();
         let out = tch::no_grad(|| self.forward(&x));
         self.module.set_train();
@@ -84,7 +89,7 @@ impl ScriptNet {
 impl Trainer for ScriptNet {
     fn train(&mut self, data: &Split, settings: &TrainSettings, seed: u64, correction: Option<&Weights>) -> Result<Metrics, Error> {
         self.check(data)?;
-        let (x, y) = (crate::fit::inputs(data, &self.input_shape)?, crate::fit::targets(data, settings.loss));
+        let (x, y) = (crate::fit::inputs(data, self.shape(data))?, crate::fit::targets(data, settings.loss));
         self.module.set_train();
         let forward = |bx: &TchTensor| self.forward(bx);
         crate::fit::fit(&self.vs, &self.params, &forward, &x, &y, settings, seed, correction)
@@ -110,7 +115,7 @@ impl ScriptNet {
         if data.is_empty() {
             return Ok(Metrics::new());
         }
-        let (x, y) = (crate::fit::inputs(data, &self.input_shape)?, crate::fit::targets(data, self.loss));
+        let (x, y) = (crate::fit::inputs(data, self.shape(data))?, crate::fit::targets(data, self.loss));
         self.module.set_eval();
         let out = tch::no_grad(|| self.forward(&x));
         self.module.set_train();

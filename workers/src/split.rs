@@ -11,6 +11,9 @@ pub struct Split {
     pub y: Vec<i64>,
     /// Features per row.
     pub features: usize,
+    /// The shape of one example when the source has one (`[1, 8, 8]` from a
+    /// `.npz` of images); empty: a flat row. Its product is `features`.
+    pub shape: Vec<usize>,
 }
 
 impl Split {
@@ -30,6 +33,7 @@ impl Split {
             x: rows.iter().flat_map(|&r| self.x[r * f..(r + 1) * f].iter().copied()).collect(),
             y: rows.iter().map(|&r| self.y[r]).collect(),
             features: f,
+            shape: self.shape.clone(),
         }
     }
 }
