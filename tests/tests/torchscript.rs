@@ -276,3 +276,104 @@ fn bad_model_files_are_refused_with_the_file_and_the_reason() {
     assert_eq!(summary["state"], "failed", "{summary}");
     assert!(summary["failure"].to_string().contains("[1, 7, 7] take 49 features; the data has 64"), "{summary}");
 }
+
+/// The `UpdateReported` payloads of a round.
+fn round_updates(job: &str, data: &Path, round: u64) -> Vec<Value> {
+    events(job, data)
+        .into_iter()
+        .filter(|e| e["event_type"] == "UpdateReported" && e["payload"]["round"] == round)
+        .map(|e| e["payload"].clone())
+        .collect()
+}
+
+/// The example's folder copied with other hyperparameters and server optimizer.
+fn variant(dir: &Path, name: &str, optimizer: Value, hyperparameters: Value, base: Value) -> PathBuf {
+    let folder = dir.join(name);
+    std::fs::create_dir_all(&folder).expect("folder");
+    for entry in std::fs::read_dir(root().join(EXAMPLE)).expect("example") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, folder.join(path.file_name().expect("name"))).expect("copy");
+    }
+    let mut spec: Value = serde_json::from_slice(&std::fs::read(folder.join("modelSpec.json")).expect("spec")).expect("json");
+    spec["optimizer"] = optimizer;
+    spec["baseModel"] = base;
+    for (k, v) in hyperparameters.as_object().expect("object") {
+        spec["hyperparameters"][k] = v.clone();
+    }
+    spec["hyperparameters"]["rounds"] = 2.into();
+    std::fs::write(folder.join("modelSpec.json"), serde_json::to_vec_pretty(&spec).expect("json")).expect("write");
+    folder
+}
+
+#[test]
+fn every_server_optimizer_and_client_option_trains_a_torchscript_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = serde_json::json!({"name": "torchscript", "file": "model.pt"});
+    let sort = |s: &str, kwargs: Value| serde_json::json!({"sort": s, "kwargs": kwargs});
+    let none = serde_json::json!({});
+    let cases = [
+        ("fedprox", sort("fedprox", serde_json::json!({"mu": 0.1})), none.clone()),
+        ("fedavgm", sort("fedavgm", serde_json::json!({"eta": 1.0, "momentum": 0.5})), none.clone()),
+        ("fedadam", sort("fedadam", serde_json::json!({"eta": 0.03})), none.clone()),
+        ("scaffold", sort("scaffold", none.clone()), none.clone()),
+        ("feddyn", sort("feddyn", serde_json::json!({"alpha": 0.01})), none.clone()),
+        ("median", sort("median", none.clone()), none.clone()),
+        ("trimmed_mean", sort("trimmed_mean", serde_json::json!({"beta": 0.2})), none.clone()),
+        ("dp", sort("fedavg", none.clone()), serde_json::json!({"clip_threshold": 5.0, "noise_factor": 0.001})),
+        ("adam", sort("fedavg", none.clone()), serde_json::json!({"clientOptimizer": "adam", "learningRate": 0.003})),
+    ];
+    for (name, optimizer, h) in cases {
+        let folder = variant(dir.path(), name, optimizer, h, base.clone());
+        let summary = run(folder.to_str().expect("utf8"), &dir.path().join(format!("{name}-run")));
+        assert_eq!(summary["state"], "completed", "{name}: {summary}");
+        // Two short rounds: well above chance (0.1) is what "it trained" means here.
+        let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+        assert!(accuracy > 0.3, "{name}: accuracy {accuracy} after 2 rounds");
+        eprintln!("torchscript with {name}: accuracy {accuracy:.4} after 2 rounds");
+        let last = weights::decode_state(&blob(&dir.path().join(format!("{name}-run")), summary["final_model"].as_str().expect("final")))
+            .expect("state");
+        assert_eq!(last.buffers.len(), 4, "{name}: the BatchNorm statistics travel with every model");
+        let updates = round_updates(summary["job_id"].as_str().expect("job"), &dir.path().join(format!("{name}-run")), 2);
+        assert_eq!(updates.len(), 3, "{name}");
+        if name == "dp" {
+            assert!(updates.iter().all(|u| u["metrics"]["dp_update_norm"].as_f64().is_some()), "{updates:?}");
+        }
+        if name == "scaffold" || name == "feddyn" {
+            assert!(updates.iter().all(|u| u["client_state"].is_string()), "{name}: {updates:?}");
+        }
+    }
+}
+
+#[test]
+fn local_buffers_keep_each_trainers_batchnorm_statistics_fedbn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sort = serde_json::json!({"sort": "fedavg", "kwargs": {}});
+    // Label-skewed sites, so that their BatchNorm statistics differ.
+    let folder = variant(
+        dir.path(),
+        "fedbn",
+        sort,
+        serde_json::json!({}),
+        serde_json::json!({"name": "torchscript", "file": "model.pt", "localBuffers": true}),
+    );
+    for i in 0..3 {
+        let path = folder.join(format!("dataset{}.json", i + 1));
+        let mut d: Value = serde_json::from_slice(&std::fs::read(&path).expect("dataset")).expect("json");
+        d["url"] = format!("digits.npz?part={i}&of=3&split=shards&shards=2").into();
+        std::fs::write(&path, serde_json::to_vec(&d).expect("json")).expect("write");
+    }
+    let data = dir.path().join("run");
+    let summary = run(folder.to_str().expect("utf8"), &data);
+    assert_eq!(summary["state"], "completed", "{summary}");
+    let rounds = summary["rounds"].as_array().expect("rounds");
+    // Every update carries the trainer's own buffers as its state, and round 2 starts from them.
+    for p in round_updates(summary["job_id"].as_str().expect("job"), &data, 2) {
+        let state = blob(&data, p["client_state"].as_str().expect("a client state"));
+        let state = weights::decode(&state).expect("f32 state");
+        assert_eq!(state.keys().filter(|k| k.starts_with("buffers/")).count(), 4, "{p}");
+    }
+    // Each trainer evaluates with its own statistics, the aggregator with the averaged ones: they differ.
+    let last = &rounds[1];
+    let (central, federated) = (last["metrics"]["loss"].as_f64().expect("loss"), last["federated"]["loss"].as_f64().expect("fed loss"));
+    assert!((central - federated).abs() > 1e-6, "FedBN's local statistics change the evaluation: {central} vs {federated}");
+}
