@@ -16,7 +16,7 @@ use flame_events::Envelope;
 use flame_events::job;
 use flame_events::protocol::WorkerInfo;
 use flame_transport::InProcess;
-use flame_workers::blob::{BlobStore, LocalBlobs};
+use flame_workers::blob::LocalBlobs;
 use flame_workers::kernels::Kernels;
 use flame_workers::{Worker, model};
 
@@ -466,13 +466,9 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let store_url = format!("sqlite:{}", data_dir.join("events.db").display());
     let store = flame_stores::open_store(&store_url).await?;
     let blobs = Arc::new(LocalBlobs::new(data_dir.join("blobs"))?);
-    // The user's model file is a blob like any model: workers fetch it by its sha256.
-    if let Some(file) = &def.model_file {
-        let digest = blobs.put(file.bytes.to_vec()).await?;
-        anyhow::ensure!(digest == file.sha256, "the blob store gave the model file digest {digest}, not {}", file.sha256);
-    }
     let transport = Arc::new(InProcess::default());
-    let runner = Runner::new(store.clone(), transport.clone(), runner::Options::default());
+    // The user's model file is a blob like any model: workers fetch it by its sha256.
+    let runner = Runner::new(store.clone(), transport.clone(), runner::Options::default()).with_blobs(blobs.clone());
     let actor = local_user();
     let job_id = runner.submit(&def, &actor).await?;
     runner.start(&job_id, &actor).await?;

@@ -12,6 +12,7 @@ use futures::{FutureExt, StreamExt};
 use flame_events::protocol::{Report, WorkerInfo};
 use flame_events::store::EventStore;
 use flame_transport::Transport;
+use flame_transport::blob::BlobStore;
 
 use crate::controller::{Action, decide};
 use crate::definition::{JobDefinition, Problems};
@@ -88,6 +89,8 @@ pub struct Runner {
     transport: Arc<dyn Transport>,
     options: Options,
     wake: Arc<tokio::sync::Notify>,
+    /// Where the model files a definition brings (a TorchScript module) go for the workers.
+    blobs: Option<Arc<dyn BlobStore>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -99,7 +102,31 @@ impl Runner {
     /// A runner over a store and a transport.
     pub fn new(store: Arc<dyn EventStore>, transport: Arc<dyn Transport>, options: Options) -> Self {
         let jobs = Jobs::new(store.clone());
-        Self { store, jobs, transport, options, wake: Arc::default() }
+        Self { store, jobs, transport, options, wake: Arc::default(), blobs: None }
+    }
+
+    /// The same runner, storing the model files definitions bring (a
+    /// TorchScript module) in `blobs`, where workers fetch them.
+    pub fn with_blobs(mut self, blobs: Arc<dyn BlobStore>) -> Self {
+        self.blobs = Some(blobs);
+        self
+    }
+
+    /// Puts a definition's model file where workers find it, before any event names it.
+    async fn store_model_file(&self, def: &JobDefinition) -> Result<(), Error> {
+        let Some(file) = &def.model_file else { return Ok(()) };
+        let blobs = self.blobs.as_ref().ok_or_else(|| {
+            Error::Definition(format!("the model file {} needs a blob store, and this engine was started without one", file.name))
+        })?;
+        let digest =
+            blobs.put(file.bytes.to_vec()).await.map_err(|e| Error::Definition(format!("storing the model file {}: {e}", file.name)))?;
+        if digest != file.sha256 {
+            return Err(Error::Definition(format!(
+                "the blob store gave the model file {} the digest {digest}, not {}",
+                file.name, file.sha256
+            )));
+        }
+        Ok(())
     }
 
     /// The worker registry, as the transport sees it.
@@ -110,6 +137,7 @@ impl Runner {
     /// Records a new job from a definition; returns its id.
     pub async fn submit(&self, def: &JobDefinition, actor: &Actor) -> Result<String, Error> {
         let crate::compile::Compiled { spec, tasks } = crate::compile::compile(def).map_err(Error::Invalid)?;
+        self.store_model_file(def).await?;
         let job_id = uuid::Uuid::now_v7().to_string();
         let command =
             JobCommand::Create { job_id: job_id.clone(), name: def.name(), source: def.folder.display().to_string(), spec, tasks };
@@ -121,6 +149,7 @@ impl Runner {
     pub async fn update(&self, job_id: &str, def: &JobDefinition, actor: &Actor) -> Result<Job, Error> {
         self.load(job_id).await?;
         let crate::compile::Compiled { spec, tasks } = crate::compile::compile(def).map_err(Error::Invalid)?;
+        self.store_model_file(def).await?;
         self.user(job_id, JobCommand::Update { name: def.name(), source: def.folder.display().to_string(), spec, tasks }, actor).await
     }
 

@@ -30,6 +30,23 @@ pub struct Workflow {
     /// Datasets by the name the data spec uses (a file name in the folder form).
     #[serde(default)]
     pub datasets: BTreeMap<String, Dataset>,
+    /// The file `modelSpec.baseModel.file` names (a TorchScript module), carried inside the document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_file: Option<EmbeddedFile>,
+}
+
+/// A file of the job folder carried in the single-file form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EmbeddedFile {
+    /// Its name in the folder (`model.pt`).
+    pub name: String,
+    /// Its bytes, base64 (standard alphabet, padded).
+    pub base64: String,
+}
+
+fn decode(f: &EmbeddedFile) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(&f.base64).ok()
 }
 
 /// The JSON Schema of the single-file form. The optimizer and the selector
@@ -92,6 +109,10 @@ impl Workflow {
             data_spec: def.data_spec.clone(),
             model_spec: def.model_spec.clone(),
             datasets: def.datasets.clone(),
+            model_file: def.model_file.as_ref().map(|f| {
+                use base64::Engine;
+                EmbeddedFile { name: f.name.clone(), base64: base64::engine::general_purpose::STANDARD.encode(f.bytes.as_slice()) }
+            }),
         }
     }
 
@@ -136,6 +157,15 @@ impl Workflow {
                 }
             }
         }
+        if let Some(f) = &wf.model_file
+            && decode(f).is_none()
+        {
+            problems.push(problem(
+                format!("{name}#/modelFile/base64"),
+                format!("the model file {} is not valid base64", f.name),
+                "encode its bytes with standard, padded base64",
+            ));
+        }
         let def = wf.into_definition(PathBuf::from(name));
         problems.extend(def.check().into_iter().map(|p| relocate(p, name, &def)));
         if problems.is_empty() { Ok(def) } else { Err(Problems(problems)) }
@@ -143,6 +173,8 @@ impl Workflow {
 
     /// The definition this workflow describes, as if loaded from `source`.
     pub fn into_definition(self, source: PathBuf) -> JobDefinition {
+        let model_file =
+            self.model_file.as_ref().and_then(|f| decode(f).map(|bytes| crate::definition::ModelFile::new(f.name.clone(), bytes)));
         JobDefinition {
             folder: source,
             job: self.job,
@@ -150,7 +182,7 @@ impl Workflow {
             data_spec: self.data_spec,
             model_spec: self.model_spec,
             datasets: self.datasets,
-            model_file: None,
+            model_file,
         }
     }
 
@@ -179,6 +211,14 @@ impl Workflow {
             let path = dir.join(&name);
             let text = serde_json::to_string_pretty(&value).unwrap_or_default() + "\n";
             std::fs::write(&path, text).map_err(|e| fail(path.display().to_string(), format!("cannot write: {e}")))?;
+        }
+        if let Some(f) = &self.model_file {
+            let plain = !f.name.is_empty() && !f.name.contains('/') && !f.name.contains('\\') && !f.name.starts_with('.');
+            let bytes = decode(f).filter(|_| plain).ok_or_else(|| {
+                fail("#/modelFile".into(), format!("the model file '{}' needs a plain file name and base64 bytes", f.name))
+            })?;
+            let path = dir.join(&f.name);
+            std::fs::write(&path, bytes).map_err(|e| fail(path.display().to_string(), format!("cannot write: {e}")))?;
         }
         Ok(())
     }
@@ -226,6 +266,30 @@ mod tests {
             let again = JobDefinition::load(&folder).unwrap_or_else(|p| panic!("{name}: {p}"));
             assert_eq!(Workflow::from_definition(&again), wf, "{name}: folder form keeps every field");
         }
+    }
+
+    #[test]
+    fn a_model_file_travels_inside_the_single_file() {
+        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/torchscript-digits");
+        let def = JobDefinition::load(&example).expect("example");
+        let original = def.model_file.clone().expect("model.pt");
+        let wf = Workflow::from_definition(&def);
+        assert_eq!(wf.model_file.as_ref().map(|f| f.name.as_str()), Some("model.pt"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("wf.json");
+        std::fs::write(&file, serde_json::to_string(&wf).expect("json")).expect("write");
+        let from_file = Workflow::load(&file).unwrap_or_else(|p| panic!("{p}"));
+        assert_eq!(from_file.model_file.as_ref().map(|f| &f.sha256), Some(&original.sha256), "the same bytes");
+        assert!(crate::compile::compile(&from_file).is_ok(), "and it compiles to a TorchScript job");
+        let folder = dir.path().join("folder");
+        wf.write_folder(&folder).expect("folder");
+        assert_eq!(std::fs::read(folder.join("model.pt")).expect("written"), *original.bytes);
+        // Bytes that are not base64 are named.
+        let mut bad = wf.clone();
+        bad.model_file = Some(EmbeddedFile { name: "model.pt".into(), base64: "not base64!".into() });
+        std::fs::write(&file, serde_json::to_string(&bad).expect("json")).expect("write");
+        let err = Workflow::load(&file).expect_err("bad base64");
+        assert!(err.0.iter().any(|p| p.path.ends_with("#/modelFile/base64")), "{err}");
     }
 
     #[test]

@@ -127,3 +127,86 @@ async fn engine_and_four_workers_complete_the_digits_job() {
     let weights = flame_workers::weights::decode(&bytes).expect("safetensors");
     assert_eq!(weights["fc1.weight"].shape, vec![32, 64]);
 }
+
+/// A user's PyTorch model in distributed mode: the engine puts the model file
+/// into the JetStream object store, trainers fetch it from there, the
+/// aggregator is the build without libtorch (it averages the TorchScript
+/// model's tensors but cannot run it), so the figures come from the trainers'
+/// federated evaluation; `flamectl model get` reads the model back through
+/// NATS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torchscript_job_runs_distributed_with_an_aggregator_without_libtorch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A NATS server of its own: no other test's workers can take these tasks.
+    let server = crate::util::Nats::start(crate::util::free_port(), &dir.path().join("js"));
+    let (nats, mongo) = (server.url.clone(), mongo_uri());
+    let suffix = unique();
+    let db = format!("flame_ts_{suffix}");
+    let mut procs = Processes::default();
+    for (id, roles, realm) in [
+        ("agg", "aggregator", "default"),
+        ("t0", "trainer", "default/site1"),
+        ("t1", "trainer", "default/site2"),
+        ("t2", "trainer", "default/site3"),
+    ] {
+        let program = if roles == "aggregator" { bin("flame-worker-aggregator") } else { bin("flame-worker") };
+        procs.spawn(
+            Command::new(program)
+                .args(["--nats", &nats, "--id", &format!("{id}-{suffix}"), "--roles", roles, "--realm", realm])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null()),
+        );
+    }
+    let out = Command::new(bin("flame-engine"))
+        .args(["run", "--mongo", &mongo, "--db", &db, "--nats", &nats, "--job", "examples/torchscript-digits"])
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("flame-engine");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "flame-engine: {text} {}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_str(text.trim()).expect("one JSON summary");
+    assert_eq!(summary["state"], "completed", "{summary}");
+    assert!(summary["metrics"].as_object().is_none_or(|m| m.is_empty()), "the aggregator cannot evaluate a TorchScript model: {summary}");
+    let job = summary["job_id"].as_str().expect("job");
+
+    // The trainers evaluated every round's model; the last round's mean is the job's figure.
+    let client = mongodb::Client::with_uri_str(&mongo).await.expect("mongo");
+    let docs: Vec<Document> = client
+        .database(&db)
+        .collection::<Document>("events")
+        .find(doc! {"stream": format!("job-{job}"), "type": "ModelEvaluated"})
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("cursor");
+    assert_eq!(docs.len(), 15, "3 trainers x 5 rounds");
+    let last: Vec<f64> = docs
+        .iter()
+        .map(|d| d.get_document("payload").expect("payload"))
+        .filter(|p| p.get_i64("round").map(|r| r == 5).unwrap_or_else(|_| p.get_i32("round") == Ok(5)))
+        .map(|p| p.get_document("metrics").expect("metrics").get_f64("accuracy").expect("accuracy"))
+        .collect();
+    assert_eq!(last.len(), 3);
+    assert!(last.iter().all(|a| *a > 0.9), "federated accuracy of the last model: {last:?}");
+
+    // The model file and the trained model are in the object store; flamectl gets the module back through NATS.
+    let file = std::fs::read(root().join("examples/torchscript-digits/model.pt")).expect("model.pt");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.expect("nats"));
+    let blobs = NatsBlobs::new(&js).await.expect("object store");
+    assert_eq!(blobs.get(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&file))).await.expect("the model file"), file);
+    let exported = dir.path().join("trained.pt");
+    // The job's database named in the store URL's path (mongodb://HOST:PORT/DB?...).
+    let store = mongo.replacen("/?", &format!("/{db}?"), 1);
+    let got = Command::new(bin("flamectl"))
+        .args(["model", "get", job, "--store", &store, "--nats", &nats, "--format", "torchscript", "-o"])
+        .arg(&exported)
+        .output()
+        .expect("flamectl");
+    assert!(got.status.success(), "flamectl model get: {}", String::from_utf8_lossy(&got.stderr));
+    let final_model = summary["final_model"].as_str().expect("final");
+    let trained = flame_workers::weights::decode_state(&blobs.get(final_model).await.expect("final model")).expect("state");
+    let module = flame_torchscript::Archive::read(std::fs::read(&exported).expect("exported")).expect("a TorchScript archive");
+    assert_eq!(flame_workers::archive::state_of(&module).expect("state"), trained, "the module holds the trained weights");
+}

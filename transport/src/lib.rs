@@ -3,6 +3,7 @@
 //! the outbox relay that publishes committed events to JetStream
 //! ([`relay`]). Workers link this and the event vocabulary, no database driver.
 
+pub mod blob;
 pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};

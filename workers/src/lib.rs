@@ -3,7 +3,8 @@
 
 pub mod aggregate;
 pub mod archive;
-pub mod blob;
+/// Model blobs (in `flame-transport`, where the engine reaches them too).
+pub use flame_transport::blob;
 pub mod control;
 pub mod coordinate;
 pub mod data;

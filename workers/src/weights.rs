@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use safetensors::tensor::{Dtype, TensorView};
-use sha2::{Digest, Sha256};
 
 /// One named tensor: shape and row-major f32 data.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,10 +76,7 @@ pub enum Error {
     Mismatch(String),
 }
 
-/// The sha256 of bytes, as lower-case hex (a blob's address).
-pub fn digest(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+pub use flame_transport::blob::digest;
 
 /// Encodes weights as safetensors bytes (deterministic for equal weights).
 pub fn encode(weights: &Weights) -> Result<Vec<u8>, Error> {

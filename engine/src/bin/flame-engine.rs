@@ -128,7 +128,9 @@ async fn connect(c: &Connect) -> anyhow::Result<Engine> {
     let relay = tokio::spawn(relay.run(Duration::from_millis(100), async move {
         let _ = relay_stopped.await;
     }));
-    let runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default());
+    // Model files that definitions bring (TorchScript modules) go to the object store the workers read.
+    let blobs = flame_transport::blob::NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
+    let runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default()).with_blobs(Arc::new(blobs));
     Ok(Engine { store, runner, stop_relay, relay })
 }
 

@@ -7,7 +7,11 @@ use async_nats::jetstream::{self, object_store};
 use async_trait::async_trait;
 use tokio::io::AsyncReadExt;
 
-use crate::weights::digest;
+/// The sha256 of bytes, as lower-case hex (a blob's address).
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
 
 /// The object store bucket holding model blobs.
 pub const BUCKET: &str = "flame-models";
