@@ -5,6 +5,7 @@
 #   scripts/bench.sh flower    FedAvg vs Flower's numpy FedAvg and a memory-bandwidth baseline (flwr in .deps/flower)
 #   scripts/bench.sh drift     FedAvg vs SCAFFOLD vs FedDyn on label-skewed digits (scripts/drift.sh)
 #   scripts/bench.sh kernels   training time and result, native vs portable CPU kernels (5 runs each, alternating)
+#   scripts/bench.sh torchscript  training throughput of a TorchScript module: the worker's loop vs PyTorch's Python loop (5 runs each, alternating)
 #   scripts/bench.sh worker-rss  idle resident memory of flame-worker, full and aggregator-only (no libtorch) release builds
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -46,5 +47,25 @@ for model in sorted({m for m, _ in runs}):
     print(f"{model}: native {mn:.3f} s, portable {mp:.3f} s (x{mp / mn:.2f}); digests stable across runs: native {same(n)}, portable {same(p)}")
 PY
     ;;
-  *) echo "usage: $0 store|rounds|flower|drift|kernels|worker-rss" >&2; exit 2 ;;
+  torchscript)
+    # The example's CNN with BatchNorm on its digits images, 20 epochs of batch 32 per run.
+    py="$(bash scripts/torch-venv.sh)"
+    cargo build -q --release -p flame-workers --bench torchscript
+    bench=$(ls -t target/release/deps/torchscript-* | grep -v '\.d$' | head -n 1)
+    ex=examples/torchscript-digits
+    for i in 1 2 3 4 5; do
+      "$bench" "$ex/model.pt" "$ex/digits.npz" 20 32
+      "$py" scripts/bench_torchscript.py "$ex/model.pt" "$ex/digits.npz" 20 32
+    done | tee target/bench-torchscript.txt
+    python3 - target/bench-torchscript.txt <<'PY'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    f = dict(kv.split("=", 1) for kv in line.split())
+    runs.setdefault(f["loop"], []).append(float(f["samples_per_s"]))
+r, p = statistics.median(runs["rust"]), statistics.median(runs["python"])
+print(f"worker (tch) {r:.0f} samples/s, PyTorch's Python loop {p:.0f} samples/s: ratio {r / p:.2f} (medians of {len(runs['rust'])} alternating runs)")
+PY
+    ;;
+  *) echo "usage: $0 store|rounds|flower|drift|kernels|torchscript|worker-rss" >&2; exit 2 ;;
 esac
