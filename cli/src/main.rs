@@ -547,15 +547,19 @@ fn print_summary(
             let head = if federated { format!("  {:>12}  {:>8}", "fed accuracy", "fed loss") } else { String::new() };
             outln!("{:>5}  {:>8}  {:>8}  {:>7}  {:>7}{head}", "round", "accuracy", "loss", "updates", "seconds")?;
             for r in rounds {
-                let metric = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
-                let fed = |k: &str| r.federated.get(k).copied().unwrap_or(f64::NAN);
+                // A figure the round does not have (accuracy of a regression) shows as "-".
+                let num = |v: Option<&f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
                 let seconds = r.seconds().unwrap_or(f64::NAN);
-                let tail = if federated { format!("  {:>12.4}  {:>8.4}", fed("accuracy"), fed("loss")) } else { String::new() };
+                let tail = if federated {
+                    format!("  {:>12}  {:>8}", num(r.federated.get("accuracy")), num(r.federated.get("loss")))
+                } else {
+                    String::new()
+                };
                 outln!(
-                    "{:>5}  {:>8.4}  {:>8.4}  {:>7}  {:>7.2}{tail}",
+                    "{:>5}  {:>8}  {:>8}  {:>7}  {:>7.2}{tail}",
                     r.round,
-                    metric("accuracy"),
-                    metric("loss"),
+                    num(r.metrics.get("accuracy")),
+                    num(r.metrics.get("loss")),
                     r.inputs.len(),
                     seconds
                 )?;
@@ -566,6 +570,8 @@ fn print_summary(
             outln!("rounds completed: {}/{}", job.rounds_completed, job.total_rounds())?;
             if let Some(acc) = job.metrics.get("accuracy") {
                 outln!("final test accuracy: {acc:.4}")?;
+            } else if let Some(loss) = job.metrics.get("loss") {
+                outln!("final test loss: {loss:.4}")?;
             }
             outln!("final model: sha256:{} ({} kernels)", job.global_model.clone().unwrap_or_default(), Kernels::current().name())?;
             outln!("events: {} in {store} (flamectl events {} --store {store})", events.len(), job.job_id)?;

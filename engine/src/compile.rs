@@ -111,6 +111,16 @@ pub fn settings(def: &JobDefinition, trainers: usize) -> Result<Settings, Vec<Pr
             })
             .ok()
     };
+    if let (Some(m), Some(t)) = (&model, &training)
+        && !matches!(m, Model::TorchScript { .. })
+        && !t.loss.is_classification()
+    {
+        problems.push(problem(
+            format!("{file}#/hyperparameters/loss"),
+            format!("the built-in model '{}' is a classifier; the {} loss needs your own model", m.name(), t.loss.name()),
+            "use baseModel {\"name\": \"torchscript\", \"file\": \"model.pt\"} for regression or multi-label outputs",
+        ));
+    }
     match (model, optimizer, selection, training) {
         (Some(model), Some(optimizer), Some(selection), Some(training)) if problems.is_empty() => {
             Ok(Settings { model, optimizer, selection, training })
@@ -269,6 +279,10 @@ mod tests {
         let problems = settings(&unknown, 3).expect_err("unknown model");
         assert_eq!(problems[0].path, "modelSpec.json#/baseModel/name");
         assert!(problems[0].hint.contains("mlp, logreg, cnn"), "{problems:?}");
+        let regression = with_model_spec("two-tier", |m| {
+            m.hyperparameters.insert("loss".into(), json!("mse"));
+        });
+        assert_eq!(settings(&regression, 3).expect_err("mse on a classifier")[0].path, "modelSpec.json#/hyperparameters/loss");
         let bad = with_model_spec("two-tier", |m| {
             m.hyperparameters.insert("hidden".into(), json!("wide"));
         });

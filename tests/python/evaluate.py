@@ -5,7 +5,7 @@ prints {"loss": ..., "accuracy": ..., "samples": ...} as JSON.
 
 MODEL is a TorchScript file (torch.jit.load). With --state, the weights come
 from that safetensors file instead (load_state_dict, strict). DATA is a
-safetensors file with tensors x and y. Used by the parity tests.
+safetensors file with tensors x and y (class labels) and/or t (numeric targets). Used by the parity tests.
 """
 import argparse
 import json
@@ -28,7 +28,9 @@ if a.state:
     model.load_state_dict(load_file(a.state), strict=True)
 model.eval()
 data = load_file(a.data)
-x, y = data["x"], data["y"]
+x = data["x"]
+# Numeric targets (t) when the data has them, else the class labels (y).
+y = data["t"] if "t" in data else data["y"]
 if a.shape:
     x = x.view(-1, *[int(d) for d in a.shape.split(",")])
 with torch.no_grad():

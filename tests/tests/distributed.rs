@@ -140,6 +140,8 @@ async fn a_torchscript_job_runs_distributed_with_an_aggregator_without_libtorch(
     // A NATS server of its own: no other test's workers can take these tasks.
     let server = crate::util::Nats::start(crate::util::free_port(), &dir.path().join("js"));
     let (nats, mongo) = (server.url.clone(), mongo_uri());
+    // Workers and the engine exit if NATS is not up yet: wait for it.
+    drop(crate::util::connect(&nats).await);
     let suffix = unique();
     let db = format!("flame_ts_{suffix}");
     let mut procs = Processes::default();

@@ -377,3 +377,47 @@ fn local_buffers_keep_each_trainers_batchnorm_statistics_fedbn() {
     let (central, federated) = (last["metrics"]["loss"].as_f64().expect("loss"), last["federated"]["loss"].as_f64().expect("fed loss"));
     assert!((central - federated).abs() > 1e-6, "FedBN's local statistics change the evaluation: {central} vs {federated}");
 }
+
+#[test]
+fn a_regression_model_on_csv_and_parquet_tables_and_pytorch_agrees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = "examples/torchscript-regression";
+    let summary = run(example, dir.path());
+    assert_eq!(summary["state"], "completed", "{summary}");
+    let loss = summary["metrics"]["loss"].as_f64().expect("mse");
+    assert!(summary["metrics"].get("accuracy").is_none(), "a regression has no accuracy: {summary}");
+    let first = summary["rounds"][0]["metrics"]["loss"].as_f64().expect("round 1");
+    assert!(loss < 0.1 && loss < first / 10.0, "the mean squared error fell from {first} to {loss}");
+    let job = summary["job_id"].as_str().expect("job");
+    let store = format!("sqlite:{}/events.db", dir.path().display());
+    let scripted = dir.path().join("regressor.pt");
+    let got = flamectl(&[
+        "model",
+        "get",
+        job,
+        "--store",
+        &store,
+        "--blobs",
+        dir.path().join("blobs").to_str().expect("utf8"),
+        "-o",
+        scripted.to_str().expect("utf8"),
+        "--format",
+        "torchscript",
+    ]);
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    let Some(py) = torch_python("PyTorch evaluates the exported regression model as the platform did") else { return };
+    // The aggregator evaluated on the first site's dataset: the Parquet table's held-out rows.
+    let url = format!("{}/{example}/table.parquet?label=price&part=0&of=3", root().display());
+    let test = flame_workers::data::load(&url).expect("table").test;
+    let data = dir.path().join("test.safetensors");
+    std::fs::write(&data, flame_workers::data::encode(&test).expect("encode")).expect("write");
+    let torch: Value = serde_json::from_str(&python(
+        &py,
+        "evaluate.py",
+        &[scripted.to_str().expect("utf8"), data.to_str().expect("utf8"), "--loss", "mse"],
+    ))
+    .expect("json");
+    let theirs = torch["loss"].as_f64().expect("loss");
+    assert!((loss - theirs).abs() < 1e-4, "the platform reported MSE {loss}, PyTorch computes {theirs}");
+    assert_eq!(torch["samples"], 300);
+}

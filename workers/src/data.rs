@@ -79,7 +79,7 @@ fn parse_csv(url: &str, text: &str, scale: f32) -> Result<Split, Error> {
         y.push(*label as i64);
     }
     let features = features.ok_or_else(|| Error::Read { url: url.into(), reason: "no rows".into() })?;
-    Ok(Split { x, y, features, shape: Vec::new() })
+    Ok(Split::classes(x, y, features))
 }
 
 fn query(url: &str, q: &str, key: &str) -> Result<Option<usize>, Error> {
@@ -179,7 +179,21 @@ fn read(url: &str) -> Result<Data, Error> {
         held_out(arrays(url, x, y)?)
     } else if path.ends_with(".csv") {
         let text = String::from_utf8(read(path)?).map_err(|_| Error::Read { url: url.into(), reason: "not UTF-8 text".into() })?;
-        held_out(parse_csv(url, &text, 1.0)?)
+        match labels(q) {
+            // A header row and named label columns: `table.csv?label=price`.
+            Some(labels) => held_out(table(url, &csv_columns(url, &text)?, &labels)?),
+            None => held_out(parse_csv(url, &text, 1.0)?),
+        }
+    } else if path.ends_with(".parquet") {
+        let labels = labels(q).ok_or_else(|| Error::Url {
+            url: url.into(),
+            reason: "name the label column(s) of a Parquet table: table.parquet?label=price".into(),
+        })?;
+        held_out(table(
+            url,
+            &crate::tables::parquet_columns(&read(path)?).map_err(|reason| Error::Read { url: url.into(), reason })?,
+            &labels,
+        )?)
     } else {
         return Err(Error::Url {
             url: url.into(),
@@ -187,6 +201,63 @@ fn read(url: &str) -> Result<Data, Error> {
         });
     };
     deal(url, q, data)
+}
+
+/// The label columns a table URL names (`label=price` or `label=a,b`).
+fn labels(q: &str) -> Option<Vec<String>> {
+    q.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == "label").map(|(_, v)| v.split(',').map(str::to_string).collect())
+}
+
+/// A CSV file with a header row, as named numeric columns.
+fn csv_columns(url: &str, text: &str) -> Result<Vec<(String, Vec<f64>)>, Error> {
+    let bad = |reason: String| Error::Read { url: url.into(), reason };
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let (_, header) = lines.next().ok_or_else(|| bad("the file is empty".into()))?;
+    let names: Vec<String> = header.split(',').map(|n| n.trim().trim_matches('"').to_string()).collect();
+    let mut columns: Vec<(String, Vec<f64>)> = names.iter().map(|n| (n.clone(), Vec::new())).collect();
+    for (i, line) in lines {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cells.len() != names.len() {
+            return Err(bad(format!("line {} has {} columns, the header {}", i + 1, cells.len(), names.len())));
+        }
+        for ((name, column), cell) in columns.iter_mut().zip(cells) {
+            let v = cell.trim_matches('"').parse::<f64>().map_err(|_| {
+                bad(format!(
+                    "line {}, column '{name}': '{cell}' is not a number (fill or drop missing values; encode categories as numbers)",
+                    i + 1
+                ))
+            })?;
+            column.push(v);
+        }
+    }
+    Ok(columns)
+}
+
+/// Rows from named columns: the label columns are the targets (and the class
+/// labels when there is one of whole numbers >= 0), the others the features.
+fn table(url: &str, columns: &[(String, Vec<f64>)], labels: &[String]) -> Result<Split, Error> {
+    let bad = |reason: String| Error::Read { url: url.into(), reason };
+    let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some(missing) = labels.iter().find(|l| !names.contains(&l.as_str())) {
+        return Err(bad(format!("no column '{missing}'; the columns are {}", names.join(", "))));
+    }
+    let (target_cols, feature_cols): (Vec<_>, Vec<_>) = columns.iter().partition(|(n, _)| labels.contains(n));
+    let rows = columns.first().map_or(0, |(_, c)| c.len());
+    if feature_cols.is_empty() || rows == 0 {
+        return Err(bad(format!("{rows} rows and {} feature columns: nothing to train on", feature_cols.len())));
+    }
+    // Targets in the order the URL names them.
+    let target_cols: Vec<&(String, Vec<f64>)> = labels.iter().filter_map(|l| target_cols.iter().find(|(n, _)| n == l).copied()).collect();
+    let x = (0..rows).flat_map(|r| feature_cols.iter().map(move |(_, c)| c[r] as f32)).collect();
+    let targets: Vec<f32> = (0..rows).flat_map(|r| target_cols.iter().map(move |(_, c)| c[r] as f32)).collect();
+    if let Some(at) = targets.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!("label '{}' of row {} is {}", target_cols[at % target_cols.len()].0, at / target_cols.len(), targets[at])));
+    }
+    let y = match &target_cols[..] {
+        [(_, c)] if c.iter().all(|v| v.fract() == 0.0 && *v >= 0.0) => c.iter().map(|v| *v as i64).collect(),
+        _ => Vec::new(),
+    };
+    Ok(Split { y, targets, target_width: target_cols.len(), ..Split::classes(x, Vec::new(), feature_cols.len()) })
 }
 
 /// This worker's part of a dataset's training rows (`part=I&of=N`, dealt by
@@ -217,7 +288,14 @@ fn deal(url: &str, q: &str, data: Data) -> Result<Data, Error> {
         }
     };
     let seed = query(url, q, "seed")?.unwrap_or(0) as u64;
-    let mine = crate::partition::deal(&data.train.y, of, part, &scheme, seed);
+    if data.train.y.is_empty() && scheme != Scheme::Iid {
+        return Err(Error::Url {
+            url: url.into(),
+            reason: "label-skewed deals need class labels; these targets are numbers: use split=iid".into(),
+        });
+    }
+    let labels = if data.train.y.is_empty() { vec![0; data.train.len()] } else { data.train.y.clone() };
+    let mine = crate::partition::deal(&labels, of, part, &scheme, seed);
     Ok(Data { train: data.train.select(&mine), ..data })
 }
 
@@ -240,7 +318,7 @@ fn arrays(url: &str, x: crate::numpy::Array, y: crate::numpy::Array) -> Result<S
         .collect::<Result<_, _>>()?;
     let features = shape.iter().product::<usize>().max(1);
     let shape = if shape.len() > 1 { shape.to_vec() } else { Vec::new() };
-    Ok(Split { x: x.values.iter().map(|v| *v as f32).collect(), y: labels, features, shape })
+    Ok(Split { shape, ..Split::classes(x.values.iter().map(|v| *v as f32).collect(), labels, features) })
 }
 
 /// A `.npz` archive with arrays `x` and `y`, and optionally `x_test` and
@@ -280,17 +358,22 @@ fn held_out(all: Split) -> Data {
     Data { train: all.select(&rows[..cut]), test: all.select(&rows[cut..]), classes }
 }
 
-/// A split as a safetensors file of the form [`load`] reads: `x` (F32
-/// [rows, features]) and `y` (I64 [rows]), e.g. to evaluate a model on the
-/// same rows in PyTorch.
+/// A split as a safetensors file: `x` (F32 [rows, features]), `y` (I64
+/// [rows], class labels, when it has them) and `t` (F32 [rows, width],
+/// numeric targets, when it has them), e.g. to evaluate a model on the same
+/// rows in PyTorch. With class labels only, it is a file [`load`] reads.
 pub fn encode(split: &Split) -> Result<Vec<u8>, String> {
     use safetensors::tensor::{Dtype, TensorView};
     let x: Vec<u8> = split.x.iter().flat_map(|v| v.to_le_bytes()).collect();
     let y: Vec<u8> = split.y.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let views = vec![
-        ("x".to_string(), TensorView::new(Dtype::F32, vec![split.len(), split.features], &x).map_err(|e| e.to_string())?),
-        ("y".to_string(), TensorView::new(Dtype::I64, vec![split.len()], &y).map_err(|e| e.to_string())?),
-    ];
+    let t: Vec<u8> = split.targets.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut views = vec![("x".to_string(), TensorView::new(Dtype::F32, vec![split.len(), split.features], &x).map_err(|e| e.to_string())?)];
+    if !split.y.is_empty() {
+        views.push(("y".to_string(), TensorView::new(Dtype::I64, vec![split.len()], &y).map_err(|e| e.to_string())?));
+    }
+    if split.target_width > 0 {
+        views.push(("t".to_string(), TensorView::new(Dtype::F32, vec![split.len(), split.target_width], &t).map_err(|e| e.to_string())?));
+    }
     safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
@@ -319,7 +402,7 @@ fn safetensors_rows(url: &str, bytes: &[u8]) -> Result<Split, Error> {
     if x.iter().any(|v| !v.is_finite()) {
         return Err(bad("tensor 'x' holds NaN or infinite values".into()));
     }
-    Ok(Split { x, y: labels, features, shape: Vec::new() })
+    Ok(Split::classes(x, labels, features))
 }
 
 #[cfg(test)]
@@ -452,6 +535,39 @@ mod tests {
         std::fs::write(dir.path().join("sitey.npy"), npy("<i8", &[3], vec![0; 24])).expect("y");
         let e = load(dir.path().join("sitex.npy").to_str().expect("utf8")).expect_err("rows").to_string();
         assert!(e.contains("'x' has 20 rows"), "{e}");
+    }
+
+    #[test]
+    fn tables_with_named_labels_load_from_csv_and_parquet_alike() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/torchscript-regression");
+        let csv = load(&format!("{example}/table.csv?label=price")).expect("csv");
+        let parquet = load(&format!("{example}/table.parquet?label=price")).expect("parquet");
+        assert_eq!((csv.train.len(), csv.test.len(), csv.train.features, csv.train.target_width), (1200, 300, 8, 1));
+        assert!(csv.train.y.is_empty(), "prices are not class numbers");
+        // The CSV holds the Parquet file's values to 6 decimals.
+        for (a, b) in csv.train.x.iter().zip(&parquet.train.x).chain(csv.train.targets.iter().zip(&parquet.train.targets)) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Parts of a table, IID; label-skewed deals need class labels.
+        let parts: Vec<Data> = (0..3).map(|i| load(&format!("{example}/table.parquet?label=price&part={i}&of=3")).expect("part")).collect();
+        assert_eq!(parts.iter().map(|p| p.train.len()).sum::<usize>(), 1200);
+        let e = load(&format!("{example}/table.csv?label=price&part=0&of=3&split=shards")).expect_err("shards").to_string();
+        assert!(e.contains("split=iid"), "{e}");
+        // Several targets, a missing column, a missing value.
+        let two = load(&format!("{example}/table.csv?label=price,income")).expect("two targets");
+        assert_eq!((two.train.target_width, two.train.features), (2, 7));
+        let e = load(&format!("{example}/table.parquet?label=cost")).expect_err("no such column").to_string();
+        assert!(e.contains("no column 'cost'") && e.contains("price"), "{e}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "a,b,label\n1,2,0\n3,,1\n").expect("write");
+        let e = load(&format!("{}?label=label", path.display())).expect_err("empty cell").to_string();
+        assert!(e.contains("line 3, column 'b'"), "{e}");
+        std::fs::write(&path, "a,b,label\n1,2,0\n3,4,1\n5,6,2\n7,8,1\n9,10,0\n").expect("write");
+        let classes = load(&format!("{}?label=label", path.display())).expect("classes");
+        assert_eq!((classes.train.y.clone(), classes.classes), (vec![0, 1, 2, 1], 3), "whole numbers serve as class labels too");
+        assert!(load(path.to_str().expect("utf8")).is_err(), "without label= the header is not a row of numbers");
+        assert!(load(&format!("{example}/table.parquet")).expect_err("label").to_string().contains("label=price"));
     }
 
     #[test]

@@ -49,10 +49,22 @@ pub(crate) fn inputs(split: &Split, shape: &[usize]) -> Result<TchTensor, Error>
     Ok(TchTensor::from_slice(&split.x).view(dims.as_slice()))
 }
 
-/// The targets a loss compares outputs with: class numbers, or the labels as numbers.
-pub(crate) fn targets(split: &Split, loss: Loss) -> TchTensor {
-    let y = TchTensor::from_slice(&split.y);
-    if loss.is_classification() { y } else { y.to_kind(Kind::Float) }
+/// The targets a loss compares outputs with: class numbers for
+/// cross-entropy; for the other losses the numeric targets (`[rows, width]`),
+/// or the class labels as numbers when the data has only those.
+pub(crate) fn targets(split: &Split, loss: Loss) -> Result<TchTensor, Error> {
+    if loss.is_classification() {
+        if split.y.is_empty() && !split.is_empty() {
+            return Err(Error::Config(
+                "cross-entropy needs class labels (whole numbers 0, 1, 2, ...); this data's targets are other numbers: use loss mse".into(),
+            ));
+        }
+        return Ok(TchTensor::from_slice(&split.y));
+    }
+    if split.target_width > 0 {
+        return Ok(TchTensor::from_slice(&split.targets).view([split.len() as i64, split.target_width as i64]));
+    }
+    Ok(TchTensor::from_slice(&split.y).to_kind(Kind::Float))
 }
 
 /// Checks that a model's output fits the loss and the labels, on a batch's output.

@@ -24,6 +24,7 @@ pub mod runtime;
 pub mod script;
 pub mod split;
 pub mod synthetic;
+pub mod tables;
 pub mod weights;
 
 pub use runtime::Worker;

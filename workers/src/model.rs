@@ -455,7 +455,7 @@ impl Net {
         }
         let mut params: Vec<(String, TchTensor)> = self.vs.variables().into_iter().collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        let (x, y) = (crate::fit::inputs(data, &[])?, crate::fit::targets(data, settings.loss));
+        let (x, y) = (crate::fit::inputs(data, &[])?, crate::fit::targets(data, settings.loss)?);
         crate::fit::fit(&self.vs, &params, &|bx| Ok(self.forward(bx)), &x, &y, settings, seed, correction)
     }
 

@@ -56,7 +56,7 @@ impl ScriptNet {
     pub fn check(&mut self, data: &Split) -> Result<(), Error> {
         let rows: Vec<usize> = (0..data.len().min(8)).collect();
         let sample = data.select(&rows);
-        let (x, y) = (crate::fit::inputs(&sample, self.shape(&sample))?, crate::fit::targets(&sample, self.loss));
+        let (x, y) = (crate::fit::inputs(&sample, self.shape(&sample))?, crate::fit::targets(&sample, self.loss)?);
         self.module.set_eval();
         let out = tch::no_grad(|| self.forward(&x));
         self.module.set_train();
@@ -89,7 +89,7 @@ impl ScriptNet {
 impl Trainer for ScriptNet {
     fn train(&mut self, data: &Split, settings: &TrainSettings, seed: u64, correction: Option<&Weights>) -> Result<Metrics, Error> {
         self.check(data)?;
-        let (x, y) = (crate::fit::inputs(data, self.shape(data))?, crate::fit::targets(data, settings.loss));
+        let (x, y) = (crate::fit::inputs(data, self.shape(data))?, crate::fit::targets(data, settings.loss)?);
         self.module.set_train();
         let forward = |bx: &TchTensor| self.forward(bx);
         crate::fit::fit(&self.vs, &self.params, &forward, &x, &y, settings, seed, correction)
@@ -115,7 +115,7 @@ impl ScriptNet {
         if data.is_empty() {
             return Ok(Metrics::new());
         }
-        let (x, y) = (crate::fit::inputs(data, self.shape(data))?, crate::fit::targets(data, self.loss));
+        let (x, y) = (crate::fit::inputs(data, self.shape(data))?, crate::fit::targets(data, self.loss)?);
         self.module.set_eval();
         let out = tch::no_grad(|| self.forward(&x));
         self.module.set_train();

@@ -44,7 +44,7 @@ pub fn fedprox(alpha: f64, beta: f64, device: usize, seed: u64) -> Data {
         x.extend(row.iter().map(|v| *v as f32));
         y.push(label as i64);
     }
-    let all = Split { x, y, features: FEATURES, shape: Vec::new() };
+    let all = Split::classes(x, y, FEATURES);
     let cut = (n as f64 * 0.9).round() as usize;
     let rows: Vec<usize> = (0..n).collect();
     Data { train: all.select(&rows[..cut]), test: all.select(&rows[cut..]), classes: CLASSES }
