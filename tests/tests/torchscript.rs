@@ -55,6 +55,26 @@ fn events(job: &str, data: &Path) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("line")).collect()
 }
 
+/// `flamectl model get` from an embedded run's folder.
+fn model_get(job: &str, data: &Path, out: &Path, format: &str) {
+    let store = format!("sqlite:{}/events.db", data.display());
+    let blobs = data.join("blobs");
+    let got = flamectl(&[
+        "model",
+        "get",
+        job,
+        "--store",
+        &store,
+        "--blobs",
+        blobs.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+        "--format",
+        format,
+    ]);
+    assert!(got.status.success(), "model get --format {format}: {}", String::from_utf8_lossy(&got.stderr));
+}
+
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
 }
@@ -109,22 +129,8 @@ fn a_pytorch_cnn_with_batchnorm_trains_exports_and_pytorch_agrees() {
     let safetensors = dir.path().join("final.safetensors");
     let scripted = dir.path().join("final.pt");
     let store = format!("sqlite:{}/events.db", dir.path().display());
-    let blobs = dir.path().join("blobs");
     for (out, format) in [(&safetensors, "safetensors"), (&scripted, "torchscript")] {
-        let got = flamectl(&[
-            "model",
-            "get",
-            job,
-            "--store",
-            &store,
-            "--blobs",
-            blobs.to_str().expect("utf8"),
-            "-o",
-            out.to_str().expect("utf8"),
-            "--format",
-            format,
-        ]);
-        assert!(got.status.success(), "model get --format {format}: {}", String::from_utf8_lossy(&got.stderr));
+        model_get(job, dir.path(), out, format);
     }
     assert_eq!(std::fs::read(&safetensors).expect("written"), blob(dir.path(), digest));
     let exported = flame_torchscript::Archive::read(std::fs::read(&scripted).expect("written")).expect("an archive");
@@ -389,22 +395,8 @@ fn a_regression_model_on_csv_and_parquet_tables_and_pytorch_agrees() {
     let first = summary["rounds"][0]["metrics"]["loss"].as_f64().expect("round 1");
     assert!(loss < 0.1 && loss < first / 10.0, "the mean squared error fell from {first} to {loss}");
     let job = summary["job_id"].as_str().expect("job");
-    let store = format!("sqlite:{}/events.db", dir.path().display());
     let scripted = dir.path().join("regressor.pt");
-    let got = flamectl(&[
-        "model",
-        "get",
-        job,
-        "--store",
-        &store,
-        "--blobs",
-        dir.path().join("blobs").to_str().expect("utf8"),
-        "-o",
-        scripted.to_str().expect("utf8"),
-        "--format",
-        "torchscript",
-    ]);
-    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    model_get(job, dir.path(), &scripted, "torchscript");
     let Some(py) = torch_python("PyTorch evaluates the exported regression model as the platform did") else { return };
     // The aggregator evaluated on the first site's dataset: the Parquet table's held-out rows.
     let url = format!("{}/{example}/table.parquet?label=price&part=0&of=3", root().display());

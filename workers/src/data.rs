@@ -482,16 +482,8 @@ mod tests {
         assert!(load(path.to_str().expect("utf8")).expect_err("nan").to_string().contains("NaN"));
     }
 
-    /// A .npy file's bytes for an f32 or i64 array.
     fn npy(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
-        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-        let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-        let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend((header.len() as u16).to_le_bytes());
-        out.extend(header.as_bytes());
-        out.extend(data);
-        out
+        crate::numpy::tests_support::npy(descr, shape, &data)
     }
 
     #[test]

@@ -90,11 +90,13 @@ pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, Array)>, String> {
     Ok(out)
 }
 
+/// Writing `.npy` bytes, for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+pub(crate) mod tests_support {
+    /// A `.npy` file (format 1.0, C order) of `data` with this dtype and shape, its header padded as NumPy pads it.
+    pub(crate) fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+        let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
         let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
         while (10 + header.len() + 1) % 64 != 0 {
             header.push(' ');
@@ -106,24 +108,31 @@ mod tests {
         out.extend(data);
         out
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::tests_support::npy;
 
     #[test]
     fn reads_numbers_of_every_kind_in_c_order() {
         let f: Vec<u8> = [1.5f32, -2.0, 0.25, 4.0, 5.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(read_npy(&npy("<f4", "(2, 3)", &f)), Ok(Array { shape: vec![2, 3], values: vec![1.5, -2.0, 0.25, 4.0, 5.0, 6.0] }));
-        assert_eq!(read_npy(&npy("|u1", "(3,)", &[0, 7, 255])).expect("u1").values, vec![0.0, 7.0, 255.0]);
+        assert_eq!(read_npy(&npy("<f4", &[2, 3], &f)), Ok(Array { shape: vec![2, 3], values: vec![1.5, -2.0, 0.25, 4.0, 5.0, 6.0] }));
+        assert_eq!(read_npy(&npy("|u1", &[3], &[0, 7, 255])).expect("u1").values, vec![0.0, 7.0, 255.0]);
         let i: Vec<u8> = [-3i64, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(read_npy(&npy("<i8", "(2,)", &i)).expect("i8").values, vec![-3.0, 9.0]);
-        assert_eq!(read_npy(&npy("|b1", "(2,)", &[1, 0])).expect("bool").values, vec![1.0, 0.0]);
+        assert_eq!(read_npy(&npy("<i8", &[2], &i)).expect("i8").values, vec![-3.0, 9.0]);
+        assert_eq!(read_npy(&npy("|b1", &[2], &[1, 0])).expect("bool").values, vec![1.0, 0.0]);
     }
 
     #[test]
     fn refuses_what_it_cannot_read_and_says_why() {
         assert!(read_npy(b"PK\x03\x04").expect_err("zip").contains("magic"));
-        assert!(read_npy(&npy("<c8", "(1,)", &[0; 8])).expect_err("complex").contains("<c8"));
-        assert!(read_npy(&npy(">f4", "(1,)", &[0; 4])).expect_err("big endian").contains("little-endian"));
-        assert!(read_npy(&npy("<f4", "(4,)", &[0; 8])).expect_err("short").contains("16 bytes"));
-        let mut fortran = npy("<f4", "(1,)", &[0; 4]);
+        assert!(read_npy(&npy("<c8", &[1], &[0; 8])).expect_err("complex").contains("<c8"));
+        assert!(read_npy(&npy(">f4", &[1], &[0; 4])).expect_err("big endian").contains("little-endian"));
+        assert!(read_npy(&npy("<f4", &[4], &[0; 8])).expect_err("short").contains("16 bytes"));
+        let mut fortran = npy("<f4", &[1], &[0; 4]);
         let at = fortran.windows(5).position(|w| w == b"False").expect("False");
         fortran[at..at + 5].copy_from_slice(b"True ");
         assert!(read_npy(&fortran).expect_err("fortran").contains("Fortran"));
