@@ -9,7 +9,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/.deps/torch"
 stamp="$venv/.complete-2.13.0-pyarrow"
 if [ ! -f "$stamp" ]; then
-    echo "torch-venv: installing torch 2.13.0, numpy, safetensors into $venv (about 4.7 GB, cached)" >&2
+    echo "torch-venv: installing torch 2.13.0, numpy, safetensors, pyarrow into $venv (about 4.7 GB, cached)" >&2
     rm -rf "$venv"
     "${PYTHON:-python3}" -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check torch==2.13.0 numpy safetensors pyarrow >&2

@@ -419,7 +419,13 @@ pub async fn watch(job_id: &str, source: &Source) -> anyhow::Result<ExitCode> {
         let s = &v.status;
         rounds.set_length(u64::from(s.rounds_total));
         rounds.set_position(u64::from(s.rounds_completed));
-        let metrics: Vec<String> = s.metrics.iter().filter(|(k, _)| *k != "test_samples").map(|(k, x)| format!("{k} {x:.4}")).collect();
+        let mut metrics: Vec<String> = s.metrics.iter().filter(|(k, _)| *k != "test_samples").map(|(k, x)| format!("{k} {x:.4}")).collect();
+        // Federated evaluation: the latest round the trainers evaluated.
+        if let Some(r) = v.rounds.iter().rev().find(|r| !r.federated.is_empty()) {
+            metrics.extend(
+                r.federated.iter().filter(|(k, _)| *k != "test_samples").map(|(k, x)| format!("fed {k} {x:.4} (round {})", r.round)),
+            );
+        }
         rounds.set_message(format!("{} {}", s.state, metrics.join(" ")));
         let trainers = v.tasks.values().filter(|t| t.dataset.is_some() || t.role == "trainer").count() as u64;
         updates.set_length(trainers);
@@ -450,6 +456,11 @@ pub async fn watch(job_id: &str, source: &Source) -> anyhow::Result<ExitCode> {
     outln!("rounds completed: {}/{}", s.rounds_completed, s.rounds_total)?;
     for (k, x) in &s.metrics {
         outln!("{k}: {x:.4}")?;
+    }
+    if let Some(r) = v.rounds.iter().rev().find(|r| !r.federated.is_empty()) {
+        for (k, x) in &r.federated {
+            outln!("federated {k} (round {}): {x:.4}", r.round)?;
+        }
     }
     if let Some(f) = &s.failure {
         outln!("failure: {f}")?;

@@ -35,8 +35,8 @@ fn read_json<T: serde::de::DeserializeOwned>(folder: &Path, name: &str) -> Resul
     })
 }
 
-/// A dataset URL that is a relative path to a file in the job folder
-/// (`digits.npz?part=0&of=3`, `file:data/site1.csv`) names that file by its
+/// A dataset URL that is a relative path to a file or folder in the job folder
+/// (`digits.npz?part=0&of=3`, `file:data/site1.csv`, `images?size=28x28`) names it by its
 /// absolute path, so that workers on this machine find it wherever they
 /// run; other URLs (absolute paths, `builtin://`, paths the folder does not
 /// hold, which workers resolve on their own machines) stay as written.
@@ -47,7 +47,7 @@ fn beside(folder: &Path, url: &str) -> String {
     let (prefix, rest) = url.strip_prefix("file:").map_or(("", url), |r| ("file:", r));
     let (path, query) = rest.split_once('?').map_or((rest, None), |(p, q)| (p, Some(q)));
     let relative = Path::new(path);
-    if path.is_empty() || relative.is_absolute() || !folder.join(relative).is_file() {
+    if path.is_empty() || relative.is_absolute() || !folder.join(relative).exists() {
         return url.to_string();
     }
     let absolute = std::path::absolute(folder.join(relative)).unwrap_or_else(|_| folder.join(relative));
@@ -161,6 +161,9 @@ mod tests {
         let absolute = std::path::absolute(dir.path().join("digits.npz")).expect("absolute");
         assert_eq!(beside(dir.path(), "digits.npz?part=1&of=3"), format!("{}?part=1&of=3", absolute.display()));
         assert_eq!(beside(dir.path(), "file:digits.npz"), format!("file:{}", absolute.display()));
+        std::fs::create_dir(dir.path().join("images")).expect("mkdir");
+        let images = std::path::absolute(dir.path().join("images")).expect("absolute");
+        assert_eq!(beside(dir.path(), "images?size=8x8"), format!("{}?size=8x8", images.display()), "an image folder too");
         for kept in ["builtin://digits?part=0&of=3", "elsewhere.csv", "/data/site.csv", "https://example.org/d.npz"] {
             assert_eq!(beside(dir.path(), kept), kept, "{kept} is the worker's to find");
         }

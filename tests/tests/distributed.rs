@@ -136,6 +136,12 @@ async fn engine_and_four_workers_complete_the_digits_job() {
 /// NATS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torchscript_job_runs_distributed_with_an_aggregator_without_libtorch() {
+    // The CNN's accuracy; the regression's mean squared error.
+    torchscript_distributed("examples/torchscript-digits", 5, |m| m.get_f64("accuracy").expect("accuracy") > 0.9).await;
+    torchscript_distributed("examples/torchscript-regression", 10, |m| m.get_f64("loss").expect("mse") < 0.1).await;
+}
+
+async fn torchscript_distributed(example: &str, rounds: i64, good: impl Fn(&Document) -> bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     // A NATS server of its own: no other test's workers can take these tasks.
     let server = crate::util::Nats::start(crate::util::free_port(), &dir.path().join("js"));
@@ -160,7 +166,7 @@ async fn a_torchscript_job_runs_distributed_with_an_aggregator_without_libtorch(
         );
     }
     let out = Command::new(bin("flame-engine"))
-        .args(["run", "--mongo", &mongo, "--db", &db, "--nats", &nats, "--job", "examples/torchscript-digits"])
+        .args(["run", "--mongo", &mongo, "--db", &db, "--nats", &nats, "--job", example])
         .current_dir(root())
         .env("RUST_LOG", "warn")
         .output()
@@ -183,18 +189,18 @@ async fn a_torchscript_job_runs_distributed_with_an_aggregator_without_libtorch(
         .try_collect()
         .await
         .expect("cursor");
-    assert_eq!(docs.len(), 15, "3 trainers x 5 rounds");
-    let last: Vec<f64> = docs
+    assert_eq!(docs.len() as i64, 3 * rounds, "{example}: 3 trainers, every round");
+    let last: Vec<&Document> = docs
         .iter()
         .map(|d| d.get_document("payload").expect("payload"))
-        .filter(|p| p.get_i64("round").map(|r| r == 5).unwrap_or_else(|_| p.get_i32("round") == Ok(5)))
-        .map(|p| p.get_document("metrics").expect("metrics").get_f64("accuracy").expect("accuracy"))
+        .filter(|p| p.get_i64("round").map(|r| r == rounds).unwrap_or_else(|_| p.get_i32("round") == Ok(rounds as i32)))
+        .map(|p| p.get_document("metrics").expect("metrics"))
         .collect();
     assert_eq!(last.len(), 3);
-    assert!(last.iter().all(|a| *a > 0.9), "federated accuracy of the last model: {last:?}");
+    assert!(last.iter().all(|m| good(m)), "{example}: the trainers' evaluations of the last model: {last:?}");
 
     // The model file and the trained model are in the object store; flamectl gets the module back through NATS.
-    let file = std::fs::read(root().join("examples/torchscript-digits/model.pt")).expect("model.pt");
+    let file = std::fs::read(root().join(example).join("model.pt")).expect("model.pt");
     let js = async_nats::jetstream::new(async_nats::connect(&nats).await.expect("nats"));
     let blobs = NatsBlobs::new(&js).await.expect("object store");
     assert_eq!(blobs.get(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&file))).await.expect("the model file"), file);

@@ -413,3 +413,52 @@ fn a_regression_model_on_csv_and_parquet_tables_and_pytorch_agrees() {
     assert!((loss - theirs).abs() < 1e-4, "the platform reported MSE {loss}, PyTorch computes {theirs}");
     assert_eq!(torch["samples"], 300);
 }
+
+#[test]
+fn a_torchscript_cnn_trains_on_an_image_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = variant(
+        dir.path(),
+        "images",
+        serde_json::json!({"sort": "fedavg", "kwargs": {}}),
+        serde_json::json!({"rounds": 3}),
+        serde_json::json!({"name": "torchscript", "file": "model.pt"}),
+    );
+    // The digits as 8x8 grayscale PNGs in torchvision's layout: images/<class>/<n>.png.
+    let digits = flame_workers::data::load("builtin://digits").expect("digits");
+    let mut n = 0;
+    for split in [&digits.train, &digits.test] {
+        for (row, label) in split.x.chunks(64).zip(&split.y) {
+            let pixels: Vec<u8> = row.iter().map(|v| (v * 255.0).round() as u8).collect();
+            let path = folder.join(format!("images/{label}/{n:04}.png"));
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("class folder");
+            image::GrayImage::from_raw(8, 8, pixels).expect("8x8").save(&path).expect("png");
+            n += 1;
+        }
+    }
+    for i in 0..3 {
+        let path = folder.join(format!("dataset{}.json", i + 1));
+        let mut d: Value = serde_json::from_slice(&std::fs::read(&path).expect("dataset")).expect("json");
+        d["url"] = format!("images?part={i}&of=3&size=8x8").into();
+        std::fs::write(&path, serde_json::to_vec(&d).expect("json")).expect("write");
+    }
+    let summary = run(folder.to_str().expect("utf8"), &dir.path().join("run"));
+    assert_eq!(summary["state"], "completed", "{summary}");
+    let accuracy = summary["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy > 0.9, "accuracy {accuracy} on the held-out fifth of every class");
+    let mut per_class = [0usize; 10];
+    for y in digits.train.y.iter().chain(&digits.test.y) {
+        per_class[*y as usize] += 1;
+    }
+    let held_out: usize = per_class.iter().map(|n| n / 5).sum();
+    assert_eq!(summary["metrics"]["test_samples"], held_out as f64, "every fifth image of each class");
+
+    // An image that does not decode fails the job at deployment, naming the task and the file.
+    std::fs::write(folder.join("images/3/0003.png"), b"not a png").expect("write");
+    let out =
+        flamectl(&["run", folder.to_str().expect("utf8"), "-o", "json", "--data-dir", dir.path().join("bad").to_str().expect("utf8")]);
+    let failed: Value = serde_json::from_slice(&out.stdout).expect("summary");
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let reason = failed["failure"].to_string();
+    assert!(reason.contains("trainer") && reason.contains("0003.png") && reason.contains("cannot decode"), "{reason}");
+}

@@ -124,3 +124,53 @@ impl ScriptNet {
         Ok(tch::no_grad(|| crate::fit::metrics(self.loss, &out, &y, data.len())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flame_events::algorithm::ClientOptimizer;
+
+    fn fixture() -> std::sync::Arc<Archive> {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../torchscript/fixtures/bn.pt")).expect("bn.pt");
+        std::sync::Arc::new(Archive::read(bytes).expect("archive"))
+    }
+
+    #[test]
+    fn multi_label_targets_train_with_bce_and_class_labels_are_refused_for_them() {
+        crate::model::init_backend();
+        let archive = fixture();
+        let state = crate::archive::state_of(&archive).expect("state");
+        // 3 outputs, 3 labels per example: label k is on when pixel block k is bright.
+        let rows = 60;
+        let mut rng = flame_events::rng::SplitMix::new(4);
+        let mut x = Vec::new();
+        let mut targets = Vec::new();
+        for _ in 0..rows {
+            let on: Vec<bool> = (0..3).map(|_| rng.next_u64().is_multiple_of(2)).collect();
+            x.extend((0..64).map(|i| if on[(i / 8) % 3] { 1.0 } else { 0.0 }));
+            targets.extend(on.iter().map(|b| f32::from(u8::from(*b))));
+        }
+        let data = Split { targets, target_width: 3, shape: vec![1, 8, 8], ..Split::classes(x, Vec::new(), 64) };
+        let mut net = ScriptNet::new(archive.clone(), &state, &[], Loss::BceWithLogits).expect("module");
+        let before = net.evaluate_checked(&data).expect("evaluate")["loss"];
+        let settings = TrainSettings {
+            epochs: 30,
+            batch_size: 20,
+            learning_rate: 0.05,
+            loss: Loss::BceWithLogits,
+            optimizer: ClientOptimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+            ..TrainSettings::default()
+        };
+        net.train(&data, &settings, 1, None).expect("train");
+        let after = net.evaluate_checked(&data).expect("evaluate")["loss"];
+        assert!(after < before / 2.0, "binary cross-entropy fell from {before} to {after}");
+        // The buffers moved with training and travel with the state.
+        let trained = net.state().expect("state");
+        assert_ne!(trained.buffers, state.buffers);
+        assert_eq!(trained.counters["bn1.num_batches_tracked"].data, vec![1 + 30 * 3], "one count per batch");
+        // Cross-entropy needs class labels, and these rows have none.
+        let mut ce = ScriptNet::new(archive, &state, &[], Loss::CrossEntropy).expect("module");
+        let e = ce.train(&data, &TrainSettings::default(), 1, None).expect_err("no class labels").to_string();
+        assert!(e.contains("class labels") && e.contains("mse"), "{e}");
+    }
+}
