@@ -10,8 +10,8 @@ use flame_events::algorithm::{ClientOptimizer, Loss};
 use flame_events::job::Metrics;
 use flame_events::rng::SplitMix;
 
-use crate::model::{Error, TrainSettings};
 use crate::split::Split;
+use crate::training::{Error, TrainSettings};
 use crate::weights::Weights;
 
 fn torch(e: tch::TchError) -> Error {

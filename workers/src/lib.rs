@@ -26,6 +26,7 @@ pub mod script;
 pub mod split;
 pub mod synthetic;
 pub mod tables;
+pub mod training;
 pub mod weights;
 
 pub use runtime::Worker;

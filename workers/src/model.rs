@@ -11,27 +11,13 @@ use tch::nn::{self, Module};
 #[cfg(feature = "tch")]
 use tch::{Device, Tensor as TchTensor};
 
-use flame_events::algorithm::{ClientObjective, ClientOptimizer, Loss, Training};
+pub use crate::training::{Error, TrainSettings};
 use flame_events::job::Metrics;
 use flame_events::model::Model;
 
 use crate::split::Split;
 use crate::weights::{State, Tensor, Weights};
 use flame_events::rng::SplitMix;
-
-/// Errors building, loading or training a model.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The model description is not usable.
-    #[error("model: {0}")]
-    Config(String),
-    /// Weights do not fit the model.
-    #[error("weights do not fit the model: {0}")]
-    Weights(String),
-    /// libtorch failed.
-    #[error("libtorch: {0}")]
-    Torch(String),
-}
 
 #[cfg(feature = "tch")]
 fn torch(e: tch::TchError) -> Error {
@@ -123,50 +109,6 @@ impl ModelConfig {
             w.insert(format!("fc{}.bias", i + 1), Tensor { shape: vec![fan_out], data: bias });
         }
         w
-    }
-}
-
-/// Training settings from the job's hyperparameters.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TrainSettings {
-    /// Passes over the local data per round.
-    pub epochs: usize,
-    /// Minibatch size.
-    pub batch_size: usize,
-    /// SGD learning rate.
-    pub learning_rate: f64,
-    /// FedProx's proximal weight: the local loss gains `mu / 2 * ||w - w_global||^2` (0: plain SGD).
-    pub mu: f64,
-    /// The loss minimized.
-    pub loss: Loss,
-    /// The local optimizer.
-    pub optimizer: ClientOptimizer,
-}
-
-impl Default for TrainSettings {
-    fn default() -> Self {
-        Self::new(&Training::default(), &ClientObjective::Plain)
-    }
-}
-
-impl TrainSettings {
-    /// The settings a `train` command asks for: its training settings, and the
-    /// proximal weight of its objective (FedProx's `mu`; FedDyn's `alpha`
-    /// weighs the same quadratic term).
-    pub fn new(training: &Training, objective: &ClientObjective) -> Self {
-        let mu = match *objective {
-            ClientObjective::Proximal { mu } => mu,
-            ClientObjective::FedDyn { alpha } => alpha,
-            ClientObjective::Plain | ClientObjective::Scaffold => 0.0,
-        };
-        Self {
-            epochs: training.epochs.max(1) as usize,
-            batch_size: training.batch_size.max(1) as usize,
-            learning_rate: training.learning_rate,
-            mu,
-            loss: training.loss,
-            optimizer: training.optimizer,
-        }
     }
 }
 
@@ -497,6 +439,7 @@ pub const CAN_TRAIN: bool = cfg!(feature = "tch");
 mod tests {
     use super::*;
     use crate::data;
+    use flame_events::algorithm::{ClientObjective, Training};
 
     #[test]
     fn plain_rust_evaluation_agrees_with_libtorch() {
