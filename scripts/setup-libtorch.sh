@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs a small CPU-only libtorch (for the tch crate) into .deps/libtorch.
-# Idempotent: does nothing when the folder is complete. See ../shared/SERVICES.md.
+# Idempotent: does nothing when the folder is complete.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="$root/.deps/libtorch"

@@ -160,7 +160,7 @@ fn read(url: &str) -> Result<Data, Error> {
     // Files take the same `?part=I&of=N[&split=...]` as the digits: this worker's share of the file's rows.
     let (path, q) = path.split_once('?').unwrap_or((path, ""));
     let read = |p: &str| std::fs::read(p).map_err(|e| Error::Read { url: url.into(), reason: format!("{p}: {e}") });
-    let data = if crate::images::is_image_folder(std::path::Path::new(path)) {
+    let data = if std::path::Path::new(path).is_dir() {
         // torchvision's ImageFolder layout, decoded as the URL says (size=WxH, channels=1|3, mean=, std=).
         let t = crate::images::Transform::from_query(q).map_err(|reason| Error::Url { url: url.into(), reason })?;
         crate::images::load(std::path::Path::new(path), &t).map_err(|reason| Error::Read { url: url.into(), reason })?

@@ -60,11 +60,6 @@ impl Transform {
     }
 }
 
-/// Whether a folder looks like an image folder (class folders, or train/ and test/).
-pub fn is_image_folder(path: &Path) -> bool {
-    path.is_dir()
-}
-
 fn files(root: &Path) -> Result<Vec<(PathBuf, usize, String)>, String> {
     let mut classes: Vec<String> = std::fs::read_dir(root)
         .map_err(|e| format!("{}: {e}", root.display()))?
@@ -92,15 +87,30 @@ fn files(root: &Path) -> Result<Vec<(PathBuf, usize, String)>, String> {
     Ok(out)
 }
 
-/// Decodes and transforms images into rows.
-fn rows(list: &[(PathBuf, usize, String)], t: &Transform, channels: usize) -> Result<Split, String> {
+/// An image file, decoded, with its class.
+type Decoded = (PathBuf, usize, image::DynamicImage);
+
+fn decode(list: Vec<(PathBuf, usize, String)>) -> Result<Vec<Decoded>, String> {
+    list.into_iter()
+        .map(|(path, label, _)| {
+            let img = image::open(&path).map_err(|e| format!("{}: cannot decode the image: {e}", path.display()))?;
+            Ok((path, label, img))
+        })
+        .collect()
+}
+
+/// Transforms decoded images into rows.
+fn rows(list: &[Decoded], t: &Transform, channels: usize) -> Result<Split, String> {
     let mut x = Vec::new();
     let mut y = Vec::with_capacity(list.len());
     let mut shape: Option<(u32, u32)> = t.size;
-    for (path, label, _) in list {
-        let img = image::open(path).map_err(|e| format!("{}: cannot decode the image: {e}", path.display()))?;
+    for (path, label, img) in list {
+        let resized;
         let img = match t.size {
-            Some((w, h)) if (img.width(), img.height()) != (w, h) => img.resize_exact(w, h, image::imageops::FilterType::Triangle),
+            Some((w, h)) if (img.width(), img.height()) != (w, h) => {
+                resized = img.resize_exact(w, h, image::imageops::FilterType::Triangle);
+                &resized
+            }
             _ => img,
         };
         let (w, h) = (img.width(), img.height());
@@ -154,23 +164,13 @@ pub fn load(root: &Path, t: &Transform) -> Result<Data, String> {
     if train.is_empty() {
         return Err(format!("{} holds no PNG or JPEG images in its class folders", root.display()));
     }
-    let channels = match t.channels {
-        Some(c) => c,
-        None => {
-            let gray = train.iter().chain(&test).all(|(p, _, _)| {
-                image::ImageReader::open(p)
-                    .ok()
-                    .and_then(|r| r.with_guessed_format().ok())
-                    .and_then(|r| r.decode().ok())
-                    .is_some_and(|i| i.color().channel_count() <= 2)
-            });
-            if gray { 1 } else { 3 }
-        }
-    };
+    let classes = train.iter().map(|f| f.1).max().map_or(0, |m| m + 1);
+    let (train, test) = (decode(train)?, decode(test)?);
+    let gray = || train.iter().chain(&test).all(|(_, _, i)| i.color().channel_count() <= 2);
+    let channels = t.channels.unwrap_or_else(|| if gray() { 1 } else { 3 });
     if t.mean.len() > 1 && t.mean.len() != channels || t.std.len() > 1 && t.std.len() != channels {
         return Err(format!("'mean' and 'std' give one value or one per channel ({channels})"));
     }
-    let classes = train.iter().map(|f| f.1).max().map_or(0, |m| m + 1);
     Ok(Data { train: rows(&train, t, channels)?, test: rows(&test, t, channels)?, classes })
 }
 

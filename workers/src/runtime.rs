@@ -260,11 +260,7 @@ impl Worker {
                     let local_buffers = matches!(model, Model::TorchScript { local_buffers: true, .. });
                     let mut net: Box<dyn crate::model::Trainer> = match archive {
                         Some(archive) => {
-                            let mut start = global_state.clone();
-                            // FedBN: this trainer's own buffers from its last round, once it has them.
-                            if local_buffers && client.as_ref().is_some_and(|c| c.keys().any(|k| k.starts_with("buffers/"))) {
-                                start.buffers = control::part(client.as_ref(), "buffers", &global_state.buffers)?;
-                            }
+                            let start = own_buffers(&model, global_state.clone(), client.as_ref())?;
                             Box::new(crate::script::ScriptNet::new(archive, &start, model.input_shape(), settings.loss)?)
                         }
                         None => crate::model::trainer(&cfg, &global)?,
@@ -319,16 +315,12 @@ impl Worker {
             CommandBody::Evaluate { model, global_model, dataset, loss, client_state } => {
                 let cfg = ModelConfig::new(model)?;
                 let archive = self.archive(model).await?;
-                let mut state = self.fetch_state(global_model).await?;
-                // FedBN: the trainer's own buffers, as it trains with them.
-                if matches!(model, Model::TorchScript { local_buffers: true, .. })
-                    && let Some(d) = client_state
-                {
-                    let own = self.fetch(d).await.context("this task's state from its last update")?;
-                    if own.keys().any(|k| k.starts_with("buffers/")) {
-                        state.buffers = crate::control::part(Some(&own), "buffers", &state.buffers)?;
-                    }
-                }
+                let own = match client_state {
+                    Some(d) => Some(self.fetch(d).await.context("this task's state from its last update")?),
+                    None => None,
+                };
+                // The trainer evaluates with its own buffers where it trains with them.
+                let state = own_buffers(model, self.fetch_state(global_model).await?, own.as_ref())?;
                 let (url, loss, model) = (dataset.clone(), *loss, model.clone());
                 let metrics = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let test = data::load(&url)?.test;
@@ -463,6 +455,17 @@ impl Worker {
             }
         }
     }
+}
+
+/// FedBN (`local_buffers`): the state with this trainer's own buffers from
+/// its last update (`buffers/<tensor>` in its client state), once it has
+/// them; otherwise the state as it is.
+fn own_buffers(model: &Model, mut state: State, client: Option<&Weights>) -> anyhow::Result<State> {
+    let local = matches!(model, Model::TorchScript { local_buffers: true, .. });
+    if local && client.is_some_and(|c| c.keys().any(|k| k.starts_with("buffers/"))) {
+        state.buffers = crate::control::part(client, "buffers", &state.buffers)?;
+    }
+    Ok(state)
 }
 
 /// The held-out loss (and accuracy) of a user's model with a new state: on
