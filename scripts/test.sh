@@ -21,6 +21,10 @@ if [ -z "${FLAME_SKIP_TORCH:-}" ]; then
     FLAME_TORCH_PYTHON="$(bash scripts/torch-venv.sh)"
     export FLAME_TORCH_PYTHON
 fi
+# The Python SDK as a user installs it (pip install ./sdk/python in a fresh
+# venv), for the conformance suite and the jobs with Python trainers.
+FLAME_SDK_BIN="$(bash scripts/sdk-venv.sh)"
+export FLAME_SDK_BIN
 # The aggregator-only worker (no libtorch) for the tests that use it; then the
 # full build (test binaries and the binaries they start share it), which
 # relinks the usual flame-worker.

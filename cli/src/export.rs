@@ -87,7 +87,7 @@ pub async fn get(job_id: &str, source: &Source, blobs: &Blobs, round: Option<u32
             flame_workers::archive::with_state(&archive, &state)?
         }
         (Format::Torchscript, other) => bail!(
-            "job '{job_id}' trains the built-in model '{}', which has no TorchScript module; use --format safetensors",
+            "job '{job_id}' trains the model '{}', which has no TorchScript module; use --format safetensors",
             other.as_ref().map_or("?", |m| m.name())
         ),
     };

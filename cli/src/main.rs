@@ -15,8 +15,8 @@ use flame_engine::{JobDefinition, Runner, expand, plan, runner};
 use flame_events::Envelope;
 use flame_events::job;
 use flame_events::protocol::WorkerInfo;
-use flame_transport::InProcess;
-use flame_workers::blob::LocalBlobs;
+use flame_transport::{InProcess, Transport};
+use flame_workers::blob::{BlobStore, LocalBlobs, NatsBlobs};
 use flame_workers::kernels::Kernels;
 use flame_workers::{Worker, model};
 
@@ -73,6 +73,17 @@ enum ModelCmd {
     },
 }
 
+/// Which tasks of `flamectl run` get an in-process worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Local {
+    /// Every task.
+    All,
+    /// The tasks that do not consume data (aggregators, coordinators).
+    Aggregators,
+    /// None: every task waits for a worker from outside.
+    None,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a job folder to the end on this machine (embedded store, in-process workers).
@@ -90,6 +101,19 @@ enum Cmd {
         /// every x86-64 CPU, slower).
         #[arg(long, value_enum, env = "FLAME_KERNELS", default_value = "native")]
         kernels: Kernels,
+        /// Send the job's commands over this NATS server (model blobs in its
+        /// object store), so that workers in other processes can take its
+        /// tasks: Python SDK trainers (`flame-py-worker`), `flame-worker`s.
+        /// The event store stays in --data-dir.
+        #[arg(long, env = "FLAME_NATS")]
+        nats: Option<String>,
+        #[command(flatten)]
+        auth: flame_transport::NatsAuth,
+        /// Which tasks get a worker inside this process: `all` (the default
+        /// without --nats), `aggregators` (the default with --nats: the
+        /// trainers come from outside) or `none`.
+        #[arg(long, value_enum)]
+        local: Option<Local>,
     },
     /// Check a job folder and show the tasks it expands to.
     Validate {
@@ -324,7 +348,9 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { folder, output, data_dir, kernels: _ } => run(&folder, output, &data_dir).await,
+        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local } => {
+            run(&folder, output, &data_dir, nats.as_deref(), &auth, local).await
+        }
         Cmd::Validate { folder, output } => validate(&folder, output),
         Cmd::Plan { folder, output, round } => show_plan(&folder, output, round),
         Cmd::Convert { from, to } => convert(&from, &to),
@@ -453,7 +479,14 @@ fn show_plan(folder: &Path, output: PlanOutput, round: u32) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<ExitCode> {
+async fn run(
+    folder: &Path,
+    output: Output,
+    data_dir: &Path,
+    nats: Option<&str>,
+    auth: &flame_transport::NatsAuth,
+    local: Option<Local>,
+) -> anyhow::Result<ExitCode> {
     let def = match JobDefinition::load(folder) {
         Ok(d) => d,
         Err(p) => {
@@ -465,8 +498,25 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let started = Instant::now();
     let store_url = format!("sqlite:{}", data_dir.join("events.db").display());
     let store = flame_stores::open_store(&store_url).await?;
-    let blobs = Arc::new(LocalBlobs::new(data_dir.join("blobs"))?);
-    let transport = Arc::new(InProcess::default());
+    let (transport, blobs): (Arc<dyn Transport>, Arc<dyn BlobStore>) = match nats {
+        Some(url) => {
+            let nats = flame_transport::Nats::connect_with(url, auth).await?;
+            let blobs = NatsBlobs::new(nats.jetstream()).await.context("opening the model blob store on NATS")?;
+            (Arc::new(nats), Arc::new(blobs))
+        }
+        None => (Arc::new(InProcess::default()), Arc::new(LocalBlobs::new(data_dir.join("blobs"))?)),
+    };
+    let local = local.unwrap_or(if nats.is_some() { Local::Aggregators } else { Local::All });
+    if nats.is_none() && local != Local::All {
+        anyhow::bail!("--local {local:?} needs --nats: without it no worker from outside can reach the job");
+    }
+    if nats.is_none() && def.model_spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(|n| n.as_str()) == Some("external") {
+        eprintln!(
+            "error: {}: the model is defined by the trainers' own code (baseModel 'external'); run its trainers with the Python SDK and give this command --nats URL (see examples/python-digits/run.sh)",
+            folder.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
     // The user's model file is a blob like any model: workers fetch it by its sha256.
     let runner = Runner::new(store.clone(), transport.clone(), runner::Options::default()).with_blobs(blobs.clone());
     let actor = local_user();
@@ -478,10 +528,17 @@ async fn run(folder: &Path, output: Output, data_dir: &Path) -> anyhow::Result<E
     let job = runner.load(&job_id).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
-    for t in job.tasks.iter().filter(|t| t.colocate.is_none()) {
+    let here = |t: &&flame_events::job::TaskSpec| match local {
+        Local::All => true,
+        Local::Aggregators => !t.is_data_consumer,
+        Local::None => false,
+    };
+    // Local worker ids are unique to this run: several runs may share one NATS server.
+    let prefix = if nats.is_some() { format!("local-{}-", &job_id[..job_id.len().min(8)]) } else { "local-".to_string() };
+    for t in job.tasks.iter().filter(|t| t.colocate.is_none()).filter(here) {
         let role = if t.is_data_consumer { "trainer" } else { "aggregator" };
         let info = WorkerInfo {
-            id: format!("local-{}", t.task_id),
+            id: format!("{prefix}{}", t.task_id),
             roles: vec![role.into()],
             realm: t.realm.clone().unwrap_or_else(|| "default".into()),
             device: "cpu".into(),

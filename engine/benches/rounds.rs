@@ -97,6 +97,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
                 pairing: candidates.iter().filter_map(|(t, o)| o.first().map(|a| (t.clone(), a.clone()))).collect(),
             },
             CommandBody::Evaluate { .. } => ReportBody::Evaluated { metrics: Default::default() },
+            CommandBody::Unreadable { reason } => ReportBody::Failed { error: reason.clone() },
             CommandBody::Aggregate { .. } => ReportBody::Aggregated {
                 digest: format!("m{}", c.round),
                 metrics: Default::default(),

@@ -102,6 +102,8 @@ pub fn settings(def: &JobDefinition, trainers: usize) -> Result<Settings, Vec<Pr
     let name = spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(Value::as_str).unwrap_or("");
     let model = if name.eq_ignore_ascii_case("torchscript") {
         torchscript(def).map_err(|p| problems.extend(p)).ok()
+    } else if name.eq_ignore_ascii_case("external") {
+        external(def).map_err(|p| problems.extend(p)).ok()
     } else {
         Model::parse(name, h)
             .map_err(|e| {
@@ -112,7 +114,7 @@ pub fn settings(def: &JobDefinition, trainers: usize) -> Result<Settings, Vec<Pr
             .ok()
     };
     if let (Some(m), Some(t)) = (&model, &training)
-        && !matches!(m, Model::TorchScript { .. })
+        && m.file().is_none()
         && !t.loss.is_classification()
     {
         problems.push(problem(
@@ -174,6 +176,55 @@ fn torchscript(def: &JobDefinition) -> Result<Model, Vec<Problem>> {
         )]);
     }
     Model::torchscript(&base, model_file.sha256.clone()).map_err(|e| vec![problem(at(&e.param), e.message, e.hint)])
+}
+
+/// A model the workers' own code defines: its initial weights, a safetensors
+/// file in the folder with float32 tensors (all finite) and int64 counters.
+fn external(def: &JobDefinition) -> Result<Model, Vec<Problem>> {
+    let spec_file = &def.job.model_spec_path;
+    let base = def.model_spec.base_model.as_ref().and_then(Value::as_object).cloned().unwrap_or_default();
+    let hint = "save the initial weights with safetensors (safetensors.torch.save_file(model.state_dict(), \"initial.safetensors\")); see examples/python-digits";
+    let Some(name) = base.get("file").and_then(Value::as_str) else {
+        return Err(vec![problem(
+            format!("{spec_file}#/baseModel/file"),
+            "a model defined by the workers' code needs its initial weights",
+            hint,
+        )]);
+    };
+    let Some(model_file) = def.model_file.as_ref().filter(|f| f.name == name) else {
+        return Err(vec![problem(
+            format!("{spec_file}#/baseModel/file"),
+            format!("the initial weights '{name}' were not read with the definition"),
+            "run the job from its folder, or embed the file in the workflow (modelFile)",
+        )]);
+    };
+    let at = format!("{}", def.folder.join(name).display());
+    let tensors = safetensors::SafeTensors::deserialize(&model_file.bytes)
+        .map_err(|e| vec![problem(at.clone(), format!("not a safetensors file: {e}"), hint)])?;
+    let mut floats = 0;
+    for (tensor, view) in tensors.tensors() {
+        match view.dtype() {
+            safetensors::Dtype::F32 => {
+                floats += 1;
+                let bad = view.data().chunks_exact(4).position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite());
+                if let Some(i) = bad {
+                    return Err(vec![problem(at, format!("tensor '{tensor}' holds a NaN or infinity at element {i}"), hint)]);
+                }
+            }
+            safetensors::Dtype::I64 => {}
+            other => {
+                return Err(vec![problem(
+                    at,
+                    format!("tensor '{tensor}' is {other:?}; models travel as float32 (parameters, buffers) and int64 (counters)"),
+                    "call model.float() before saving the state_dict",
+                )]);
+            }
+        }
+    }
+    if floats == 0 {
+        return Err(vec![problem(at, "the file holds no float32 tensor to train", hint)]);
+    }
+    Ok(Model::External { file: name.to_string(), sha256: model_file.sha256.clone() })
 }
 
 /// The seed a definition gives its initialisation, shuffling and selection (0 when none).
@@ -305,5 +356,32 @@ mod tests {
         });
         let paths: Vec<String> = settings(&def, 3).expect_err("aggGoal needs fedbuff").into_iter().map(|p| p.path).collect();
         assert_eq!(paths, ["modelSpec.json#/optimizer/sort"]);
+    }
+
+    #[test]
+    fn an_external_model_brings_checked_initial_weights() {
+        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python-digits");
+        let def = JobDefinition::load(&folder).expect("the example loads");
+        let file = def.model_file.clone().expect("initial.safetensors is read with the folder");
+        match settings(&def, 3).expect("it compiles").model {
+            Model::External { file: name, sha256 } => assert_eq!((name.as_str(), &sha256), ("initial.safetensors", &file.sha256)),
+            other => panic!("{other:?}"),
+        }
+        let with_bytes = |bytes: Vec<u8>| {
+            let mut d = def.clone();
+            d.model_file = Some(crate::definition::ModelFile::new("initial.safetensors", bytes));
+            settings(&d, 3).expect_err("refused")
+        };
+        let not_safetensors = with_bytes(b"not a model".to_vec());
+        assert!(not_safetensors[0].path.ends_with("initial.safetensors") && not_safetensors[0].message.contains("safetensors"));
+        // A NaN in the initial weights is named with its tensor.
+        let mut bytes = file.bytes.to_vec();
+        let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        let last = bytes.len() - 4;
+        assert!(last >= 8 + header);
+        bytes[last..].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(with_bytes(bytes)[0].message.contains("NaN"));
+        let no_file = with_model_spec("two-tier", |m| m.base_model = Some(json!({"name": "external"})));
+        assert_eq!(settings(&no_file, 3).expect_err("no file")[0].path, "modelSpec.json#/baseModel/file");
     }
 }

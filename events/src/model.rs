@@ -49,10 +49,20 @@ pub enum Model {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         local_buffers: bool,
     },
+    /// A model defined by the workers' own code (a Python SDK trainer, or
+    /// any program speaking the worker protocol): the platform moves,
+    /// checks and aggregates its tensors and never runs it. The job folder
+    /// holds its initial weights as a safetensors file (PyTorch names).
+    External {
+        /// The safetensors file in the job folder.
+        file: String,
+        /// The sha256 of its bytes: the blob the initial model is read from.
+        sha256: String,
+    },
 }
 
 /// The names a model spec may give (`baseModel.name`).
-pub const MODELS: &[&str] = &["mlp", "logreg", "cnn", "torchscript"];
+pub const MODELS: &[&str] = &["mlp", "logreg", "cnn", "torchscript", "external"];
 
 fn default_hidden() -> Vec<usize> {
     vec![32]
@@ -102,6 +112,11 @@ impl Model {
                 message: "a TorchScript model needs its file: baseModel.file".into(),
                 hint: "write \"baseModel\": {\"name\": \"torchscript\", \"file\": \"model.pt\"}".into(),
             }),
+            "external" => Err(ParamError {
+                param: String::new(),
+                message: "a model defined by the workers' code needs its initial weights: baseModel.file".into(),
+                hint: "write \"baseModel\": {\"name\": \"external\", \"file\": \"initial.safetensors\"}".into(),
+            }),
             other => Err(ParamError {
                 param: String::new(),
                 message: format!("unknown model '{other}'"),
@@ -147,14 +162,29 @@ impl Model {
             Self::Logreg => "logreg",
             Self::Cnn { .. } => "cnn",
             Self::TorchScript { .. } => "torchscript",
+            Self::External { .. } => "external",
         }
+    }
+
+    /// The file of the job folder the model comes from, and its sha256
+    /// (a TorchScript module, or an external model's initial weights).
+    pub fn file(&self) -> Option<(&str, &str)> {
+        match self {
+            Self::TorchScript { file, sha256, .. } | Self::External { file, sha256 } => Some((file, sha256)),
+            _ => None,
+        }
+    }
+
+    /// Whether only the workers' own code can train and evaluate it.
+    pub fn is_external(&self) -> bool {
+        matches!(self, Self::External { .. })
     }
 
     /// Fully connected hidden widths (none for logistic regression).
     pub fn hidden(&self) -> &[usize] {
         match self {
             Self::Mlp { hidden } | Self::Cnn { hidden, .. } => hidden,
-            Self::Logreg | Self::TorchScript { .. } => &[],
+            Self::Logreg | Self::TorchScript { .. } | Self::External { .. } => &[],
         }
     }
 
@@ -216,5 +246,12 @@ mod tests {
         let bad = h(serde_json::json!({"file": "model.pt", "localBuffers": "yes"}));
         assert_eq!(Model::torchscript(&bad, String::new()).expect_err("bool").param, "localBuffers");
         assert!(Model::parse("torchscript", &Map::new()).expect_err("no file").message.contains("baseModel.file"));
+        let external = Model::External { file: "initial.safetensors".into(), sha256: "cd".repeat(32) };
+        let json = serde_json::json!({"name": "external", "file": "initial.safetensors", "sha256": "cd".repeat(32)});
+        assert_eq!(serde_json::to_value(&external).expect("json"), json);
+        assert_eq!(serde_json::from_value::<Model>(json).expect("back"), external);
+        assert_eq!(external.file(), Some(("initial.safetensors", "cd".repeat(32).as_str())));
+        assert!(external.is_external() && !Model::default().is_external());
+        assert!(Model::parse("external", &Map::new()).expect_err("no file").message.contains("baseModel.file"));
     }
 }

@@ -47,6 +47,14 @@ impl WorkerInfo {
     }
 }
 
+/// Whether a worker offering `roles` takes a task of `role`: by its name, or
+/// by its generic role (`trainer` for a task with a dataset, `aggregator` for
+/// one without); a ring's reducer runs beside a trainer, so a trainer takes it.
+pub fn offers(roles: &[String], role: &str, has_dataset: bool) -> bool {
+    let generic = if has_dataset { "trainer" } else { "aggregator" };
+    roles.iter().any(|r| r == role || r == generic || (role == "ring-reducer" && r == "trainer"))
+}
+
 /// An update a trainer produced, as an aggregator input.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRef {
@@ -192,7 +200,57 @@ pub enum CommandBody {
         #[serde(default, skip_serializing_if = "crate::algorithm::Loss::is_default")]
         loss: crate::algorithm::Loss,
     },
+    /// A command whose head (version, id, job, task, round) was read but
+    /// whose body was not: a kind this worker does not know, or fields it
+    /// cannot decode. Never sent; a worker's transport makes it from what
+    /// arrived ([`Command::decode`]) so that the worker answers `failed`
+    /// instead of leaving the engine waiting.
+    #[serde(skip)]
+    Unreadable {
+        /// What was wrong, for the `failed` report.
+        reason: String,
+    },
 }
+
+impl Command {
+    /// A command from its JSON bytes. One whose head reads but whose body
+    /// does not becomes [`CommandBody::Unreadable`] (answered `failed`);
+    /// an error only when not even the head reads (nothing to answer).
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let err = match serde_json::from_slice::<Self>(bytes) {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        #[derive(Deserialize)]
+        struct Head {
+            v: u32,
+            id: String,
+            job_id: String,
+            task_id: String,
+            round: u32,
+            body: serde_json::Value,
+        }
+        let head: Head = serde_json::from_slice(bytes)?;
+        let reason = match head.body.get("kind").and_then(serde_json::Value::as_str) {
+            Some(kind) if !KINDS.contains(&kind) => {
+                format!("unknown command kind '{kind}' (protocol version {VERSION} knows {})", KINDS.join(", "))
+            }
+            Some(kind) => format!("command '{kind}' does not decode: {err}"),
+            None => format!("the command's body has no 'kind': {err}"),
+        };
+        Ok(Self {
+            v: head.v,
+            id: head.id,
+            job_id: head.job_id,
+            task_id: head.task_id,
+            round: head.round,
+            body: CommandBody::Unreadable { reason },
+        })
+    }
+}
+
+/// The command kinds of this protocol version (`body.kind`).
+pub const KINDS: &[&str] = &["deploy", "init_model", "train", "coordinate", "evaluate", "aggregate"];
 
 /// A worker's answer to a command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -16,7 +16,6 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use flame_events::protocol::{Command, Report, WorkerInfo};
@@ -309,12 +308,13 @@ impl Nats {
         Ok(())
     }
 
-    async fn inbox<T: DeserializeOwned + Send + 'static>(
+    async fn inbox<T: Send + 'static>(
         &self,
         stream_name: &str,
         durable: String,
         subject: String,
         ack_wait: Duration,
+        decode: fn(&[u8]) -> Result<T, serde_json::Error>,
     ) -> Result<Inbox<T>, Error> {
         let stream = self.js.get_stream(stream_name).await.map_err(nats)?;
         let consumer: pull::Stream = stream
@@ -334,10 +334,10 @@ impl Nats {
             .await
             .map_err(nats)?;
         Ok(consumer
-            .map(|m| {
+            .map(move |m| {
                 let m = m.map_err(nats)?;
                 let subject = m.subject.to_string();
-                match serde_json::from_slice::<T>(&m.payload) {
+                match decode(&m.payload) {
                     Ok(message) => Ok(Delivery { message, ack: Some(async move { m.ack().await.map_err(nats) }.boxed()) }),
                     Err(e) => {
                         // Never redeliver what can never decode.
@@ -387,7 +387,14 @@ impl Transport for Nats {
     async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error> {
         check_id(worker_id)?;
         // Long: a command is acked after it ran (a redelivery meanwhile is answered from the worker's memory).
-        self.inbox(COMMAND_STREAM, format!("worker-{worker_id}"), format!("flame.cmd.{worker_id}"), Duration::from_secs(300)).await
+        self.inbox(
+            COMMAND_STREAM,
+            format!("worker-{worker_id}"),
+            format!("flame.cmd.{worker_id}"),
+            Duration::from_secs(300),
+            Command::decode,
+        )
+        .await
     }
 
     async fn send_report(&self, report: &Report) -> Result<(), Error> {
@@ -400,7 +407,10 @@ impl Transport for Nats {
         check_id(job_id)?;
         // Short: reports an engine took but did not ack before it died reach its successor quickly;
         // a report applied twice is refused by the job (and recorded), never counted twice.
-        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), format!("flame.report.{job_id}"), REPORT_ACK_WAIT).await
+        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), format!("flame.report.{job_id}"), REPORT_ACK_WAIT, |b| {
+            serde_json::from_slice(b)
+        })
+        .await
     }
 
     async fn forget_job(&self, job_id: &str) -> Result<(), Error> {

@@ -196,7 +196,7 @@ impl Worker {
         }
         match &command.body {
             CommandBody::Deploy { role, dataset } => {
-                if !self.info.roles.iter().any(|r| r == role || r == "trainer" || r == "aggregator") {
+                if !protocol::offers(&self.info.roles, role, dataset.is_some()) {
                     bail!("this worker offers roles {:?}, not '{role}'", self.info.roles);
                 }
                 if let Some(url) = dataset.clone() {
@@ -211,6 +211,12 @@ impl Worker {
             CommandBody::InitModel { model, dataset, seed, loss } => {
                 let cfg = ModelConfig::new(model)?;
                 let url = dataset.clone();
+                if let Model::External { file, sha256 } = model {
+                    // The workers' own code defines it: the initial weights are the job's file, checked.
+                    let bytes = self.blobs.get(sha256).await.with_context(|| format!("fetching the initial weights {file} ({sha256})"))?;
+                    let state = weights::decode_state(&bytes).with_context(|| format!("the initial weights {file}"))?;
+                    return Ok(ReportBody::Initialized { digest: self.store_state(&state).await? });
+                }
                 let d = tokio::task::spawn_blocking(move || data::load(&url)).await??;
                 if let Some(archive) = self.archive(model).await? {
                     // The user's module starts from the weights its file holds.
@@ -238,6 +244,7 @@ impl Worker {
             }
             #[cfg(feature = "tch")]
             CommandBody::Train { model, global_model, dataset, training, objective, seed, client_state, server_state } => {
+                refuse_external(model, "train")?;
                 let cfg = ModelConfig::new(model)?;
                 let settings = TrainSettings::new(training, objective);
                 let objective = *objective;
@@ -313,6 +320,7 @@ impl Worker {
                 Ok(ReportBody::Trained { digest, samples, metrics, state })
             }
             CommandBody::Evaluate { model, global_model, dataset, loss, client_state } => {
+                refuse_external(model, "evaluate")?;
                 let cfg = ModelConfig::new(model)?;
                 let archive = self.archive(model).await?;
                 let own = match client_state {
@@ -338,6 +346,7 @@ impl Worker {
                 }
                 Ok(ReportBody::Evaluated { metrics })
             }
+            CommandBody::Unreadable { reason } => bail!("{reason}"),
             CommandBody::Coordinate { candidates, samples } => {
                 Ok(ReportBody::Coordinated { pairing: crate::coordinate::pair(candidates, samples, command.round) })
             }
@@ -439,6 +448,8 @@ impl Worker {
                     };
                     let next = State { params: next, buffers: merged_buffers, counters: merged_counters };
                     let metrics = match (eval, archive) {
+                        // Only the trainers' code can run an external model: their federated evaluation reports instead.
+                        (Some(_), None) if model.is_external() => Default::default(),
                         (Some(url), None) => crate::model::evaluate(&cfg, &next.params, &data::load(&url)?.test)?,
                         (Some(url), Some(archive)) => evaluate_script(archive, &next, &model, loss, &data::load(&url)?.test)?,
                         (None, _) => Default::default(),
@@ -455,6 +466,17 @@ impl Worker {
             }
         }
     }
+}
+
+/// A model the workers' own code defines is trained and evaluated by that
+/// code (the Python SDK), never by this runtime.
+fn refuse_external(model: &Model, what: &str) -> anyhow::Result<()> {
+    if model.is_external() {
+        bail!(
+            "this job's model is defined by its trainers' own code (baseModel 'external'): a Rust worker cannot {what} it; run the trainers with the Python SDK (flame-py-worker --trainer module:Class) and give this worker the aggregator role only"
+        );
+    }
+    Ok(())
 }
 
 /// FedBN (`local_buffers`): the state with this trainer's own buffers from
