@@ -307,6 +307,19 @@ pub enum JobEvent {
         /// Tasks whose updates did not arrive in time.
         dropped: Vec<String>,
     },
+    /// A trainer's worker answered a round's training command `failed` (its
+    /// code raised, its data did not load): the task sits out the round,
+    /// which goes on with the others while they reach the quorum.
+    TrainingFailed {
+        /// Round number.
+        round: u32,
+        /// The trainer task.
+        task_id: String,
+        /// The worker that reported the failure.
+        worker_id: String,
+        /// Its error message.
+        error: String,
+    },
     /// An aggregator refused an accepted update's blob (audit); it did not enter the aggregate.
     UpdateExcluded {
         /// Round number.
@@ -402,6 +415,7 @@ impl JobEvent {
             Self::TrainingClosed { .. } => "TrainingClosed",
             Self::ReportRejected { .. } => "ReportRejected",
             Self::UpdateExcluded { .. } => "UpdateExcluded",
+            Self::TrainingFailed { .. } => "TrainingFailed",
             Self::JobStopping { .. } => "JobStopping",
             Self::JobTerminated { .. } => "JobTerminated",
             Self::JobDeleted {} => "JobDeleted",

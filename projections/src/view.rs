@@ -114,6 +114,9 @@ pub struct RoundView {
     pub stragglers: Vec<String>,
     /// Updates the aggregator left out, with why.
     pub excluded: Vec<Exclusion>,
+    /// Trainers whose training failed this round (they sat it out), with their errors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<Failure>,
     /// Reports refused while the round was open.
     pub rejected: u32,
     /// Coordinated jobs: which aggregator each trainer uploaded to this round.
@@ -217,6 +220,17 @@ pub struct Exclusion {
     pub reason: String,
 }
 
+/// A trainer's failed training in a round (`TrainingFailed`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The trainer task.
+    pub task_id: String,
+    /// The worker that reported it.
+    pub worker_id: String,
+    /// Its error.
+    pub error: String,
+}
+
 /// What happened to one task.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskHistory {
@@ -232,6 +246,9 @@ pub struct TaskHistory {
     pub updates: Vec<TaskUpdate>,
     /// Rounds it missed the deadline of.
     pub missed: Vec<u32>,
+    /// Rounds its training failed in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<u32>,
     /// Reports of it that were refused.
     pub rejected: u32,
     /// Its updates that were left out of aggregates.
@@ -488,6 +505,7 @@ impl JobView {
                     participants: early.into_iter().map(|e| e.participant).collect(),
                     stragglers: Vec::new(),
                     excluded: Vec::new(),
+                    failed: Vec::new(),
                     rejected: 0,
                     pairing: BTreeMap::new(),
                     groups: Vec::new(),
@@ -540,6 +558,12 @@ impl JobView {
                 if let Some(r) = self.round_mut(round) {
                     r.training_done_at = Some(at);
                     r.stragglers = dropped;
+                }
+            }
+            JobEvent::TrainingFailed { round, task_id, worker_id, error } => {
+                self.tasks.entry(task_id.clone()).or_default().failed.push(round);
+                if let Some(r) = self.round_mut(round) {
+                    r.failed.push(Failure { task_id, worker_id, error });
                 }
             }
             JobEvent::UpdateExcluded { round, task_id, digest, reason } => {
@@ -671,6 +695,9 @@ pub fn detail(event: &JobEvent) -> String {
         }
         JobEvent::TrainingClosed { round, dropped } => format!("round {round} closed at its deadline; dropped [{}]", dropped.join(", ")),
         JobEvent::UpdateExcluded { round, task_id, reason, .. } => format!("round {round}: {task_id} left out: {reason}"),
+        JobEvent::TrainingFailed { round, task_id, worker_id, error } => {
+            format!("round {round}: {task_id} on {worker_id} failed to train, sits the round out: {error}")
+        }
         JobEvent::ReportRejected { round, task_id, worker_id, reason, .. } => {
             format!("round {round}: report of {task_id} from {worker_id} refused: {reason}")
         }

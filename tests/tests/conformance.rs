@@ -28,7 +28,7 @@ type Launch = Box<dyn Fn(&str, &str) -> Command>;
 fn rust_worker() -> Launch {
     Box::new(|nats, id| {
         let mut c = Command::new(bin("flame-worker"));
-        c.args(["--nats", nats, "--id", id, "--roles", "trainer", "--realm", "default/site1"]).env("RUST_LOG", "warn");
+        c.args(["--nats", nats, "--id", id, "--roles", "trainer", "--realm", "default/site1"]).env("RUST_LOG", "error");
         c
     })
 }
@@ -502,4 +502,23 @@ async fn broken_workers_fail_the_suite_with_a_clear_message() {
     let f = failures(&outcomes);
     assert_eq!(f.keys().copied().collect::<Vec<_>>(), ["a repeated command id gets the same report"], "{f:#?}");
     assert!(f.values().all(|e| e.contains("answered with another report")), "{f:#?}");
+}
+
+/// A worker of your own: `FLAME_CONFORMANCE_WORKER` is its command line with
+/// `{nats}` and `{id}` in it (split on spaces). Without it this says it was skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn your_worker_conforms() {
+    let Some(line) = std::env::var("FLAME_CONFORMANCE_WORKER").ok().filter(|l| !l.trim().is_empty()) else {
+        eprintln!("skipped: the conformance suite for a worker of your own: FLAME_CONFORMANCE_WORKER is unset");
+        return;
+    };
+    let launch: Launch = Box::new(move |nats, id| {
+        let words: Vec<String> = line.split_whitespace().map(|w| w.replace("{nats}", nats).replace("{id}", id)).collect();
+        let mut c = Command::new(&words[0]);
+        c.args(&words[1..]);
+        c
+    });
+    let outcomes = suite(&launch).await;
+    print("FLAME_CONFORMANCE_WORKER", &outcomes);
+    assert!(failures(&outcomes).is_empty(), "{:#?}", failures(&outcomes));
 }

@@ -7,6 +7,7 @@ mod embedded;
 mod inspect;
 mod lifecycle;
 mod logs;
+mod python_sdk;
 mod relay;
 mod store_contract;
 mod torchscript;

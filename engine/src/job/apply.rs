@@ -88,6 +88,9 @@ impl Job {
             JobEvent::TrainingClosed { .. } => self.round.training_closed = true,
             JobEvent::ReportRejected { .. } => self.rejected += 1,
             JobEvent::UpdateExcluded { .. } => {}
+            JobEvent::TrainingFailed { task_id, .. } => {
+                self.round.failed.insert(task_id.clone());
+            }
             JobEvent::RoundAggregated { round, digest, metrics, optimizer_state, .. } => {
                 if self.spec.as_ref().is_some_and(|s| s.evaluates(*round)) {
                     // The trainers whose updates made the model evaluate it.

@@ -21,6 +21,15 @@ impl Job {
         }
         let Report { task_id, worker_id, round, body, .. } = r;
         match body {
+            ReportBody::Failed { error } if self.fails_training(task, &r.command_id, round) => {
+                Ok(self.training_failed(task_id, worker_id, round, error))
+            }
+            // The same failure again (a redelivery after an engine restart): it changes nothing.
+            ReportBody::Failed { .. }
+                if self.round.failed.contains(&task_id) && round == self.round.number && r.command_id == self.train_id(round, &task_id) =>
+            {
+                Err(Rejection::Duplicate { task: task_id, round })
+            }
             ReportBody::Failed { error } => {
                 Ok(vec![JobEvent::JobFailed { reason: format!("worker '{worker_id}' failed task '{task_id}' in round {round}: {error}") }])
             }
@@ -97,6 +106,9 @@ impl Job {
         }
         if self.round.training_closed {
             return Err(Rejection::Unexpected(format!("round {} stopped taking updates at its deadline", u.round)));
+        }
+        if self.round.failed.contains(id) {
+            return Err(Rejection::Unexpected(format!("task '{id}' reported its training in round {} as failed", u.round)));
         }
         u.check_samples()?;
         let round = u.round;
@@ -230,6 +242,41 @@ impl Job {
         Ok(events)
     }
 
+    /// Whether a failed report answers the open round's training command of
+    /// a trainer that has not reported yet (synchronous rounds: an
+    /// asynchronous job's training outlives its round, so its failure fails the job).
+    fn fails_training(&self, task: &TaskSpec, command_id: &str, round: u32) -> bool {
+        self.status == Status::Running
+            && !self.is_async()
+            && self.round_open()
+            && round == self.round.number
+            && self.in_round(task)
+            && !self.round.updates.contains_key(&task.task_id)
+            && command_id == self.train_id(round, &task.task_id)
+    }
+
+    /// The id the controller gives a round's training command.
+    fn train_id(&self, round: u32, task: &str) -> String {
+        format!("{}/r{round}/train/{task}", self.job_id)
+    }
+
+    /// A trainer's training failed: it sits out the round; the job fails when
+    /// the trainers left cannot reach the quorum.
+    fn training_failed(&self, task_id: String, worker_id: String, round: u32, error: String) -> Vec<JobEvent> {
+        let left = self.round_trainers().filter(|t| t.task_id != task_id).count();
+        let quorum = self.quorum();
+        let reason = format!("worker '{worker_id}' failed task '{task_id}' in round {round}: {error}");
+        let mut events = vec![JobEvent::TrainingFailed { round, task_id, worker_id, error }];
+        if left < quorum {
+            events.push(JobEvent::JobFailed {
+                reason: format!(
+                    "{reason}; {left} trainer(s) left in the round, fewer than the quorum of {quorum} (set minClients to go on with fewer)"
+                ),
+            });
+        }
+        events
+    }
+
     fn check_round(&self, task: &str, round: u32) -> Result<(), Rejection> {
         if self.round_open() && round == self.round.number {
             Ok(())
@@ -350,6 +397,53 @@ mod tests {
         let job = History::created(2).started().initialized().round_started(1).job();
         let events = job.handle(report("t1", 1, ReportBody::Failed { error: "disk full".into() })).expect("fail");
         assert!(matches!(&events[..], [JobEvent::JobFailed { reason }] if reason.contains("disk full") && reason.contains("t1")));
+    }
+
+    /// The failed answer to a round's training command (the id the controller gives it).
+    fn failed_training(task: &str, round: u32, error: &str) -> JobCommand {
+        let JobCommand::Report(mut r) = report(task, round, ReportBody::Failed { error: error.into() }) else { unreachable!() };
+        r.command_id = format!("{}/r{round}/train/{task}", crate::testing::JOB);
+        JobCommand::Report(r)
+    }
+
+    #[test]
+    fn a_trainer_whose_training_fails_sits_out_the_round_within_quorum() {
+        // Every trainer is the quorum by default: one failure fails the job, and says why.
+        let strict = History::created(2).started().initialized().round_started(1).job();
+        let events = strict.handle(failed_training("t1", 1, "ValueError: bad batch")).expect("handled");
+        assert!(
+            matches!(&events[0], JobEvent::TrainingFailed { round: 1, task_id, error, .. } if task_id == "t1" && error.contains("bad batch"))
+        );
+        assert!(
+            matches!(&events[1..], [JobEvent::JobFailed { reason }] if reason.contains("bad batch") && reason.contains("1 trainer(s) left") && reason.contains("minClients")),
+            "{events:?}"
+        );
+
+        // minClients 1 of 2: the round goes on without it, and aggregates once the other is in.
+        let h = History::created_with(2, |s| s.quorum = Some(1)).started().initialized().round_started(1);
+        let events = h.job().handle(failed_training("t1", 1, "ValueError: bad batch")).expect("handled");
+        assert!(matches!(&events[..], [JobEvent::TrainingFailed { task_id, .. }] if task_id == "t1"), "{events:?}");
+        let h = h.then(events[0].clone());
+        assert!(!h.job().ready("agg"), "t0 is still expected");
+        assert!(
+            matches!(h.job().handle(failed_training("t1", 1, "again")), Err(Rejection::Duplicate { .. })),
+            "a redelivered failure changes nothing"
+        );
+        let h = h.then(update(1, "t0"));
+        assert!(h.job().ready("agg") && h.job().training_done(), "the failed trainer is not waited for");
+        // Its late update for the same round is refused.
+        assert!(h.job().handle(report("t1", 1, trained(1, "t1"))).is_err());
+        let events = h.job().handle(report("agg", 1, aggregated(1))).expect("aggregate");
+        assert!(matches!(&events[..], [JobEvent::RoundAggregated { inputs, .. }] if inputs.len() == 1), "{events:?}");
+        // The next round asks it again.
+        let next = h.then(events[0].clone()).round_started(2).job();
+        assert!(next.round_trainers().any(|t| t.task_id == "t1"));
+
+        // A second failure leaves fewer than the quorum.
+        let h = History::created_with(2, |s| s.quorum = Some(1)).started().initialized().round_started(1);
+        let first = h.job().handle(failed_training("t0", 1, "boom")).expect("handled");
+        let events = h.then(first[0].clone()).job().handle(failed_training("t1", 1, "boom")).expect("handled");
+        assert!(matches!(&events[..], [JobEvent::TrainingFailed { .. }, JobEvent::JobFailed { .. }]), "{events:?}");
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct Round {
     pub updates: BTreeMap<String, UpdateRef>,
     /// Middle aggregators' results, by task id.
     pub partials: BTreeMap<String, Partial>,
+    /// Trainers whose training failed this round (`TrainingFailed`): they sit it out.
+    #[serde(default)]
+    pub failed: BTreeSet<String>,
     /// Whether it stopped taking updates (its deadline by quorum, or Oort's `aggr_num`).
     pub training_closed: bool,
     /// Coordinated jobs: whether the coordinator's pairing is in.
@@ -73,7 +76,10 @@ impl Job {
     /// Whether `t` trains in the open round (without scanning the tasks).
     pub(super) fn in_round(&self, t: &TaskSpec) -> bool {
         let selected = &self.round.selected;
-        t.is_data_consumer && !self.orphaned.contains(&t.task_id) && (selected.is_empty() || selected.contains(&t.task_id))
+        t.is_data_consumer
+            && !self.orphaned.contains(&t.task_id)
+            && !self.round.failed.contains(&t.task_id)
+            && (selected.is_empty() || selected.contains(&t.task_id))
     }
 
     /// Coordinated jobs: whether the open round still waits for the coordinator's pairing.

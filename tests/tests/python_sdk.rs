@@ -1,0 +1,202 @@
+//! Jobs with Python trainers: `flame-py-worker` processes (the SDK as `pip
+//! install ./sdk/python` put it in a fresh venv) train, the Rust aggregator
+//! inside `flamectl run --nats` aggregates, over a NATS server of the test's
+//! own. Misbehaving Python trainers are contained as Rust ones are.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::util::{self, Processes, bin, free_port, root};
+
+fn sdk() -> String {
+    std::env::var("FLAME_SDK_BIN").expect("FLAME_SDK_BIN is unset: run the tests with scripts/test.sh, which installs the Python SDK")
+}
+
+/// Starts `flame-py-worker` for site `n` (realm `default/site<n>`) with a trainer `module:Class`,
+/// or a broken worker (tests/python/broken_worker.py) when `broken` names one.
+fn python_trainer(procs: &mut Processes, nats: &str, id: &str, site: usize, trainer: &str, broken: Option<&str>) {
+    let mut c = match broken {
+        None => Command::new(format!("{}/flame-py-worker", sdk())),
+        Some(how) => {
+            let mut c = Command::new(format!("{}/python", sdk()));
+            c.arg(root().join("tests/python/broken_worker.py")).arg(how);
+            c
+        }
+    };
+    c.args(["--nats", nats, "--id", id, "--realm", &format!("default/site{site}"), "--trainer", trainer])
+        .env("FLAME_SDK_LOG", "ERROR")
+        .stdout(Stdio::null());
+    procs.spawn(&mut c);
+}
+
+fn example_trainer() -> String {
+    format!("{}:DigitsTrainer", root().join("examples/python-digits/trainer.py").display())
+}
+
+fn misbehaving(class: &str) -> String {
+    format!("{}:{class}", root().join("tests/python/misbehaving.py").display())
+}
+
+fn flamectl(args: &[&str]) -> std::process::Output {
+    Command::new(bin("flamectl")).args(args).current_dir(root()).env("RUST_LOG", "warn").output().expect("flamectl")
+}
+
+/// `flamectl run FOLDER --nats URL -o json` with its store in `data`: the summary.
+fn run(folder: &Path, nats: &str, data: &Path) -> Value {
+    let out = flamectl(&["run", folder.to_str().expect("utf8"), "--nats", nats, "--data-dir", data.to_str().expect("utf8"), "-o", "json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("flamectl run printed no summary ({e}): {stdout} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The job's events as `flamectl events -o json` prints them.
+fn events(job: &str, data: &Path) -> Vec<Value> {
+    let store = format!("sqlite:{}", data.join("events.db").display());
+    let out = flamectl(&["events", job, "--store", &store, "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("event JSON")).collect()
+}
+
+/// The example as a folder of the test's own with changed hyperparameters
+/// (dataset paths made absolute, so it runs from anywhere).
+fn python_job(dir: &Path, hyperparameters: Value) -> PathBuf {
+    let from = root().join("examples/python-digits");
+    let to = dir.join("job");
+    std::fs::create_dir_all(&to).expect("mkdir");
+    let npz = root().join("examples/torchscript-digits/digits.npz");
+    for entry in std::fs::read_dir(&from).expect("example") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().expect("name").to_string_lossy().into_owned();
+        let mut bytes = std::fs::read(&path).expect("read");
+        if name.starts_with("dataset") {
+            let text = String::from_utf8(bytes).expect("utf8").replace("../torchscript-digits/digits.npz", npz.to_str().expect("utf8"));
+            bytes = text.into_bytes();
+        }
+        if name == "modelSpec.json" {
+            let mut spec: Value = serde_json::from_slice(&bytes).expect("spec");
+            for (k, v) in hyperparameters.as_object().expect("object") {
+                spec["hyperparameters"][k] = v.clone();
+            }
+            bytes = serde_json::to_vec_pretty(&spec).expect("json");
+        }
+        std::fs::write(to.join(name), bytes).expect("write");
+    }
+    to
+}
+
+fn type_counts(events: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for e in events {
+        *counts.entry(e["event_type"].as_str().expect("type").to_string()).or_default() += 1;
+    }
+    counts
+}
+
+fn payload_keys(events: &[Value]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for e in events {
+        let set = keys.entry(e["event_type"].as_str().expect("type").to_string()).or_default();
+        set.extend(e["payload"].as_object().expect("payload").keys().cloned());
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_trainers_and_the_rust_aggregator_run_the_example() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = util::Nats::start(free_port(), &dir.path().join("js"));
+    util::connect(&nats.url).await;
+    let mut procs = Processes::default();
+    for site in 1..=3 {
+        python_trainer(&mut procs, &nats.url, &format!("py-{site}"), site, &example_trainer(), None);
+    }
+    let data = dir.path().join("data");
+    let summary = run(&root().join("examples/python-digits"), &nats.url, &data);
+    assert_eq!(summary["state"], "completed", "{summary}");
+    assert_eq!(summary["rounds_completed"], 5);
+    let rounds = summary["rounds"].as_array().expect("rounds");
+    let last = &rounds[rounds.len() - 1];
+    assert!(last["federated"]["accuracy"].as_f64().is_some_and(|a| a > 0.9), "the trainers' own evaluation of the last model: {last}");
+    assert!(last["metrics"].as_object().is_some_and(|m| m.is_empty()), "no central evaluation of a model only the trainers run");
+    let job = summary["job_id"].as_str().expect("job id");
+    let store = format!("sqlite:{}", data.join("events.db").display());
+    let verify = flamectl(&["replay", job, "--verify", "--store", &store]);
+    assert!(verify.status.success(), "replay --verify: {}", String::from_utf8_lossy(&verify.stdout));
+
+    // The same shape as an all-Rust job of the same design (the recorded TorchScript digits job:
+    // three trainers, five rounds, federated evaluation every round): the same events, as many, with the same fields.
+    let ours = events(job, &data);
+    let rust: Vec<Value> = std::fs::read_to_string(root().join("tests/fixtures/logs/torchscript-digits.jsonl"))
+        .expect("recorded log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(type_counts(&ours), type_counts(&rust));
+    assert_eq!(payload_keys(&ours), payload_keys(&rust));
+    let trainers: BTreeSet<&str> =
+        ours.iter().filter(|e| e["event_type"] == "UpdateReported").map(|e| e["actor"].as_str().expect("actor")).collect();
+    assert_eq!(trainers, BTreeSet::from(["worker:py-1", "worker:py-2", "worker:py-3"]), "the updates came from the Python workers");
+}
+
+/// One job per fault: two good trainers and one that misbehaves, minClients 2,
+/// a short roundTimeout. The job completes on the two; the third's fault is on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_python_trainers_are_contained() {
+    let cases: [(&str, &str, Option<&str>); 4] = [
+        ("raises", "Raises", None),
+        ("wrong-shape", "WrongShape", None),
+        ("hangs", "Hangs", None),
+        ("unchecked", "WrongShape", Some("unchecked")),
+    ];
+    for (case, class, broken) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nats = util::Nats::start(free_port(), &dir.path().join("js"));
+        util::connect(&nats.url).await;
+        let mut procs = Processes::default();
+        python_trainer(&mut procs, &nats.url, "good-1", 1, &example_trainer(), None);
+        python_trainer(&mut procs, &nats.url, "good-2", 2, &example_trainer(), None);
+        python_trainer(&mut procs, &nats.url, "bad-3", 3, &misbehaving(class), broken);
+        let folder = python_job(dir.path(), serde_json::json!({"rounds": 2, "minClients": 2, "roundTimeout": 4}));
+        let data = dir.path().join("data");
+        let summary = run(&folder, &nats.url, &data);
+        assert_eq!(summary["state"], "completed", "{case}: {summary}");
+        let job = summary["job_id"].as_str().expect("job id");
+        let events = events(job, &data);
+        let of = |t: &str| events.iter().filter(|e| e["event_type"] == t).map(|e| e["payload"].clone()).collect::<Vec<_>>();
+        for round in of("RoundAggregated") {
+            assert_eq!(round["inputs"].as_array().map(Vec::len), Some(2), "{case}: only the good trainers' updates: {round}");
+        }
+        match case {
+            "raises" | "wrong-shape" => {
+                let failed = of("TrainingFailed");
+                assert_eq!(failed.len(), 2, "{case}: once a round: {failed:?}");
+                let want = if case == "raises" { "ValueError: a bad batch in round" } else { "missing fc2.bias" };
+                for f in &failed {
+                    assert_eq!(f["task_id"], "trainer-2", "{case}");
+                    assert!(f["error"].as_str().is_some_and(|e| e.contains(want)), "{case}: {f}");
+                }
+                if case == "raises" {
+                    assert!(failed[0]["error"].as_str().is_some_and(|e| e.contains("misbehaving.py")), "where the user's code raised");
+                }
+            }
+            "hangs" => {
+                let closed = of("TrainingClosed");
+                assert_eq!(closed.len(), 2, "closed at the deadline each round: {closed:?}");
+                assert!(closed.iter().all(|c| c["dropped"] == serde_json::json!(["trainer-2"])), "{closed:?}");
+            }
+            _ => {
+                let excluded = of("UpdateExcluded");
+                assert_eq!(excluded.len(), 2, "the aggregator left the bad update out each round: {excluded:?}");
+                assert!(
+                    excluded.iter().all(|x| x["task_id"] == "trainer-2" && x["reason"].as_str().is_some_and(|r| r.contains("fc2.bias")))
+                );
+            }
+        }
+        let store = format!("sqlite:{}", data.join("events.db").display());
+        let verify = flamectl(&["replay", job, "--verify", "--store", &store]);
+        assert!(verify.status.success(), "{case}: replay --verify: {}", String::from_utf8_lossy(&verify.stdout));
+    }
+}
