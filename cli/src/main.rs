@@ -114,6 +114,10 @@ enum Cmd {
         /// trainers come from outside) or `none`.
         #[arg(long, value_enum)]
         local: Option<Local>,
+        /// Serve workers that speak only MQTT (through the NATS server's MQTT
+        /// listener; topics `flame/mqtt/...`, see docs/protocol.md). Needs --nats.
+        #[arg(long)]
+        mqtt_devices: bool,
     },
     /// Check a job folder and show the tasks it expands to.
     Validate {
@@ -348,8 +352,8 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local } => {
-            run(&folder, output, &data_dir, nats.as_deref(), &auth, local).await
+        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices } => {
+            run(&folder, output, &data_dir, Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices }).await
         }
         Cmd::Validate { folder, output } => validate(&folder, output),
         Cmd::Plan { folder, output, round } => show_plan(&folder, output, round),
@@ -479,14 +483,16 @@ fn show_plan(folder: &Path, output: PlanOutput, round: u32) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(
-    folder: &Path,
-    output: Output,
-    data_dir: &Path,
-    nats: Option<&str>,
-    auth: &flame_transport::NatsAuth,
+/// How `flamectl run` reaches workers outside its process.
+struct Remote<'a> {
+    nats: Option<&'a str>,
+    auth: &'a flame_transport::NatsAuth,
     local: Option<Local>,
-) -> anyhow::Result<ExitCode> {
+    mqtt_devices: bool,
+}
+
+async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>) -> anyhow::Result<ExitCode> {
+    let Remote { nats, auth, local, mqtt_devices } = remote;
     let def = match JobDefinition::load(folder) {
         Ok(d) => d,
         Err(p) => {
@@ -498,11 +504,23 @@ async fn run(
     let started = Instant::now();
     let store_url = format!("sqlite:{}", data_dir.join("events.db").display());
     let store = flame_stores::open_store(&store_url).await?;
+    if mqtt_devices && nats.is_none() {
+        anyhow::bail!("--mqtt-devices needs --nats: MQTT workers connect to that server's MQTT listener");
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let (transport, blobs): (Arc<dyn Transport>, Arc<dyn BlobStore>) = match nats {
         Some(url) => {
             let nats = flame_transport::Nats::connect_with(url, auth).await?;
-            let blobs = NatsBlobs::new(nats.jetstream()).await.context("opening the model blob store on NATS")?;
-            (Arc::new(nats), Arc::new(blobs))
+            let blobs: Arc<dyn BlobStore> =
+                Arc::new(NatsBlobs::new(nats.jetstream()).await.context("opening the model blob store on NATS")?);
+            if mqtt_devices {
+                let adapter = flame_transport::mqtt::MqttAdapter::new(nats.clone(), blobs.clone());
+                let mut stopped = stopped.clone();
+                tokio::spawn(adapter.run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                }));
+            }
+            (Arc::new(nats), blobs)
         }
         None => (Arc::new(InProcess::default()), Arc::new(LocalBlobs::new(data_dir.join("blobs"))?)),
     };
@@ -526,7 +544,6 @@ async fn run(
 
     // One in-process worker per task, offering that task's role.
     let job = runner.load(&job_id).await?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
     let here = |t: &&flame_events::job::TaskSpec| match local {
         Local::All => true,

@@ -7,6 +7,7 @@ mod embedded;
 mod inspect;
 mod lifecycle;
 mod logs;
+mod mqtt;
 mod python_sdk;
 mod relay;
 mod store_contract;

@@ -4,6 +4,7 @@
 //! ([`relay`]). Workers link this and the event vocabulary, no database driver.
 
 pub mod blob;
+pub mod mqtt;
 pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};

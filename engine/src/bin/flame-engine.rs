@@ -39,6 +39,10 @@ struct Connect {
     nats: String,
     #[command(flatten)]
     auth: flame_transport::NatsAuth,
+    /// Serve workers that speak only MQTT, through the NATS server's MQTT
+    /// listener (topics `flame/mqtt/...`, see docs/protocol.md).
+    #[arg(long)]
+    mqtt_devices: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,8 +133,13 @@ async fn connect(c: &Connect) -> anyhow::Result<Engine> {
         let _ = relay_stopped.await;
     }));
     // Model files that definitions bring (TorchScript modules) go to the object store the workers read.
-    let blobs = flame_transport::blob::NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
-    let runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default()).with_blobs(Arc::new(blobs));
+    let blobs: Arc<dyn flame_transport::blob::BlobStore> =
+        Arc::new(flame_transport::blob::NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?);
+    if c.mqtt_devices {
+        // Until the process ends: MQTT workers are served as long as the engine runs.
+        tokio::spawn(flame_transport::mqtt::MqttAdapter::new(transport.clone(), blobs.clone()).run(std::future::pending()));
+    }
+    let runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default()).with_blobs(blobs);
     Ok(Engine { store, runner, stop_relay, relay })
 }
 

@@ -1,0 +1,180 @@
+//! A worker that speaks only MQTT, with a real MQTT client library
+//! (rumqttc), completes rounds of a real job: it connects to the MQTT
+//! listener of the job's NATS server and nothing else, registers, takes
+//! commands, fetches and stores model blobs and reports over MQTT topics;
+//! `flamectl run --nats URL --mqtt-devices` serves it beside two NATS workers.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use flame_events::protocol::{Command as WorkerCommand, WorkerInfo};
+use flame_transport::blob::{self, BlobStore};
+use flame_workers::Worker;
+
+use crate::util::{self, Processes, bin, free_port, root};
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Result<Vec<u8>, String>>>>>;
+
+/// Model blobs over MQTT: ask on `get`, wait for `blob`/`missing`; send on `put`, wait for `stored`.
+struct MqttBlobs {
+    client: AsyncClient,
+    id: String,
+    waiters: Waiters,
+}
+
+impl MqttBlobs {
+    async fn ask(&self, key: String, topic: String, payload: Vec<u8>) -> Result<Vec<u8>, blob::Error> {
+        for _ in 0..5 {
+            let (tx, rx) = oneshot::channel();
+            self.waiters.lock().expect("lock").insert(key.clone(), tx);
+            self.client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .map_err(|e| blob::Error::Io(e.to_string()))?;
+            match tokio::time::timeout(Duration::from_secs(5), rx).await {
+                Ok(Ok(Ok(bytes))) => return Ok(bytes),
+                Ok(Ok(Err(why))) => return Err(blob::Error::Io(why)),
+                _ => continue, // lost on the way (QoS 0 from NATS): ask again
+            }
+        }
+        Err(blob::Error::Io(format!("no answer on {topic}")))
+    }
+}
+
+#[async_trait]
+impl BlobStore for MqttBlobs {
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, blob::Error> {
+        let digest = blob::digest(&bytes);
+        self.ask(format!("stored:{digest}"), format!("flame/mqtt/put/{}", self.id), bytes).await?;
+        Ok(digest)
+    }
+
+    async fn get(&self, digest: &str) -> Result<Vec<u8>, blob::Error> {
+        let bytes = self.ask(format!("blob:{digest}"), format!("flame/mqtt/get/{}", self.id), digest.as_bytes().to_vec()).await?;
+        if blob::digest(&bytes) != digest {
+            return Err(blob::Error::Corrupt { expected: digest.into(), actual: blob::digest(&bytes) });
+        }
+        Ok(bytes)
+    }
+}
+
+/// The device: an MQTT connection, a heartbeat, and the platform's worker
+/// logic (`Worker::execute`) running each command with blobs over MQTT.
+async fn device(mqtt_port: u16, id: &str, realm: &str) -> tokio::task::JoinHandle<()> {
+    let mut options = MqttOptions::new(id, "127.0.0.1", mqtt_port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(16 << 20, 16 << 20);
+    options.set_clean_session(false);
+    let (client, mut events) = AsyncClient::new(options, 64);
+    let waiters: Waiters = Arc::default();
+    let (commands, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let prefix = format!("flame/mqtt/{{}}/{id}");
+    let topic = |what: &str| prefix.replace("{}", what);
+    let (cmd_topic, blob_topic, missing_topic, stored_topic) = (topic("cmd"), topic("blob"), topic("missing"), topic("stored"));
+    let subscriptions = [cmd_topic.clone(), format!("{blob_topic}/+"), format!("{missing_topic}/+"), stored_topic.clone()];
+    let (sub_client, w) = (client.clone(), waiters.clone());
+    let poll = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    for s in &subscriptions {
+                        let _ = sub_client.subscribe(s.clone(), QoS::AtLeastOnce).await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let t = p.topic.as_str();
+                    let reply = |key: String, value: Result<Vec<u8>, String>| {
+                        if let Some(tx) = w.lock().expect("lock").remove(&key) {
+                            let _ = tx.send(value);
+                        }
+                    };
+                    if t == cmd_topic {
+                        let _ = commands.send(p.payload.to_vec());
+                    } else if let Some(d) = t.strip_prefix(&format!("{blob_topic}/")) {
+                        reply(format!("blob:{d}"), Ok(p.payload.to_vec()));
+                    } else if let Some(d) = t.strip_prefix(&format!("{missing_topic}/")) {
+                        reply(format!("blob:{d}"), Err(String::from_utf8_lossy(&p.payload).into_owned()));
+                    } else if t == stored_topic {
+                        reply(format!("stored:{}", String::from_utf8_lossy(&p.payload)), Ok(Vec::new()));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    let info = WorkerInfo { id: id.into(), roles: vec!["trainer".into()], realm: realm.into(), device: "mqtt".into() };
+    let (hb_client, hello) = (client.clone(), serde_json::to_vec(&info).expect("json"));
+    let hello_topic = topic("hello");
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            let _ = hb_client.publish(hello_topic.clone(), QoS::AtMostOnce, false, hello.clone()).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let blobs = Arc::new(MqttBlobs { client: client.clone(), id: id.into(), waiters });
+    let worker = Worker::new(info, Arc::new(flame_transport::InProcess::default()), blobs);
+    let report_topic = topic("report");
+    tokio::spawn(async move {
+        while let Some(bytes) = incoming.recv().await {
+            let Ok(command) = WorkerCommand::decode(&bytes) else { continue };
+            // The worker remembers what it ran: a command sent again is answered from memory.
+            let report = worker.execute(&command).await;
+            let _ = client.publish(report_topic.clone(), QoS::AtLeastOnce, false, serde_json::to_vec(&report).expect("json")).await;
+        }
+        poll.abort();
+        heartbeat.abort();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_speaks_only_mqtt_completes_rounds_of_a_real_job() {
+    flame_workers::model::init_backend();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, mqtt_port) = (free_port(), free_port());
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, format!("server_name: flame-mqtt-test\nmax_payload: 8MB\nmqtt {{ listen: \"127.0.0.1:{mqtt_port}\" }}\n"))
+        .expect("conf");
+    let nats = util::Nats::start_with(port, &dir.path().join("js"), &["-c", conf.to_str().expect("utf8")]);
+    util::connect(&nats.url).await;
+    let mut procs = Processes::default();
+    util::worker(&mut procs, &nats.url, "nats-1", "trainer", "default/site1");
+    util::worker(&mut procs, &nats.url, "nats-2", "trainer", "default/site2");
+    let device_id = "mqtt-device-3";
+    let device = device(mqtt_port, device_id, "default/site3").await;
+
+    let data = dir.path().join("data");
+    let out = Command::new(bin("flamectl"))
+        .args(["run", "examples/digits-two-tier", "--nats", &nats.url, "--mqtt-devices", "-o", "json", "--data-dir"])
+        .arg(&data)
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("flamectl run");
+    device.abort();
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(summary["state"], "completed", "{summary}");
+    assert_eq!(summary["rounds_completed"], 5);
+    assert!(summary["metrics"]["accuracy"].as_f64().is_some_and(|a| a > 0.9), "{summary}");
+
+    let store = format!("sqlite:{}", data.join("events.db").display());
+    let job = summary["job_id"].as_str().expect("job id");
+    let events = Command::new(bin("flamectl")).args(["events", job, "--store", &store, "-o", "json"]).output().expect("events");
+    let events: Vec<Value> = String::from_utf8_lossy(&events.stdout).lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    let actor = format!("worker:{device_id}");
+    let by_device = |t: &str| events.iter().filter(|e| e["event_type"] == t && e["actor"] == actor.as_str()).count();
+    assert_eq!(by_device("TaskDeployed"), 1, "the device deployed its task over MQTT");
+    assert_eq!(by_device("UpdateReported"), 5, "and trained every round");
+    let aggregated: Vec<&Value> = events.iter().filter(|e| e["event_type"] == "RoundAggregated").collect();
+    assert!(aggregated.iter().all(|e| e["payload"]["inputs"].as_array().map(Vec::len) == Some(3)), "its updates are in every aggregate");
+    let verify = Command::new(bin("flamectl")).args(["replay", job, "--verify", "--store", &store]).output().expect("verify");
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
