@@ -7,6 +7,7 @@
 #   scripts/bench.sh kernels   training time and result, native vs portable CPU kernels (5 runs each, alternating)
 #   scripts/bench.sh torchscript  training throughput of a TorchScript module: the worker's loop vs PyTorch's Python loop (5 runs each, alternating)
 #   scripts/bench.sh worker-rss  idle resident memory of flame-worker, full and aggregator-only (no libtorch) release builds
+#   scripts/bench.sh python    per-round overhead and idle memory of Python trainers (flame-py-worker) vs Rust ones, same job
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -28,6 +29,7 @@ case "${1:-store}" in
     cargo build -q --release -p flame-workers --bin flame-worker
     bash scripts/services.sh run bash scripts/worker-rss.sh ;;
   drift) bash scripts/drift.sh ;;
+  python) bash scripts/bench_python.sh ;;
   kernels)
     cargo build -q --release -p flame-workers --bench kernels
     bench=$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -n 1)

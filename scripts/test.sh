@@ -20,6 +20,8 @@ bash scripts/services.sh install
 if [ -z "${FLAME_SKIP_TORCH:-}" ]; then
     FLAME_TORCH_PYTHON="$(bash scripts/torch-venv.sh)"
     export FLAME_TORCH_PYTHON
+    # The Python SDK beside PyTorch, for the PyTorch trainer of examples/python-digits.
+    bash scripts/sdk-venv.sh "$(dirname "$(dirname "$FLAME_TORCH_PYTHON")")" > /dev/null
 fi
 # The Python SDK as a user installs it (pip install ./sdk/python in a fresh
 # venv), for the conformance suite and the jobs with Python trainers.

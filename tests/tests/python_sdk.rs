@@ -200,3 +200,48 @@ async fn misbehaving_python_trainers_are_contained() {
         assert!(verify.status.success(), "{case}: replay --verify: {}", String::from_utf8_lossy(&verify.stdout));
     }
 }
+
+/// Any framework behind the same trainer: two sites train the example's MLP
+/// in PyTorch (`torch_trainer.py`, the SDK installed beside PyTorch in
+/// `.deps/torch`), one in plain numpy, in one job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pytorch_and_numpy_trainers_share_a_job() {
+    let torch_bin = match std::env::var("FLAME_TORCH_PYTHON") {
+        Ok(p) if !p.is_empty() => PathBuf::from(p).parent().expect("bin").to_path_buf(),
+        _ => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: Python SDK trainers in PyTorch: FLAME_TORCH_PYTHON is unset (scripts/test.sh installs PyTorch into .deps/torch unless FLAME_SKIP_TORCH=1)"
+            );
+            return;
+        }
+    };
+    let flame_py_worker = torch_bin.join("flame-py-worker");
+    assert!(flame_py_worker.exists(), "{} is missing: scripts/test.sh installs the SDK beside PyTorch", flame_py_worker.display());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = util::Nats::start(free_port(), &dir.path().join("js"));
+    util::connect(&nats.url).await;
+    let mut procs = Processes::default();
+    let torch_trainer = format!("{}:TorchDigitsTrainer", root().join("examples/python-digits/torch_trainer.py").display());
+    for site in [1, 2] {
+        procs.spawn(
+            Command::new(&flame_py_worker)
+                .args(["--nats", &nats.url, "--id", &format!("torch-{site}"), "--realm", &format!("default/site{site}")])
+                .args(["--trainer", &torch_trainer])
+                .env("FLAME_SDK_LOG", "ERROR")
+                .stdout(Stdio::null()),
+        );
+    }
+    python_trainer(&mut procs, &nats.url, "numpy-3", 3, &example_trainer(), None);
+    let data = dir.path().join("data");
+    let summary = run(&root().join("examples/python-digits"), &nats.url, &data);
+    assert_eq!(summary["state"], "completed", "{summary}");
+    let rounds = summary["rounds"].as_array().expect("rounds");
+    let last = &rounds[rounds.len() - 1];
+    assert!(last["federated"]["accuracy"].as_f64().is_some_and(|a| a > 0.9), "{last}");
+    let events = events(summary["job_id"].as_str().expect("id"), &data);
+    let actors: BTreeSet<&str> =
+        events.iter().filter(|e| e["event_type"] == "UpdateReported").map(|e| e["actor"].as_str().expect("actor")).collect();
+    assert_eq!(actors, BTreeSet::from(["worker:numpy-3", "worker:torch-1", "worker:torch-2"]));
+}
