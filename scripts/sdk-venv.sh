@@ -21,6 +21,8 @@ if [ ! -f "$stamp" ]; then
     # A copy, so the build leaves nothing (build/, *.egg-info) in the working tree.
     tmp=$(mktemp -d)
     cp -r "$root/sdk/python" "$tmp/python"
+    # Without what an earlier build left (a stale build/ would be installed instead of the sources).
+    rm -rf "$tmp/python/build" "$tmp/python"/src/*.egg-info
     # Its dependencies if missing, then the SDK itself afresh (nothing else reinstalled).
     "$venv/bin/pip" install -q --disable-pip-version-check "$tmp/python" >&2
     "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$tmp/python" >&2

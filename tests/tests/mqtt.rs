@@ -67,7 +67,7 @@ impl BlobStore for MqttBlobs {
 
 /// The device: an MQTT connection, a heartbeat, and the platform's worker
 /// logic (`Worker::execute`) running each command with blobs over MQTT.
-async fn device(mqtt_port: u16, id: &str, realm: &str) -> tokio::task::JoinHandle<()> {
+async fn device(mqtt_port: u16, id: &str, realm: &str, lose_first_train: bool) -> tokio::task::JoinHandle<()> {
     let mut options = MqttOptions::new(id, "127.0.0.1", mqtt_port);
     options.set_keep_alive(Duration::from_secs(5));
     options.set_max_packet_size(16 << 20, 16 << 20);
@@ -123,8 +123,14 @@ async fn device(mqtt_port: u16, id: &str, realm: &str) -> tokio::task::JoinHandl
     let worker = Worker::new(info, Arc::new(flame_transport::InProcess::default()), blobs);
     let report_topic = topic("report");
     tokio::spawn(async move {
+        let mut lose = lose_first_train;
         while let Some(bytes) = incoming.recv().await {
             let Ok(command) = WorkerCommand::decode(&bytes) else { continue };
+            if lose && matches!(command.body, flame_events::protocol::CommandBody::Train { .. }) {
+                // As if the QoS 0 delivery were lost on the way: the adapter sends it again.
+                lose = false;
+                continue;
+            }
             // The worker remembers what it ran: a command sent again is answered from memory.
             let report = worker.execute(&command).await;
             let _ = client.publish(report_topic.clone(), QoS::AtLeastOnce, false, serde_json::to_vec(&report).expect("json")).await;
@@ -136,6 +142,19 @@ async fn device(mqtt_port: u16, id: &str, realm: &str) -> tokio::task::JoinHandl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_speaks_only_mqtt_completes_rounds_of_a_real_job() {
+    mqtt_job(false).await;
+}
+
+/// A command the device never got (MQTT delivers NATS publishes at QoS 0)
+/// reaches it again: the round waits, then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_lost_on_the_way_to_an_mqtt_worker_is_sent_again() {
+    let started = std::time::Instant::now();
+    mqtt_job(true).await;
+    assert!(started.elapsed() >= flame_transport::mqtt::RESEND, "the lost command came again after the resend interval");
+}
+
+async fn mqtt_job(lose_first_train: bool) {
     flame_workers::model::init_backend();
     let dir = tempfile::tempdir().expect("tempdir");
     let (port, mqtt_port) = (free_port(), free_port());
@@ -148,7 +167,7 @@ async fn a_worker_that_speaks_only_mqtt_completes_rounds_of_a_real_job() {
     util::worker(&mut procs, &nats.url, "nats-1", "trainer", "default/site1");
     util::worker(&mut procs, &nats.url, "nats-2", "trainer", "default/site2");
     let device_id = "mqtt-device-3";
-    let device = device(mqtt_port, device_id, "default/site3").await;
+    let device = device(mqtt_port, device_id, "default/site3", lose_first_train).await;
 
     let data = dir.path().join("data");
     let out = Command::new(bin("flamectl"))

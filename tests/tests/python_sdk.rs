@@ -245,3 +245,50 @@ async fn pytorch_and_numpy_trainers_share_a_job() {
         events.iter().filter(|e| e["event_type"] == "UpdateReported").map(|e| e["actor"].as_str().expect("actor")).collect();
     assert_eq!(actors, BTreeSet::from(["worker:numpy-3", "worker:torch-1", "worker:torch-2"]));
 }
+
+/// NATS credentials as the Rust worker takes them: with the right user and
+/// password the Python worker registers; with a wrong one it exits at once
+/// with the server's refusal, not a loop of retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_worker_takes_nats_credentials() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = util::Nats::start_with(port, dir.path(), &["--user", "flame", "--pass", "s3cret"]);
+    let auth = flame_transport::NatsAuth { user: Some("flame".into()), password: Some("s3cret".into()), ..Default::default() };
+    let mut connected = None;
+    for _ in 0..100 {
+        if let Ok(t) = flame_transport::Nats::connect_with(&server.url, &auth).await {
+            connected = Some(t);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let transport = connected.expect("NATS with a password");
+    let worker = |password: &str| {
+        let mut c = Command::new(format!("{}/flame-py-worker", sdk()));
+        c.args(["--nats", &server.url, "--id", "py-auth", "--trainer", &example_trainer(), "--nats-user", "flame"])
+            .env("FLAME_NATS_PASSWORD", password)
+            .env("FLAME_SDK_LOG", "ERROR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let started = std::time::Instant::now();
+    let refused = worker("wrong").output().expect("run");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("cannot connect to NATS") && stderr.contains("Authorization Violation"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "a refusal ends the process, not a retry loop");
+
+    let mut procs = Processes::default();
+    procs.spawn(&mut worker("s3cret"));
+    let mut registered = false;
+    for _ in 0..100 {
+        if flame_transport::Transport::workers(&transport).await.expect("registry").iter().any(|w| w.id == "py-auth") {
+            registered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(registered, "the worker registered with the password from FLAME_NATS_PASSWORD");
+}

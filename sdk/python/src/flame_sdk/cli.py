@@ -93,11 +93,12 @@ def parser() -> argparse.ArgumentParser:
 async def serve(worker: Worker, url: str, options: Optional[Dict[str, Any]] = None) -> None:
     """Connects and runs ``worker`` until SIGTERM or SIGINT; commands in
     flight report before it returns."""
+    await worker.connect(url, **(options or {}))
+    # From here a signal stops the worker gracefully (before, it ends the process).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await worker.connect(url, **(options or {}))
     try:
         await worker.run(stop)
     finally:
@@ -118,8 +119,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(f"flame-py-worker: {e}") from None
     try:
         asyncio.run(serve(worker, args.nats, nats_options(args)))
-    except OSError as e:
-        raise SystemExit(f"flame-py-worker: cannot connect to NATS at '{args.nats}': {e}") from None
+    except ConnectionError as e:
+        raise SystemExit(f"flame-py-worker: {e}") from None
 
 
 if __name__ == "__main__":

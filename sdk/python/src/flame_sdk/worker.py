@@ -100,7 +100,34 @@ class Worker:
     async def connect(self, url: str, **options: Any) -> None:
         """Connects (``options`` go to ``nats.connect``: credentials, TLS) and
         creates the streams, bucket and object store if they are missing."""
-        self.nc = await nats.connect(url, name=f"flame-sdk {self.id}", **options)
+        async def error(e: Exception) -> None:
+            log.warning("NATS: %s", e)
+
+        async def disconnected() -> None:
+            log.warning("disconnected from NATS; reconnecting")
+
+        async def reconnected() -> None:
+            log.info("reconnected to NATS")
+
+        # A first connection that does not retry: a wrong URL or credential is an
+        # error now, not a loop of retries.
+        try:
+            probe = await nats.connect(
+                url, allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=5, error_cb=error, **options
+            )
+        except Exception as e:
+            raise ConnectionError(f"cannot connect to NATS at '{url}': {e}") from None
+        await probe.close()
+        # Then the worker's own, which reconnects for as long as it runs (a NATS restart).
+        self.nc = await nats.connect(
+            url,
+            name=f"flame-sdk {self.id}",
+            max_reconnect_attempts=-1,
+            error_cb=error,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            **options,
+        )
         self.js = self.nc.jetstream()
         for name, subject in ((protocol.COMMAND_STREAM, "flame.cmd.>"), (protocol.REPORT_STREAM, "flame.report.>")):
             try:
@@ -115,20 +142,27 @@ class Worker:
                 )
         # The bucket and the object store as the Rust side makes them, so
         # that whichever starts first, the other finds what it would make.
-        kv = f"KV_{protocol.WORKER_BUCKET}"
-        obj = f"OBJ_{protocol.BLOB_BUCKET}"
-        for name, config in (
-            (kv, dict(subjects=[f"$KV.{protocol.WORKER_BUCKET}.>"], max_age=protocol.WORKER_TTL, max_msgs_per_subject=1,
-                      duplicate_window=protocol.WORKER_TTL, deny_delete=True)),
-            (obj, dict(subjects=[f"$O.{protocol.BLOB_BUCKET}.C.>", f"$O.{protocol.BLOB_BUCKET}.M.>"],
-                       duplicate_window=protocol.DUPLICATE_WINDOW)),
-        ):
+        streams = (
+            api.StreamConfig(
+                name=f"KV_{protocol.WORKER_BUCKET}",
+                subjects=[f"$KV.{protocol.WORKER_BUCKET}.>"],
+                max_age=protocol.WORKER_TTL,
+                max_msgs_per_subject=1,
+                duplicate_window=protocol.WORKER_TTL,
+                deny_delete=True,
+            ),
+            api.StreamConfig(
+                name=f"OBJ_{protocol.BLOB_BUCKET}",
+                subjects=[f"$O.{protocol.BLOB_BUCKET}.C.>", f"$O.{protocol.BLOB_BUCKET}.M.>"],
+                duplicate_window=protocol.DUPLICATE_WINDOW,
+            ),
+        )
+        for config in streams:
+            config.discard, config.allow_rollup_hdrs, config.allow_direct = api.DiscardPolicy.NEW, True, True
             try:
-                await self.js.stream_info(name)
+                await self.js.stream_info(str(config.name))
             except NotFoundError:
-                await self.js.add_stream(
-                    name=name, discard=api.DiscardPolicy.NEW, allow_rollup_hdrs=True, allow_direct=True, **config
-                )
+                await self.js.add_stream(config)
         self._kv = await self.js.key_value(protocol.WORKER_BUCKET)
         self.blobs = await Blobs.open(self.js)
 
