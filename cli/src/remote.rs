@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 done; 1 the engine or the network failed; 2 the request was
 //! invalid (422, the validation list is printed); 3 not found (404);
-//! 4 illegal in the job's state (409); 5 unauthorized (401).
+//! 4 illegal in the job's state (409); 5 unauthorized (401: no valid token; 403: the token's scope does not allow the call).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -249,7 +249,7 @@ pub fn run(api: &Remote, request: Request) -> ExitCode {
         422 | 400 => 2,
         404 => 3,
         409 => 4,
-        401 => 5,
+        401 | 403 => 5,
         _ => 1,
     })
 }

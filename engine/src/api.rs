@@ -31,14 +31,67 @@ use crate::runner::{self, Runner};
 use crate::supervisor::Supervisor;
 use crate::workflow::Workflow;
 
-/// Bearer tokens by their sha256 (hex) -> user name. Tokens themselves are never stored.
+/// What a token may do: `read` (every GET), `operator` (also create, update,
+/// start and stop), `admin` (also delete). Each includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Look: list and get everything, follow events.
+    Read,
+    /// Run jobs: also create and update designs, datasets and jobs, start and stop jobs.
+    Operator,
+    /// Everything: also remove designs, datasets and jobs.
+    Admin,
+}
+
+impl Scope {
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// The scope a request with this method needs.
+    pub fn needed(method: &axum::http::Method) -> Self {
+        use axum::http::Method;
+        if method == Method::GET || method == Method::HEAD {
+            Self::Read
+        } else if method == Method::DELETE {
+            Self::Admin
+        } else {
+            Self::Operator
+        }
+    }
+}
+
+/// A token's grant: its user, scope and expiry.
+#[derive(Clone, Debug, PartialEq)]
+struct Grant {
+    user: String,
+    scope: Scope,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Bearer tokens by their sha256 (hex) -> their grant. Tokens themselves are never stored.
 #[derive(Clone, Debug, Default)]
-pub struct Tokens(HashMap<String, String>);
+pub struct Tokens(HashMap<String, Grant>);
+
+/// Tokens written before scopes existed could do everything; they keep that.
+fn admin() -> Scope {
+    Scope::Admin
+}
 
 #[derive(Serialize, Deserialize)]
 struct TokenLine {
     user: String,
     sha256: String,
+    #[serde(default = "admin")]
+    scope: Scope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn hash(token: &str) -> String {
@@ -46,36 +99,71 @@ fn hash(token: &str) -> String {
 }
 
 impl Tokens {
-    /// Reads a tokens file: one JSON object per line, `{"user": .., "sha256": ..}`.
+    /// Reads a tokens file: one JSON object per line, `{"user", "sha256", "scope", "expires_at"?}`.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read tokens file {}: {e}", path.display()))?;
         let mut map = HashMap::new();
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let t: TokenLine =
                 serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: not a token line ({e})", path.display(), i + 1))?;
-            map.insert(t.sha256, t.user);
+            map.insert(t.sha256, Grant { user: t.user, scope: t.scope, expires_at: t.expires_at });
         }
         Ok(Self(map))
     }
 
-    /// Adds a new random token for `user` to the tokens file and returns it (shown once).
-    pub fn add(path: &Path, user: &str) -> anyhow::Result<String> {
+    /// Adds a new random token for `user` with `scope`, valid for `lifetime`
+    /// (none: until its line is removed), and returns it (shown once).
+    pub fn add(path: &Path, user: &str, scope: Scope, lifetime: Option<Duration>) -> anyhow::Result<String> {
         use std::io::Write;
         anyhow::ensure!(!user.is_empty() && !user.contains(char::is_whitespace), "user names have no spaces");
         let token = format!("flm_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-        let line = serde_json::to_string(&TokenLine { user: user.into(), sha256: hash(&token) })?;
+        let expires_at = match lifetime {
+            Some(d) => Some(chrono::Utc::now() + chrono::Duration::from_std(d).map_err(|e| anyhow::anyhow!("lifetime: {e}"))?),
+            None => None,
+        };
+        let line = serde_json::to_string(&TokenLine { user: user.into(), sha256: hash(&token), scope, expires_at })?;
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         writeln!(f, "{line}")?;
         Ok(token)
     }
 
-    /// A table with one user and token (tests, embedded servers).
+    /// A table with one admin user and token (tests, embedded servers).
     pub fn single(user: &str, token: &str) -> Self {
-        Self(HashMap::from([(hash(token), user.to_string())]))
+        Self(HashMap::from([(hash(token), Grant { user: user.to_string(), scope: Scope::Admin, expires_at: None })]))
     }
 
-    fn user(&self, token: &str) -> Option<&str> {
-        self.0.get(&hash(token)).map(String::as_str)
+    /// Who a token speaks for, if it may make a request that needs `needed` at `now`.
+    fn authorize(&self, token: &str, needed: Scope, now: chrono::DateTime<chrono::Utc>) -> Result<&str, ApiError> {
+        let Some(g) = self.0.get(&hash(token)) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown bearer token: send 'Authorization: Bearer <token>' (flame-engine token add --user NAME makes one)",
+            ));
+        };
+        if let Some(at) = g.expires_at.filter(|at| *at <= now) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "the token of '{}' expired at {}: make a new one (flame-engine token add --user {})",
+                    g.user,
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    g.user
+                ),
+            ));
+        }
+        if g.scope < needed {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this call needs a token with the {} scope; the token of '{}' has {} (flame-engine token add --scope {})",
+                    needed.name(),
+                    g.user,
+                    g.scope.name(),
+                    needed.name()
+                ),
+            ));
+        }
+        Ok(&g.user)
     }
 }
 
@@ -196,13 +284,9 @@ impl FromRequestParts<Api> for User {
 
     async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, ApiError> {
         let token = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        match token.and_then(|t| api.tokens.user(t.trim())) {
-            Some(user) => Ok(User(user.to_string())),
-            None => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown bearer token: send 'Authorization: Bearer <token>' (flame-engine token add --user NAME makes one)",
-            )),
-        }
+        let needed = Scope::needed(&parts.method);
+        let user = api.tokens.authorize(token.unwrap_or_default().trim(), needed, chrono::Utc::now())?;
+        Ok(User(user.to_string()))
     }
 }
 
@@ -682,4 +766,47 @@ impl utoipa::Modify for Bearer {
 /// The OpenAPI document as pretty JSON (checked in as docs/openapi.json).
 pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_does_what_its_scope_allows_until_it_expires() {
+        use axum::http::Method;
+        let now = chrono::Utc::now();
+        let grant = |scope, expires_at| Grant { user: "ada".into(), scope, expires_at };
+        let tokens = Tokens(HashMap::from([
+            (hash("r"), grant(Scope::Read, None)),
+            (hash("o"), grant(Scope::Operator, Some(now + chrono::Duration::hours(1)))),
+            (hash("x"), grant(Scope::Admin, Some(now - chrono::Duration::seconds(1)))),
+        ]));
+        assert_eq!(Scope::needed(&Method::GET), Scope::Read);
+        assert_eq!(Scope::needed(&Method::POST), Scope::Operator);
+        assert_eq!(Scope::needed(&Method::PUT), Scope::Operator);
+        assert_eq!(Scope::needed(&Method::DELETE), Scope::Admin);
+        assert_eq!(tokens.authorize("r", Scope::Read, now).ok(), Some("ada"));
+        let e = tokens.authorize("r", Scope::Operator, now).expect_err("read cannot write");
+        assert_eq!(e.status, 403);
+        assert!(e.detail.contains("operator scope") && e.detail.contains("has read"), "{}", e.detail);
+        assert!(tokens.authorize("o", Scope::Operator, now).is_ok());
+        assert_eq!(tokens.authorize("o", Scope::Admin, now).expect_err("no delete").status, 403);
+        assert_eq!(tokens.authorize("o", Scope::Read, now + chrono::Duration::hours(2)).expect_err("expired").status, 401);
+        let e = tokens.authorize("x", Scope::Read, now).expect_err("expired");
+        assert!(e.status == 401 && e.detail.contains("expired at"), "{}", e.detail);
+        assert_eq!(tokens.authorize("nope", Scope::Read, now).expect_err("unknown").status, 401);
+    }
+
+    #[test]
+    fn token_lines_written_before_scopes_keep_every_right() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("{{\"user\":\"old\",\"sha256\":\"{}\"}}\n", hash("t"))).expect("write");
+        let made = Tokens::add(&path, "new", Scope::Read, Some(Duration::from_secs(3600))).expect("add");
+        let tokens = Tokens::load(&path).expect("load");
+        assert!(tokens.authorize("t", Scope::Admin, chrono::Utc::now()).is_ok());
+        assert!(tokens.authorize(&made, Scope::Read, chrono::Utc::now()).is_ok());
+        assert!(tokens.authorize(&made, Scope::Operator, chrono::Utc::now()).is_err());
+    }
 }

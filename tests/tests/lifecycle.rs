@@ -69,8 +69,12 @@ impl Http {
 }
 
 fn add_token(tokens: &Path, user: &str) -> String {
+    add_scoped_token(tokens, user, "admin")
+}
+
+fn add_scoped_token(tokens: &Path, user: &str, scope: &str) -> String {
     let out = Command::new(bin("flame-engine"))
-        .args(["token", "add", "--tokens", tokens.to_str().expect("utf8"), "--user", user])
+        .args(["token", "add", "--tokens", tokens.to_str().expect("utf8"), "--user", user, "--scope", scope])
         .output()
         .expect("flame-engine token add");
     assert!(out.status.success(), "token add: {}", String::from_utf8_lossy(&out.stderr));
@@ -316,6 +320,17 @@ async fn the_management_api_serves_every_resource_with_auth_and_clear_errors() {
     let db = format!("flame_api_{}", unique());
     let tokens = dir.path().join("tokens");
     let token = add_token(&tokens, "grace");
+    let reader = add_scoped_token(&tokens, "rita", "read");
+    let operator = add_scoped_token(&tokens, "otto", "operator");
+    // A token whose time is up, and one written before scopes existed (it keeps every right).
+    let expired = "flm_expired-token";
+    let legacy = "flm_legacy-token";
+    let sha = |t: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(t.as_bytes()));
+    let mut lines = std::fs::read_to_string(&tokens).expect("tokens");
+    lines
+        .push_str(&format!("{}\n", json!({"user": "eve", "sha256": sha(expired), "scope": "admin", "expires_at": "2026-01-01T00:00:00Z"})));
+    lines.push_str(&format!("{}\n", json!({"user": "lee", "sha256": sha(legacy)})));
+    std::fs::write(&tokens, lines).expect("write tokens");
     let mut procs = Processes::default();
     let port = free_port();
     serve(&mut procs, &nats.url, &db, port, &tokens);
@@ -323,6 +338,32 @@ async fn the_management_api_serves_every_resource_with_auth_and_clear_errors() {
     api.wait_ready();
     let anonymous = Http::new(port, None);
     let forged = Http::new(port, Some("flm_not-a-token"));
+
+    // Scopes: read looks, operator also runs jobs, admin also removes; an expired token is refused.
+    let (reading, writing, removing) = (Http::new(port, Some(&reader)), Http::new(port, Some(&operator)), Http::new(port, Some(legacy)));
+    assert_eq!(reading.call("GET", "/jobs", None).0, 200);
+    let (status, body) = reading.call("POST", "/designs", Some(r#"{"id":"scoped","name":"scoped"}"#));
+    assert_eq!(status, 403, "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("operator scope") && d.contains("'rita' has read")), "{body}");
+    assert_eq!(writing.call("POST", "/designs", Some(r#"{"id":"scoped","name":"scoped"}"#)).0, 201);
+    let (status, body) = writing.call("DELETE", "/designs/scoped", None);
+    assert_eq!(status, 403);
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("admin scope")), "{body}");
+    assert_eq!(removing.call("DELETE", "/designs/scoped", None).0, 204, "a token line without a scope keeps every right");
+    let (status, body) = Http::new(port, Some(expired)).call("GET", "/jobs", None);
+    assert_eq!(status, 401);
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("expired at 2026-01-01T00:00:00Z")), "{body}");
+    // flamectl says which scope a refused call needed, with exit code 5.
+    let refused = Command::new(bin("flamectl"))
+        .args(["start", "job", "nope", "--api", &format!("http://127.0.0.1:{port}"), "--token", &reader])
+        .output()
+        .expect("flamectl");
+    assert_eq!(refused.status.code(), Some(5));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("needs a token with the operator scope"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 
     // The OpenAPI document is public and the checked-in copy is current.
     let (status, doc) = anonymous.call("GET", "/openapi.json", None);

@@ -85,7 +85,32 @@ enum TokenCommand {
         /// User name, recorded as the actor of what the token does.
         #[arg(long)]
         user: String,
+        /// What it may do: `read` (look), `operator` (also create, update,
+        /// start and stop), `admin` (also remove).
+        #[arg(long, value_enum, default_value = "operator")]
+        scope: flame_engine::api::Scope,
+        /// How long it is valid, e.g. `90d`, `12h`, `30m` (default: until
+        /// its line is removed from the tokens file).
+        #[arg(long, value_parser = lifetime)]
+        expires_in: Option<Duration>,
     },
+}
+
+/// A lifetime such as `90d`, `12h`, `30m` or `45s`.
+fn lifetime(text: &str) -> Result<Duration, String> {
+    let (n, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = n.parse().map_err(|_| format!("'{text}' is not a lifetime: a number and a unit, e.g. 90d, 12h, 30m"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("'{text}': the unit is s, m, h or d (90d, 12h, 30m)")),
+    };
+    if n == 0 {
+        return Err("a token that expires at once is no token".into());
+    }
+    Ok(Duration::from_secs(n * seconds))
 }
 
 struct Engine {
@@ -158,8 +183,8 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().command {
-        Command::Token { command: TokenCommand::Add { tokens, user } } => {
-            println!("{}", Tokens::add(&tokens, &user)?);
+        Command::Token { command: TokenCommand::Add { tokens, user, scope, expires_in } } => {
+            println!("{}", Tokens::add(&tokens, &user, scope, expires_in)?);
             Ok(())
         }
         Command::Openapi => {
