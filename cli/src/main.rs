@@ -118,6 +118,10 @@ enum Cmd {
         /// listener; topics `flame/mqtt/...`, see docs/protocol.md). Needs --nats.
         #[arg(long)]
         mqtt_devices: bool,
+        /// More folders whose datasets the in-process workers may read
+        /// (besides the job folder, which they always may).
+        #[arg(long = "data-root", value_name = "DIR")]
+        data_roots: Vec<PathBuf>,
     },
     /// Check a job folder and show the tasks it expands to.
     Validate {
@@ -352,8 +356,9 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices } => {
-            run(&folder, output, &data_dir, Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices }).await
+        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices, data_roots } => {
+            let remote = Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices };
+            run(&folder, output, &data_dir, remote, &data_roots).await
         }
         Cmd::Validate { folder, output } => validate(&folder, output),
         Cmd::Plan { folder, output, round } => show_plan(&folder, output, round),
@@ -491,7 +496,7 @@ struct Remote<'a> {
     mqtt_devices: bool,
 }
 
-async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>) -> anyhow::Result<ExitCode> {
+async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>, data_roots: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let Remote { nats, auth, local, mqtt_devices } = remote;
     let def = match JobDefinition::load(folder) {
         Ok(d) => d,
@@ -550,6 +555,10 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>)
         Local::Aggregators => !t.is_data_consumer,
         Local::None => false,
     };
+    // The in-process workers read the job folder's datasets, and those under --data-root.
+    let home = if folder.is_dir() { folder.to_path_buf() } else { folder.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) };
+    let home = if home.as_os_str().is_empty() { PathBuf::from(".") } else { home };
+    let roots = flame_workers::roots::DataRoots::new(&[&[home], data_roots].concat()).map_err(anyhow::Error::msg)?;
     // Local worker ids are unique to this run: several runs may share one NATS server.
     let prefix = if nats.is_some() { format!("local-{}-", &job_id[..job_id.len().min(8)]) } else { "local-".to_string() };
     for t in job.tasks.iter().filter(|t| t.colocate.is_none()).filter(here) {
@@ -561,7 +570,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>)
             device: "cpu".into(),
         };
         let mut stopped = stopped.clone();
-        let worker = Worker::new(info, transport.clone(), blobs.clone());
+        let worker = Worker::new(info, transport.clone(), blobs.clone()).with_data_roots(roots.clone());
         workers.push(tokio::spawn(worker.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         })));

@@ -50,7 +50,8 @@ fn beside(folder: &Path, url: &str) -> String {
     if path.is_empty() || relative.is_absolute() || !folder.join(relative).exists() {
         return url.to_string();
     }
-    let absolute = std::path::absolute(folder.join(relative)).unwrap_or_else(|_| folder.join(relative));
+    // Canonical: no '..' left in it (a worker refuses paths that climb).
+    let absolute = folder.join(relative).canonicalize().unwrap_or_else(|_| folder.join(relative));
     format!("{prefix}{}{}", absolute.display(), query.map(|q| format!("?{q}")).unwrap_or_default())
 }
 

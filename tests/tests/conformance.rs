@@ -28,7 +28,10 @@ type Launch = Box<dyn Fn(&str, &str) -> Command>;
 fn rust_worker() -> Launch {
     Box::new(|nats, id| {
         let mut c = Command::new(bin("flame-worker"));
-        c.args(["--nats", nats, "--id", id, "--roles", "trainer", "--realm", "default/site1"]).env("RUST_LOG", "error");
+        c.args(["--nats", nats, "--id", id, "--roles", "trainer", "--realm", "default/site1"])
+            .arg("--data-root")
+            .arg(crate::util::examples());
+        c.env("RUST_LOG", "error");
         c
     })
 }
@@ -53,6 +56,8 @@ fn python(broken: Option<&'static str>) -> Launch {
             }
         };
         c.args(["--nats", nats, "--id", id, "--roles", "trainer", "--realm", "default/site1", "--trainer", &trainer])
+            .arg("--data-root")
+            .arg(crate::util::examples())
             .env("FLAME_SDK_LOG", "ERROR");
         c
     })
@@ -266,6 +271,22 @@ async fn suite(launch: &Launch) -> Vec<Outcome> {
     let other_role = h.command("deploy/aggregator-0", 0, json!({"kind": "deploy", "role": "aggregator", "dataset": null}));
     out.push(("deploy: a role it does not offer is refused", h.ask(&other_role).await.and_then(|b| failed_with(&b, "aggregator"))));
 
+    // A job cannot make the worker read what its owner did not share: a path outside its data roots, one that climbs.
+    let outside = async {
+        for (n, path) in ["/etc/hostname", "../../etc/hostname"].iter().enumerate() {
+            let probe = h.command(&format!("deploy/outside-{n}"), 0, json!({"kind": "deploy", "role": "trainer", "dataset": path}));
+            let body = h.ask(&probe).await?;
+            failed_with(&body, if path.contains("..") { "'..'" } else { "data roots" })?;
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            if !host.trim().is_empty() && body["error"].as_str().is_some_and(|e| e.contains(host.trim())) {
+                return Err(format!("the refusal echoes the file's contents: {body}"));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    out.push(("a dataset outside the worker's data roots is refused", outside));
+
     // The initial model from the job's file, named by its sha256.
     let start = initial();
     let file_bytes = std::fs::read(root().join("examples/python-digits/initial.safetensors")).expect("file");
@@ -474,7 +495,7 @@ fn print(who: &str, outcomes: &[Outcome]) {
 async fn the_rust_worker_conforms() {
     let outcomes = suite(&rust_worker()).await;
     print("flame-worker", &outcomes);
-    assert!(outcomes.len() >= 14, "every check ran");
+    assert!(outcomes.len() >= 15, "every check ran");
     assert!(failures(&outcomes).is_empty(), "{:#?}", failures(&outcomes));
 }
 
@@ -482,7 +503,7 @@ async fn the_rust_worker_conforms() {
 async fn the_python_sdk_conforms() {
     let outcomes = suite(&python_worker()).await;
     print("flame-py-worker", &outcomes);
-    assert!(outcomes.len() >= 14, "every check ran");
+    assert!(outcomes.len() >= 15, "every check ran");
     assert!(failures(&outcomes).is_empty(), "{:#?}", failures(&outcomes));
 }
 

@@ -36,6 +36,8 @@ async fn engine_and_four_workers_complete_the_digits_job() {
         procs.spawn(
             Command::new(program)
                 .args(["--nats", &nats, "--id", &format!("{id}-{suffix}"), "--roles", roles, "--realm", realm])
+                .arg("--data-root")
+                .arg(crate::util::examples())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null()),
         );
@@ -161,6 +163,8 @@ async fn torchscript_distributed(example: &str, rounds: i64, good: impl Fn(&Docu
         procs.spawn(
             Command::new(program)
                 .args(["--nats", &nats, "--id", &format!("{id}-{suffix}"), "--roles", roles, "--realm", realm])
+                .arg("--data-root")
+                .arg(crate::util::examples())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null()),
         );

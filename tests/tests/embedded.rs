@@ -709,3 +709,50 @@ fn every_example_validates_and_plans() {
     }
     assert!(seen >= 2, "examples found: {seen}");
 }
+
+/// A job cannot make a worker read what its owner did not share: a dataset
+/// beside the job folder (`../private/secret.csv`, a numeric CSV that would
+/// train) and a system file are refused by the workers, which read under the
+/// job folder (and `--data-root`) only; the refusal does not echo the file.
+/// With the folder given as a data root the same job trains.
+#[test]
+fn a_job_cannot_read_outside_the_workers_data_roots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (job, private) = (dir.path().join("job"), dir.path().join("private"));
+    std::fs::create_dir_all(&job).expect("mkdir");
+    std::fs::create_dir_all(&private).expect("mkdir");
+    copy_example(&job);
+    let rows: String = (0..60).map(|i| format!("{},{},{},{}\n", i % 7, (i * 3) % 5, 424242, i % 2)).collect();
+    std::fs::write(private.join("secret.csv"), &rows).expect("secret");
+    for (n, url) in ["../private/secret.csv", "/etc/hostname"].iter().enumerate() {
+        let mut ds: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(job.join("dataset1.json")).expect("read")).expect("json");
+        ds["url"] = serde_json::json!(url);
+        std::fs::write(job.join("dataset1.json"), ds.to_string()).expect("write");
+        let data = dir.path().join(format!("data{n}"));
+        let out = flamectl(&["run", job.to_str().expect("utf8"), "--data-dir", data.to_str().expect("utf8"), "-o", "json"]);
+        assert_eq!(out.status.code(), Some(1), "{url}: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+        let failure = summary["failure"].to_string();
+        assert!(failure.contains("not under this worker's data roots"), "{url}: {failure}");
+        assert!(!failure.contains("424242"), "the refusal does not echo the file: {failure}");
+    }
+    // Shared on purpose: the owner names the folder.
+    let mut ds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(job.join("dataset1.json")).expect("read")).expect("json");
+    ds["url"] = serde_json::json!("../private/secret.csv");
+    std::fs::write(job.join("dataset1.json"), ds.to_string()).expect("write");
+    let data = dir.path().join("data-shared");
+    let out = flamectl(&[
+        "run",
+        job.to_str().expect("utf8"),
+        "--data-dir",
+        data.to_str().expect("utf8"),
+        "--data-root",
+        private.to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+    let failure = summary["failure"].to_string();
+    assert!(!failure.contains("data roots"), "with --data-root the file is read: {failure}");
+}

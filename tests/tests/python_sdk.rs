@@ -27,6 +27,8 @@ fn python_trainer(procs: &mut Processes, nats: &str, id: &str, site: usize, trai
         }
     };
     c.args(["--nats", nats, "--id", id, "--realm", &format!("default/site{site}"), "--trainer", trainer])
+        .arg("--data-root")
+        .arg(util::examples())
         .env("FLAME_SDK_LOG", "ERROR")
         .stdout(Stdio::null());
     procs.spawn(&mut c);
@@ -229,6 +231,8 @@ async fn pytorch_and_numpy_trainers_share_a_job() {
             Command::new(&flame_py_worker)
                 .args(["--nats", &nats.url, "--id", &format!("torch-{site}"), "--realm", &format!("default/site{site}")])
                 .args(["--trainer", &torch_trainer])
+                .arg("--data-root")
+                .arg(util::examples())
                 .env("FLAME_SDK_LOG", "ERROR")
                 .stdout(Stdio::null()),
         );

@@ -30,6 +30,11 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The repository's examples: the data root of the workers the tests start.
+pub fn examples() -> PathBuf {
+    root().join("examples")
+}
+
 /// A short unique suffix for names in shared servers.
 pub fn unique() -> String {
     uuid::Uuid::now_v7().simple().to_string()[20..].to_string()
@@ -119,6 +124,8 @@ pub fn worker(procs: &mut Processes, nats: &str, id: &str, roles: &str, realm: &
     procs.spawn(
         Command::new(bin("flame-worker"))
             .args(["--nats", nats, "--id", id, "--roles", roles, "--realm", realm])
+            .arg("--data-root")
+            .arg(examples())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null()),
     );

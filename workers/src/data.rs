@@ -225,11 +225,9 @@ fn csv_columns(url: &str, text: &str) -> Result<Vec<(String, Vec<f64>)>, Error> 
             return Err(bad(format!("line {} has {} columns, the header {}", i + 1, cells.len(), names.len())));
         }
         for ((name, column), cell) in columns.iter_mut().zip(cells) {
+            // The cell itself is not repeated: an error never echoes a file's contents.
             let v = cell.trim_matches('"').parse::<f64>().map_err(|_| {
-                bad(format!(
-                    "line {}, column '{name}': '{cell}' is not a number (fill or drop missing values; encode categories as numbers)",
-                    i + 1
-                ))
+                bad(format!("line {}, column '{name}' is not a number (fill or drop missing values; encode categories as numbers)", i + 1))
             })?;
             column.push(v);
         }

@@ -20,6 +20,7 @@ pub mod optimizers;
 pub mod partition;
 pub mod privacy;
 pub mod robust;
+pub mod roots;
 pub mod runtime;
 #[cfg(feature = "tch")]
 pub mod script;

@@ -21,6 +21,7 @@ use crate::control;
 use crate::model::ModelConfig;
 #[cfg(feature = "tch")]
 use crate::model::{Net, TrainSettings};
+use crate::roots::DataRoots;
 use crate::weights::{self, State, Weights};
 use crate::{aggregate, data};
 use flame_events::model::Model;
@@ -42,12 +43,33 @@ pub struct Worker {
     concurrency: usize,
     /// TorchScript model files by sha256, fetched once.
     archives: Arc<Mutex<HashMap<String, Arc<flame_torchscript::Archive>>>>,
+    /// Where it may read datasets.
+    roots: DataRoots,
 }
 
 impl Worker {
     /// A worker with this identity, transport and blob store.
     pub fn new(info: WorkerInfo, transport: Arc<dyn Transport>, blobs: Arc<dyn BlobStore>) -> Self {
-        Self { info, transport, blobs, done: Arc::default(), concurrency: DEFAULT_CONCURRENCY, archives: Arc::default() }
+        Self {
+            info,
+            transport,
+            blobs,
+            done: Arc::default(),
+            concurrency: DEFAULT_CONCURRENCY,
+            archives: Arc::default(),
+            roots: DataRoots::anywhere(),
+        }
+    }
+
+    /// Reads datasets only under these roots (the binaries always give some).
+    pub fn with_data_roots(mut self, roots: DataRoots) -> Self {
+        self.roots = roots;
+        self
+    }
+
+    /// The URL to read for a job's dataset URL, inside this worker's data roots.
+    fn dataset(&self, url: &str) -> anyhow::Result<String> {
+        Ok(self.roots.resolve(url)?)
     }
 
     /// Runs at most `n` commands at once (at least 1). Each is acked only
@@ -199,7 +221,8 @@ impl Worker {
                 if !protocol::offers(&self.info.roles, role, dataset.is_some()) {
                     bail!("this worker offers roles {:?}, not '{role}'", self.info.roles);
                 }
-                if let Some(url) = dataset.clone() {
+                if let Some(url) = dataset.as_deref() {
+                    let url = self.dataset(url)?;
                     let d = tokio::task::spawn_blocking(move || data::load(&url)).await?.with_context(|| format!("dataset {dataset:?}"))?;
                     if d.train.is_empty() {
                         bail!("dataset {dataset:?} has no training samples");
@@ -210,13 +233,13 @@ impl Worker {
             #[cfg_attr(not(feature = "tch"), allow(unused_variables))]
             CommandBody::InitModel { model, dataset, seed, loss } => {
                 let cfg = ModelConfig::new(model)?;
-                let url = dataset.clone();
                 if let Model::External { file, sha256 } = model {
                     // The workers' own code defines it: the initial weights are the job's file, checked.
                     let bytes = self.blobs.get(sha256).await.with_context(|| format!("fetching the initial weights {file} ({sha256})"))?;
                     let state = weights::decode_state(&bytes).with_context(|| format!("the initial weights {file}"))?;
                     return Ok(ReportBody::Initialized { digest: self.store_state(&state).await? });
                 }
+                let url = self.dataset(dataset)?;
                 let d = tokio::task::spawn_blocking(move || data::load(&url)).await??;
                 if let Some(archive) = self.archive(model).await? {
                     // The user's module starts from the weights its file holds.
@@ -258,7 +281,7 @@ impl Worker {
                     Some(d) => Some(self.fetch(d).await.context("the server's state")?),
                     None => None,
                 };
-                let (url, seed) = (dataset.clone(), *seed);
+                let (url, seed) = (self.dataset(dataset)?, *seed);
                 let global = global_state.params.clone();
                 let global_for_dp = global.clone();
                 let model = model.clone();
@@ -329,7 +352,7 @@ impl Worker {
                 };
                 // The trainer evaluates with its own buffers where it trains with them.
                 let state = own_buffers(model, self.fetch_state(global_model).await?, own.as_ref())?;
-                let (url, loss, model) = (dataset.clone(), *loss, model.clone());
+                let (url, loss, model) = (self.dataset(dataset)?, *loss, model.clone());
                 let metrics = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let test = data::load(&url)?.test;
                     if test.is_empty() {
@@ -426,7 +449,15 @@ impl Worker {
                     Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
                     None => None,
                 };
-                let (eval, optimizer, trainers, loss, model) = (eval_dataset.clone(), *optimizer, *trainers, *loss, model.clone());
+                // An evaluation set this worker may not read: no central evaluation (the trainers' federated one stands).
+                let eval = eval_dataset.as_deref().and_then(|url| match self.dataset(url) {
+                    Ok(u) => Some(u),
+                    Err(e) => {
+                        tracing::warn!(worker = %self.info.id, "no central evaluation: {e:#}");
+                        None
+                    }
+                });
+                let (optimizer, trainers, loss, model) = (*optimizer, *trainers, *loss, model.clone());
                 let weighted: Vec<(&State, u64)> = buffers.iter().map(|(s, n)| (s, *n)).collect();
                 let (merged_buffers, merged_counters) = weights::merge_buffers(&weighted)?;
                 let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

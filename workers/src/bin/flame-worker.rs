@@ -9,6 +9,7 @@ use flame_events::protocol::WorkerInfo;
 use flame_transport::Nats;
 use flame_workers::blob::NatsBlobs;
 use flame_workers::kernels::Kernels;
+use flame_workers::roots::DataRoots;
 use flame_workers::{Worker, model};
 
 const DEFAULT_ROLES: &str = if model::CAN_TRAIN { "trainer,aggregator" } else { "aggregator" };
@@ -43,6 +44,12 @@ struct Args {
     /// every x86-64 CPU, slower).
     #[arg(long, value_enum, env = "FLAME_KERNELS", default_value = "native")]
     kernels: Kernels,
+    /// A folder whose datasets this worker may read (several allowed; in
+    /// FLAME_DATA_ROOTS separated by ':'). A job's dataset path resolves
+    /// inside one of them or is refused: absolute paths elsewhere, '..' and
+    /// symlinks out. Default: the folder the worker starts in.
+    #[arg(long = "data-root", env = "FLAME_DATA_ROOTS", value_delimiter = ':', value_name = "DIR")]
+    data_roots: Vec<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,9 +70,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             args.roles
         );
     }
+    let dirs = if args.data_roots.is_empty() { vec![std::env::current_dir().context("the current folder")?] } else { args.data_roots };
+    let roots = DataRoots::new(&dirs).map_err(|e| anyhow::anyhow!("{e} (--data-root)"))?;
     model::init_backend();
     let transport = Nats::connect_with(&args.nats, &args.auth).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
-    Worker::new(info, Arc::new(transport), Arc::new(blobs)).with_concurrency(args.concurrency).run(flame_transport::shutdown_signal()).await
+    tracing::info!(roots = ?roots.dirs().unwrap_or_default(), "datasets are read under these folders only");
+    Worker::new(info, Arc::new(transport), Arc::new(blobs))
+        .with_concurrency(args.concurrency)
+        .with_data_roots(roots)
+        .run(flame_transport::shutdown_signal())
+        .await
 }

@@ -81,6 +81,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--realm", default="default", help="where this worker runs, e.g. default/us/west")
     p.add_argument("--device", default="cpu", help="the compute device it trains on")
     p.add_argument("--concurrency", type=int, default=1, help="commands run at once")
+    p.add_argument(
+        "--data-root",
+        action="append",
+        dest="data_roots",
+        metavar="DIR",
+        help="a folder whose datasets this worker may read (several allowed; FLAME_DATA_ROOTS with ':'); default: the folder it starts in",
+    )
     p.add_argument("--nats-creds", default=env("FLAME_NATS_CREDS"), help="a NATS credentials file [env FLAME_NATS_CREDS]")
     p.add_argument("--nats-nkey", default=env("FLAME_NATS_NKEY"), help="a file holding an NKey seed [env FLAME_NATS_NKEY]")
     p.add_argument("--nats-user", default=env("FLAME_NATS_USER"), help="user name [env FLAME_NATS_USER]")
@@ -112,8 +119,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     aggregator = load(args.aggregator)() if args.aggregator else None
     roles = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None
     try:
+        roots = args.data_roots or (os.environ["FLAME_DATA_ROOTS"].split(":") if os.environ.get("FLAME_DATA_ROOTS") else None)
         worker = Worker(
-            args.id, trainer=trainer, aggregator=aggregator, roles=roles, realm=args.realm, device=args.device, concurrency=args.concurrency
+            args.id,
+            trainer=trainer,
+            aggregator=aggregator,
+            roles=roles,
+            realm=args.realm,
+            device=args.device,
+            concurrency=args.concurrency,
+            data_roots=roots,
         )
     except ValueError as e:
         raise SystemExit(f"flame-py-worker: {e}") from None

@@ -8,8 +8,9 @@ common case.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -60,3 +61,67 @@ def load_npz(url: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             x, y, xt, yt = x[:cut], y[:cut], x[cut:], y[cut:]
     part, of = d.part
     return x[part::of], y[part::of], xt, yt
+
+
+class Refused(Exception):
+    """A dataset URL this worker will not read."""
+
+
+class DataRoots:
+    """The folders a worker reads datasets from (its owner's `--data-root`).
+
+    A job's dataset path resolves inside one of them or is refused: absolute
+    paths elsewhere, '..', symlinks that point out; the refusal reads the
+    same whether or not the path exists. `builtin://` and other `scheme://`
+    URLs pass as they are (nothing on this disk).
+    """
+
+    def __init__(self, dirs: Optional[Sequence[str]]) -> None:
+        self.roots: Optional[List[str]] = None
+        if dirs is not None:
+            roots = []
+            for d in dirs:
+                real = os.path.realpath(d)
+                if not os.path.isdir(real):
+                    raise ValueError(f"data root '{d}' is not a folder")
+                roots.append(real)
+            if not roots:
+                raise ValueError("give at least one data root")
+            self.roots = roots
+
+    def _inside(self, path: str) -> bool:
+        assert self.roots is not None
+        return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in self.roots)
+
+    def resolve(self, url: str) -> str:
+        if self.roots is None:
+            return url
+        scheme, sep, _ = url.partition("://")
+        if sep and scheme != "file":
+            return url
+        rest = url[len("file://") :] if url.startswith("file://") else url[len("file:") :] if url.startswith("file:") else url
+        path, _, query = rest.partition("?")
+        where = ", ".join(self.roots)
+        if not path:
+            raise Refused(f"dataset '{url}': names no file")
+        if ".." in path.split("/"):
+            raise Refused(f"dataset '{url}': a dataset path may not climb out with '..': name it inside the worker's data roots")
+        outside = Refused(
+            f"dataset '{url}': is not under this worker's data roots ({where}): its owner shares datasets there (--data-root)"
+        )
+        if os.path.isabs(path):
+            if not self._inside(os.path.normpath(path)):
+                raise outside
+            candidates = [path]
+        else:
+            candidates = [os.path.join(r, path) for r in self.roots]
+        for c in candidates:
+            if os.path.exists(c):
+                real = os.path.realpath(c)
+                if self._inside(real):
+                    return real + (f"?{query}" if query else "")
+                raise outside
+        if os.path.isabs(path):
+            raise outside
+        raise Refused(f"dataset '{url}': no such file under this worker's data roots ({where})")
+

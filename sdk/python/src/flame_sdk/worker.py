@@ -30,6 +30,7 @@ from nats.js.errors import NotFoundError
 
 from . import protocol, weights
 from .blobs import BlobError, Blobs
+from .data import DataRoots, Refused
 from .protocol import Command, ProtocolError
 from .trainer import Aggregator, FedAvg, Hyperparameters, Metrics, Trainer, Unsupported, Update
 from .weights import Model, WeightsError
@@ -39,7 +40,7 @@ log = logging.getLogger("flame_sdk")
 #: How many finished commands a worker remembers to answer repeats.
 REMEMBERED = 4096
 #: The SDK's own errors: their message is the whole story.
-_PLAIN = (ProtocolError, BlobError, WeightsError, Unsupported)
+_PLAIN = (ProtocolError, BlobError, WeightsError, Unsupported, Refused)
 
 
 def describe(e: BaseException) -> str:
@@ -73,6 +74,7 @@ class Worker:
         realm: str = "default",
         device: str = "cpu",
         concurrency: int = 1,
+        data_roots: Optional[List[str]] = None,
     ) -> None:
         self.id = protocol.check_id(worker_id, "worker id")
         if roles is None:
@@ -85,6 +87,8 @@ class Worker:
         self.realm = realm
         self.device = device
         self.concurrency = max(1, concurrency)
+        # Datasets are read under these folders only (default: the folder it starts in).
+        self.data_roots = DataRoots(data_roots if data_roots is not None else [os.getcwd()])
         self._make_trainer = trainer
         self._aggregator = aggregator or FedAvg()
         self._trainers: Dict[str, Trainer] = {}
@@ -375,9 +379,14 @@ class Worker:
         result = weights.conform(global_model, new, f"{type(self._aggregator).__name__}.aggregate")
         metrics: Metrics = {}
         if b.get("eval_dataset") and self._make_trainer is not None and b["model"].get("name") != "torchscript":
-            trainer = await self.trainer_for(b["eval_dataset"])
             try:
-                metrics = _metrics(await self._call(trainer.evaluate, result.tensors))
+                trainer = await self.trainer_for(b["eval_dataset"])
+            except Refused as e:
+                # An evaluation set this worker may not read: no central evaluation.
+                log.warning("no central evaluation: %s", e)
+                trainer = None
+            try:
+                metrics = _metrics(await self._call(trainer.evaluate, result.tensors)) if trainer else {}
             except Unsupported:
                 metrics = {}
         body: Dict[str, Any] = {"kind": "aggregated", "digest": await blobs.put(weights.encode(result)), "metrics": metrics}
@@ -399,8 +408,9 @@ class Worker:
             if dataset not in self._trainers:
                 if self._make_trainer is None:
                     raise Unsupported(f"worker '{self.id}' has no trainer for dataset {dataset}")
+                url = self.data_roots.resolve(dataset)
                 trainer = self._make_trainer()
-                await self._call(trainer.load_data, dataset)
+                await self._call(trainer.load_data, url)
                 self._trainers[dataset] = trainer
             return self._trainers[dataset]
 
