@@ -39,7 +39,9 @@ fn python(py: &Path, script: &str, args: &[&str]) -> String {
 }
 
 fn run(folder: &str, data: &Path) -> Value {
-    let out = flamectl(&["run", folder, "-o", "json", "--data-dir", data.to_str().expect("utf8")]);
+    // The tests keep datasets beside the job folder: the folder above it is shared too.
+    let beside = Path::new(folder).parent().expect("parent").to_str().expect("utf8").to_string();
+    let out = flamectl(&["run", folder, "-o", "json", "--data-dir", data.to_str().expect("utf8"), "--data-root", &beside]);
     assert!(out.status.success(), "flamectl run {folder}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("summary")
 }
