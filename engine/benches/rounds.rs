@@ -88,7 +88,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
     while let Some(Ok(d)) = inbox.next().await {
         let c = &d.message;
         let body = match &c.body {
-            CommandBody::Deploy { .. } => ReportBody::Deployed {},
+            CommandBody::Deploy { .. } => ReportBody::Deployed { samples: None },
             CommandBody::InitModel { .. } => ReportBody::Initialized { digest: "m0".into() },
             CommandBody::Train { .. } => {
                 ReportBody::Trained { digest: format!("u-{}-{}", info.id, c.round), samples: 100, metrics: Default::default(), state: None }

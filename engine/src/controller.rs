@@ -336,7 +336,7 @@ mod tests {
                 ("w-agg".into(), "job-1/deploy/agg/w-agg".into())
             ]
         );
-        let some = h.then(JobEvent::TaskDeployed { task_id: "t0".into(), worker_id: "w-t0".into() });
+        let some = h.then(JobEvent::TaskDeployed { task_id: "t0".into(), worker_id: "w-t0".into(), samples: None });
         assert_eq!(sends(&decide(&some.job(), 0, None)).len(), 2);
     }
 
@@ -472,7 +472,7 @@ mod tests {
         }
         h = h.then(JobEvent::JobDeploying {});
         for t in ["t0", "t1", "t2", "t3", "m-eu", "m-na", "top"] {
-            h = h.then(JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}") });
+            h = h.then(JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}"), samples: None });
         }
         h.then(JobEvent::JobStarted {}).then(JobEvent::ModelInitialized { digest: "m0".into(), worker_id: "w-top".into() }).round_started(1)
     }

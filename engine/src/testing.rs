@@ -121,7 +121,7 @@ impl History {
     pub fn started(mut self) -> Self {
         self = self.deploying();
         for t in ["t0", "t1", "agg"] {
-            self.events.push(JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}") });
+            self.events.push(JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}"), samples: None });
         }
         self.then(JobEvent::JobStarted {})
     }

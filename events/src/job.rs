@@ -215,6 +215,11 @@ pub enum JobEvent {
         task_id: String,
         /// Worker id.
         worker_id: String,
+        /// Training rows the worker found in the task's dataset (schema
+        /// version 2; absent before, and for tasks without data): no update
+        /// of the task may claim more samples than this.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        samples: Option<u64>,
     },
     /// Every task is deployed; rounds run.
     JobStarted {},
@@ -514,10 +519,11 @@ fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
 }
 
 /// The schema version job events are written with, by type: 2 for the
-/// events that carry a [`RunSpec`] (typed algorithms), 1 for the rest.
+/// events that carry a [`RunSpec`] (typed algorithms) and for `TaskDeployed`
+/// (its training rows), 1 for the rest.
 pub fn schema_version(event_type: &str) -> u32 {
     match event_type {
-        "JobCreated" | "JobUpdated" => 2,
+        "JobCreated" | "JobUpdated" | "TaskDeployed" => 2,
         _ => 1,
     }
 }
@@ -529,6 +535,8 @@ pub fn upcasters() -> &'static Upcasters {
     UPCASTERS.get_or_init(|| {
         let mut u = Upcasters::default();
         u.register("JobCreated", 1, spec_v1_to_v2).register("JobUpdated", 1, spec_v1_to_v2);
+        // Version 2 of `TaskDeployed` may say how many training rows the task has; version 1 never did.
+        u.register("TaskDeployed", 1, Ok);
         u
     })
 }

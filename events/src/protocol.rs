@@ -276,7 +276,12 @@ pub struct Report {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ReportBody {
     /// The task can run on this worker.
-    Deployed {},
+    Deployed {
+        /// The training rows of the task's dataset, for a task with data: the
+        /// engine refuses an update of the task that claims more samples.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        samples: Option<u64>,
+    },
     /// The initial model is stored.
     Initialized {
         /// Its digest.

@@ -28,6 +28,9 @@ class TorchDigitsTrainer(Trainer):
     def load(self, weights) -> None:
         self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
+    def size(self) -> int:
+        return len(self.x)
+
     def train(self, weights, hp: Hyperparameters):
         self.load(weights)
         start = [p.detach().clone() for p in self.model.parameters()]

@@ -28,6 +28,9 @@ class DigitsTrainer(Trainer):
         self.x, self.y = x.reshape(len(x), -1), y
         self.x_test, self.y_test = xt.reshape(len(xt), -1), yt
 
+    def size(self) -> int:
+        return len(self.x)
+
     def train(self, weights, hp: Hyperparameters):
         w = {k: v.astype(np.float64) for k, v in weights.items()}
         start = {k: v.copy() for k, v in w.items()}

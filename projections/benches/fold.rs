@@ -72,7 +72,7 @@ fn job(j: usize) -> Vec<Chunk> {
     setup.push((JobEvent::JobDeploying {}, engine.clone()));
     for t in &tasks {
         let w = format!("w-{}-{}", j % 50, t.task_id);
-        setup.push((JobEvent::TaskDeployed { task_id: t.task_id.clone(), worker_id: w.clone() }, format!("worker:{w}")));
+        setup.push((JobEvent::TaskDeployed { task_id: t.task_id.clone(), worker_id: w.clone(), samples: None }, format!("worker:{w}")));
     }
     setup.push((JobEvent::JobStarted {}, engine.clone()));
     let agg = format!("w-{}-aggregator-0", j % 50);

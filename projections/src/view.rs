@@ -667,7 +667,10 @@ pub fn detail(event: &JobEvent) -> String {
         JobEvent::JobStarting {} => "start asked for".into(),
         JobEvent::TaskAssigned { task_id, worker_id } => format!("{task_id} placed on {worker_id}"),
         JobEvent::JobDeploying {} => "deploying tasks".into(),
-        JobEvent::TaskDeployed { task_id, worker_id } => format!("{worker_id} confirmed {task_id}"),
+        JobEvent::TaskDeployed { task_id, worker_id, samples } => match samples {
+            Some(n) => format!("{worker_id} confirmed {task_id} ({n} training rows)"),
+            None => format!("{worker_id} confirmed {task_id}"),
+        },
         JobEvent::JobStarted {} => "rounds begin".into(),
         JobEvent::TimerSet { timer, due_at_ms } => {
             let due = DateTime::<Utc>::from_timestamp_millis(*due_at_ms as i64).map(|t| t.to_rfc3339()).unwrap_or_default();
@@ -801,7 +804,7 @@ mod tests {
             Just(JobEvent::JobStarting {}),
             (task.clone(), worker.clone()).prop_map(|(task_id, worker_id)| JobEvent::TaskAssigned { task_id, worker_id }),
             Just(JobEvent::JobDeploying {}),
-            (task.clone(), worker.clone()).prop_map(|(task_id, worker_id)| JobEvent::TaskDeployed { task_id, worker_id }),
+            (task.clone(), worker.clone()).prop_map(|(task_id, worker_id)| JobEvent::TaskDeployed { task_id, worker_id, samples: None }),
             Just(JobEvent::JobStarted {}),
             (digest.clone(), worker.clone()).prop_map(|(digest, worker_id)| JobEvent::ModelInitialized { digest, worker_id }),
             (round.clone(), digest.clone()).prop_map(|(round, global_model)| JobEvent::RoundStarted {

@@ -25,3 +25,11 @@ class WrongShape(DigitsTrainer):
 class Hangs(DigitsTrainer):
     def train(self, weights, hp):
         time.sleep(3600)
+
+
+class Inflates(DigitsTrainer):
+    """Claims far more samples than it has, to weigh its update up."""
+
+    def train(self, weights, hp):
+        new, samples, metrics = super().train(weights, hp)
+        return new, 100_000, metrics

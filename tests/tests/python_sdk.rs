@@ -128,14 +128,15 @@ async fn python_trainers_and_the_rust_aggregator_run_the_example() {
     let verify = flamectl(&["replay", job, "--verify", "--store", &store]);
     assert!(verify.status.success(), "replay --verify: {}", String::from_utf8_lossy(&verify.stdout));
 
-    // The same shape as an all-Rust job of the same design (the recorded TorchScript digits job:
-    // three trainers, five rounds, federated evaluation every round): the same events, as many, with the same fields.
+    // The same shape as an all-Rust job of the same design (the TorchScript digits example, run
+    // here: three trainers, five rounds, federated evaluation every round): the same events, as
+    // many, with the same fields.
     let ours = events(job, &data);
-    let rust: Vec<Value> = std::fs::read_to_string(root().join("tests/fixtures/logs/torchscript-digits.jsonl"))
-        .expect("recorded log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let rust_data = dir.path().join("rust");
+    let out = flamectl(&["run", "examples/torchscript-digits", "-o", "json", "--data-dir", rust_data.to_str().expect("utf8")]);
+    let rust_summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
+    assert_eq!(rust_summary["state"], "completed", "{rust_summary}");
+    let rust = events(rust_summary["job_id"].as_str().expect("id"), &rust_data);
     assert_eq!(type_counts(&ours), type_counts(&rust));
     assert_eq!(payload_keys(&ours), payload_keys(&rust));
     let trainers: BTreeSet<&str> =
@@ -147,9 +148,10 @@ async fn python_trainers_and_the_rust_aggregator_run_the_example() {
 /// a short roundTimeout. The job completes on the two; the third's fault is on record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_python_trainers_are_contained() {
-    let cases: [(&str, &str, Option<&str>); 4] = [
+    let cases: [(&str, &str, Option<&str>); 5] = [
         ("raises", "Raises", None),
         ("wrong-shape", "WrongShape", None),
+        ("inflates", "Inflates", None),
         ("hangs", "Hangs", None),
         ("unchecked", "WrongShape", Some("unchecked")),
     ];
@@ -172,10 +174,14 @@ async fn misbehaving_python_trainers_are_contained() {
             assert_eq!(round["inputs"].as_array().map(Vec::len), Some(2), "{case}: only the good trainers' updates: {round}");
         }
         match case {
-            "raises" | "wrong-shape" => {
+            "raises" | "wrong-shape" | "inflates" => {
                 let failed = of("TrainingFailed");
                 assert_eq!(failed.len(), 2, "{case}: once a round: {failed:?}");
-                let want = if case == "raises" { "ValueError: a bad batch in round" } else { "missing fc2.bias" };
+                let want = match case {
+                    "raises" => "ValueError: a bad batch in round",
+                    "wrong-shape" => "missing fc2.bias",
+                    _ => "claims 100000 samples; the task's dataset holds 479 training rows",
+                };
                 for f in &failed {
                     assert_eq!(f["task_id"], "trainer-2", "{case}");
                     assert!(f["error"].as_str().is_some_and(|e| e.contains(want)), "{case}: {f}");

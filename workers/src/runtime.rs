@@ -221,14 +221,16 @@ impl Worker {
                 if !protocol::offers(&self.info.roles, role, dataset.is_some()) {
                     bail!("this worker offers roles {:?}, not '{role}'", self.info.roles);
                 }
+                let mut samples = None;
                 if let Some(url) = dataset.as_deref() {
                     let url = self.dataset(url)?;
                     let d = tokio::task::spawn_blocking(move || data::load(&url)).await?.with_context(|| format!("dataset {dataset:?}"))?;
                     if d.train.is_empty() {
                         bail!("dataset {dataset:?} has no training samples");
                     }
+                    samples = Some(d.train.len() as u64);
                 }
-                Ok(ReportBody::Deployed {})
+                Ok(ReportBody::Deployed { samples })
             }
             #[cfg_attr(not(feature = "tch"), allow(unused_variables))]
             CommandBody::InitModel { model, dataset, seed, loss } => {
@@ -600,7 +602,7 @@ mod tests {
         let mut ids = std::collections::BTreeSet::new();
         while ids.len() < 8 {
             let report = tokio::time::timeout(Duration::from_secs(30), reports.next()).await.expect("a report").expect("open").expect("ok");
-            assert!(matches!(report.message.body, ReportBody::Deployed {}), "{:?}", report.message.body);
+            assert!(matches!(report.message.body, ReportBody::Deployed { samples: Some(n) } if n > 0), "{:?}", report.message.body);
             assert!(ids.insert(report.message.command_id.clone()), "reported twice: {}", report.message.command_id);
         }
         let _ = stop.send(());

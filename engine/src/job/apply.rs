@@ -24,8 +24,11 @@ impl Job {
                 self.assignments.insert(task_id.clone(), worker_id.clone());
             }
             JobEvent::JobDeploying {} => self.status = Status::Deploying,
-            JobEvent::TaskDeployed { task_id, .. } => {
+            JobEvent::TaskDeployed { task_id, samples, .. } => {
                 self.deployed.insert(task_id.clone());
+                if let Some(n) = samples {
+                    self.dataset_rows.insert(task_id.clone(), *n);
+                }
             }
             JobEvent::JobStarted {} => self.status = Status::Running,
             JobEvent::TimerSet { timer, due_at_ms } => {

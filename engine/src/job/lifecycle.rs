@@ -237,12 +237,12 @@ mod tests {
 
         let mut h = History::created(2).deploying();
         for t in ["t0", "t1"] {
-            let events = h.job().handle(report(t, 0, ReportBody::Deployed {})).expect("deployed");
-            assert_eq!(events, vec![JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}") }]);
+            let events = h.job().handle(report(t, 0, ReportBody::Deployed { samples: None })).expect("deployed");
+            assert_eq!(events, vec![JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}"), samples: None }]);
             h = h.then(events[0].clone());
         }
-        assert!(h.job().handle(report("t0", 0, ReportBody::Deployed {})).is_err(), "a task deploys once");
-        let last = h.job().handle(report("agg", 0, ReportBody::Deployed {})).expect("last");
+        assert!(h.job().handle(report("t0", 0, ReportBody::Deployed { samples: None })).is_err(), "a task deploys once");
+        let last = h.job().handle(report("agg", 0, ReportBody::Deployed { samples: None })).expect("last");
         assert_eq!(last.last(), Some(&JobEvent::JobStarted {}));
     }
 

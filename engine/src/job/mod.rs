@@ -51,6 +51,9 @@ pub struct Job {
     pub assignments: BTreeMap<String, String>,
     /// Tasks whose worker confirmed them.
     pub deployed: BTreeSet<String>,
+    /// Training rows each data task's worker found at deployment: the most samples an update of it may claim.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dataset_rows: BTreeMap<String, u64>,
     /// Tasks whose worker was lost with no replacement: they sit out.
     pub orphaned: BTreeSet<String>,
     /// The current global model.

@@ -33,7 +33,7 @@ impl Job {
             ReportBody::Failed { error } => {
                 Ok(vec![JobEvent::JobFailed { reason: format!("worker '{worker_id}' failed task '{task_id}' in round {round}: {error}") }])
             }
-            ReportBody::Deployed {} => self.deployed(task_id, worker_id),
+            ReportBody::Deployed { samples } => self.deployed(task_id, worker_id, samples.filter(|_| task.is_data_consumer)),
             _ if self.status != Status::Running => {
                 Err(Rejection::Unexpected(format!("round reports are taken while the job runs; it is {:?}", self.status)))
             }
@@ -42,6 +42,19 @@ impl Job {
                 "task '{task_id}' sent no client state with its update; {} needs one",
                 self.spec.as_ref().map_or("", |s| s.optimizer.name())
             ))),
+            // More samples than the task's dataset holds: the claim would weigh its update up. The
+            // update is refused; in a synchronous round the task sits it out, as after a failure.
+            ReportBody::Trained { samples, .. } if self.dataset_rows.get(&task_id).is_some_and(|rows| samples > *rows) => {
+                let rows = self.dataset_rows[&task_id];
+                let error = format!(
+                    "the update claims {samples} samples; the task's dataset holds {rows} training rows (its worker said so at deployment)"
+                );
+                if self.fails_training(task, &r.command_id, round) {
+                    Ok(self.training_failed(task_id, worker_id, round, error))
+                } else {
+                    Err(Rejection::Unexpected(error))
+                }
+            }
             ReportBody::Trained { digest, samples, metrics, state } => {
                 let update = Trained { task, worker_id, round, digest, samples, metrics, state };
                 if self.is_async() { self.buffered(update) } else { self.trained(update) }
@@ -55,12 +68,12 @@ impl Job {
     }
 
     /// A worker confirmed its task; the last confirmation starts the job.
-    fn deployed(&self, task_id: String, worker_id: String) -> Result<Vec<JobEvent>, Rejection> {
+    fn deployed(&self, task_id: String, worker_id: String, samples: Option<u64>) -> Result<Vec<JobEvent>, Rejection> {
         if self.status != Status::Deploying || self.deployed.contains(&task_id) {
             return Err(Rejection::Unexpected(format!("task '{task_id}' is already deployed (the job is {:?})", self.status)));
         }
         let rest = self.tasks.iter().filter(|t| !self.orphaned.contains(&t.task_id) && !self.deployed.contains(&t.task_id)).count();
-        let mut events = vec![JobEvent::TaskDeployed { task_id, worker_id }];
+        let mut events = vec![JobEvent::TaskDeployed { task_id, worker_id, samples }];
         if rest == 1 {
             events.push(JobEvent::JobStarted {});
         }
@@ -404,6 +417,36 @@ mod tests {
         let JobCommand::Report(mut r) = report(task, round, ReportBody::Failed { error: error.into() }) else { unreachable!() };
         r.command_id = format!("{}/r{round}/train/{task}", crate::testing::JOB);
         JobCommand::Report(r)
+    }
+
+    #[test]
+    fn an_update_may_not_claim_more_samples_than_its_dataset_holds() {
+        let deployed = |h: History, rows: Option<u64>| {
+            h.then(JobEvent::TaskDeployed { task_id: "t1".into(), worker_id: "w-t1".into(), samples: rows })
+        };
+        let claim = |n: u64| {
+            let JobCommand::Report(mut r) =
+                report("t1", 1, ReportBody::Trained { digest: "u".into(), samples: n, metrics: Metrics::new(), state: None })
+            else {
+                unreachable!()
+            };
+            r.command_id = format!("{}/r1/train/t1", crate::testing::JOB);
+            JobCommand::Report(r)
+        };
+        let bounded = deployed(History::created_with(2, |s| s.quorum = Some(1)).started().initialized(), Some(100)).round_started(1);
+        assert_eq!(bounded.job().dataset_rows.get("t1"), Some(&100));
+        assert!(matches!(
+            &bounded.job().handle(claim(100)).expect("as many as it has")[..],
+            [JobEvent::UpdateReported { samples: 100, .. }]
+        ));
+        let events = bounded.job().handle(claim(100_000)).expect("handled");
+        assert!(
+            matches!(&events[..], [JobEvent::TrainingFailed { task_id, error, .. }] if task_id == "t1" && error.contains("claims 100000 samples") && error.contains("holds 100")),
+            "{events:?}"
+        );
+        // A worker that did not say (an older one) is not bounded.
+        let unbounded = deployed(History::created_with(2, |s| s.quorum = Some(1)).started().initialized(), None).round_started(1);
+        assert!(unbounded.job().handle(claim(100_000)).is_ok_and(|e| matches!(&e[..], [JobEvent::UpdateReported { .. }])));
     }
 
     #[test]

@@ -124,15 +124,15 @@ pub(crate) mod tests {
                 "deploying, one task left",
                 History::created(2)
                     .deploying()
-                    .then(JobEvent::TaskDeployed { task_id: "t1".into(), worker_id: "w-t1".into() })
-                    .then(JobEvent::TaskDeployed { task_id: "agg".into(), worker_id: "w-agg".into() }),
+                    .then(JobEvent::TaskDeployed { task_id: "t1".into(), worker_id: "w-t1".into(), samples: None })
+                    .then(JobEvent::TaskDeployed { task_id: "agg".into(), worker_id: "w-agg".into(), samples: None }),
             ),
             (
                 "deploying with quorum 1, t0 left",
                 quorum1()
                     .deploying()
-                    .then(JobEvent::TaskDeployed { task_id: "t1".into(), worker_id: "w-t1".into() })
-                    .then(JobEvent::TaskDeployed { task_id: "agg".into(), worker_id: "w-agg".into() }),
+                    .then(JobEvent::TaskDeployed { task_id: "t1".into(), worker_id: "w-t1".into(), samples: None })
+                    .then(JobEvent::TaskDeployed { task_id: "agg".into(), worker_id: "w-agg".into(), samples: None }),
             ),
             ("running, no model", History::created(2).started()),
             ("running, between rounds", History::created(2).started().initialized()),
@@ -175,7 +175,7 @@ pub(crate) mod tests {
     /// One of each command, several ways.
     fn commands() -> Vec<JobCommand> {
         let s = spec();
-        let deployed = |t: &str| report(t, 0, ReportBody::Deployed {});
+        let deployed = |t: &str| report(t, 0, ReportBody::Deployed { samples: None });
         vec![
             JobCommand::Create { job_id: JOB.into(), name: "n".into(), source: "s".into(), spec: s.clone(), tasks: vec![] },
             JobCommand::Update { name: "n2".into(), source: "s2".into(), spec: s, tasks: vec![] },
@@ -208,7 +208,7 @@ pub(crate) mod tests {
                     task_id: "t9".into(),
                     worker_id: "w-x".into(),
                     round: 7,
-                    body: ReportBody::Deployed {},
+                    body: ReportBody::Deployed { samples: None },
                 }),
                 reason: "unknown task".into(),
             },

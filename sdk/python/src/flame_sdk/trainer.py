@@ -85,6 +85,12 @@ class Trainer(abc.ABC):
         ``accuracy``, ``test_samples``)."""
         raise Unsupported(f"{type(self).__name__} does not evaluate: define evaluate(weights) for federated evaluation")
 
+    def size(self) -> Optional[int]:
+        """How many training rows `load_data` found. Reported at deployment,
+        it bounds the samples an update of this task may claim; None (the
+        default) leaves the claims unbounded."""
+        return None
+
     def initialize(self) -> Weights:
         """The initial model, for jobs whose initial weights come from the
         trainer's code rather than a file (a Python aggregator's ``init_model``)."""

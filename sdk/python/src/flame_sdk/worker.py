@@ -308,9 +308,12 @@ class Worker:
         role, dataset = b["role"], b.get("dataset")
         if not protocol.offers(self.roles, role, dataset is not None):
             raise Unsupported(f"this worker offers roles {self.roles}, not '{role}'")
+        body: Dict[str, Any] = {"kind": "deployed"}
         if dataset is not None:
-            await self.trainer_for(dataset)
-        return {"kind": "deployed"}
+            rows = (await self.trainer_for(dataset)).size()
+            if rows is not None:
+                body["samples"] = int(rows)
+        return body
 
     async def _init_model(self, c: Command, b: Dict[str, Any]) -> Dict[str, Any]:
         model = b["model"]
