@@ -543,3 +543,39 @@ async fn your_worker_conforms() {
     print("FLAME_CONFORMANCE_WORKER", &outcomes);
     assert!(failures(&outcomes).is_empty(), "{:#?}", failures(&outcomes));
 }
+
+/// A NATS server that dies and comes back (JetStream on disk): the Python
+/// worker reconnects on its own, registers again and answers the next command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_worker_survives_a_nats_restart() {
+    let mut h = Harness::start(&python_worker()).await;
+    let deploy = |h: &Harness, n: u32| {
+        h.command(&format!("deploy/restart-{n}"), 0, json!({"kind": "deploy", "role": "trainer", "dataset": h.dataset}))
+    };
+    let first = deploy(&h, 1);
+    kind(&h.ask(&first).await.expect("before the restart"), "deployed").expect("deployed");
+    let before = h.kv.entry(&h.worker).await.expect("entry").expect("registered").revision;
+    // SIGKILL the server, start it again on the same port and store.
+    let (port, dir) = (h._nats.url.rsplit(':').next().expect("port").parse::<u16>().expect("port"), h._dir.path().to_path_buf());
+    drop(std::mem::replace(&mut h._nats, util::Nats::start(free_port(), &dir.join("elsewhere"))));
+    h._nats = util::Nats::start(port, &dir);
+    let client = util::connect(&h._nats.url).await;
+    let js = async_nats::jetstream::new(client.clone());
+    h.js = js.clone();
+    h.reports = client.subscribe(format!("flame.report.{}", h.job)).await.expect("subscribe").boxed();
+    let kv = js.get_key_value(flame_transport::WORKER_BUCKET).await.expect("bucket");
+    let mut back = false;
+    for _ in 0..200 {
+        if let Ok(Some(e)) = kv.entry(&h.worker).await
+            && e.revision > before
+        {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "the worker registered again after the restart");
+    let second = deploy(&h, 2);
+    let body = h.ask(&second).await.expect("after the restart");
+    kind(&body, "deployed").expect("deployed");
+}
