@@ -113,6 +113,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
             worker_id: info.id.clone(),
             round: c.round,
             body,
+            via: None,
         };
         if transport.send_report(&report).await.is_err() {
             break;

@@ -179,6 +179,7 @@ pub fn report(task: &str, round: u32, body: ReportBody) -> JobCommand {
         worker_id: format!("w-{task}"),
         round,
         body,
+        via: None,
     })
 }
 

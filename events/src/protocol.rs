@@ -269,6 +269,11 @@ pub struct Report {
     pub round: u32,
     /// The outcome.
     pub body: ReportBody,
+    /// The worker id of the subject it arrived on (`flame.report.<job>.<worker>`):
+    /// who published it. Set by the transport, never sent; `None` for a report
+    /// on the job's bare subject (older workers) or in-process.
+    #[serde(skip)]
+    pub via: Option<String>,
 }
 
 /// Outcomes.

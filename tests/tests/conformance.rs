@@ -94,7 +94,12 @@ impl Harness {
         let kv = js.get_key_value(flame_transport::WORKER_BUCKET).await.expect("bucket");
         let worker = format!("w{}", util::unique());
         let job = format!("conformance{}", util::unique());
-        let reports = client.subscribe(format!("flame.report.{job}")).await.expect("subscribe").boxed();
+        // Reports on the job's bare subject too, so that a worker that publishes there is told so.
+        let reports = futures::stream::select(
+            client.subscribe(format!("flame.report.{job}")).await.expect("subscribe"),
+            client.subscribe(format!("flame.report.{job}.>")).await.expect("subscribe"),
+        )
+        .boxed();
         let acks = Acks::default();
         watch_acks(client.clone(), js.clone(), worker.clone(), acks.clone()).await;
         let mut procs = Processes::default();
@@ -130,7 +135,13 @@ impl Harness {
     /// The next report, or why none came.
     async fn report(&mut self, within: Duration) -> Result<Value, String> {
         match tokio::time::timeout(within, self.reports.next()).await {
-            Ok(Some(m)) => serde_json::from_slice(&m.payload).map_err(|e| format!("a report that is not JSON: {e}")),
+            Ok(Some(m)) => {
+                let want = format!("flame.report.{}.{}", self.job, self.worker);
+                if m.subject.as_str() != want {
+                    return Err(format!("a report on '{}': a worker reports on its own subject, '{want}'", m.subject));
+                }
+                serde_json::from_slice(&m.payload).map_err(|e| format!("a report that is not JSON: {e}"))
+            }
             Ok(None) => Err("the report subscription closed".into()),
             Err(_) => Err(format!("no report within {} s", within.as_secs())),
         }
@@ -562,7 +573,7 @@ async fn the_python_worker_survives_a_nats_restart() {
     let client = util::connect(&h._nats.url).await;
     let js = async_nats::jetstream::new(client.clone());
     h.js = js.clone();
-    h.reports = client.subscribe(format!("flame.report.{}", h.job)).await.expect("subscribe").boxed();
+    h.reports = client.subscribe(format!("flame.report.{}.>", h.job)).await.expect("subscribe").boxed();
     let kv = js.get_key_value(flame_transport::WORKER_BUCKET).await.expect("bucket");
     let mut back = false;
     for _ in 0..200 {

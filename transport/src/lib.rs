@@ -313,17 +313,17 @@ impl Nats {
         &self,
         stream_name: &str,
         durable: String,
-        subject: String,
+        subjects: Vec<String>,
         ack_wait: Duration,
-        decode: fn(&[u8]) -> Result<T, serde_json::Error>,
+        decode: fn(&str, &[u8]) -> Result<T, serde_json::Error>,
     ) -> Result<Inbox<T>, Error> {
         let stream = self.js.get_stream(stream_name).await.map_err(nats)?;
         let consumer: pull::Stream = stream
-            .get_or_create_consumer(
-                &durable,
+            // Created, or updated to this config (a consumer made by an older version had other filters).
+            .create_consumer(
                 pull::Config {
                     durable_name: Some(durable.clone()),
-                    filter_subject: subject,
+                    filter_subjects: subjects,
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait,
                     ..Default::default()
@@ -338,7 +338,7 @@ impl Nats {
             .map(move |m| {
                 let m = m.map_err(nats)?;
                 let subject = m.subject.to_string();
-                match decode(&m.payload) {
+                match decode(&subject, &m.payload) {
                     Ok(message) => Ok(Delivery { message, ack: Some(async move { m.ack().await.map_err(nats) }.boxed()) }),
                     Err(e) => {
                         // Never redeliver what can never decode.
@@ -391,25 +391,31 @@ impl Transport for Nats {
         self.inbox(
             COMMAND_STREAM,
             format!("worker-{worker_id}"),
-            format!("flame.cmd.{worker_id}"),
+            vec![format!("flame.cmd.{worker_id}")],
             Duration::from_secs(300),
-            Command::decode,
+            |_, b| Command::decode(b),
         )
         .await
     }
 
     async fn send_report(&self, report: &Report) -> Result<(), Error> {
         check_id(&report.job_id)?;
+        check_id(&report.worker_id)?;
         let msg_id = format!("{}:{}", report.worker_id, report.command_id);
-        self.publish(format!("flame.report.{}", report.job_id), &msg_id, report).await
+        // On the worker's own subject: with per-worker permissions, the subject says who published it.
+        self.publish(format!("flame.report.{}.{}", report.job_id, report.worker_id), &msg_id, report).await
     }
 
     async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error> {
         check_id(job_id)?;
         // Short: reports an engine took but did not ack before it died reach its successor quickly;
         // a report applied twice is refused by the job (and recorded), never counted twice.
-        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), format!("flame.report.{job_id}"), REPORT_ACK_WAIT, |b| {
-            serde_json::from_slice(b)
+        // The job's reports on their workers' subjects, and on the bare job subject of older workers.
+        let subjects = vec![format!("flame.report.{job_id}"), format!("flame.report.{job_id}.*")];
+        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), subjects, REPORT_ACK_WAIT, |subject, b| {
+            let mut report: Report = serde_json::from_slice(b)?;
+            report.via = subject.split('.').nth(3).map(str::to_string);
+            Ok(report)
         })
         .await
     }

@@ -164,6 +164,7 @@ async fn forward(client: async_nats::Client, transport: Nats, id: String, pendin
                 worker_id: id.clone(),
                 round: command.round,
                 body: flame_events::protocol::ReportBody::Failed { error: reason.clone() },
+                via: None,
             };
             if transport.send_report(&report).await.is_ok() {
                 let _ = delivery.ack().await;

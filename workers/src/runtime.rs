@@ -168,6 +168,7 @@ impl Worker {
             worker_id: self.info.id.clone(),
             round: command.round,
             body,
+            via: None,
         };
         let mut done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if done.len() >= REMEMBERED {

@@ -11,6 +11,13 @@ use super::{Job, Rejection};
 impl Job {
     /// A worker's report: who sent it, then what it says.
     pub(super) fn report(&self, r: Report) -> Result<Vec<JobEvent>, Rejection> {
+        // The subject a report arrived on names who published it; a report in another worker's name is refused.
+        if let Some(via) = r.via.as_deref().filter(|v| *v != r.worker_id) {
+            return Err(Rejection::Unexpected(format!(
+                "a report in worker '{}''s name arrived on worker '{via}''s subject (flame.report.<job>.{via})",
+                r.worker_id
+            )));
+        }
         let task = self.tasks.iter().find(|t| t.task_id == r.task_id).ok_or_else(|| Rejection::UnknownTask(r.task_id.clone()))?;
         let assigned = self.assignments.get(&r.task_id).cloned().unwrap_or_default();
         if assigned != r.worker_id {
@@ -381,6 +388,23 @@ mod tests {
             }
         });
         assert!(matches!(job.handle(impostor), Err(Rejection::WrongWorker { .. })));
+        // The assigned worker's own report, but published on another worker's subject.
+        let relayed = JobCommand::Report(Report {
+            via: Some("w-evil".into()),
+            ..match report("t0", 1, trained(1, "t0")) {
+                JobCommand::Report(r) => r,
+                _ => unreachable!(),
+            }
+        });
+        assert!(matches!(job.handle(relayed), Err(Rejection::Unexpected(m)) if m.contains("arrived on worker 'w-evil''s subject")));
+        let own = JobCommand::Report(Report {
+            via: Some("w-t0".into()),
+            ..match report("t0", 1, trained(1, "t0")) {
+                JobCommand::Report(r) => r,
+                _ => unreachable!(),
+            }
+        });
+        assert!(job.handle(own).is_ok(), "on its own subject it is taken");
         assert!(matches!(job.handle(report("t0", 2, trained(2, "t0"))), Err(Rejection::WrongRound { got: 2, open: 1, .. })));
         assert!(matches!(job.handle(report("nope", 1, trained(1, "nope"))), Err(Rejection::UnknownTask(_))));
         let zero = report("t0", 1, ReportBody::Trained { digest: "u".into(), samples: 0, metrics: Metrics::new(), state: None });

@@ -209,6 +209,7 @@ pub(crate) mod tests {
                     worker_id: "w-x".into(),
                     round: 7,
                     body: ReportBody::Deployed { samples: None },
+                    via: None,
                 }),
                 reason: "unknown task".into(),
             },

@@ -243,8 +243,9 @@ class Worker:
     async def send_report(self, report: Dict[str, Any]) -> None:
         assert self.js is not None
         job = protocol.check_id(report["job_id"], "job id")
+        # On this worker's own subject: with per-worker permissions, the subject says who published it.
         await self.js.publish(
-            f"flame.report.{job}",
+            f"flame.report.{job}.{self.id}",
             json.dumps(report).encode(),
             headers={"Nats-Msg-Id": f"{self.id}:{report['command_id']}"},
         )
