@@ -320,15 +320,13 @@ impl Nats {
         let stream = self.js.get_stream(stream_name).await.map_err(nats)?;
         let consumer: pull::Stream = stream
             // Created, or updated to this config (a consumer made by an older version had other filters).
-            .create_consumer(
-                pull::Config {
-                    durable_name: Some(durable.clone()),
-                    filter_subjects: subjects,
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait,
-                    ..Default::default()
-                },
-            )
+            .create_consumer(pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subjects: subjects,
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait,
+                ..Default::default()
+            })
             .await
             .map_err(nats)?
             .messages()
