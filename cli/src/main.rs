@@ -533,7 +533,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>,
     if nats.is_none() && local != Local::All {
         anyhow::bail!("--local {local:?} needs --nats: without it no worker from outside can reach the job");
     }
-    if nats.is_none() && def.model_spec.base_model.as_ref().and_then(|b| b.get("name")).and_then(|n| n.as_str()) == Some("external") {
+    if nats.is_none() && flame_engine::compile::compile(&def).is_ok_and(|c| c.spec.model.is_external()) {
         eprintln!(
             "error: {}: the model is defined by the trainers' own code (baseModel 'external'); run its trainers with the Python SDK and give this command --nats URL (see examples/python-digits/run.sh)",
             folder.display()
@@ -556,9 +556,8 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>,
         Local::None => false,
     };
     // The in-process workers read the job folder's datasets, and those under --data-root.
-    let home = if folder.is_dir() { folder.to_path_buf() } else { folder.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) };
-    let home = if home.as_os_str().is_empty() { PathBuf::from(".") } else { home };
-    let roots = flame_workers::roots::DataRoots::new(&[&[home], data_roots].concat()).map_err(anyhow::Error::msg)?;
+    let home = if folder.is_dir() { folder } else { folder.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")) };
+    let roots = flame_workers::roots::DataRoots::new(&[&[home.to_path_buf()], data_roots].concat()).map_err(anyhow::Error::msg)?;
     // Local worker ids are unique to this run: several runs may share one NATS server.
     let prefix = if nats.is_some() { format!("local-{}-", &job_id[..job_id.len().min(8)]) } else { "local-".to_string() };
     for t in job.tasks.iter().filter(|t| t.colocate.is_none()).filter(here) {

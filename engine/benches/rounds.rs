@@ -16,7 +16,7 @@ use serde_json::json;
 use flame_engine::definition::{DataSpecEntry, Dataset, Design, JobFile, ModelSpec};
 use flame_engine::{JobDefinition, Runner, runner};
 use flame_events::job::stream_id;
-use flame_events::protocol::{self, CommandBody, Report, ReportBody, WorkerInfo};
+use flame_events::protocol::{CommandBody, Report, ReportBody, WorkerInfo};
 use flame_events::store::EventStore;
 use flame_transport::{Nats, Transport};
 
@@ -105,16 +105,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
                 excluded: vec![],
             },
         };
-        let report = Report {
-            v: protocol::VERSION,
-            command_id: c.id.clone(),
-            job_id: c.job_id.clone(),
-            task_id: c.task_id.clone(),
-            worker_id: info.id.clone(),
-            round: c.round,
-            body,
-            via: None,
-        };
+        let report = Report::answering(c, &info.id, body);
         if transport.send_report(&report).await.is_err() {
             break;
         }

@@ -276,6 +276,22 @@ pub struct Report {
     pub via: Option<String>,
 }
 
+impl Report {
+    /// A worker's answer to `command`.
+    pub fn answering(command: &Command, worker_id: &str, body: ReportBody) -> Self {
+        Self {
+            v: VERSION,
+            command_id: command.id.clone(),
+            job_id: command.job_id.clone(),
+            task_id: command.task_id.clone(),
+            worker_id: worker_id.to_string(),
+            round: command.round,
+            body,
+            via: None,
+        }
+    }
+}
+
 /// Outcomes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -502,20 +502,22 @@ fn print(who: &str, outcomes: &[Outcome]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rust_worker_conforms() {
-    let outcomes = suite(&rust_worker()).await;
-    print("flame-worker", &outcomes);
+/// Runs the suite on a worker that must pass every check.
+async fn conforms(who: &str, launch: &Launch) {
+    let outcomes = suite(launch).await;
+    print(who, &outcomes);
     assert!(outcomes.len() >= 15, "every check ran");
     assert!(failures(&outcomes).is_empty(), "{:#?}", failures(&outcomes));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_worker_conforms() {
+    conforms("flame-worker", &rust_worker()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_conforms() {
-    let outcomes = suite(&python_worker()).await;
-    print("flame-py-worker", &outcomes);
-    assert!(outcomes.len() >= 15, "every check ran");
-    assert!(failures(&outcomes).is_empty(), "{:#?}", failures(&outcomes));
+    conforms("flame-py-worker", &python_worker()).await;
 }
 
 /// The suite can fail: a worker that acks on receipt, and one that forgets
@@ -550,9 +552,7 @@ async fn your_worker_conforms() {
         c.args(&words[1..]);
         c
     });
-    let outcomes = suite(&launch).await;
-    print("FLAME_CONFORMANCE_WORKER", &outcomes);
-    assert!(failures(&outcomes).is_empty(), "{:#?}", failures(&outcomes));
+    conforms("FLAME_CONFORMANCE_WORKER", &launch).await;
 }
 
 /// A NATS server that dies and comes back (JetStream on disk): the Python

@@ -156,16 +156,7 @@ async fn forward(client: async_nats::Client, transport: Nats, id: String, pendin
         let command = delivery.message.clone();
         if let flame_events::protocol::CommandBody::Unreadable { reason } = &command.body {
             // Nothing a device could run: answered here, as a worker would.
-            let report = Report {
-                v: flame_events::protocol::VERSION,
-                command_id: command.id.clone(),
-                job_id: command.job_id.clone(),
-                task_id: command.task_id.clone(),
-                worker_id: id.clone(),
-                round: command.round,
-                body: flame_events::protocol::ReportBody::Failed { error: reason.clone() },
-                via: None,
-            };
+            let report = Report::answering(&command, &id, flame_events::protocol::ReportBody::Failed { error: reason.clone() });
             if transport.send_report(&report).await.is_ok() {
                 let _ = delivery.ack().await;
             }

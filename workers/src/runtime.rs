@@ -160,16 +160,7 @@ impl Worker {
             Err(e) => ReportBody::Failed { error: format!("{e:#}") },
         };
         tracing::info!(worker = %self.info.id, command = %command.id, ms = started.elapsed().as_millis() as u64, failed = matches!(body, ReportBody::Failed { .. }), "command done");
-        let report = Report {
-            v: protocol::VERSION,
-            command_id: command.id.clone(),
-            job_id: command.job_id.clone(),
-            task_id: command.task_id.clone(),
-            worker_id: self.info.id.clone(),
-            round: command.round,
-            body,
-            via: None,
-        };
+        let report = Report::answering(command, &self.info.id, body);
         let mut done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if done.len() >= REMEMBERED {
             done.clear();

@@ -51,8 +51,8 @@ impl Job {
             ))),
             // More samples than the task's dataset holds: the claim would weigh its update up. The
             // update is refused; in a synchronous round the task sits it out, as after a failure.
-            ReportBody::Trained { samples, .. } if self.dataset_rows.get(&task_id).is_some_and(|rows| samples > *rows) => {
-                let rows = self.dataset_rows[&task_id];
+            ReportBody::Trained { samples, .. } if self.rows_exceeded(&task_id, samples).is_some() => {
+                let rows = self.rows_exceeded(&task_id, samples).unwrap_or_default();
                 let error = format!(
                     "the update claims {samples} samples; the task's dataset holds {rows} training rows (its worker said so at deployment)"
                 );
@@ -273,6 +273,11 @@ impl Job {
             && self.in_round(task)
             && !self.round.updates.contains_key(&task.task_id)
             && command_id == self.train_id(round, &task.task_id)
+    }
+
+    /// The training rows of a task's dataset when `samples` claims more.
+    fn rows_exceeded(&self, task: &str, samples: u64) -> Option<u64> {
+        self.dataset_rows.get(task).copied().filter(|rows| samples > *rows)
     }
 
     /// The id the controller gives a round's training command.
