@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Python SDK as a user installs it: `pip install ./sdk/python` into a
+# The Python SDK as a user installs it: `pip install './sdk/python[nkeys]'` into a
 # venv, by default a fresh one (.deps/sdk) that holds nothing else; with a
 # venv folder as argument, into that one (the tests put it beside PyTorch in
 # .deps/torch too). The SDK is reinstalled from the working tree whenever its
@@ -24,10 +24,10 @@ if [ ! -f "$stamp" ]; then
     # Without what an earlier build left (a stale build/ would be installed instead of the sources).
     rm -rf "$tmp/python/build" "$tmp/python"/src/*.egg-info
     # Its dependencies if missing, then the SDK itself afresh (nothing else reinstalled).
-    "$venv/bin/pip" install -q --disable-pip-version-check "$tmp/python" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check "$tmp/python[nkeys]" >&2
     "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$tmp/python" >&2
     rm -rf "$tmp" "$venv"/.sdk-installed-* "$venv"/.installed-*
-    "$venv/bin/python" -c "import flame_sdk, nats, numpy, safetensors" >&2
+    "$venv/bin/python" -c "import flame_sdk, nats, nkeys, numpy, safetensors" >&2
     touch "$stamp"
 fi
 echo "$venv/bin"

@@ -516,8 +516,9 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>,
     let (transport, blobs): (Arc<dyn Transport>, Arc<dyn BlobStore>) = match nats {
         Some(url) => {
             let nats = flame_transport::Nats::connect_with(url, auth).await?;
-            let blobs: Arc<dyn BlobStore> =
-                Arc::new(NatsBlobs::new(nats.jetstream()).await.context("opening the model blob store on NATS")?);
+            let blobs: Arc<dyn BlobStore> = Arc::new(
+                NatsBlobs::with_replicas(nats.jetstream(), nats.replicas()).await.context("opening the model blob store on NATS")?,
+            );
             if mqtt_devices {
                 let adapter = flame_transport::mqtt::MqttAdapter::new(nats.clone(), blobs.clone());
                 let mut stopped = stopped.clone();
@@ -574,7 +575,7 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>,
             let _ = stopped.wait_for(|s| *s).await;
         })));
     }
-    let job = runner.run(&job_id).await;
+    let job = runner.run_resuming(&job_id).await;
     let _ = stop.send(true);
     for w in workers {
         w.await.context("worker task")??;

@@ -202,6 +202,25 @@ impl Runner {
 
     /// Drives an active job until it completes, fails or is terminated, and returns its final state.
     /// A job that is not active (ready, or ended) is returned as it is.
+    pub async fn run_resuming(&self, job_id: &str) -> Result<Job, Error> {
+        // A run that fails (the store or NATS away for a while) starts again from the log,
+        // backing off; a job that is unknown or refuses the engine ends it.
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match self.run(job_id).await {
+                Err(e @ (Error::UnknownJob(_) | Error::Refused { .. })) => return Err(e),
+                Err(e) => {
+                    tracing::error!(job = %job_id, "job runner failed, resuming in {pause:?}: {e}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// Drives a job once until it ends or something fails; the job's state
+    /// is in its log either way, so a failed run may simply be run again.
     pub async fn run(&self, job_id: &str) -> Result<Job, Error> {
         let mut job = self.load(job_id).await?;
         if !job.status.is_active() {

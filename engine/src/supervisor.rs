@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::runner::{self, Runner};
 
@@ -29,24 +28,9 @@ impl Supervisor {
         }
         let (this, id) = (self.clone(), job_id.to_string());
         tokio::spawn(async move {
-            // A runner that fails (the store or NATS away) starts again from the log, backing off.
-            let mut pause = Duration::from_secs(1);
-            loop {
-                match this.runner.run(&id).await {
-                    Ok(job) => {
-                        tracing::info!(job = %id, state = ?job.status, "job ended");
-                        break;
-                    }
-                    Err(e @ (runner::Error::UnknownJob(_) | runner::Error::Refused { .. })) => {
-                        tracing::error!(job = %id, "job runner stopped: {e}");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::error!(job = %id, "job runner failed, resuming in {pause:?}: {e}");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(30));
-                    }
-                }
+            match this.runner.run_resuming(&id).await {
+                Ok(job) => tracing::info!(job = %id, state = ?job.status, "job ended"),
+                Err(e) => tracing::error!(job = %id, "job runner stopped: {e}"),
             }
             this.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
         });

@@ -4,6 +4,7 @@ mod auth;
 mod conformance;
 mod distributed;
 mod embedded;
+mod identity;
 mod inspect;
 mod lifecycle;
 mod logs;

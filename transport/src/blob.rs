@@ -108,10 +108,15 @@ pub struct NatsBlobs {
 impl NatsBlobs {
     /// Opens (creating if needed) the `flame-models` bucket.
     pub async fn new(js: &jetstream::Context) -> Result<Self, Error> {
+        Self::with_replicas(js, 1).await
+    }
+
+    /// Opens the bucket, creating it with `replicas` if needed.
+    pub async fn with_replicas(js: &jetstream::Context, replicas: usize) -> Result<Self, Error> {
         let store = match js.get_object_store(BUCKET).await {
             Ok(s) => s,
             Err(_) => js
-                .create_object_store(object_store::Config { bucket: BUCKET.to_string(), ..Default::default() })
+                .create_object_store(object_store::Config { bucket: BUCKET.to_string(), num_replicas: replicas, ..Default::default() })
                 .await
                 .map_err(|e| Error::Io(format!("cannot create object store bucket {BUCKET}: {e}")))?,
         };
@@ -123,8 +128,14 @@ impl NatsBlobs {
 impl BlobStore for NatsBlobs {
     async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
         let d = digest(&bytes);
-        if self.store.info(&d).await.is_err() {
-            self.store.put(d.as_str(), &mut bytes.as_slice()).await.map_err(|e| Error::Io(e.to_string()))?;
+        // Kept only when the stored bytes are these bytes: anyone who may write blobs may
+        // write other bytes under this name, and this put then puts them right.
+        if self.get(&d).await.is_err()
+            && let Err(e) = self.store.put(d.as_str(), &mut bytes.as_slice()).await
+        {
+            // A put over a name also purges the old chunks, which a worker's identity may not
+            // do; what counts is whether these bytes are there now.
+            self.get(&d).await.map_err(|_| Error::Io(e.to_string()))?;
         }
         Ok(d)
     }

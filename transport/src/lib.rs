@@ -4,6 +4,7 @@
 //! ([`relay`]). Workers link this and the event vocabulary, no database driver.
 
 pub mod blob;
+pub mod identity;
 pub mod mqtt;
 pub mod relay;
 
@@ -202,9 +203,29 @@ pub struct NatsAuth {
     /// A CA certificate (PEM) to trust for TLS; TLS is then required.
     #[arg(long = "nats-tls-ca", env = "FLAME_NATS_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Replicas of the streams, KV bucket and object store this process
+    /// creates or updates (the engine): 3 on a NATS cluster of 3 or more
+    /// servers, so that losing one loses nothing. Default 1.
+    #[arg(long = "nats-replicas", env = "FLAME_NATS_REPLICAS", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: Option<u8>,
+}
+
+/// The servers of a URL list, `nats://a:4222,nats://b:4222` (a cluster's
+/// members; the client also learns the others from the server it reaches).
+fn servers(urls: &str) -> Result<Vec<async_nats::ServerAddr>, Error> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse().map_err(|e| Error::Nats(format!("'{u}' is not a NATS server URL: {e}"))))
+        .collect()
 }
 
 impl NatsAuth {
+    /// Replicas of what this process creates (1 unless `--nats-replicas`).
+    pub fn replicas(&self) -> usize {
+        usize::from(self.replicas.unwrap_or(1))
+    }
+
     /// The connect options these settings give; a clear error for a missing
     /// or unreadable file, or for more than one way to authenticate.
     pub async fn options(&self) -> Result<async_nats::ConnectOptions, Error> {
@@ -242,8 +263,33 @@ impl NatsAuth {
             }
             opts = opts.add_root_certificates(ca.clone()).require_tls(true);
         }
-        Ok(opts)
+        // The server's complaints (a permission this identity lacks) in the log, where an operator looks.
+        Ok(opts.event_callback(|event| async move {
+            match event {
+                async_nats::Event::ServerError(e) => tracing::warn!("NATS server: {e}"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                other => tracing::debug!("NATS: {other}"),
+            }
+        }))
     }
+}
+
+fn stream_config(name: &str, subject: &str) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects: vec![subject.to_string()],
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        duplicate_window: Duration::from_secs(120),
+        // One durable consumer per worker (commands) or per job (reports); NATS 2.15
+        // otherwise caps a stream at 1,000 consumers.
+        max_consumers: MAX_CONSUMERS,
+        ..Default::default()
+    }
+}
+
+fn bucket_config() -> kv::Config {
+    kv::Config { bucket: WORKER_BUCKET.to_string(), history: 1, max_age: WORKER_TTL, ..Default::default() }
 }
 
 /// The distributed transport: JetStream streams for commands and reports, a KV
@@ -252,6 +298,7 @@ impl NatsAuth {
 pub struct Nats {
     js: jetstream::Context,
     workers: kv::Store,
+    replicas: usize,
 }
 
 impl Nats {
@@ -262,38 +309,84 @@ impl Nats {
 
     /// Connects with credentials.
     pub async fn connect_with(url: &str, auth: &NatsAuth) -> Result<Self, Error> {
-        let client =
-            auth.options().await?.connect(url).await.map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
-        Self::new(client).await
+        let client = auth
+            .options()
+            .await?
+            .connect(servers(url)?)
+            .await
+            .map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
+        Self::create(client, auth.replicas()).await
     }
 
-    /// Uses an existing client.
+    /// Connects as worker `worker_id`: replies arrive under its own inbox
+    /// prefix (the only subjects a per-worker identity may subscribe to, see
+    /// [`identity`]), and it binds to the streams and bucket the engine made,
+    /// creating them only when they are missing (a server without
+    /// per-worker permissions, the worker started first).
+    pub async fn connect_worker(url: &str, auth: &NatsAuth, worker_id: &str) -> Result<Self, Error> {
+        check_id(worker_id)?;
+        let client = auth
+            .options()
+            .await?
+            .custom_inbox_prefix(identity::inbox_prefix(worker_id))
+            .connect(servers(url)?)
+            .await
+            .map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
+        Self::bind(client).await
+    }
+
+    /// Uses an existing client, binding to the streams and bucket where they
+    /// exist and creating only those that do not.
+    pub async fn bind(client: async_nats::Client) -> Result<Self, Error> {
+        let js = jetstream::new(client);
+        let denied = |what: &str, e: &dyn std::fmt::Display| {
+            Error::Nats(format!(
+                "cannot open {what}: {e} (with per-worker NATS identities, check that this worker's id and key are in the server's auth.conf, `flame-engine worker add`, and that the server was reloaded)"
+            ))
+        };
+        for (name, subject) in [(COMMAND_STREAM, "flame.cmd.>"), (REPORT_STREAM, "flame.report.>")] {
+            match js.get_stream(name).await {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    js.create_stream(stream_config(name, subject)).await.map_err(|e| denied(&format!("stream {name}"), &e))?;
+                }
+                Err(e) => return Err(denied(&format!("stream {name}"), &e)),
+            }
+        }
+        let workers = match js.get_key_value(WORKER_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js.create_key_value(bucket_config()).await.map_err(|e| denied(&format!("KV bucket {WORKER_BUCKET}"), &e))?,
+        };
+        Ok(Self { js, workers, replicas: 1 })
+    }
+
+    /// Uses an existing client; creates the streams and bucket, or updates
+    /// them to this version's settings (the engine's way in).
     pub async fn new(client: async_nats::Client) -> Result<Self, Error> {
+        Self::create(client, 1).await
+    }
+
+    /// As [`Nats::new`], with `replicas` of each stream and the bucket.
+    pub async fn create(client: async_nats::Client, replicas: usize) -> Result<Self, Error> {
         let js = jetstream::new(client);
         for (name, subject) in [(COMMAND_STREAM, "flame.cmd.>"), (REPORT_STREAM, "flame.report.>")] {
-            js.create_or_update_stream(stream::Config {
-                name: name.to_string(),
-                subjects: vec![subject.to_string()],
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                duplicate_window: Duration::from_secs(120),
-                // One durable consumer per worker (commands) or per job (reports); NATS 2.15
-                // otherwise caps a stream at 1,000 consumers.
-                max_consumers: MAX_CONSUMERS,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Nats(format!("cannot create stream {name}: {e}")))?;
+            js.create_or_update_stream(stream::Config { num_replicas: replicas, ..stream_config(name, subject) })
+                .await
+                .map_err(|e| Error::Nats(format!("cannot create stream {name} ({replicas} replica(s)): {e}")))?;
         }
         let workers = js
-            .create_or_update_key_value(kv::Config {
-                bucket: WORKER_BUCKET.to_string(),
-                history: 1,
-                max_age: WORKER_TTL,
-                ..Default::default()
-            })
+            .create_or_update_key_value(kv::Config { num_replicas: replicas, ..bucket_config() })
             .await
             .map_err(|e| Error::Nats(format!("cannot create KV bucket {WORKER_BUCKET}: {e}")))?;
-        Ok(Self { js, workers })
+        Ok(Self { js, workers, replicas })
+    }
+
+    /// Replicas of what this connection created.
+    pub fn replicas(&self) -> usize {
+        self.replicas
     }
 
     /// The JetStream context, for other users of the same connection.
@@ -322,7 +415,9 @@ impl Nats {
             // Created, or updated to this config (a consumer made by an older version had other filters).
             .create_consumer(pull::Config {
                 durable_name: Some(durable.clone()),
-                filter_subjects: subjects,
+                // One filter goes in the API subject, where per-worker permissions check it.
+                filter_subject: if subjects.len() == 1 { subjects[0].clone() } else { String::new() },
+                filter_subjects: if subjects.len() == 1 { Vec::new() } else { subjects },
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait,
                 ..Default::default()

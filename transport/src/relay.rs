@@ -43,10 +43,16 @@ pub struct Relay {
 impl Relay {
     /// A relay whose progress is saved under the checkpoint `name`.
     pub async fn new(store: Arc<dyn EventStore>, js: jetstream::Context, name: &str) -> Result<Self, Error> {
+        Self::with_replicas(store, js, name, 1).await
+    }
+
+    /// A relay that creates the event stream with `replicas` if it is missing.
+    pub async fn with_replicas(store: Arc<dyn EventStore>, js: jetstream::Context, name: &str, replicas: usize) -> Result<Self, Error> {
         js.get_or_create_stream(stream::Config {
             name: EVENT_STREAM.to_string(),
             subjects: vec!["flame.events.>".to_string()],
             duplicate_window: Duration::from_secs(600),
+            num_replicas: replicas,
             ..Default::default()
         })
         .await

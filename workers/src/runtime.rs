@@ -30,6 +30,11 @@ use flame_events::model::Model;
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How many finished commands a worker remembers, to answer redeliveries without redoing them.
 const REMEMBERED: usize = 4096;
+/// How long a report that cannot be published is tried again (a NATS server
+/// restarting, a leaf node's link cut): less than the report stream's
+/// duplicate window (120 s), so a publish that was stored but whose
+/// acknowledgement was lost is de-duplicated when it is tried again.
+pub const REPORT_RETRY_FOR: Duration = Duration::from_secs(90);
 /// Commands a worker runs at once unless told otherwise (`--concurrency`).
 pub const DEFAULT_CONCURRENCY: usize = 4;
 
@@ -127,7 +132,7 @@ impl Worker {
                     running.spawn(async move {
                         let report = worker.execute(&delivery.message).await;
                         // Not acked on failure: the command is redelivered and answered from memory.
-                        worker.transport.send_report(&report).await.map_err(|e| anyhow!(e).context("sending a report"))?;
+                        worker.send_report(&report).await?;
                         if let Err(e) = delivery.ack().await {
                             tracing::warn!(worker = %worker.info.id, "ack failed (the command may be redelivered): {e}");
                         }
@@ -147,6 +152,23 @@ impl Worker {
         running.abort_all();
         heartbeat.abort();
         result
+    }
+
+    /// Publishes a report, trying again with backoff for [`REPORT_RETRY_FOR`].
+    async fn send_report(&self, report: &Report) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.transport.send_report(report).await {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() + delay < REPORT_RETRY_FOR => {
+                    tracing::warn!(worker = %self.info.id, command = %report.command_id, "report not sent, trying again in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(anyhow!(e).context("sending a report")),
+            }
+        }
     }
 
     /// Runs one command (once per command id) and returns the report.

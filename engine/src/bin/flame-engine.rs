@@ -1,6 +1,7 @@
 //! `flame-engine`: the engine service. `serve` resumes every active job from
 //! the event log and serves the management API; `run` runs one job folder to
-//! its end; `token add` makes an API token.
+//! its end; `token add` makes an API token; `worker add` issues a worker's
+//! NATS identity.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,8 +72,78 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Issue and withdraw workers' NATS identities (NKey users with
+    /// per-worker permissions, rendered into a nats-server `auth.conf`).
+    Worker {
+        #[command(subcommand)]
+        command: WorkerCommand,
+    },
     /// Print the management API's OpenAPI document.
     Openapi,
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkerCommand {
+    /// Issue worker ID an identity: a new NKey (its seed written for the
+    /// site) or the public key the site made; `auth.conf` is rendered again.
+    Add {
+        /// The identities folder (keys and the rendered `auth.conf`).
+        #[arg(long, env = "FLAME_NATS_AUTH_DIR")]
+        auth_dir: PathBuf,
+        /// The worker's id, as its `flame-worker --id` says.
+        #[arg(long)]
+        id: String,
+        /// The site's own user public key (`U...`, e.g. from `nk -gen user
+        /// -pubout`): its seed then never leaves the site.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Withdraw worker ID's identity; `auth.conf` is rendered again.
+    Remove {
+        /// The identities folder.
+        #[arg(long, env = "FLAME_NATS_AUTH_DIR")]
+        auth_dir: PathBuf,
+        /// The worker's id.
+        #[arg(long)]
+        id: String,
+    },
+    /// List the workers that have identities.
+    List {
+        /// The identities folder.
+        #[arg(long, env = "FLAME_NATS_AUTH_DIR")]
+        auth_dir: PathBuf,
+    },
+}
+
+fn worker_identities(command: WorkerCommand) -> anyhow::Result<()> {
+    use flame_transport::identity::Identities;
+    let reload = "reload the NATS server to apply it: nats-server --signal reload (or SIGHUP)";
+    match command {
+        WorkerCommand::Add { auth_dir, id, public_key } => {
+            let added = Identities::new(&auth_dir).add(&id, public_key.as_deref())?;
+            println!("worker {id}: NATS user {}", added.public_key);
+            match &added.seed_file {
+                Some(seed) => println!(
+                    "  its seed: {} (give it to the site, secretly; start the worker with --id {id} --nats-nkey <that file>)",
+                    seed.display()
+                ),
+                None => println!("  the site keeps its seed; start the worker with --id {id} --nats-nkey <its seed file>"),
+            }
+            println!("  the engine's seed: {} (flame-engine and flamectl run --nats: --nats-nkey)", added.engine_seed.display());
+            println!("  server permissions: {} (include it in nats-server.conf)", added.config.display());
+            println!("  {reload}");
+        }
+        WorkerCommand::Remove { auth_dir, id } => {
+            let config = Identities::new(&auth_dir).remove(&id)?;
+            println!("worker {id}: identity withdrawn from {}; {reload}", config.display());
+        }
+        WorkerCommand::List { auth_dir } => {
+            for (id, key) in Identities::new(&auth_dir).workers()? {
+                println!("{id}\t{key}");
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,14 +223,17 @@ async fn project(store: Arc<MongoStore>, views: MongoViews, mut stop: tokio::syn
 async fn connect(c: &Connect) -> anyhow::Result<Engine> {
     let store = Arc::new(MongoStore::connect(&c.mongo, &c.db).await?);
     let transport = Nats::connect_with(&c.nats, &c.auth).await?;
-    let relay = Relay::new(store.clone(), transport.jetstream().clone(), "engine").await?;
+    let relay = Relay::with_replicas(store.clone(), transport.jetstream().clone(), "engine", transport.replicas()).await?;
     let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
     let relay = tokio::spawn(relay.run(Duration::from_millis(100), async move {
         let _ = relay_stopped.await;
     }));
     // Model files that definitions bring (TorchScript modules) go to the object store the workers read.
-    let blobs: Arc<dyn flame_transport::blob::BlobStore> =
-        Arc::new(flame_transport::blob::NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?);
+    let blobs: Arc<dyn flame_transport::blob::BlobStore> = Arc::new(
+        flame_transport::blob::NatsBlobs::with_replicas(transport.jetstream(), transport.replicas())
+            .await
+            .context("opening the model blob store")?,
+    );
     if c.mqtt_devices {
         // Until the process ends: MQTT workers are served as long as the engine runs.
         tokio::spawn(flame_transport::mqtt::MqttAdapter::new(transport.clone(), blobs.clone()).run(std::future::pending()));
@@ -187,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", Tokens::add(&tokens, &user, scope, expires_in)?);
             Ok(())
         }
+        Command::Worker { command } => worker_identities(command),
         Command::Openapi => {
             println!("{}", flame_engine::api::openapi_json());
             Ok(())
@@ -218,7 +293,7 @@ async fn main() -> anyhow::Result<()> {
             let job_id = engine.runner.submit(&def, &cli).await?;
             engine.runner.start(&job_id, &cli).await?;
             eprintln!("job {job_id} submitted from {}", job.display());
-            let result = engine.runner.run(&job_id).await;
+            let result = engine.runner.run_resuming(&job_id).await;
             engine.close().await?;
             let job = result?;
             let summary = serde_json::json!({

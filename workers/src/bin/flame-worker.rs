@@ -73,7 +73,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let dirs = if args.data_roots.is_empty() { vec![std::env::current_dir().context("the current folder")?] } else { args.data_roots };
     let roots = DataRoots::new(&dirs).map_err(|e| anyhow::anyhow!("{e} (--data-root)"))?;
     model::init_backend();
-    let transport = Nats::connect_with(&args.nats, &args.auth).await?;
+    let transport = Nats::connect_worker(&args.nats, &args.auth, &args.id).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
     tracing::info!(roots = ?roots.dirs().unwrap_or_default(), "datasets are read under these folders only");

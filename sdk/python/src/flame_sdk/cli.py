@@ -41,6 +41,13 @@ def nats_options(args: argparse.Namespace) -> Dict[str, Any]:
             "flame-py-worker: give one way to authenticate to NATS: --nats-creds, --nats-nkey, --nats-user/--nats-password or --nats-token"
         )
     opts: Dict[str, Any] = {}
+    if args.nats_creds or args.nats_nkey:
+        try:
+            importlib.import_module("nkeys")
+        except ImportError:
+            raise SystemExit(
+                "flame-py-worker: NKeys need the `nkeys` package: pip install 'flame-sdk[nkeys]' (or pip install nkeys)"
+            ) from None
     if args.nats_creds:
         if not os.path.isfile(args.nats_creds):
             raise SystemExit(f"flame-py-worker: cannot read the NATS credentials file '{args.nats_creds}'")

@@ -26,6 +26,8 @@ HEARTBEAT = 2.0
 COMMAND_ACK_WAIT = 300.0
 #: How long JetStream drops a repeated ``Nats-Msg-Id``.
 DUPLICATE_WINDOW = 120.0
+#: Seconds a report that cannot be published is tried again (within the window).
+REPORT_RETRY_FOR = 90.0
 #: The command kinds of this version.
 KINDS = ("deploy", "init_model", "train", "coordinate", "evaluate", "aggregate")
 

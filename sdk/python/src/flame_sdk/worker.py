@@ -113,6 +113,10 @@ class Worker:
         async def reconnected() -> None:
             log.info("reconnected to NATS")
 
+        # Replies (and fetched commands) arrive under this worker's own inbox
+        # prefix: with per-worker NATS identities, the only subjects it may
+        # subscribe to (`flame-engine worker add`).
+        options = {"inbox_prefix": f"_INBOX_{self.id}", **options}
         # A first connection that does not retry: a wrong URL or credential is an
         # error now, not a loop of retries.
         try:
@@ -230,11 +234,22 @@ class Worker:
             await msg.term()
             return
         report = await self.execute(command)
-        try:
-            await self.send_report(report)
-        except Exception as e:
-            log.warning("report for %s not sent (the command will come again): %s", command.id, e)
-            return
+        # Tried again with backoff for a while (a NATS restart, a leaf node's
+        # link cut): less than the duplicate window, so a publish that was
+        # stored but whose acknowledgement was lost is de-duplicated.
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + protocol.REPORT_RETRY_FOR, 0.2
+        while True:
+            try:
+                await self.send_report(report)
+                break
+            except Exception as e:
+                if loop.time() + delay >= deadline:
+                    log.warning("report for %s not sent (the command will come again): %s", command.id, e)
+                    return
+                log.warning("report for %s not sent, trying again in %.1f s: %s", command.id, delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         await self.ack(msg)
 
     async def ack(self, msg: Any) -> None:
