@@ -1,6 +1,7 @@
 //! End-to-end tests: one test binary, a module per feature (ripgrep's layout).
 
 mod auth;
+mod cluster;
 mod conformance;
 mod distributed;
 mod embedded;

@@ -124,24 +124,35 @@ impl NatsBlobs {
     }
 }
 
-#[async_trait]
-impl BlobStore for NatsBlobs {
-    async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
-        let d = digest(&bytes);
-        // Kept only when the stored bytes are these bytes: anyone who may write blobs may
-        // write other bytes under this name, and this put then puts them right.
-        if self.get(&d).await.is_err()
-            && let Err(e) = self.store.put(d.as_str(), &mut bytes.as_slice()).await
-        {
-            // A put over a name also purges the old chunks, which a worker's identity may not
-            // do; what counts is whether these bytes are there now.
-            self.get(&d).await.map_err(|_| Error::Io(e.to_string()))?;
-        }
-        Ok(d)
-    }
+/// How long a blob read or write that fails for want of the server (a NATS
+/// server restarting, a leaf node's link cut, a stream electing its leader)
+/// is tried again before it counts as failed.
+pub const BLOB_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
-    async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
-        check_digest(digest)?;
+/// Runs `attempt` until it succeeds, fails for good (anything but
+/// [`Error::Io`]) or [`BLOB_RETRY_FOR`] has passed, backing off.
+async fn retrying<T, F, Fut>(what: &str, attempt: F) -> Result<T, Error>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Err(Error::Io(e)) if started.elapsed() + pause < BLOB_RETRY_FOR => {
+                tracing::warn!("{what}: {e}; trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            done => return done,
+        }
+    }
+}
+
+impl NatsBlobs {
+    /// One read, checked.
+    async fn fetch(&self, digest: &str) -> Result<Vec<u8>, Error> {
         let mut object = self.store.get(digest).await.map_err(|e| match e.kind() {
             object_store::GetErrorKind::NotFound => Error::NotFound(digest.to_string()),
             _ => Error::Io(e.to_string()),
@@ -149,6 +160,35 @@ impl BlobStore for NatsBlobs {
         let mut bytes = Vec::new();
         object.read_to_end(&mut bytes).await.map_err(|e| Error::Io(e.to_string()))?;
         verified(digest, bytes)
+    }
+
+    /// One write of `bytes` under their digest `d`.
+    async fn store_once(&self, d: &str, bytes: &[u8]) -> Result<(), Error> {
+        // Kept only when the stored bytes are these bytes: anyone who may write blobs may
+        // write other bytes under this name, and this put then puts them right.
+        if self.fetch(d).await.is_ok() {
+            return Ok(());
+        }
+        if let Err(e) = self.store.put(d, &mut &bytes[..]).await {
+            // A put over a name also purges the old chunks, which a worker's identity may not
+            // do; what counts is whether these bytes are there now.
+            self.fetch(d).await.map_err(|_| Error::Io(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlobStore for NatsBlobs {
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
+        let d = digest(&bytes);
+        retrying(&format!("storing blob {d}"), || self.store_once(&d, &bytes)).await?;
+        Ok(d)
+    }
+
+    async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
+        check_digest(digest)?;
+        retrying(&format!("reading blob {digest}"), || self.fetch(digest)).await
     }
 }
 

@@ -30,9 +30,15 @@ pub const REPORT_STREAM: &str = "FLAME_REPORTS";
 pub const REPORT_ACK_WAIT: Duration = Duration::from_secs(3);
 /// Durable consumers a command or report stream may hold (workers, jobs).
 pub const MAX_CONSUMERS: i32 = 100_000;
+/// How long a worker waits for JetStream to answer at start.
+const JETSTREAM_WAIT: Duration = Duration::from_secs(60);
+/// How long one pull request of a command or report consumer waits.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// The server's idle heartbeat on a pull: two missed, and the pull is renewed.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// KV bucket of live workers; entries expire without heartbeats.
 pub const WORKER_BUCKET: &str = "flame-workers";
-/// How long a worker stays listed after its last heartbeat.
+/// How long a worker stays listed after its last heartbeat (by default; `--worker-ttl`).
 pub const WORKER_TTL: Duration = Duration::from_secs(6);
 
 /// Transport errors.
@@ -208,6 +214,18 @@ pub struct NatsAuth {
     /// servers, so that losing one loses nothing. Default 1.
     #[arg(long = "nats-replicas", env = "FLAME_NATS_REPLICAS", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
     pub replicas: Option<u8>,
+    /// The JetStream domain of the hub, for a process connected to a leaf
+    /// node that has no JetStream of its own (an edge site): its JetStream
+    /// requests then travel to the hub as `$JS.<domain>.API`.
+    #[arg(long = "nats-domain", env = "FLAME_NATS_DOMAIN", value_name = "DOMAIN")]
+    pub domain: Option<String>,
+    /// Seconds a worker stays listed after its last heartbeat, as the
+    /// registry bucket this process creates or updates (the engine) keeps
+    /// it. Default 6; on a NATS cluster 15, so that the registry outlives a
+    /// stream leader election (up to about 9 s) and no worker is taken for
+    /// lost while its server's successor is elected.
+    #[arg(long = "worker-ttl", env = "FLAME_WORKER_TTL", value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(3..=600))]
+    pub worker_ttl: Option<u64>,
 }
 
 /// The servers of a URL list, `nats://a:4222,nats://b:4222` (a cluster's
@@ -221,6 +239,14 @@ fn servers(urls: &str) -> Result<Vec<async_nats::ServerAddr>, Error> {
 }
 
 impl NatsAuth {
+    /// The JetStream context of a client: the hub's domain when one is given.
+    pub fn jetstream(&self, client: async_nats::Client) -> jetstream::Context {
+        match &self.domain {
+            Some(domain) => jetstream::with_domain(client, domain),
+            None => jetstream::new(client),
+        }
+    }
+
     /// Replicas of what this process creates (1 unless `--nats-replicas`).
     pub fn replicas(&self) -> usize {
         usize::from(self.replicas.unwrap_or(1))
@@ -315,7 +341,8 @@ impl Nats {
             .connect(servers(url)?)
             .await
             .map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
-        Self::create(client, auth.replicas()).await
+        let ttl = auth.worker_ttl.map_or(WORKER_TTL, Duration::from_secs);
+        Self::create_in(auth.jetstream(client), auth.replicas(), ttl).await
     }
 
     /// Connects as worker `worker_id`: replies arrive under its own inbox
@@ -332,18 +359,38 @@ impl Nats {
             .connect(servers(url)?)
             .await
             .map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
-        Self::bind(client).await
+        Self::bind_in(auth.jetstream(client)).await
     }
 
     /// Uses an existing client, binding to the streams and bucket where they
     /// exist and creating only those that do not.
     pub async fn bind(client: async_nats::Client) -> Result<Self, Error> {
-        let js = jetstream::new(client);
+        Self::bind_in(jetstream::new(client)).await
+    }
+
+    async fn bind_in(js: jetstream::Context) -> Result<Self, Error> {
         let denied = |what: &str, e: &dyn std::fmt::Display| {
             Error::Nats(format!(
                 "cannot open {what}: {e} (with per-worker NATS identities, check that this worker's id and key are in the server's auth.conf, `flame-engine worker add`, and that the server was reloaded)"
             ))
         };
+        // JetStream out of reach (a leaf node whose link to the hub is not up yet, a
+        // cluster electing its leaders): wait for it a while rather than give up.
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match js.get_stream(COMMAND_STREAM).await {
+                Err(e)
+                    if matches!(e.kind(), jetstream::context::GetStreamErrorKind::Request)
+                        && started.elapsed() + pause < JETSTREAM_WAIT =>
+                {
+                    tracing::warn!("JetStream is not answering yet ({e}); trying again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                _ => break,
+            }
+        }
         for (name, subject) in [(COMMAND_STREAM, "flame.cmd.>"), (REPORT_STREAM, "flame.report.>")] {
             match js.get_stream(name).await {
                 Ok(_) => {}
@@ -371,14 +418,17 @@ impl Nats {
 
     /// As [`Nats::new`], with `replicas` of each stream and the bucket.
     pub async fn create(client: async_nats::Client, replicas: usize) -> Result<Self, Error> {
-        let js = jetstream::new(client);
+        Self::create_in(jetstream::new(client), replicas, WORKER_TTL).await
+    }
+
+    async fn create_in(js: jetstream::Context, replicas: usize, worker_ttl: Duration) -> Result<Self, Error> {
         for (name, subject) in [(COMMAND_STREAM, "flame.cmd.>"), (REPORT_STREAM, "flame.report.>")] {
             js.create_or_update_stream(stream::Config { num_replicas: replicas, ..stream_config(name, subject) })
                 .await
                 .map_err(|e| Error::Nats(format!("cannot create stream {name} ({replicas} replica(s)): {e}")))?;
         }
         let workers = js
-            .create_or_update_key_value(kv::Config { num_replicas: replicas, ..bucket_config() })
+            .create_or_update_key_value(kv::Config { num_replicas: replicas, max_age: worker_ttl, ..bucket_config() })
             .await
             .map_err(|e| Error::Nats(format!("cannot create KV bucket {WORKER_BUCKET}: {e}")))?;
         Ok(Self { js, workers, replicas })
@@ -424,6 +474,11 @@ impl Nats {
             })
             .await
             .map_err(nats)?
+            // Short pulls with frequent heartbeats: a pull lost with its server (a cluster
+            // member dying, a leaf node's link cut) is noticed and renewed within seconds.
+            .stream()
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
             .messages()
             .await
             .map_err(nats)?;

@@ -67,6 +67,8 @@ def nats_options(args: argparse.Namespace) -> Dict[str, Any]:
         opts["user"], opts["password"] = args.nats_user, args.nats_password
     if args.nats_token:
         opts["token"] = args.nats_token
+    if args.nats_domain:
+        opts["domain"] = args.nats_domain
     if args.nats_tls_ca:
         if not os.path.isfile(args.nats_tls_ca):
             raise SystemExit(f"flame-py-worker: the TLS CA file '{args.nats_tls_ca}' does not exist")
@@ -100,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nats-user", default=env("FLAME_NATS_USER"), help="user name [env FLAME_NATS_USER]")
     p.add_argument("--nats-password", default=env("FLAME_NATS_PASSWORD"), help="password [env FLAME_NATS_PASSWORD]")
     p.add_argument("--nats-token", default=env("FLAME_NATS_TOKEN"), help="token [env FLAME_NATS_TOKEN]")
+    p.add_argument(
+        "--nats-domain",
+        default=env("FLAME_NATS_DOMAIN"),
+        help="the hub's JetStream domain, behind a leaf node without JetStream [env FLAME_NATS_DOMAIN]",
+    )
     p.add_argument("--nats-tls-ca", default=env("FLAME_NATS_TLS_CA"), help="a CA certificate to trust; TLS is then required")
     return p
 

@@ -102,8 +102,11 @@ class Worker:
     # ---- connection --------------------------------------------------------
 
     async def connect(self, url: str, **options: Any) -> None:
-        """Connects (``options`` go to ``nats.connect``: credentials, TLS) and
-        creates the streams, bucket and object store if they are missing."""
+        """Connects (``options`` go to ``nats.connect``: credentials, TLS;
+        ``domain``, the hub's JetStream domain for a worker behind a leaf
+        node, goes to JetStream) and creates the streams, bucket and object
+        store if they are missing."""
+        domain: Optional[str] = options.pop("domain", None)
         async def error(e: Exception) -> None:
             log.warning("NATS: %s", e)
 
@@ -136,7 +139,7 @@ class Worker:
             reconnected_cb=reconnected,
             **options,
         )
-        self.js = self.nc.jetstream()
+        self.js = self.nc.jetstream(domain=domain)
         for name, subject in ((protocol.COMMAND_STREAM, "flame.cmd.>"), (protocol.REPORT_STREAM, "flame.report.>")):
             try:
                 await self.js.stream_info(name)
