@@ -238,12 +238,19 @@ impl Runner {
             if job.status != Status::Stopping && read_at.is_none_or(|t| t.elapsed() >= poll) {
                 // A worker counts as live if either of the last two reads listed it: one late
                 // heartbeat under load is not a loss.
-                let now_live = self.transport.workers().await?;
-                let mut both = now_live.clone();
-                both.extend(previous.into_iter().flatten().filter(|w: &WorkerInfo| !now_live.iter().any(|n| n.id == w.id)));
-                both.sort_by(|a, b| a.id.cmp(&b.id));
-                previous = Some(now_live);
-                live = Some(both);
+                match self.transport.workers().await {
+                    Ok(now_live) => {
+                        let mut both = now_live.clone();
+                        both.extend(previous.into_iter().flatten().filter(|w: &WorkerInfo| !now_live.iter().any(|n| n.id == w.id)));
+                        both.sort_by(|a, b| a.id.cmp(&b.id));
+                        previous = Some(now_live);
+                        live = Some(both);
+                    }
+                    // The registry out of reach (a NATS server failing over): decide on the last
+                    // list read rather than stop; no worker is counted lost on a failed read.
+                    Err(e) if live.is_some() => tracing::warn!(job = job_id, "cannot read the worker registry, using the last list: {e}"),
+                    Err(e) => return Err(e.into()),
+                }
                 read_at = Some(Instant::now());
             }
             let now = now_ms();
@@ -282,8 +289,9 @@ impl Runner {
                 .await;
             for r in results {
                 if let Err((worker_id, id, e)) = r {
+                    // Not sent: forgotten as sent, so that it goes out again on the next turn.
+                    tracing::warn!(job = job_id, worker = %worker_id, command = %id, "command not sent, sending it again: {e}");
                     sent.remove(&(worker_id, id));
-                    return Err(e.into());
                 }
             }
             if handled {
