@@ -649,6 +649,37 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_fedbuff_trainer_whose_training_fails_goes_idle_and_is_picked_again() {
+        use crate::testing::{report, trained};
+        use flame_events::protocol::ReportBody;
+        let failed = |task: &str, round: u32| {
+            let JobCommand::Report(mut r) = report(task, round, ReportBody::Failed { error: "ValueError: bad batch".into() }) else {
+                unreachable!()
+            };
+            r.command_id = format!("{}/r{round}/train/{task}", crate::testing::JOB);
+            JobCommand::Report(r)
+        };
+        let h = handle(fedbuff(1, 2), JobCommand::StartRound { now_ms: 0 });
+        let events = h.job().handle(failed("t0", 1)).expect("handled");
+        assert!(
+            matches!(&events[..], [JobEvent::TrainingFailed { round: 1, task_id, error, .. }] if task_id == "t0" && error.contains("bad batch")),
+            "the job goes on: {events:?}"
+        );
+        let h = handle(h, failed("t0", 1));
+        assert_eq!(h.job().status, crate::job::Status::Running);
+        assert_eq!(trains(&decide(&h.job(), 0, None)), [("job-1/r1/train/t1".to_string(), "m0".to_string())], "t0 is no longer asked");
+        assert!(matches!(h.job().handle(failed("t0", 1)), Err(crate::job::Rejection::Duplicate { .. })), "a redelivery changes nothing");
+        assert!(h.job().handle(report("t0", 1, trained(1, "t0"))).is_err(), "nor does a late update of the failed training");
+
+        // t1 fills the buffer; round 2 sends the idle t0 the new model.
+        let h = handle(h, report("t1", 1, trained(1, "t1")));
+        let aggregated =
+            ReportBody::Aggregated { digest: "m1".into(), metrics: Default::default(), optimizer_state: None, excluded: vec![] };
+        let h = handle(handle(h, report("agg", 1, aggregated)), JobCommand::StartRound { now_ms: 0 });
+        assert!(trains(&decide(&h.job(), 0, None)).contains(&("job-1/r2/train/t0".to_string(), "m1".to_string())), "t0 trains again");
+    }
+
     /// The hierarchical test job, asynchronous: FedBuff buffers of `goal` at
     /// each middle aggregator, `c` trainers busy under each, initial model in.
     fn async_hierarchical(goal: u32, c: u32) -> History {

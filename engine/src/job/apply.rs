@@ -92,7 +92,12 @@ impl Job {
             JobEvent::ReportRejected { .. } => self.rejected += 1,
             JobEvent::UpdateExcluded { .. } => {}
             JobEvent::TrainingFailed { task_id, .. } => {
-                self.round.failed.insert(task_id.clone());
+                if self.is_async() {
+                    // Idle again: the next round's selection may send it the newer model.
+                    self.round.buffer.in_flight.remove(task_id);
+                } else {
+                    self.round.failed.insert(task_id.clone());
+                }
             }
             JobEvent::RoundAggregated { round, digest, metrics, optimizer_state, .. } => {
                 if self.spec.as_ref().is_some_and(|s| s.evaluates(*round)) {

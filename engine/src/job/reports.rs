@@ -31,10 +31,17 @@ impl Job {
             ReportBody::Failed { error } if self.fails_training(task, &r.command_id, round) => {
                 Ok(self.training_failed(task_id, worker_id, round, error))
             }
+            ReportBody::Failed { error } if self.fails_async_training(task, &r.command_id, round) => {
+                Ok(vec![JobEvent::TrainingFailed { round, task_id, worker_id, error }])
+            }
             // The same failure again (a redelivery after an engine restart): it changes nothing.
             ReportBody::Failed { .. }
                 if self.round.failed.contains(&task_id) && round == self.round.number && r.command_id == self.train_id(round, &task_id) =>
             {
+                Err(Rejection::Duplicate { task: task_id, round })
+            }
+            // Asynchronous jobs: a training no longer in flight failed again (a redelivery).
+            ReportBody::Failed { .. } if self.is_async() && r.command_id == self.train_id(round, &task_id) => {
                 Err(Rejection::Duplicate { task: task_id, round })
             }
             ReportBody::Failed { error } => {
@@ -58,6 +65,8 @@ impl Job {
                 );
                 if self.fails_training(task, &r.command_id, round) {
                     Ok(self.training_failed(task_id, worker_id, round, error))
+                } else if self.fails_async_training(task, &r.command_id, round) {
+                    Ok(vec![JobEvent::TrainingFailed { round, task_id, worker_id, error }])
                 } else {
                     Err(Rejection::Unexpected(error))
                 }
@@ -272,6 +281,17 @@ impl Job {
             && round == self.round.number
             && self.in_round(task)
             && !self.round.updates.contains_key(&task.task_id)
+            && command_id == self.train_id(round, &task.task_id)
+    }
+
+    /// Asynchronous (FedBuff) jobs: whether a failed report ends the task's
+    /// training in flight. The task then goes idle, and the next round's
+    /// selection may send it the newer model; the job goes on (a round that
+    /// cannot fill its buffer closes at its deadline, with what it holds).
+    fn fails_async_training(&self, task: &TaskSpec, command_id: &str, round: u32) -> bool {
+        self.status == Status::Running
+            && self.is_async()
+            && self.round.buffer.in_flight.get(&task.task_id).is_some_and(|d| d.round == round)
             && command_id == self.train_id(round, &task.task_id)
     }
 
