@@ -146,15 +146,25 @@ async fn a_cluster_losing_a_server_and_a_leaf_losing_its_link_finish_the_job_onc
         );
     }
     util::worker(&mut procs, &urls[2], "hub-agg", "aggregator", "default");
+    // A Python worker at the edge too (in a realm no task of this job is in, so it only registers).
+    let sdk = std::env::var("FLAME_SDK_BIN").expect("FLAME_SDK_BIN is unset: run the tests with scripts/test.sh");
+    procs.spawn(
+        Command::new(format!("{sdk}/flame-py-worker"))
+            .args(["--nats", &edge_url, "--nats-domain", "hub", "--id", "edge-py", "--realm", "elsewhere"])
+            .arg("--trainer")
+            .arg(format!("{}:DigitsTrainer", root().join("examples/python-digits/trainer.py").display()))
+            .env("FLAME_SDK_LOG", "ERROR")
+            .stdout(Stdio::null()),
+    );
     let mut registered = BTreeSet::new();
     for _ in 0..150 {
         registered = engine.workers().await.unwrap_or_default().into_iter().map(|w| w.id).collect();
-        if registered.len() == 4 {
+        if registered.len() == 5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(registered.len(), 4, "every worker registered, the edge ones through the leaf: {registered:?}");
+    assert_eq!(registered.len(), 5, "every worker registered, the edge ones (Rust and Python) through the leaf: {registered:?}");
 
     // Updates as they are reported, seen from a server that stays up.
     let watcher = async_nats::connect(&urls[2]).await.expect("watcher");

@@ -55,6 +55,22 @@ def describe(e: BaseException) -> str:
     return text
 
 
+class _DomainJetStream(JetStreamContext):
+    """JetStream in the hub's domain, for a worker behind a leaf node: its API
+    requests go to ``$JS.<domain>.API``, and so do its registry writes
+    (``$KV.`` subjects), which reach the hub's bucket only under that prefix
+    (as the Rust client sends them); blob chunks and reports travel as they are."""
+
+    def __init__(self, conn: Client, domain: str) -> None:
+        super().__init__(conn, domain=domain)
+        self._write_prefix = f"$JS.{domain}.API."
+
+    async def publish(self, subject: str, *args: Any, **kwargs: Any) -> api.PubAck:
+        if subject.startswith("$KV."):
+            subject = self._write_prefix + subject
+        return await super().publish(subject, *args, **kwargs)
+
+
 class Worker:
     """One worker identity.
 
@@ -139,7 +155,7 @@ class Worker:
             reconnected_cb=reconnected,
             **options,
         )
-        self.js = self.nc.jetstream(domain=domain)
+        self.js = _DomainJetStream(self.nc, domain) if domain else self.nc.jetstream()
         for name, subject in ((protocol.COMMAND_STREAM, "flame.cmd.>"), (protocol.REPORT_STREAM, "flame.report.>")):
             try:
                 await self.js.stream_info(name)
