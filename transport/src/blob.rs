@@ -129,25 +129,9 @@ impl NatsBlobs {
 /// is tried again before it counts as failed.
 pub const BLOB_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Runs `attempt` until it succeeds, fails for good (anything but
-/// [`Error::Io`]) or [`BLOB_RETRY_FOR`] has passed, backing off.
-async fn retrying<T, F, Fut>(what: &str, attempt: F) -> Result<T, Error>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Error>>,
-{
-    let started = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(200);
-    loop {
-        match attempt().await {
-            Err(Error::Io(e)) if started.elapsed() + pause < BLOB_RETRY_FOR => {
-                tracing::warn!("{what}: {e}; trying again in {pause:?}");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
-            }
-            done => return done,
-        }
-    }
+/// Whether an error may pass (storage away for a while), unlike a missing or corrupt blob.
+fn is_io(e: &Error) -> bool {
+    matches!(e, Error::Io(_))
 }
 
 impl NatsBlobs {
@@ -182,13 +166,13 @@ impl NatsBlobs {
 impl BlobStore for NatsBlobs {
     async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
         let d = digest(&bytes);
-        retrying(&format!("storing blob {d}"), || self.store_once(&d, &bytes)).await?;
+        crate::retrying(&format!("storing blob {d}"), BLOB_RETRY_FOR, is_io, || self.store_once(&d, &bytes)).await?;
         Ok(d)
     }
 
     async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
         check_digest(digest)?;
-        retrying(&format!("reading blob {digest}"), || self.fetch(digest)).await
+        crate::retrying(&format!("reading blob {digest}"), BLOB_RETRY_FOR, is_io, || self.fetch(digest)).await
     }
 }
 

@@ -301,6 +301,34 @@ impl NatsAuth {
     }
 }
 
+/// A client connected with `options` to the servers of `url`.
+async fn client(url: &str, options: async_nats::ConnectOptions) -> Result<async_nats::Client, Error> {
+    options.connect(servers(url)?).await.map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))
+}
+
+/// Runs `attempt` until it succeeds, fails for good (`transient` says no) or
+/// `limit` has passed, backing off from 200 ms to 5 s: a NATS server
+/// restarting, a leaf node's link cut, a stream electing its leader.
+pub async fn retrying<T, E, F, Fut>(what: &str, limit: Duration, transient: impl Fn(&E) -> bool, attempt: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Err(e) if transient(&e) && started.elapsed() + pause < limit => {
+                tracing::warn!("{what}: {e}; trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 fn stream_config(name: &str, subject: &str) -> stream::Config {
     stream::Config {
         name: name.to_string(),
@@ -335,12 +363,7 @@ impl Nats {
 
     /// Connects with credentials.
     pub async fn connect_with(url: &str, auth: &NatsAuth) -> Result<Self, Error> {
-        let client = auth
-            .options()
-            .await?
-            .connect(servers(url)?)
-            .await
-            .map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
+        let client = client(url, auth.options().await?).await?;
         let ttl = auth.worker_ttl.map_or(WORKER_TTL, Duration::from_secs);
         Self::create_in(auth.jetstream(client), auth.replicas(), ttl).await
     }
@@ -352,47 +375,28 @@ impl Nats {
     /// per-worker permissions, the worker started first).
     pub async fn connect_worker(url: &str, auth: &NatsAuth, worker_id: &str) -> Result<Self, Error> {
         check_id(worker_id)?;
-        let client = auth
-            .options()
-            .await?
-            .custom_inbox_prefix(identity::inbox_prefix(worker_id))
-            .connect(servers(url)?)
-            .await
-            .map_err(|e| Error::Nats(format!("cannot connect to NATS at '{url}': {e}")))?;
+        let client = client(url, auth.options().await?.custom_inbox_prefix(identity::inbox_prefix(worker_id))).await?;
         Self::bind_in(auth.jetstream(client)).await
     }
 
-    /// Uses an existing client, binding to the streams and bucket where they
-    /// exist and creating only those that do not.
-    pub async fn bind(client: async_nats::Client) -> Result<Self, Error> {
-        Self::bind_in(jetstream::new(client)).await
-    }
-
+    /// Binds to the streams and bucket where they exist, creating only those that do not.
     async fn bind_in(js: jetstream::Context) -> Result<Self, Error> {
         let denied = |what: &str, e: &dyn std::fmt::Display| {
             Error::Nats(format!(
                 "cannot open {what}: {e} (with per-worker NATS identities, check that this worker's id and key are in the server's auth.conf, `flame-engine worker add`, and that the server was reloaded)"
             ))
         };
-        // JetStream out of reach (a leaf node whose link to the hub is not up yet, a
-        // cluster electing its leaders): wait for it a while rather than give up.
-        let started = std::time::Instant::now();
-        let mut pause = Duration::from_millis(200);
-        loop {
-            match js.get_stream(COMMAND_STREAM).await {
-                Err(e)
-                    if matches!(e.kind(), jetstream::context::GetStreamErrorKind::Request)
-                        && started.elapsed() + pause < JETSTREAM_WAIT =>
-                {
-                    tracing::warn!("JetStream is not answering yet ({e}); trying again in {pause:?}");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                _ => break,
-            }
-        }
         for (name, subject) in [(COMMAND_STREAM, "flame.cmd.>"), (REPORT_STREAM, "flame.report.>")] {
-            match js.get_stream(name).await {
+            // JetStream out of reach (a leaf node whose link to the hub is not up yet, a
+            // cluster electing its leaders): waited for a while rather than given up on.
+            let found = retrying(
+                &format!("opening stream {name}"),
+                JETSTREAM_WAIT,
+                |e: &jetstream::context::GetStreamError| matches!(e.kind(), jetstream::context::GetStreamErrorKind::Request),
+                || js.get_stream(name),
+            )
+            .await;
+            match found {
                 Ok(_) => {}
                 Err(e)
                     if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
@@ -413,12 +417,7 @@ impl Nats {
     /// Uses an existing client; creates the streams and bucket, or updates
     /// them to this version's settings (the engine's way in).
     pub async fn new(client: async_nats::Client) -> Result<Self, Error> {
-        Self::create(client, 1).await
-    }
-
-    /// As [`Nats::new`], with `replicas` of each stream and the bucket.
-    pub async fn create(client: async_nats::Client, replicas: usize) -> Result<Self, Error> {
-        Self::create_in(jetstream::new(client), replicas, WORKER_TTL).await
+        Self::create_in(jetstream::new(client), 1, WORKER_TTL).await
     }
 
     async fn create_in(js: jetstream::Context, replicas: usize, worker_ttl: Duration) -> Result<Self, Error> {

@@ -156,19 +156,10 @@ impl Worker {
 
     /// Publishes a report, trying again with backoff for [`REPORT_RETRY_FOR`].
     async fn send_report(&self, report: &Report) -> anyhow::Result<()> {
-        let started = std::time::Instant::now();
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match self.transport.send_report(report).await {
-                Ok(()) => return Ok(()),
-                Err(e) if started.elapsed() + delay < REPORT_RETRY_FOR => {
-                    tracing::warn!(worker = %self.info.id, command = %report.command_id, "report not sent, trying again in {delay:?}: {e}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(anyhow!(e).context("sending a report")),
-            }
-        }
+        let what = format!("worker {}: report for {}", self.info.id, report.command_id);
+        flame_transport::retrying(&what, REPORT_RETRY_FOR, |_| true, || self.transport.send_report(report))
+            .await
+            .map_err(|e| anyhow!(e).context("sending a report"))
     }
 
     /// Runs one command (once per command id) and returns the report.

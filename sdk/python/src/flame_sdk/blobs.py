@@ -2,45 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 import re
-from typing import Awaitable, Callable, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from .protocol import BLOB_BUCKET
+from .retry import retrying
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 #: Seconds a blob read or write that fails for want of the server (a NATS
 #: restart, a leaf node's link cut) is tried again before it counts as failed.
 RETRY_FOR = 60.0
-
-log = logging.getLogger("flame_sdk")
-T = TypeVar("T")
-
-
-async def _retrying(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-    """Runs ``attempt`` until it succeeds, fails for good (a ``BlobError``:
-    missing, corrupt) or ``RETRY_FOR`` has passed, backing off."""
-    loop = asyncio.get_running_loop()
-    deadline, pause = loop.time() + RETRY_FOR, 0.2
-    while True:
-        try:
-            return await attempt()
-        except BlobError:
-            raise
-        except Exception as e:
-            if loop.time() + pause >= deadline:
-                raise
-            log.warning("%s: %s; trying again in %.1f s", what, e, pause)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 5.0)
-
 
 class BlobError(Exception):
     """A blob that is missing, corrupt or misnamed."""
@@ -68,7 +44,7 @@ class Blobs:
     async def get(self, name: str) -> bytes:
         if not _DIGEST.match(name):
             raise BlobError(f"'{name}' is not a sha256 digest (64 lower-case hex characters)")
-        return await _retrying(f"reading blob {name}", lambda: self._fetch(name))
+        return await retrying(f"reading blob {name}", lambda: self._fetch(name), RETRY_FOR, (BlobError,))
 
     async def _fetch(self, name: str) -> bytes:
         try:
@@ -83,7 +59,7 @@ class Blobs:
 
     async def put(self, data: bytes) -> str:
         name = digest(data)
-        await _retrying(f"storing blob {name}", lambda: self._store_once(name, data))
+        await retrying(f"storing blob {name}", lambda: self._store_once(name, data), RETRY_FOR, (BlobError,))
         return name
 
     async def _store_once(self, name: str, data: bytes) -> None:

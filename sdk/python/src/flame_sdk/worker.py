@@ -32,6 +32,7 @@ from . import protocol, weights
 from .blobs import BlobError, Blobs
 from .data import DataRoots, Refused
 from .protocol import Command, ProtocolError
+from .retry import retrying
 from .trainer import Aggregator, FedAvg, Hyperparameters, Metrics, Trainer, Unsupported, Update
 from .weights import Model, WeightsError
 
@@ -253,22 +254,15 @@ class Worker:
             await msg.term()
             return
         report = await self.execute(command)
-        # Tried again with backoff for a while (a NATS restart, a leaf node's
-        # link cut): less than the duplicate window, so a publish that was
-        # stored but whose acknowledgement was lost is de-duplicated.
-        loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + protocol.REPORT_RETRY_FOR, 0.2
-        while True:
-            try:
-                await self.send_report(report)
-                break
-            except Exception as e:
-                if loop.time() + delay >= deadline:
-                    log.warning("report for %s not sent (the command will come again): %s", command.id, e)
-                    return
-                log.warning("report for %s not sent, trying again in %.1f s: %s", command.id, delay, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        # Tried again with backoff for a while: less than the duplicate window,
+        # so a publish that was stored but whose acknowledgement was lost is
+        # de-duplicated.
+        what = f"report for {command.id}"
+        try:
+            await retrying(what, lambda: self.send_report(report), protocol.REPORT_RETRY_FOR)
+        except Exception as e:
+            log.warning("%s not sent (the command will come again): %s", what, e)
+            return
         await self.ack(msg)
 
     async def ack(self, msg: Any) -> None:
