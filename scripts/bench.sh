@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (release build) with the test services running.
 #   scripts/bench.sh store     event store append/read throughput, SQLite and MongoDB
+#   scripts/bench.sh kill      how long MongoDB appends and global reads stall after a writer is SIGKILLed mid-append
 #   scripts/bench.sh rounds    engine overhead per round, 100 and 1,000 simulated workers on NATS
 #   scripts/bench.sh flower    FedAvg vs Flower's numpy FedAvg and a memory-bandwidth baseline (flwr in .deps/flower)
 #   scripts/bench.sh drift     FedAvg vs SCAFFOLD vs FedDyn on label-skewed digits (scripts/drift.sh)
@@ -15,6 +16,7 @@ bash scripts/setup-libtorch.sh
 bash scripts/services.sh install
 case "${1:-store}" in
   store) bash scripts/services.sh run cargo bench -q -p flame-stores --bench store ;;
+  kill) bash scripts/services.sh run cargo bench -q -p flame-stores --bench kill ;;
   rounds) bash scripts/services.sh run cargo bench -q -p flame-engine --bench rounds ;;
   flower)
     # Flower is installed for this benchmark only, in its own venv.
@@ -69,5 +71,5 @@ r, p = statistics.median(runs["rust"]), statistics.median(runs["python"])
 print(f"worker (tch) {r:.0f} samples/s, PyTorch's Python loop {p:.0f} samples/s: ratio {r / p:.2f} (medians of {len(runs['rust'])} alternating runs)")
 PY
     ;;
-  *) echo "usage: $0 store|rounds|flower|drift|kernels|torchscript|worker-rss" >&2; exit 2 ;;
+  *) echo "usage: $0 store|kill|rounds|flower|drift|kernels|torchscript|worker-rss" >&2; exit 2 ;;
 esac

@@ -85,6 +85,8 @@ pub trait EventStore: Send + Sync {
     async fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, Error>;
 
     /// Reads the global log from `from_position` (1 = the start), at most `limit` events.
+    /// Positions strictly increase but may skip numbers; an event is never
+    /// returned before every event at a lower position that will ever commit.
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<Envelope>, Error>;
 
     /// Loads a named checkpoint (a global position; 0 when never saved).

@@ -1,9 +1,11 @@
 //! Following the global log: everything stored from a position, then new
 //! events as they commit, in position order, each exactly once.
 //!
-//! Both backends allocate global positions inside the append's transaction and
-//! serialise appenders on that allocation, so position N+1 is never visible
-//! before N; reading forward by position therefore has no gaps to skip.
+//! Every backend's `read_all` returns position N+1 only once N is settled:
+//! SQLite allocates positions inside the append's transaction; MongoDB waits
+//! for a position that was taken but not yet stored, and voids it after a
+//! grace period so that it can never appear later. Reading forward by
+//! position therefore never skips an event that commits afterwards.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -13,6 +13,35 @@ use flame_workers::blob::{BlobStore, NatsBlobs};
 
 use crate::util::{Processes, bin, mongo_uri, nats_url, root, unique};
 
+/// A stream's events as the MongoDB documents hold them (one commit document
+/// per append, its events in order), each with its `_id` (the event id) and
+/// `version`, read with the driver rather than the store.
+async fn stored_events(mongo: &str, db: &str, stream: &str) -> Vec<Document> {
+    let client = mongodb::Client::with_uri_str(mongo).await.expect("mongo");
+    let commits: Vec<Document> = client
+        .database(db)
+        .collection::<Document>("commits")
+        .find(doc! {"stream": stream})
+        .sort(doc! {"first_version": 1})
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("cursor");
+    let mut events = Vec::new();
+    for c in commits {
+        let first = c.get_i64("first_version").expect("first_version");
+        for (i, e) in c.get_array("events").expect("events").iter().enumerate() {
+            let mut e = e.as_document().expect("an event document").clone();
+            let id = e.remove("event_id").expect("event_id");
+            e.insert("_id", id);
+            e.insert("version", first + i as i64);
+            events.push(e);
+        }
+    }
+    events
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_and_four_workers_complete_the_digits_job() {
     let (nats, mongo) = (nats_url(), mongo_uri());
@@ -70,17 +99,8 @@ async fn engine_and_four_workers_complete_the_digits_job() {
     assert!(summary["metrics"]["accuracy"].as_f64().is_some_and(|a| a > 0.9), "{summary}");
     let job_id = summary["job_id"].as_str().expect("job id").to_string();
 
-    // The job's stream in MongoDB: versions 1..N, no gap, one document per event.
-    let client = mongodb::Client::with_uri_str(&mongo).await.expect("mongo");
-    let events = client.database(&db).collection::<Document>("events");
-    let docs: Vec<Document> = events
-        .find(doc! {"stream": format!("job-{job_id}")})
-        .sort(doc! {"version": 1})
-        .await
-        .expect("find")
-        .try_collect()
-        .await
-        .expect("cursor");
+    // The job's stream as MongoDB holds it: versions 1..N, no gap.
+    let docs = stored_events(&mongo, &db, &format!("job-{job_id}")).await;
     let versions: Vec<i64> = docs.iter().map(|d| d.get_i64("version").expect("version")).collect();
     assert_eq!(versions, (1..=docs.len() as i64).collect::<Vec<_>>());
     assert_eq!(docs.first().and_then(|d| d.get_str("type").ok()), Some("JobCreated"));
@@ -183,16 +203,8 @@ async fn torchscript_distributed(example: &str, rounds: i64, good: impl Fn(&Docu
     let job = summary["job_id"].as_str().expect("job");
 
     // The trainers evaluated every round's model; the last round's mean is the job's figure.
-    let client = mongodb::Client::with_uri_str(&mongo).await.expect("mongo");
-    let docs: Vec<Document> = client
-        .database(&db)
-        .collection::<Document>("events")
-        .find(doc! {"stream": format!("job-{job}"), "type": "ModelEvaluated"})
-        .await
-        .expect("find")
-        .try_collect()
-        .await
-        .expect("cursor");
+    let docs: Vec<Document> =
+        stored_events(&mongo, &db, &format!("job-{job}")).await.into_iter().filter(|d| d.get_str("type") == Ok("ModelEvaluated")).collect();
     assert_eq!(docs.len() as i64, 3 * rounds, "{example}: 3 trainers, every round");
     let last: Vec<&Document> = docs
         .iter()

@@ -177,9 +177,11 @@ async fn an_engine_killed_at_any_point_resumes_and_counts_every_update_once() {
 
     let store = flame_stores::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
     let mut kills = Vec::new();
+    let mut restarts = Vec::new();
     // 1. During placement and deployment: right after the start was recorded.
     kill(&mut procs, engine);
     kills.push(store.read_stream(&flame_events::job::stream_id(&id), 1).await.expect("read").last().expect("event").event_type.clone());
+    restarts.push(chrono::Utc::now());
     engine = serve(&mut procs, &nats.url, &db, port, &tokens);
     // 2. Mid round: some updates of a round from 3 on are in, its aggregate is not.
     let events = wait_for(&store, &id, "a half-done round", 180, |ev| {
@@ -188,6 +190,7 @@ async fn an_engine_killed_at_any_point_resumes_and_counts_every_update_once() {
     .await;
     kill(&mut procs, engine);
     kills.push(format!("{} (round {})", events.last().expect("e").event_type, of_type(&events, "RoundStarted").count()));
+    restarts.push(chrono::Utc::now());
     engine = serve(&mut procs, &nats.url, &db, port, &tokens);
     // 3. During aggregation: a round from 6 on has all three updates and no aggregate yet.
     let events = wait_for(&store, &id, "an aggregation in flight", 180, |ev| {
@@ -199,10 +202,23 @@ async fn an_engine_killed_at_any_point_resumes_and_counts_every_update_once() {
     .await;
     kill(&mut procs, engine);
     kills.push(format!("{} (round {})", events.last().expect("e").event_type, of_type(&events, "RoundStarted").count()));
+    restarts.push(chrono::Utc::now());
     let _engine = serve(&mut procs, &nats.url, &db, port, &tokens);
 
     let events = wait_for(&store, &id, "the end", 240, |ev| ev.last().is_some_and(|e| e.event_type == "JobCompleted")).await;
     eprintln!("engine killed after: {kills:?}");
+    // A figure, not an assertion: from each restart to the job's next recorded event
+    // (the new engine's start-up included).
+    let resumed: Vec<String> = restarts
+        .iter()
+        .map(|t| {
+            events
+                .iter()
+                .find(|e| e.recorded_at >= *t)
+                .map_or("never".into(), |e| format!("{:.2} s", (e.recorded_at - *t).as_seconds_f64()))
+        })
+        .collect();
+    eprintln!("the job's next event after each restart: {resumed:?}");
     let inputs = check_exactly_once(&events, 10);
     assert!(inputs.values().all(|n| *n == 3), "every round used all three trainers: {inputs:?}");
     let final_metrics = &events.last().expect("end").payload["metrics"];

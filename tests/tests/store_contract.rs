@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use mongodb::bson::{Document, doc};
 
 use serde_json::json;
 
@@ -182,10 +183,11 @@ async fn a_bad_mongo_document_names_its_place_and_spares_other_streams() {
     let client = mongodb::Client::with_uri_str(&uri).await.expect("client");
     client
         .database(&db)
-        .collection::<mongodb::bson::Document>("events")
-        .insert_one(mongodb::bson::doc! {
-            "_id": "not-a-uuid", "stream": "job-bad", "version": 1i64, "position": 999i64, "type": "JobStarted",
-            "schema_version": 1i64, "payload": {}, "recorded_at": mongodb::bson::DateTime::now(), "actor": "engine",
+        .collection::<Document>("commits")
+        .insert_one(doc! {
+            "_id": "job-bad:00000000000000000001", "stream": "job-bad", "first_version": 1i64, "last_version": 1i64,
+            "first_position": 999i64, "last_position": 999i64, "recorded_at": mongodb::bson::DateTime::now(),
+            "events": [{"event_id": "not-a-uuid", "type": "JobStarted", "schema_version": 1i64, "payload": {}, "actor": "engine"}],
         })
         .await
         .expect("insert a damaged document");
@@ -193,4 +195,119 @@ async fn a_bad_mongo_document_names_its_place_and_spares_other_streams() {
     let msg = err.to_string();
     assert!(msg.contains("job-bad") && msg.contains("v1") && msg.contains("JobStarted") && msg.contains("not-a-uuid"), "{msg}");
     assert_eq!(store.read_stream("job-good", 1).await.expect("other streams still read").len(), 1);
+}
+
+async fn positions_taken(db: &mongodb::Database) -> u64 {
+    let d = db.collection::<Document>("counters").find_one(doc! {"_id": "events"}).await.expect("counter").expect("a counter");
+    d.get_i64("position").map(|p| p as u64).or_else(|_| d.get_i32("position").map(|p| p as u64)).expect("position")
+}
+
+/// What a writer killed between taking its global positions and storing its
+/// commit leaves behind: positions taken, nothing at them. Writers go on at
+/// once; readers wait for the grace period, then void the positions, so that
+/// the dead writer's commit could never appear behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_killed_mid_append_blocks_no_writer_and_readers_void_its_positions() {
+    let uri = mongo_uri();
+    let name = format!("flame_gap_{}", unique());
+    let store = Arc::new(MongoStore::connect(&uri, &name).await.expect("connect").with_gap_grace(Duration::from_millis(300)));
+    let db = mongodb::Client::with_uri_str(&uri).await.expect("client").database(&name);
+    let before = store.append("job-a", ExpectedVersion::NoStream, vec![event(1)]).await.expect("append");
+    // The dead writer: three positions taken, no commit.
+    db.collection::<Document>("counters").update_one(doc! {"_id": "events"}, doc! {"$inc": {"position": 3i64}}).await.expect("take");
+    let after = tokio::time::timeout(Duration::from_secs(5), store.append("job-b", ExpectedVersion::NoStream, vec![event(2), event(3)]))
+        .await
+        .expect("a writer is not held up by a dead one")
+        .expect("append");
+    assert_eq!(after.last_position, before.last_position + 5, "the gap is the dead writer's three positions");
+    let mut sub = subscribe(store.clone(), before.last_position, Duration::from_millis(20));
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("the reader gets past the gap")
+            .expect("open")
+            .expect("event");
+        seen.push((e.stream_id, e.version, e.position));
+    }
+    let p = before.last_position;
+    assert_eq!(seen, vec![("job-a".into(), 1, p), ("job-b".into(), 1, p + 4), ("job-b".into(), 2, p + 5)]);
+    let voids = db.collection::<Document>("commits").count_documents(doc! {"void": true}).await.expect("count");
+    assert_eq!(voids, 3, "one void per missing position");
+    // The dead writer's commit, arriving late, cannot land behind the reader.
+    let late = db
+        .collection::<Document>("commits")
+        .insert_one(doc! {
+            "_id": "job-c:00000000000000000001", "stream": "job-c", "first_version": 1i64, "last_version": 1i64,
+            "first_position": (p + 1) as i64, "last_position": (p + 1) as i64, "recorded_at": mongodb::bson::DateTime::now(), "events": [],
+        })
+        .await;
+    assert!(late.is_err(), "a commit at a voided position was stored");
+    assert_eq!(store.read_all(p, 100).await.expect("read").len(), 3, "nothing new appeared behind the reader");
+}
+
+/// A writer slower than the grace period finds its positions voided: it takes
+/// new ones, and its events are stored once, after the void.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_positions_were_voided_takes_new_ones() {
+    let uri = mongo_uri();
+    let name = format!("flame_void_{}", unique());
+    let store = MongoStore::connect(&uri, &name).await.expect("connect");
+    let db = mongodb::Client::with_uri_str(&uri).await.expect("client").database(&name);
+    store.append("job-a", ExpectedVersion::NoStream, vec![event(1)]).await.expect("append");
+    let next = positions_taken(&db).await + 1;
+    // A reader voided the next positions before this writer stored its commit there.
+    let voids: Vec<Document> = (next..next + 2)
+        .map(|p| doc! {"_id": format!("void:{p:020}"), "first_position": p as i64, "last_position": p as i64, "void": true})
+        .collect();
+    db.collection::<Document>("commits").insert_many(voids).await.expect("void");
+    let r = store.append("job-a", ExpectedVersion::Exact(1), vec![event(2), event(3)]).await.expect("append after the voids");
+    assert_eq!((r.first_version, r.last_version), (2, 3));
+    assert!(r.last_position > next + 1, "positions after the voids: {r:?}");
+    let all = store.read_all(1, 100).await.expect("read");
+    assert_eq!(all.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2, 3], "each event once");
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+}
+
+/// A database written by an earlier version (one document per event in
+/// `events`, dense positions) is moved into commits on first use: the same
+/// ids, versions, positions and checkpoints, and appends go on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_one_document_per_event_log_is_moved_into_commits() {
+    let uri = mongo_uri();
+    let name = format!("flame_old_{}", unique());
+    let db = mongodb::Client::with_uri_str(&uri).await.expect("client").database(&name);
+    let old: Vec<NewEvent> = (1..=3).map(event).collect();
+    let docs: Vec<Document> = old
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (stream, version) = if i < 2 { ("job-old", i as i64 + 1) } else { ("design-old", 1) };
+            doc! {
+                "_id": e.event_id.to_string(), "stream": stream, "version": version, "position": i as i64 + 1, "type": &e.event_type,
+                "schema_version": 1i64, "payload": mongodb::bson::to_bson(&e.payload).expect("bson"),
+                "recorded_at": mongodb::bson::DateTime::now(), "causation_id": "cmd-1", "correlation_id": null, "actor": "engine",
+            }
+        })
+        .collect();
+    db.collection::<Document>("events").insert_many(docs).await.expect("old events");
+    db.collection::<Document>("counters").insert_one(doc! {"_id": "events", "position": 3i64}).await.expect("old counter");
+    db.collection::<Document>("checkpoints").insert_one(doc! {"_id": "views", "position": 2i64}).await.expect("old checkpoint");
+
+    let store = MongoStore::connect(&uri, &name).await.expect("connect and migrate");
+    let all = store.read_all(1, 100).await.expect("read");
+    assert_eq!(
+        all.iter().map(|e| (e.event_id, e.position)).collect::<Vec<_>>(),
+        old.iter().zip(1..).map(|(e, p)| (e.event_id, p)).collect::<Vec<_>>()
+    );
+    let job = store.read_stream("job-old", 1).await.expect("read");
+    assert_eq!(job.iter().map(|e| (e.version, e.payload["n"].as_u64())).collect::<Vec<_>>(), vec![(1, Some(1)), (2, Some(2))]);
+    assert_eq!((job[0].actor.as_str(), job[0].causation_id.as_deref()), ("engine", Some("cmd-1")));
+    assert_eq!(store.load_checkpoint("views").await.expect("checkpoint"), 2);
+    let r = store.append("job-old", ExpectedVersion::Exact(2), vec![event(4)]).await.expect("append after the old log");
+    assert_eq!((r.first_version, r.last_position), (3, 4));
+    store.append("job-old", ExpectedVersion::Exact(1), vec![event(5)]).await.expect_err("old versions still conflict");
+    // A second process connecting does not move anything twice.
+    let again = MongoStore::connect(&uri, &name).await.expect("connect again");
+    assert_eq!(again.read_all(1, 100).await.expect("read").len(), 4);
 }
