@@ -182,6 +182,12 @@ impl Api {
         Self { supervisor: Supervisor::new(runner.clone()), runner, store, tokens: Arc::new(tokens) }
     }
 
+    /// The same API as one of several engine replicas: jobs are driven under leases.
+    pub fn with_leases(mut self, leases: flame_transport::lease::Leases) -> Self {
+        self.supervisor = self.supervisor.with_leases(leases);
+        self
+    }
+
     /// Drives a job in the background unless this server already does.
     pub fn drive(&self, job_id: &str) {
         self.supervisor.drive(job_id);

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flame_events::job::{self, JobEvent};
 use flame_events::protocol::Report;
@@ -35,6 +35,36 @@ pub enum Error {
     /// Other writers appended first every time.
     #[error("other writers kept appending to the job's stream; gave up after {ATTEMPTS} attempts")]
     Contended,
+    /// The writer's fence closed (its lease on the job is no longer valid); nothing was recorded.
+    #[error("this engine's lease on the job is no longer valid; another replica drives it")]
+    Fenced,
+}
+
+/// Until when a writer may append for a job: the validity of the lease it
+/// drives the job under (engine replicas). Checked right before each append,
+/// without a round trip, so a replica that was paused past its lease (and
+/// whose job another replica has taken) records nothing when it wakes. The
+/// default fence never closes (the only engine).
+#[derive(Clone, Debug, Default)]
+pub struct Fence(Option<Arc<Mutex<Instant>>>);
+
+impl Fence {
+    /// A fence open until `until`.
+    pub fn until(until: Instant) -> Self {
+        Self(Some(Arc::new(Mutex::new(until))))
+    }
+
+    /// Keeps the fence open until `until` (after a renewal).
+    pub fn extend(&self, until: Instant) {
+        if let Some(m) = &self.0 {
+            *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = until;
+        }
+    }
+
+    /// Whether the writer may still append.
+    pub fn holds(&self) -> bool {
+        self.0.as_ref().is_none_or(|m| Instant::now() < *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
 }
 
 /// Jobs in an event store.
@@ -74,6 +104,16 @@ impl Jobs {
     /// is reloaded and `decide` runs again on the new state. Returns the state
     /// after the events (unchanged when `decide` returned none).
     pub async fn write(&self, job_id: &str, decide: impl Fn(&Job) -> Result<Vec<(JobEvent, Cause)>, Rejection>) -> Result<Job, Error> {
+        self.write_fenced(job_id, &Fence::default(), decide).await
+    }
+
+    /// [`Jobs::write`], appending only while `fence` holds.
+    pub async fn write_fenced(
+        &self,
+        job_id: &str,
+        fence: &Fence,
+        decide: impl Fn(&Job) -> Result<Vec<(JobEvent, Cause)>, Rejection>,
+    ) -> Result<Job, Error> {
         for attempt in 1..=ATTEMPTS {
             let job = self.load(job_id).await?;
             let decided = decide(&job).map_err(Error::Refused)?;
@@ -91,6 +131,9 @@ impl Jobs {
                 });
             }
             let expected = if job.version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(job.version) };
+            if !fence.holds() {
+                return Err(Error::Fenced);
+            }
             match self.store.append(&job::stream_id(job_id), expected, new).await {
                 Ok(_) => {
                     self.remember(job_id, &next);
@@ -115,14 +158,19 @@ impl Jobs {
 
     /// One command, all its events caused by `cause`; refused as a whole.
     pub async fn execute(&self, job_id: &str, command: JobCommand, cause: Cause) -> Result<Job, Error> {
-        self.write(job_id, |job| Ok(job.handle(command.clone())?.into_iter().map(|e| (e, cause.clone())).collect())).await
+        self.execute_fenced(job_id, &Fence::default(), command, cause).await
+    }
+
+    /// [`Jobs::execute`], appending only while `fence` holds.
+    pub async fn execute_fenced(&self, job_id: &str, fence: &Fence, command: JobCommand, cause: Cause) -> Result<Job, Error> {
+        self.write_fenced(job_id, fence, |job| Ok(job.handle(command.clone())?.into_iter().map(|e| (e, cause.clone())).collect())).await
     }
 
     /// A batch of workers' reports in one append: each accepted one's events,
     /// each refused one recorded as `ReportRejected`, caused by its worker and
     /// the command it answers.
-    pub async fn take_reports(&self, job_id: &str, reports: &[Report]) -> Result<Job, Error> {
-        self.write(job_id, |job| Ok(decide_reports(job, reports))).await
+    pub async fn take_reports(&self, job_id: &str, fence: &Fence, reports: &[Report]) -> Result<Job, Error> {
+        self.write_fenced(job_id, fence, |job| Ok(decide_reports(job, reports))).await
     }
 
     fn cached(&self, job_id: &str) -> Option<Job> {
@@ -212,13 +260,31 @@ mod tests {
         let JobCommand::Report(good) = report("t0", 1, trained(1, "t0")) else { unreachable!() };
         let JobCommand::Report(late) = report("t1", 7, trained(7, "t1")) else { unreachable!() };
         let before = jobs.load(JOB).await.expect("load").version;
-        let job = jobs.take_reports(JOB, &[good, late]).await.expect("reports");
+        let job = jobs.take_reports(JOB, &Fence::default(), &[good, late]).await.expect("reports");
         assert_eq!(job.version, before + 2, "one update, one recorded refusal, in one append");
         let stored = store.read_stream(&job::stream_id(JOB), before + 1).await.expect("read");
         assert_eq!(
             stored.iter().map(|e| (e.event_type.as_str(), e.actor.as_str(), e.causation_id.as_deref())).collect::<Vec<_>>(),
             [("UpdateReported", "worker:w-t0", Some("c-t0-1")), ("ReportRejected", "worker:w-t1", Some("c-t1-7"))]
         );
+    }
+
+    /// A replica whose lease ran out (it was paused, say) records nothing when
+    /// it goes on, while a fence that is extended in time lets it write.
+    #[tokio::test]
+    async fn a_closed_fence_records_nothing() {
+        let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(":memory:").expect("store"));
+        let jobs = Jobs::new(store.clone());
+        jobs.execute(JOB, create(), Cause::by(Actor::user("ada"))).await.expect("create");
+        let fence = Fence::until(Instant::now() + Duration::from_secs(60));
+        jobs.execute_fenced(JOB, &fence, JobCommand::Start { now_ms: 0 }, engine()).await.expect("an open fence lets it write");
+        let before = store.read_stream(&job::stream_id(JOB), 1).await.expect("read").len();
+        fence.extend(Instant::now());
+        let refused = jobs.execute_fenced(JOB, &fence, JobCommand::Stop { reason: "late".into() }, engine()).await;
+        assert!(matches!(refused, Err(Error::Fenced)), "{refused:?}");
+        assert_eq!(store.read_stream(&job::stream_id(JOB), 1).await.expect("read").len(), before, "nothing recorded past the fence");
+        fence.extend(Instant::now() + Duration::from_secs(60));
+        jobs.execute_fenced(JOB, &fence, JobCommand::Stop { reason: "renewed".into() }, engine()).await.expect("renewed: it writes again");
     }
 
     /// A store where another writer gets in first once: just before the first

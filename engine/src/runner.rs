@@ -17,7 +17,7 @@ use flame_transport::blob::BlobStore;
 use crate::controller::{Action, decide};
 use crate::definition::{JobDefinition, Problems};
 use crate::job::{Job, JobCommand, Rejection, Status};
-use crate::persist::{self, Jobs};
+use crate::persist::{self, Fence, Jobs};
 use flame_events::{Actor, Cause};
 
 /// Most reports taken into one append.
@@ -51,6 +51,9 @@ pub enum Error {
     /// Other writers kept appending to the job's stream first.
     #[error("job {0}: other writers kept appending first; try again")]
     Contended(String),
+    /// This engine's lease on the job is no longer valid: another replica drives it.
+    #[error("job {0}: this engine's lease is no longer valid; another replica drives the job")]
+    Fenced(String),
     /// No such job in the store.
     #[error("job '{0}' has no events in this store")]
     UnknownJob(String),
@@ -62,6 +65,7 @@ impl Error {
             persist::Error::Refused(rejection) => Self::Refused { job: job.to_string(), rejection },
             persist::Error::Store(e) => Self::Store(e),
             persist::Error::Contended => Self::Contended(job.to_string()),
+            persist::Error::Fenced => Self::Fenced(job.to_string()),
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct Runner {
     wake: Arc<tokio::sync::Notify>,
     /// Where the model files a definition brings (a TorchScript module) go for the workers.
     blobs: Option<Arc<dyn BlobStore>>,
+    /// Who the engine's own decisions are recorded as.
+    actor: Actor,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -102,13 +108,19 @@ impl Runner {
     /// A runner over a store and a transport.
     pub fn new(store: Arc<dyn EventStore>, transport: Arc<dyn Transport>, options: Options) -> Self {
         let jobs = Jobs::new(store.clone());
-        Self { store, jobs, transport, options, wake: Arc::default(), blobs: None }
+        Self { store, jobs, transport, options, wake: Arc::default(), blobs: None, actor: Actor::Engine }
     }
 
     /// The same runner, storing the model files definitions bring (a
     /// TorchScript module) in `blobs`, where workers fetch them.
     pub fn with_blobs(mut self, blobs: Arc<dyn BlobStore>) -> Self {
         self.blobs = Some(blobs);
+        self
+    }
+
+    /// The same runner, recording its decisions as `actor` (a named replica).
+    pub fn with_actor(mut self, actor: Actor) -> Self {
+        self.actor = actor;
         self
     }
 
@@ -203,16 +215,22 @@ impl Runner {
     /// Drives an active job until it completes, fails or is terminated, and returns its final state.
     /// A job that is not active (ready, or ended) is returned as it is.
     pub async fn run_resuming(&self, job_id: &str) -> Result<Job, Error> {
+        self.run_resuming_fenced(job_id, &Fence::default()).await
+    }
+
+    /// [`Runner::run_resuming`] while `fence` holds (an engine replica's lease on the job).
+    pub async fn run_resuming_fenced(&self, job_id: &str, fence: &Fence) -> Result<Job, Error> {
         // A run that fails (the store or NATS away for a while) starts again from the log,
-        // backing off; a job that is unknown or refuses the engine ends it.
+        // backing off; a job that is unknown or refuses the engine ends it, and so does a closed fence.
         let mut pause = Duration::from_secs(1);
         loop {
-            match self.run(job_id).await {
-                Err(e @ (Error::UnknownJob(_) | Error::Refused { .. })) => return Err(e),
+            match self.run_fenced(job_id, fence).await {
+                Err(e @ (Error::UnknownJob(_) | Error::Refused { .. } | Error::Fenced(_))) => return Err(e),
                 Err(e) => {
                     tracing::error!(job = %job_id, "job runner failed, resuming in {pause:?}: {e}");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(30));
+                    // At most a few seconds: the store or NATS coming back should not wait long to be noticed.
+                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
                 done => return done,
             }
@@ -222,6 +240,11 @@ impl Runner {
     /// Drives a job once until it ends or something fails; the job's state
     /// is in its log either way, so a failed run may simply be run again.
     pub async fn run(&self, job_id: &str) -> Result<Job, Error> {
+        self.run_fenced(job_id, &Fence::default()).await
+    }
+
+    /// [`Runner::run`], recording and sending only while `fence` holds.
+    pub async fn run_fenced(&self, job_id: &str, fence: &Fence) -> Result<Job, Error> {
         let mut job = self.load(job_id).await?;
         if !job.status.is_active() {
             return Ok(job);
@@ -234,6 +257,9 @@ impl Runner {
         let mut previous: Option<Vec<WorkerInfo>> = None;
         let mut read_at: Option<Instant> = None;
         while job.status.is_active() {
+            if !fence.holds() {
+                return Err(Error::Fenced(job_id.to_string()));
+            }
             let poll = if job.status == Status::Starting { self.options.placement_poll } else { self.options.registry_poll };
             if job.status != Status::Stopping && read_at.is_none_or(|t| t.elapsed() >= poll) {
                 // A worker counts as live if either of the last two reads listed it: one late
@@ -264,7 +290,8 @@ impl Runner {
                         }
                     }
                     Action::Handle(command) => {
-                        job = match self.execute(job_id, command, Cause::by(Actor::Engine)).await {
+                        let done = self.jobs.execute_fenced(job_id, fence, command, Cause::by(self.actor.clone())).await;
+                        job = match done.map_err(|e| Error::from_write(job_id, e)) {
                             Ok(job) => job,
                             // Someone else (a user, another step) moved the job first: decide again.
                             Err(Error::Refused { rejection, .. }) => {
@@ -326,7 +353,7 @@ impl Runner {
                             })
                             .cloned()
                             .collect();
-                        self.take_reports(job_id, fresh).await?;
+                        self.take_reports(job_id, fence, fresh).await?;
                         taken.extend(keys);
                         for d in deliveries {
                             d.ack().await?;
@@ -344,9 +371,9 @@ impl Runner {
     }
 
     /// Applies reports, and records why any was refused, in one append: each is dealt with once.
-    async fn take_reports(&self, job_id: &str, reports: Vec<Report>) -> Result<(), Error> {
+    async fn take_reports(&self, job_id: &str, fence: &Fence, reports: Vec<Report>) -> Result<(), Error> {
         if !reports.is_empty() {
-            self.jobs.take_reports(job_id, &reports).await.map_err(|e| Error::from_write(job_id, e))?;
+            self.jobs.take_reports(job_id, fence, &reports).await.map_err(|e| Error::from_write(job_id, e))?;
         }
         Ok(())
     }

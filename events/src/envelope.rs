@@ -86,6 +86,8 @@ pub enum Actor {
     Engine,
     /// A worker, through its reports.
     Worker(String),
+    /// The decisions of one named engine replica (`flame-engine serve --replica-id`).
+    Replica(String),
 }
 
 impl Actor {
@@ -106,6 +108,7 @@ impl std::fmt::Display for Actor {
             Self::User(name) => write!(f, "user:{name}"),
             Self::Engine => f.write_str("engine"),
             Self::Worker(id) => write!(f, "worker:{id}"),
+            Self::Replica(id) => write!(f, "engine:{id}"),
         }
     }
 }

@@ -82,9 +82,14 @@ fn add_scoped_token(tokens: &Path, user: &str, scope: &str) -> String {
 }
 
 fn serve(procs: &mut Processes, nats: &str, db: &str, port: u16, tokens: &Path) -> usize {
+    serve_as(procs, nats, db, port, tokens, &[])
+}
+
+fn serve_as(procs: &mut Processes, nats: &str, db: &str, port: u16, tokens: &Path, extra: &[&str]) -> usize {
     procs.spawn(
         Command::new(bin("flame-engine"))
             .args(["serve", "--mongo", &mongo_uri(), "--db", db, "--nats", nats])
+            .args(extra)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--tokens", tokens.to_str().expect("utf8")])
             .current_dir(root())
             // Warnings and errors reach the test log, for when this fails on CI.
@@ -549,4 +554,148 @@ async fn the_management_api_serves_every_resource_with_auth_and_clear_errors() {
     assert_eq!(code, Some(0), "{err}");
     let (code, _, err) = flamectl(&["get", "jobs", "--token", "wrong"]);
     assert_eq!(code, Some(5), "401 exits 5: {err}");
+}
+
+/// The engine replicas that recorded a job's engine decisions, in order, each
+/// run of consecutive events by one replica once: `[r1, r3, r2]` means r1
+/// drove the job, then r3, then r2.
+fn drivers(events: &[Envelope]) -> Vec<String> {
+    let mut runs: Vec<String> = Vec::new();
+    for e in events {
+        if let Some(replica) = e.actor.strip_prefix("engine:")
+            && runs.last().is_none_or(|last| last != replica)
+        {
+            runs.push(replica.to_string());
+        }
+    }
+    runs
+}
+
+/// Waits until the job's lease is held by someone other than `gone`; returns who and how long it took.
+async fn new_holder(leases: &flame_transport::lease::Leases, job: &str, gone: &str, since: Instant) -> (String, Duration) {
+    loop {
+        if let Some(h) = leases.holder_of(&format!("job.{job}")).await.expect("lease")
+            && h != gone
+        {
+            return (h, since.elapsed());
+        }
+        assert!(since.elapsed() < Duration::from_secs(60), "no replica took over job {job} from {gone} in 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Engine replicas (issue 17, part 2). One replica starts two jobs and is
+/// SIGKILLed; two replicas started at the same moment contend for its jobs,
+/// and each job goes to exactly one of them. Then the holder of one job is
+/// SIGKILLed mid-round and the last replica takes it over. Both jobs complete
+/// with every round aggregated once and every update counted once, and the
+/// event log shows one driver at a time: no replica records for a job again
+/// once another has taken it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_replicas_drive_each_job_once_and_take_over_a_dead_ones_jobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = Nats::start(free_port(), &dir.path().join("js"));
+    let client = connect(&nats.url).await;
+    let db = format!("flame_replicas_{}", unique());
+    let tokens = dir.path().join("tokens");
+    let token = add_token(&tokens, "ada");
+    let mut procs = Processes::default();
+    for (id, roles, realm) in DIGITS_WORKERS {
+        worker(&mut procs, &nats.url, id, roles, realm);
+    }
+    let ports = [free_port(), free_port(), free_port()];
+    let mut replica: BTreeMap<String, (usize, u16)> = BTreeMap::new();
+    let start = |procs: &mut Processes, replica: &mut BTreeMap<String, (usize, u16)>, name: &str, port: u16| {
+        let i = serve_as(procs, &nats.url, &db, port, &tokens, &["--replica-id", name]);
+        replica.insert(name.to_string(), (i, port));
+    };
+    start(&mut procs, &mut replica, "r1", ports[0]);
+    let r1 = Http::new(ports[0], Some(&token));
+    r1.wait_ready();
+    let rounds = 16;
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        let wf = digits_workflow(|wf| wf["modelSpec"]["hyperparameters"]["rounds"] = json!(rounds));
+        let (status, job) = r1.call("POST", "/jobs", Some(&wf.to_string()));
+        assert_eq!(status, 201, "{job}");
+        let id = job["id"].as_str().expect("id").to_string();
+        let (status, started) = r1.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"start"}"#));
+        assert_eq!(status, 200, "{started}");
+        jobs.push(id);
+    }
+    let (a, b) = (jobs[0].clone(), jobs[1].clone());
+    let store = flame_stores::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
+    let leases = flame_transport::lease::Leases::open(&async_nats::jetstream::new(client), "test", flame_transport::lease::DEFAULT_TTL, 1)
+        .await
+        .expect("leases");
+
+    // 1. r1 drives both; it dies in round 2 of job A, and r2 and r3 start at the same moment.
+    wait_for(&store, &a, "round 2", 120, |ev| of_type(ev, "RoundStarted").count() >= 2).await;
+    assert_eq!(leases.holder_of(&format!("job.{a}")).await.expect("lease").as_deref(), Some("r1"));
+    kill(&mut procs, replica["r1"].0);
+    let killed = Instant::now();
+    start(&mut procs, &mut replica, "r2", ports[1]);
+    start(&mut procs, &mut replica, "r3", ports[2]);
+    let (holder_a, took_a) = new_holder(&leases, &a, "r1", killed).await;
+    let (holder_b, took_b) = new_holder(&leases, &b, "r1", killed).await;
+    eprintln!("r1 SIGKILLed; r2 and r3 started at once: job A to {holder_a} after {took_a:?}, job B to {holder_b} after {took_b:?}");
+    for port in &ports[1..] {
+        let http = Http::new(*port, Some(&token));
+        http.wait_ready();
+        for job in [&a, &b] {
+            let (status, body) = http.call("GET", &format!("/jobs/{job}"), None);
+            assert_eq!(status, 200, "replica on port {port}, job {job}: {body}");
+        }
+    }
+
+    // 2. A's holder dies mid-round (some updates of a round from 5 on are in, its aggregate is not).
+    wait_for(&store, &a, "a half-done round", 180, |ev| {
+        of_type(ev, "UpdateReported").any(|u| {
+            round_of(u) >= 5
+                && !of_type(ev, "RoundAggregated").any(|g| round_of(g) == round_of(u))
+                && ev.last().is_some_and(|l| l.actor == format!("engine:{holder_a}") || l.actor.starts_with("worker:"))
+        })
+    })
+    .await;
+    kill(&mut procs, replica[&holder_a].0);
+    let killed = Instant::now();
+    let (last_a, took) = new_holder(&leases, &a, &holder_a, killed).await;
+    eprintln!("{holder_a} SIGKILLed mid-round: job A to {last_a} after {took:?}");
+
+    // 3. A replica paused past its lease (SIGSTOP) loses its jobs to r4, and records nothing for
+    //    them when it goes on (SIGCONT): its fence closed while it slept.
+    start(&mut procs, &mut replica, "r4", free_port());
+    Http::new(replica["r4"].1, Some(&token)).wait_ready();
+    wait_for(&store, &a, "round 9", 180, |ev| of_type(ev, "RoundStarted").count() >= 9).await;
+    let paused = procs.0[replica[&last_a].0].id().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &paused]).status().expect("kill").success(), "kill {sig}");
+    signal("-STOP");
+    let stopped = Instant::now();
+    let (taker, took) = new_holder(&leases, &a, &last_a, stopped).await;
+    assert_eq!(taker, "r4");
+    eprintln!("{last_a} paused: job A to {taker} after {took:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal("-CONT");
+    for job in [&a, &b] {
+        let events = wait_for(&store, job, "the end", 240, |ev| ev.last().is_some_and(|e| e.event_type == "JobCompleted")).await;
+        let inputs = check_exactly_once(&events, rounds);
+        assert!(inputs.values().all(|n| *n == 3), "job {job}: every round used all three trainers: {inputs:?}");
+        // One driver at a time: each replica's decisions form one run, and the runs follow the takeovers.
+        let runs = drivers(&events);
+        let distinct: BTreeSet<&String> = runs.iter().collect();
+        assert_eq!(distinct.len(), runs.len(), "job {job}: a replica recorded again after another took over: {runs:?}");
+        assert_eq!(runs.first().map(String::as_str), Some("r1"), "job {job}: {runs:?}");
+        if *job == a {
+            assert_eq!(runs, vec!["r1".to_string(), holder_a.clone(), last_a.clone(), "r4".to_string()], "job A's drivers");
+        }
+        let url = mongo_uri().replacen("/?", &format!("/{db}?"), 1);
+        let out = Command::new(bin("flamectl")).args(["replay", job, "--store", &url, "--verify"]).output().expect("flamectl");
+        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    // The survivors answer for both jobs.
+    let http = Http::new(replica["r4"].1, Some(&token));
+    for job in [&a, &b] {
+        let (status, body) = http.call("GET", &format!("/jobs/{job}"), None);
+        assert_eq!(status, 200, "{body}");
+    }
 }

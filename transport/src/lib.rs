@@ -5,6 +5,7 @@
 
 pub mod blob;
 pub mod identity;
+pub mod lease;
 pub mod mqtt;
 pub mod relay;
 

@@ -17,6 +17,7 @@ use flame_events::store::EventStore;
 use flame_projections::store::MongoViews;
 use flame_stores::mongo::{DEFAULT_DB, MongoStore};
 use flame_transport::Nats;
+use flame_transport::lease::Leases;
 use flame_transport::relay::Relay;
 
 /// The Flame engine: events in MongoDB, commands and reports over NATS.
@@ -44,6 +45,16 @@ struct Connect {
     /// listener (topics `flame/mqtt/...`, see docs/protocol.md).
     #[arg(long)]
     mqtt_devices: bool,
+    /// This engine's name among replicas (engines sharing one MongoDB and
+    /// one NATS). Each job is driven by the replica holding its lease; events
+    /// the engine records name it as `engine:<id>`. Default: a name made of
+    /// the host and process id, and events say just `engine`.
+    #[arg(long, env = "FLAME_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Seconds a replica's leases outlive its last renewal: how soon
+    /// another replica takes over the jobs of one that died.
+    #[arg(long, default_value_t = 3)]
+    lease_ttl: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,13 +198,15 @@ fn lifetime(text: &str) -> Result<Duration, String> {
 struct Engine {
     store: Arc<MongoStore>,
     runner: Runner,
-    stop_relay: tokio::sync::oneshot::Sender<()>,
-    relay: tokio::task::JoinHandle<Result<(), flame_transport::relay::Error>>,
+    leases: Leases,
+    /// Ends the work done under leases (the relay, the views).
+    stop: tokio::sync::watch::Sender<bool>,
+    relay: tokio::task::JoinHandle<()>,
 }
 
-/// Keeps the job views in the database up to date until `stop` fires; a
+/// Keeps the job views in the database up to date until `stop` turns true; a
 /// failure (the database away) is logged and retried from the last commit.
-async fn project(store: Arc<MongoStore>, views: MongoViews, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn project(store: Arc<MongoStore>, views: Arc<MongoViews>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut delay = Duration::from_millis(500);
     while !*stop.borrow() {
         let stopped = {
@@ -202,7 +215,7 @@ async fn project(store: Arc<MongoStore>, views: MongoViews, mut stop: tokio::syn
                 let _ = stop.wait_for(|s| *s).await;
             }
         };
-        let result = match flame_projections::ViewWriter::open(store.as_ref(), &views, 1000).await {
+        let result = match flame_projections::ViewWriter::open(store.as_ref(), views.as_ref(), 1000).await {
             Ok(mut runner) => runner.follow(stopped).await,
             Err(e) => Err(e),
         };
@@ -220,14 +233,43 @@ async fn project(store: Arc<MongoStore>, views: MongoViews, mut stop: tokio::syn
     }
 }
 
+/// The name this process holds leases under.
+fn replica_name(c: &Connect) -> String {
+    c.replica_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        format!("engine-{}-{}", if host.is_empty() { "host" } else { &host }, std::process::id())
+    })
+}
+
 async fn connect(c: &Connect) -> anyhow::Result<Engine> {
     let store = Arc::new(MongoStore::connect(&c.mongo, &c.db).await?);
     let transport = Nats::connect_with(&c.nats, &c.auth).await?;
-    let relay = Relay::with_replicas(store.clone(), transport.jetstream().clone(), "engine", transport.replicas()).await?;
-    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(relay.run(Duration::from_millis(100), async move {
-        let _ = relay_stopped.await;
-    }));
+    let leases =
+        Leases::open(transport.jetstream(), &replica_name(c), Duration::from_secs(c.lease_ttl.max(1)), transport.replicas()).await?;
+    // One replica at a time relays the log to JetStream (a second would only publish duplicates, which JetStream drops).
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let relay = {
+        let (leases, store, js, replicas) = (leases.clone(), store.clone(), transport.jetstream().clone(), transport.replicas());
+        tokio::spawn(async move {
+            leases
+                .serve("relay", stopped, |mut end| {
+                    let (store, js) = (store.clone() as Arc<dyn EventStore>, js.clone());
+                    async move {
+                        let ended = async move {
+                            let _ = end.wait_for(|e| *e).await;
+                        };
+                        let result = match Relay::with_replicas(store, js, "engine", replicas).await {
+                            Ok(relay) => relay.run(Duration::from_millis(100), ended).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = result {
+                            tracing::error!("event relay: {e}");
+                        }
+                    }
+                })
+                .await;
+        })
+    };
     // Model files that definitions bring (TorchScript modules) go to the object store the workers read.
     let blobs: Arc<dyn flame_transport::blob::BlobStore> = Arc::new(
         flame_transport::blob::NatsBlobs::with_replicas(transport.jetstream(), transport.replicas())
@@ -238,14 +280,17 @@ async fn connect(c: &Connect) -> anyhow::Result<Engine> {
         // Until the process ends: MQTT workers are served as long as the engine runs.
         tokio::spawn(flame_transport::mqtt::MqttAdapter::new(transport.clone(), blobs.clone()).run(std::future::pending()));
     }
-    let runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default()).with_blobs(blobs);
-    Ok(Engine { store, runner, stop_relay, relay })
+    let mut runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default()).with_blobs(blobs);
+    if let Some(id) = &c.replica_id {
+        runner = runner.with_actor(flame_events::Actor::Replica(id.clone()));
+    }
+    Ok(Engine { store, runner, leases, stop, relay })
 }
 
 impl Engine {
     async fn close(self) -> anyhow::Result<()> {
-        let _ = self.stop_relay.send(());
-        self.relay.await.context("event relay task")?.context("event relay")?;
+        let _ = self.stop.send(true);
+        self.relay.await.context("event relay task")?;
         Ok(())
     }
 }
@@ -269,11 +314,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { connect: c, listen, tokens } => {
             let tokens = Tokens::load(&tokens)?;
             let engine = connect(&c).await?;
-            let api = Api::new(engine.runner.clone(), engine.store.clone() as Arc<dyn EventStore>, tokens);
+            let api =
+                Api::new(engine.runner.clone(), engine.store.clone() as Arc<dyn EventStore>, tokens).with_leases(engine.leases.clone());
             let resumed = api.resume().await?;
-            let views = MongoViews::connect(&c.mongo, &c.db).await?;
-            let (stop_projection, projection_stop) = tokio::sync::watch::channel(false);
-            let projection = tokio::spawn(project(engine.store.clone(), views, projection_stop));
+            // One replica at a time writes the job views; every replica reads them.
+            let views = Arc::new(MongoViews::connect(&c.mongo, &c.db).await?);
+            let projection = {
+                let (leases, store, stopped) = (engine.leases.clone(), engine.store.clone(), engine.stop.subscribe());
+                tokio::spawn(async move { leases.serve("views", stopped, |end| project(store.clone(), views.clone(), end)).await })
+            };
             let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!(
                 "flame-engine: API on http://{}, {} job(s) resumed, events in {}",
@@ -282,7 +331,7 @@ async fn main() -> anyhow::Result<()> {
                 engine.store.location()
             );
             axum::serve(listener, api.router()).with_graceful_shutdown(flame_transport::shutdown_signal()).await?;
-            let _ = stop_projection.send(true);
+            let _ = engine.stop.send(true);
             projection.await.context("job projection task")?;
             engine.close().await
         }
