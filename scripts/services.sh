@@ -69,6 +69,7 @@ CONF
     "import pymongo; pymongo.MongoClient('mongodb://127.0.0.1:$dport/?directConnection=true', serverSelectionTimeoutMS=1000).admin.command('ping')"
   export FLAME_TEST_NATS_URL="nats://127.0.0.1:$nport"
   export FLAME_TEST_NATS_BIN="$venv/bin/nats-server"
+  export FLAME_TEST_SECANTUS_BIN="$venv/bin/secantusd-py"
   export FLAME_TEST_MONGO_URI="mongodb://127.0.0.1:$dport/?directConnection=true&retryWrites=false"
   say "NATS at $FLAME_TEST_NATS_URL, SecantusDB at $FLAME_TEST_MONGO_URI"
   local rc=0

@@ -157,7 +157,9 @@ async fn a_cluster_losing_a_server_and_a_leaf_losing_its_link_finish_the_job_onc
             .stdout(Stdio::null()),
     );
     let mut registered = BTreeSet::new();
-    for _ in 0..150 {
+    // Longer than a worker's own wait for JetStream at start (60 s): behind a leaf, under load, the
+    // Python worker's first registry write can take a while.
+    for _ in 0..450 {
         registered = engine.workers().await.unwrap_or_default().into_iter().map(|w| w.id).collect();
         if registered.len() == 5 {
             break;

@@ -12,6 +12,7 @@ mod logs;
 mod mqtt;
 mod python_sdk;
 mod relay;
+mod soak;
 mod store_contract;
 mod torchscript;
 mod util;

@@ -27,6 +27,11 @@ use flame_events::protocol::{Command, Report, WorkerInfo};
 pub const COMMAND_STREAM: &str = "FLAME_CMDS";
 /// JetStream stream holding reports, subjects `flame.report.<job-id>`.
 pub const REPORT_STREAM: &str = "FLAME_REPORTS";
+/// How long a command taken by a worker stays unacknowledged, without word
+/// that it is still running, before it is delivered again.
+pub const COMMAND_ACK_WAIT: Duration = Duration::from_secs(15);
+/// How often a worker says that a command is still running.
+pub const COMMAND_PROGRESS: Duration = Duration::from_secs(5);
 /// How long a report taken by an engine stays unacknowledged before it is delivered again.
 pub const REPORT_ACK_WAIT: Duration = Duration::from_secs(3);
 /// Durable consumers a command or report stream may hold (workers, jobs).
@@ -73,12 +78,24 @@ pub struct Delivery<T> {
     /// The message.
     pub message: T,
     ack: Option<BoxFuture<'static, Result<(), Error>>>,
+    progress: Option<Progress>,
 }
+
+/// Tells the server that a delivery is still being worked on.
+pub type Progress = std::sync::Arc<dyn Fn() -> BoxFuture<'static, Result<(), Error>> + Send + Sync>;
 
 impl<T> Delivery<T> {
     /// A delivery that needs no acknowledgement.
     pub fn unacked(message: T) -> Self {
-        Self { message, ack: None }
+        Self { message, ack: None, progress: None }
+    }
+
+    /// The means to tell the server that the message is still being worked
+    /// on, so that it is not delivered again for another ack wait (`None`:
+    /// nothing to tell). Workers use it every [`COMMAND_PROGRESS`] while a
+    /// command runs.
+    pub fn progress_handle(&self) -> Option<Progress> {
+        self.progress.clone()
     }
 
     /// Acknowledges the message: it will not be delivered again.
@@ -487,7 +504,14 @@ impl Nats {
                 let m = m.map_err(nats)?;
                 let subject = m.subject.to_string();
                 match decode(&subject, &m.payload) {
-                    Ok(message) => Ok(Delivery { message, ack: Some(async move { m.ack().await.map_err(nats) }.boxed()) }),
+                    Ok(message) => {
+                        let working = m.clone();
+                        let progress: Progress = std::sync::Arc::new(move || {
+                            let m = working.clone();
+                            async move { m.ack_with(jetstream::AckKind::Progress).await.map_err(nats) }.boxed()
+                        });
+                        Ok(Delivery { message, ack: Some(async move { m.ack().await.map_err(nats) }.boxed()), progress: Some(progress) })
+                    }
                     Err(e) => {
                         // Never redeliver what can never decode.
                         let reason = e.to_string();
@@ -535,14 +559,12 @@ impl Transport for Nats {
 
     async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error> {
         check_id(worker_id)?;
-        // Long: a command is acked after it ran (a redelivery meanwhile is answered from the worker's memory).
-        self.inbox(
-            COMMAND_STREAM,
-            format!("worker-{worker_id}"),
-            vec![format!("flame.cmd.{worker_id}")],
-            Duration::from_secs(300),
-            |_, b| Command::decode(b),
-        )
+        // A command is acked after it ran and its report was sent; while it runs, the worker says so
+        // every COMMAND_PROGRESS. A worker that dies with commands in flight gets them again (restarted
+        // under the same id) within COMMAND_ACK_WAIT; a redelivery meanwhile is answered from its memory.
+        self.inbox(COMMAND_STREAM, format!("worker-{worker_id}"), vec![format!("flame.cmd.{worker_id}")], COMMAND_ACK_WAIT, |_, b| {
+            Command::decode(b)
+        })
         .await
     }
 

@@ -128,6 +128,16 @@ impl MqttAdapter {
                     }
                 }
                 _ = resend.tick() => {
+                    // Still with the device: JetStream should not deliver them again meanwhile.
+                    let working: Vec<_> = pending
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .values()
+                        .flat_map(|p| p.values().map(|(_, d)| d.progress_handle()))
+                        .collect();
+                    for progress in working.into_iter().flatten() {
+                        let _ = progress().await;
+                    }
                     let again: Vec<(String, Vec<u8>)> = pending
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -130,9 +130,32 @@ impl Worker {
                 Some(Ok(delivery)) => {
                     let worker = self.clone();
                     running.spawn(async move {
-                        let report = worker.execute(&delivery.message).await;
+                        let sent = {
+                            let done = async {
+                                let report = worker.execute(&delivery.message).await;
+                                worker.send_report(&report).await
+                            };
+                            tokio::pin!(done);
+                            // While it runs, the server hears every few seconds that it is still running,
+                            // so that only a worker that died gets its commands again.
+                            let mut working = tokio::time::interval_at(
+                                tokio::time::Instant::now() + flame_transport::COMMAND_PROGRESS,
+                                flame_transport::COMMAND_PROGRESS,
+                            );
+                            let progress = delivery.progress_handle();
+                            loop {
+                                tokio::select! {
+                                    sent = &mut done => break sent,
+                                    _ = working.tick() => {
+                                        if let Some(Err(e)) = match &progress { Some(p) => Some(p().await), None => None } {
+                                            tracing::debug!(worker = %worker.info.id, "telling the server a command still runs: {e}");
+                                        }
+                                    }
+                                }
+                            }
+                        };
                         // Not acked on failure: the command is redelivered and answered from memory.
-                        worker.send_report(&report).await?;
+                        sent?;
                         if let Err(e) = delivery.ack().await {
                             tracing::warn!(worker = %worker.info.id, "ack failed (the command may be redelivered): {e}");
                         }

@@ -22,8 +22,11 @@ BLOB_BUCKET = "flame-models"
 WORKER_TTL = 6.0
 #: Seconds between heartbeats.
 HEARTBEAT = 2.0
-#: Seconds a taken command stays unacknowledged before it is delivered again.
-COMMAND_ACK_WAIT = 300.0
+#: Seconds a taken command stays unacknowledged, without word that it is
+#: still running, before it is delivered again.
+COMMAND_ACK_WAIT = 15.0
+#: Seconds between a worker's words that a command is still running.
+COMMAND_PROGRESS = 5.0
 #: How long JetStream drops a repeated ``Nats-Msg-Id``.
 DUPLICATE_WINDOW = 120.0
 #: Seconds a report that cannot be published is tried again (within the window).

@@ -253,17 +253,31 @@ class Worker:
             log.warning("dropping a message that is not a command: %s", e)
             await msg.term()
             return
-        report = await self.execute(command)
-        # Tried again with backoff for a while: less than the duplicate window,
-        # so a publish that was stored but whose acknowledgement was lost is
-        # de-duplicated.
-        what = f"report for {command.id}"
+        # While it runs, the server hears every few seconds that it still runs,
+        # so that only a worker that died gets its commands again.
+        working = asyncio.create_task(self._still_running(msg))
         try:
-            await retrying(what, lambda: self.send_report(report), protocol.REPORT_RETRY_FOR)
-        except Exception as e:
-            log.warning("%s not sent (the command will come again): %s", what, e)
-            return
+            report = await self.execute(command)
+            # Tried again with backoff for a while: less than the duplicate window,
+            # so a publish that was stored but whose acknowledgement was lost is
+            # de-duplicated.
+            what = f"report for {command.id}"
+            try:
+                await retrying(what, lambda: self.send_report(report), protocol.REPORT_RETRY_FOR)
+            except Exception as e:
+                log.warning("%s not sent (the command will come again): %s", what, e)
+                return
+        finally:
+            working.cancel()
         await self.ack(msg)
+
+    async def _still_running(self, msg: Any) -> None:
+        while True:
+            await asyncio.sleep(protocol.COMMAND_PROGRESS)
+            try:
+                await msg.in_progress()
+            except Exception as e:  # the next word, or the redelivery, will do
+                log.debug("telling the server a command still runs: %s", e)
 
     async def ack(self, msg: Any) -> None:
         await msg.ack()
