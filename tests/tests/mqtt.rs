@@ -67,8 +67,11 @@ impl BlobStore for MqttBlobs {
 
 /// The device: an MQTT connection, a heartbeat, and the platform's worker
 /// logic (`Worker::execute`) running each command with blobs over MQTT.
-async fn device(mqtt_port: u16, id: &str, realm: &str, lose_first_train: bool) -> tokio::task::JoinHandle<()> {
+async fn device(mqtt_port: u16, id: &str, realm: &str, lose_first_train: bool, password: Option<&str>) -> tokio::task::JoinHandle<()> {
     let mut options = MqttOptions::new(id, "127.0.0.1", mqtt_port);
+    if let Some(password) = password {
+        options.set_credentials(id, password);
+    }
     options.set_keep_alive(Duration::from_secs(5));
     options.set_max_packet_size(16 << 20, 16 << 20);
     options.set_clean_session(false);
@@ -123,6 +126,8 @@ async fn device(mqtt_port: u16, id: &str, realm: &str, lose_first_train: bool) -
     let worker = Worker::new(info, Arc::new(flame_transport::InProcess::default()), blobs);
     let report_topic = topic("report");
     tokio::spawn(async move {
+        // Aborting the device stops its connection and heartbeat too.
+        let _parts = (AbortOnDrop(poll), AbortOnDrop(heartbeat));
         let mut lose = lose_first_train;
         while let Some(bytes) = incoming.recv().await {
             let Ok(command) = WorkerCommand::decode(&bytes) else { continue };
@@ -135,9 +140,15 @@ async fn device(mqtt_port: u16, id: &str, realm: &str, lose_first_train: bool) -
             let report = worker.execute(&command).await;
             let _ = client.publish(report_topic.clone(), QoS::AtLeastOnce, false, serde_json::to_vec(&report).expect("json")).await;
         }
-        poll.abort();
-        heartbeat.abort();
     })
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +178,7 @@ async fn mqtt_job(lose_first_train: bool) {
     util::worker(&mut procs, &nats.url, "nats-1", "trainer", "default/site1");
     util::worker(&mut procs, &nats.url, "nats-2", "trainer", "default/site2");
     let device_id = "mqtt-device-3";
-    let device = device(mqtt_port, device_id, "default/site3", lose_first_train).await;
+    let device = device(mqtt_port, device_id, "default/site3", lose_first_train, None).await;
 
     let data = dir.path().join("data");
     let out = Command::new(bin("flamectl"))
@@ -196,4 +207,166 @@ async fn mqtt_job(lose_first_train: bool) {
     assert!(aggregated.iter().all(|e| e["payload"]["inputs"].as_array().map(Vec::len) == Some(3)), "its updates are in every aggregate");
     let verify = Command::new(bin("flamectl")).args(["replay", job, "--verify", "--store", &store]).output().expect("verify");
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+/// An MQTT device with its own identity (`flame-engine worker add --mqtt`):
+/// a user name and password the server checks, allowed its own topics only.
+/// It completes rounds of a real job beside two NATS workers with their own
+/// NKeys and an engine with its own, with no permission violation in the
+/// server's log. Another device cannot hear the first one's commands, nor
+/// say hello or report in its name, and a wrong password is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_device_with_its_own_identity_uses_only_its_own_topics() {
+    flame_workers::model::init_backend();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = dir.path().join("auth");
+    let add = |id: &str, mqtt: bool| {
+        let mut c = Command::new(bin("flame-engine"));
+        c.args(["worker", "add", "--id", id]).arg("--auth-dir").arg(&auth);
+        if mqtt {
+            c.arg("--mqtt");
+        }
+        let out = c.output().expect("flame-engine");
+        assert!(out.status.success(), "worker add: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    add("nats-1", false);
+    add("nats-2", false);
+    let said = add("mqtt-device-3", true);
+    assert!(said.contains("password") && said.contains("reload"), "it says how to use the identity: {said}");
+    add("mqtt-other", true);
+    let password =
+        |id: &str| std::fs::read_to_string(auth.join("workers").join(format!("{id}.password"))).expect("password").trim().to_string();
+    let conf_text = std::fs::read_to_string(auth.join("auth.conf")).expect("auth.conf");
+    assert!(!conf_text.contains(&password("mqtt-device-3")), "the server's configuration holds a hash, not the password");
+
+    let (port, mqtt_port) = (free_port(), free_port());
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!("server_name: flame-mqtt-ids\nmax_payload: 8MB\nmqtt {{ listen: \"127.0.0.1:{mqtt_port}\" }}\ninclude ./auth/auth.conf\n"),
+    )
+    .expect("conf");
+    let log = dir.path().join("nats.log");
+    let nats =
+        util::Nats::start_with(port, &dir.path().join("js"), &["-c", conf.to_str().expect("utf8"), "-l", log.to_str().expect("utf8")]);
+    let seed = |who: &str| if who == "engine" { auth.join("engine.nk") } else { auth.join("workers").join(format!("{who}.nk")) };
+    let violations = || -> Vec<String> {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().filter(|l| l.contains("Violation")).map(str::to_string).collect()
+    };
+    let engine_seed = std::fs::read_to_string(seed("engine")).expect("seed").trim().to_string();
+    let mut engine = None;
+    for _ in 0..100 {
+        if let Ok(c) = async_nats::ConnectOptions::with_nkey(engine_seed.clone()).connect(&nats.url).await {
+            engine = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let engine = engine.expect("the server comes up and lets the engine's user in");
+    // The engine first: it creates the streams, which a worker's identity may only bind to.
+    let data = dir.path().join("data");
+    let run = Command::new(bin("flamectl"))
+        .args(["run", "examples/digits-two-tier", "--nats", &nats.url, "--mqtt-devices", "-o", "json", "--nats-nkey"])
+        .arg(seed("engine"))
+        .arg("--data-dir")
+        .arg(&data)
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("flamectl run");
+    let js = async_nats::jetstream::new(engine.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while js.get_stream("FLAME_CMDS").await.is_err() || js.get_key_value("flame-workers").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the engine did not create its streams");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut procs = Processes::default();
+    for (id, realm) in [("nats-1", "default/site1"), ("nats-2", "default/site2")] {
+        procs.spawn(
+            Command::new(bin("flame-worker"))
+                .args(["--nats", &nats.url, "--id", id, "--roles", "trainer", "--realm", realm, "--nats-nkey"])
+                .arg(seed(id))
+                .arg("--data-root")
+                .arg(util::examples())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null()),
+        );
+    }
+    let device_id = "mqtt-device-3";
+    let device = device(mqtt_port, device_id, "default/site3", false, Some(&password(device_id))).await;
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.expect("join").expect("flamectl run");
+    device.abort();
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(summary["state"], "completed", "{summary}");
+    let store = format!("sqlite:{}", data.join("events.db").display());
+    let job = summary["job_id"].as_str().expect("job id");
+    let events = Command::new(bin("flamectl")).args(["events", job, "--store", &store, "-o", "json"]).output().expect("events");
+    let updates = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event_type"] == "UpdateReported" && e["actor"] == format!("worker:{device_id}").as_str())
+        .count();
+    assert_eq!(updates, 5, "the device trained every round under its own identity");
+    assert_eq!(violations(), Vec::<String>::new(), "the server refused the device, the workers or the engine something they need");
+
+    // Another device, as itself, tries the first one's topics; the engine's user watches them.
+    let watcher = engine;
+    let mut seen = watcher.subscribe("flame.mqtt.>").await.expect("watch");
+    watcher.flush().await.expect("flush");
+    let mut options = MqttOptions::new("mqtt-other", "127.0.0.1", mqtt_port);
+    options.set_credentials("mqtt-other", password("mqtt-other"));
+    let (other, mut events) = AsyncClient::new(options, 16);
+    let mut suback = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut subscribed = false;
+    while suback.is_none() {
+        assert!(std::time::Instant::now() < deadline, "no SUBACK for the other device's subscription");
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) if !subscribed => {
+                subscribed = true;
+                other.subscribe(format!("flame/mqtt/cmd/{device_id}"), QoS::AtLeastOnce).await.expect("subscribe");
+            }
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => suback = Some(ack),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("the other device could not connect with its own identity: {e}"),
+            Err(_) => {}
+        }
+    }
+    let ack = suback.expect("suback");
+    assert!(
+        ack.return_codes.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)),
+        "a subscription to another device's commands was granted: {ack:?}"
+    );
+    // In the other's name, then in its own: only its own arrives.
+    let hello = serde_json::to_vec(&WorkerInfo {
+        id: device_id.into(),
+        roles: vec!["trainer".into()],
+        realm: "default".into(),
+        device: "mqtt".into(),
+    })
+    .expect("json");
+    other.publish(format!("flame/mqtt/hello/{device_id}"), QoS::AtMostOnce, false, hello.clone()).await.expect("publish");
+    other.publish(format!("flame/mqtt/report/{device_id}"), QoS::AtLeastOnce, false, b"{}".to_vec()).await.expect("publish");
+    other.publish("flame/mqtt/hello/mqtt-other", QoS::AtMostOnce, false, b"{}".to_vec()).await.expect("publish");
+    let drive = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let mut subjects = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, futures::StreamExt::next(&mut seen)).await {
+        subjects.push(m.subject.to_string());
+    }
+    drive.abort();
+    assert!(subjects.contains(&"flame.mqtt.hello.mqtt-other".to_string()), "its own hello arrives: {subjects:?}");
+    assert!(!subjects.iter().any(|s| s.ends_with(device_id)), "something in the other device's name arrived: {subjects:?}");
+    let said = violations().join("\n");
+    assert!(said.contains("mqtt-other") && said.contains(&format!("flame.mqtt.cmd.{device_id}")), "the refusals are logged: {said}");
+
+    // A wrong password is refused.
+    let mut options = MqttOptions::new("mqtt-other", "127.0.0.1", mqtt_port);
+    options.set_credentials("mqtt-other", "not-its-password");
+    let (_client, mut events) = AsyncClient::new(options, 16);
+    let refused = tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("an answer");
+    assert!(matches!(refused, Err(rumqttc::ConnectionError::ConnectionRefused(_)) | Err(rumqttc::ConnectionError::Io(_))), "{refused:?}");
 }

@@ -1,8 +1,9 @@
 //! Worker identities on NATS: one NKey user per worker, issued by the
 //! platform, with server-side permissions that let a worker consume only its
 //! own commands, report only on a subject that carries its own id, write only
-//! its own registry entry, and read and write model blobs. The engine's user
-//! may do everything.
+//! its own registry entry, and read and write model blobs. A device that
+//! speaks only MQTT gets a user with a password (MQTT has no NKeys) that may
+//! use only its own topics. The engine's user may do everything.
 //!
 //! The server is told in its own configuration language: [`config`] renders
 //! an `authorization` block that `nats-server.conf` includes; the folder that
@@ -77,13 +78,48 @@ pub fn worker_permissions(worker_id: &str) -> Permissions {
     Permissions { publish, subscribe: vec![format!("{}.>", inbox_prefix(worker_id))] }
 }
 
+/// An MQTT device's permissions: its own topics only (the server applies
+/// them to topics as subjects, `flame/mqtt/<kind>/<id>` being
+/// `flame.mqtt.<kind>.<id>`). It says hello, asks for and stores blobs and
+/// reports under its own id, and hears its commands and the answers to its
+/// blob requests under its own id; the adapter on the engine's connection
+/// does everything else. (The server's own MQTT session and retained-message
+/// streams need no permission of the device's user: the test runs a job
+/// with none refused.)
+pub fn device_permissions(device_id: &str) -> Permissions {
+    let p = crate::mqtt::PREFIX;
+    Permissions {
+        publish: ["hello", "get", "put", "report"].iter().map(|k| format!("{p}.{k}.{device_id}")).collect(),
+        subscribe: vec![
+            format!("{p}.cmd.{device_id}"),
+            format!("{p}.blob.{device_id}.>"),
+            format!("{p}.missing.{device_id}.>"),
+            format!("{p}.stored.{device_id}"),
+        ],
+    }
+}
+
+/// How a user proves who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// An NKey public key (`U...`): the engine and NATS workers.
+    NKey(String),
+    /// A user name and a bcrypt hash of its password: MQTT devices.
+    Password {
+        /// The user name (the device's id).
+        user: String,
+        /// The bcrypt hash the server checks the password against.
+        bcrypt: String,
+    },
+}
+
 /// A user in the rendered configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
     /// Who it is, for the comment above its entry.
     pub name: String,
-    /// Its NKey public key (`U...`).
-    pub nkey: String,
+    /// How it proves it.
+    pub credential: Credential,
     /// `None`: everything (the engine).
     pub permissions: Option<Permissions>,
 }
@@ -104,11 +140,14 @@ pub fn config(users: &[User]) -> String {
     );
     for user in users {
         out.push_str(&format!("    # {}\n", user.name));
+        let who = match &user.credential {
+            Credential::NKey(key) => format!("nkey: \"{key}\""),
+            Credential::Password { user, bcrypt } => format!("user: \"{user}\", password: \"{bcrypt}\""),
+        };
         match &user.permissions {
-            None => out.push_str(&format!("    {{ nkey: \"{}\" }}\n", user.nkey)),
+            None => out.push_str(&format!("    {{ {who} }}\n")),
             Some(p) => out.push_str(&format!(
-                "    {{ nkey: \"{}\", permissions: {{\n        publish: {{ allow: [{}] }}\n        subscribe: {{ allow: [{}] }}\n    }} }}\n",
-                user.nkey,
+                "    {{ {who}, permissions: {{\n        publish: {{ allow: [{}] }}\n        subscribe: {{ allow: [{}] }}\n    }} }}\n",
                 quoted(&p.publish),
                 quoted(&p.subscribe)
             )),
@@ -175,6 +214,24 @@ pub fn check_public_key(key: &str) -> Result<(), Error> {
     nkeys::KeyPair::from_public_key(key).map(|_| ()).map_err(|e| Error::Invalid(format!("'{key}' is not a valid NKey public key: {e}")))
 }
 
+/// A new device password: 40 random hex digits.
+fn new_password() -> Result<String, Error> {
+    let mut bytes = [0u8; 20];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Invalid(format!("no randomness from the operating system for a password: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What `add_device` made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddedDevice {
+    /// The file holding the device's password (readable by its owner only), for the site.
+    pub password_file: PathBuf,
+    /// The engine's seed file (made on first use).
+    pub engine_seed: PathBuf,
+    /// The rendered configuration.
+    pub config: PathBuf,
+}
+
 /// What `add` made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Added {
@@ -191,7 +248,9 @@ pub struct Added {
 
 /// The identities folder: `engine.nk` (the engine's seed), `workers/<id>.nk`
 /// (a worker's seed, when the platform made it) or `workers/<id>.pub` (its
-/// public key, when its site made the key), and `auth.conf` rendered from them.
+/// public key, when its site made the key), `workers/<id>.bcrypt` and
+/// `workers/<id>.password` (an MQTT device's password hash, and the password
+/// for its site), and `auth.conf` rendered from them.
 pub struct Identities {
     dir: PathBuf,
 }
@@ -255,17 +314,61 @@ impl Identities {
         Ok(out)
     }
 
-    /// Issues an identity for worker `id`: a new key pair (its seed in
-    /// `workers/<id>.nk`) or, given the site's `public_key`, that key; then
-    /// renders `auth.conf` again. Refuses an id that is already there.
-    pub fn add(&self, id: &str, public_key: Option<&str>) -> Result<Added, Error> {
+    /// The MQTT devices registered, by id, with their password hashes.
+    pub fn devices(&self) -> Result<Vec<(String, String)>, Error> {
+        let dir = self.workers_dir();
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io(&dir, "read", e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| io(&dir, "read", e))?.path();
+            if path.extension().and_then(|s| s.to_str()) != Some("bcrypt") {
+                continue;
+            }
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+            out.push((id.to_string(), fs::read_to_string(&path).map_err(|e| io(&path, "read", e))?.trim().to_string()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn taken(&self, id: &str) -> Result<(), Error> {
         check_id(id).map_err(|_| Error::Invalid(format!("'{id}' is not a worker id: letters, digits, '-' and '_', at most 128")))?;
-        if self.workers()?.iter().any(|(w, _)| w == id) {
+        if self.workers()?.iter().chain(self.devices()?.iter()).any(|(w, _)| w == id) {
             return Err(Error::Invalid(format!(
                 "worker '{id}' already has an identity in {}; `flame-engine worker remove --id {id}` first to issue a new one",
                 self.dir.display()
             )));
         }
+        Ok(())
+    }
+
+    /// Issues an identity for MQTT device `id`: a new password (written to
+    /// `workers/<id>.password` for the site, its bcrypt hash to
+    /// `workers/<id>.bcrypt`), then renders `auth.conf` again.
+    pub fn add_device(&self, id: &str) -> Result<AddedDevice, Error> {
+        self.taken(id)?;
+        fs::create_dir_all(self.workers_dir()).map_err(|e| io(&self.workers_dir(), "create", e))?;
+        self.ensure_engine()?;
+        let password = new_password()?;
+        let hash = bcrypt::hash_with_result(&password, 10)
+            .map_err(|e| Error::Invalid(format!("cannot hash the device's password: {e}")))?
+            .format_for_version(bcrypt::Version::TwoA);
+        let password_file = self.workers_dir().join(format!("{id}.password"));
+        write(&password_file, &format!("{password}\n"), true)?;
+        write(&self.workers_dir().join(format!("{id}.bcrypt")), &format!("{hash}\n"), false)?;
+        let config = self.render()?;
+        Ok(AddedDevice { password_file, engine_seed: self.engine_seed(), config })
+    }
+
+    /// Issues an identity for worker `id`: a new key pair (its seed in
+    /// `workers/<id>.nk`) or, given the site's `public_key`, that key; then
+    /// renders `auth.conf` again. Refuses an id that is already there.
+    pub fn add(&self, id: &str, public_key: Option<&str>) -> Result<Added, Error> {
+        self.taken(id)?;
         fs::create_dir_all(self.workers_dir()).map_err(|e| io(&self.workers_dir(), "create", e))?;
         self.ensure_engine()?;
         let (public, seed_file) = match public_key {
@@ -289,7 +392,7 @@ impl Identities {
     /// server forgets it at its next reload).
     pub fn remove(&self, id: &str) -> Result<PathBuf, Error> {
         let mut removed = false;
-        for ext in ["nk", "pub"] {
+        for ext in ["nk", "pub", "bcrypt", "password"] {
             let path = self.workers_dir().join(format!("{id}.{ext}"));
             if path.exists() {
                 fs::remove_file(&path).map_err(|e| io(&path, "remove", e))?;
@@ -305,10 +408,24 @@ impl Identities {
     /// Writes `auth.conf` from the folder's keys.
     pub fn render(&self) -> Result<PathBuf, Error> {
         fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, "create", e))?;
-        let mut users =
-            vec![User { name: "the engine (and `flamectl run --nats`)".into(), nkey: self.ensure_engine()?, permissions: None }];
+        let mut users = vec![User {
+            name: "the engine (and `flamectl run --nats`)".into(),
+            credential: Credential::NKey(self.ensure_engine()?),
+            permissions: None,
+        }];
         for (id, nkey) in self.workers()? {
-            users.push(User { name: format!("worker {id}"), nkey, permissions: Some(worker_permissions(&id)) });
+            users.push(User {
+                name: format!("worker {id}"),
+                credential: Credential::NKey(nkey),
+                permissions: Some(worker_permissions(&id)),
+            });
+        }
+        for (id, bcrypt) in self.devices()? {
+            users.push(User {
+                name: format!("MQTT device {id}"),
+                credential: Credential::Password { user: id.clone(), bcrypt },
+                permissions: Some(device_permissions(&id)),
+            });
         }
         let path = self.config_file();
         write(&path, &config(&users), false)?;
@@ -343,8 +460,8 @@ mod tests {
     #[test]
     fn the_config_quotes_every_subject_and_gives_the_engine_everything() {
         let text = config(&[
-            User { name: "engine".into(), nkey: "UENGINE".into(), permissions: None },
-            User { name: "worker a".into(), nkey: "UA".into(), permissions: Some(worker_permissions("a")) },
+            User { name: "engine".into(), credential: Credential::NKey("UENGINE".into()), permissions: None },
+            User { name: "worker a".into(), credential: Credential::NKey("UA".into()), permissions: Some(worker_permissions("a")) },
         ]);
         assert!(text.contains("{ nkey: \"UENGINE\" }"), "{text}");
         assert!(text.contains("\"$KV.flame-workers.a\""), "{text}");
@@ -377,5 +494,31 @@ mod tests {
         let conf = fs::read_to_string(ids.config_file()).expect("conf");
         assert!(!conf.contains(&a.public_key) && conf.contains(&engine));
         assert!(ids.remove("site-1").expect_err("refused").to_string().contains("has no identity"));
+
+        // An MQTT device: a password for the site, only its hash in the server's configuration.
+        let d = ids.add_device("dev-1").expect("add a device");
+        assert_eq!(fs::metadata(&d.password_file).expect("password").permissions().mode() & 0o777, 0o600);
+        let password = fs::read_to_string(&d.password_file).expect("password").trim().to_string();
+        assert_eq!(password.len(), 40);
+        let conf = fs::read_to_string(ids.config_file()).expect("conf");
+        assert!(conf.contains("user: \"dev-1\", password: \"$2a$10$") && !conf.contains(&password), "{conf}");
+        let (_, hash) = ids.devices().expect("devices").into_iter().find(|(id, _)| id == "dev-1").expect("listed");
+        assert!(bcrypt::verify(&password, &hash).expect("bcrypt"));
+        assert!(ids.add("dev-1", None).expect_err("refused").to_string().contains("already has an identity"));
+        assert!(ids.add_device("site-2").expect_err("refused").to_string().contains("already has an identity"));
+        ids.remove("dev-1").expect("remove the device");
+        assert!(!d.password_file.exists() && ids.devices().expect("devices").is_empty());
+        assert!(!fs::read_to_string(ids.config_file()).expect("conf").contains("dev-1"));
+    }
+
+    #[test]
+    fn a_device_may_use_only_its_own_topics() {
+        let p = device_permissions("dev-1");
+        for s in p.publish.iter().chain(p.subscribe.iter()) {
+            assert!(s.starts_with("flame.mqtt.") && (s.ends_with(".dev-1") || s.contains(".dev-1.")), "{s}");
+        }
+        assert!(p.publish.contains(&"flame.mqtt.report.dev-1".to_string()));
+        assert!(p.subscribe.contains(&"flame.mqtt.cmd.dev-1".to_string()));
+        assert!(!p.subscribe.iter().any(|s| s.contains("report") || s.contains("hello")), "{:?}", p.subscribe);
     }
 }

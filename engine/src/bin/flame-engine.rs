@@ -106,8 +106,12 @@ enum WorkerCommand {
         id: String,
         /// The site's own user public key (`U...`, e.g. from `nk -gen user
         /// -pubout`): its seed then never leaves the site.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "mqtt")]
         public_key: Option<String>,
+        /// A device that speaks only MQTT: a user name (its id) and a new
+        /// password, allowed its own `flame/mqtt/.../<id>` topics only.
+        #[arg(long)]
+        mqtt: bool,
     },
     /// Withdraw worker ID's identity; `auth.conf` is rendered again.
     Remove {
@@ -130,7 +134,18 @@ fn worker_identities(command: WorkerCommand) -> anyhow::Result<()> {
     use flame_transport::identity::Identities;
     let reload = "reload the NATS server to apply it: nats-server --signal reload (or SIGHUP)";
     match command {
-        WorkerCommand::Add { auth_dir, id, public_key } => {
+        WorkerCommand::Add { auth_dir, id, mqtt: true, .. } => {
+            let added = Identities::new(&auth_dir).add_device(&id)?;
+            println!("MQTT device {id}: user {id}");
+            println!(
+                "  its password: {} (give it to the site, secretly; the device connects to the MQTT listener with client id, user name {id} and that password)",
+                added.password_file.display()
+            );
+            println!("  the engine's seed: {} (flame-engine --mqtt-devices: --nats-nkey)", added.engine_seed.display());
+            println!("  server permissions: {} (include it in nats-server.conf)", added.config.display());
+            println!("  {reload}");
+        }
+        WorkerCommand::Add { auth_dir, id, public_key, .. } => {
             let added = Identities::new(&auth_dir).add(&id, public_key.as_deref())?;
             println!("worker {id}: NATS user {}", added.public_key);
             match &added.seed_file {
@@ -149,8 +164,12 @@ fn worker_identities(command: WorkerCommand) -> anyhow::Result<()> {
             println!("worker {id}: identity withdrawn from {}; {reload}", config.display());
         }
         WorkerCommand::List { auth_dir } => {
-            for (id, key) in Identities::new(&auth_dir).workers()? {
+            let ids = Identities::new(&auth_dir);
+            for (id, key) in ids.workers()? {
                 println!("{id}\t{key}");
+            }
+            for (id, _) in ids.devices()? {
+                println!("{id}\tMQTT user {id}");
             }
         }
     }
