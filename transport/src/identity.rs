@@ -285,21 +285,30 @@ impl Identities {
         Ok(public)
     }
 
-    /// The workers registered, by id, with their public keys.
-    pub fn workers(&self) -> Result<Vec<(String, String)>, Error> {
+    /// The files of the workers folder, as (id, extension, path).
+    fn files(&self) -> Result<Vec<(String, String, PathBuf)>, Error> {
         let dir = self.workers_dir();
-        let mut out = Vec::new();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io(&dir, "read", e)),
         };
+        let mut out = Vec::new();
         for entry in entries {
             let path = entry.map_err(|e| io(&dir, "read", e))?.path();
-            let (Some(id), Some(ext)) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|s| s.to_str())) else {
-                continue;
-            };
-            let public = match ext {
+            if let (Some(id), Some(ext)) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|s| s.to_str())) {
+                out.push((id.to_string(), ext.to_string(), path.clone()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The workers registered, by id, with their public keys.
+    pub fn workers(&self) -> Result<Vec<(String, String)>, Error> {
+        let mut out = Vec::new();
+        for (id, ext, path) in self.files()? {
+            let public = match ext.as_str() {
                 "nk" => public_of_seed(&path)?,
                 "pub" => {
                     let key = fs::read_to_string(&path).map_err(|e| io(&path, "read", e))?.trim().to_string();
@@ -308,30 +317,19 @@ impl Identities {
                 }
                 _ => continue,
             };
-            out.push((id.to_string(), public));
+            out.push((id, public));
         }
-        out.sort();
         Ok(out)
     }
 
     /// The MQTT devices registered, by id, with their password hashes.
     pub fn devices(&self) -> Result<Vec<(String, String)>, Error> {
-        let dir = self.workers_dir();
         let mut out = Vec::new();
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io(&dir, "read", e)),
-        };
-        for entry in entries {
-            let path = entry.map_err(|e| io(&dir, "read", e))?.path();
-            if path.extension().and_then(|s| s.to_str()) != Some("bcrypt") {
-                continue;
+        for (id, ext, path) in self.files()? {
+            if ext == "bcrypt" {
+                out.push((id, fs::read_to_string(&path).map_err(|e| io(&path, "read", e))?.trim().to_string()));
             }
-            let Some(id) = path.file_stem().and_then(|s| s.to_str()) else { continue };
-            out.push((id.to_string(), fs::read_to_string(&path).map_err(|e| io(&path, "read", e))?.trim().to_string()));
         }
-        out.sort();
         Ok(out)
     }
 
