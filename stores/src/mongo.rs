@@ -158,7 +158,7 @@ impl MongoStore {
             return Ok(());
         }
         let old: Collection<Document> = db.collection("events");
-        let end = self.counters.find_one(doc! {"_id": POSITIONS}).await.map_err(fail)?.map_or(0, |d| get_u64(&d, "position"));
+        let end = self.positions_taken().await?;
         let mut moved = 0u64;
         let mut from = 1u64;
         while from <= end {
@@ -276,6 +276,11 @@ impl MongoStore {
             .map_err(|e| Error::Backend(format!("cannot take global positions at {}: {e}", self.location)))?
             .ok_or_else(|| Error::Backend("the position counter was not returned".into()))?;
         Ok(get_u64(&counter, "position"))
+    }
+
+    /// How many global positions have been taken (the last one handed out).
+    async fn positions_taken(&self) -> Result<u64, Error> {
+        Ok(self.counters.find_one(doc! {"_id": POSITIONS}).await.map_err(backend)?.map_or(0, |d| get_u64(&d, "position")))
     }
 
     /// Voids the positions `from..=to`. `own`: this writer took them and
@@ -476,6 +481,10 @@ impl EventStore for MongoStore {
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<Envelope>, Error> {
         let mut out = Vec::new();
         let mut next = from_position.max(1);
+        // Nothing taken from `next` on means nothing stored there: an idle follower's poll is this one read.
+        if self.positions_taken().await? < next {
+            return Ok(out);
+        }
         // When a missing position was first seen, and how far positions had been taken then.
         let mut missing_since: Option<(Instant, u64)> = None;
         let mut pause = Duration::from_millis(1);
@@ -502,7 +511,7 @@ impl EventStore for MongoStore {
             if !out.is_empty() {
                 return Ok(out);
             }
-            let taken = self.counters.find_one(doc! {"_id": POSITIONS}).await.map_err(backend)?.map_or(0, |d| get_u64(&d, "position"));
+            let taken = self.positions_taken().await?;
             if taken < next {
                 return Ok(out); // the end of the log
             }

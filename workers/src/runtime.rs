@@ -147,7 +147,9 @@ impl Worker {
                                 tokio::select! {
                                     sent = &mut done => break sent,
                                     _ = working.tick() => {
-                                        if let Some(Err(e)) = match &progress { Some(p) => Some(p().await), None => None } {
+                                        if let Some(p) = &progress
+                                        && let Err(e) = p().await
+                                    {
                                             tracing::debug!(worker = %worker.info.id, "telling the server a command still runs: {e}");
                                         }
                                     }
