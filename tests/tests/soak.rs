@@ -99,10 +99,17 @@ impl Kept {
         self.down_until = None;
     }
 
+    /// Sends `signal` and waits for the exit, for 30 s at most: a process that
+    /// does not stop on SIGTERM is then SIGKILLed (and said so), so that no
+    /// stop can hold the soak up.
     fn signal(&mut self, signal: &str) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
-            let _ = child.wait();
+            if exited_within(&mut child, Duration::from_secs(30)).is_none() {
+                write_stderr(&format!("soak: {} did not exit within 30 s of {signal}; SIGKILLing it", self.name));
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 
@@ -133,6 +140,69 @@ impl Drop for Kept {
     fn drop(&mut self) {
         self.signal("-KILL");
     }
+}
+
+/// The child's exit status if it exits within `limit`.
+fn exited_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
+            _ => return None,
+        }
+    }
+}
+
+/// A line on the real stderr, past the test harness's capture: it shows in CI even if the test never ends.
+fn write_stderr(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Ends the whole test binary, saying where the soak was, if the soak has not
+/// finished `limit` after it began: a soak that hangs must fail CI with a
+/// reason, not run into CI's own time limit.
+fn watchdog(limit: Duration, phase: Arc<std::sync::Mutex<String>>) -> Arc<std::sync::atomic::AtomicBool> {
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = finished.clone();
+    std::thread::spawn(move || {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if done.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let at = phase.lock().map(|p| p.clone()).unwrap_or_default();
+        write_stderr(&format!("soak: still running {limit:?} after it began, at: {at}; ending the test binary"));
+        std::process::exit(101);
+    });
+    finished
+}
+
+/// Runs a program to its end, for `limit` at most (then kills it and says so).
+fn output_within(mut command: Command, limit: Duration) -> Result<std::process::Output, String> {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+    // Read the pipes on threads, so that a chatty program cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let reading_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let reading_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let Some(status) = exited_within(&mut child, limit) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("did not end within {limit:?}"));
+    };
+    Ok(std::process::Output { status, stdout: reading_out.join().unwrap_or_default(), stderr: reading_err.join().unwrap_or_default() })
 }
 
 fn log_file(dir: &Path, name: &str) -> Stdio {
@@ -316,6 +386,10 @@ fn secantus() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chaos_soak_loses_and_doubles_nothing() {
     let settings = Settings::from_env();
+    let phase = Arc::new(std::sync::Mutex::new("starting".to_string()));
+    let now_at = |what: String| *phase.lock().expect("phase") = what;
+    // The checks after the schedule are bounded too (about a minute and a half a job at most).
+    let finished = watchdog(settings.limit + Duration::from_secs(600), phase.clone());
     let dir = tempfile::tempdir().expect("tempdir");
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).expect("logs");
@@ -415,6 +489,7 @@ async fn a_chaos_soak_loses_and_doubles_nothing() {
                 kept.join("logs").display()
             );
         }
+        now_at(format!("the schedule: {} of {} jobs ended, faults {faults:?}", done.len(), settings.jobs));
         for p in std::iter::once(&mut mongo).chain(std::iter::once(&mut nats)).chain(engines.iter_mut()).chain(workers.iter_mut()) {
             p.keep();
         }
@@ -501,7 +576,11 @@ async fn a_chaos_soak_loses_and_doubles_nothing() {
     let (mut stall, mut stalled_job) = (Duration::ZERO, String::new());
     let mut events_total = 0;
     for (id, kind) in &jobs {
-        let events = store.read_stream(&flame_events::job::stream_id(id), 1).await.expect("read");
+        now_at(format!("checking job {id} ({kind}): its events"));
+        let events = tokio::time::timeout(Duration::from_secs(60), store.read_stream(&flame_events::job::stream_id(id), 1))
+            .await
+            .unwrap_or_else(|_| panic!("reading job {id}'s events took over a minute"))
+            .expect("read");
         events_total += events.len();
         *by_end.entry(format!("{kind}: {}", events.last().map_or("nothing", |e| e.event_type.as_str()))).or_default() += 1;
         problems.extend(check_job(&format!("job {id} ({kind})"), &events).into_iter());
@@ -513,6 +592,7 @@ async fn a_chaos_soak_loses_and_doubles_nothing() {
             eprintln!("soak: job {id} ({kind}) ended with {}: {}", e.event_type, e.payload["reason"]);
         }
         // Published once each: wait for the relay to catch up (a replica holds its lease again).
+        now_at(format!("checking job {id} ({kind}): published on JetStream"));
         let stored: BTreeSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         let published = loop {
@@ -534,7 +614,16 @@ async fn a_chaos_soak_loses_and_doubles_nothing() {
                 stored.difference(&unique_ids).count()
             ));
         }
-        let out = Command::new(bin("flamectl")).args(["replay", id, "--store", &url, "--verify"]).output().expect("flamectl");
+        now_at(format!("checking job {id} ({kind}): replay --verify"));
+        let mut replay = Command::new(bin("flamectl"));
+        replay.args(["replay", id, "--store", &url, "--verify"]);
+        let out = match output_within(replay, Duration::from_secs(120)) {
+            Ok(out) => out,
+            Err(e) => {
+                problems.push(format!("job {id} ({kind}): replay --verify {e}"));
+                continue;
+            }
+        };
         if !out.status.success() {
             problems.push(format!(
                 "job {id} ({kind}): replay --verify: {}{}",
@@ -542,8 +631,13 @@ async fn a_chaos_soak_loses_and_doubles_nothing() {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        now_at(format!("checking job {id} ({kind}): its blobs"));
         for d in digests(&events) {
-            match blobs.get(&d).await {
+            let Ok(got) = tokio::time::timeout(Duration::from_secs(90), blobs.get(&d)).await else {
+                problems.push(format!("job {id} ({kind}): blob {d}: no answer within 90 s"));
+                continue;
+            };
+            match got {
                 Ok(bytes) if hex::encode(sha2::Sha256::digest(&bytes)) == d => {}
                 Ok(_) => problems.push(format!("job {id} ({kind}): blob {d} does not match its digest")),
                 Err(e) => problems.push(format!("job {id} ({kind}): blob {d}: {e}")),
@@ -551,17 +645,23 @@ async fn a_chaos_soak_loses_and_doubles_nothing() {
         }
     }
     // The stores agree with each other: nothing the log holds was lost by the restarts.
-    let all = store.read_all(1, usize::MAX >> 1).await.expect("global log");
+    now_at("checking the global log".into());
+    let all = tokio::time::timeout(Duration::from_secs(120), store.read_all(1, usize::MAX >> 1))
+        .await
+        .expect("reading the global log took over two minutes")
+        .expect("global log");
     let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
     if !positions.windows(2).all(|w| w[0] < w[1]) {
         problems.push("global positions do not strictly increase".into());
     }
     // A stream append still works after all of it.
+    now_at("a last append".into());
     store
         .append(&format!("soak-{}", unique()), ExpectedVersion::NoStream, vec![flame_events::NewEvent::new("Probe", json!({}), "test")])
         .await
         .expect("append");
 
+    finished.store(true, std::sync::atomic::Ordering::SeqCst);
     let kills: usize = faults.values().sum();
     eprintln!(
         "soak: {} jobs ({by_end:?}) with {events_total} events in {:.0} s; {kills} faults survived: {faults:?}; \

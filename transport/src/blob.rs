@@ -129,6 +129,9 @@ impl NatsBlobs {
 /// is tried again before it counts as failed.
 pub const BLOB_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long a blob read may go without a byte before it counts as failed (and is tried again).
+pub const BLOB_STALL: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Whether an error may pass (storage away for a while), unlike a missing or corrupt blob.
 fn is_io(e: &Error) -> bool {
     matches!(e, Error::Io(_))
@@ -141,8 +144,25 @@ impl NatsBlobs {
             object_store::GetErrorKind::NotFound => Error::NotFound(digest.to_string()),
             _ => Error::Io(e.to_string()),
         })?;
-        let mut bytes = Vec::new();
-        object.read_to_end(&mut bytes).await.map_err(|e| Error::Io(e.to_string()))?;
+        // Read with a bound on silence: a chunk the server lost (a stream cut short by a
+        // crash) would otherwise leave the read waiting for it forever.
+        let mut bytes = Vec::with_capacity(object.info().size.min(1 << 30));
+        let mut buf = vec![0u8; 128 * 1024];
+        loop {
+            match tokio::time::timeout(BLOB_STALL, object.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => return Err(Error::Io(e.to_string())),
+                Err(_) => {
+                    return Err(Error::Io(format!(
+                        "blob {digest}: nothing arrived for {} s after {} of {} bytes (the object store may have lost a chunk)",
+                        BLOB_STALL.as_secs(),
+                        bytes.len(),
+                        object.info().size
+                    )));
+                }
+            }
+        }
         verified(digest, bytes)
     }
 
