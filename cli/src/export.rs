@@ -34,6 +34,27 @@ pub struct Blobs {
     pub nats: Option<String>,
 }
 
+impl Blobs {
+    /// Opens the store these options name.
+    pub async fn open(&self) -> anyhow::Result<Arc<dyn BlobStore>> {
+        Ok(match &self.nats {
+            Some(url) => {
+                let nats = flame_transport::Nats::connect_with(url, &flame_transport::NatsAuth::default()).await?;
+                Arc::new(NatsBlobs::new(nats.jetstream()).await.context("opening the model blob store")?)
+            }
+            None => {
+                if !self.blobs.is_dir() {
+                    bail!(
+                        "no blob folder {} (flamectl run writes one under --data-dir; --nats URL reads a distributed job's)",
+                        self.blobs.display()
+                    );
+                }
+                Arc::new(LocalBlobs::new(&self.blobs)?)
+            }
+        })
+    }
+}
+
 /// Which global model a job's events name for a round (the last when `round`
 /// is none; round 0 is the initial model), with the job's model.
 pub fn pick(events: &[JobEvent], round: Option<u32>) -> Result<(u32, String, Option<Model>), String> {
@@ -70,13 +91,7 @@ pub async fn get(job_id: &str, source: &Source, blobs: &Blobs, round: Option<u32
         bail!("no job '{job_id}' in {}", source.api.clone().unwrap_or_else(|| source.store.clone()));
     }
     let (round, digest, model) = pick(&events, round).map_err(|e| anyhow::anyhow!("job '{job_id}': {e}"))?;
-    let store: Arc<dyn BlobStore> = match &blobs.nats {
-        Some(url) => {
-            let nats = flame_transport::Nats::connect_with(url, &flame_transport::NatsAuth::default()).await?;
-            Arc::new(NatsBlobs::new(nats.jetstream()).await.context("opening the model blob store")?)
-        }
-        None => Arc::new(LocalBlobs::new(&blobs.blobs)?),
-    };
+    let store = blobs.open().await?;
     let bytes = store.get(&digest).await.with_context(|| format!("the global model of round {round} ({digest})"))?;
     let written = match (format, &model) {
         (Format::Safetensors, _) => bytes,

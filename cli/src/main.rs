@@ -22,6 +22,7 @@ use flame_workers::{Worker, model};
 
 mod export;
 mod inspect;
+mod models;
 mod plot;
 mod remote;
 
@@ -252,6 +253,52 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Check a job against its own log: --models derives every global model
+    /// (and group model) again from the logged updates, optimizer settings and
+    /// state, and compares them bit for bit; exit 6 naming the first that differs.
+    Verify {
+        /// Job id.
+        job_id: String,
+        /// Re-derive the models (the only check for now; required, so that other checks can be added).
+        #[arg(long, required = true)]
+        models: bool,
+        #[command(flatten)]
+        source: inspect::Source,
+        #[command(flatten)]
+        blobs: export::Blobs,
+        /// Output format (json: one aggregation per line).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Aggregate a job's logged updates again with another server rule, or
+    /// without some trainers, and evaluate each what-if global model beside
+    /// the real one. Trainers are not re-run: the updates are the recorded ones.
+    Whatif {
+        /// Job id.
+        job_id: String,
+        /// The top aggregator's rule (fedavg, median, trimmedmean, krum, fedadam, ...; default: the job's).
+        #[arg(long)]
+        optimizer: Option<String>,
+        /// The rule's arguments as JSON, e.g. '{"f": 1, "m": 1}'.
+        #[arg(long, requires = "optimizer")]
+        kwargs: Option<String>,
+        /// Leave out the updates of this task or worker (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
+        /// A folder the held-out data may be read from (repeat; default: the current one).
+        #[arg(long = "data-root")]
+        data_roots: Vec<PathBuf>,
+        /// Also draw accuracy and loss, real and what-if, into this .png or .svg file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        #[command(flatten)]
+        source: inspect::Source,
+        #[command(flatten)]
+        blobs: export::Blobs,
+        /// Output format (json: one round per line).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Show a job as a tree of timed spans (job, rounds, steps, tasks) with each round's critical path.
     Trace {
         /// Job id.
@@ -373,6 +420,24 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Replay { job_id, source, until, round, verify, output } => {
             inspect::replay(&job_id, &source, until, round, verify, output).await
+        }
+        Cmd::Verify { job_id, models: _, source, blobs, output } => models::verify(&job_id, &source, &blobs, output).await,
+        Cmd::Whatif { job_id, optimizer, kwargs, exclude, data_roots, plot, source, blobs, output } => {
+            let optimizer = match optimizer {
+                Some(name) => {
+                    let kwargs: serde_json::Map<String, serde_json::Value> = match kwargs {
+                        Some(k) => serde_json::from_str(&k).with_context(|| format!("--kwargs '{k}' is not a JSON object"))?,
+                        None => Default::default(),
+                    };
+                    Some(
+                        flame_events::algorithm::ServerOptimizer::parse(&name.to_ascii_lowercase(), &kwargs)
+                            .map_err(|e| anyhow::anyhow!("--optimizer {name}: {e}"))?,
+                    )
+                }
+                None => None,
+            };
+            let change = models::WhatIf { optimizer, exclude, roots: data_roots, plot };
+            models::whatif(&job_id, &source, &blobs, &change, output).await
         }
         Cmd::Trace { job_id, source, chrome, output } => inspect::trace(&job_id, &source, chrome.as_deref(), output).await,
         Cmd::Audit { job_id, source, output } => inspect::audit(&job_id, &source, output).await,

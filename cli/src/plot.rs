@@ -101,3 +101,52 @@ where
     c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
+
+/// Named lines over rounds in one chart (`flamectl whatif --plot`); the extension picks PNG or SVG.
+pub fn lines(path: &Path, title: &str, named: &[(&str, Vec<(f64, f64)>)]) -> anyhow::Result<()> {
+    let points: Vec<&(f64, f64)> = named.iter().flat_map(|(_, p)| p.iter()).collect();
+    if points.is_empty() {
+        bail!("nothing to plot: no round has these figures (was the held-out data readable? see --data-root)");
+    }
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("png") => {
+            let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
+            line_chart(&root, title, named)?;
+            root.present().with_context(|| format!("writing {}", path.display()))?;
+        }
+        Some("svg") => {
+            let root = SVGBackend::new(path, (1000, 500)).into_drawing_area();
+            line_chart(&root, title, named)?;
+            root.present().with_context(|| format!("writing {}", path.display()))?;
+        }
+        _ => bail!("cannot plot to '{}': name a .png or .svg file", path.display()),
+    }
+    Ok(())
+}
+
+fn line_chart<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, named: &[(&str, Vec<(f64, f64)>)]) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let last = named.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x)).fold(1.0_f64, f64::max);
+    let all: Vec<&[(f64, f64)]> = named.iter().map(|(_, p)| p.as_slice()).collect();
+    let mut c = ChartBuilder::on(root)
+        .margin(10)
+        .caption(title, ("sans-serif", 20))
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.5..(last + 0.5), 0.0..upper(&all))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    c.configure_mesh().x_desc("round").x_label_formatter(&whole).y_desc("value").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let colors = [BLUE, CYAN, RED, MAGENTA, GREEN, BLACK];
+    for (i, (name, points)) in named.iter().enumerate().filter(|(_, (_, p))| !p.is_empty()) {
+        let color = colors[i % colors.len()];
+        c.draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}

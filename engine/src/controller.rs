@@ -240,27 +240,41 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
     // top one applies the job's optimizer and evaluates the new global model.
     for a in job.aggregators().filter(|a| job.ready(&a.task_id)) {
         let Some(worker) = job.assignments.get(&a.task_id) else { continue };
-        let top = a.task_id == aggregator.task_id;
-        let body = CommandBody::Aggregate {
-            model: spec.model.clone(),
-            // A middle aggregator averages its group (FedAvg), or in an asynchronous
-            // job takes FedBuff's staleness-discounted step over its buffer.
-            optimizer: match (top, job.is_async()) {
-                (true, _) => spec.optimizer,
-                (false, true) => ServerOptimizer::FedBuff { eta: 1.0 },
-                (false, false) => ServerOptimizer::FedAvg,
-            },
-            trainers: u32::try_from(job.trainers().count()).unwrap_or(u32::MAX),
-            optimizer_state: if top { job.optimizer_state.clone() } else { None },
-            global_model: global_model.clone(),
-            updates: job.updates_for(&a.task_id),
-            eval_dataset: if top { eval_dataset.clone() } else { None },
-            loss: spec.training.loss,
-        };
-        let key = if top { format!("r{round}/aggregate") } else { format!("r{round}/aggregate/{}", a.task_id) };
-        actions.push(Action::Send { worker_id: worker.clone(), command: command(job, &a.task_id, round, &key, body) });
+        if let Some(command) = aggregate_command(job, &a.task_id) {
+            actions.push(Action::Send { worker_id: worker.clone(), command });
+        }
     }
     actions
+}
+
+/// The open round's aggregate command for aggregator `task_id`, from the
+/// job's state as it is: what the engine sends once the task's inputs are in,
+/// and what `flamectl verify --models` runs again to re-derive a recorded
+/// aggregate (from the state the engine checked its report against). `None`
+/// when the job has no spec, global model or aggregator of that id.
+pub fn aggregate_command(job: &Job, task_id: &str) -> Option<Command> {
+    let (spec, aggregator, global_model) = (job.spec.as_ref()?, job.aggregator()?, job.global_model.clone()?);
+    job.aggregators().find(|a| a.task_id == task_id)?;
+    let round = job.round.number;
+    let top = task_id == aggregator.task_id;
+    let body = CommandBody::Aggregate {
+        model: spec.model.clone(),
+        // A middle aggregator averages its group (FedAvg), or in an asynchronous
+        // job takes FedBuff's staleness-discounted step over its buffer.
+        optimizer: match (top, job.is_async()) {
+            (true, _) => spec.optimizer,
+            (false, true) => ServerOptimizer::FedBuff { eta: 1.0 },
+            (false, false) => ServerOptimizer::FedAvg,
+        },
+        trainers: u32::try_from(job.trainers().count()).unwrap_or(u32::MAX),
+        optimizer_state: if top { job.optimizer_state.clone() } else { None },
+        global_model,
+        updates: job.updates_for(task_id),
+        eval_dataset: if top { job.trainers().find_map(|t| t.dataset.clone()) } else { None },
+        loss: spec.training.loss,
+    };
+    let key = if top { format!("r{round}/aggregate") } else { format!("r{round}/aggregate/{task_id}") };
+    Some(command(job, task_id, round, &key, body))
 }
 
 #[cfg(test)]
@@ -271,7 +285,7 @@ mod tests {
 
     use super::*;
     use crate::job::Rejection;
-    use crate::testing::{History, task, update};
+    use crate::testing::{History, handle, task, update};
 
     fn sends(actions: &[Action]) -> Vec<(String, String)> {
         actions
@@ -465,23 +479,6 @@ mod tests {
     }
 
     /// The hierarchical test job, running with the initial model and round 1 open.
-    fn hierarchical_round() -> History {
-        let mut h = History { events: vec![crate::testing::created_hierarchical(1)] }.then(JobEvent::JobStarting {});
-        for t in ["t0", "t1", "t2", "t3", "m-eu", "m-na", "top"] {
-            h = h.then(JobEvent::TaskAssigned { task_id: t.into(), worker_id: format!("w-{t}") });
-        }
-        h = h.then(JobEvent::JobDeploying {});
-        for t in ["t0", "t1", "t2", "t3", "m-eu", "m-na", "top"] {
-            h = h.then(JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}"), samples: None });
-        }
-        h.then(JobEvent::JobStarted {}).then(JobEvent::ModelInitialized { digest: "m0".into(), worker_id: "w-top".into() }).round_started(1)
-    }
-
-    fn handle(h: History, command: JobCommand) -> History {
-        let events = h.job().handle(command).expect("accepted");
-        events.into_iter().fold(h, History::then)
-    }
-
     fn aggregate_of<'a>(actions: &'a [Action], worker: &str) -> (&'a str, &'a Vec<flame_events::protocol::UpdateRef>, bool) {
         actions
             .iter()
@@ -507,7 +504,7 @@ mod tests {
             optimizer_state: None,
             excluded,
         };
-        let mut h = hierarchical_round();
+        let mut h = crate::testing::hierarchical_round();
         if let JobEvent::JobCreated { spec, .. } = &mut h.events[0] {
             spec.quorum = Some(3);
         }
@@ -556,7 +553,7 @@ mod tests {
 
     #[test]
     fn a_group_whose_trainers_all_missed_the_deadline_sits_the_round_out() {
-        let h = hierarchical_round()
+        let h = crate::testing::hierarchical_round()
             .then(update(1, "t2"))
             .then(update(1, "t3"))
             .then(JobEvent::TrainingClosed { round: 1, dropped: vec!["t0".into(), "t1".into()] });
@@ -683,7 +680,7 @@ mod tests {
     /// The hierarchical test job, asynchronous: FedBuff buffers of `goal` at
     /// each middle aggregator, `c` trainers busy under each, initial model in.
     fn async_hierarchical(goal: u32, c: u32) -> History {
-        let mut h = hierarchical_round();
+        let mut h = crate::testing::hierarchical_round();
         h.events.truncate(h.events.len() - 2);
         if let JobEvent::JobCreated { spec, .. } = &mut h.events[0] {
             spec.rounds = 3;
@@ -793,7 +790,7 @@ mod tests {
     fn a_coordinated_round_waits_for_a_valid_pairing() {
         use crate::testing::{report, task};
         use flame_events::protocol::ReportBody;
-        let mut h = hierarchical_round();
+        let mut h = crate::testing::hierarchical_round();
         if let JobEvent::JobCreated { spec, tasks, .. } = &mut h.events[0] {
             let mut c = task("coord", false);
             c.role = "coordinator".into();

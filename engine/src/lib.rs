@@ -12,6 +12,7 @@ pub mod load;
 pub mod oort;
 pub mod persist;
 pub mod plan;
+pub mod rederive;
 pub mod runner;
 pub mod supervisor;
 #[cfg(test)]

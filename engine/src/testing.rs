@@ -272,3 +272,23 @@ pub fn plan_round(def: &crate::JobDefinition, tasks: &[TaskSpec], round: u32) ->
     let selection = crate::compile::settings(def, trainers).unwrap_or_else(|p| panic!("{p:?}")).selection;
     crate::plan::build(def, tasks, selection, crate::compile::seed(def), round)
 }
+
+/// A hierarchical job (see [`created_hierarchical`]) placed, deployed,
+/// initialized, with round 1 started.
+pub fn hierarchical_round() -> History {
+    let mut h = History { events: vec![created_hierarchical(1)] }.then(JobEvent::JobStarting {});
+    for t in ["t0", "t1", "t2", "t3", "m-eu", "m-na", "top"] {
+        h = h.then(JobEvent::TaskAssigned { task_id: t.into(), worker_id: format!("w-{t}") });
+    }
+    h = h.then(JobEvent::JobDeploying {});
+    for t in ["t0", "t1", "t2", "t3", "m-eu", "m-na", "top"] {
+        h = h.then(JobEvent::TaskDeployed { task_id: t.into(), worker_id: format!("w-{t}"), samples: None });
+    }
+    h.then(JobEvent::JobStarted {}).then(JobEvent::ModelInitialized { digest: "m0".into(), worker_id: "w-top".into() }).round_started(1)
+}
+
+/// `h` with the events the job aggregate makes of `command`.
+pub fn handle(h: History, command: JobCommand) -> History {
+    let events = h.job().handle(command).expect("accepted");
+    events.into_iter().fold(h, History::then)
+}

@@ -245,6 +245,11 @@ async fn an_engine_killed_at_any_point_resumes_and_counts_every_update_once() {
     let out = Command::new(bin("flamectl")).args(["replay", &id, "--store", &url, "--verify"]).output().expect("flamectl");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && said.contains("byte for byte"), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    // Every global model the killed engines recorded derives again, bit for bit, from the logged updates in NATS.
+    let out =
+        Command::new(bin("flamectl")).args(["verify", &id, "--models", "--store", &url, "--nats", &nats.url]).output().expect("flamectl");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("all 10 aggregation(s)"), "{}{said}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

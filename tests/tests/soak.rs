@@ -17,6 +17,7 @@
 //! - stream versions are gap-free;
 //! - every event was published on JetStream exactly once under its id;
 //! - `flamectl replay --verify` passes;
+//! - `flamectl verify --models` derives every recorded model again, bit for bit;
 //! - every model blob its events name matches its digest.
 //!
 //! It prints the figures: jobs, kills and restarts, and the longest stall.
@@ -630,6 +631,21 @@ async fn a_chaos_soak_loses_and_doubles_nothing() {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             ));
+        }
+        // Every recorded model derives again from the logged updates, bit for bit (jobs that ended with a model).
+        if events.iter().any(|e| e.event_type == "RoundAggregated") {
+            now_at(format!("checking job {id} ({kind}): verify --models"));
+            let mut verify = Command::new(bin("flamectl"));
+            verify.args(["verify", id, "--models", "--store", &url, "--nats", &nats_url]);
+            match output_within(verify, Duration::from_secs(120)) {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => problems.push(format!(
+                    "job {id} ({kind}): verify --models: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )),
+                Err(e) => problems.push(format!("job {id} ({kind}): verify --models {e}")),
+            }
         }
         now_at(format!("checking job {id} ({kind}): its blobs"));
         for d in digests(&events) {

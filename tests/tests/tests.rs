@@ -9,6 +9,7 @@ mod identity;
 mod inspect;
 mod lifecycle;
 mod logs;
+mod models;
 mod mqtt;
 mod python_sdk;
 mod relay;

@@ -196,6 +196,43 @@ impl BlobStore for NatsBlobs {
     }
 }
 
+/// Reads from another store and keeps its own writes in memory: a dry run
+/// (re-deriving a model to compare it) that leaves the real store as it was.
+pub struct Overlay {
+    base: std::sync::Arc<dyn BlobStore>,
+    written: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+}
+
+impl Overlay {
+    /// Over `base`.
+    pub fn new(base: std::sync::Arc<dyn BlobStore>) -> Self {
+        Self { base, written: Default::default() }
+    }
+
+    /// Whether `digest` was written here (not in the base store).
+    pub fn wrote(&self, digest: &str) -> bool {
+        self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(digest)
+    }
+}
+
+#[async_trait]
+impl BlobStore for Overlay {
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
+        let d = digest(&bytes);
+        self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(d.clone()).or_insert(bytes);
+        Ok(d)
+    }
+
+    async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
+        check_digest(digest)?;
+        let mine = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(digest).cloned();
+        match mine {
+            Some(bytes) => Ok(bytes),
+            None => self.base.get(digest).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +248,18 @@ mod tests {
         assert!(matches!(blobs.get(&d).await, Err(Error::Corrupt { .. })));
         assert!(matches!(blobs.get(&"0".repeat(64)).await, Err(Error::NotFound(_))));
         assert!(matches!(blobs.get("../etc/passwd").await, Err(Error::BadDigest(_))));
+    }
+
+    #[tokio::test]
+    async fn an_overlay_reads_through_and_keeps_its_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = std::sync::Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let stored = base.put(b"stored".to_vec()).await.expect("put");
+        let overlay = Overlay::new(base.clone());
+        assert_eq!(overlay.get(&stored).await.expect("read through"), b"stored");
+        let mine = overlay.put(b"dry run".to_vec()).await.expect("put");
+        assert_eq!(overlay.get(&mine).await.expect("own write"), b"dry run");
+        assert!(overlay.wrote(&mine) && !overlay.wrote(&stored));
+        assert!(matches!(base.get(&mine).await, Err(Error::NotFound(_))), "the base store is untouched");
     }
 }

@@ -227,6 +227,51 @@ pub fn check_same_layout(reference: &Weights, other: &Weights) -> Result<(), Err
     Ok(())
 }
 
+/// An update moved onto another model: `onto + (update - from)` for each
+/// parameter, the update's own buffers and counters. What-if analysis uses it
+/// to apply a trainer's recorded change to a counterfactual global model.
+pub fn rebase(update: &State, from: &Weights, onto: &Weights) -> Result<State, Error> {
+    check_same_layout(from, &update.params)?;
+    check_same_layout(from, onto)?;
+    let mut params = Weights::new();
+    for (name, u) in &update.params {
+        let (f, o) = (&from[name], &onto[name]);
+        let data = u.data.iter().zip(&f.data).zip(&o.data).map(|((u, f), o)| o + (u - f)).collect();
+        params.insert(name.clone(), Tensor { shape: u.shape.clone(), data });
+    }
+    Ok(update.with_params(params))
+}
+
+/// Where two states first differ, bit for bit, in words (`None`: identical):
+/// the tensor (parameters, then buffers, then counters, each by name), and
+/// its first differing element with both values.
+pub fn first_difference(a: &State, b: &State) -> Option<String> {
+    fn floats(kind: &str, a: &Weights, b: &Weights) -> Option<String> {
+        for name in a.keys().chain(b.keys()).collect::<std::collections::BTreeSet<_>>() {
+            let (x, y) = match (a.get(name), b.get(name)) {
+                (Some(x), Some(y)) => (x, y),
+                (Some(_), None) => return Some(format!("{kind} '{name}' is only in the first")),
+                (None, _) => return Some(format!("{kind} '{name}' is only in the second")),
+            };
+            if x.shape != y.shape {
+                return Some(format!("{kind} '{name}' has shape {:?} against {:?}", x.shape, y.shape));
+            }
+            if let Some(i) = x.data.iter().zip(&y.data).position(|(p, q)| p.to_bits() != q.to_bits()) {
+                return Some(format!("{kind} '{name}' element {i} of {}: {:e} against {:e}", x.data.len(), x.data[i], y.data[i]));
+            }
+        }
+        None
+    }
+    floats("parameter", &a.params, &b.params).or_else(|| floats("buffer", &a.buffers, &b.buffers)).or_else(|| {
+        for name in a.counters.keys().chain(b.counters.keys()).collect::<std::collections::BTreeSet<_>>() {
+            if a.counters.get(name) != b.counters.get(name) {
+                return Some(format!("counter '{name}': {:?} against {:?}", a.counters.get(name), b.counters.get(name)));
+            }
+        }
+        None
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +332,35 @@ mod tests {
         assert!(err.to_string().contains("fc1.weight"), "{err}");
         other.remove("fc1.weight");
         assert!(check_same_layout(&w, &other).is_err());
+    }
+
+    #[test]
+    fn the_first_difference_names_the_tensor_and_element() {
+        let t = |v: Vec<f32>| Tensor { shape: vec![v.len()], data: v };
+        let a = State::params(Weights::from([("a".into(), t(vec![1.0, 2.0])), ("b".into(), t(vec![3.0, 4.0]))]));
+        assert_eq!(first_difference(&a, &a.clone()), None);
+        let mut b = a.clone();
+        b.params.get_mut("b").expect("b").data[1] = 4.5;
+        assert_eq!(first_difference(&a, &b).as_deref(), Some("parameter 'b' element 1 of 2: 4e0 against 4.5e0"));
+        // -0.0 and 0.0 are equal numbers but different bits: a bit-for-bit check tells them apart.
+        let (mut z, mut nz) = (a.clone(), a.clone());
+        z.params.get_mut("a").expect("a").data[0] = 0.0;
+        nz.params.get_mut("a").expect("a").data[0] = -0.0;
+        assert!(first_difference(&z, &nz).is_some_and(|d| d.starts_with("parameter 'a' element 0")));
+        let mut c = a.clone();
+        c.params.remove("a");
+        assert_eq!(first_difference(&a, &c).as_deref(), Some("parameter 'a' is only in the first"));
+        let mut d = a.clone();
+        d.buffers.insert("bn.running_mean".into(), t(vec![0.0]));
+        assert_eq!(first_difference(&a, &d).as_deref(), Some("buffer 'bn.running_mean' is only in the second"));
+    }
+
+    #[test]
+    fn an_update_rebased_carries_its_change_onto_the_other_model() {
+        let t = |v: Vec<f32>| Weights::from([("w".to_string(), Tensor { shape: vec![v.len()], data: v })]);
+        let update = State::params(t(vec![1.5, -1.0]));
+        let moved = rebase(&update, &t(vec![1.0, 0.0]), &t(vec![10.0, 20.0])).expect("same layout");
+        assert_eq!(moved.params["w"].data, vec![10.5, 19.0]);
+        assert!(rebase(&update, &t(vec![1.0]), &t(vec![1.0])).is_err(), "a different layout is refused");
     }
 }

@@ -1,0 +1,527 @@
+//! `flamectl verify --models`: every global model (and every group model of a
+//! hierarchy) derived again from what the log recorded, compared bit for bit.
+//!
+//! The log names each aggregation's inputs: the global model it started from,
+//! the trainers' update blobs with their samples (and, for FedBuff, the model
+//! each trained from; for SCAFFOLD and FedDyn, each trainer's state), the
+//! optimizer with its settings and its state from the round before. The
+//! command the engine sent is built again from the job's state just before
+//! the aggregator's report ([`flame_engine::rederive`]) and run by the same
+//! aggregation code the workers run, against a store that keeps its writes in
+//! memory. Trainers are not run again: their updates are the logged blobs.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use flame_engine::rederive::{self, Aggregation};
+use flame_events::algorithm::ServerOptimizer;
+use flame_events::job::JobEvent;
+use flame_events::model::Model;
+use flame_events::protocol::{Command, CommandBody, ReportBody, WorkerInfo};
+use flame_transport::InProcess;
+use flame_workers::Worker;
+use flame_workers::blob::{BlobStore, Error as BlobError, Overlay};
+use flame_workers::weights;
+
+use crate::Output;
+use crate::export::Blobs;
+use crate::inspect::{Events, Source};
+
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    };
+}
+
+/// A job's events with their stream versions, decoded (old payloads upcast).
+pub async fn job_events(job_id: &str, source: &Source) -> anyhow::Result<Vec<(u64, JobEvent)>> {
+    let events = Events::open(source).await?.read(job_id, 1).await?;
+    if events.is_empty() {
+        bail!("no job '{job_id}' in {}", source.api.clone().unwrap_or_else(|| source.store.clone()));
+    }
+    events
+        .iter()
+        .map(|e| Ok((e.version, JobEvent::from_envelope(e).with_context(|| format!("job '{job_id}', event v{}", e.version))?)))
+        .collect()
+}
+
+/// Runs aggregate commands again with the workers' own code, reading the
+/// job's blobs and keeping what it writes in memory.
+pub struct Rerun {
+    store: Arc<dyn BlobStore>,
+    overlay: Arc<Overlay>,
+    worker: Worker,
+}
+
+impl Rerun {
+    /// Over the job's blob store; `roots` lets it read evaluation data.
+    pub fn new(store: Arc<dyn BlobStore>, roots: Option<flame_workers::roots::DataRoots>) -> Self {
+        let overlay = Arc::new(Overlay::new(store.clone()));
+        let info = WorkerInfo { id: "flamectl".into(), roles: vec!["aggregator".into()], realm: String::new(), device: "cpu".into() };
+        let mut worker = Worker::new(info, Arc::new(InProcess::default()), overlay.clone());
+        if let Some(roots) = roots {
+            worker = worker.with_data_roots(roots);
+        }
+        Self { store, overlay, worker }
+    }
+
+    /// Which of the blobs `needs` (what, digest) the job's store does not hold
+    /// as they were recorded: missing, or bytes that do not match the digest.
+    pub async fn unavailable(&self, needs: &[(String, String)]) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for (what, digest) in needs {
+            if self.overlay.wrote(digest) {
+                continue;
+            }
+            match self.store.get(digest).await {
+                Ok(_) => {}
+                Err(BlobError::NotFound(_)) => out.push(format!("{what} ({digest}) is missing from the blob store")),
+                Err(BlobError::Corrupt { .. }) => out.push(format!("{what} ({digest}): the stored bytes do not match the digest")),
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {what} ({digest})"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one aggregate command: the result's digest, the optimizer state's, the metrics.
+    pub async fn aggregate(&self, command: &Command) -> Result<Rerun1, String> {
+        match self.worker.execute(command).await.body {
+            ReportBody::Aggregated { digest, optimizer_state, excluded, metrics } => {
+                if let Some(x) = excluded.first() {
+                    return Err(format!("the aggregation left out the update of task '{}': {}", x.task_id, x.reason));
+                }
+                Ok(Rerun1 { digest, optimizer_state, metrics })
+            }
+            ReportBody::Failed { error } => Err(error),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    /// A model blob, from the overlay or the store.
+    pub async fn state(&self, digest: &str) -> anyhow::Result<weights::State> {
+        let bytes = self.overlay.get(digest).await.with_context(|| format!("reading model {digest}"))?;
+        Ok(weights::decode_state(&bytes)?)
+    }
+}
+
+/// What one aggregation made when run again.
+pub struct Rerun1 {
+    /// The model's digest.
+    pub digest: String,
+    /// The optimizer state's digest.
+    pub optimizer_state: Option<String>,
+    /// Its evaluation (when the command asked for one).
+    pub metrics: flame_events::job::Metrics,
+}
+
+/// The blobs an aggregation reads, with what each is, in words.
+pub fn needs(a: &Aggregation) -> Vec<(String, String)> {
+    let CommandBody::Aggregate { model, optimizer, optimizer_state, global_model, .. } = &a.command.body else { return Vec::new() };
+    let mut out = vec![(format!("the global model round {} started from", a.round), global_model.clone())];
+    if let Model::TorchScript { file, sha256, .. } = model {
+        out.push((format!("the job's model file {file}"), sha256.clone()));
+    }
+    if let Some(s) = optimizer_state {
+        out.push((format!("the optimizer state after round {}", a.round - 1), s.clone()));
+    }
+    for u in a.used() {
+        let by = a.workers.get(&u.task_id).map(|w| format!(" (worker {w})")).unwrap_or_default();
+        out.push((format!("round {}'s update of task '{}'{by}", a.round, u.task_id), u.digest.clone()));
+        if let Some(b) = &u.base_model {
+            out.push((format!("the model task '{}' trained from", u.task_id), b.clone()));
+        }
+        if let Some(s) = u.client_state.as_ref().filter(|_| optimizer.keeps_client_state()) {
+            out.push((format!("task '{}''s state after its update", u.task_id), s.clone()));
+        }
+    }
+    out
+}
+
+/// The command to run again: the used updates only (the recorded exclusions
+/// stand), no evaluation unless asked, an id of its own.
+pub fn rerun_command(a: &Aggregation, evaluate: bool, tag: &str) -> Command {
+    let mut c = a.command.clone();
+    let used: Vec<_> = a.used().into_iter().cloned().collect();
+    if let CommandBody::Aggregate { updates, eval_dataset, .. } = &mut c.body {
+        *updates = used;
+        if !evaluate {
+            *eval_dataset = None;
+        }
+    }
+    c.id = format!("{tag}/{}", c.id);
+    c
+}
+
+/// One aggregation's check.
+#[derive(Serialize)]
+struct Checked {
+    round: u32,
+    aggregator: String,
+    /// `round` (a global model) or `group` (a middle aggregator's).
+    kind: &'static str,
+    version: u64,
+    inputs: usize,
+    excluded: usize,
+    recorded: String,
+    rederived: Option<String>,
+    ok: bool,
+    problems: Vec<String>,
+}
+
+/// `flamectl verify JOB --models`.
+pub async fn verify(job_id: &str, source: &Source, blobs: &Blobs, output: Output) -> anyhow::Result<ExitCode> {
+    let events = job_events(job_id, source).await?;
+    let aggs = rederive::aggregations(events.iter().map(|(v, e)| (*v, e))).map_err(|u| {
+        anyhow::anyhow!(
+            "job '{job_id}': the aggregate of '{}' in round {} (v{}) cannot be re-derived: {}",
+            u.task_id,
+            u.round,
+            u.version,
+            u.reason
+        )
+    })?;
+    let rerun = Rerun::new(blobs.open().await?, None);
+    let mut checked = Vec::new();
+    for a in &aggs {
+        let mut problems = rerun.unavailable(&needs(a)).await?;
+        let mut rederived = None;
+        if problems.is_empty() {
+            match rerun.aggregate(&rerun_command(a, false, "verify")).await {
+                Ok(out) => {
+                    if out.digest != a.digest {
+                        let why = match (rerun.state(&a.digest).await, rerun.state(&out.digest).await) {
+                            (Ok(recorded), Ok(again)) => weights::first_difference(&recorded, &again).map_or_else(
+                                || "the same tensors, written differently".to_string(),
+                                |d| format!("first difference: {d} (recorded against re-derived)"),
+                            ),
+                            (Err(e), _) => format!("the recorded model cannot be read to compare: {e:#}"),
+                            (_, Err(e)) => format!("{e:#}"),
+                        };
+                        problems.push(format!("the re-derived model differs from the recorded one; {why}"));
+                    }
+                    if a.top && a.optimizer_state.is_some() && out.optimizer_state != a.optimizer_state {
+                        problems.push(format!(
+                            "the optimizer state differs: recorded {}, re-derived {}",
+                            a.optimizer_state.as_deref().unwrap_or("none"),
+                            out.optimizer_state.as_deref().unwrap_or("none")
+                        ));
+                    }
+                    rederived = Some(out.digest);
+                }
+                Err(e) => problems.push(format!("the aggregation could not run again: {e}")),
+            }
+        }
+        checked.push(Checked {
+            round: a.round,
+            aggregator: a.task_id.clone(),
+            kind: if a.top { "round" } else { "group" },
+            version: a.version,
+            inputs: a.used().len(),
+            excluded: a.excluded.len(),
+            recorded: a.digest.clone(),
+            ok: problems.is_empty(),
+            rederived,
+            problems,
+        });
+    }
+    // The final model is the last round's.
+    let mut end_problems = Vec::new();
+    if let Some((v, JobEvent::JobCompleted { final_model, .. })) =
+        events.iter().rev().find(|(_, e)| matches!(e, JobEvent::JobCompleted { .. }))
+    {
+        let last = aggs.iter().rev().find(|a| a.top).map(|a| a.digest.as_str());
+        if last != Some(final_model.as_str()) {
+            end_problems.push(format!(
+                "JobCompleted (v{v}) names the final model {final_model}, but the last round made {}",
+                last.unwrap_or("none")
+            ));
+        }
+    }
+    let failed = checked.iter().filter(|c| !c.ok).count();
+    match output {
+        Output::Json => {
+            for c in &checked {
+                outln!("{}", serde_json::to_string(c)?)?;
+            }
+        }
+        Output::Table => {
+            outln!(
+                "{:>5}  {:<20} {:>6} {:>8}  {:<14} {:<14} result",
+                "round",
+                "aggregator",
+                "inputs",
+                "excluded",
+                "recorded",
+                "re-derived"
+            )?;
+            for c in &checked {
+                let short = |d: &str| d.chars().take(12).collect::<String>();
+                outln!(
+                    "{:>5}  {:<20} {:>6} {:>8}  {:<14} {:<14} {}",
+                    c.round,
+                    c.aggregator,
+                    c.inputs,
+                    c.excluded,
+                    short(&c.recorded),
+                    c.rederived.as_deref().map(short).unwrap_or_else(|| "-".into()),
+                    if c.ok { "same bits" } else { "MISMATCH" }
+                )?;
+                for p in &c.problems {
+                    outln!("       round {}, {}: {p}", c.round, c.aggregator)?;
+                }
+            }
+        }
+    }
+    for p in &end_problems {
+        eprintln!("verify: {p}");
+    }
+    let groups = checked.iter().filter(|c| c.kind == "group").count();
+    let updates: usize = aggs.iter().map(|a| a.used().len()).sum();
+    if failed > 0 || !end_problems.is_empty() {
+        let first = checked.iter().find(|c| !c.ok);
+        eprintln!(
+            "verify: job '{job_id}': {failed} of {} aggregation(s) do not re-derive{}",
+            checked.len(),
+            first.map(|c| format!("; the first is round {} ({}): {}", c.round, c.aggregator, c.problems.join("; "))).unwrap_or_default()
+        );
+        return Ok(ExitCode::from(6));
+    }
+    eprintln!(
+        "verify: job '{job_id}': all {} aggregation(s) ({} round(s), {groups} group(s)) re-derived bit for bit from {updates} logged update(s); trainers were not re-run (their updates are the logged blobs)",
+        checked.len(),
+        checked.len() - groups
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `flamectl whatif` changes.
+pub struct WhatIf {
+    /// The top aggregator's rule instead of the job's.
+    pub optimizer: Option<ServerOptimizer>,
+    /// Tasks or workers whose updates are left out.
+    pub exclude: Vec<String>,
+    /// Folders the evaluation data may be read from.
+    pub roots: Vec<std::path::PathBuf>,
+    /// Draw accuracy and loss beside the real run's here.
+    pub plot: Option<std::path::PathBuf>,
+}
+
+/// One round of the counterfactual run beside the real one.
+#[derive(Serialize)]
+struct Compared {
+    round: u32,
+    /// Updates that entered the counterfactual model.
+    updates: usize,
+    real_model: String,
+    whatif_model: String,
+    /// Whether the two models are the same bits.
+    same: bool,
+    real: flame_events::job::Metrics,
+    whatif: flame_events::job::Metrics,
+}
+
+/// `flamectl whatif JOB --optimizer R [--exclude task|worker ...]`: the job's
+/// logged updates aggregated again with another rule, or without some
+/// trainers, each counterfactual global model evaluated on the held-out split.
+/// Trainers are not run again: a round's updates are the ones recorded,
+/// trained from the real global model; where the counterfactual model differs,
+/// each update's change (the update less the model it trained from) is applied
+/// to the counterfactual model instead.
+pub async fn whatif(job_id: &str, source: &Source, blobs: &Blobs, change: &WhatIf, output: Output) -> anyhow::Result<ExitCode> {
+    let events = job_events(job_id, source).await?;
+    let aggs = rederive::aggregations(events.iter().map(|(v, e)| (*v, e))).map_err(|u| {
+        anyhow::anyhow!(
+            "job '{job_id}': the aggregate of '{}' in round {} (v{}) cannot be re-derived: {}",
+            u.task_id,
+            u.round,
+            u.version,
+            u.reason
+        )
+    })?;
+    let Some(real) = aggs.iter().find(|a| a.top).map(|a| match &a.command.body {
+        CommandBody::Aggregate { optimizer, .. } => *optimizer,
+        _ => ServerOptimizer::FedAvg,
+    }) else {
+        bail!("job '{job_id}' has no aggregated round yet: nothing to compare");
+    };
+    let rule = change.optimizer.unwrap_or(real);
+    if rule.is_asynchronous() != real.is_asynchronous() {
+        bail!(
+            "job '{job_id}' ran {} rounds with {}; a what-if keeps the rounds as they ran, so it takes {} rule",
+            if real.is_asynchronous() { "asynchronous" } else { "synchronous" },
+            real.name(),
+            if real.is_asynchronous() { "FedBuff's (--optimizer fedbuff)" } else { "a synchronous" }
+        );
+    }
+    if rule.keeps_client_state() && !real.keeps_client_state() {
+        bail!("{} needs the trainers' states, which a job run with {} did not record", rule.name(), real.name());
+    }
+    let known: std::collections::BTreeSet<&str> =
+        aggs.iter().flat_map(|a| a.updates().iter().map(|u| u.task_id.as_str()).chain(a.workers.values().map(String::as_str))).collect();
+    if let Some(x) = change.exclude.iter().find(|x| !known.contains(x.as_str())) {
+        bail!("--exclude {x}: no update of job '{job_id}' came from a task or worker of that name");
+    }
+    let roots = {
+        let mut r = change.roots.clone();
+        if r.is_empty() {
+            r.push(std::env::current_dir()?);
+        }
+        flame_workers::roots::DataRoots::new(&r).map_err(anyhow::Error::msg)?
+    };
+    let rerun = Rerun::new(blobs.open().await?, Some(roots));
+    let excluded = |task: &str, a: &Aggregation| change.exclude.iter().any(|x| x == task || a.workers.get(task).is_some_and(|w| w == x));
+    // Real model (global or group) -> its counterfactual, and a group's samples there.
+    let mut cf: std::collections::HashMap<String, String> = Default::default();
+    let mut cf_samples: std::collections::HashMap<String, u64> = Default::default();
+    let mut dropped_groups: std::collections::HashSet<String> = Default::default();
+    let mut cf_state: Option<String> = None;
+    let mut rows = Vec::new();
+    let swap = |d: &str, cf: &std::collections::HashMap<String, String>| cf.get(d).cloned().unwrap_or_else(|| d.to_string());
+    for a in &aggs {
+        let problems = rerun.unavailable(&needs(a)).await?;
+        if let Some(p) = problems.first() {
+            bail!("round {} ({}): {p}; a what-if needs every logged input", a.round, a.task_id);
+        }
+        let global = a.global_model().to_string();
+        let mut updates = Vec::new();
+        for u in a.used() {
+            if let Some(group) = cf.get(&u.digest).filter(|_| !a.workers.contains_key(&u.task_id)) {
+                // A group's model (hierarchies): its counterfactual, with the samples left in it.
+                if dropped_groups.contains(&u.digest) {
+                    continue;
+                }
+                let mut v = u.clone();
+                v.digest = group.clone();
+                v.samples = cf_samples.get(&u.digest).copied().unwrap_or(u.samples);
+                updates.push(v);
+                continue;
+            }
+            if excluded(&u.task_id, a) {
+                continue;
+            }
+            let base = u.base_model.clone().unwrap_or_else(|| global.clone());
+            let onto = swap(&base, &cf);
+            let mut v = u.clone();
+            if onto != base {
+                let (update, from, to) = (rerun.state(&u.digest).await?, rerun.state(&base).await?, rerun.state(&onto).await?);
+                let moved = weights::rebase(&update, &from.params, &to.params)
+                    .with_context(|| format!("round {}: moving task '{}''s update onto the what-if model", a.round, u.task_id))?;
+                v.digest = rerun.overlay.put(weights::encode_state(&moved)?).await?;
+                if v.base_model.is_some() {
+                    v.base_model = Some(onto);
+                }
+            }
+            updates.push(v);
+        }
+        if updates.is_empty() {
+            // Nothing left to aggregate: the model stays as it was (a group drops out of its round).
+            if a.top {
+                let same = swap(&global, &cf);
+                cf.insert(a.digest.clone(), same.clone());
+                rows.push(compared(a, &events, same, 0, Default::default()));
+            } else {
+                cf.insert(a.digest.clone(), a.digest.clone());
+                dropped_groups.insert(a.digest.clone());
+            }
+            continue;
+        }
+        let mut command = rerun_command(a, a.top, "whatif");
+        let samples = updates.iter().map(|u| u.samples).sum();
+        let count = updates.len();
+        if let CommandBody::Aggregate { optimizer, optimizer_state, global_model, updates: u, .. } = &mut command.body {
+            *global_model = swap(&global, &cf);
+            *u = updates;
+            if a.top {
+                *optimizer = rule;
+                *optimizer_state = cf_state.clone();
+            }
+        }
+        let out = rerun.aggregate(&command).await.map_err(|e| anyhow::anyhow!("round {} ({}): {e}", a.round, a.task_id))?;
+        cf.insert(a.digest.clone(), out.digest.clone());
+        if a.top {
+            cf_state = out.optimizer_state.clone();
+            rows.push(compared(a, &events, out.digest, count, out.metrics));
+        } else {
+            cf_samples.insert(a.digest.clone(), samples);
+        }
+    }
+    let what = format!(
+        "{}{}",
+        if rule == real { format!("{} (as the job ran)", rule.name()) } else { format!("{} instead of {}", rule.name(), real.name()) },
+        if change.exclude.is_empty() { String::new() } else { format!(", without {}", change.exclude.join(", ")) }
+    );
+    let caveat = "trainers were not re-run: each round's updates are the recorded ones, trained from the real global models (where the what-if model differs, each update's change is applied to it)";
+    let metric = |m: &flame_events::job::Metrics, k: &str| m.get(k).map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+    match output {
+        Output::Json => {
+            for r in &rows {
+                outln!("{}", serde_json::to_string(r)?)?;
+            }
+        }
+        Output::Table => {
+            outln!("what if job {job_id} had aggregated with {what}")?;
+            outln!("{caveat}")?;
+            outln!(
+                "{:>5}  {:>8} {:>10} {:>10} {:>11} {:>12}  model",
+                "round",
+                "updates",
+                "real acc",
+                "whatif acc",
+                "real loss",
+                "whatif loss"
+            )?;
+            for r in &rows {
+                outln!(
+                    "{:>5}  {:>8} {:>10} {:>10} {:>11} {:>12}  {}",
+                    r.round,
+                    r.updates,
+                    metric(&r.real, "accuracy"),
+                    metric(&r.whatif, "accuracy"),
+                    metric(&r.real, "loss"),
+                    metric(&r.whatif, "loss"),
+                    if r.same { "same bits" } else { "differs" }
+                )?;
+            }
+        }
+    }
+    if let Some(path) = &change.plot {
+        let series =
+            |f: &dyn Fn(&Compared) -> Option<f64>| rows.iter().filter_map(|r| f(r).map(|v| (f64::from(r.round), v))).collect::<Vec<_>>();
+        crate::plot::lines(
+            path,
+            &format!("job {job_id}: what if {what}"),
+            &[
+                ("real accuracy", series(&|r| r.real.get("accuracy").copied())),
+                ("what-if accuracy", series(&|r| r.whatif.get("accuracy").copied())),
+                ("real loss", series(&|r| r.real.get("loss").copied())),
+                ("what-if loss", series(&|r| r.whatif.get("loss").copied())),
+            ],
+        )?;
+        eprintln!("whatif: wrote {}", path.display());
+    }
+    if output == Output::Json {
+        eprintln!("whatif: {caveat}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn compared(
+    a: &Aggregation,
+    events: &[(u64, JobEvent)],
+    whatif_model: String,
+    updates: usize,
+    whatif: flame_events::job::Metrics,
+) -> Compared {
+    let real = events
+        .iter()
+        .find_map(|(v, e)| match e {
+            JobEvent::RoundAggregated { metrics, .. } if *v == a.version => Some(metrics.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Compared { round: a.round, updates, same: whatif_model == a.digest, real_model: a.digest.clone(), whatif_model, real, whatif }
+}
