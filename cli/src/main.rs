@@ -299,6 +299,25 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Each trainer's share of a job's accuracy gain, per round and in all:
+    /// leave-one-out and Shapley values, from the logged updates (trainers are not re-run).
+    Contributions {
+        /// Job id.
+        job_id: String,
+        /// A folder the held-out data may be read from (repeat; default: the current one).
+        #[arg(long = "data-root")]
+        data_roots: Vec<PathBuf>,
+        /// Also draw each trainer's cumulative Shapley value by round into this .png or .svg file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        #[command(flatten)]
+        source: inspect::Source,
+        #[command(flatten)]
+        blobs: export::Blobs,
+        /// Output format (json: one line per trainer and round, then one per trainer for the job).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Show a job as a tree of timed spans (job, rounds, steps, tasks) with each round's critical path.
     Trace {
         /// Job id.
@@ -438,6 +457,9 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             };
             let change = models::WhatIf { optimizer, exclude, roots: data_roots, plot };
             models::whatif(&job_id, &source, &blobs, &change, output).await
+        }
+        Cmd::Contributions { job_id, data_roots, plot, source, blobs, output } => {
+            models::contributions(&job_id, &source, &blobs, &data_roots, plot.as_deref(), output).await
         }
         Cmd::Trace { job_id, source, chrome, output } => inspect::trace(&job_id, &source, chrome.as_deref(), output).await,
         Cmd::Audit { job_id, source, output } => inspect::audit(&job_id, &source, output).await,

@@ -101,6 +101,24 @@ impl Rerun {
         }
     }
 
+    /// A model evaluated on the held-out split of top aggregation `a`'s
+    /// command: the FedAvg of that model alone, which is the model itself.
+    pub async fn evaluate(&self, a: &Aggregation, model: &str, tag: &str) -> anyhow::Result<flame_events::job::Metrics> {
+        let mut command = rerun_command(a, true, tag);
+        if let CommandBody::Aggregate { optimizer, optimizer_state, global_model, updates, .. } = &mut command.body {
+            let mut only = updates.first().cloned().context("an aggregation without updates")?;
+            (only.digest, only.samples, only.base_model, only.staleness, only.client_state) = (model.to_string(), 1, None, 0, None);
+            *updates = vec![only];
+            (*optimizer, *optimizer_state, *global_model) = (ServerOptimizer::FedAvg, None, model.to_string());
+        }
+        command.id = format!("{tag}/evaluate/{model}");
+        let out = self.aggregate(&command).await.map_err(|e| anyhow::anyhow!("evaluating model {model}: {e}"))?;
+        if out.digest != model {
+            bail!("evaluating model {model}: the FedAvg of it alone is {}, not itself", out.digest);
+        }
+        Ok(out.metrics)
+    }
+
     /// A model blob, from the overlay or the store.
     pub async fn state(&self, digest: &str) -> anyhow::Result<weights::State> {
         let bytes = self.overlay.get(digest).await.with_context(|| format!("reading model {digest}"))?;
@@ -374,79 +392,11 @@ pub async fn whatif(job_id: &str, source: &Source, blobs: &Blobs, change: &WhatI
     };
     let rerun = Rerun::new(blobs.open().await?, Some(roots));
     let excluded = |task: &str, a: &Aggregation| change.exclude.iter().any(|x| x == task || a.workers.get(task).is_some_and(|w| w == x));
-    // Real model (global or group) -> its counterfactual, and a group's samples there.
-    let mut cf: std::collections::HashMap<String, String> = Default::default();
-    let mut cf_samples: std::collections::HashMap<String, u64> = Default::default();
-    let mut dropped_groups: std::collections::HashSet<String> = Default::default();
-    let mut cf_state: Option<String> = None;
+    let mut world = Counterfactual::new(None);
     let mut rows = Vec::new();
-    let swap = |d: &str, cf: &std::collections::HashMap<String, String>| cf.get(d).cloned().unwrap_or_else(|| d.to_string());
     for a in &aggs {
-        let problems = rerun.unavailable(&needs(a)).await?;
-        if let Some(p) = problems.first() {
-            bail!("round {} ({}): {p}; a what-if needs every logged input", a.round, a.task_id);
-        }
-        let global = a.global_model().to_string();
-        let mut updates = Vec::new();
-        for u in a.used() {
-            if let Some(group) = cf.get(&u.digest).filter(|_| !a.workers.contains_key(&u.task_id)) {
-                // A group's model (hierarchies): its counterfactual, with the samples left in it.
-                if dropped_groups.contains(&u.digest) {
-                    continue;
-                }
-                let mut v = u.clone();
-                v.digest = group.clone();
-                v.samples = cf_samples.get(&u.digest).copied().unwrap_or(u.samples);
-                updates.push(v);
-                continue;
-            }
-            if excluded(&u.task_id, a) {
-                continue;
-            }
-            let base = u.base_model.clone().unwrap_or_else(|| global.clone());
-            let onto = swap(&base, &cf);
-            let mut v = u.clone();
-            if onto != base {
-                let (update, from, to) = (rerun.state(&u.digest).await?, rerun.state(&base).await?, rerun.state(&onto).await?);
-                let moved = weights::rebase(&update, &from.params, &to.params)
-                    .with_context(|| format!("round {}: moving task '{}''s update onto the what-if model", a.round, u.task_id))?;
-                v.digest = rerun.overlay.put(weights::encode_state(&moved)?).await?;
-                if v.base_model.is_some() {
-                    v.base_model = Some(onto);
-                }
-            }
-            updates.push(v);
-        }
-        if updates.is_empty() {
-            // Nothing left to aggregate: the model stays as it was (a group drops out of its round).
-            if a.top {
-                let same = swap(&global, &cf);
-                cf.insert(a.digest.clone(), same.clone());
-                rows.push(compared(a, &events, same, 0, Default::default()));
-            } else {
-                cf.insert(a.digest.clone(), a.digest.clone());
-                dropped_groups.insert(a.digest.clone());
-            }
-            continue;
-        }
-        let mut command = rerun_command(a, a.top, "whatif");
-        let samples = updates.iter().map(|u| u.samples).sum();
-        let count = updates.len();
-        if let CommandBody::Aggregate { optimizer, optimizer_state, global_model, updates: u, .. } = &mut command.body {
-            *global_model = swap(&global, &cf);
-            *u = updates;
-            if a.top {
-                *optimizer = rule;
-                *optimizer_state = cf_state.clone();
-            }
-        }
-        let out = rerun.aggregate(&command).await.map_err(|e| anyhow::anyhow!("round {} ({}): {e}", a.round, a.task_id))?;
-        cf.insert(a.digest.clone(), out.digest.clone());
-        if a.top {
-            cf_state = out.optimizer_state.clone();
-            rows.push(compared(a, &events, out.digest, count, out.metrics));
-        } else {
-            cf_samples.insert(a.digest.clone(), samples);
+        if let Some(top) = world.step(&rerun, a, rule, &excluded, "whatif").await? {
+            rows.push(compared(a, &events, top.digest, top.updates, top.metrics));
         }
     }
     let what = format!(
@@ -509,6 +459,121 @@ pub async fn whatif(job_id: &str, source: &Source, blobs: &Blobs, change: &WhatI
     Ok(ExitCode::SUCCESS)
 }
 
+/// A run of aggregations in another world: the real models (global and
+/// group) mapped to their counterparts, the optimizer's state there.
+pub struct Counterfactual {
+    /// Real model -> its counterpart.
+    models: std::collections::HashMap<String, String>,
+    /// A group's real model -> the samples in its counterpart.
+    samples: std::collections::HashMap<String, u64>,
+    /// Groups left with no update.
+    dropped: std::collections::HashSet<String>,
+    /// The top optimizer's state there.
+    state: Option<String>,
+}
+
+/// What a counterfactual top aggregation made.
+pub struct TopOut {
+    /// The model's digest.
+    pub digest: String,
+    /// Updates (or groups) that went in.
+    pub updates: usize,
+    /// Its evaluation on the held-out split.
+    pub metrics: flame_events::job::Metrics,
+}
+
+impl Counterfactual {
+    /// Starting from the real models, with the top optimizer's `state`.
+    pub fn new(state: Option<String>) -> Self {
+        Self { models: Default::default(), samples: Default::default(), dropped: Default::default(), state }
+    }
+
+    fn swap(&self, d: &str) -> String {
+        self.models.get(d).cloned().unwrap_or_else(|| d.to_string())
+    }
+
+    /// Runs aggregation `a` here: the top one with `rule`, without the
+    /// trainers' updates `excluded` says; each trainer's update moved onto
+    /// this world's model where it differs from the real one. The top
+    /// aggregation's result, evaluated; `None` for a group's.
+    pub async fn step(
+        &mut self,
+        rerun: &Rerun,
+        a: &Aggregation,
+        rule: ServerOptimizer,
+        excluded: &dyn Fn(&str, &Aggregation) -> bool,
+        tag: &str,
+    ) -> anyhow::Result<Option<TopOut>> {
+        if let Some(p) = rerun.unavailable(&needs(a)).await?.first() {
+            bail!("round {} ({}): {p}; this needs every logged input", a.round, a.task_id);
+        }
+        let global = a.global_model().to_string();
+        let mut updates = Vec::new();
+        for u in a.used() {
+            if let Some(group) = self.models.get(&u.digest).filter(|_| !a.workers.contains_key(&u.task_id)) {
+                // A group's model (hierarchies): its counterpart, with the samples left in it.
+                if self.dropped.contains(&u.digest) {
+                    continue;
+                }
+                let mut v = u.clone();
+                v.digest = group.clone();
+                v.samples = self.samples.get(&u.digest).copied().unwrap_or(u.samples);
+                updates.push(v);
+                continue;
+            }
+            if excluded(&u.task_id, a) {
+                continue;
+            }
+            let base = u.base_model.clone().unwrap_or_else(|| global.clone());
+            let onto = self.swap(&base);
+            let mut v = u.clone();
+            if onto != base {
+                let (update, from, to) = (rerun.state(&u.digest).await?, rerun.state(&base).await?, rerun.state(&onto).await?);
+                let moved = weights::rebase(&update, &from.params, &to.params)
+                    .with_context(|| format!("round {}: moving task '{}''s update onto the what-if model", a.round, u.task_id))?;
+                v.digest = rerun.overlay.put(weights::encode_state(&moved)?).await?;
+                if v.base_model.is_some() {
+                    v.base_model = Some(onto);
+                }
+            }
+            updates.push(v);
+        }
+        if updates.is_empty() {
+            // Nothing left to aggregate: the model stays as it was (a group drops out of its round).
+            let same = self.swap(&global);
+            self.models.insert(a.digest.clone(), same.clone());
+            if !a.top {
+                self.dropped.insert(a.digest.clone());
+                return Ok(None);
+            }
+            let metrics = rerun.evaluate(a, &same, tag).await?;
+            return Ok(Some(TopOut { digest: same, updates: 0, metrics }));
+        }
+        let mut command = rerun_command(a, a.top, tag);
+        let samples = updates.iter().map(|u| u.samples).sum();
+        let count = updates.len();
+        if let CommandBody::Aggregate { optimizer, optimizer_state, global_model, updates: u, .. } = &mut command.body {
+            *global_model = self.swap(&global);
+            *u = updates;
+            if a.top {
+                *optimizer = rule;
+                *optimizer_state = self.state.clone();
+            }
+        }
+        // Named by what it holds: the same aggregation asked again is answered from the worker's memory.
+        command.id = format!("{tag}/{}", flame_workers::blob::digest(&serde_json::to_vec(&command.body)?));
+        let out = rerun.aggregate(&command).await.map_err(|e| anyhow::anyhow!("round {} ({}): {e}", a.round, a.task_id))?;
+        self.models.insert(a.digest.clone(), out.digest.clone());
+        if a.top {
+            self.state = out.optimizer_state.clone();
+            Ok(Some(TopOut { digest: out.digest, updates: count, metrics: out.metrics }))
+        } else {
+            self.samples.insert(a.digest.clone(), samples);
+            Ok(None)
+        }
+    }
+}
+
 fn compared(
     a: &Aggregation,
     events: &[(u64, JobEvent)],
@@ -524,4 +589,191 @@ fn compared(
         })
         .unwrap_or_default();
     Compared { round: a.round, updates, same: whatif_model == a.digest, real_model: a.digest.clone(), whatif_model, real, whatif }
+}
+
+/// One trainer's contribution to one round.
+#[derive(Serialize)]
+struct RoundShare {
+    round: u32,
+    task: String,
+    worker: Option<String>,
+    shapley: f64,
+    leave_one_out: f64,
+}
+
+/// One trainer's contribution to the whole job.
+#[derive(Serialize)]
+struct JobShare {
+    task: String,
+    workers: Vec<String>,
+    rounds: usize,
+    shapley: f64,
+    leave_one_out: f64,
+}
+
+/// `flamectl contributions JOB`: per round and over the job, each trainer's
+/// share of the held-out accuracy gain (the loss's fall where the job reports
+/// no accuracy): leave-one-out and Shapley values. A round's utility of a set
+/// of trainers is the accuracy of the model the round's aggregations make
+/// from their updates alone (the job's rule, the recorded optimizer state);
+/// the round's gain is that of all of them less that of none (the model the
+/// round started from). Values are exact up to six trainers a round and
+/// GTG-Shapley estimates above ([`flame_engine::shapley`]); a job's value is
+/// the sum of its rounds'. Trainers are not re-run.
+pub async fn contributions(
+    job_id: &str,
+    source: &Source,
+    blobs: &Blobs,
+    roots: &[std::path::PathBuf],
+    plot: Option<&std::path::Path>,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    use flame_engine::shapley;
+    let started = std::time::Instant::now();
+    let events = job_events(job_id, source).await?;
+    let aggs = rederive::aggregations(events.iter().map(|(v, e)| (*v, e))).map_err(|u| {
+        anyhow::anyhow!(
+            "job '{job_id}': the aggregate of '{}' in round {} (v{}) cannot be re-derived: {}",
+            u.task_id,
+            u.round,
+            u.version,
+            u.reason
+        )
+    })?;
+    let roots = {
+        let mut r = roots.to_vec();
+        if r.is_empty() {
+            r.push(std::env::current_dir()?);
+        }
+        flame_workers::roots::DataRoots::new(&r).map_err(anyhow::Error::msg)?
+    };
+    let rerun = Rerun::new(blobs.open().await?, Some(roots));
+    let handle = tokio::runtime::Handle::current();
+    let mut rounds: std::collections::BTreeMap<u32, Vec<&Aggregation>> = Default::default();
+    for a in &aggs {
+        rounds.entry(a.round).or_default().push(a);
+    }
+    let mut shares: Vec<RoundShare> = Vec::new();
+    let mut gains: Vec<serde_json::Value> = Vec::new();
+    let (mut evaluations, mut permutations, mut metric) = (0usize, 0usize, "accuracy");
+    for (round, of_round) in &rounds {
+        let Some(top) = of_round.iter().find(|a| a.top) else { continue };
+        let rule = match &top.command.body {
+            CommandBody::Aggregate { optimizer, .. } => *optimizer,
+            _ => ServerOptimizer::FedAvg,
+        };
+        let state = match &top.command.body {
+            CommandBody::Aggregate { optimizer_state, .. } => optimizer_state.clone(),
+            _ => None,
+        };
+        // The round's trainers: the tasks whose updates went into it (through groups too).
+        let mut players: Vec<String> = of_round
+            .iter()
+            .flat_map(|a| a.used().into_iter().filter(|u| a.workers.contains_key(&u.task_id)).map(|u| u.task_id.clone()))
+            .collect();
+        players.sort();
+        players.dedup();
+        let utility = |set: &[usize]| -> anyhow::Result<f64> {
+            let keep: std::collections::BTreeSet<&str> = set.iter().map(|&i| players[i].as_str()).collect();
+            let out = tokio::task::block_in_place(|| {
+                handle.block_on(async {
+                    let mut world = Counterfactual::new(state.clone());
+                    let mut made = None;
+                    for a in of_round {
+                        let left_out = |task: &str, _: &Aggregation| !keep.contains(task);
+                        if let Some(t) = world.step(&rerun, a, rule, &left_out, "contributions").await? {
+                            made = Some(t);
+                        }
+                    }
+                    made.context("the round has no top aggregation")
+                })
+            })?;
+            match (out.metrics.get("accuracy"), out.metrics.get("loss")) {
+                (Some(a), _) => Ok(*a),
+                (None, Some(l)) => {
+                    metric = "loss";
+                    Ok(-l)
+                }
+                (None, None) => bail!("round {round}: the model was not evaluated (no held-out data readable here? see --data-root)"),
+            }
+        };
+        let c = shapley::contributions(players.len(), &shapley::Settings::default(), utility)?;
+        gains.push(serde_json::json!({"round": round, "gain": c.full - c.empty, "empty": c.empty, "full": c.full, "trainers": players.len(), "evaluations": c.evaluations, "permutations": c.permutations}));
+        evaluations += c.evaluations;
+        permutations += c.permutations;
+        for (i, task) in players.iter().enumerate() {
+            shares.push(RoundShare {
+                round: *round,
+                task: task.clone(),
+                worker: top.workers.get(task).or_else(|| of_round.iter().find_map(|a| a.workers.get(task))).cloned(),
+                shapley: c.shapley[i],
+                leave_one_out: c.leave_one_out[i],
+            });
+        }
+    }
+    let mut totals: std::collections::BTreeMap<String, JobShare> = Default::default();
+    for s in &shares {
+        let t = totals.entry(s.task.clone()).or_insert_with(|| JobShare {
+            task: s.task.clone(),
+            workers: vec![],
+            rounds: 0,
+            shapley: 0.0,
+            leave_one_out: 0.0,
+        });
+        t.rounds += 1;
+        t.shapley += s.shapley;
+        t.leave_one_out += s.leave_one_out;
+        if let Some(w) = s.worker.as_ref().filter(|w| !t.workers.contains(w)) {
+            t.workers.push(w.clone());
+        }
+    }
+    let mut ranked: Vec<&JobShare> = totals.values().collect();
+    ranked.sort_by(|a, b| b.shapley.total_cmp(&a.shapley));
+    let gain = if metric == "loss" { "fall in held-out loss" } else { "held-out accuracy gain" };
+    match output {
+        Output::Json => {
+            for s in &shares {
+                outln!(
+                    "{}",
+                    serde_json::to_string(
+                        &serde_json::json!({"round": s.round, "task": s.task, "worker": s.worker, "shapley": s.shapley, "leave_one_out": s.leave_one_out})
+                    )?
+                )?;
+            }
+            for g in &gains {
+                outln!("{}", serde_json::to_string(&serde_json::json!({"round_gain": g}))?)?;
+            }
+            for t in &ranked {
+                outln!("{}", serde_json::to_string(&serde_json::json!({"job": t}))?)?;
+            }
+        }
+        Output::Table => {
+            outln!("contributions to job {job_id}'s {gain}, summed over {} round(s)", rounds.len())?;
+            outln!("{:<24} {:<24} {:>6} {:>10} {:>14}", "trainer", "worker(s)", "rounds", "shapley", "leave-one-out")?;
+            for t in &ranked {
+                outln!("{:<24} {:<24} {:>6} {:>10.4} {:>14.4}", t.task, t.workers.join(","), t.rounds, t.shapley, t.leave_one_out)?;
+            }
+        }
+    }
+    if let Some(path) = plot {
+        let named: Vec<(String, Vec<(f64, f64)>)> = ranked
+            .iter()
+            .map(|t| {
+                let mut sum = 0.0;
+                let points = shares.iter().filter(|s| s.task == t.task).map(|s| {
+                    sum += s.shapley;
+                    (f64::from(s.round), sum)
+                });
+                (format!("{} (shapley, cumulative)", t.task), points.collect())
+            })
+            .collect();
+        let named: Vec<(&str, Vec<(f64, f64)>)> = named.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
+        crate::plot::lines(path, &format!("job {job_id}: each trainer's share of the {gain}"), &named)?;
+        eprintln!("contributions: wrote {}", path.display());
+    }
+    eprintln!(
+        "contributions: {evaluations} models aggregated and evaluated ({permutations} permutations sampled) in {:.1} s; exact Shapley values up to 6 trainers a round, GTG-Shapley estimates above; trainers were not re-run",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -124,6 +124,12 @@ pub fn lines(path: &Path, title: &str, named: &[(&str, Vec<(f64, f64)>)]) -> any
     Ok(())
 }
 
+/// Zero, or below the lowest value when some are negative.
+fn lower(points: &[&[(f64, f64)]]) -> f64 {
+    let min = points.iter().flat_map(|p| p.iter().map(|(_, y)| *y)).fold(0.0_f64, f64::min);
+    if min < 0.0 { min * 1.1 } else { 0.0 }
+}
+
 fn line_chart<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, named: &[(&str, Vec<(f64, f64)>)]) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
@@ -136,7 +142,7 @@ where
         .caption(title, ("sans-serif", 20))
         .x_label_area_size(35)
         .y_label_area_size(50)
-        .build_cartesian_2d(0.5..(last + 0.5), 0.0..upper(&all))
+        .build_cartesian_2d(0.5..(last + 0.5), lower(&all)..upper(&all))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     c.configure_mesh().x_desc("round").x_label_formatter(&whole).y_desc("value").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
     let colors = [BLUE, CYAN, RED, MAGENTA, GREEN, BLACK];

@@ -14,6 +14,7 @@ pub mod persist;
 pub mod plan;
 pub mod rederive;
 pub mod runner;
+pub mod shapley;
 pub mod supervisor;
 #[cfg(test)]
 pub mod testing;

@@ -249,3 +249,64 @@ fn whatif_reproduces_the_run_with_its_own_rule_and_shows_median_against_a_bad_tr
     let out = flamectl(&["whatif", &job, "--store", &store, "--blobs", blobs.to_str().expect("utf8"), "--exclude", "nobody"]);
     assert!(!out.status.success() && said(&out).contains("--exclude nobody"), "{}", said(&out));
 }
+
+#[test]
+fn a_trainer_with_shuffled_labels_contributes_least_and_the_values_add_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = variant("digits-two-tier", dir.path(), |_| {});
+    let data = flame_workers::data::load("builtin://digits?part=2&of=3").expect("digits");
+    let train = &data.train;
+    let mut labels = train.y.clone();
+    flame_events::rng::SplitMix::new(7).shuffle(&mut labels);
+    let csv: String = train
+        .x
+        .chunks(train.features)
+        .zip(&labels)
+        .map(|(row, y)| format!("{},{y}\n", row.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")))
+        .collect();
+    std::fs::write(folder.join("shuffled.csv"), csv).expect("csv");
+    let ds = folder.join("dataset3.json");
+    let mut d: Value = serde_json::from_slice(&std::fs::read(&ds).expect("dataset3")).expect("json");
+    d["url"] = Value::String("shuffled.csv".into());
+    std::fs::write(&ds, d.to_string()).expect("write");
+
+    let run_dir = dir.path().join("run");
+    let job = run(&folder, &run_dir);
+    let store = format!("sqlite:{}/events.db", run_dir.display());
+    let blobs = run_dir.join("blobs");
+    let plot = dir.path().join("contributions.png");
+    let out = flamectl(&[
+        "contributions",
+        &job,
+        "--store",
+        &store,
+        "--blobs",
+        blobs.to_str().expect("utf8"),
+        "--data-root",
+        folder.to_str().expect("utf8"),
+        "--plot",
+        plot.to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", said(&out));
+    let rows = lines(&out);
+    let jobs: Vec<&Value> = rows.iter().filter_map(|r| r.get("job")).collect();
+    assert_eq!(jobs.len(), 3, "{rows:?}");
+    let lowest =
+        jobs.iter().min_by(|a, b| a["shapley"].as_f64().unwrap_or(0.0).total_cmp(&b["shapley"].as_f64().unwrap_or(0.0))).expect("some");
+    eprintln!("contributions: {jobs:?}");
+    assert_eq!(lowest["task"], "trainer-2", "the trainer with shuffled labels scores lowest: {jobs:?}");
+    assert!(
+        jobs.iter().filter(|j| j["task"] != "trainer-2").all(|j| j["leave_one_out"].as_f64() > lowest["leave_one_out"].as_f64()),
+        "leave-one-out agrees: {jobs:?}"
+    );
+    // Efficiency: each round's values add up to its gain (exact values for three trainers).
+    for g in rows.iter().filter_map(|r| r.get("round_gain")) {
+        let round = &g["round"];
+        let sum: f64 = rows.iter().filter(|r| r["round"] == *round && r.get("task").is_some()).filter_map(|r| r["shapley"].as_f64()).sum();
+        let gain = g["gain"].as_f64().expect("gain");
+        assert!((sum - gain).abs() < 1e-9, "round {round}: the values add up to {sum}, the gain is {gain}");
+    }
+    assert!(std::fs::metadata(&plot).is_ok_and(|m| m.len() > 1000), "the plot was written");
+}
