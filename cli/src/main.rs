@@ -299,6 +299,35 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Start a new job from another job's global model after a round and run
+    /// it here (embedded, in the parent's --data-dir): without some trainers,
+    /// with other hyperparameters, or --unlearn a worker (forked from the
+    /// round before its first update, without it: retraining without it).
+    Fork {
+        /// The job to fork.
+        job_id: String,
+        /// The first round the fork runs (it starts from the model after the round before).
+        #[arg(long)]
+        from_round: Option<u32>,
+        /// Leave out this trainer task or worker (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
+        /// Unlearn this trainer task or worker: fork from the round before its first update, without it.
+        #[arg(long, value_delimiter = ',')]
+        unlearn: Vec<String>,
+        /// Change a hyperparameter: KEY=VALUE (rounds, learningRate, epochs, batchSize, minClients, roundTimeout, evalEvery).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Folder of the parent's event store and model blobs (what `flamectl run` wrote); the fork is recorded there.
+        #[arg(long, default_value = ".flame")]
+        data_dir: PathBuf,
+        /// Also let the workers read datasets under this folder (repeat).
+        #[arg(long = "data-root")]
+        data_roots: Vec<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Each trainer's share of a job's accuracy gain, per round and in all:
     /// leave-one-out and Shapley values, from the logged updates (trainers are not re-run).
     Contributions {
@@ -424,7 +453,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices, data_roots } => {
             let remote = Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices };
-            run(&folder, output, &data_dir, remote, &data_roots).await
+            run(Submit::Folder(&folder), output, &data_dir, remote, &data_roots).await
         }
         Cmd::Validate { folder, output } => validate(&folder, output),
         Cmd::Plan { folder, output, round } => show_plan(&folder, output, round),
@@ -457,6 +486,21 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             };
             let change = models::WhatIf { optimizer, exclude, roots: data_roots, plot };
             models::whatif(&job_id, &source, &blobs, &change, output).await
+        }
+        Cmd::Fork { job_id, from_round, exclude, unlearn, set, data_dir, data_roots, output } => {
+            let mut settings = serde_json::Map::new();
+            for kv in &set {
+                let Some((k, v)) = kv.split_once('=') else { anyhow::bail!("--set {kv}: write KEY=VALUE, e.g. --set rounds=8") };
+                // A number stays a number; anything else is a string (and refused by the checks if it must be a number).
+                settings.insert(
+                    k.trim().to_string(),
+                    serde_json::from_str(v.trim()).unwrap_or_else(|_| serde_json::Value::String(v.trim().into())),
+                );
+            }
+            let request = flame_engine::fork::Request { from_round, exclude, unlearn, set: settings };
+            let auth = flame_transport::NatsAuth::default();
+            let remote = Remote { nats: None, auth: &auth, local: None, mqtt_devices: false };
+            run(Submit::Fork { parent: &job_id, request }, output, &data_dir, remote, &data_roots).await
         }
         Cmd::Contributions { job_id, data_roots, plot, source, blobs, output } => {
             models::contributions(&job_id, &source, &blobs, &data_roots, plot.as_deref(), output).await
@@ -583,14 +627,30 @@ struct Remote<'a> {
     mqtt_devices: bool,
 }
 
-async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>, data_roots: &[PathBuf]) -> anyhow::Result<ExitCode> {
+/// What `run` runs: a job folder, or a fork of a job in the store.
+enum Submit<'a> {
+    /// A job definition's folder (or JSON file).
+    Folder(&'a Path),
+    /// A fork of the job of this id.
+    Fork {
+        /// The parent job.
+        parent: &'a str,
+        /// Where it starts and what it leaves out.
+        request: flame_engine::fork::Request,
+    },
+}
+
+async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote<'_>, data_roots: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let Remote { nats, auth, local, mqtt_devices } = remote;
-    let def = match JobDefinition::load(folder) {
-        Ok(d) => d,
-        Err(p) => {
-            eprintln!("error: {p}");
-            return Ok(ExitCode::from(2));
-        }
+    let def = match &submit {
+        Submit::Folder(folder) => match JobDefinition::load(folder) {
+            Ok(d) => Some(d),
+            Err(p) => {
+                eprintln!("error: {p}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        Submit::Fork { .. } => None,
     };
     model::init_backend();
     let started = Instant::now();
@@ -621,7 +681,10 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>,
     if nats.is_none() && local != Local::All {
         anyhow::bail!("--local {local:?} needs --nats: without it no worker from outside can reach the job");
     }
-    if nats.is_none() && flame_engine::compile::compile(&def).is_ok_and(|c| c.spec.model.is_external()) {
+    if let (Submit::Folder(folder), Some(def)) = (&submit, &def)
+        && nats.is_none()
+        && flame_engine::compile::compile(def).is_ok_and(|c| c.spec.model.is_external())
+    {
         eprintln!(
             "error: {}: the model is defined by the trainers' own code (baseModel 'external'); run its trainers with the Python SDK and give this command --nats URL (see examples/python-digits/run.sh)",
             folder.display()
@@ -631,9 +694,43 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>,
     // The user's model file is a blob like any model: workers fetch it by its sha256.
     let runner = Runner::new(store.clone(), transport.clone(), runner::Options::default()).with_blobs(blobs.clone());
     let actor = local_user();
-    let job_id = runner.submit(&def, &actor).await?;
+    let (job_id, folder) = match (&submit, &def) {
+        (Submit::Folder(folder), Some(def)) => {
+            let id = runner.submit(def, &actor).await?;
+            eprintln!("job {id}: {} from {}", def.name(), folder.display());
+            (id, folder.to_path_buf())
+        }
+        (Submit::Fork { parent, request }, _) => {
+            let id = match runner.fork(parent, request, &actor).await {
+                Ok(id) => id,
+                Err(e @ (runner::Error::Fork { .. } | runner::Error::UnknownJob(_))) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let forked = runner.load(&id).await?;
+            let origin = forked.forked_from.clone().unwrap_or_default();
+            eprintln!(
+                "job {id}: a fork of job {parent} from round {} (model {}){}",
+                origin.from_round,
+                &origin.model[..origin.model.len().min(12)],
+                if origin.excluded.is_empty() { String::new() } else { format!(", without {}", origin.excluded.join(", ")) }
+            );
+            // The workers read the datasets where the first job's folder is.
+            let mut root = runner.load(parent).await?;
+            while let Some(o) = root.forked_from.clone() {
+                match runner.load(&o.parent_job).await {
+                    Ok(j) => root = j,
+                    Err(_) => break,
+                }
+            }
+            (id, PathBuf::from(root.source))
+        }
+        (Submit::Folder(_), None) => unreachable!("a folder's definition was loaded above"),
+    };
+    let folder = folder.as_path();
     runner.start(&job_id, &actor).await?;
-    eprintln!("job {job_id}: {} from {}", def.name(), folder.display());
 
     // One in-process worker per task, offering that task's role.
     let job = runner.load(&job_id).await?;
@@ -644,7 +741,11 @@ async fn run(folder: &Path, output: Output, data_dir: &Path, remote: Remote<'_>,
         Local::None => false,
     };
     // The in-process workers read the job folder's datasets, and those under --data-root.
-    let home = if folder.is_dir() { folder } else { folder.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")) };
+    let home = if folder.is_dir() {
+        folder
+    } else {
+        folder.parent().filter(|p| !p.as_os_str().is_empty() && p.is_dir()).unwrap_or(Path::new("."))
+    };
     let roots = flame_workers::roots::DataRoots::new(&[&[home.to_path_buf()], data_roots].concat()).map_err(anyhow::Error::msg)?;
     // Local worker ids are unique to this run: several runs may share one NATS server.
     let prefix = if nats.is_some() { format!("local-{}-", &job_id[..job_id.len().min(8)]) } else { "local-".to_string() };

@@ -211,6 +211,7 @@ impl Api {
             .route("/jobs", get(list_jobs).post(create_job))
             .route("/jobs/{id}", get(get_job).put(update_job).delete(delete_job))
             .route("/jobs/{id}/status", put(change_status))
+            .route("/jobs/{id}/fork", axum::routing::post(fork_job))
             .route("/jobs/{id}/tasks", get(list_tasks))
             .route("/jobs/{id}/tasks/{task}", get(get_task))
             .route("/jobs/{id}/events", get(job_events))
@@ -264,6 +265,7 @@ impl From<runner::Error> for ApiError {
             E::Invalid(p) => Self::invalid(p.0),
             E::Definition(m) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, m),
             E::UnknownJob(id) => Self::not_found("job", &id),
+            e @ E::Fork { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
             E::Refused { rejection, job } => Self::new(StatusCode::CONFLICT, format!("job {job}: {rejection}")),
             other => Self::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
@@ -471,6 +473,10 @@ pub struct JobSummary {
     pub rejected_reports: u64,
     /// Events in the job's stream.
     pub version: u64,
+    /// Where the job was forked from (parent job, round, model), if it is a fork.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub forked_from: Option<flame_events::job::ForkOrigin>,
 }
 
 impl From<&Job> for JobSummary {
@@ -487,6 +493,7 @@ impl From<&Job> for JobSummary {
             failure: j.failure.clone(),
             rejected_reports: j.rejected,
             version: j.version,
+            forked_from: j.forked_from.clone(),
         }
     }
 }
@@ -570,6 +577,41 @@ async fn delete_job(State(api): State<Api>, user: User, UrlPath(id): UrlPath<Str
     live_job(&api, &id).await?;
     api.runner.delete(&id, &user.actor()).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A fork asked for (`POST /jobs/{id}/fork`): see `flamectl fork`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ForkRequest {
+    /// The first round the fork runs (from the parent's model after the round before).
+    #[serde(default)]
+    pub from_round: Option<u32>,
+    /// Trainer tasks or workers to leave out.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Trainer tasks or workers to unlearn (forked from before their first update, without them).
+    #[serde(default)]
+    pub unlearn: Vec<String>,
+    /// Hyperparameters to change (rounds, learningRate, epochs, batchSize, minClients, roundTimeout, evalEvery).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub set: serde_json::Map<String, serde_json::Value>,
+}
+
+#[utoipa::path(post, path = "/jobs/{id}/fork", request_body = ForkRequest,
+    responses((status = 201, body = JobSummary), (status = 404, body = ApiError), (status = 422, body = ApiError)))]
+async fn fork_job(
+    State(api): State<Api>,
+    user: User,
+    UrlPath(id): UrlPath<String>,
+    body: String,
+) -> Result<(StatusCode, Json<JobSummary>), ApiError> {
+    live_job(&api, &id).await?;
+    let req: ForkRequest = serde_json::from_str(if body.trim().is_empty() { "{}" } else { &body })
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("request body: {e}")))?;
+    let request = crate::fork::Request { from_round: req.from_round, exclude: req.exclude, unlearn: req.unlearn, set: req.set };
+    let forked = api.runner.fork(&id, &request, &user.actor()).await?;
+    Ok((StatusCode::CREATED, Json(JobSummary::from(&api.runner.load(&forked).await?))))
 }
 
 /// A state change asked for.
@@ -750,10 +792,10 @@ async fn list_computes(State(api): State<Api>, _: User) -> Result<Json<Vec<Compu
     paths(
         create_design, list_designs, get_design, delete_design, put_schema, get_schema,
         create_dataset, list_datasets, get_dataset, delete_dataset,
-        create_job, list_jobs, get_job, update_job, delete_job, change_status, list_tasks, get_task, job_events, stream_events,
+        create_job, list_jobs, get_job, update_job, delete_job, change_status, fork_job, list_tasks, get_task, job_events, stream_events,
         list_computes
     ),
-    components(schemas(ApiError, DesignInfo, DatasetInfo, JobSummary, StatusChange, TaskView, EventPage, ComputeView)),
+    components(schemas(ApiError, DesignInfo, DatasetInfo, JobSummary, StatusChange, ForkRequest, TaskView, EventPage, ComputeView)),
     modifiers(&Bearer)
 )]
 pub struct ApiDoc;

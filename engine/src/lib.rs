@@ -6,6 +6,7 @@ pub mod compile;
 pub mod controller;
 pub mod definition;
 pub mod expand;
+pub mod fork;
 pub mod job;
 pub mod links;
 pub mod load;

@@ -219,7 +219,7 @@ mod tests {
 
     fn create() -> JobCommand {
         let JobEvent::JobCreated { job_id, name, source, spec, tasks } = testing::created(1) else { unreachable!() };
-        JobCommand::Create { job_id, name, source, spec, tasks }
+        JobCommand::Create { job_id, name, source, spec, tasks, fork: None }
     }
 
     fn engine() -> Cause {

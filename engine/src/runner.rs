@@ -57,6 +57,14 @@ pub enum Error {
     /// No such job in the store.
     #[error("job '{0}' has no events in this store")]
     UnknownJob(String),
+    /// A fork that cannot be made as asked.
+    #[error("cannot fork job '{job}': {reason}")]
+    Fork {
+        /// The parent job.
+        job: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -151,8 +159,36 @@ impl Runner {
         let crate::compile::Compiled { spec, tasks } = crate::compile::compile(def).map_err(Error::Invalid)?;
         self.store_model_file(def).await?;
         let job_id = uuid::Uuid::now_v7().to_string();
-        let command =
-            JobCommand::Create { job_id: job_id.clone(), name: def.name(), source: def.folder.display().to_string(), spec, tasks };
+        let command = JobCommand::Create {
+            job_id: job_id.clone(),
+            name: def.name(),
+            source: def.folder.display().to_string(),
+            spec,
+            tasks,
+            fork: None,
+        };
+        self.execute(&job_id, command, Cause::by(actor.clone())).await?;
+        Ok(job_id)
+    }
+
+    /// Creates a fork of job `parent_id` (see [`crate::fork`]): a new job that
+    /// starts from the parent's model after a round; its id.
+    pub async fn fork(&self, parent_id: &str, request: &crate::fork::Request, actor: &Actor) -> Result<String, Error> {
+        let envelopes = self.store.read_stream(&flame_events::job::stream_id(parent_id), 1).await?;
+        if envelopes.is_empty() {
+            return Err(Error::UnknownJob(parent_id.to_string()));
+        }
+        let events = envelopes.iter().map(flame_events::job::JobEvent::from_envelope).collect::<Result<Vec<_>, _>>()?;
+        let p = crate::fork::plan(parent_id, &events, request).map_err(|reason| Error::Fork { job: parent_id.to_string(), reason })?;
+        let job_id = uuid::Uuid::now_v7().to_string();
+        let command = JobCommand::Create {
+            job_id: job_id.clone(),
+            name: p.name,
+            source: p.source,
+            spec: p.spec,
+            tasks: p.tasks,
+            fork: Some(Box::new(p.origin)),
+        };
         self.execute(&job_id, command, Cause::by(actor.clone())).await?;
         Ok(job_id)
     }

@@ -168,6 +168,30 @@ impl RunSpec {
     }
 }
 
+/// Where a forked job starts: a parent job's global model after a round,
+/// with what the parent's rounds left for the ones after it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ForkOrigin {
+    /// The job it was forked from.
+    pub parent_job: String,
+    /// The first round the fork runs; it starts from the parent's global model after the round before (0: the initial model).
+    pub from_round: u32,
+    /// Digest of that model.
+    pub model: String,
+    /// The parent's server optimizer state after that round (adaptive optimizers, SCAFFOLD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_state: Option<String>,
+    /// Each remaining trainer's state after its last update before the fork (SCAFFOLD, FedDyn, FedBN).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub client_states: BTreeMap<String, String>,
+    /// The parent's trainer tasks left out of the fork.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
+    /// Hyperparameters the fork changed (name -> new value).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub changed: serde_json::Map<String, serde_json::Value>,
+}
+
 /// Every event in a job stream.
 // JobCreated is large and rare; boxing it would only complicate every match.
 #[allow(clippy::large_enum_variant)]
@@ -187,6 +211,9 @@ pub enum JobEvent {
         /// The expanded tasks.
         tasks: Vec<TaskSpec>,
     },
+    /// The job is a fork: it starts from another job's model after a round
+    /// (recorded right after `JobCreated`, in the same append).
+    JobForked(ForkOrigin),
     /// The job's definition was replaced while it was not running.
     JobUpdated {
         /// Job name.
@@ -409,6 +436,7 @@ impl JobEvent {
         match self {
             Self::JobCreated { .. } => "JobCreated",
             Self::JobUpdated { .. } => "JobUpdated",
+            Self::JobForked(_) => "JobForked",
             Self::JobStarting {} => "JobStarting",
             Self::TaskAssigned { .. } => "TaskAssigned",
             Self::JobDeploying {} => "JobDeploying",

@@ -68,6 +68,8 @@ struct HeadRef<'a> {
     workers: &'a std::collections::BTreeMap<String, crate::view::WorkerHistory>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     early: &'a [crate::view::EarlyUpdate],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forked_from: &'a Option<flame_events::job::ForkOrigin>,
     version: u64,
     position: u64,
 }
@@ -80,6 +82,8 @@ struct Head {
     workers: std::collections::BTreeMap<String, crate::view::WorkerHistory>,
     #[serde(default)]
     early: Vec<crate::view::EarlyUpdate>,
+    #[serde(default)]
+    forked_from: Option<flame_events::job::ForkOrigin>,
     version: u64,
     position: u64,
 }
@@ -123,6 +127,7 @@ pub fn changed_parts(view: &mut JobView, mark: Mark) -> Result<(Vec<Part>, Mark)
         tasks: &view.tasks,
         workers: &view.workers,
         early: &view.early,
+        forked_from: &view.forked_from,
         version: view.version,
         position: view.position,
     };
@@ -158,6 +163,7 @@ pub fn assemble(job_id: &str, parts: &[Part]) -> Result<JobView, Error> {
         tasks: head.tasks,
         workers: head.workers,
         early: head.early,
+        forked_from: head.forked_from,
         version: head.version,
         position: head.position,
         ..JobView::default()

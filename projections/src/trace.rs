@@ -60,6 +60,8 @@ struct Builder {
     /// When each update of the open rounds arrived, by digest (a group aggregate starts after its last input).
     arrivals: BTreeMap<String, DateTime<Utc>>,
     last: Option<DateTime<Utc>>,
+    /// A fork: the job (and round) its first model comes from.
+    forked: Option<(String, u32)>,
 }
 
 impl Builder {
@@ -79,6 +81,12 @@ impl Builder {
         let actor = e.actor.strip_prefix("worker:").map(str::to_string);
         match event {
             JobEvent::JobCreated { name, .. } => self.job = Some(Span::new(name, "job", at)),
+            JobEvent::JobForked(o) => {
+                if let Some(job) = self.job.as_mut() {
+                    job.name = format!("{} (fork of job {} from round {})", job.name, o.parent_job, o.from_round);
+                }
+                self.forked = Some((o.parent_job, o.from_round));
+            }
             JobEvent::JobStarting {} => {
                 let mut setup = Span::new("setup", "phase", at);
                 setup.children.push(Span::new("placement", "step", at));
@@ -112,8 +120,16 @@ impl Builder {
                 if let Some(d) = self.setup_step("deploy") {
                     d.close(at);
                 }
-                if let Some(s) = self.setup.as_mut() {
-                    s.children.push(Span::new("initial model", "step", at));
+                match (self.forked.clone(), self.setup.as_mut()) {
+                    // A fork's first model is the parent's: setup ends here.
+                    (Some((parent, round)), Some(s)) => {
+                        let mut m = Span::new(format!("model of job {parent} after round {}", round.saturating_sub(1)), "step", at);
+                        m.close(at);
+                        s.children.push(m);
+                        s.close(at);
+                    }
+                    (None, Some(s)) => s.children.push(Span::new("initial model", "step", at)),
+                    _ => {}
                 }
             }
             JobEvent::ModelInitialized { worker_id, .. } => {

@@ -34,6 +34,9 @@ pub struct JobView {
     /// Asynchronous jobs: updates that joined the buffer of a round not started yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub early: Vec<EarlyUpdate>,
+    /// Where the job was forked from, if it is a fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<flame_events::job::ForkOrigin>,
     /// Stream version of the last event folded in.
     pub version: u64,
     /// Global position of the last event folded in.
@@ -458,6 +461,25 @@ impl JobView {
                 self.status.created_at = Some(at);
             }
             JobEvent::JobUpdated { name, spec, tasks, .. } => self.define(&name, &spec, &tasks),
+            JobEvent::JobForked(origin) => {
+                self.status.global_model = Some(origin.model.clone());
+                self.status.round = origin.from_round.saturating_sub(1);
+                self.status.rounds_completed = origin.from_round.saturating_sub(1);
+                for t in &origin.excluded {
+                    self.tasks.remove(t);
+                }
+                // The model it starts from, made by the parent job.
+                self.lineage.push(ModelNode {
+                    digest: origin.model.clone(),
+                    round: origin.from_round.saturating_sub(1),
+                    parent: None,
+                    inputs: Vec::new(),
+                    made_by: format!("job:{}", origin.parent_job),
+                    metrics: Metrics::new(),
+                    at,
+                });
+                self.forked_from = Some(origin);
+            }
             JobEvent::JobStarting {} => self.status.state = Status::Starting,
             JobEvent::TaskAssigned { task_id, worker_id } => {
                 let task = self.tasks.entry(task_id.clone()).or_default();
@@ -664,6 +686,12 @@ pub fn detail(event: &JobEvent) -> String {
             format!("created '{name}' from {source}: {} task(s), {} round(s), {}", tasks.len(), spec.rounds, spec.optimizer.name())
         }
         JobEvent::JobUpdated { name, tasks, .. } => format!("definition of '{name}' replaced: {} task(s)", tasks.len()),
+        JobEvent::JobForked(o) => {
+            let without = if o.excluded.is_empty() { String::new() } else { format!(", without [{}]", o.excluded.join(", ")) };
+            let changed =
+                if o.changed.is_empty() { String::new() } else { format!(", changed {}", serde_json::Value::Object(o.changed.clone())) };
+            format!("forked from job {} before round {} (model {}){without}{changed}", o.parent_job, o.from_round, short(&o.model))
+        }
         JobEvent::JobStarting {} => "start asked for".into(),
         JobEvent::TaskAssigned { task_id, worker_id } => format!("{task_id} placed on {worker_id}"),
         JobEvent::JobDeploying {} => "deploying tasks".into(),

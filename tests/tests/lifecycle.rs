@@ -703,4 +703,22 @@ async fn engine_replicas_drive_each_job_once_and_take_over_a_dead_ones_jobs() {
         let (status, body) = http.call("GET", &format!("/jobs/{job}"), None);
         assert_eq!(status, 200, "{body}");
     }
+
+    // A fork through the API, from round 14 of job B with the same seeds, ends at B's final model.
+    let (status, refused) = http.call("POST", &format!("/jobs/{b}/fork"), Some(r#"{"fromRound": 40}"#));
+    assert_eq!(status, 422, "{refused}");
+    assert!(refused["detail"].as_str().is_some_and(|d| d.contains("no global model after round 39")), "{refused}");
+    assert_eq!(http.call("POST", &format!("/jobs/{b}/fork"), Some(r#"{"fromRond": 2}"#)).0, 422, "unknown fields are refused");
+    let (status, fork) = http.call("POST", &format!("/jobs/{b}/fork"), Some(r#"{"fromRound": 14}"#));
+    assert_eq!(status, 201, "{fork}");
+    assert_eq!((fork["forked_from"]["parent_job"].as_str(), fork["forked_from"]["from_round"].as_u64()), (Some(b.as_str()), Some(14)));
+    let f = fork["id"].as_str().expect("id").to_string();
+    let (status, started) = http.call("PUT", &format!("/jobs/{f}/status"), Some(r#"{"state":"start"}"#));
+    assert_eq!(status, 200, "{started}");
+    let forked = wait_for(&store, &f, "the fork's end", 240, |ev| ev.last().is_some_and(|e| e.event_type == "JobCompleted")).await;
+    let parent = store.read_stream(&flame_events::job::stream_id(&b), 1).await.expect("read");
+    let end = |ev: &[flame_events::Envelope]| ev.last().map(|e| e.payload["final_model"].clone());
+    assert_eq!(end(&forked), end(&parent), "the fork retraced rounds 14 to {rounds} bit for bit");
+    let rounds_run: Vec<u64> = of_type(&forked, "RoundStarted").map(|e| e.payload["round"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(rounds_run, (14..=rounds).collect::<Vec<_>>());
 }

@@ -310,3 +310,63 @@ fn a_trainer_with_shuffled_labels_contributes_least_and_the_values_add_up() {
     }
     assert!(std::fs::metadata(&plot).is_ok_and(|m| m.len() > 1000), "the plot was written");
 }
+
+#[test]
+fn a_fork_retraces_its_parent_and_unlearning_removes_a_worker_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("run");
+    let parent = run(&root().join("examples/digits-two-tier"), &data);
+    let store = format!("sqlite:{}/events.db", data.display());
+    let data_dir = data.to_str().expect("utf8");
+    let summary = |out: &std::process::Output| -> Value {
+        assert!(out.status.success(), "{}", said(out));
+        serde_json::from_slice(&out.stdout).expect("summary")
+    };
+    let from_one = summary(&flamectl(&["fork", &parent, "--from-round", "1", "--data-dir", data_dir, "-o", "json"]));
+    let events = |job: &str, t: &str| lines(&flamectl(&["events", job, "--store", &store, "--type", t, "-o", "json"]));
+    let final_of = |job: &str| events(job, "JobCompleted")[0]["payload"]["final_model"].clone();
+
+    // From the initial model, or from round 4, with the same seeds: the parent's final model, bit for bit.
+    assert_eq!(from_one["final_model"], final_of(&parent), "a fork from round 1 retraces the whole job");
+    let late = summary(&flamectl(&["fork", &parent, "--from-round", "4", "--data-dir", data_dir, "-o", "json"]));
+    assert_eq!(late["final_model"], final_of(&parent));
+    let late_id = late["job_id"].as_str().expect("id");
+    let started: Vec<u64> = events(late_id, "RoundStarted").iter().filter_map(|e| e["payload"]["round"].as_u64()).collect();
+    assert_eq!(started, vec![4, 5], "it runs only the rounds after the fork");
+    let forked = &events(late_id, "JobForked")[0]["payload"];
+    assert_eq!((forked["parent_job"].as_str(), forked["from_round"].as_u64()), (Some(parent.as_str()), Some(4)));
+    let round3 = events(&parent, "RoundAggregated").into_iter().find(|e| e["payload"]["round"] == 3).expect("round 3");
+    assert_eq!(forked["model"], round3["payload"]["digest"], "it starts from the parent's model after round 3");
+
+    // Unlearning a worker: forked before its first update (round 1), without it; nothing of it in the lineage.
+    let out = flamectl(&["fork", &parent, "--unlearn", "local-trainer-2", "--data-dir", data_dir, "-o", "json"]);
+    let unlearned = summary(&out);
+    let id = unlearned["job_id"].as_str().expect("id");
+    assert_eq!(unlearned["state"], "completed");
+    assert_ne!(unlearned["final_model"], final_of(&parent));
+    let origin = &events(id, "JobForked")[0]["payload"];
+    assert_eq!((origin["from_round"].as_u64(), origin["excluded"].clone()), (Some(1), serde_json::json!(["trainer-2"])));
+    let updates = events(id, "UpdateReported");
+    assert_eq!(updates.len(), 10, "two trainers, five rounds");
+    assert!(updates.iter().all(|u| u["payload"]["task_id"] != "trainer-2" && u["payload"]["worker_id"] != "local-trainer-2"));
+    let view: Value = serde_json::from_slice(&flamectl(&["replay", id, "--store", &store, "-o", "json"]).stdout).expect("replay");
+    let lineage = view["view"]["lineage"].as_array().expect("lineage");
+    assert_eq!(lineage[0]["made_by"], format!("job:{parent}"), "the lineage starts at the parent's model");
+    let inputs: Vec<&Value> = lineage.iter().flat_map(|m| m["inputs"].as_array().into_iter().flatten()).collect();
+    assert!(!inputs.is_empty() && inputs.iter().all(|i| i["worker_id"] != "local-trainer-2"), "{inputs:?}");
+    // The fork's log replays, verifies and re-derives like any job's; its trace names its parent.
+    for job in [id, late_id] {
+        let out = flamectl(&["replay", job, "--store", &store, "--verify"]);
+        assert!(out.status.success(), "{}", said(&out));
+        assert!(verify(job, &data).status.success());
+    }
+    let trace = flamectl(&["trace", id, "--store", &store]);
+    assert!(String::from_utf8_lossy(&trace.stdout).contains(&format!("fork of job {parent} from round 1")), "{}", said(&trace));
+
+    // What a fork cannot do is refused with the reason.
+    let out = flamectl(&["fork", &parent, "--unlearn", "local-trainer-2", "--from-round", "3", "--data-dir", data_dir]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(said(&out).contains("after the first update to unlearn"), "{}", said(&out));
+    let out = flamectl(&["fork", &parent, "--from-round", "2", "--set", "hidden=[8]", "--data-dir", data_dir]);
+    assert!(!out.status.success() && said(&out).contains("may change only"), "{}", said(&out));
+}

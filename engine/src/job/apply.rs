@@ -19,6 +19,15 @@ impl Job {
                 self.status = Status::Ready;
             }
             JobEvent::JobUpdated { name, source, spec, tasks } => self.define(name, source, spec, tasks),
+            JobEvent::JobForked(origin) => {
+                // Rounds go on from the parent's model, numbered as the parent numbered them.
+                self.global_model = Some(origin.model.clone());
+                self.rounds_completed = origin.from_round.saturating_sub(1);
+                self.round.number = self.rounds_completed;
+                self.optimizer_state = origin.optimizer_state.clone();
+                self.records.client_states = origin.client_states.clone();
+                self.forked_from = Some(origin.clone());
+            }
             JobEvent::JobStarting {} => self.status = Status::Starting,
             JobEvent::TaskAssigned { task_id, worker_id } => {
                 self.assignments.insert(task_id.clone(), worker_id.clone());

@@ -25,6 +25,8 @@ pub enum JobCommand {
         spec: RunSpec,
         /// Expanded tasks.
         tasks: Vec<TaskSpec>,
+        /// A fork: the job starts from another job's model after a round.
+        fork: Option<Box<flame_events::job::ForkOrigin>>,
     },
     /// Replace the definition of a job that is not running.
     Update {
@@ -165,7 +167,10 @@ impl Job {
             return Err(Rejection::IllegalInState { command: name, status: self.status });
         }
         match command {
-            C::Create { job_id, name, source, spec, tasks } => Ok(vec![JobEvent::JobCreated { job_id, name, source, spec, tasks }]),
+            C::Create { job_id, name, source, spec, tasks, fork } => {
+                let created = JobEvent::JobCreated { job_id, name, source, spec, tasks };
+                Ok(std::iter::once(created).chain(fork.map(|f| JobEvent::JobForked(*f))).collect())
+            }
             C::Update { name, source, spec, tasks } => Ok(vec![JobEvent::JobUpdated { name, source, spec, tasks }]),
             C::Start { now_ms } => Ok(self.start(now_ms)),
             C::Assign(assignments) => self.assign(&assignments),

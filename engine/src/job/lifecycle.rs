@@ -199,13 +199,26 @@ mod tests {
     #[test]
     fn create_records_the_job_once() {
         let events = Job::default()
-            .handle(JobCommand::Create { job_id: JOB.into(), name: "n".into(), source: "s".into(), spec: spec(), tasks: vec![] })
+            .handle(JobCommand::Create {
+                job_id: JOB.into(),
+                name: "n".into(),
+                source: "s".into(),
+                spec: spec(),
+                tasks: vec![],
+                fork: None,
+            })
             .expect("create");
         assert_eq!(events.len(), 1);
         let job = History::created(2).job();
         assert_eq!(job.status, Status::Ready);
-        let again =
-            job.handle(JobCommand::Create { job_id: JOB.into(), name: "n".into(), source: "s".into(), spec: spec(), tasks: vec![] });
+        let again = job.handle(JobCommand::Create {
+            job_id: JOB.into(),
+            name: "n".into(),
+            source: "s".into(),
+            spec: spec(),
+            tasks: vec![],
+            fork: None,
+        });
         assert!(matches!(again, Err(Rejection::IllegalInState { command: "create", status: Status::Ready })));
     }
 

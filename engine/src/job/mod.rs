@@ -79,6 +79,9 @@ pub struct Job {
     pub rejected: u64,
     /// Events applied (the stream version).
     pub version: u64,
+    /// Where the job was forked from, if it is a fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<flame_events::job::ForkOrigin>,
 }
 
 /// Federated evaluation of one round's global model: the trainers asked,

@@ -177,7 +177,7 @@ pub(crate) mod tests {
         let s = spec();
         let deployed = |t: &str| report(t, 0, ReportBody::Deployed { samples: None });
         vec![
-            JobCommand::Create { job_id: JOB.into(), name: "n".into(), source: "s".into(), spec: s.clone(), tasks: vec![] },
+            JobCommand::Create { job_id: JOB.into(), name: "n".into(), source: "s".into(), spec: s.clone(), tasks: vec![], fork: None },
             JobCommand::Update { name: "n2".into(), source: "s2".into(), spec: s, tasks: vec![] },
             JobCommand::Start { now_ms: 0 },
             JobCommand::Assign(assignments()),
