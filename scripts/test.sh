@@ -27,6 +27,9 @@ fi
 # venv), for the conformance suite and the jobs with Python trainers.
 FLAME_SDK_BIN="$(bash scripts/sdk-venv.sh)"
 export FLAME_SDK_BIN
+# Google's dp-accounting, the reference the privacy accountant is checked against.
+FLAME_DP_PYTHON="$(bash scripts/dp-venv.sh)"
+export FLAME_DP_PYTHON
 # The aggregator-only worker (no libtorch) for the tests that use it; then the
 # full build (test binaries and the binaries they start share it), which
 # relinks the usual flame-worker.

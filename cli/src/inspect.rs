@@ -63,6 +63,23 @@ impl Events {
         })
     }
 
+    /// Every job's id, oldest first.
+    pub async fn job_ids(&self) -> anyhow::Result<Vec<String>> {
+        match self {
+            Events::Store(store, _) => Ok(flame_events::store::stream_ids(store.as_ref(), "job-").await?),
+            Events::Api { base, auth } => {
+                let (base, auth) = (base.clone(), auth.clone());
+                tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+                    let url = format!("{base}/jobs");
+                    let mut resp = ureq::get(&url).header("authorization", &auth).call().with_context(|| format!("GET {url}"))?;
+                    let jobs: Value = serde_json::from_str(&resp.body_mut().read_to_string()?)?;
+                    Ok(jobs.as_array().into_iter().flatten().filter_map(|j| j["id"].as_str().map(str::to_string)).collect())
+                })
+                .await?
+            }
+        }
+    }
+
     /// The job's events from stream version `from` on.
     pub async fn read(&self, job_id: &str, from: u64) -> anyhow::Result<Vec<Envelope>> {
         match self {

@@ -328,6 +328,19 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// The differential privacy every job spent on a dataset (named by its URL), with its budget.
+    Privacy {
+        /// The dataset's URL, as the jobs' dataset files give it.
+        dataset: String,
+        /// Count at this delta (default: the dataset's budget's).
+        #[arg(long)]
+        delta: Option<f64>,
+        #[command(flatten)]
+        source: inspect::Source,
+        /// Output format (json: one job per line, then the total).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Each trainer's share of a job's accuracy gain, per round and in all:
     /// leave-one-out and Shapley values, from the logged updates (trainers are not re-run).
     Contributions {
@@ -502,6 +515,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let remote = Remote { nats: None, auth: &auth, local: None, mqtt_devices: false };
             run(Submit::Fork { parent: &job_id, request }, output, &data_dir, remote, &data_roots).await
         }
+        Cmd::Privacy { dataset, delta, source, output } => models::privacy(&dataset, &source, delta, output).await,
         Cmd::Contributions { job_id, data_roots, plot, source, blobs, output } => {
             models::contributions(&job_id, &source, &blobs, &data_roots, plot.as_deref(), output).await
         }

@@ -265,6 +265,15 @@ pub fn compile(def: &JobDefinition) -> Result<Compiled, Problems> {
         coordinator: tree.coordinator,
         candidates: tree.candidates,
         eval_every: whole("evalEvery").unwrap_or(0) as u32,
+        // The budgets of the datasets this job trains on, by URL.
+        privacy_budgets: def
+            .datasets
+            .values()
+            .filter(|d| tasks.iter().any(|t| t.dataset.as_deref() == Some(d.url.as_str())))
+            .filter_map(|d| {
+                d.privacy_budget.map(|b| (d.url.clone(), flame_events::job::PrivacyBudget { epsilon: b.epsilon, delta: b.delta }))
+            })
+            .collect(),
     };
     Ok(Compiled { spec, tasks })
 }

@@ -180,7 +180,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
             };
         }
         let mut actions = evaluations;
-        actions.push(Action::Handle(JobCommand::StartRound { now_ms }));
+        actions.push(Action::Handle(JobCommand::StartRound { now_ms, spent: Default::default() }));
         return actions;
     }
     let round = job.round.number;
@@ -364,7 +364,7 @@ mod tests {
     #[test]
     fn rounds_start_train_aggregate_and_finish() {
         let ready = History::created(2).started().initialized();
-        assert_eq!(decide(&ready.job(), 7, None), vec![Action::Handle(JobCommand::StartRound { now_ms: 7 })]);
+        assert_eq!(decide(&ready.job(), 7, None), vec![Action::Handle(JobCommand::StartRound { now_ms: 7, spent: Default::default() })]);
 
         let open = ready.round_started(1);
         assert_eq!(
@@ -412,7 +412,10 @@ mod tests {
         let after_two = every(2).round(1).round(2);
         let actions = decide(&after_two.job(), 0, None);
         assert_eq!(evaluations(&actions), [("w-t0".into(), 2, "m2".into()), ("w-t1".into(), 2, "m2".into())]);
-        assert!(actions.contains(&Action::Handle(JobCommand::StartRound { now_ms: 0 })), "the next round does not wait for them");
+        assert!(
+            actions.contains(&Action::Handle(JobCommand::StartRound { now_ms: 0, spent: Default::default() })),
+            "the next round does not wait for them"
+        );
 
         // After the last round the job completes only once every trainer evaluated its model.
         let last = every(2).round(1).round(2).round(3);
@@ -602,7 +605,7 @@ mod tests {
         let start = |h: History| {
             let actions = decide(&h.job(), 0, None);
             assert!(matches!(&actions[..], [Action::Handle(JobCommand::StartRound { .. })]), "{actions:?}");
-            handle(h, JobCommand::StartRound { now_ms: 0 })
+            handle(h, JobCommand::StartRound { now_ms: 0, spent: Default::default() })
         };
         let h = start(fedbuff(1, 2));
         assert!(matches!(&h.events[h.events.len() - 2], JobEvent::RoundStarted { selected, .. } if selected == &["t0", "t1"]));
@@ -657,7 +660,7 @@ mod tests {
             r.command_id = format!("{}/r{round}/train/{task}", crate::testing::JOB);
             JobCommand::Report(r)
         };
-        let h = handle(fedbuff(1, 2), JobCommand::StartRound { now_ms: 0 });
+        let h = handle(fedbuff(1, 2), JobCommand::StartRound { now_ms: 0, spent: Default::default() });
         let events = h.job().handle(failed("t0", 1)).expect("handled");
         assert!(
             matches!(&events[..], [JobEvent::TrainingFailed { round: 1, task_id, error, .. }] if task_id == "t0" && error.contains("bad batch")),
@@ -673,7 +676,7 @@ mod tests {
         let h = handle(h, report("t1", 1, trained(1, "t1")));
         let aggregated =
             ReportBody::Aggregated { digest: "m1".into(), metrics: Default::default(), optimizer_state: None, excluded: vec![] };
-        let h = handle(handle(h, report("agg", 1, aggregated)), JobCommand::StartRound { now_ms: 0 });
+        let h = handle(handle(h, report("agg", 1, aggregated)), JobCommand::StartRound { now_ms: 0, spent: Default::default() });
         assert!(trains(&decide(&h.job(), 0, None)).contains(&("job-1/r2/train/t0".to_string(), "m1".to_string())), "t0 trains again");
     }
 
@@ -697,7 +700,7 @@ mod tests {
         let aggregated =
             |d: &str| ReportBody::Aggregated { digest: d.into(), metrics: Default::default(), optimizer_state: None, excluded: vec![] };
         // One trainer busy under each middle aggregator, buffers of one update.
-        let h = handle(async_hierarchical(1, 1), JobCommand::StartRound { now_ms: 0 });
+        let h = handle(async_hierarchical(1, 1), JobCommand::StartRound { now_ms: 0, spent: Default::default() });
         let JobEvent::RoundStarted { selected, .. } = &h.events[h.events.len() - 2] else { panic!("{:?}", h.events) };
         assert_eq!(selected.len(), 2, "c = 1 under each of the two middle aggregators: {selected:?}");
         let (eu, na) = (
@@ -732,7 +735,7 @@ mod tests {
         assert!(matches!(h.events.last(), Some(JobEvent::RoundAggregated { round: 1, inputs, .. }) if inputs.len() == 2));
 
         // Round 2 keeps one trainer busy under each middle again, from the new model.
-        let h = handle(h, JobCommand::StartRound { now_ms: 0 });
+        let h = handle(h, JobCommand::StartRound { now_ms: 0, spent: Default::default() });
         let JobEvent::RoundStarted { selected, .. } = &h.events[h.events.len() - 2] else { panic!() };
         assert_eq!(selected.len(), 2, "{selected:?}");
         assert!(trains(&decide(&h.job(), 0, None)).iter().all(|(_, m)| m == "m1"));
@@ -741,7 +744,7 @@ mod tests {
     #[test]
     fn fedbuff_keeps_concurrency_trainers_busy_and_its_deadline_takes_min_clients() {
         use crate::testing::{report, trained};
-        let h = handle(fedbuff(2, 1), JobCommand::StartRound { now_ms: 0 });
+        let h = handle(fedbuff(2, 1), JobCommand::StartRound { now_ms: 0, spent: Default::default() });
         let job = h.job();
         assert_eq!(job.round.buffer.in_flight.len(), 1, "c = 1: one trainer at a time");
         let busy = job.round.buffer.in_flight.keys().next().cloned().expect("one");
@@ -764,7 +767,7 @@ mod tests {
         use crate::testing::{report, trained};
         use flame_events::protocol::ReportBody;
         let h = History::created_with(2, |s| s.selection = Selection::Oort { aggr_num: 1 }).started().initialized();
-        let h = handle(h, JobCommand::StartRound { now_ms: 0 });
+        let h = handle(h, JobCommand::StartRound { now_ms: 0, spent: Default::default() });
         assert!(
             matches!(&h.events[h.events.len() - 2], JobEvent::RoundStarted { selected, .. } if selected.len() == 2),
             "1.3 x aggr_num, rounded up"

@@ -196,15 +196,37 @@ pub struct Dataset {
     /// Whether anyone may use it.
     #[serde(default)]
     pub is_public: Option<bool>,
+    /// Differential privacy: the most (ε, δ) all jobs together may spend on this data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_budget: Option<DatasetBudget>,
     /// Unknown fields.
     #[serde(flatten)]
     pub extra: Extra,
 }
 
+/// A dataset's privacy budget, as its file gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetBudget {
+    /// ε, > 0.
+    pub epsilon: f64,
+    /// δ, in (0, 1).
+    pub delta: f64,
+}
+
 impl Dataset {
     /// A dataset with just a name and a URL.
     pub fn new(name: impl Into<String>, url: impl Into<String>) -> Self {
-        Self { name: name.into(), description: None, url: url.into(), data_format: None, realm: None, is_public: None, extra: Extra::new() }
+        Self {
+            name: name.into(),
+            description: None,
+            url: url.into(),
+            data_format: None,
+            realm: None,
+            is_public: None,
+            privacy_budget: None,
+            extra: Extra::new(),
+        }
     }
 }
 

@@ -278,7 +278,7 @@ mod tests {
         assert_eq!((job.global_model.as_deref(), job.rounds_completed, job.round_open()), (Some("m2"), 2, false));
         let running = History { events: created }.started().job();
         assert_eq!((running.global_model.as_deref(), running.rounds_completed), (Some("m2"), 2), "placing and deploying keep it");
-        let started = running.handle(crate::job::JobCommand::StartRound { now_ms: 0 }).expect("round");
+        let started = running.handle(crate::job::JobCommand::StartRound { now_ms: 0, spent: Default::default() }).expect("round");
         assert!(matches!(&started[0], JobEvent::RoundStarted { round: 3, global_model, .. } if global_model == "m2"), "{started:?}");
     }
 

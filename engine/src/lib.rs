@@ -1,6 +1,7 @@
 //! The engine: job definitions, their checks and compilation, the job
 //! aggregate, the controller's decisions and the runner that carries them out.
 
+pub mod accountant;
 pub mod api;
 pub mod compile;
 pub mod controller;
@@ -8,6 +9,7 @@ pub mod definition;
 pub mod expand;
 pub mod fork;
 pub mod job;
+pub mod ledger;
 pub mod links;
 pub mod load;
 pub mod oort;

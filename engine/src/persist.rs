@@ -339,7 +339,8 @@ mod tests {
         let result = jobs
             .write(JOB, |job| {
                 seen.lock().expect("lock").push(job.status);
-                job.handle(JobCommand::StartRound { now_ms: 0 }).map(|events| events.into_iter().map(|e| (e, engine())).collect())
+                job.handle(JobCommand::StartRound { now_ms: 0, spent: Default::default() })
+                    .map(|events| events.into_iter().map(|e| (e, engine())).collect())
             })
             .await;
         // The first decision conflicted with the stop; decided again on the stopping job, the round is refused.

@@ -193,6 +193,27 @@ impl Runner {
         Ok(job_id)
     }
 
+    /// The differential privacy other jobs in the store spent on the
+    /// datasets `job` has budgets for: dataset URL -> their runs (one per
+    /// noised update, q = 1). Reads every job; a ledger projection would
+    /// make it one read.
+    pub async fn spent_elsewhere(&self, job: &Job) -> Result<std::collections::BTreeMap<String, Vec<crate::accountant::Runs>>, Error> {
+        let budgets = job.spec.as_ref().map(|s| s.privacy_budgets.clone()).unwrap_or_default();
+        let mut out: std::collections::BTreeMap<String, Vec<crate::accountant::Runs>> = Default::default();
+        for id in self.job_ids().await? {
+            if id == job.job_id {
+                continue;
+            }
+            let other = self.jobs.load(&id).await?;
+            for (dataset, runs) in crate::ledger::runs_of(&other) {
+                if budgets.contains_key(&dataset) {
+                    out.entry(dataset).or_default().push(runs);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Replaces the definition of a job that is not running.
     pub async fn update(&self, job_id: &str, def: &JobDefinition, actor: &Actor) -> Result<Job, Error> {
         self.load(job_id).await?;
@@ -325,7 +346,13 @@ impl Runner {
                             sends.push((worker_id, command));
                         }
                     }
-                    Action::Handle(command) => {
+                    Action::Handle(mut command) => {
+                        // A round of a job with privacy budgets: what other jobs spent on its datasets.
+                        if let JobCommand::StartRound { spent, .. } = &mut command
+                            && job.spec.as_ref().is_some_and(|s| !s.privacy_budgets.is_empty())
+                        {
+                            *spent = self.spent_elsewhere(&job).await?;
+                        }
                         let done = self.jobs.execute_fenced(job_id, fence, command, Cause::by(self.actor.clone())).await;
                         job = match done.map_err(|e| Error::from_write(job_id, e)) {
                             Ok(job) => job,

@@ -27,6 +27,7 @@ pub fn check(def: &JobDefinition) -> Vec<Problem> {
     channels(def, &mut out);
     associations(def, &mut out);
     data_spec(def, &mut out);
+    budgets(def, &mut out);
     cycles(def, &mut out);
     out
 }
@@ -81,6 +82,38 @@ fn model_spec(def: &JobDefinition, out: &mut Vec<Problem>) {
                 format!("{file}#/hyperparameters/{key}"),
                 format!("{key} must be a number {} 0, not {v}", if positive { "greater than" } else { "of at least" }),
                 format!("set hyperparameters.{key} to e.g. {}", if positive { "1.0" } else { "0.5" }),
+            ));
+        }
+    }
+}
+
+/// Privacy budgets: ε > 0 and 0 < δ < 1; and a budget means the job must add noise.
+fn budgets(def: &JobDefinition, out: &mut Vec<Problem>) {
+    let noise = def.model_spec.hyperparameters.get("noise_factor").and_then(Value::as_f64).is_some_and(|z| z > 0.0);
+    let clip = def.model_spec.hyperparameters.get("clip_threshold").is_some();
+    if let Some((file, _)) = def.datasets.iter().find(|(_, d)| d.privacy_budget.is_some())
+        && !(noise && clip)
+    {
+        out.push(problem(
+            format!("{}#/hyperparameters/noise_factor", def.job.model_spec_path),
+            format!("dataset {file} has a privacy budget, so the job must train it with differential privacy"),
+            "set hyperparameters.clip_threshold and hyperparameters.noise_factor (> 0), or remove the dataset's privacyBudget",
+        ));
+    }
+    for (file, d) in &def.datasets {
+        let Some(b) = d.privacy_budget else { continue };
+        if !(b.epsilon.is_finite() && b.epsilon > 0.0) {
+            out.push(problem(
+                format!("{file}#/privacyBudget/epsilon"),
+                format!("epsilon must be a positive number, not {}", b.epsilon),
+                "e.g. 8.0",
+            ));
+        }
+        if !(b.delta > 0.0 && b.delta < 1.0) {
+            out.push(problem(
+                format!("{file}#/privacyBudget/delta"),
+                format!("delta must be between 0 and 1, not {}", b.delta),
+                "e.g. 1e-5, less than one over the dataset's rows",
             ));
         }
     }

@@ -150,6 +150,11 @@ pub struct RunSpec {
     /// Coordinated jobs: task id -> the aggregators it may upload to.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub candidates: BTreeMap<String, Vec<String>>,
+    /// Differential privacy budgets of the job's datasets (dataset URL -> the
+    /// most all jobs together may spend on it; schema version 3 of
+    /// `JobCreated`/`JobUpdated`, absent before).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub privacy_budgets: BTreeMap<String, PrivacyBudget>,
     /// Federated evaluation (`evalEvery`): every this many rounds, and after
     /// the last, the round's trainers evaluate the new global model on their
     /// own held-out data. 0: never.
@@ -166,6 +171,15 @@ impl RunSpec {
     pub fn evaluates(&self, round: u32) -> bool {
         self.eval_every > 0 && round > 0 && (round.is_multiple_of(self.eval_every) || round == self.rounds)
     }
+}
+
+/// The most (ε, δ)-differential privacy all jobs together may spend on a dataset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyBudget {
+    /// ε.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
 }
 
 /// Where a forked job starts: a parent job's global model after a round,
@@ -352,6 +366,22 @@ pub enum JobEvent {
         /// Its error message.
         error: String,
     },
+    /// A trainer sits out a round: training on its dataset would take the
+    /// privacy spent on it (by every job) past the dataset's budget.
+    PrivacyRefused {
+        /// Round number.
+        round: u32,
+        /// The trainer task.
+        task_id: String,
+        /// Its dataset (URL).
+        dataset: String,
+        /// ε spent on the dataset before this round, at the budget's δ.
+        spent_epsilon: f64,
+        /// ε it would be after this round.
+        epsilon_after: f64,
+        /// The dataset's budget.
+        budget: PrivacyBudget,
+    },
     /// An aggregator refused an accepted update's blob (audit); it did not enter the aggregate.
     UpdateExcluded {
         /// Round number.
@@ -437,6 +467,7 @@ impl JobEvent {
             Self::JobCreated { .. } => "JobCreated",
             Self::JobUpdated { .. } => "JobUpdated",
             Self::JobForked(_) => "JobForked",
+            Self::PrivacyRefused { .. } => "PrivacyRefused",
             Self::JobStarting {} => "JobStarting",
             Self::TaskAssigned { .. } => "TaskAssigned",
             Self::JobDeploying {} => "JobDeploying",
@@ -551,7 +582,8 @@ fn decode_update(p: &serde_json::Value) -> Option<JobEvent> {
 /// (its training rows), 1 for the rest.
 pub fn schema_version(event_type: &str) -> u32 {
     match event_type {
-        "JobCreated" | "JobUpdated" | "TaskDeployed" => 2,
+        "JobCreated" | "JobUpdated" => 3,
+        "TaskDeployed" => 2,
         _ => 1,
     }
 }
@@ -563,6 +595,8 @@ pub fn upcasters() -> &'static Upcasters {
     UPCASTERS.get_or_init(|| {
         let mut u = Upcasters::default();
         u.register("JobCreated", 1, spec_v1_to_v2).register("JobUpdated", 1, spec_v1_to_v2);
+        // Version 3 may carry the datasets' privacy budgets; version 2 never did.
+        u.register("JobCreated", 2, Ok).register("JobUpdated", 2, Ok);
         // Version 2 of `TaskDeployed` may say how many training rows the task has; version 1 never did.
         u.register("TaskDeployed", 1, Ok);
         u
@@ -683,13 +717,23 @@ mod tests {
         // Arguments the job ran with are kept, even where today's checks are stricter.
         let odd = spec(created_v1(base(serde_json::json!({"optimizer": "trimmed_mean", "optimizer_kwargs": {"beta": 0.7}}))));
         assert_eq!(odd.optimizer, ServerOptimizer::TrimmedMean { beta: 0.7 });
-        // New events are written at version 2 and read back as they were.
+        // New events are written at version 3 and read back as they were; a version 2 event
+        // (no privacy budgets) reads as a version 3 one without any.
         let new = JobEvent::JobCreated { job_id: "j".into(), name: "n".into(), source: "s".into(), spec: adam.clone(), tasks: vec![] };
         let n = new.to_new_event("j", "user:u");
-        assert_eq!(n.schema_version, 2);
-        let mut e = envelope(n.payload);
-        (e.event_type, e.schema_version) = ("JobCreated".into(), 2);
-        assert_eq!(JobEvent::from_envelope(&e).expect("v2"), new);
+        assert_eq!(n.schema_version, 3);
+        let mut e = envelope(n.payload.clone());
+        (e.event_type, e.schema_version) = ("JobCreated".into(), 3);
+        assert_eq!(JobEvent::from_envelope(&e).expect("v3"), new);
+        let mut e2 = envelope(n.payload);
+        (e2.event_type, e2.schema_version) = ("JobCreated".into(), 2);
+        assert_eq!(JobEvent::from_envelope(&e2).expect("v2"), new);
+        let mut budgeted = adam.clone();
+        budgeted.privacy_budgets.insert("data.csv".into(), PrivacyBudget { epsilon: 8.0, delta: 1e-5 });
+        let with = JobEvent::JobCreated { job_id: "j".into(), name: "n".into(), source: "s".into(), spec: budgeted, tasks: vec![] };
+        let mut e3 = envelope(with.to_new_event("j", "user:u").payload);
+        (e3.event_type, e3.schema_version) = ("JobCreated".into(), 3);
+        assert_eq!(JobEvent::from_envelope(&e3).expect("v3 with budgets"), with);
         // An unknown optimizer in an old event is a decode error that names the event.
         let err = JobEvent::from_envelope(&created_v1(base(serde_json::json!({"optimizer": "fedmagic"})))).expect_err("unknown");
         assert!(err.to_string().contains("JobCreated") && err.to_string().contains("fedmagic"), "{err}");

@@ -409,6 +409,7 @@ impl JobView {
         let (outcome, reason) = match &event {
             JobEvent::ReportRejected { reason, .. } => (Outcome::Rejected, Some(reason.clone())),
             JobEvent::UpdateExcluded { reason, .. } => (Outcome::Excluded, Some(reason.clone())),
+            JobEvent::PrivacyRefused { .. } => (Outcome::Excluded, Some(detail(&event))),
             _ => (Outcome::Accepted, None),
         };
         self.audit.push(self.entry(e, Cow::Borrowed(event.event_type()), outcome, reason));
@@ -588,6 +589,8 @@ impl JobView {
                     r.failed.push(Failure { task_id, worker_id, error });
                 }
             }
+            // What a budget kept out shows in the audit (the round it concerns starts after it).
+            JobEvent::PrivacyRefused { .. } => {}
             JobEvent::UpdateExcluded { round, task_id, digest, reason } => {
                 self.status.excluded += 1;
                 self.tasks.entry(task_id.clone()).or_default().excluded += 1;
@@ -726,6 +729,10 @@ pub fn detail(event: &JobEvent) -> String {
         }
         JobEvent::TrainingClosed { round, dropped } => format!("round {round} closed at its deadline; dropped [{}]", dropped.join(", ")),
         JobEvent::UpdateExcluded { round, task_id, reason, .. } => format!("round {round}: {task_id} left out: {reason}"),
+        JobEvent::PrivacyRefused { round, task_id, dataset, spent_epsilon, epsilon_after, budget } => format!(
+            "round {round}: {task_id} sits out: its dataset {dataset} has spent epsilon {spent_epsilon:.3}, this round would make it {epsilon_after:.3}, over its budget of {} (delta {:e})",
+            budget.epsilon, budget.delta
+        ),
         JobEvent::TrainingFailed { round, task_id, worker_id, error } => {
             format!("round {round}: {task_id} on {worker_id} failed to train, sits the round out: {error}")
         }

@@ -11,6 +11,7 @@ mod lifecycle;
 mod logs;
 mod models;
 mod mqtt;
+mod privacy;
 mod python_sdk;
 mod relay;
 mod soak;

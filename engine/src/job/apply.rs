@@ -64,6 +64,7 @@ impl Job {
                 self.round.paired |= *round == self.round.number;
             }
             JobEvent::UpdateReported { round, task_id, digest, samples, staleness, client_state, metrics, .. } => {
+                *self.records.updates_made.entry(task_id.clone()).or_default() += 1;
                 // Only the coordinator balances by them: no map to grow in other jobs' folds.
                 if self.coordinator().is_some() {
                     self.records.samples.insert(task_id.clone(), *samples);
@@ -99,7 +100,7 @@ impl Job {
             }
             JobEvent::TrainingClosed { .. } => self.round.training_closed = true,
             JobEvent::ReportRejected { .. } => self.rejected += 1,
-            JobEvent::UpdateExcluded { .. } => {}
+            JobEvent::UpdateExcluded { .. } | JobEvent::PrivacyRefused { .. } => {}
             JobEvent::TrainingFailed { task_id, .. } => {
                 if self.is_async() {
                     // Idle again: the next round's selection may send it the newer model.

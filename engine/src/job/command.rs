@@ -52,6 +52,10 @@ pub enum JobCommand {
     StartRound {
         /// Now, ms since the epoch.
         now_ms: u64,
+        /// Differential privacy already spent by other jobs on the datasets
+        /// this job has budgets for (dataset URL -> their runs): the runner
+        /// reads it from the log; the job adds its own.
+        spent: BTreeMap<String, Vec<crate::accountant::Runs>>,
     },
     /// A durable timer came due.
     Fire {
@@ -174,7 +178,7 @@ impl Job {
             C::Update { name, source, spec, tasks } => Ok(vec![JobEvent::JobUpdated { name, source, spec, tasks }]),
             C::Start { now_ms } => Ok(self.start(now_ms)),
             C::Assign(assignments) => self.assign(&assignments),
-            C::StartRound { now_ms } => self.start_round(now_ms),
+            C::StartRound { now_ms, spent } => self.start_round(now_ms, &spent),
             C::Fire { timer, now_ms } => self.fire(timer, now_ms),
             C::LoseWorker { worker_id, replacements } => self.lose_worker(worker_id, replacements),
             C::Stop { reason } => Ok(vec![JobEvent::JobStopping { reason }]),

@@ -1,11 +1,12 @@
 //! A job's life around its rounds: starting and its deadlines, placing tasks,
 //! starting rounds, timers coming due, lost workers, completing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use flame_events::job::{JobEvent, Status, TaskSpec};
 
 use super::{Job, Rejection};
+use crate::accountant::Runs;
 
 /// How long a round (or the deployment) may wait when the job names no `roundTimeout`.
 pub const DEFAULT_ROUND_TIMEOUT_S: u64 = 600;
@@ -42,7 +43,7 @@ impl Job {
     }
 
     /// The next round, from the current global model, with its trainers and its deadline.
-    pub(super) fn start_round(&self, now_ms: u64) -> Result<Vec<JobEvent>, Rejection> {
+    pub(super) fn start_round(&self, now_ms: u64, spent: &BTreeMap<String, Vec<Runs>>) -> Result<Vec<JobEvent>, Rejection> {
         let global_model = self.global_model.clone().ok_or_else(|| Rejection::Unexpected("no global model yet".into()))?;
         if self.round_open() || self.rounds_completed >= self.total_rounds() {
             return Err(Rejection::Unexpected(format!(
@@ -52,10 +53,76 @@ impl Job {
             )));
         }
         let round = self.round.number + 1;
-        Ok(vec![
-            JobEvent::RoundStarted { round, global_model, selected: self.select(round) },
-            JobEvent::TimerSet { timer: round_timer(round), due_at_ms: now_ms.saturating_add(self.round_timeout_ms()) },
-        ])
+        let mut selected = self.select(round);
+        // Privacy budgets: a trainer whose dataset this round would take past its budget sits it out.
+        let refused = self.over_budget(round, &selected, spent);
+        let mut events: Vec<JobEvent> = refused.clone();
+        if !refused.is_empty() {
+            let out: BTreeSet<&str> = refused
+                .iter()
+                .filter_map(|e| match e {
+                    JobEvent::PrivacyRefused { task_id, .. } => Some(task_id.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if selected.is_empty() && !self.is_async() {
+                selected = self.active_trainers().map(|t| t.task_id.clone()).collect();
+            }
+            selected.retain(|t| !out.contains(t.as_str()));
+            let quorum = self.spec.as_ref().and_then(|s| s.quorum).map_or(1, |q| q as usize);
+            if !self.is_async() && selected.len() < quorum.max(1) {
+                events.push(JobEvent::JobFailed {
+                    reason: format!(
+                        "round {round}: the privacy budgets of the datasets of [{}] leave {} trainer(s), fewer than the quorum of {} (minClients); `flamectl privacy DATASET` shows the ledger",
+                        out.iter().copied().collect::<Vec<_>>().join(", "),
+                        selected.len(),
+                        quorum.max(1)
+                    ),
+                });
+                return Ok(events);
+            }
+        }
+        events.push(JobEvent::RoundStarted { round, global_model, selected });
+        events.push(JobEvent::TimerSet { timer: round_timer(round), due_at_ms: now_ms.saturating_add(self.round_timeout_ms()) });
+        Ok(events)
+    }
+
+    /// The trainers among `selected` (none: every active one) whose datasets
+    /// this round would take past their privacy budgets, as events: what was
+    /// spent (by other jobs, `spent`, and this one) and what the round would make it.
+    fn over_budget(&self, round: u32, selected: &[String], spent: &BTreeMap<String, Vec<Runs>>) -> Vec<JobEvent> {
+        let Some(spec) = self.spec.as_ref().filter(|s| !s.privacy_budgets.is_empty()) else { return Vec::new() };
+        // Each round a trainer takes part in, its whole clipped update gets noise: one run with q = 1.
+        let z = spec.training.privacy.map_or(0.0, |p| p.noise_factor);
+        let orders = crate::accountant::default_orders();
+        let candidates: Vec<&flame_events::job::TaskSpec> =
+            self.active_trainers().filter(|t| selected.is_empty() || selected.contains(&t.task_id)).collect();
+        let mut out = Vec::new();
+        for t in candidates {
+            let Some(dataset) = t.dataset.as_ref() else { continue };
+            let Some(budget) = spec.privacy_budgets.get(dataset) else { continue };
+            let mine: u64 = self
+                .trainers()
+                .filter(|o| o.dataset.as_ref() == Some(dataset))
+                .map(|o| self.records.updates_made.get(&o.task_id).copied().unwrap_or(0))
+                .sum();
+            let mut runs: Vec<Runs> = spent.get(dataset).cloned().unwrap_or_default();
+            runs.push(Runs { q: 1.0, z, steps: mine });
+            let (before, _) = crate::accountant::epsilon(&runs, budget.delta, &orders);
+            runs.push(Runs { q: 1.0, z, steps: 1 });
+            let (after, _) = crate::accountant::epsilon(&runs, budget.delta, &orders);
+            if after > budget.epsilon {
+                out.push(JobEvent::PrivacyRefused {
+                    round,
+                    task_id: t.task_id.clone(),
+                    dataset: dataset.clone(),
+                    spent_epsilon: before,
+                    epsilon_after: after,
+                    budget: *budget,
+                });
+            }
+        }
+        out
     }
 
     /// All rounds done: the final model.
@@ -262,7 +329,7 @@ mod tests {
     #[test]
     fn a_round_starts_with_its_deadline() {
         let job = History::created_with(2, |s| s.round_timeout_s = Some(5)).started().initialized().job();
-        let events = job.handle(JobCommand::StartRound { now_ms: 100 }).expect("round");
+        let events = job.handle(JobCommand::StartRound { now_ms: 100, spent: Default::default() }).expect("round");
         assert_eq!(
             events,
             vec![
@@ -331,7 +398,7 @@ mod tests {
         assert!(matches!(one.handle(JobCommand::Complete), Err(Rejection::Unexpected(_))));
 
         let two = History::created(2).started().initialized().round(1).round(2).job();
-        assert!(matches!(two.handle(JobCommand::StartRound { now_ms: 0 }), Err(Rejection::Unexpected(_))));
+        assert!(matches!(two.handle(JobCommand::StartRound { now_ms: 0, spent: Default::default() }), Err(Rejection::Unexpected(_))));
         let done = two.handle(JobCommand::Complete).expect("complete");
         assert!(matches!(&done[..], [JobEvent::JobCompleted { rounds_completed: 2, final_model, .. }] if final_model == "m2"));
         let completed = History::created(2).started().initialized().round(1).round(2).then(done[0].clone()).job();

@@ -105,6 +105,9 @@ pub struct TrainerRecords {
     pub client_states: BTreeMap<String, String>,
     /// Oort: what each trainer's last update said of its usefulness and speed.
     pub oort: BTreeMap<String, crate::oort::Stats>,
+    /// Updates each trainer made (with differential privacy, each is one run of the mechanism on its dataset).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub updates_made: BTreeMap<String, u64>,
     /// Coordinated jobs: training samples of each trainer's last update (what the coordinator balances).
     pub samples: BTreeMap<String, u64>,
 }

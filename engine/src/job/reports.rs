@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn the_initial_model_comes_from_the_aggregator_only() {
         let job = History::created(2).started().job();
-        assert!(matches!(job.handle(JobCommand::StartRound { now_ms: 0 }), Err(Rejection::Unexpected(_))));
+        assert!(matches!(job.handle(JobCommand::StartRound { now_ms: 0, spent: Default::default() }), Err(Rejection::Unexpected(_))));
         let from_trainer = job.handle(report("t0", 0, ReportBody::Initialized { digest: "x".into() }));
         assert!(matches!(from_trainer, Err(Rejection::Unexpected(_))));
         let events = job.handle(report("agg", 0, ReportBody::Initialized { digest: "m0".into() })).expect("init");

@@ -284,7 +284,7 @@ mod tests {
         for round in 1..=6 {
             let mut job = base.job();
             (job.round.number, job.rounds_completed) = (round - 1, round - 1);
-            let events = job.handle(JobCommand::StartRound { now_ms: 0 }).expect("round");
+            let events = job.handle(JobCommand::StartRound { now_ms: 0, spent: Default::default() }).expect("round");
             let JobEvent::RoundStarted { selected, .. } = &events[0] else { panic!("{events:?}") };
             assert_eq!(selected.len(), 1, "k = 1 of 2 trainers");
             picks.insert(selected[0].clone());
@@ -293,7 +293,7 @@ mod tests {
         }
         assert_eq!(picks.len(), 2, "both trainers are picked over six rounds");
 
-        let started = base.job().handle(JobCommand::StartRound { now_ms: 0 }).expect("round");
+        let started = base.job().handle(JobCommand::StartRound { now_ms: 0, spent: Default::default() }).expect("round");
         let JobEvent::RoundStarted { selected, .. } = &started[0] else { panic!() };
         let (chosen, other) = (selected[0].clone(), if selected[0] == "t0" { "t1" } else { "t0" });
         let history = History { events: base.events.clone() }.then(started[0].clone());

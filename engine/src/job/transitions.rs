@@ -188,7 +188,7 @@ pub(crate) mod tests {
             report("t1", 1, trained(1, "t1")),
             report("agg", 1, aggregated(1)),
             report("t1", 1, ReportBody::Failed { error: "disk full".into() }),
-            JobCommand::StartRound { now_ms: 0 },
+            JobCommand::StartRound { now_ms: 0, spent: Default::default() },
             JobCommand::Fire { timer: DEPLOY.into(), now_ms: LATE },
             JobCommand::Fire { timer: MAX_RUN_TIME.into(), now_ms: LATE },
             JobCommand::Fire { timer: round_timer(1), now_ms: LATE },
