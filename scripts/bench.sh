@@ -9,6 +9,7 @@
 #   scripts/bench.sh torchscript  training throughput of a TorchScript module: the worker's loop vs PyTorch's Python loop (5 runs each, alternating)
 #   scripts/bench.sh worker-rss  idle resident memory of flame-worker, full and aggregator-only (no libtorch) release builds
 #   scripts/bench.sh python    per-round overhead and idle memory of Python trainers (flame-py-worker) vs Rust ones, same job
+#   scripts/bench.sh models    verify --models and whatif on a 100-round job; contributions (Shapley) cost vs trainers
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -32,6 +33,7 @@ case "${1:-store}" in
     bash scripts/services.sh run bash scripts/worker-rss.sh ;;
   drift) bash scripts/drift.sh ;;
   python) bash scripts/bench_python.sh ;;
+  models) bash scripts/bench_models.sh ;;
   kernels)
     cargo build -q --release -p flame-workers --bench kernels
     bench=$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -n 1)

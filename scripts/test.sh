@@ -51,7 +51,7 @@ rc=0
 bash scripts/services.sh run "${trace[@]}" cargo test --workspace --lib --bins --tests --quiet -- --test-threads=2 "$@" 2>&1 | tee "$log" || rc=$?
 summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "tests: %d passed, %d failed\n", p, f }' "$log")
 # Checks that could not run here say so (e.g. the comparison with Flame's fixtures in a clone).
-grep -o 'skipped: .*' "$log" || true
+grep -o '^skipped: .*\|[.]skipped: .*' "$log" | sed 's/^[.]*//' || true
 if [ -n "${FLAME_CHECK_PATHS:-}" ]; then
     python3 scripts/check-paths.py target/test-paths.trace "$root" || rc=1
     rm -f target/test-paths.trace

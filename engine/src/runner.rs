@@ -394,7 +394,7 @@ impl Runner {
                 () = self.wake.notified() => {}
                 next = inbox.next() => match next {
                     None => return Err(Error::Definition("the report inbox closed".into())),
-                    Some(Err(e)) => tracing::warn!(job = job_id, "unreadable report skipped: {e}"),
+                    Some(Err(e)) => tracing::warn!(job = job_id, "reading the report inbox: {e}"),
                     Some(Ok(delivery)) => {
                         // Take every report already waiting, in one append: with many workers,
                         // reports come in bursts, and both appending and deciding cost per call.
@@ -402,7 +402,7 @@ impl Runner {
                         while deliveries.len() < MAX_REPORT_BATCH {
                             match inbox.next().now_or_never() {
                                 Some(Some(Ok(d))) => deliveries.push(d),
-                                Some(Some(Err(e))) => tracing::warn!(job = job_id, "unreadable report skipped: {e}"),
+                                Some(Some(Err(e))) => tracing::warn!(job = job_id, "reading the report inbox: {e}"),
                                 Some(None) | None => break,
                             }
                         }
