@@ -188,6 +188,8 @@ struct Checked {
     rederived: Option<String>,
     ok: bool,
     problems: Vec<String>,
+    /// What went in: task, worker (trainers' updates) and digest.
+    input_blobs: Vec<serde_json::Value>,
 }
 
 /// `flamectl verify JOB --models`.
@@ -244,6 +246,11 @@ pub async fn verify(job_id: &str, source: &Source, blobs: &Blobs, output: Output
             ok: problems.is_empty(),
             rederived,
             problems,
+            input_blobs: a
+                .used()
+                .iter()
+                .map(|u| serde_json::json!({"task": u.task_id, "worker": a.workers.get(&u.task_id), "digest": u.digest}))
+                .collect(),
         });
     }
     // The final model is the last round's.
@@ -290,6 +297,20 @@ pub async fn verify(job_id: &str, source: &Source, blobs: &Blobs, output: Output
                 )?;
                 for p in &c.problems {
                     outln!("       round {}, {}: {p}", c.round, c.aggregator)?;
+                }
+                if !c.ok {
+                    let inputs: Vec<String> = c
+                        .input_blobs
+                        .iter()
+                        .map(|i| {
+                            format!(
+                                "{} {}",
+                                i["task"].as_str().unwrap_or("?"),
+                                i["digest"].as_str().unwrap_or("?").chars().take(12).collect::<String>()
+                            )
+                        })
+                        .collect();
+                    outln!("       its inputs: {}", inputs.join(", "))?;
                 }
             }
         }

@@ -170,6 +170,8 @@ fn a_swapped_or_missing_update_or_a_forged_model_fails_naming_the_round() {
     assert_eq!(round4["recorded"], forged.as_str());
     let problems = round4["problems"].to_string();
     assert!(problems.contains("first difference: parameter '"), "the first differing tensor is named: {problems}");
+    let inputs: Vec<&str> = round4["input_blobs"].as_array().expect("inputs").iter().filter_map(|i| i["task"].as_str()).collect();
+    assert_eq!(inputs, vec!["trainer-0", "trainer-1", "trainer-2"], "and so are its inputs");
     let text = said(&out);
     assert!(text.contains("the first is round 4"), "{text}");
 }
