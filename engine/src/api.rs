@@ -203,6 +203,7 @@ impl Api {
         Router::new()
             .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
             .route("/healthz", get(|| async { "ok" }))
+            .route("/metrics", get(metrics_text))
             .route("/designs", get(list_designs).post(create_design))
             .route("/designs/{id}", get(get_design).delete(delete_design))
             .route("/designs/{id}/schema", get(get_schema).put(put_schema))
@@ -577,6 +578,22 @@ async fn delete_job(State(api): State<Api>, user: User, UrlPath(id): UrlPath<Str
     live_job(&api, &id).await?;
     api.runner.delete(&id, &user.actor()).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Prometheus' text exposition of the engine's metrics (`crate::metrics`), with the jobs by state read now.
+async fn metrics_text(State(api): State<Api>) -> Result<([(axum::http::header::HeaderName, &'static str); 1], String), ApiError> {
+    let m = crate::metrics::get();
+    let mut by_state: BTreeMap<String, i64> = BTreeMap::new();
+    for id in api.runner.job_ids().await? {
+        let job = api.runner.load(&id).await?;
+        let state = serde_json::to_value(job.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        *by_state.entry(state).or_default() += 1;
+    }
+    m.jobs.reset();
+    for (state, n) in by_state {
+        m.jobs.with_label_values(&[state.as_str()]).set(n);
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()))
 }
 
 /// A fork asked for (`POST /jobs/{id}/fork`): see `flamectl fork`.

@@ -12,6 +12,7 @@ pub mod job;
 pub mod ledger;
 pub mod links;
 pub mod load;
+pub mod metrics;
 pub mod oort;
 pub mod persist;
 pub mod plan;

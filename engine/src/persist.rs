@@ -134,8 +134,16 @@ impl Jobs {
             if !fence.holds() {
                 return Err(Error::Fenced);
             }
+            let appending = std::time::Instant::now();
             match self.store.append(&job::stream_id(job_id), expected, new).await {
                 Ok(_) => {
+                    let optimizer = next.spec.as_ref().map_or("", |s| s.optimizer.name());
+                    crate::metrics::get().recorded(
+                        job_id,
+                        optimizer,
+                        &decided.iter().map(|(e, _)| e).collect::<Vec<_>>(),
+                        appending.elapsed(),
+                    );
                     self.remember(job_id, &next);
                     for (i, (e, cause)) in decided.iter().enumerate() {
                         tracing::debug!(job = job_id, event = e.event_type(), version = job.version + 1 + i as u64, actor = %cause.actor, "recorded");

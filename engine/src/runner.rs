@@ -343,6 +343,7 @@ impl Runner {
                 match action {
                     Action::Send { worker_id, command } => {
                         if sent.insert((worker_id.clone(), command.id.clone())) {
+                            crate::metrics::get().sent(&command);
                             sends.push((worker_id, command));
                         }
                     }
@@ -437,6 +438,7 @@ impl Runner {
     async fn take_reports(&self, job_id: &str, fence: &Fence, reports: Vec<Report>) -> Result<(), Error> {
         if !reports.is_empty() {
             self.jobs.take_reports(job_id, fence, &reports).await.map_err(|e| Error::from_write(job_id, e))?;
+            crate::metrics::get().answered(reports.iter().map(|r| r.command_id.as_str()));
         }
         Ok(())
     }

@@ -722,3 +722,102 @@ async fn engine_replicas_drive_each_job_once_and_take_over_a_dead_ones_jobs() {
     let rounds_run: Vec<u64> = of_type(&forked, "RoundStarted").map(|e| e.payload["round"].as_u64().unwrap_or(0)).collect();
     assert_eq!(rounds_run, (14..=rounds).collect::<Vec<_>>());
 }
+
+/// Prometheus' text format, parsed by a real parser; each sample's (name, labels) -> value.
+fn scrape(url: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
+    let body = ureq::get(url).call().expect("scrape").body_mut().read_to_string().expect("body");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("the exposition parses");
+    scrape
+        .samples
+        .into_iter()
+        .map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            };
+            let labels: BTreeMap<String, String> = s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            (s.metric, labels, value)
+        })
+        .collect()
+}
+
+fn sample(samples: &[(String, BTreeMap<String, String>, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(_, _, v)| *v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_on_the_engine_and_workers_agree_with_the_jobs_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = Nats::start(free_port(), &dir.path().join("js"));
+    connect(&nats.url).await;
+    let db = format!("flame_metrics_{}", unique());
+    let tokens = dir.path().join("tokens");
+    let token = add_token(&tokens, "ada");
+    let mut procs = Processes::default();
+    let mut worker_ports = BTreeMap::new();
+    for (id, roles, realm) in DIGITS_WORKERS {
+        let port = free_port();
+        worker_ports.insert(id, port);
+        procs.spawn(
+            Command::new(bin("flame-worker"))
+                .args(["--nats", &nats.url, "--id", id, "--roles", roles, "--realm", realm, "--metrics", &format!("127.0.0.1:{port}")])
+                .arg("--data-root")
+                .arg(crate::util::examples())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null()),
+        );
+    }
+    let port = free_port();
+    serve(&mut procs, &nats.url, &db, port, &tokens);
+    let http = Http::new(port, Some(&token));
+    http.wait_ready();
+    let rounds = 4;
+    let wf = digits_workflow(|wf| wf["modelSpec"]["hyperparameters"]["rounds"] = json!(rounds));
+    let (status, job) = http.call("POST", "/jobs", Some(&wf.to_string()));
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().expect("id").to_string();
+    assert_eq!(http.call("PUT", &format!("/jobs/{id}/status"), Some(r#"{"state":"start"}"#)).0, 200);
+    let store = flame_stores::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
+    let events = wait_for(&store, &id, "the end", 180, |ev| ev.last().is_some_and(|e| e.event_type == "JobCompleted")).await;
+
+    // The engine: its counters equal what the job's log holds; the job counts as completed.
+    let engine = scrape(&format!("http://127.0.0.1:{port}/metrics"));
+    let count = |t: &str| of_type(&events, t).count() as f64;
+    assert_eq!(sample(&engine, "flame_rounds_aggregated_total", &[("optimizer", "fedavg")]), f64::from(rounds));
+    assert_eq!(sample(&engine, "flame_updates_total", &[("outcome", "accepted")]), count("UpdateReported"));
+    assert_eq!(sample(&engine, "flame_updates_total", &[("outcome", "refused")]), count("ReportRejected"));
+    for t in ["JobCreated", "RoundStarted", "UpdateReported", "RoundAggregated", "JobCompleted"] {
+        assert_eq!(sample(&engine, "flame_events_recorded_total", &[("type", t)]), count(t), "{t}");
+    }
+    assert_eq!(sample(&engine, "flame_events_recorded_total", &[]), events.len() as f64, "every event this engine recorded");
+    assert_eq!(sample(&engine, "flame_jobs", &[("state", "completed")]), 1.0);
+    // Histograms: a round's duration for every round, an aggregation's for every aggregate, an append for each write.
+    assert_eq!(sample(&engine, "flame_round_duration_seconds_count", &[]), f64::from(rounds));
+    assert_eq!(sample(&engine, "flame_aggregation_duration_seconds_count", &[("tier", "top")]), f64::from(rounds));
+    assert!(sample(&engine, "flame_store_append_seconds_count", &[]) >= 1.0);
+    let trains = sample(&engine, "flame_commands_sent_total", &[("kind", "train")]);
+    assert!(trains >= count("UpdateReported"), "a train command for every update: {trains}");
+    assert_eq!(sample(&engine, "flame_commands_in_flight", &[]), 0.0, "nothing in flight after the job");
+
+    // Each worker: the commands it ran, by kind, agree with the log's events caused by them.
+    let mut updates_by_worker: BTreeMap<String, f64> = BTreeMap::new();
+    for e in of_type(&events, "UpdateReported") {
+        *updates_by_worker.entry(e.payload["worker_id"].as_str().unwrap_or_default().to_string()).or_default() += 1.0;
+    }
+    for (id, port) in &worker_ports {
+        let w = scrape(&format!("http://127.0.0.1:{port}/metrics"));
+        let want_train = updates_by_worker.get(*id).copied().unwrap_or(0.0);
+        assert_eq!(sample(&w, "flame_worker_commands_total", &[("kind", "train"), ("outcome", "ok")]), want_train, "worker {id}");
+        assert_eq!(sample(&w, "flame_worker_commands_total", &[("outcome", "failed")]), 0.0, "worker {id}");
+        if *id == "agg" {
+            assert_eq!(sample(&w, "flame_worker_commands_total", &[("kind", "aggregate"), ("outcome", "ok")]), f64::from(rounds));
+        }
+        assert!(sample(&w, "flame_worker_blob_bytes_total", &[("direction", "in")]) > 0.0, "worker {id} read models");
+        assert!(sample(&w, "flame_worker_command_duration_seconds_count", &[]) >= want_train);
+    }
+}

@@ -14,6 +14,7 @@ pub mod fedbuff;
 pub(crate) mod fit;
 pub mod images;
 pub mod kernels;
+pub mod metrics;
 pub mod model;
 pub mod numpy;
 pub mod optimizers;

@@ -198,6 +198,11 @@ impl Worker {
             Err(e) => ReportBody::Failed { error: format!("{e:#}") },
         };
         tracing::info!(worker = %self.info.id, command = %command.id, ms = started.elapsed().as_millis() as u64, failed = matches!(body, ReportBody::Failed { .. }), "command done");
+        let kind = serde_json::to_value(&command.body)
+            .ok()
+            .and_then(|v| v["kind"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "unreadable".into());
+        crate::metrics::get().ran(&kind, !matches!(body, ReportBody::Failed { .. }), started.elapsed());
         let report = Report::answering(command, &self.info.id, body);
         let mut done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if done.len() >= REMEMBERED {
@@ -213,21 +218,27 @@ impl Worker {
 
     async fn fetch(&self, digest: &str) -> anyhow::Result<Weights> {
         let bytes = self.blobs.get(digest).await.with_context(|| format!("fetching model {digest}"))?;
+        crate::metrics::get().read(bytes.len());
         weights::decode(&bytes).with_context(|| format!("reading model {digest}"))
     }
 
     async fn store(&self, w: &Weights) -> anyhow::Result<String> {
-        Ok(self.blobs.put(weights::encode(w)?).await?)
+        let bytes = weights::encode(w)?;
+        crate::metrics::get().wrote(bytes.len());
+        Ok(self.blobs.put(bytes).await?)
     }
 
     /// A model's whole state (parameters, buffers, counters).
     async fn fetch_state(&self, digest: &str) -> anyhow::Result<State> {
         let bytes = self.blobs.get(digest).await.with_context(|| format!("fetching model {digest}"))?;
+        crate::metrics::get().read(bytes.len());
         weights::decode_state(&bytes).with_context(|| format!("reading model {digest}"))
     }
 
     async fn store_state(&self, s: &State) -> anyhow::Result<String> {
-        Ok(self.blobs.put(weights::encode_state(s)?).await?)
+        let bytes = weights::encode_state(s)?;
+        crate::metrics::get().wrote(bytes.len());
+        Ok(self.blobs.put(bytes).await?)
     }
 
     /// The user's TorchScript model file a model names, fetched once by its sha256.

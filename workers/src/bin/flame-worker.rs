@@ -50,6 +50,9 @@ struct Args {
     /// symlinks out. Default: the folder the worker starts in.
     #[arg(long = "data-root", env = "FLAME_DATA_ROOTS", value_delimiter = ':', value_name = "DIR")]
     data_roots: Vec<std::path::PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (commands by kind and outcome, their durations, blob bytes).
+    #[arg(long, env = "FLAME_METRICS", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +76,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let dirs = if args.data_roots.is_empty() { vec![std::env::current_dir().context("the current folder")?] } else { args.data_roots };
     let roots = DataRoots::new(&dirs).map_err(|e| anyhow::anyhow!("{e} (--data-root)"))?;
     model::init_backend();
+    if let Some(addr) = args.metrics {
+        let bound = flame_workers::metrics::serve(addr).await?;
+        tracing::info!("metrics at http://{bound}/metrics");
+    }
     let transport = Nats::connect_worker(&args.nats, &args.auth, &args.id).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
