@@ -580,6 +580,9 @@ async fn delete_job(State(api): State<Api>, user: User, UrlPath(id): UrlPath<Str
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The name of the engine's relay (its checkpoint is `relay:<name>`).
+pub const RELAY: &str = "engine";
+
 /// Prometheus' text exposition of the engine's metrics (`crate::metrics`), with the jobs by state read now.
 async fn metrics_text(State(api): State<Api>) -> Result<([(axum::http::header::HeaderName, &'static str); 1], String), ApiError> {
     let m = crate::metrics::get();
@@ -593,6 +596,8 @@ async fn metrics_text(State(api): State<Api>) -> Result<([(axum::http::header::H
     for (state, n) in by_state {
         m.jobs.with_label_values(&[state.as_str()]).set(n);
     }
+    let relayed = api.store.load_checkpoint(&format!("relay:{RELAY}")).await?;
+    m.relay_lag.set(api.store.read_all(relayed + 1, 10_000).await?.len() as i64);
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()))
 }
 

@@ -803,6 +803,14 @@ async fn metrics_on_the_engine_and_workers_agree_with_the_jobs_events() {
     let trains = sample(&engine, "flame_commands_sent_total", &[("kind", "train")]);
     assert!(trains >= count("UpdateReported"), "a train command for every update: {trains}");
     assert_eq!(sample(&engine, "flame_commands_in_flight", &[]), 0.0, "nothing in flight after the job");
+    // The relay catches up with the log.
+    assert!(engine.iter().any(|(n, _, _)| n == "flame_relay_lag_events"), "the relay's lag is exported");
+    assert!(engine.iter().any(|(n, _, _)| n == "flame_jobs"), "jobs by state are exported");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sample(&scrape(&format!("http://127.0.0.1:{port}/metrics")), "flame_relay_lag_events", &[]) > 0.0 {
+        assert!(Instant::now() < deadline, "the relay did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Each worker: the commands it ran, by kind, agree with the log's events caused by them.
     let mut updates_by_worker: BTreeMap<String, f64> = BTreeMap::new();

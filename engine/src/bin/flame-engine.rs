@@ -277,7 +277,7 @@ async fn connect(c: &Connect) -> anyhow::Result<Engine> {
                         let ended = async move {
                             let _ = end.wait_for(|e| *e).await;
                         };
-                        let result = match Relay::with_replicas(store, js, "engine", replicas).await {
+                        let result = match Relay::with_replicas(store, js, flame_engine::api::RELAY, replicas).await {
                             Ok(relay) => relay.run(Duration::from_millis(100), ended).await,
                             Err(e) => Err(e),
                         };
