@@ -49,6 +49,27 @@ pub async fn job_events(job_id: &str, source: &Source) -> anyhow::Result<Vec<(u6
         .collect()
 }
 
+/// A job's events and the aggregations they record, with the command of each.
+async fn job_aggregations(job_id: &str, source: &Source) -> anyhow::Result<(Vec<(u64, JobEvent)>, Vec<Aggregation>)> {
+    let events = job_events(job_id, source).await?;
+    let aggs = rederive::aggregations(events.iter().map(|(v, e)| (*v, e))).map_err(|u| {
+        anyhow::anyhow!(
+            "job '{job_id}': the aggregate of '{}' in round {} (v{}) cannot be re-derived: {}",
+            u.task_id,
+            u.round,
+            u.version,
+            u.reason
+        )
+    })?;
+    Ok((events, aggs))
+}
+
+/// The folders held-out data may be read from: those given, or the current one.
+fn data_roots(given: &[std::path::PathBuf]) -> anyhow::Result<flame_workers::roots::DataRoots> {
+    let dirs = if given.is_empty() { vec![std::env::current_dir()?] } else { given.to_vec() };
+    flame_workers::roots::DataRoots::new(&dirs).map_err(anyhow::Error::msg)
+}
+
 /// Runs aggregate commands again with the workers' own code, reading the
 /// job's blobs and keeping what it writes in memory.
 pub struct Rerun {
@@ -194,16 +215,7 @@ struct Checked {
 
 /// `flamectl verify JOB --models`.
 pub async fn verify(job_id: &str, source: &Source, blobs: &Blobs, output: Output) -> anyhow::Result<ExitCode> {
-    let events = job_events(job_id, source).await?;
-    let aggs = rederive::aggregations(events.iter().map(|(v, e)| (*v, e))).map_err(|u| {
-        anyhow::anyhow!(
-            "job '{job_id}': the aggregate of '{}' in round {} (v{}) cannot be re-derived: {}",
-            u.task_id,
-            u.round,
-            u.version,
-            u.reason
-        )
-    })?;
+    let (events, aggs) = job_aggregations(job_id, source).await?;
     let rerun = Rerun::new(blobs.open().await?, None);
     let mut checked = Vec::new();
     for a in &aggs {
@@ -371,16 +383,7 @@ struct Compared {
 /// each update's change (the update less the model it trained from) is applied
 /// to the counterfactual model instead.
 pub async fn whatif(job_id: &str, source: &Source, blobs: &Blobs, change: &WhatIf, output: Output) -> anyhow::Result<ExitCode> {
-    let events = job_events(job_id, source).await?;
-    let aggs = rederive::aggregations(events.iter().map(|(v, e)| (*v, e))).map_err(|u| {
-        anyhow::anyhow!(
-            "job '{job_id}': the aggregate of '{}' in round {} (v{}) cannot be re-derived: {}",
-            u.task_id,
-            u.round,
-            u.version,
-            u.reason
-        )
-    })?;
+    let (events, aggs) = job_aggregations(job_id, source).await?;
     let Some(real) = aggs.iter().find(|a| a.top).map(|a| match &a.command.body {
         CommandBody::Aggregate { optimizer, .. } => *optimizer,
         _ => ServerOptimizer::FedAvg,
@@ -404,13 +407,7 @@ pub async fn whatif(job_id: &str, source: &Source, blobs: &Blobs, change: &WhatI
     if let Some(x) = change.exclude.iter().find(|x| !known.contains(x.as_str())) {
         bail!("--exclude {x}: no update of job '{job_id}' came from a task or worker of that name");
     }
-    let roots = {
-        let mut r = change.roots.clone();
-        if r.is_empty() {
-            r.push(std::env::current_dir()?);
-        }
-        flame_workers::roots::DataRoots::new(&r).map_err(anyhow::Error::msg)?
-    };
+    let roots = data_roots(&change.roots)?;
     let rerun = Rerun::new(blobs.open().await?, Some(roots));
     let excluded = |task: &str, a: &Aggregation| change.exclude.iter().any(|x| x == task || a.workers.get(task).is_some_and(|w| w == x));
     let mut world = Counterfactual::new(None);
@@ -651,23 +648,8 @@ pub async fn contributions(
 ) -> anyhow::Result<ExitCode> {
     use flame_engine::shapley;
     let started = std::time::Instant::now();
-    let events = job_events(job_id, source).await?;
-    let aggs = rederive::aggregations(events.iter().map(|(v, e)| (*v, e))).map_err(|u| {
-        anyhow::anyhow!(
-            "job '{job_id}': the aggregate of '{}' in round {} (v{}) cannot be re-derived: {}",
-            u.task_id,
-            u.round,
-            u.version,
-            u.reason
-        )
-    })?;
-    let roots = {
-        let mut r = roots.to_vec();
-        if r.is_empty() {
-            r.push(std::env::current_dir()?);
-        }
-        flame_workers::roots::DataRoots::new(&r).map_err(anyhow::Error::msg)?
-    };
+    let (_, aggs) = job_aggregations(job_id, source).await?;
+    let roots = data_roots(roots)?;
     let rerun = Rerun::new(blobs.open().await?, Some(roots));
     let handle = tokio::runtime::Handle::current();
     let mut rounds: std::collections::BTreeMap<u32, Vec<&Aggregation>> = Default::default();
