@@ -596,6 +596,15 @@ async fn metrics_text(State(api): State<Api>) -> Result<([(axum::http::header::H
     for (state, n) in by_state {
         m.jobs.with_label_values(&[state.as_str()]).set(n);
     }
+    m.heartbeat_age.reset();
+    match api.runner.heartbeat_ages().await {
+        Ok(ages) => {
+            for (worker, age) in ages {
+                m.heartbeat_age.with_label_values(&[worker.as_str()]).set(age);
+            }
+        }
+        Err(e) => tracing::warn!("metrics: cannot read the worker registry: {e}"),
+    }
     let relayed = api.store.load_checkpoint(&format!("relay:{RELAY}")).await?;
     m.relay_lag.set(api.store.read_all(relayed + 1, 10_000).await?.len() as i64);
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()))

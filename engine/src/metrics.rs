@@ -31,6 +31,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Jobs by state (set when scraped).
     pub jobs: IntGaugeVec,
+    /// Seconds since each live worker's last heartbeat (set when scraped).
+    pub heartbeat_age: prometheus::GaugeVec,
     /// Events committed to the store and not yet published on JetStream by the relay (set when scraped, at most 10,000).
     pub relay_lag: IntGauge,
     pending: Mutex<Pending>,
@@ -66,6 +68,12 @@ pub fn get() -> &'static Metrics {
         let seconds = prometheus::exponential_buckets(0.005, 2.0, 14).expect("buckets");
         let in_flight = IntGauge::new("flame_commands_in_flight", "Commands sent to workers and not answered yet").expect("metric");
         r.register(Box::new(in_flight.clone())).expect("registered once");
+        let heartbeat_age = prometheus::GaugeVec::new(
+            Opts::new("flame_worker_heartbeat_age_seconds", "Seconds since each live worker's last heartbeat"),
+            &["worker"],
+        )
+        .expect("metric");
+        r.register(Box::new(heartbeat_age.clone())).expect("registered once");
         let relay_lag = IntGauge::new("flame_relay_lag_events", "Events committed and not yet published by the relay (10000: at least)")
             .expect("metric");
         r.register(Box::new(relay_lag.clone())).expect("registered once");
@@ -93,6 +101,7 @@ pub fn get() -> &'static Metrics {
             commands: counter(&r, "flame_commands_sent_total", "Commands sent to workers, by kind", &["kind"]),
             in_flight,
             jobs,
+            heartbeat_age,
             relay_lag,
             pending: Mutex::default(),
             registry: r,

@@ -253,6 +253,11 @@ impl Runner {
         Ok(job)
     }
 
+    /// Seconds since each live worker's last heartbeat.
+    pub async fn heartbeat_ages(&self) -> Result<Vec<(String, f64)>, Error> {
+        Ok(self.transport.heartbeat_ages().await?)
+    }
+
     /// Every job id in the store, oldest first (a scan of the global log).
     pub async fn job_ids(&self) -> Result<Vec<String>, Error> {
         Ok(flame_events::store::stream_ids(self.store.as_ref(), "job-").await?)

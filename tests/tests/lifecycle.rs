@@ -806,6 +806,12 @@ async fn metrics_on_the_engine_and_workers_agree_with_the_jobs_events() {
     // The relay catches up with the log.
     assert!(engine.iter().any(|(n, _, _)| n == "flame_relay_lag_events"), "the relay's lag is exported");
     assert!(engine.iter().any(|(n, _, _)| n == "flame_jobs"), "jobs by state are exported");
+    // Every worker heartbeats (every few seconds): each is listed, recently seen.
+    for id in worker_ports.keys() {
+        let age =
+            engine.iter().find(|(n, l, _)| n == "flame_worker_heartbeat_age_seconds" && l.get("worker").map(String::as_str) == Some(*id));
+        assert!(age.is_some_and(|(_, _, a)| *a > 0.0 && *a < 30.0), "worker {id}'s heartbeat age, from the registry's entry time: {age:?}");
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while sample(&scrape(&format!("http://127.0.0.1:{port}/metrics")), "flame_relay_lag_events", &[]) > 0.0 {
         assert!(Instant::now() < deadline, "the relay did not catch up");

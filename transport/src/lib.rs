@@ -117,6 +117,10 @@ pub trait Transport: Send + Sync {
     async fn register(&self, info: &WorkerInfo) -> Result<(), Error>;
     /// Lists live workers, sorted by id.
     async fn workers(&self) -> Result<Vec<WorkerInfo>, Error>;
+    /// Seconds since each live worker's last heartbeat, by id (0 where the transport keeps no times).
+    async fn heartbeat_ages(&self) -> Result<Vec<(String, f64)>, Error> {
+        Ok(self.workers().await?.into_iter().map(|w| (w.id, 0.0)).collect())
+    }
     /// Sends a command to one worker.
     async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), Error>;
     /// The commands addressed to one worker, durable across restarts where the transport is.
@@ -549,6 +553,22 @@ impl Transport for Nats {
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn heartbeat_ages(&self) -> Result<Vec<(String, f64)>, Error> {
+        let keys: Vec<String> = self.workers.keys().await.map_err(nats)?.try_collect().await.map_err(nats)?;
+        let entries: Vec<_> =
+            futures::stream::iter(keys).map(|k| async move { self.workers.entry(&k).await }).buffer_unordered(64).collect().await;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+        let mut out = Vec::new();
+        for entry in entries {
+            // The entry's time is its last write: the worker's last heartbeat.
+            if let Some(e) = entry.map_err(nats)?.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put) {
+                out.push((e.key.clone(), (now - e.created.unix_timestamp_nanos()).max(0) as f64 / 1e9));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
