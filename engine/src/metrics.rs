@@ -164,8 +164,8 @@ impl Metrics {
 
     /// A command this process sent for the first time.
     pub fn sent(&self, command: &flame_events::protocol::Command) {
-        let kind = serde_json::to_value(&command.body).ok().and_then(|v| v["kind"].as_str().map(str::to_string)).unwrap_or_default();
-        self.commands.with_label_values(&[kind.as_str()]).inc();
+        let kind = command.body.kind();
+        self.commands.with_label_values(&[kind]).inc();
         let mut p = self.pending();
         if p.unanswered.insert(command.id.clone()) {
             self.in_flight.inc();

@@ -212,6 +212,21 @@ pub enum CommandBody {
     },
 }
 
+impl CommandBody {
+    /// Its kind as on the wire (`body.kind`), `unreadable` for one that did not decode.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Deploy { .. } => "deploy",
+            Self::InitModel { .. } => "init_model",
+            Self::Train { .. } => "train",
+            Self::Coordinate { .. } => "coordinate",
+            Self::Evaluate { .. } => "evaluate",
+            Self::Aggregate { .. } => "aggregate",
+            Self::Unreadable { .. } => "unreadable",
+        }
+    }
+}
+
 impl Command {
     /// A command from its JSON bytes. One whose head reads but whose body
     /// does not becomes [`CommandBody::Unreadable`] (answered `failed`);
@@ -348,4 +363,16 @@ pub enum ReportBody {
         /// Why, for people.
         error: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_body_names_its_kind_as_on_the_wire() {
+        let body = CommandBody::Deploy { role: "trainer".into(), dataset: None };
+        assert_eq!(serde_json::to_value(&body).expect("json")["kind"], body.kind());
+        assert!(KINDS.contains(&body.kind()));
+    }
 }

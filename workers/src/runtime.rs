@@ -198,11 +198,7 @@ impl Worker {
             Err(e) => ReportBody::Failed { error: format!("{e:#}") },
         };
         tracing::info!(worker = %self.info.id, command = %command.id, ms = started.elapsed().as_millis() as u64, failed = matches!(body, ReportBody::Failed { .. }), "command done");
-        let kind = serde_json::to_value(&command.body)
-            .ok()
-            .and_then(|v| v["kind"].as_str().map(str::to_string))
-            .unwrap_or_else(|| "unreadable".into());
-        crate::metrics::get().ran(&kind, !matches!(body, ReportBody::Failed { .. }), started.elapsed());
+        crate::metrics::get().ran(command.body.kind(), !matches!(body, ReportBody::Failed { .. }), started.elapsed());
         let report = Report::answering(command, &self.info.id, body);
         let mut done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if done.len() >= REMEMBERED {
