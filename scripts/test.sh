@@ -30,6 +30,9 @@ export FLAME_SDK_BIN
 # Google's dp-accounting, the reference the privacy accountant is checked against.
 FLAME_DP_PYTHON="$(bash scripts/dp-venv.sh)"
 export FLAME_DP_PYTHON
+# A real MLflow tracking server, which the MLflow projection's tests start and read back.
+FLAME_MLFLOW_BIN="$(bash scripts/mlflow-venv.sh)"
+export FLAME_MLFLOW_BIN
 # The aggregator-only worker (no libtorch) for the tests that use it; then the
 # full build (test binaries and the binaries they start share it), which
 # relinks the usual flame-worker.

@@ -123,6 +123,29 @@ enum Cmd {
         /// (besides the job folder, which they always may).
         #[arg(long = "data-root", value_name = "DIR")]
         data_roots: Vec<PathBuf>,
+        /// Log the job to this MLflow tracking server (http://HOST:PORT): a
+        /// run with its params and each round's metrics, and the final model
+        /// as an artifact and a registered model version. Followed from the
+        /// event log: if MLflow is away, `flamectl mlflow` catches up later.
+        #[arg(long, env = "FLAME_MLFLOW")]
+        mlflow: Option<String>,
+    },
+    /// Bring an MLflow tracking server up to the event log: every job a run,
+    /// with its params, each round's metrics and the final model (what
+    /// `run --mlflow` and `flame-engine serve --mlflow` do as jobs go).
+    Mlflow {
+        /// The tracking server (http://HOST:PORT).
+        #[arg(long, env = "FLAME_MLFLOW")]
+        url: String,
+        /// Start from the log's beginning: every job is brought again (runs,
+        /// metric points and model versions already there are not repeated).
+        #[arg(long)]
+        rebuild: bool,
+        /// The event log: sqlite:PATH or mongodb://HOST:PORT/DB.
+        #[arg(long, env = "FLAME_STORE", default_value = "sqlite:.flame/events.db")]
+        store: String,
+        #[command(flatten)]
+        blobs: export::Blobs,
     },
     /// Check a job folder and show the tasks it expands to.
     Validate {
@@ -464,9 +487,19 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices, data_roots } => {
-            let remote = Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices };
+        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices, data_roots, mlflow } => {
+            let remote = Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices, mlflow: mlflow.as_deref() };
             run(Submit::Folder(&folder), output, &data_dir, remote, &data_roots).await
+        }
+        Cmd::Mlflow { url, rebuild, store, blobs } => {
+            let store = flame_stores::open_store(&store).await?;
+            let mut exporter = flame_engine::mlflow::export::Exporter::new(store, blobs.open().await?, &url);
+            if rebuild {
+                exporter.rebuild().await?;
+            }
+            let covered = exporter.catch_up().await?;
+            eprintln!("MLflow at {url} is up to the event log ({covered} new events)");
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Validate { folder, output } => validate(&folder, output),
         Cmd::Plan { folder, output, round } => show_plan(&folder, output, round),
@@ -512,7 +545,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             let request = flame_engine::fork::Request { from_round, exclude, unlearn, set: settings };
             let auth = flame_transport::NatsAuth::default();
-            let remote = Remote { nats: None, auth: &auth, local: None, mqtt_devices: false };
+            let remote = Remote { nats: None, auth: &auth, local: None, mqtt_devices: false, mlflow: None };
             run(Submit::Fork { parent: &job_id, request }, output, &data_dir, remote, &data_roots).await
         }
         Cmd::Privacy { dataset, delta, source, output } => models::privacy(&dataset, &source, delta, output).await,
@@ -639,6 +672,8 @@ struct Remote<'a> {
     auth: &'a flame_transport::NatsAuth,
     local: Option<Local>,
     mqtt_devices: bool,
+    /// The MLflow tracking server to log the job to.
+    mlflow: Option<&'a str>,
 }
 
 /// What `run` runs: a job folder, or a fork of a job in the store.
@@ -655,7 +690,7 @@ enum Submit<'a> {
 }
 
 async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote<'_>, data_roots: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let Remote { nats, auth, local, mqtt_devices } = remote;
+    let Remote { nats, auth, local, mqtt_devices, mlflow } = remote;
     let def = match &submit {
         Submit::Folder(folder) => match JobDefinition::load(folder) {
             Ok(d) => Some(d),
@@ -744,6 +779,19 @@ async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote
         (Submit::Folder(_), None) => unreachable!("a folder's definition was loaded above"),
     };
     let folder = folder.as_path();
+    // The MLflow projection follows the log while the job runs.
+    let mlflow = mlflow.map(|url| {
+        let mut exporter = flame_engine::mlflow::export::Exporter::new(store.clone(), blobs.clone(), url);
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            exporter
+                .follow(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await;
+            exporter
+        })
+    });
     runner.start(&job_id, &actor).await?;
 
     // One in-process worker per task, offering that task's role.
@@ -787,8 +835,27 @@ async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote
     // The read models (`flamectl replay --verify` compares with them).
     let models = flame_projections::store::open(&store_url).await?;
     flame_projections::ViewWriter::open(store.as_ref(), models.as_ref(), 1000).await?.catch_up().await?;
+    if let Some(task) = mlflow {
+        finish_mlflow(task.await.context("MLflow projection task")?, store.location()).await;
+    }
     print_summary(&job, &events, store.location(), started.elapsed(), output)?;
     Ok(if job.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Brings MLflow up to the end of the job, trying for up to a minute; if it
+/// stays away, says how to catch up later (the events are safe).
+async fn finish_mlflow(mut exporter: flame_engine::mlflow::export::Exporter, store: String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match exporter.catch_up().await {
+            Ok(_) => return,
+            Err(e) if Instant::now() >= deadline => {
+                eprintln!("warning: MLflow is behind the job: {e}; `flamectl mlflow --url URL --store {store}` brings it up later");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
 }
 
 /// The actor recorded for commands typed on this machine.

@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod links;
 pub mod load;
 pub mod metrics;
+pub mod mlflow;
 pub mod oort;
 pub mod persist;
 pub mod plan;

@@ -9,6 +9,7 @@ mod identity;
 mod inspect;
 mod lifecycle;
 mod logs;
+mod mlflow;
 mod models;
 mod mqtt;
 mod privacy;

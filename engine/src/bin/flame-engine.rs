@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use flame_engine::api::{Api, Tokens};
+use flame_engine::mlflow::export::Exporter;
 use flame_engine::{JobDefinition, Runner, runner};
 use flame_events::store::EventStore;
 use flame_projections::store::MongoViews;
@@ -69,6 +70,13 @@ enum Command {
         /// Tokens file (`flame-engine token add` writes it).
         #[arg(long, env = "FLAME_TOKENS")]
         tokens: PathBuf,
+        /// Log every job to this MLflow tracking server (http://HOST:PORT):
+        /// a run with its params and each round's metrics, and the final
+        /// model as an artifact and a registered model version. One replica
+        /// at a time follows the event log from its checkpoint, so an MLflow
+        /// outage delays the runs and loses nothing.
+        #[arg(long, env = "FLAME_MLFLOW")]
+        mlflow: Option<String>,
     },
     /// Submit a job folder (or workflow file), start it and run it to its end.
     Run {
@@ -221,6 +229,8 @@ struct Engine {
     /// Ends the work done under leases (the relay, the views).
     stop: tokio::sync::watch::Sender<bool>,
     relay: tokio::task::JoinHandle<()>,
+    /// The model blobs (NATS object store).
+    blobs: Arc<dyn flame_transport::blob::BlobStore>,
 }
 
 /// Keeps the job views in the database up to date until `stop` turns true; a
@@ -299,11 +309,11 @@ async fn connect(c: &Connect) -> anyhow::Result<Engine> {
         // Until the process ends: MQTT workers are served as long as the engine runs.
         tokio::spawn(flame_transport::mqtt::MqttAdapter::new(transport.clone(), blobs.clone()).run(std::future::pending()));
     }
-    let mut runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default()).with_blobs(blobs);
+    let mut runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default()).with_blobs(blobs.clone());
     if let Some(id) = &c.replica_id {
         runner = runner.with_actor(flame_events::Actor::Replica(id.clone()));
     }
-    Ok(Engine { store, runner, leases, stop, relay })
+    Ok(Engine { store, runner, leases, stop, relay, blobs })
 }
 
 impl Engine {
@@ -330,7 +340,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", flame_engine::api::openapi_json());
             Ok(())
         }
-        Command::Serve { connect: c, listen, tokens } => {
+        Command::Serve { connect: c, listen, tokens, mlflow } => {
             let tokens = Tokens::load(&tokens)?;
             let engine = connect(&c).await?;
             let api =
@@ -342,6 +352,25 @@ async fn main() -> anyhow::Result<()> {
                 let (leases, store, stopped) = (engine.leases.clone(), engine.store.clone(), engine.stop.subscribe());
                 tokio::spawn(async move { leases.serve("views", stopped, |end| project(store.clone(), views.clone(), end)).await })
             };
+            // One replica at a time keeps MLflow in step with the log.
+            let mlflow = mlflow.map(|url| {
+                let (leases, store, blobs, stopped) =
+                    (engine.leases.clone(), engine.store.clone(), engine.blobs.clone(), engine.stop.subscribe());
+                tokio::spawn(async move {
+                    leases
+                        .serve("mlflow", stopped, |mut end| {
+                            let mut exporter = Exporter::new(store.clone() as Arc<dyn EventStore>, blobs.clone(), &url);
+                            async move {
+                                exporter
+                                    .follow(async move {
+                                        let _ = end.wait_for(|e| *e).await;
+                                    })
+                                    .await
+                            }
+                        })
+                        .await
+                })
+            });
             let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!(
                 "flame-engine: API on http://{}, {} job(s) resumed, events in {}",
@@ -352,6 +381,9 @@ async fn main() -> anyhow::Result<()> {
             axum::serve(listener, api.router()).with_graceful_shutdown(flame_transport::shutdown_signal()).await?;
             let _ = engine.stop.send(true);
             projection.await.context("job projection task")?;
+            if let Some(task) = mlflow {
+                task.await.context("MLflow projection task")?;
+            }
             engine.close().await
         }
         Command::Run { connect: c, job } => {
