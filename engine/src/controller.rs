@@ -3,6 +3,7 @@
 //! commands come next. Pure, so the runner (effects on) and replay (effects
 //! off) share it.
 
+use flame_projections::trace;
 use std::collections::{BTreeMap, BTreeSet};
 
 use flame_events::algorithm::ServerOptimizer;
@@ -26,13 +27,31 @@ pub enum Action {
 }
 
 fn command(job: &Job, task_id: &str, round: u32, key: &str, body: CommandBody) -> Command {
+    let path = span_path(job, task_id, round, &body);
     Command {
         v: protocol::VERSION,
         id: format!("{}/{key}", job.job_id),
         job_id: job.job_id.clone(),
         task_id: task_id.to_string(),
         round,
+        traceparent: Some(trace::traceparent(&job.job_id, &path)),
         body,
+    }
+}
+
+/// Where a command's work sits in the job's trace (`flamectl trace`): the
+/// span the worker's own span joins as a child.
+fn span_path(job: &Job, task_id: &str, round: u32, body: &CommandBody) -> String {
+    match body {
+        CommandBody::Deploy { .. } => format!("setup/deploy/{task_id}"),
+        CommandBody::InitModel { .. } => "setup/initial model".into(),
+        CommandBody::Train { .. } => trace::round_path(round, "train", Some(task_id)),
+        // A middle aggregator's group aggregate, or the round's aggregate.
+        CommandBody::Aggregate { .. } if job.spec.as_ref().is_some_and(|s| s.uplinks.contains_key(task_id)) => {
+            trace::round_path(round, "group aggregates", Some(task_id))
+        }
+        CommandBody::Aggregate { .. } => trace::round_path(round, "aggregate", None),
+        CommandBody::Coordinate { .. } | CommandBody::Evaluate { .. } | CommandBody::Unreadable { .. } => format!("round {round}"),
     }
 }
 
@@ -385,6 +404,26 @@ mod tests {
 
         let last = History::created(2).started().initialized().round(1).round(2);
         assert_eq!(decide(&last.job(), 0, None), vec![Action::Handle(JobCommand::Complete)]);
+    }
+
+    /// Each command names its step's span in the job's trace, as `flamectl
+    /// trace` builds it from the events: the worker's span joins it.
+    #[test]
+    fn commands_carry_the_trace_context_of_their_step() {
+        let open = History::created(2).started().initialized().round_started(1);
+        let events = crate::testing::envelopes(&open.then(update(1, "t0")).then(update(1, "t1")).events);
+        let tree = trace::build(&events).expect("a trace");
+        let train = &tree.children.iter().find(|s| s.name == "round 1").expect("round 1").children[0];
+        let actions = decide(&History::created(2).started().initialized().round_started(1).job(), 0, None);
+        for a in &actions {
+            let Action::Send { command, .. } = a else { continue };
+            let task = train.children.iter().find(|t| t.name == command.task_id).expect("the task's span");
+            assert_eq!(command.traceparent, Some(format!("00-{}-{}-01", tree.trace_id, task.id)), "{}", command.task_id);
+        }
+        assert_eq!(actions.len(), 2);
+        let full = History::created(2).started().initialized().round_started(1).then(update(1, "t0")).then(update(1, "t1"));
+        let Some(Action::Send { command, .. }) = decide(&full.job(), 0, None).into_iter().next() else { panic!("aggregate") };
+        assert_eq!(command.traceparent, Some(trace::traceparent(crate::testing::JOB, "round 1/aggregate")));
     }
 
     /// The Evaluate commands among actions: (worker, round, global model).

@@ -155,6 +155,31 @@ impl History {
     }
 }
 
+/// The events as the store would return them for the test job's stream:
+/// versions and positions from 1, one second apart.
+pub fn envelopes(events: &[JobEvent]) -> Vec<flame_events::Envelope> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let n = e.to_new_event(JOB, "engine");
+            flame_events::Envelope {
+                event_id: n.event_id,
+                stream_id: format!("job-{JOB}"),
+                version: i as u64 + 1,
+                position: i as u64 + 1,
+                event_type: n.event_type,
+                schema_version: n.schema_version,
+                payload: n.payload,
+                recorded_at: chrono::DateTime::from_timestamp(1_700_000_000 + i as i64, 0).expect("time"),
+                causation_id: None,
+                correlation_id: None,
+                actor: n.actor,
+            }
+        })
+        .collect()
+}
+
 /// `UpdateReported` for a trainer task.
 pub fn update(round: u32, task: &str) -> JobEvent {
     JobEvent::UpdateReported {

@@ -108,6 +108,11 @@ pub struct Command {
     pub round: u32,
     /// What to do.
     pub body: CommandBody,
+    /// W3C trace context: the engine's span of this step in the job's trace
+    /// (`00-<trace id>-<span id>-01`), for the worker's own span to join as
+    /// a child. Absent from engines that predate it; workers may ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// The kinds of work.
@@ -244,6 +249,8 @@ impl Command {
             task_id: String,
             round: u32,
             body: serde_json::Value,
+            #[serde(default)]
+            traceparent: Option<String>,
         }
         let head: Head = serde_json::from_slice(bytes)?;
         let reason = match head.body.get("kind").and_then(serde_json::Value::as_str) {
@@ -259,6 +266,7 @@ impl Command {
             job_id: head.job_id,
             task_id: head.task_id,
             round: head.round,
+            traceparent: head.traceparent,
             body: CommandBody::Unreadable { reason },
         })
     }

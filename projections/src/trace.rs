@@ -2,6 +2,13 @@
 //! rounds -> steps (placement, deploy, train, aggregate) -> tasks. Each
 //! round's critical path (its slowest trainer, then the aggregation) is
 //! marked. Renders as a text tree or as Chrome trace-event JSON (Perfetto).
+//!
+//! Ids are OpenTelemetry's: the trace id is the job id's 16 bytes (a hash of
+//! it when it is no UUID), and a span's id is a hash of the job id and the
+//! span's path (`round 3/train/trainer-1`). The engine knows a step's path
+//! when it sends the command, so it can name the span as the parent of the
+//! worker's own (the command's `traceparent`), and the spans it exports later
+//! from the log carry the same ids.
 
 use std::collections::BTreeMap;
 
@@ -31,13 +38,69 @@ pub struct Span {
     pub finished: bool,
     /// On its round's critical path.
     pub critical: bool,
+    /// Where it sits: the names from the job down, `/`-separated (`""` for the job).
+    pub path: String,
+    /// Its OpenTelemetry span id (16 hex digits): [`span_id`] of the job and the path.
+    pub id: String,
+    /// The job's OpenTelemetry trace id (32 hex digits), the same in every span of the job.
+    pub trace_id: String,
     /// Parts.
     pub children: Vec<Span>,
 }
 
+fn sha256(parts: &[&str]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().into()
+}
+
+/// A job's OpenTelemetry trace id (32 hex digits): its id's bytes when it is a UUID.
+pub fn trace_id(job_id: &str) -> String {
+    match uuid::Uuid::parse_str(job_id) {
+        Ok(u) if !u.is_nil() => u.simple().to_string(),
+        _ => hex::encode(&sha256(&["flame-trace", job_id])[..16]),
+    }
+}
+
+/// The OpenTelemetry span id (16 hex digits) of the span at `path` in job `job_id`'s trace.
+pub fn span_id(job_id: &str, path: &str) -> String {
+    let h = sha256(&["flame-span", job_id, path]);
+    // An all-zero id is invalid in OpenTelemetry.
+    if h[..8].iter().all(|b| *b == 0) { "0000000000000001".into() } else { hex::encode(&h[..8]) }
+}
+
+/// The W3C `traceparent` naming the span at `path` of job `job_id` (sampled).
+pub fn traceparent(job_id: &str, path: &str) -> String {
+    format!("00-{}-{}-01", trace_id(job_id), span_id(job_id, path))
+}
+
+/// The path of a round's step (`round 3/train`), and of a task under it (`round 3/train/trainer-1`).
+pub fn round_path(round: u32, step: &str, task: Option<&str>) -> String {
+    match task {
+        Some(t) => format!("round {round}/{step}/{t}"),
+        None => format!("round {round}/{step}"),
+    }
+}
+
 impl Span {
     fn new(name: impl Into<String>, kind: &'static str, start: DateTime<Utc>) -> Self {
-        Self { name: name.into(), kind, worker: None, start, end: start, finished: false, critical: false, children: Vec::new() }
+        Self {
+            name: name.into(),
+            kind,
+            worker: None,
+            start,
+            end: start,
+            finished: false,
+            critical: false,
+            path: String::new(),
+            id: String::new(),
+            trace_id: String::new(),
+            children: Vec::new(),
+        }
     }
 
     fn close(&mut self, at: DateTime<Utc>) {
@@ -53,6 +116,7 @@ impl Span {
 
 #[derive(Default)]
 struct Builder {
+    job_id: String,
     job: Option<Span>,
     setup: Option<Span>,
     deploying: BTreeMap<String, Span>,
@@ -80,7 +144,10 @@ impl Builder {
         let Ok(event) = JobEvent::from_envelope(e) else { return };
         let actor = e.actor.strip_prefix("worker:").map(str::to_string);
         match event {
-            JobEvent::JobCreated { name, .. } => self.job = Some(Span::new(name, "job", at)),
+            JobEvent::JobCreated { job_id, name, .. } => {
+                self.job_id = job_id;
+                self.job = Some(Span::new(name, "job", at));
+            }
             JobEvent::JobForked(o) => {
                 if let Some(job) = self.job.as_mut() {
                     job.name = format!("{} (fork of job {} from round {})", job.name, o.parent_job, o.from_round);
@@ -237,8 +304,31 @@ impl Builder {
             stretch(&mut r);
             job.children.push(r);
         }
+        let mut seen = BTreeMap::new();
+        name_spans(&mut job, None, &self.job_id, &mut seen);
         Some(job)
     }
+}
+
+/// Gives each span its path and id; a path seen before (a round run again)
+/// gets `#2`, `#3`, ... so that ids stay unique.
+fn name_spans(s: &mut Span, parent: Option<&str>, job_id: &str, seen: &mut BTreeMap<String, u32>) {
+    let mut path = match parent {
+        None => String::new(),
+        Some("") => s.name.clone(),
+        Some(p) => format!("{p}/{}", s.name),
+    };
+    let n = seen.entry(path.clone()).or_insert(0);
+    *n += 1;
+    if *n > 1 {
+        path = format!("{path}#{n}");
+    }
+    s.id = span_id(job_id, &path);
+    s.trace_id = trace_id(job_id);
+    for c in &mut s.children {
+        name_spans(c, Some(&path), job_id, seen);
+    }
+    s.path = path;
 }
 
 /// Marks the slowest finished trainer of the round and the steps around it.
@@ -265,7 +355,8 @@ pub fn build<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Option<Span>
 /// The tree as text, times in seconds from the job's start; `*` marks the critical path.
 pub fn render_tree(job: &Span) -> String {
     let mut out = String::new();
-    out.push_str(&format!("{:<44} {:>9} {:>9} {:>9}\n", "span", "start s", "end s", "took s"));
+    out.push_str(&format!("trace {}\n", job.trace_id));
+    out.push_str(&format!("{:<44} {:>9} {:>9} {:>9}  span id\n", "span", "start s", "end s", "took s"));
     line(&mut out, job, job.start, "", "", true);
     out
 }
@@ -282,11 +373,12 @@ fn line(out: &mut String, s: &Span, origin: DateTime<Utc>, prefix: &str, branch:
         label.push_str(if s.kind == "task" { " (dropped)" } else { " (unfinished)" });
     }
     out.push_str(&format!(
-        "{:<44} {:>9.3} {:>9.3} {:>9.3}\n",
+        "{:<44} {:>9.3} {:>9.3} {:>9.3}  {}\n",
         label,
         seconds_between(origin, s.start),
         seconds_between(origin, s.end),
-        s.seconds()
+        s.seconds(),
+        s.id
     ));
     let child_prefix = if root { String::new() } else { format!("{prefix}{}", if branch == "└─ " { "   " } else { "│  " }) };
     for (i, c) in s.children.iter().enumerate() {

@@ -62,6 +62,36 @@ fn snapshot_trace_tree() {
     insta::assert_snapshot!(trace::render_tree(&job));
 }
 
+/// The trace's ids are OpenTelemetry's: the job's UUID is the trace id, every
+/// span id is unique and is what the engine can compute from a step's path
+/// when it sends the command (the worker's span's parent).
+#[test]
+fn trace_ids_are_the_jobs_uuid_and_each_spans_path() {
+    let events = fixture();
+    let job = trace::build(&events).expect("a job");
+    let job_id = events[0].stream_id.strip_prefix("job-").expect("a job stream");
+    assert_eq!(job.trace_id, job_id.replace('-', ""));
+    fn walk<'a>(s: &'a trace::Span, out: &mut Vec<&'a trace::Span>) {
+        out.push(s);
+        for c in &s.children {
+            walk(c, out);
+        }
+    }
+    let mut all = Vec::new();
+    walk(&job, &mut all);
+    let ids: std::collections::BTreeSet<&str> = all.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids.len(), all.len(), "span ids are unique");
+    assert!(all.iter().all(|s| s.id.len() == 16 && s.trace_id == job.trace_id && s.id == trace::span_id(job_id, &s.path)));
+    let round = job.children.iter().find(|s| s.name == "round 2").expect("round 2");
+    let train = round.children.iter().find(|s| s.name == "train").expect("train");
+    let task = &train.children[0];
+    assert_eq!(task.path, trace::round_path(2, "train", Some(&task.name)));
+    assert_eq!(train.path, trace::round_path(2, "train", None));
+    assert_eq!(trace::traceparent(job_id, &task.path), format!("00-{}-{}-01", job.trace_id, task.id));
+    // Another job's spans never share ids with this one's.
+    assert_ne!(trace::span_id("another", &task.path), task.id);
+}
+
 #[test]
 fn snapshot_audit() {
     let events = fixture();

@@ -100,6 +100,7 @@ fn command(worker: &str) -> Command {
         job_id: "j1".into(),
         task_id: "trainer-0".into(),
         round: 0,
+        traceparent: None,
         body: CommandBody::Deploy { role: "trainer".into(), dataset: None },
     }
 }

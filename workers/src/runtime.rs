@@ -632,6 +632,7 @@ mod tests {
                 job_id: "j".into(),
                 task_id: format!("t{i}"),
                 round: 0,
+                traceparent: None,
                 body: CommandBody::Deploy { role: "trainer".into(), dataset: Some(format!("builtin://digits?part={i}&of=8")) },
             };
             transport.send_command("w", &deploy).await.expect("send");
@@ -662,6 +663,7 @@ mod tests {
             job_id: "j".into(),
             task_id: "t".into(),
             round: 1,
+            traceparent: None,
             body: CommandBody::Train {
                 model: model.clone(),
                 global_model: digest.clone(),
@@ -726,6 +728,7 @@ mod tests {
             job_id: "j".into(),
             task_id: "a".into(),
             round: 1,
+            traceparent: None,
             body: CommandBody::Aggregate {
                 model: model.clone(),
                 optimizer: ServerOptimizer::FedAvg,

@@ -308,33 +308,10 @@ pub fn rounds(view: &JobView, spec: &RunSpec, tasks: &[TaskSpec]) -> Vec<RoundMe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::History;
+    use crate::testing::{History, envelopes};
     use flame_events::algorithm::Privacy;
     use flame_events::job::Metrics;
     use serde_json::json;
-
-    fn envelopes(events: &[JobEvent]) -> Vec<Envelope> {
-        events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let n = e.to_new_event("job-1", "engine");
-                Envelope {
-                    event_id: n.event_id,
-                    stream_id: "job-job-1".into(),
-                    version: i as u64 + 1,
-                    position: i as u64 + 1,
-                    event_type: n.event_type,
-                    schema_version: n.schema_version,
-                    payload: n.payload,
-                    recorded_at: DateTime::from_timestamp(1_700_000_000 + i as i64, 0).expect("time"),
-                    causation_id: None,
-                    correlation_id: None,
-                    actor: n.actor,
-                }
-            })
-            .collect()
-    }
 
     fn aggregated(h: History, round: u32, accuracy: f64) -> History {
         let mut h = h.round(round);
