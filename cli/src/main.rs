@@ -129,6 +129,11 @@ enum Cmd {
         /// event log: if MLflow is away, `flamectl mlflow` catches up later.
         #[arg(long, env = "FLAME_MLFLOW")]
         mlflow: Option<String>,
+        /// Export the job's trace (the spans `flamectl trace` shows, with
+        /// their ids) to this OTLP/HTTP receiver (http://HOST:4318) as its
+        /// rounds end.
+        #[arg(long, env = "FLAME_OTLP")]
+        otlp: Option<String>,
     },
     /// Bring an MLflow tracking server up to the event log: every job a run,
     /// with its params, each round's metrics and the final model (what
@@ -487,8 +492,9 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices, data_roots, mlflow } => {
-            let remote = Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices, mlflow: mlflow.as_deref() };
+        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices, data_roots, mlflow, otlp } => {
+            let remote =
+                Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices, mlflow: mlflow.as_deref(), otlp: otlp.as_deref() };
             run(Submit::Folder(&folder), output, &data_dir, remote, &data_roots).await
         }
         Cmd::Mlflow { url, rebuild, store, blobs } => {
@@ -545,7 +551,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             let request = flame_engine::fork::Request { from_round, exclude, unlearn, set: settings };
             let auth = flame_transport::NatsAuth::default();
-            let remote = Remote { nats: None, auth: &auth, local: None, mqtt_devices: false, mlflow: None };
+            let remote = Remote { nats: None, auth: &auth, local: None, mqtt_devices: false, mlflow: None, otlp: None };
             run(Submit::Fork { parent: &job_id, request }, output, &data_dir, remote, &data_roots).await
         }
         Cmd::Privacy { dataset, delta, source, output } => models::privacy(&dataset, &source, delta, output).await,
@@ -674,6 +680,8 @@ struct Remote<'a> {
     mqtt_devices: bool,
     /// The MLflow tracking server to log the job to.
     mlflow: Option<&'a str>,
+    /// The OTLP receiver to export the job's trace to.
+    otlp: Option<&'a str>,
 }
 
 /// What `run` runs: a job folder, or a fork of a job in the store.
@@ -690,7 +698,7 @@ enum Submit<'a> {
 }
 
 async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote<'_>, data_roots: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let Remote { nats, auth, local, mqtt_devices, mlflow } = remote;
+    let Remote { nats, auth, local, mqtt_devices, mlflow, otlp } = remote;
     let def = match &submit {
         Submit::Folder(folder) => match JobDefinition::load(folder) {
             Ok(d) => Some(d),
@@ -792,6 +800,18 @@ async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote
             exporter
         })
     });
+    let traces = otlp.map(|url| {
+        let mut exporter = flame_engine::otlp::TraceExporter::new(store.clone(), url);
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            exporter
+                .follow(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await;
+            exporter
+        })
+    });
     runner.start(&job_id, &actor).await?;
 
     // One in-process worker per task, offering that task's role.
@@ -820,7 +840,10 @@ async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote
             device: "cpu".into(),
         };
         let mut stopped = stopped.clone();
-        let worker = Worker::new(info, transport.clone(), blobs.clone()).with_data_roots(roots.clone());
+        let mut worker = Worker::new(info, transport.clone(), blobs.clone()).with_data_roots(roots.clone());
+        if let Some(url) = otlp {
+            worker = worker.with_otlp(flame_transport::otlp::Exporter::new(url, "flame-worker"));
+        }
         workers.push(tokio::spawn(worker.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         })));
@@ -837,6 +860,12 @@ async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote
     flame_projections::ViewWriter::open(store.as_ref(), models.as_ref(), 1000).await?.catch_up().await?;
     if let Some(task) = mlflow {
         finish_mlflow(task.await.context("MLflow projection task")?, store.location()).await;
+    }
+    if let Some(task) = traces {
+        let mut exporter = task.await.context("trace export task")?;
+        if let Err(e) = exporter.catch_up().await {
+            eprintln!("warning: the job's trace was not all exported: {e}");
+        }
     }
     print_summary(&job, &events, store.location(), started.elapsed(), output)?;
     Ok(if job.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })

@@ -15,6 +15,7 @@ pub mod load;
 pub mod metrics;
 pub mod mlflow;
 pub mod oort;
+pub mod otlp;
 pub mod persist;
 pub mod plan;
 pub mod rederive;

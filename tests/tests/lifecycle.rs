@@ -10,18 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::util::{Nats, Processes, bin, connect, digits_workflow, free_port, mongo_uri, root, unique, worker};
+use crate::util::{DIGITS_WORKERS, Nats, Processes, bin, connect, digits_workflow, free_port, mongo_uri, root, unique, worker};
 use flame_events::Envelope;
 use flame_events::store::EventStore;
 use flame_projections::store::ReadModels;
-
-/// Workers for the digits example: its datasets live in realms default/site1..3.
-const DIGITS_WORKERS: [(&str, &str, &str); 4] = [
-    ("agg", "aggregator", "default"),
-    ("t0", "trainer", "default/site1"),
-    ("t1", "trainer", "default/site2"),
-    ("t2", "trainer", "default/site3"),
-];
 
 /// A blocking HTTP client for the management API.
 struct Http {

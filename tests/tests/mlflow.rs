@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::util::{Nats, Processes, bin, connect, digits_workflow, free_port, mongo_uri, root, unique};
-use flame_events::store::EventStore;
+use crate::util::{Served, bin, digits_workflow, free_port, root, unique, wait_for_events};
 
 /// The `mlflow` command, or why the test is skipped.
 fn mlflow_bin(check: &str) -> Option<PathBuf> {
@@ -279,92 +278,22 @@ print(acc)
     check("after a rebuild");
 }
 
-/// The job's events once `pred` holds (at most 180 s).
-async fn wait(
-    store: &dyn EventStore,
-    job: &str,
-    what: &str,
-    pred: impl Fn(&[flame_events::Envelope]) -> bool,
-) -> Vec<flame_events::Envelope> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let events = store.read_stream(&flame_events::job::stream_id(job), 1).await.expect("read");
-        if pred(&events) {
-            return events;
-        }
-        assert!(Instant::now() < deadline, "job {job}: waited 180 s for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mlflow_server_killed_mid_job_and_restarted_ends_with_one_run_holding_every_round() {
     let Some(mlflow_bin) = mlflow_bin("the MLflow projection through an MLflow outage") else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let mut mlflow = Mlflow::start(&mlflow_bin, dir.path());
-    let nats = Nats::start(free_port(), &dir.path().join("js"));
-    connect(&nats.url).await;
-    let db = format!("flame_mlflow_{}", unique());
-    let mut procs = Processes::default();
-    for (id, roles, realm) in [
-        ("agg", "aggregator", "default"),
-        ("t0", "trainer", "default/site1"),
-        ("t1", "trainer", "default/site2"),
-        ("t2", "trainer", "default/site3"),
-    ] {
-        procs.spawn(
-            Command::new(bin("flame-worker"))
-                .args(["--nats", &nats.url, "--id", id, "--roles", roles, "--realm", realm])
-                .arg("--data-root")
-                .arg(crate::util::examples())
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null()),
-        );
-    }
-    let tokens = dir.path().join("tokens");
-    let token = {
-        let out = Command::new(bin("flame-engine"))
-            .args(["token", "add", "--tokens", tokens.to_str().expect("utf8"), "--user", "ada", "--scope", "admin"])
-            .output()
-            .expect("token add");
-        String::from_utf8(out.stdout).expect("utf8").trim().to_string()
-    };
-    let port = free_port();
-    procs.spawn(
-        Command::new(bin("flame-engine"))
-            .args(["serve", "--mongo", &mongo_uri(), "--db", &db, "--nats", &nats.url, "--mlflow", &mlflow.url()])
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--tokens", tokens.to_str().expect("utf8")])
-            .current_dir(root())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null()),
-    );
-    let api = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent().get(&format!("{api}/healthz")).call().is_err() {
-        assert!(Instant::now() < deadline, "the engine's API did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let served = Served::start(dir.path(), &["--mlflow", &mlflow.url()], &[]).await;
     let rounds = 10u64;
-    let wf = digits_workflow(|wf| wf["modelSpec"]["hyperparameters"]["rounds"] = json!(rounds));
-    let call = |method: &str, path: &str, body: String| -> Value {
-        let req = match method {
-            "POST" => agent().post(&format!("{api}{path}")),
-            _ => agent().put(&format!("{api}{path}")),
-        };
-        let mut r =
-            req.header("authorization", &format!("Bearer {token}")).header("content-type", "application/json").send(body).expect("call");
-        serde_json::from_str(&r.body_mut().read_to_string().expect("body")).unwrap_or(Value::Null)
-    };
-    let job = call("POST", "/jobs", wf.to_string())["id"].as_str().expect("job id").to_string();
-    call("PUT", &format!("/jobs/{job}/status"), r#"{"state":"start"}"#.into());
-    let store = flame_stores::mongo::MongoStore::connect(&mongo_uri(), &db).await.expect("mongo");
+    let job = served.submit(&digits_workflow(|wf| wf["modelSpec"]["hyperparameters"]["rounds"] = json!(rounds)));
+    let store = served.store().await;
     let aggregated = |events: &[flame_events::Envelope]| events.iter().filter(|e| e.event_type == "RoundAggregated").count() as u64;
-    wait(&store, &job, "round 2", |ev| aggregated(ev) >= 2).await;
+    wait_for_events(&store, &job, "round 2", |ev| aggregated(ev) >= 2).await;
     mlflow.kill();
-    let during = wait(&store, &job, "round 5", |ev| aggregated(ev) >= 5).await;
+    let during = wait_for_events(&store, &job, "round 5", |ev| aggregated(ev) >= 5).await;
     let before_restart = aggregated(&during);
     mlflow.restart();
-    let events = wait(&store, &job, "the end", |ev| ev.last().is_some_and(|e| e.event_type == "JobCompleted")).await;
+    let events = wait_for_events(&store, &job, "the end", |ev| ev.last().is_some_and(|e| e.event_type == "JobCompleted")).await;
     assert_eq!(aggregated(&events), rounds);
 
     // MLflow catches up (its retry pauses are at most 15 s).

@@ -18,4 +18,5 @@ mod relay;
 mod soak;
 mod store_contract;
 mod torchscript;
+mod traces;
 mod util;

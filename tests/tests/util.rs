@@ -139,3 +139,126 @@ pub fn digits_workflow(f: impl FnOnce(&mut serde_json::Value)) -> serde_json::Va
     f(&mut wf);
     wf
 }
+
+/// The digits example's workers: its datasets live in realms default/site1..3.
+pub const DIGITS_WORKERS: [(&str, &str, &str); 4] = [
+    ("agg", "aggregator", "default"),
+    ("t0", "trainer", "default/site1"),
+    ("t1", "trainer", "default/site2"),
+    ("t2", "trainer", "default/site3"),
+];
+
+/// A served deployment of the test's own: NATS, the digits example's four
+/// workers and `flame-engine serve` on a fresh database, with an admin token.
+pub struct Served {
+    /// The processes (workers, then the engine), killed when this is dropped.
+    _procs: Processes,
+    /// NATS, stopped last.
+    _nats: Nats,
+    /// The engine's API (`http://127.0.0.1:PORT`).
+    pub api: String,
+    /// An admin token.
+    pub token: String,
+    /// The database the engine keeps its events in.
+    pub db: String,
+}
+
+impl Served {
+    /// Starts everything; `engine` and `workers` are extra options for the engine and each worker.
+    pub async fn start(dir: &std::path::Path, engine: &[&str], workers: &[&str]) -> Self {
+        let nats = Nats::start(free_port(), &dir.join("js"));
+        connect(&nats.url).await;
+        let db = format!("flame_{}", unique());
+        let mut procs = Processes::default();
+        for (id, roles, realm) in DIGITS_WORKERS {
+            procs.spawn(
+                Command::new(bin("flame-worker"))
+                    .args(["--nats", &nats.url, "--id", id, "--roles", roles, "--realm", realm])
+                    .args(workers)
+                    .arg("--data-root")
+                    .arg(examples())
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null()),
+            );
+        }
+        let tokens = dir.join("tokens");
+        let out = Command::new(bin("flame-engine"))
+            .args(["token", "add", "--tokens", tokens.to_str().expect("utf8"), "--user", "ada", "--scope", "admin"])
+            .output()
+            .expect("flame-engine token add");
+        assert!(out.status.success(), "token add: {}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8(out.stdout).expect("utf8").trim().to_string();
+        let port = free_port();
+        procs.spawn(
+            Command::new(bin("flame-engine"))
+                .args(["serve", "--mongo", &mongo_uri(), "--db", &db, "--nats", &nats.url])
+                .args(engine)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--tokens", tokens.to_str().expect("utf8")])
+                .current_dir(root())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null()),
+        );
+        let api = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while ureq::get(&format!("{api}/healthz")).call().is_err() {
+            assert!(std::time::Instant::now() < deadline, "the engine's API did not come up at {api}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { _procs: procs, _nats: nats, api, token, db }
+    }
+
+    /// Submits a workflow document and starts the job; returns its id.
+    pub fn submit(&self, workflow: &serde_json::Value) -> String {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let auth = format!("Bearer {}", self.token);
+        let mut r = agent
+            .post(&format!("{}/jobs", self.api))
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .send(workflow.to_string())
+            .expect("POST /jobs");
+        let created: serde_json::Value = serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("JSON");
+        let id = created["id"].as_str().unwrap_or_else(|| panic!("POST /jobs: {created}")).to_string();
+        let r = agent
+            .put(&format!("{}/jobs/{id}/status", self.api))
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .send(r#"{"state":"start"}"#)
+            .expect("PUT status");
+        assert_eq!(r.status().as_u16(), 200, "starting job {id}");
+        id
+    }
+
+    /// The engine's event store.
+    pub async fn store(&self) -> flame_stores::mongo::MongoStore {
+        flame_stores::mongo::MongoStore::connect(&mongo_uri(), &self.db).await.expect("mongo")
+    }
+
+    /// The store's URL for flamectl (`mongodb://HOST:PORT/DB?...`).
+    pub fn store_url(&self) -> String {
+        let mongo = mongo_uri();
+        if mongo.contains("/?") {
+            mongo.replacen("/?", &format!("/{}?", self.db), 1)
+        } else {
+            format!("{}/{}", mongo.trim_end_matches('/'), self.db)
+        }
+    }
+}
+
+/// Job `job`'s events once `pred` holds of them (at most 180 s).
+pub async fn wait_for_events(
+    store: &dyn flame_events::store::EventStore,
+    job: &str,
+    what: &str,
+    pred: impl Fn(&[flame_events::Envelope]) -> bool,
+) -> Vec<flame_events::Envelope> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let events = store.read_stream(&flame_events::job::stream_id(job), 1).await.expect("read");
+        if pred(&events) {
+            return events;
+        }
+        assert!(std::time::Instant::now() < deadline, "job {job}: waited 180 s for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -7,6 +7,7 @@ pub mod blob;
 pub mod identity;
 pub mod lease;
 pub mod mqtt;
+pub mod otlp;
 pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};

@@ -50,6 +50,8 @@ pub struct Worker {
     archives: Arc<Mutex<HashMap<String, Arc<flame_torchscript::Archive>>>>,
     /// Where it may read datasets.
     roots: DataRoots,
+    /// Where the spans of the commands it runs go (OTLP), if anywhere.
+    otlp: Option<flame_transport::otlp::Exporter>,
 }
 
 impl Worker {
@@ -63,7 +65,15 @@ impl Worker {
             concurrency: DEFAULT_CONCURRENCY,
             archives: Arc::default(),
             roots: DataRoots::anywhere(),
+            otlp: None,
         }
+    }
+
+    /// Exports a span for each command it runs to this OTLP receiver, as a
+    /// child of the engine's span the command's `traceparent` names.
+    pub fn with_otlp(mut self, exporter: flame_transport::otlp::Exporter) -> Self {
+        self.otlp = Some(exporter);
+        self
     }
 
     /// Reads datasets only under these roots (the binaries always give some).
@@ -193,10 +203,12 @@ impl Worker {
             return report;
         }
         let started = std::time::Instant::now();
+        let started_ns = flame_transport::otlp::now_ns();
         let body = match self.run_command(command).await {
             Ok(body) => body,
             Err(e) => ReportBody::Failed { error: format!("{e:#}") },
         };
+        self.export_span(command, &body, started_ns);
         tracing::info!(worker = %self.info.id, command = %command.id, ms = started.elapsed().as_millis() as u64, failed = matches!(body, ReportBody::Failed { .. }), "command done");
         crate::metrics::get().ran(command.body.kind(), !matches!(body, ReportBody::Failed { .. }), started.elapsed());
         let report = Report::answering(command, &self.info.id, body);
@@ -206,6 +218,45 @@ impl Worker {
         }
         done.insert(command.id.clone(), report.clone());
         report
+    }
+
+    /// Sends the span of a command it ran, in the background (a receiver
+    /// that is away costs the span, never the command).
+    fn export_span(&self, command: &Command, body: &ReportBody, started_ns: u64) {
+        use flame_transport::otlp::{Attr, Kind, SpanData, parse_traceparent, random_span_id};
+        let (Some(exporter), Some((trace_id, parent))) = (&self.otlp, command.traceparent.as_deref().and_then(parse_traceparent)) else {
+            return;
+        };
+        let mut attributes = vec![
+            ("flame.worker".to_string(), Attr::Str(self.info.id.clone())),
+            ("flame.job_id".to_string(), Attr::Str(command.job_id.clone())),
+            ("flame.task_id".to_string(), Attr::Str(command.task_id.clone())),
+            ("flame.round".to_string(), Attr::Int(i64::from(command.round))),
+            ("flame.command_id".to_string(), Attr::Str(command.id.clone())),
+        ];
+        if let ReportBody::Trained { samples, .. } = body {
+            attributes.push(("flame.samples".to_string(), Attr::Int(*samples as i64)));
+        }
+        let span = SpanData {
+            trace_id,
+            span_id: random_span_id(),
+            parent: Some(parent),
+            name: format!("{} {}", command.body.kind(), command.task_id),
+            kind: Kind::Server,
+            start_ns: started_ns,
+            end_ns: flame_transport::otlp::now_ns(),
+            attributes,
+            error: match body {
+                ReportBody::Failed { error } => Some(error.clone()),
+                _ => None,
+            },
+        };
+        let exporter = exporter.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = exporter.export(&[span]) {
+                tracing::warn!("{e}");
+            }
+        });
     }
 
     fn remembered(&self, id: &str) -> Option<Report> {

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 use flame_engine::api::{Api, Tokens};
 use flame_engine::mlflow::export::Exporter;
+use flame_engine::otlp::TraceExporter;
 use flame_engine::{JobDefinition, Runner, runner};
 use flame_events::store::EventStore;
 use flame_projections::store::MongoViews;
@@ -77,6 +78,12 @@ enum Command {
         /// outage delays the runs and loses nothing.
         #[arg(long, env = "FLAME_MLFLOW")]
         mlflow: Option<String>,
+        /// Export every job's trace (job -> setup and rounds -> steps ->
+        /// tasks, the ids `flamectl trace` shows) to this OTLP/HTTP receiver
+        /// (http://HOST:4318), each part once it is final. One replica at a
+        /// time follows the event log from its checkpoint.
+        #[arg(long, env = "FLAME_OTLP")]
+        otlp: Option<String>,
     },
     /// Submit a job folder (or workflow file), start it and run it to its end.
     Run {
@@ -340,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", flame_engine::api::openapi_json());
             Ok(())
         }
-        Command::Serve { connect: c, listen, tokens, mlflow } => {
+        Command::Serve { connect: c, listen, tokens, mlflow, otlp } => {
             let tokens = Tokens::load(&tokens)?;
             let engine = connect(&c).await?;
             let api =
@@ -371,6 +378,24 @@ async fn main() -> anyhow::Result<()> {
                         .await
                 })
             });
+            // And the traces.
+            let traces = otlp.map(|url| {
+                let (leases, store, stopped) = (engine.leases.clone(), engine.store.clone(), engine.stop.subscribe());
+                tokio::spawn(async move {
+                    leases
+                        .serve("otlp", stopped, |mut end| {
+                            let mut exporter = TraceExporter::new(store.clone() as Arc<dyn EventStore>, &url);
+                            async move {
+                                exporter
+                                    .follow(async move {
+                                        let _ = end.wait_for(|e| *e).await;
+                                    })
+                                    .await
+                            }
+                        })
+                        .await
+                })
+            });
             let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!(
                 "flame-engine: API on http://{}, {} job(s) resumed, events in {}",
@@ -383,6 +408,9 @@ async fn main() -> anyhow::Result<()> {
             projection.await.context("job projection task")?;
             if let Some(task) = mlflow {
                 task.await.context("MLflow projection task")?;
+            }
+            if let Some(task) = traces {
+                task.await.context("trace export task")?;
             }
             engine.close().await
         }

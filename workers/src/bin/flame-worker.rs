@@ -53,6 +53,11 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (commands by kind and outcome, their durations, blob bytes).
     #[arg(long, env = "FLAME_METRICS", value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Export a span for each command this worker runs to this OTLP/HTTP
+    /// receiver (http://HOST:4318), joined to the job's trace by the
+    /// command's trace context.
+    #[arg(long, env = "FLAME_OTLP", value_name = "URL")]
+    otlp: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,9 +89,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
     tracing::info!(roots = ?roots.dirs().unwrap_or_default(), "datasets are read under these folders only");
-    Worker::new(info, Arc::new(transport), Arc::new(blobs))
-        .with_concurrency(args.concurrency)
-        .with_data_roots(roots)
-        .run(flame_transport::shutdown_signal())
-        .await
+    let mut worker = Worker::new(info, Arc::new(transport), Arc::new(blobs));
+    if let Some(url) = &args.otlp {
+        worker = worker.with_otlp(flame_transport::otlp::Exporter::new(url, "flame-worker"));
+    }
+    worker.with_concurrency(args.concurrency).with_data_roots(roots).run(flame_transport::shutdown_signal()).await
 }
