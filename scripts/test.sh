@@ -33,6 +33,9 @@ export FLAME_DP_PYTHON
 # A real MLflow tracking server, which the MLflow projection's tests start and read back.
 FLAME_MLFLOW_BIN="$(bash scripts/mlflow-venv.sh)"
 export FLAME_MLFLOW_BIN
+# Headless Chromium and chromedriver, for the dashboard's test.
+FLAME_CHROMEDRIVER="$(bash scripts/browser.sh)"
+export FLAME_CHROMEDRIVER
 # The aggregator-only worker (no libtorch) for the tests that use it; then the
 # full build (test binaries and the binaries they start share it), which
 # relinks the usual flame-worker.

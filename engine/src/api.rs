@@ -133,7 +133,7 @@ impl Tokens {
     }
 
     /// Who a token speaks for, if it may make a request that needs `needed` at `now`.
-    fn authorize(&self, token: &str, needed: Scope, now: chrono::DateTime<chrono::Utc>) -> Result<&str, ApiError> {
+    pub(crate) fn authorize(&self, token: &str, needed: Scope, now: chrono::DateTime<chrono::Utc>) -> Result<&str, ApiError> {
         let Some(g) = self.0.get(&hash(token)) else {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -170,9 +170,9 @@ impl Tokens {
 /// Shared state of the API server.
 #[derive(Clone)]
 pub struct Api {
-    runner: Runner,
-    store: Arc<dyn EventStore>,
-    tokens: Arc<Tokens>,
+    pub(crate) runner: Runner,
+    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) tokens: Arc<Tokens>,
     supervisor: Supervisor,
 }
 
@@ -191,6 +191,21 @@ impl Api {
     /// Drives a job in the background unless this server already does.
     pub fn drive(&self, job_id: &str) {
         self.supervisor.drive(job_id);
+    }
+
+    /// A design's or dataset's current body, if it exists.
+    pub(crate) async fn resource(&self, kind: Kind, id: &str) -> Result<Option<Value>, ApiError> {
+        Ok(resource(self.store.as_ref(), kind, id).await?.map(|(_, v)| v))
+    }
+
+    /// Every design or dataset.
+    pub(crate) async fn resources(&self, kind: Kind) -> Result<Vec<Value>, ApiError> {
+        list_resources(self.store.as_ref(), kind).await
+    }
+
+    /// Stores a new design or dataset.
+    pub(crate) async fn put_new(&self, kind: Kind, id: &str, body: Value, actor: &Actor) -> Result<(), ApiError> {
+        put_resource(self.store.as_ref(), kind, id, ExpectedVersion::NoStream, body, actor).await
     }
 
     /// Resumes every job the log says is active; returns their ids.
@@ -218,6 +233,7 @@ impl Api {
             .route("/jobs/{id}/events", get(job_events))
             .route("/jobs/{id}/events/stream", get(stream_events))
             .route("/computes", get(list_computes))
+            .merge(crate::ui::routes())
             .with_state(self)
     }
 }
@@ -238,13 +254,13 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, detail: impl Into<String>) -> Self {
         Self { status: status.as_u16(), title: status.canonical_reason().unwrap_or("error").into(), detail: detail.into(), errors: vec![] }
     }
     fn not_found(what: &str, id: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("no {what} '{id}'"))
     }
-    fn invalid(problems: Vec<Problem>) -> Self {
+    pub(crate) fn invalid(problems: Vec<Problem>) -> Self {
         let mut e = Self::new(StatusCode::UNPROCESSABLE_ENTITY, format!("the definition has {} problem(s)", problems.len()));
         e.errors = problems;
         e
@@ -279,7 +295,8 @@ impl From<flame_events::store::Error> for ApiError {
     }
 }
 
-/// The authenticated user, from `Authorization: Bearer <token>`.
+/// The authenticated user, from `Authorization: Bearer <token>` (or the
+/// dashboard's cookie, which holds the same token).
 pub struct User(pub String);
 
 impl User {
@@ -292,9 +309,10 @@ impl FromRequestParts<Api> for User {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, ApiError> {
-        let token = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let bearer = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let token = bearer.map(str::to_string).or_else(|| crate::ui::cookie_token(parts)).unwrap_or_default();
         let needed = Scope::needed(&parts.method);
-        let user = api.tokens.authorize(token.unwrap_or_default().trim(), needed, chrono::Utc::now())?;
+        let user = api.tokens.authorize(token.trim(), needed, chrono::Utc::now())?;
         Ok(User(user.to_string()))
     }
 }

@@ -25,6 +25,7 @@ pub mod supervisor;
 #[cfg(test)]
 pub mod testing;
 pub mod tree;
+pub mod ui;
 pub mod validate;
 pub mod workflow;
 

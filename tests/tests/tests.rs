@@ -3,6 +3,7 @@
 mod auth;
 mod cluster;
 mod conformance;
+mod dashboard;
 mod distributed;
 mod embedded;
 mod identity;
