@@ -789,29 +789,9 @@ async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote
     let folder = folder.as_path();
     // The MLflow projection follows the log while the job runs.
     let mlflow = mlflow.map(|url| {
-        let mut exporter = flame_engine::mlflow::export::Exporter::new(store.clone(), blobs.clone(), url);
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            exporter
-                .follow(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await;
-            exporter
-        })
+        flame_engine::follow::spawn(flame_engine::mlflow::export::Exporter::new(store.clone(), blobs.clone(), url), stopped.clone())
     });
-    let traces = otlp.map(|url| {
-        let mut exporter = flame_engine::otlp::TraceExporter::new(store.clone(), url);
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            exporter
-                .follow(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await;
-            exporter
-        })
-    });
+    let traces = otlp.map(|url| flame_engine::follow::spawn(flame_engine::otlp::TraceExporter::new(store.clone(), url), stopped.clone()));
     runner.start(&job_id, &actor).await?;
 
     // One in-process worker per task, offering that task's role.

@@ -7,6 +7,7 @@ pub mod compile;
 pub mod controller;
 pub mod definition;
 pub mod expand;
+pub mod follow;
 pub mod fork;
 pub mod job;
 pub mod ledger;

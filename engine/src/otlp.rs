@@ -15,7 +15,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use flame_events::Envelope;
 use flame_events::store::EventStore;
@@ -108,49 +107,17 @@ impl TraceExporter {
 
     /// Sends every part that became final since the checkpoint; returns how many events that covered.
     pub async fn catch_up(&mut self) -> Result<u64, Error> {
-        let mut covered = 0;
-        loop {
-            let at = self.store.load_checkpoint(&self.checkpoint).await?;
-            let events = self.store.read_all(at + 1, 1000).await?;
-            let Some(last) = events.last().map(|e| e.position) else { return Ok(covered) };
-            let mut jobs: Vec<&str> = events.iter().filter_map(|e| e.stream_id.strip_prefix("job-")).collect();
-            jobs.sort_unstable();
-            jobs.dedup();
-            for job in jobs {
-                self.sync(job, at).await?;
-            }
-            self.store.save_checkpoint(&self.checkpoint, last).await?;
-            covered += events.len() as u64;
-        }
+        crate::follow::catch_up(self).await
     }
 
     /// Follows the log until `stop` resolves; failures are retried with a growing pause.
     pub async fn follow(&mut self, stop: impl std::future::Future<Output = ()>) {
-        tokio::pin!(stop);
-        let mut pause = Duration::from_millis(500);
-        loop {
-            let wait = match self.catch_up().await {
-                Ok(_) => {
-                    pause = Duration::from_millis(500);
-                    pause
-                }
-                Err(e) => {
-                    tracing::warn!("trace export: {e}; trying again in {pause:?}");
-                    let p = pause;
-                    pause = (pause * 2).min(Duration::from_secs(15));
-                    p
-                }
-            };
-            tokio::select! {
-                _ = &mut stop => return,
-                _ = self.store.wait_for_append(wait) => {}
-            }
-        }
+        crate::follow::follow(self, stop).await;
     }
 
     /// Sends job `job`'s parts that are final and not yet sent; `at` is the
     /// checkpoint before this batch (what was final by then was sent).
-    async fn sync(&mut self, job: &str, at: u64) -> Result<(), Error> {
+    async fn sync_job(&mut self, job: &str, at: u64) -> Result<(), Error> {
         let known = self.streams.entry(job.to_string()).or_default();
         let next = known.last().map_or(1, |e| e.version + 1);
         known.extend(self.store.read_stream(&format!("job-{job}"), next).await?);
@@ -176,6 +143,24 @@ impl TraceExporter {
             self.sent.remove(job);
         }
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::follow::JobProjection for TraceExporter {
+    type Error = Error;
+    const WHAT: &'static str = "trace export";
+
+    fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    fn checkpoint(&self) -> &str {
+        &self.checkpoint
+    }
+
+    async fn sync(&mut self, job: &str, at: u64) -> Result<(), Error> {
+        self.sync_job(job, at).await
     }
 }
 

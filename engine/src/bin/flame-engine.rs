@@ -269,6 +269,29 @@ async fn project(store: Arc<MongoStore>, views: Arc<MongoViews>, mut stop: tokio
     }
 }
 
+/// Follows the log with a projection made by `make` while this replica holds
+/// the lease `name`, until the engine stops.
+fn under_lease<P, F>(engine: &Engine, name: &'static str, make: F) -> tokio::task::JoinHandle<()>
+where
+    P: flame_engine::follow::JobProjection + 'static,
+    F: Fn() -> P + Send + Sync + 'static,
+{
+    let (leases, stopped) = (engine.leases.clone(), engine.stop.subscribe());
+    tokio::spawn(async move {
+        leases
+            .serve(name, stopped, |mut end| {
+                let mut projection = make();
+                async move {
+                    flame_engine::follow::follow(&mut projection, async move {
+                        let _ = end.wait_for(|e| *e).await;
+                    })
+                    .await;
+                }
+            })
+            .await;
+    })
+}
+
 /// The name this process holds leases under.
 fn replica_name(c: &Connect) -> String {
     c.replica_id.clone().unwrap_or_else(|| {
@@ -359,42 +382,14 @@ async fn main() -> anyhow::Result<()> {
                 let (leases, store, stopped) = (engine.leases.clone(), engine.store.clone(), engine.stop.subscribe());
                 tokio::spawn(async move { leases.serve("views", stopped, |end| project(store.clone(), views.clone(), end)).await })
             };
-            // One replica at a time keeps MLflow in step with the log.
+            // One replica at a time keeps MLflow, and the trace receiver, in step with the log.
             let mlflow = mlflow.map(|url| {
-                let (leases, store, blobs, stopped) =
-                    (engine.leases.clone(), engine.store.clone(), engine.blobs.clone(), engine.stop.subscribe());
-                tokio::spawn(async move {
-                    leases
-                        .serve("mlflow", stopped, |mut end| {
-                            let mut exporter = Exporter::new(store.clone() as Arc<dyn EventStore>, blobs.clone(), &url);
-                            async move {
-                                exporter
-                                    .follow(async move {
-                                        let _ = end.wait_for(|e| *e).await;
-                                    })
-                                    .await
-                            }
-                        })
-                        .await
-                })
+                let (store, blobs) = (engine.store.clone() as Arc<dyn EventStore>, engine.blobs.clone());
+                under_lease(&engine, "mlflow", move || Exporter::new(store.clone(), blobs.clone(), &url))
             });
-            // And the traces.
             let traces = otlp.map(|url| {
-                let (leases, store, stopped) = (engine.leases.clone(), engine.store.clone(), engine.stop.subscribe());
-                tokio::spawn(async move {
-                    leases
-                        .serve("otlp", stopped, |mut end| {
-                            let mut exporter = TraceExporter::new(store.clone() as Arc<dyn EventStore>, &url);
-                            async move {
-                                exporter
-                                    .follow(async move {
-                                        let _ = end.wait_for(|e| *e).await;
-                                    })
-                                    .await
-                            }
-                        })
-                        .await
-                })
+                let store = engine.store.clone() as Arc<dyn EventStore>;
+                under_lease(&engine, "otlp", move || TraceExporter::new(store.clone(), &url))
             });
             let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!(

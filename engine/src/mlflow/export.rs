@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use flame_events::Envelope;
 use flame_events::store::EventStore;
@@ -59,7 +58,6 @@ pub struct Exporter {
     blobs: Arc<dyn BlobStore>,
     client: Client,
     checkpoint: String,
-    batch: usize,
     /// Job streams read so far (events of jobs not yet at an end).
     streams: HashMap<String, Vec<Envelope>>,
     synced: HashMap<String, Synced>,
@@ -74,7 +72,7 @@ impl Exporter {
     pub fn new(store: Arc<dyn EventStore>, blobs: Arc<dyn BlobStore>, url: &str) -> Self {
         let client = Client::new(url);
         let checkpoint = format!("mlflow:{}", client.url());
-        Self { store, blobs, client, checkpoint, batch: 1000, streams: HashMap::new(), synced: HashMap::new(), experiments: HashMap::new() }
+        Self { store, blobs, client, checkpoint, streams: HashMap::new(), synced: HashMap::new(), experiments: HashMap::new() }
     }
 
     /// The checkpoint's name in the event store.
@@ -92,49 +90,17 @@ impl Exporter {
 
     /// Brings MLflow up to the log's head; returns how many events it covered.
     pub async fn catch_up(&mut self) -> Result<u64, Error> {
-        let mut covered = 0;
-        loop {
-            let from = self.store.load_checkpoint(&self.checkpoint).await? + 1;
-            let events = self.store.read_all(from, self.batch).await?;
-            let Some(last) = events.last().map(|e| e.position) else { return Ok(covered) };
-            let mut jobs: Vec<&str> = events.iter().filter_map(|e| e.stream_id.strip_prefix("job-")).collect();
-            jobs.sort_unstable();
-            jobs.dedup();
-            for job in jobs {
-                self.sync(job).await?;
-            }
-            self.store.save_checkpoint(&self.checkpoint, last).await?;
-            covered += events.len() as u64;
-        }
+        crate::follow::catch_up(self).await
     }
 
     /// Follows the log until `stop` resolves, retrying after failures with a
     /// growing pause (MLflow away: nothing is lost, the runs just lag).
     pub async fn follow(&mut self, stop: impl std::future::Future<Output = ()>) {
-        tokio::pin!(stop);
-        let mut pause = Duration::from_millis(500);
-        loop {
-            let wait = match self.catch_up().await {
-                Ok(_) => {
-                    pause = Duration::from_millis(500);
-                    Duration::from_millis(500)
-                }
-                Err(e) => {
-                    tracing::warn!("MLflow projection: {e}; trying again in {pause:?}");
-                    let p = pause;
-                    pause = (pause * 2).min(Duration::from_secs(15));
-                    p
-                }
-            };
-            tokio::select! {
-                _ = &mut stop => return,
-                _ = self.store.wait_for_append(wait) => {}
-            }
-        }
+        crate::follow::follow(self, stop).await;
     }
 
     /// Brings job `job`'s run to what its events say.
-    async fn sync(&mut self, job: &str) -> Result<(), Error> {
+    async fn sync_job(&mut self, job: &str) -> Result<(), Error> {
         let stream = format!("job-{job}");
         let known = self.streams.entry(job.to_string()).or_default();
         let next = known.last().map_or(1, |e| e.version + 1);
@@ -293,6 +259,24 @@ impl Exporter {
         tokio::task::spawn_blocking(move || f(&c))
             .await
             .unwrap_or_else(|e| Err(client::Error::Unavailable { url: "-".into(), why: format!("the call panicked: {e}") }))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::follow::JobProjection for Exporter {
+    type Error = Error;
+    const WHAT: &'static str = "MLflow projection";
+
+    fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    fn checkpoint(&self) -> &str {
+        &self.checkpoint
+    }
+
+    async fn sync(&mut self, job: &str, _at: u64) -> Result<(), Error> {
+        self.sync_job(job).await
     }
 }
 
