@@ -10,6 +10,7 @@
 #   scripts/bench.sh worker-rss  idle resident memory of flame-worker, full and aggregator-only (no libtorch) release builds
 #   scripts/bench.sh python    per-round overhead and idle memory of Python trainers (flame-py-worker) vs Rust ones, same job
 #   scripts/bench.sh models    verify --models and whatif on a 100-round job; contributions (Shapley) cost vs trainers
+#   scripts/bench.sh observe   what --mlflow and --otlp add to a 20-round job's wall time (scripts/bench_observe.sh)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -34,6 +35,7 @@ case "${1:-store}" in
   drift) bash scripts/drift.sh ;;
   python) bash scripts/bench_python.sh ;;
   models) bash scripts/bench_models.sh ;;
+  observe) bash scripts/bench_observe.sh ;;
   kernels)
     cargo build -q --release -p flame-workers --bench kernels
     bench=$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -n 1)

@@ -136,6 +136,8 @@ pub fn record(events: &[Envelope]) -> Option<RunRecord> {
     let mut created: Option<(String, String, RunSpec, Vec<TaskSpec>)> = None;
     let mut ended_at: Option<DateTime<Utc>> = None;
     let mut completed: Option<(u32, String)> = None;
+    // The end a job reached before it was deleted, if it was: deleting a job keeps its run as it ended.
+    let mut ended: Option<Status> = None;
     for e in events {
         match JobEvent::from_envelope(e) {
             Ok(JobEvent::JobCreated { name, source, spec, tasks, .. } | JobEvent::JobUpdated { name, source, spec, tasks }) => {
@@ -144,12 +146,19 @@ pub fn record(events: &[Envelope]) -> Option<RunRecord> {
             Ok(JobEvent::JobCompleted { rounds_completed, final_model, .. }) => {
                 ended_at = Some(e.recorded_at);
                 completed = Some((rounds_completed, final_model));
+                ended = Some(Status::Completed);
             }
-            Ok(JobEvent::JobFailed { .. } | JobEvent::JobTerminated { .. }) => ended_at = Some(e.recorded_at),
+            Ok(JobEvent::JobFailed { .. }) => (ended_at, ended) = (Some(e.recorded_at), Some(Status::Failed)),
+            Ok(JobEvent::JobTerminated { .. }) => (ended_at, ended) = (Some(e.recorded_at), Some(Status::Terminated)),
+            Ok(JobEvent::JobStarting {}) => (completed, ended) = (None, None),
             _ => {}
         }
     }
     let (name, source, spec, tasks) = created?;
+    let state = match (view.status.state, ended) {
+        (Status::Deleted, Some(end)) => end,
+        (state, _) => state,
+    };
     let mut tags = BTreeMap::from([
         ("flame.state".to_string(), view.status.state.name().to_string()),
         ("flame.source".to_string(), source),
@@ -161,7 +170,7 @@ pub fn record(events: &[Envelope]) -> Option<RunRecord> {
     if let Some(failure) = &view.status.failure {
         tags.insert("flame.failure".into(), clip(failure, MAX_VALUE));
     }
-    let model = completed.filter(|_| view.status.state == Status::Completed).map(|(round, digest)| FinalModel {
+    let model = completed.filter(|_| state == Status::Completed).map(|(round, digest)| FinalModel {
         round,
         digest,
         torchscript: match &spec.model {
@@ -171,9 +180,9 @@ pub fn record(events: &[Envelope]) -> Option<RunRecord> {
     });
     Some(RunRecord {
         job_id: view.job_id.clone(),
-        state: view.status.state,
+        state,
         created_ms: view.status.created_at.map_or(0, |t| t.timestamp_millis()),
-        ended_ms: ended_at.filter(|_| RunStatus::of(view.status.state).is_end()).map(|t| t.timestamp_millis()),
+        ended_ms: ended_at.filter(|_| RunStatus::of(state).is_end()).map(|t| t.timestamp_millis()),
         params: params(&spec, &tasks),
         rounds: rounds(&view, &spec, &tasks),
         tags,
@@ -383,6 +392,19 @@ mod tests {
             .then(eval("t0", 0.4))
             .then(JobEvent::JobFailed { reason: "t1 lost".into() });
         assert_eq!(federated(&h), Some(0.4));
+    }
+
+    #[test]
+    fn deleting_a_finished_job_keeps_its_run_as_it_ended() {
+        let h = aggregated(History::created(1).started().initialized(), 1, 0.5)
+            .then(JobEvent::JobCompleted { rounds_completed: 1, final_model: "m1".into(), metrics: Metrics::new() })
+            .then(JobEvent::JobDeleted {});
+        let r = record(&envelopes(&h.events)).expect("record");
+        assert_eq!(r.status(), RunStatus::Finished);
+        assert!(r.model.is_some());
+        assert_eq!(r.tags["flame.state"], "deleted");
+        let never_ended = record(&envelopes(&History::created(1).started().then(JobEvent::JobDeleted {}).events)).expect("record");
+        assert_eq!(never_ended.status(), RunStatus::Killed);
     }
 
     #[test]
