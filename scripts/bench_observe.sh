@@ -22,6 +22,7 @@ mport=$(free_port)
 setsid "$mlflow" server --host 127.0.0.1 --port "$mport" --workers 1 --backend-store-uri "sqlite:///$work/mlflow.db" \
     --artifacts-destination "$work/artifacts" > "$work/mlflow.log" 2>&1 &
 pids+=($!)
+disown
 oport=$(free_port)
 python3 - "$oport" > /dev/null 2>&1 <<'PY' &
 import sys
@@ -34,6 +35,7 @@ class H(BaseHTTPRequestHandler):
 HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 pids+=($!)
+disown
 for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$mport/health" > /dev/null && break; sleep 0.5; done
 
 job="$work/job"
