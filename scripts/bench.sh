@@ -11,6 +11,7 @@
 #   scripts/bench.sh python    per-round overhead and idle memory of Python trainers (flame-py-worker) vs Rust ones, same job
 #   scripts/bench.sh models    verify --models and whatif on a 100-round job; contributions (Shapley) cost vs trainers
 #   scripts/bench.sh observe   what --mlflow and --otlp add to a 20-round job's wall time (scripts/bench_observe.sh)
+#   scripts/bench.sh aggregate-memory  peak RSS of an aggregator's FedAvg: 10 and 100 updates of 10M params, 4 of 100M
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -36,6 +37,10 @@ case "${1:-store}" in
   python) bash scripts/bench_python.sh ;;
   models) bash scripts/bench_models.sh ;;
   observe) bash scripts/bench_observe.sh ;;
+  aggregate-memory)
+    cargo build -q --release -p flame-workers --no-default-features --bench aggregate_memory
+    bench=$(ls -t target/release/deps/aggregate_memory-* | grep -v '\.d$' | head -n 1)
+    for km in "10 10000000" "100 10000000" "4 100000000"; do "$bench" $km; done ;;
   kernels)
     cargo build -q --release -p flame-workers --bench kernels
     bench=$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -n 1)

@@ -44,20 +44,8 @@ pub fn combine(
 ) -> Result<(Weights, Option<Weights>), Error> {
     let models = || updates.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>();
     match *optimizer {
-        // FedProx changes the trainers' objective (`mu`); the server averages as FedAvg does.
-        ServerOptimizer::FedAvg | ServerOptimizer::FedProx { .. } => Ok((fedavg::fedavg_into_first(&mut updates)?, None)),
-        ServerOptimizer::FedAvgM { eta, momentum } => {
-            let mut velocity = state.map(|s| unpack(s).m).unwrap_or_default();
-            let average = fedavg::fedavg_into_first(&mut updates)?;
-            let next = optimizers::momentum_step(eta, momentum, &mut velocity, global, &average)?;
-            Ok((next, Some(pack(&State { m: velocity, v: Weights::new() }))))
-        }
-        ServerOptimizer::Adaptive { rule, eta, beta_1, beta_2, tau } => {
-            let settings = Settings { beta_1, beta_2, eta, tau };
-            let mut st = state.map(unpack).unwrap_or_default();
-            let average = fedavg::fedavg_into_first(&mut updates)?;
-            let next = optimizers::step(rule, &settings, &mut st, global, &average)?;
-            Ok((next, Some(pack(&st))))
+        ServerOptimizer::FedAvg | ServerOptimizer::FedProx { .. } | ServerOptimizer::FedAvgM { .. } | ServerOptimizer::Adaptive { .. } => {
+            averaged(optimizer, global, fedavg::fedavg_into_first(&mut updates)?, state)
         }
         ServerOptimizer::Median => Ok((robust::median(&models())?, None)),
         ServerOptimizer::TrimmedMean { beta } => Ok((robust::trimmed_mean(&models(), beta)?, None)),
@@ -66,6 +54,42 @@ pub fn combine(
         ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => {
             Err(Error::Mismatch(format!("{} needs the clients' states; use aggregate::with_client_states", optimizer.name())))
         }
+    }
+}
+
+/// Whether the optimizer needs only the updates' sample-weighted mean, so
+/// that an aggregator can fold the updates one by one as they arrive
+/// ([`fedavg::Running`]) instead of holding them all.
+pub fn streams(optimizer: &ServerOptimizer) -> bool {
+    matches!(
+        optimizer,
+        ServerOptimizer::FedAvg | ServerOptimizer::FedProx { .. } | ServerOptimizer::FedAvgM { .. } | ServerOptimizer::Adaptive { .. }
+    )
+}
+
+/// The next global model (and optimizer state) from the updates' weighted
+/// mean, for the optimizers that need nothing else ([`streams`]).
+pub fn averaged(
+    optimizer: &ServerOptimizer,
+    global: &Weights,
+    average: Weights,
+    state: Option<&Weights>,
+) -> Result<(Weights, Option<Weights>), Error> {
+    match *optimizer {
+        // FedProx changes the trainers' objective (`mu`); the server averages as FedAvg does.
+        ServerOptimizer::FedAvg | ServerOptimizer::FedProx { .. } => Ok((average, None)),
+        ServerOptimizer::FedAvgM { eta, momentum } => {
+            let mut velocity = state.map(|s| unpack(s).m).unwrap_or_default();
+            let next = optimizers::momentum_step(eta, momentum, &mut velocity, global, &average)?;
+            Ok((next, Some(pack(&State { m: velocity, v: Weights::new() }))))
+        }
+        ServerOptimizer::Adaptive { rule, eta, beta_1, beta_2, tau } => {
+            let settings = Settings { beta_1, beta_2, eta, tau };
+            let mut st = state.map(unpack).unwrap_or_default();
+            let next = optimizers::step(rule, &settings, &mut st, global, &average)?;
+            Ok((next, Some(pack(&st))))
+        }
+        _ => Err(Error::Mismatch(format!("{} needs more than the updates' mean", optimizer.name()))),
     }
 }
 

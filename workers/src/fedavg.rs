@@ -40,6 +40,92 @@ pub fn fedavg_into_first(updates: &mut [(Weights, u64)]) -> Result<Weights, Erro
     Ok(out)
 }
 
+/// FedAvg folded one update at a time, in constant memory: an f64
+/// accumulator per parameter (two models' worth of bytes) however many
+/// updates there are. The sample counts of all updates are known first (the
+/// aggregate command carries them), so each update enters with its final
+/// weight and the sums are the same, in the same order, as [`fedavg`]'s: the
+/// result is equal bit for bit.
+#[derive(Debug)]
+pub struct Running {
+    scales: Vec<f64>,
+    added: usize,
+    acc: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl Running {
+    /// A fold over updates with these sample counts, to be added in this order.
+    pub fn new(samples: &[u64]) -> Result<Self, Error> {
+        if samples.is_empty() {
+            return Err(Error::Mismatch("no updates to aggregate".into()));
+        }
+        let total: f64 = samples.iter().map(|n| *n as f64).sum();
+        if total <= 0.0 {
+            return Err(Error::Mismatch("updates carry no samples".into()));
+        }
+        Ok(Self { scales: samples.iter().map(|n| *n as f64 / total).collect(), added: 0, acc: Default::default() })
+    }
+
+    /// How many updates went in so far.
+    pub fn added(&self) -> usize {
+        self.added
+    }
+
+    /// Folds in the next update; it must have the first one's layout.
+    pub fn add(&mut self, update: &Weights) -> Result<(), Error> {
+        let Some(&scale) = self.scales.get(self.added) else {
+            return Err(Error::Mismatch(format!("more updates than the {} announced", self.scales.len())));
+        };
+        if self.added == 0 {
+            self.acc = update.iter().map(|(k, t)| (k.clone(), (t.shape.clone(), vec![0.0f64; t.data.len()]))).collect();
+        } else {
+            for (name, t) in update {
+                match self.acc.get(name) {
+                    None => return Err(Error::Mismatch(format!("unexpected tensor '{name}'"))),
+                    Some((shape, _)) if *shape != t.shape => {
+                        return Err(Error::Mismatch(format!("tensor '{name}' has shape {:?}, expected {shape:?}", t.shape)));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(missing) = self.acc.keys().find(|k| !update.contains_key(*k)) {
+                return Err(Error::Mismatch(format!("tensor '{missing}' is missing")));
+            }
+        }
+        for (name, (_, acc)) in &mut self.acc {
+            if let Some(t) = update.get(name) {
+                accumulate(acc, &t.data, scale);
+            }
+        }
+        self.added += 1;
+        Ok(())
+    }
+
+    /// The mean, once every announced update went in.
+    pub fn finish(self) -> Result<Weights, Error> {
+        if self.added != self.scales.len() {
+            return Err(Error::Mismatch(format!("{} of the {} announced updates went in", self.added, self.scales.len())));
+        }
+        Ok(self.acc.into_iter().map(|(k, (shape, acc))| (k, Tensor { shape, data: acc.into_iter().map(|v| v as f32).collect() })).collect())
+    }
+}
+
+/// `acc[i] += scale * v[i]`, on every core for large tensors.
+fn accumulate(acc: &mut [f64], values: &[f32], scale: f64) {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let add = |acc: &mut [f64], values: &[f32]| acc.iter_mut().zip(values).for_each(|(a, &v)| *a += scale * f64::from(v));
+    if threads <= 1 || acc.len() < PARALLEL_FROM {
+        add(acc, values);
+        return;
+    }
+    let per = acc.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (a, v) in acc.chunks_mut(per).zip(values.chunks(per)) {
+            scope.spawn(move || add(a, v));
+        }
+    });
+}
+
 /// Each update's weight (its share of the samples), once every update is
 /// checked to have the first one's layout and the samples add up to more than 0.
 fn scales(updates: &[(Weights, u64)]) -> Result<Vec<f64>, Error> {
@@ -159,6 +245,52 @@ mod tests {
         }
         assert!(fedavg_into_first(&mut []).is_err());
         assert!(fedavg_into_first(&mut [(model(&[1.0]), 1), (model(&[1.0, 2.0]), 1)]).is_err());
+    }
+
+    /// Folding updates one at a time gives FedAvg's result bit for bit, in
+    /// one thread and in many, and refuses what FedAvg refuses.
+    #[test]
+    fn the_running_fold_equals_fedavg_bit_for_bit() {
+        let mut seed = 11u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for len in [5, BLOCK + 1, PARALLEL_FROM + 777] {
+            let updates: Vec<(Weights, u64)> = (0..5)
+                .map(|k| {
+                    let mut w = model(&(0..len).map(|_| next()).collect::<Vec<_>>());
+                    w.insert("b".into(), Tensor { shape: vec![3], data: vec![next(), next(), next()] });
+                    (w, 3 + k as u64 * 11)
+                })
+                .collect();
+            let samples: Vec<u64> = updates.iter().map(|(_, n)| *n).collect();
+            let mut running = Running::new(&samples).expect("running");
+            for (w, _) in &updates {
+                running.add(w).expect("same layout");
+            }
+            let folded = running.finish().expect("all in");
+            let reference = fedavg(&updates).expect("fedavg");
+            for name in ["w", "b"] {
+                assert_eq!(folded[name].shape, reference[name].shape);
+                assert!(
+                    folded[name].data.iter().zip(&reference[name].data).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name}, length {len}"
+                );
+            }
+        }
+        assert!(Running::new(&[]).is_err());
+        assert!(Running::new(&[0, 0]).is_err());
+        let mut r = Running::new(&[1, 1]).expect("running");
+        r.add(&model(&[1.0])).expect("first");
+        assert!(r.add(&model(&[1.0, 2.0])).is_err(), "another layout");
+        let mut other = model(&[1.0]);
+        other.insert("extra".into(), Tensor { shape: vec![1], data: vec![0.0] });
+        assert!(r.add(&other).is_err(), "an extra tensor");
+        assert!(Running::new(&[1, 1]).expect("running").finish().is_err(), "updates missing");
+        let mut r = Running::new(&[1]).expect("running");
+        r.add(&model(&[1.0])).expect("first");
+        assert!(r.add(&model(&[1.0])).is_err(), "more than announced");
     }
 
     /// The blocked, threaded sum equals the plain per-element f64 sum bit for

@@ -466,8 +466,7 @@ impl Worker {
             CommandBody::Aggregate { model, optimizer, trainers, optimizer_state, global_model, updates, eval_dataset, loss } => {
                 let cfg = ModelConfig::new(model)?;
                 let archive = self.archive(model).await?;
-                let global_state = self.fetch_state(global_model).await?;
-                let global = global_state.params.clone();
+                let mut global_state = self.fetch_state(global_model).await?;
                 // An unusable update (missing, bytes not matching the digest, not finite f32
                 // safetensors, other tensors than the global model's) is left out and named.
                 let mut inputs = Vec::with_capacity(updates.len());
@@ -481,23 +480,29 @@ impl Worker {
                 let mut client_states = Vec::new();
                 // Buffers and counters of the usable updates, with their samples.
                 let mut buffers: Vec<(State, u64)> = Vec::new();
+                // FedAvg and the optimizers that need only the mean fold each update in as it
+                // arrives: memory for the mean, not for every update. An update left out changes
+                // every weight, so the fold then starts over with the usable ones.
+                let streaming = aggregate::streams(optimizer);
+                let mut running = match streaming {
+                    true => Some(crate::fedavg::Running::new(&updates.iter().map(|u| u.samples).collect::<Vec<_>>())?),
+                    false => None,
+                };
+                let mut usable: Vec<&protocol::UpdateRef> = Vec::new();
                 for u in updates {
                     let base = u.base_model.clone().unwrap_or_else(|| global_model.clone());
                     let checked = match self.fetch_state(&u.digest).await {
                         Ok(s) => weights::check_same_state(&global_state, &s).map(|()| s).map_err(anyhow::Error::from),
                         Err(e) => Err(e),
                     };
-                    let checked = checked.map(|s| {
-                        let params = s.params.clone();
-                        (params, State { params: Weights::new(), ..s })
-                    });
+                    let checked = checked.map(|mut s| (std::mem::take(&mut s.params), s));
                     let (checked, rest) = match checked {
                         Ok((w, rest)) => (Ok(w), Some(rest)),
                         Err(e) => (Err(e), None),
                     };
                     let checked = match checked {
                         Ok(w) if buffered && !base_models.contains_key(&base) => match self.fetch_state(&base).await {
-                            Ok(b) => weights::check_same_layout(&global, &b.params)
+                            Ok(b) => weights::check_same_layout(&global_state.params, &b.params)
                                 .map(|()| (w, Some(b.params)))
                                 .map_err(|e| anyhow!("its base model: {e}")),
                             Err(e) => Err(e.context("its base model")),
@@ -524,7 +529,12 @@ impl Worker {
                             client_states.extend(s);
                             buffers.extend(rest.map(|r| (r, u.samples)));
                             bases.push((base, u.staleness));
-                            inputs.push((w, u.samples));
+                            match running.as_mut() {
+                                Some(r) if excluded.is_empty() => r.add(&w)?,
+                                Some(_) => {}
+                                None => inputs.push((w, u.samples)),
+                            }
+                            usable.push(u);
                         }
                         Err(e) => {
                             tracing::warn!(worker = %self.info.id, task = %u.task_id, digest = %u.digest, "update left out: {e:#}");
@@ -532,9 +542,21 @@ impl Worker {
                         }
                     }
                 }
-                if inputs.is_empty() {
+                if usable.is_empty() {
                     bail!("no usable update among {}: {:?}", updates.len(), excluded.iter().map(|x| &x.reason).collect::<Vec<_>>());
                 }
+                let average = match running {
+                    Some(r) if excluded.is_empty() => Some(r.finish()?),
+                    // Some were left out: fold the usable ones again, with their own weights.
+                    Some(_) => {
+                        let mut r = crate::fedavg::Running::new(&usable.iter().map(|u| u.samples).collect::<Vec<_>>())?;
+                        for u in &usable {
+                            r.add(&self.fetch_state(&u.digest).await.with_context(|| format!("update {} again", u.digest))?.params)?;
+                        }
+                        Some(r.finish()?)
+                    }
+                    None => None,
+                };
                 let state = match optimizer_state {
                     Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
                     None => None,
@@ -547,6 +569,8 @@ impl Worker {
                         None
                     }
                 });
+                // The global model's parameters move into the step: no copy of them is kept.
+                let global = std::mem::take(&mut global_state.params);
                 let (optimizer, trainers, loss, model) = (*optimizer, *trainers, *loss, model.clone());
                 let weighted: Vec<(&State, u64)> = buffers.iter().map(|(s, n)| (s, *n)).collect();
                 let (merged_buffers, merged_counters) = weights::merge_buffers(&weighted)?;
@@ -565,7 +589,10 @@ impl Worker {
                                 .collect::<anyhow::Result<Vec<_>>>()?;
                             (aggregate::fedbuff(eta, &global, &inputs, &bases)?, None)
                         }
-                        _ => aggregate::combine(&optimizer, &global, inputs, state.as_ref())?,
+                        _ => match average {
+                            Some(average) => aggregate::averaged(&optimizer, &global, average, state.as_ref())?,
+                            None => aggregate::combine(&optimizer, &global, inputs, state.as_ref())?,
+                        },
                     };
                     let next = State { params: next, buffers: merged_buffers, counters: merged_counters };
                     let metrics = match (eval, archive) {
@@ -662,6 +689,82 @@ mod tests {
 
     fn norm_of_difference(a: &Weights, b: &Weights) -> f64 {
         a.iter().map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
+    }
+
+    /// The aggregator folds FedAvg's updates in one by one (constant memory)
+    /// and gets what averaging them all in memory gets, bit for bit: with
+    /// every update usable, and when one is left out mid-way and the fold
+    /// starts over; and the momentum optimizers step from the same mean.
+    #[tokio::test]
+    async fn a_streamed_aggregation_equals_the_in_memory_one_bit_for_bit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let info = WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into() };
+        let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
+        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
+        let cfg = ModelConfig::new(&model).expect("cfg");
+        let global = cfg.init(64, 10, 1);
+        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        let trained: Vec<(Weights, u64)> = (0..4u64).map(|k| (cfg.init(64, 10, 100 + k), 7 + 13 * k)).collect();
+        let mut refs = Vec::new();
+        for (k, (w, n)) in trained.iter().enumerate() {
+            let d = blobs.put(weights::encode(w).expect("encode")).await.expect("put");
+            refs.push(protocol::UpdateRef::new(format!("t{k}"), &d, *n));
+        }
+        let mut nan = trained[0].0.clone();
+        nan.get_mut("fc1.bias").expect("bias").data[0] = f32::NAN;
+        let nan = blobs.put(weights::encode(&nan).expect("encode")).await.expect("put");
+        let aggregate = |id: &str, optimizer: ServerOptimizer, updates: Vec<protocol::UpdateRef>| Command {
+            v: protocol::VERSION,
+            id: id.into(),
+            job_id: "j".into(),
+            task_id: "a".into(),
+            round: 1,
+            traceparent: None,
+            body: CommandBody::Aggregate {
+                model: model.clone(),
+                optimizer,
+                trainers: 4,
+                optimizer_state: None,
+                global_model: global_digest.clone(),
+                updates,
+                eval_dataset: None,
+                loss: Default::default(),
+            },
+        };
+        let run = |c: Command| {
+            let (worker, blobs) = (worker.clone(), blobs.clone());
+            async move {
+                let ReportBody::Aggregated { digest, excluded, .. } = worker.execute(&c).await.body else { panic!("aggregated") };
+                (weights::decode(&blobs.get(&digest).await.expect("get")).expect("decode"), excluded.len())
+            }
+        };
+        let same = |a: &Weights, b: &Weights| {
+            a.len() == b.len() && a.iter().all(|(k, t)| t.data.iter().zip(&b[k].data).all(|(x, y)| x.to_bits() == y.to_bits()))
+        };
+
+        let (streamed, left_out) = run(aggregate("all", ServerOptimizer::FedAvg, refs.clone())).await;
+        assert_eq!(left_out, 0);
+        assert!(same(&streamed, &crate::fedavg::fedavg(&trained).expect("fedavg")), "every update usable");
+
+        // A bad update after the first was folded in: the fold starts over with the usable three.
+        let mut with_bad = refs.clone();
+        with_bad.insert(2, protocol::UpdateRef::new("bad", &nan, 1000));
+        let (streamed, left_out) = run(aggregate("one-bad", ServerOptimizer::FedAvg, with_bad)).await;
+        assert_eq!(left_out, 1);
+        assert!(same(&streamed, &crate::fedavg::fedavg(&trained).expect("fedavg")), "the bad update's samples weigh nothing");
+
+        // And last, after every usable one went in.
+        let mut bad_last = refs.clone();
+        bad_last.push(protocol::UpdateRef::new("bad", &nan, 1000));
+        let (streamed, left_out) = run(aggregate("bad-last", ServerOptimizer::FedAvg, bad_last)).await;
+        assert_eq!(left_out, 1);
+        assert!(same(&streamed, &crate::fedavg::fedavg(&trained).expect("fedavg")), "the last update left out");
+
+        let momentum = ServerOptimizer::FedAvgM { eta: 1.0, momentum: 0.9 };
+        let (streamed, _) = run(aggregate("momentum", momentum, refs.clone())).await;
+        let (in_memory, _) = aggregate::combine(&momentum, &global, trained.clone(), None).expect("combine");
+        assert!(same(&streamed, &in_memory), "FedAvgM steps from the same mean");
     }
 
     #[tokio::test]

@@ -1,0 +1,94 @@
+//! Peak memory of an aggregator's FedAvg, which folds each update in as it
+//! arrives: K updates of M float32 parameters are put in a blob folder, then
+//! one `aggregate` command runs through the worker's own code path. Prints
+//! the peak resident memory during the aggregation (VmHWM, reset before it)
+//! against the size of one update and of all K.
+//!
+//! usage: cargo bench -p flame-workers --no-default-features --bench aggregate_memory -- K M
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use flame_events::algorithm::ServerOptimizer;
+use flame_events::model::Model;
+use flame_events::protocol::{self, Command, CommandBody, ReportBody, UpdateRef, WorkerInfo};
+use flame_transport::InProcess;
+use flame_workers::blob::{BlobStore, LocalBlobs};
+use flame_workers::runtime::Worker;
+use flame_workers::weights::{self, Tensor, Weights};
+
+fn status(key: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// An update of `m` values from a seed (a 64 x (m/64) "layer" and a bias).
+fn update(m: usize, seed: u64) -> Weights {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let cols = m / 64;
+    let mut w = Weights::new();
+    w.insert("fc.weight".into(), Tensor { shape: vec![64, cols], data: (0..64 * cols).map(|_| next()).collect() });
+    w.insert("fc.bias".into(), Tensor { shape: vec![64], data: (0..64).map(|_| next()).collect() });
+    w
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (k, m) = match args.as_slice() {
+        [k, m, ..] => (*k, *m),
+        _ => (100, 10_000_000),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+    let (global, refs) = rt.block_on(async {
+        let global = blobs.put(weights::encode(&update(m, 0)).expect("encode")).await.expect("put");
+        let mut refs = Vec::new();
+        for i in 0..k {
+            let d = blobs.put(weights::encode(&update(m, i as u64 + 1)).expect("encode")).await.expect("put");
+            refs.push(UpdateRef::new(format!("t{i}"), d, 100 + i as u64));
+        }
+        (global, refs)
+    });
+    let update_mb = (m * 4) as f64 / 1e6;
+    // Forget the peak of making the updates: measure the aggregation alone.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = status("VmRSS:");
+    let info = WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into() };
+    let worker = Worker::new(info, Arc::new(InProcess::default()), blobs);
+    let command = Command {
+        v: protocol::VERSION,
+        id: "agg".into(),
+        job_id: "bench".into(),
+        task_id: "aggregator".into(),
+        round: 1,
+        traceparent: None,
+        body: CommandBody::Aggregate {
+            model: Model::Mlp { hidden: vec![] },
+            optimizer: ServerOptimizer::FedAvg,
+            trainers: k as u32,
+            optimizer_state: None,
+            global_model: global,
+            updates: refs,
+            eval_dataset: None,
+            loss: Default::default(),
+        },
+    };
+    let started = Instant::now();
+    let report = rt.block_on(worker.execute(&command));
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(matches!(report.body, ReportBody::Aggregated { ref excluded, .. } if excluded.is_empty()), "{:?}", report.body);
+    let peak = status("VmHWM:") as f64 / 1e3;
+    println!(
+        "FedAvg of {k} updates x {m} params ({update_mb:.0} MB each, {:.0} MB in all): peak RSS {peak:.0} MB while aggregating ({:.1} updates' worth; {:.0} MB resident before), {seconds:.2} s",
+        update_mb * k as f64,
+        peak / update_mb,
+        before as f64 / 1e3
+    );
+}
