@@ -215,6 +215,11 @@ impl Api {
 
     /// The HTTP routes.
     pub fn router(self) -> Router {
+        self.router_with(Router::new())
+    }
+
+    /// The HTTP routes and `extra` ones over the same state (the dashboard, `crate::ui::routes`).
+    pub fn router_with(self, extra: Router<Api>) -> Router {
         Router::new()
             .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
             .route("/healthz", get(|| async { "ok" }))
@@ -233,7 +238,7 @@ impl Api {
             .route("/jobs/{id}/events", get(job_events))
             .route("/jobs/{id}/events/stream", get(stream_events))
             .route("/computes", get(list_computes))
-            .merge(crate::ui::routes())
+            .merge(extra)
             .with_state(self)
     }
 }
@@ -295,6 +300,17 @@ impl From<flame_events::store::Error> for ApiError {
     }
 }
 
+/// The cookie the dashboard keeps a signed-in user's token in.
+pub const COOKIE: &str = "flame_token";
+
+/// The token a request carries in the dashboard's cookie, if any.
+pub fn cookie_token(parts: &Parts) -> Option<String> {
+    parts.headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == COOKIE).then(|| v.to_string())
+    })
+}
+
 /// The authenticated user, from `Authorization: Bearer <token>` (or the
 /// dashboard's cookie, which holds the same token).
 pub struct User(pub String);
@@ -310,7 +326,7 @@ impl FromRequestParts<Api> for User {
 
     async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, ApiError> {
         let bearer = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        let token = bearer.map(str::to_string).or_else(|| crate::ui::cookie_token(parts)).unwrap_or_default();
+        let token = bearer.map(str::to_string).or_else(|| cookie_token(parts)).unwrap_or_default();
         let needed = Scope::needed(&parts.method);
         let user = api.tokens.authorize(token.trim(), needed, chrono::Utc::now())?;
         Ok(User(user.to_string()))

@@ -226,6 +226,11 @@ async fn the_dashboard_signs_in_with_a_token_follows_a_running_job_live_and_show
     b.js("window.scrollTo(0, 0); return true;");
     b.screenshot("job.png");
 
+    // The audit log links to the API's events: the cookie signs the API in as the token would.
+    b.goto(&format!("{api}/jobs/{job}/events"));
+    let body = b.text(&b.wait_for("body", 10));
+    assert!(body.contains("JobCreated") && body.contains("RoundAggregated"), "{}", &body[..body.len().min(300)]);
+
     // A new job from a job folder: its design and datasets registered, the job created, started and finished.
     b.goto(&format!("{api}/ui/new"));
     let folder = b.wait_for("#folder", 10);

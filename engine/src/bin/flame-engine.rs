@@ -398,7 +398,9 @@ async fn main() -> anyhow::Result<()> {
                 resumed.len(),
                 engine.store.location()
             );
-            axum::serve(listener, api.router()).with_graceful_shutdown(flame_transport::shutdown_signal()).await?;
+            axum::serve(listener, api.router_with(flame_engine::ui::routes()))
+                .with_graceful_shutdown(flame_transport::shutdown_signal())
+                .await?;
             let _ = engine.stop.send(true);
             projection.await.context("job projection task")?;
             if let Some(task) = mlflow {

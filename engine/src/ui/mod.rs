@@ -27,19 +27,8 @@ use flame_events::Actor;
 use flame_events::resource::Kind;
 use flame_projections::{render as text, trace, view};
 
-use crate::api::{Api, ApiError, JobSummary, Scope};
+use crate::api::{Api, ApiError, COOKIE, JobSummary, Scope, cookie_token};
 use crate::job::Status;
-
-/// The cookie the dashboard keeps the token in.
-pub const COOKIE: &str = "flame_token";
-
-/// The token a request carries in the dashboard's cookie, if any.
-pub fn cookie_token(parts: &Parts) -> Option<String> {
-    parts.headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
-        let (k, v) = c.trim().split_once('=')?;
-        (k == COOKIE).then(|| v.to_string())
-    })
-}
 
 /// A signed-in user of the dashboard: else the page sends them to sign in.
 struct Viewer(String);
