@@ -193,6 +193,18 @@ impl Api {
         self.supervisor.drive(job_id);
     }
 
+    /// Every job not deleted, oldest first.
+    pub(crate) async fn summaries(&self) -> Result<Vec<JobSummary>, ApiError> {
+        let mut out = Vec::new();
+        for id in self.runner.job_ids().await? {
+            let job = self.runner.load(&id).await?;
+            if job.status != Status::Deleted {
+                out.push(JobSummary::from(&job));
+            }
+        }
+        Ok(out)
+    }
+
     /// A design's or dataset's current body, if it exists.
     pub(crate) async fn resource(&self, kind: Kind, id: &str) -> Result<Option<Value>, ApiError> {
         Ok(resource(self.store.as_ref(), kind, id).await?.map(|(_, v)| v))
@@ -584,14 +596,7 @@ async fn create_job(State(api): State<Api>, user: User, body: String) -> Result<
 
 #[utoipa::path(get, path = "/jobs", responses((status = 200, body = Vec<JobSummary>)))]
 async fn list_jobs(State(api): State<Api>, _: User) -> Result<Json<Vec<JobSummary>>, ApiError> {
-    let mut out = Vec::new();
-    for id in api.runner.job_ids().await? {
-        let job = api.runner.load(&id).await?;
-        if job.status != Status::Deleted {
-            out.push(JobSummary::from(&job));
-        }
-    }
-    Ok(Json(out))
+    Ok(Json(api.summaries().await?))
 }
 
 #[utoipa::path(get, path = "/jobs/{id}", responses((status = 200, body = JobSummary), (status = 404, body = ApiError)))]

@@ -66,11 +66,6 @@ impl Running {
         Ok(Self { scales: samples.iter().map(|n| *n as f64 / total).collect(), added: 0, acc: Default::default() })
     }
 
-    /// How many updates went in so far.
-    pub fn added(&self) -> usize {
-        self.added
-    }
-
     /// Folds in the next update; it must have the first one's layout.
     pub fn add(&mut self, update: &Weights) -> Result<(), Error> {
         let Some(&scale) = self.scales.get(self.added) else {

@@ -687,6 +687,28 @@ mod tests {
     use super::*;
     use crate::blob::LocalBlobs;
 
+    /// An `aggregate` command of job `j` for round 1 (4 trainers, no central evaluation).
+    fn aggregate_command(id: &str, model: &Model, optimizer: ServerOptimizer, global: &str, updates: Vec<protocol::UpdateRef>) -> Command {
+        Command {
+            v: protocol::VERSION,
+            id: id.into(),
+            job_id: "j".into(),
+            task_id: "a".into(),
+            round: 1,
+            traceparent: None,
+            body: CommandBody::Aggregate {
+                model: model.clone(),
+                optimizer,
+                trainers: 4,
+                optimizer_state: None,
+                global_model: global.into(),
+                updates,
+                eval_dataset: None,
+                loss: Default::default(),
+            },
+        }
+    }
+
     fn norm_of_difference(a: &Weights, b: &Weights) -> f64 {
         a.iter().map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
     }
@@ -714,23 +736,8 @@ mod tests {
         let mut nan = trained[0].0.clone();
         nan.get_mut("fc1.bias").expect("bias").data[0] = f32::NAN;
         let nan = blobs.put(weights::encode(&nan).expect("encode")).await.expect("put");
-        let aggregate = |id: &str, optimizer: ServerOptimizer, updates: Vec<protocol::UpdateRef>| Command {
-            v: protocol::VERSION,
-            id: id.into(),
-            job_id: "j".into(),
-            task_id: "a".into(),
-            round: 1,
-            traceparent: None,
-            body: CommandBody::Aggregate {
-                model: model.clone(),
-                optimizer,
-                trainers: 4,
-                optimizer_state: None,
-                global_model: global_digest.clone(),
-                updates,
-                eval_dataset: None,
-                loss: Default::default(),
-            },
+        let aggregate = |id: &str, optimizer: ServerOptimizer, updates: Vec<protocol::UpdateRef>| {
+            aggregate_command(id, &model, optimizer, &global_digest, updates)
         };
         let run = |c: Command| {
             let (worker, blobs) = (worker.clone(), blobs.clone());
@@ -876,24 +883,7 @@ mod tests {
             .iter()
             .map(|(t, d)| protocol::UpdateRef::new(*t, *d, 10))
             .collect();
-        let aggregate = Command {
-            v: protocol::VERSION,
-            id: "agg".into(),
-            job_id: "j".into(),
-            task_id: "a".into(),
-            round: 1,
-            traceparent: None,
-            body: CommandBody::Aggregate {
-                model: model.clone(),
-                optimizer: ServerOptimizer::FedAvg,
-                trainers: 4,
-                optimizer_state: None,
-                global_model: digest.clone(),
-                updates,
-                eval_dataset: None,
-                loss: Default::default(),
-            },
-        };
+        let aggregate = aggregate_command("agg", &model, ServerOptimizer::FedAvg, &digest, updates);
         let ReportBody::Aggregated { digest: averaged, excluded, .. } = worker.execute(&aggregate).await.body else { panic!("aggregated") };
         assert_eq!(averaged, good, "the average of the one usable update is that update");
         let reasons: Vec<(&str, &str)> = excluded.iter().map(|x| (x.task_id.as_str(), x.reason.as_str())).collect();

@@ -132,7 +132,8 @@ impl Exporter {
         };
         if !synced.params {
             let params: Vec<(String, String)> = rec.params.clone().into_iter().collect();
-            match self.call(move |c| c.log_params(&run.run_id, &params)).await {
+            let id = run.run_id.clone();
+            match self.call(move |c| c.log_params(&id, &params)).await {
                 Ok(()) => {}
                 // A job whose settings changed after its run began (restarted with a new definition): MLflow keeps params for good.
                 Err(client::Error::Refused { code, message, .. }) if code == "INVALID_PARAMETER_VALUE" => {
@@ -142,7 +143,6 @@ impl Exporter {
             }
             synced.params = true;
         }
-        let run = synced.run.clone().unwrap_or_else(|| unreachable!("set above"));
         let metrics: Vec<Metric> = rec
             .rounds
             .iter()

@@ -27,8 +27,7 @@ use flame_events::Actor;
 use flame_events::resource::Kind;
 use flame_projections::{render as text, trace, view};
 
-use crate::api::{Api, ApiError, COOKIE, JobSummary, Scope, cookie_token};
-use crate::job::Status;
+use crate::api::{Api, ApiError, COOKIE, Scope, User, cookie_token};
 
 /// A signed-in user of the dashboard: else the page sends them to sign in.
 struct Viewer(String);
@@ -66,19 +65,8 @@ struct Fragment {
     fragment: Option<u8>,
 }
 
-async fn summaries(api: &Api) -> Result<Vec<JobSummary>, ApiError> {
-    let mut out = Vec::new();
-    for id in api.runner.job_ids().await? {
-        let job = api.runner.load(&id).await?;
-        if job.status != Status::Deleted {
-            out.push(JobSummary::from(&job));
-        }
-    }
-    Ok(out)
-}
-
 async fn jobs(State(api): State<Api>, Viewer(user): Viewer, Query(f): Query<Fragment>) -> Result<Html<String>, ApiError> {
-    let list = render::job_list(&summaries(&api).await?);
+    let list = render::job_list(&api.summaries().await?);
     Ok(Html(if f.fragment.is_some() { list } else { render::page("Jobs", Some(&user), &list) }))
 }
 
@@ -178,11 +166,9 @@ fn upload_path(root: &std::path::Path, name: &str) -> Result<std::path::PathBuf,
     Ok(parts.iter().fold(root.to_path_buf(), |p, c| p.join(c)))
 }
 
-/// Creates a job from an uploaded job folder: registers its design and its
+/// Creates a job from an uploaded job folder (a POST: the operator scope): registers its design and its
 /// datasets (unless the same are registered), creates the job and, if asked, starts it.
-async fn upload(State(api): State<Api>, parts: Parts, Json(up): Json<Upload>) -> Result<Response, ApiError> {
-    let token = cookie_token(&parts).unwrap_or_default();
-    let user = api.tokens.authorize(&token, Scope::Operator, chrono::Utc::now())?.to_string();
+async fn upload(State(api): State<Api>, User(user): User, Json(up): Json<Upload>) -> Result<Response, ApiError> {
     let actor = Actor::user(&user);
     let folder = up.files.keys().next().and_then(|k| k.split(['/', '\\']).find(|p| !p.is_empty())).unwrap_or("upload").to_string();
     let dir = tempfile::tempdir().map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
