@@ -12,6 +12,7 @@
 #   scripts/bench.sh models    verify --models and whatif on a 100-round job; contributions (Shapley) cost vs trainers
 #   scripts/bench.sh observe   what --mlflow and --otlp add to a 20-round job's wall time (scripts/bench_observe.sh)
 #   scripts/bench.sh aggregate-memory  peak RSS of an aggregator's FedAvg: 10 and 100 updates of 10M params, 4 of 100M
+#   scripts/bench.sh clients   ms per round at 10 to 10,000 clients (flame-worker --virtual, real NATS) and Flower's deployment engine at 10 and 20 (scripts/bench_clients.sh)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -37,6 +38,7 @@ case "${1:-store}" in
   python) bash scripts/bench_python.sh ;;
   models) bash scripts/bench_models.sh ;;
   observe) bash scripts/bench_observe.sh ;;
+  clients) bash scripts/bench_clients.sh ;;
   aggregate-memory)
     cargo build -q --release -p flame-workers --no-default-features --bench aggregate_memory
     bench=$(ls -t target/release/deps/aggregate_memory-* | grep -v '\.d$' | head -n 1)
@@ -80,5 +82,5 @@ r, p = statistics.median(runs["rust"]), statistics.median(runs["python"])
 print(f"worker (tch) {r:.0f} samples/s, PyTorch's Python loop {p:.0f} samples/s: ratio {r / p:.2f} (medians of {len(runs['rust'])} alternating runs)")
 PY
     ;;
-  *) echo "usage: $0 store|kill|rounds|flower|drift|kernels|torchscript|worker-rss" >&2; exit 2 ;;
+  *) echo "usage: $0 store|kill|rounds|flower|drift|kernels|torchscript|worker-rss|python|models|observe|aggregate-memory|clients" >&2; exit 2 ;;
 esac

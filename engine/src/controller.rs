@@ -66,14 +66,20 @@ pub fn generic_role(t: &TaskSpec) -> &'static str {
 /// task that runs beside another (a ring's reducer) goes where that one goes.
 /// `None` while some task finds no worker.
 pub fn assign(tasks: &[&TaskSpec], workers: &[WorkerInfo], busy: &BTreeSet<String>) -> Option<BTreeMap<String, String>> {
-    let mut used = busy.clone();
+    let mut used: std::collections::HashSet<&str> = busy.iter().map(String::as_str).collect();
     let mut out = BTreeMap::new();
     let mut ordered: Vec<_> = tasks.iter().filter(|t| t.colocate.is_none()).copied().collect();
     ordered.sort_by_key(|t| t.is_data_consumer);
+    // Where the search for each kind of task (role, realm) resumes: every worker before it is
+    // taken or cannot run that kind, so thousands of tasks are placed in one pass, not one each.
+    let mut resume: std::collections::HashMap<(&str, &str, Option<&str>), usize> = std::collections::HashMap::new();
     for t in ordered {
-        let w = workers.iter().find(|w| !used.contains(&w.id) && w.can_run(&t.role, generic_role(t), t.realm.as_deref()))?;
-        used.insert(w.id.clone());
-        out.insert(t.task_id.clone(), w.id.clone());
+        let kind = (t.role.as_str(), generic_role(t), t.realm.as_deref());
+        let from = resume.get(&kind).copied().unwrap_or(0);
+        let at = workers[from..].iter().position(|w| !used.contains(w.id.as_str()) && w.can_run(kind.0, kind.1, kind.2))? + from;
+        resume.insert(kind, at + 1);
+        used.insert(&workers[at].id);
+        out.insert(t.task_id.clone(), workers[at].id.clone());
     }
     for t in tasks.iter().filter(|t| t.colocate.is_some()) {
         let w = out.get(t.colocate.as_deref()?)?.clone();
@@ -356,6 +362,50 @@ mod tests {
         assert_eq!(placed["t0"], "c-uk", "only a worker inside the dataset's realm may train on it");
         assert_eq!(placed["agg"], "d-agg");
         assert!(assign(&[&uk], &workers[..2], &BTreeSet::new()).is_none());
+    }
+
+    #[test]
+    fn placing_many_tasks_in_one_pass_gives_what_one_search_per_task_gives() {
+        // The reference: each task takes the first free worker that can run it.
+        fn one_by_one(tasks: &[&TaskSpec], workers: &[WorkerInfo], busy: &BTreeSet<String>) -> Option<BTreeMap<String, String>> {
+            let mut used = busy.clone();
+            let mut out = BTreeMap::new();
+            let mut ordered: Vec<_> = tasks.to_vec();
+            ordered.sort_by_key(|t| t.is_data_consumer);
+            for t in ordered {
+                let w = workers.iter().find(|w| !used.contains(&w.id) && w.can_run(&t.role, generic_role(t), t.realm.as_deref()))?;
+                used.insert(w.id.clone());
+                out.insert(t.task_id.clone(), w.id.clone());
+            }
+            Some(out)
+        }
+        let realms = ["default/eu", "default/us", "default/eu/uk"];
+        let mut rng = flame_events::rng::SplitMix::new(7);
+        for case in 0..50 {
+            let workers: Vec<WorkerInfo> = (0..40)
+                .map(|i| {
+                    let roles: &[&str] = match rng.next_u64() % 3 {
+                        0 => &["trainer"],
+                        1 => &["aggregator"],
+                        _ => &["trainer", "aggregator"],
+                    };
+                    worker(&format!("w{i:02}"), roles, realms[(rng.next_u64() % 3) as usize])
+                })
+                .collect();
+            let tasks: Vec<TaskSpec> = (0..(10 + case % 25))
+                .map(|i| {
+                    let mut t = task(&format!("t{i}"), !rng.next_u64().is_multiple_of(4));
+                    t.realm = match rng.next_u64() % 4 {
+                        0 => None,
+                        r => Some(realms[r as usize - 1].to_string()),
+                    };
+                    t
+                })
+                .collect();
+            let refs: Vec<&TaskSpec> = tasks.iter().collect();
+            let busy: BTreeSet<String> = (0..case % 5).map(|i| format!("w{:02}", i * 7)).collect();
+            assert_eq!(assign(&refs, &workers, &busy), one_by_one(&refs, &workers, &busy), "case {case}");
+        }
     }
 
     #[test]

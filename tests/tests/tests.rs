@@ -6,6 +6,7 @@ mod conformance;
 mod dashboard;
 mod distributed;
 mod embedded;
+mod fleet;
 mod identity;
 mod inspect;
 mod lifecycle;

@@ -166,15 +166,29 @@ pub struct Served {
 impl Served {
     /// Starts everything; `engine` and `workers` are extra options for the engine and each worker.
     pub async fn start(dir: &std::path::Path, engine: &[&str], workers: &[&str]) -> Self {
+        let workers: Vec<Vec<String>> = DIGITS_WORKERS
+            .iter()
+            .map(|(id, roles, realm)| {
+                let mut args: Vec<String> = ["--id", id, "--roles", roles, "--realm", realm].map(String::from).to_vec();
+                args.extend(workers.iter().map(|a| a.to_string()));
+                args
+            })
+            .collect();
+        Self::start_with(dir, engine, &workers).await
+    }
+
+    /// Starts NATS, one `flame-worker` process per entry of `workers` (its
+    /// options besides `--nats` and `--data-root`) and the engine.
+    pub async fn start_with(dir: &std::path::Path, engine: &[&str], workers: &[Vec<String>]) -> Self {
         let nats = Nats::start(free_port(), &dir.join("js"));
         connect(&nats.url).await;
         let db = format!("flame_{}", unique());
         let mut procs = Processes::default();
-        for (id, roles, realm) in DIGITS_WORKERS {
+        for args in workers {
             procs.spawn(
                 Command::new(bin("flame-worker"))
-                    .args(["--nats", &nats.url, "--id", id, "--roles", roles, "--realm", realm])
-                    .args(workers)
+                    .args(["--nats", &nats.url])
+                    .args(args)
                     .arg("--data-root")
                     .arg(examples())
                     .env("RUST_LOG", "warn")

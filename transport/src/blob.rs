@@ -103,16 +103,36 @@ impl BlobStore for LocalBlobs {
 #[derive(Clone)]
 pub struct NatsBlobs {
     store: object_store::ObjectStore,
+    /// The bucket's stream, for reading small blobs chunk by chunk.
+    stream: jetstream::stream::Stream<()>,
+    /// Whether direct reads work here (an identity made before they were
+    /// allowed may not have them): cleared at the first refusal.
+    direct: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Blobs of at most this many chunks (128 KiB each) are read with one direct
+/// get per chunk; larger ones through an ordered consumer, which streams
+/// faster but costs the server a consumer for the read.
+pub const DIRECT_CHUNKS: usize = 16;
+
+/// How long a direct read may take before this process reads through consumers instead.
+const DIRECT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl NatsBlobs {
-    /// Opens (creating if needed) the `flame-models` bucket.
+    /// Opens (creating if needed) the `flame-models` bucket: a worker's way in.
     pub async fn new(js: &jetstream::Context) -> Result<Self, Error> {
-        Self::with_replicas(js, 1).await
+        Self::open(js, 1, false).await
     }
 
-    /// Opens the bucket, creating it with `replicas` if needed.
+    /// Opens the bucket, creating it with `replicas` if needed, and lets its
+    /// stream hold as many readers at once as the command stream (the
+    /// server's default is 1,000: thousands of trainers reading at once
+    /// would be refused): the engine's way in.
     pub async fn with_replicas(js: &jetstream::Context, replicas: usize) -> Result<Self, Error> {
+        Self::open(js, replicas, true).await
+    }
+
+    async fn open(js: &jetstream::Context, replicas: usize, engine: bool) -> Result<Self, Error> {
         let store = match js.get_object_store(BUCKET).await {
             Ok(s) => s,
             Err(_) => js
@@ -120,7 +140,21 @@ impl NatsBlobs {
                 .await
                 .map_err(|e| Error::Io(format!("cannot create object store bucket {BUCKET}: {e}")))?,
         };
-        Ok(Self { store })
+        let name = format!("OBJ_{BUCKET}");
+        if engine {
+            match js.get_stream(&name).await {
+                Ok(stream) if stream.cached_info().config.max_consumers != crate::MAX_CONSUMERS => {
+                    let config = jetstream::stream::Config { max_consumers: crate::MAX_CONSUMERS, ..stream.cached_info().config.clone() };
+                    if let Err(e) = js.update_stream(config).await {
+                        tracing::warn!("cannot raise the consumer limit of {name} (many readers at once may be refused): {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot read the settings of {name}: {e}"),
+            }
+        }
+        let stream = js.get_stream_no_info(&name).await.map_err(|e| Error::Io(format!("stream {name}: {e}")))?;
+        Ok(Self { store, stream, direct: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)) })
     }
 }
 
@@ -132,14 +166,83 @@ pub const BLOB_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(6
 /// How long a blob read may go without a byte before it counts as failed (and is tried again).
 pub const BLOB_STALL: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// Why a direct read gave no blob.
+enum Direct {
+    /// Direct reads do not work here (not allowed, not answered).
+    Unavailable(String),
+    /// The blob could not be read (missing, storage away).
+    Failed(Error),
+}
+
 /// Whether an error may pass (storage away for a while), unlike a missing or corrupt blob.
 fn is_io(e: &Error) -> bool {
     matches!(e, Error::Io(_))
 }
 
 impl NatsBlobs {
-    /// One read, checked.
+    /// One read, checked: chunk by chunk with direct gets where the blob is
+    /// small, else through an ordered consumer.
     async fn fetch(&self, digest: &str) -> Result<Vec<u8>, Error> {
+        use std::sync::atomic::Ordering;
+        if self.direct.load(Ordering::Relaxed) {
+            match self.fetch_direct(digest).await {
+                Ok(Some(bytes)) => return verified(digest, bytes),
+                Ok(None) => {}
+                Err(Direct::Unavailable(why)) => {
+                    if self.direct.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "reading blobs through consumers from now on: a direct read failed ({why}); with per-worker NATS identities, `flame-engine worker add` again allows direct reads ($JS.API.DIRECT.GET.OBJ_{BUCKET})"
+                        );
+                    }
+                }
+                Err(Direct::Failed(e)) => return Err(e),
+            }
+        }
+        self.fetch_streamed(digest).await
+    }
+
+    /// A small blob's chunks by direct gets, one request each and no
+    /// consumer; `None` for a blob of more than [`DIRECT_CHUNKS`] chunks.
+    async fn fetch_direct(&self, digest: &str) -> Result<Option<Vec<u8>>, Direct> {
+        let info = self.store.info(digest).await.map_err(|e| match e.kind() {
+            object_store::InfoErrorKind::NotFound => Direct::Failed(Error::NotFound(digest.to_string())),
+            _ => Direct::Failed(Error::Io(e.to_string())),
+        })?;
+        if info.deleted {
+            return Err(Direct::Failed(Error::NotFound(digest.to_string())));
+        }
+        if info.chunks > DIRECT_CHUNKS {
+            return Ok(None);
+        }
+        let subject = format!("$O.{BUCKET}.C.{}", info.nuid);
+        let mut bytes = Vec::with_capacity(info.size);
+        let mut next = None;
+        for chunk in 0..info.chunks {
+            let got = tokio::time::timeout(DIRECT_WAIT, self.stream.direct_get_next_for_subject(subject.clone(), next)).await;
+            let message = match got {
+                Err(_) => return Err(Direct::Unavailable(format!("no answer in {} s", DIRECT_WAIT.as_secs()))),
+                Ok(Err(e)) => {
+                    use jetstream::stream::DirectGetErrorKind as K;
+                    return Err(match e.kind() {
+                        K::TimedOut => Direct::Unavailable(e.to_string()),
+                        K::NotFound => Direct::Failed(Error::Io(format!(
+                            "blob {digest}: chunk {} of {} is missing (the object store may have lost it)",
+                            chunk + 1,
+                            info.chunks
+                        ))),
+                        _ => Direct::Failed(Error::Io(e.to_string())),
+                    });
+                }
+                Ok(Ok(m)) => m,
+            };
+            bytes.extend_from_slice(&message.payload);
+            next = Some(message.sequence + 1);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// A blob through an ordered consumer, with a bound on silence.
+    async fn fetch_streamed(&self, digest: &str) -> Result<Vec<u8>, Error> {
         let mut object = self.store.get(digest).await.map_err(|e| match e.kind() {
             object_store::GetErrorKind::NotFound => Error::NotFound(digest.to_string()),
             _ => Error::Io(e.to_string()),
@@ -233,6 +336,83 @@ impl BlobStore for Overlay {
     }
 }
 
+/// Reads shared by the workers of one process (virtual workers): a blob is
+/// fetched once however many ask for it at the same time, and the most
+/// recently read are kept up to a byte budget. Blobs are named by their
+/// digest, so what is kept never goes stale. Writes go straight through.
+pub struct Cached {
+    base: std::sync::Arc<dyn BlobStore>,
+    budget: usize,
+    state: std::sync::Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    /// Each blob's read, in flight or done.
+    cells: std::collections::HashMap<String, std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<Vec<u8>>>>>,
+    /// Digests read, least recent first.
+    order: std::collections::VecDeque<String>,
+}
+
+impl Cached {
+    /// Over `base`, keeping at most `budget` bytes of blobs read.
+    pub fn new(base: std::sync::Arc<dyn BlobStore>, budget: usize) -> Self {
+        Self { base, budget, state: Default::default() }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl BlobStore for Cached {
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
+        self.base.put(bytes).await
+    }
+
+    async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
+        check_digest(digest)?;
+        let cell = {
+            let mut state = self.state();
+            let cell = state.cells.entry(digest.to_string()).or_default().clone();
+            if let Some(at) = state.order.iter().position(|d| d == digest) {
+                state.order.remove(at);
+            }
+            state.order.push_back(digest.to_string());
+            cell
+        };
+        let mut fetched = false;
+        let bytes = cell
+            .get_or_try_init(|| async {
+                fetched = true;
+                self.base.get(digest).await.map(std::sync::Arc::new)
+            })
+            .await;
+        let bytes = match bytes {
+            Ok(b) => b.clone(),
+            Err(e) => {
+                // A failed read is not kept: the next one tries again.
+                let mut state = self.state();
+                if state.cells.get(digest).is_some_and(|c| std::sync::Arc::ptr_eq(c, &cell)) {
+                    state.cells.remove(digest);
+                    state.order.retain(|d| d != digest);
+                }
+                return Err(e);
+            }
+        };
+        if fetched {
+            // The least recent go first; a blob alone over the budget is not kept either.
+            let mut state = self.state();
+            while state.cells.values().filter_map(|c| c.get()).map(|b| b.len()).sum::<usize>() > self.budget {
+                let Some(old) = state.order.pop_front() else { break };
+                state.cells.remove(&old);
+            }
+        }
+        Ok(bytes.as_ref().clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +441,60 @@ mod tests {
         assert_eq!(overlay.get(&mine).await.expect("own write"), b"dry run");
         assert!(overlay.wrote(&mine) && !overlay.wrote(&stored));
         assert!(matches!(base.get(&mine).await, Err(Error::NotFound(_))), "the base store is untouched");
+    }
+
+    /// Counts the reads that reach the store below.
+    struct Counting {
+        base: LocalBlobs,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BlobStore for Counting {
+        async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
+            self.base.put(bytes).await
+        }
+        async fn get(&self, digest: &str) -> Result<Vec<u8>, Error> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.base.get(digest).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cache_reads_a_blob_once_for_many_readers_and_keeps_the_recent_ones_within_its_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counting = std::sync::Arc::new(Counting { base: LocalBlobs::new(dir.path()).expect("blobs"), reads: Default::default() });
+        let reads = || counting.reads.load(std::sync::atomic::Ordering::SeqCst);
+        let cached = std::sync::Arc::new(Cached::new(counting.clone(), 25));
+        let a = cached.put(vec![1; 10]).await.expect("put");
+        let b = cached.put(vec![2; 10]).await.expect("put");
+        let c = cached.put(vec![3; 10]).await.expect("put");
+        // A hundred readers at once: one read below.
+        let many: Vec<_> = (0..100)
+            .map(|_| {
+                let (cached, a) = (cached.clone(), a.clone());
+                tokio::spawn(async move { cached.get(&a).await })
+            })
+            .collect();
+        for r in many {
+            assert_eq!(r.await.expect("join").expect("get"), vec![1; 10]);
+        }
+        assert_eq!(reads(), 1);
+        cached.get(&b).await.expect("get");
+        cached.get(&a).await.expect("get");
+        assert_eq!(reads(), 2, "a and b fit the budget");
+        // c goes over the budget: the least recent (b) is let go, a is kept.
+        cached.get(&c).await.expect("get");
+        cached.get(&a).await.expect("get");
+        assert_eq!(reads(), 3);
+        cached.get(&b).await.expect("get");
+        assert_eq!(reads(), 4, "b was let go");
+        // What is missing is not kept as missing; a corrupt blob is refused every time.
+        let missing = "0".repeat(64);
+        assert!(matches!(cached.get(&missing).await, Err(Error::NotFound(_))));
+        std::fs::write(dir.path().join(&missing), b"late").expect("write");
+        assert!(matches!(cached.get(&missing).await, Err(Error::Corrupt { .. })), "read again, and verified below");
+        assert!(matches!(cached.get("nope").await, Err(Error::BadDigest(_))));
     }
 }

@@ -41,7 +41,7 @@ pub struct Permissions {
 ///   checks it), fetched from and acknowledged;
 /// - the stream and bucket descriptions it binds to;
 /// - the model blob store: chunks and descriptions written, blobs read
-///   through ordered consumers (every reader checks each blob against its
+///   by direct gets (small ones) or through ordered consumers (every reader checks each blob against its
 ///   sha256 name, so a blob written over by another worker is refused, never
 ///   used).
 ///
@@ -69,6 +69,8 @@ pub fn worker_permissions(worker_id: &str) -> Permissions {
         // A blob's description: by name (Rust), or the last on its subject (Python).
         format!("$JS.API.DIRECT.GET.{obj}.$O.{bucket}.M.>"),
         format!("$JS.API.STREAM.MSG.GET.{obj}"),
+        // A small blob's chunks one by one, by subject and sequence (no consumer).
+        format!("$JS.API.DIRECT.GET.{obj}"),
         // Its chunks, through an ordered (ephemeral) consumer with flow control
         // (nats-py looks the stream up by subject first).
         "$JS.API.STREAM.NAMES".to_string(),

@@ -115,23 +115,33 @@ pub fn load(url: &str) -> Result<Data, Error> {
     Ok(data)
 }
 
+/// The built-in digits, train and test split, decompressed and parsed once
+/// per process: every trainer reads them every round, and a process of
+/// virtual workers holds thousands of trainers.
+fn digits(url: &str) -> Result<&'static Data, Error> {
+    static DIGITS: std::sync::OnceLock<Data> = std::sync::OnceLock::new();
+    if let Some(d) = DIGITS.get() {
+        return Ok(d);
+    }
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(DIGITS_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
+    let all = parse_csv(url, &text, 16.0)?;
+    let mut rows: Vec<usize> = (0..all.len()).collect();
+    SplitMix::new(SPLIT_SEED).shuffle(&mut rows);
+    let n_test = (all.len() as f64 * TEST_FRACTION).round() as usize;
+    let (test_rows, train_rows) = rows.split_at(n_test);
+    Ok(DIGITS.get_or_init(|| Data { train: all.select(train_rows), test: all.select(test_rows), classes: 10 }))
+}
+
 fn read(url: &str) -> Result<Data, Error> {
     if let Some(rest) = url.strip_prefix("builtin://") {
         let (name, q) = rest.split_once('?').unwrap_or((rest, ""));
         if name != "digits" {
             return Err(Error::Url { url: url.into(), reason: format!("no built-in dataset '{name}'; the built-in one is 'digits'") });
         }
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(DIGITS_GZ)
-            .read_to_string(&mut text)
-            .map_err(|e| Error::Read { url: url.into(), reason: e.to_string() })?;
-        let all = parse_csv(url, &text, 16.0)?;
-        let mut rows: Vec<usize> = (0..all.len()).collect();
-        SplitMix::new(SPLIT_SEED).shuffle(&mut rows);
-        let n_test = (all.len() as f64 * TEST_FRACTION).round() as usize;
-        let (test_rows, train_rows) = rows.split_at(n_test);
-        let data = Data { train: all.select(train_rows), test: all.select(test_rows), classes: 10 };
-        return deal(url, q, data);
+        return deal(url, q, digits(url)?.clone());
     }
     if let Some(rest) = url.strip_prefix("synthetic://") {
         let (name, q) = rest.split_once('?').unwrap_or((rest, ""));

@@ -12,6 +12,7 @@ pub mod fedavg;
 pub mod fedbuff;
 #[cfg(feature = "tch")]
 pub(crate) mod fit;
+pub mod fleet;
 pub mod images;
 pub mod kernels;
 pub mod metrics;

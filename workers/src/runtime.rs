@@ -52,6 +52,8 @@ pub struct Worker {
     roots: DataRoots,
     /// Where the spans of the commands it runs go (OTLP), if anywhere.
     otlp: Option<flame_transport::otlp::Exporter>,
+    /// The bound on commands at once this worker shares with the others of its process, if any.
+    shared: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Worker {
@@ -66,6 +68,7 @@ impl Worker {
             archives: Arc::default(),
             roots: DataRoots::anywhere(),
             otlp: None,
+            shared: None,
         }
     }
 
@@ -96,21 +99,69 @@ impl Worker {
 
     /// Registers, then runs commands until `shutdown` resolves or the inbox closes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        flame_transport::check_id(&self.info.id)?;
-        self.transport.register(&self.info).await.context("registering the worker")?;
-        let mut inbox = self.transport.command_inbox(&self.info.id).await.context("opening the command inbox")?;
+        let inbox = self.open().await?;
         let heartbeat = {
-            let (transport, info) = (self.transport.clone(), self.info.clone());
+            let worker = self.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(HEARTBEAT).await;
-                    if let Err(e) = transport.register(&info).await {
-                        tracing::warn!(worker = %info.id, "heartbeat failed: {e}");
-                    }
+                    worker.heartbeat().await;
                 }
             })
         };
-        tracing::info!(worker = %self.info.id, roles = ?self.info.roles, kernels = crate::kernels::Kernels::current().name(), "worker ready");
+        let result = self.serve(inbox, shutdown).await;
+        heartbeat.abort();
+        result
+    }
+
+    /// This worker's identity.
+    pub fn info(&self) -> &WorkerInfo {
+        &self.info
+    }
+
+    /// Another identity with this worker's settings, transport and blob
+    /// store, and a memory of finished commands of its own (a virtual worker).
+    pub fn with_id(&self, id: String) -> Self {
+        let mut w = self.clone();
+        w.info.id = id;
+        w.done = Arc::default();
+        w
+    }
+
+    /// Shares a bound on the commands running at once with other workers of
+    /// this process (virtual workers): a command waits for a permit before
+    /// it runs, on top of this worker's own concurrency.
+    pub fn with_shared_limit(mut self, limit: Arc<tokio::sync::Semaphore>) -> Self {
+        self.shared = Some(limit);
+        self
+    }
+
+    /// Registers and opens the command inbox: the worker is then listed and
+    /// its commands wait for it, ready for [`Worker::serve`]. A caller that
+    /// serves without [`Worker::run`] renews the registration with
+    /// [`Worker::heartbeat`] every [`HEARTBEAT`].
+    pub async fn open(&self) -> anyhow::Result<flame_transport::Inbox<Command>> {
+        flame_transport::check_id(&self.info.id)?;
+        self.transport.register(&self.info).await.with_context(|| format!("registering worker {}", self.info.id))?;
+        self.transport.command_inbox(&self.info.id).await.with_context(|| format!("opening the command inbox of worker {}", self.info.id))
+    }
+
+    /// Renews the registration (a failure is logged: the next one may succeed before the entry expires).
+    pub async fn heartbeat(&self) {
+        if let Err(e) = self.transport.register(&self.info).await {
+            tracing::warn!(worker = %self.info.id, "heartbeat failed: {e}");
+        }
+    }
+
+    /// Runs the commands of an opened inbox until `shutdown` resolves or the inbox closes.
+    pub async fn serve(
+        self,
+        mut inbox: flame_transport::Inbox<Command>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        if self.shared.is_none() {
+            tracing::info!(worker = %self.info.id, roles = ?self.info.roles, kernels = crate::kernels::Kernels::current().name(), "worker ready");
+        }
         tokio::pin!(shutdown);
         let mut running: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
         let finished = |done: Option<Result<anyhow::Result<()>, tokio::task::JoinError>>| match done {
@@ -142,6 +193,11 @@ impl Worker {
                     running.spawn(async move {
                         let sent = {
                             let done = async {
+                                // Virtual workers share the process's bound; the permit is held until the report is out.
+                                let _permit = match &worker.shared {
+                                    Some(limit) => Some(limit.clone().acquire_owned().await?),
+                                    None => None,
+                                };
                                 let report = worker.execute(&delivery.message).await;
                                 worker.send_report(&report).await
                             };
@@ -185,7 +241,6 @@ impl Worker {
             }
         }
         running.abort_all();
-        heartbeat.abort();
         result
     }
 

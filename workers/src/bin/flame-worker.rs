@@ -58,6 +58,16 @@ struct Args {
     /// command's trace context.
     #[arg(long, env = "FLAME_OTLP", value_name = "URL")]
     otlp: Option<String>,
+    /// Runs N virtual workers in this one process instead of one worker, for
+    /// simulations at scale through the deployment's own path: ids
+    /// `<ID>-0..<ID>-(N-1)` (zero-padded), each registered under its own id
+    /// with its own command consumer, all sharing one NATS connection and
+    /// one libtorch, with at most `--concurrency` commands running at once in
+    /// the whole process. Each takes the dataset its task is given, as a
+    /// worker of its own would. Its NATS identity must be allowed to speak
+    /// for all of them (not a per-worker identity).
+    #[arg(long = "virtual", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    virtual_workers: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,9 +99,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
     tracing::info!(roots = ?roots.dirs().unwrap_or_default(), "datasets are read under these folders only");
-    let mut worker = Worker::new(info, Arc::new(transport), Arc::new(blobs));
+    let blobs: Arc<dyn flame_workers::blob::BlobStore> = match args.virtual_workers {
+        // Virtual workers read the same global model at once: one read for them all.
+        Some(_) => Arc::new(flame_workers::blob::Cached::new(Arc::new(blobs), flame_workers::fleet::BLOB_CACHE)),
+        None => Arc::new(blobs),
+    };
+    let mut worker = Worker::new(info, Arc::new(transport), blobs);
     if let Some(url) = &args.otlp {
         worker = worker.with_otlp(flame_transport::otlp::Exporter::new(url, "flame-worker"));
     }
-    worker.with_concurrency(args.concurrency).with_data_roots(roots).run(flame_transport::shutdown_signal()).await
+    let worker = worker.with_concurrency(args.concurrency).with_data_roots(roots);
+    match args.virtual_workers {
+        None => worker.run(flame_transport::shutdown_signal()).await,
+        Some(n) => flame_workers::fleet::run_virtual(&worker, n as usize, args.concurrency, flame_transport::shutdown_signal()).await,
+    }
 }

@@ -1,0 +1,1 @@
+"""No-op Flower App for the round-overhead comparison."""

@@ -1,0 +1,34 @@
+"""A ServerApp that times rounds: each round sends the same small model (the
+size of the digits MLP of the Flame job, 64x32 + 32 + 32x10 + 10 float32) to
+every SuperNode and waits for every reply. Prints one line per round:
+`flower_round=R ms=M replies=K`."""
+
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rounds = int(context.run_config["num-server-rounds"])
+    nodes = int(context.run_config["num-nodes"])
+    while True:
+        ids = list(grid.get_node_ids())
+        if len(ids) >= nodes:
+            break
+        time.sleep(0.5)
+    rng = np.random.default_rng(0)
+    arrays = ArrayRecord([rng.standard_normal(s).astype(np.float32) for s in [(32, 64), (32,), (10, 32), (10,)]])
+    for r in range(1, rounds + 1):
+        start = time.perf_counter()
+        messages = [
+            Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"round": r})}), dst_node_id=n, message_type=MessageType.TRAIN)
+            for n in ids
+        ]
+        replies = list(grid.send_and_receive(messages))
+        ok = sum(1 for m in replies if m.has_content())
+        print(f"flower_round={r} ms={1000 * (time.perf_counter() - start):.0f} replies={ok}", flush=True)

@@ -1,0 +1,81 @@
+//! Virtual workers (`flame-worker --virtual N`): one process runs 200
+//! trainer identities through the deployment's own path (real NATS, a served
+//! engine on the MongoDB-wire server), each registered under its own id with
+//! its own command consumer.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Value, json};
+
+use crate::util::{Served, digits_workflow, wait_for_events};
+
+const CLIENTS: usize = 200;
+const ROUNDS: u64 = 3;
+
+/// The digits job with `clients` trainers, each on its own slice of the digits.
+fn many_clients(clients: usize) -> Value {
+    digits_workflow(|wf| {
+        let refs: Vec<String> = (0..clients).map(|i| format!("d{i}.json")).collect();
+        wf["dataSpec"][0]["datasetGroups"]["default"] = json!(refs);
+        wf["datasets"] = refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.clone(), json!({"name": r, "url": format!("builtin://digits?part={i}&of={clients}"), "realm": "default"})))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        wf["modelSpec"]["hyperparameters"]["rounds"] = json!(ROUNDS);
+        // A few rows each: small batches, so that each client takes a few steps a round.
+        wf["modelSpec"]["hyperparameters"]["epochs"] = json!(3);
+        wf["modelSpec"]["hyperparameters"]["batchSize"] = json!(2);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_200_virtual_workers_in_one_process_counts_every_update_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet: Vec<String> =
+        ["--id", "sim", "--virtual", &CLIENTS.to_string(), "--roles", "trainer", "--concurrency", "8"].map(String::from).to_vec();
+    let agg: Vec<String> = ["--id", "agg", "--roles", "aggregator"].map(String::from).to_vec();
+    let served = Served::start_with(dir.path(), &[], &[agg, fleet]).await;
+    let job = served.submit(&many_clients(CLIENTS));
+    let store = served.store().await;
+    let events = wait_for_events(&store, &job, "the job's end", |e| {
+        e.iter().any(|e| matches!(e.event_type.as_str(), "JobCompleted" | "JobFailed" | "JobTerminated"))
+    })
+    .await;
+    let of = |kind: &'static str| events.iter().filter(move |e| e.event_type == kind);
+    assert_eq!(of("JobCompleted").count(), 1, "the job completed: {:?}", events.last().map(|e| (&e.event_type, &e.payload)));
+
+    // Every trainer task ran on its own virtual worker of the one fleet.
+    let expected: BTreeSet<String> = flame_workers::fleet::virtual_ids("sim", CLIENTS).into_iter().collect();
+    let placed: BTreeMap<String, String> = of("TaskAssigned")
+        .map(|e| {
+            (e.payload["task_id"].as_str().unwrap_or_default().to_string(), e.payload["worker_id"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    let trainers: BTreeSet<String> = placed.values().filter(|w| w.starts_with("sim-")).cloned().collect();
+    assert_eq!(trainers, expected, "the 200 trainer tasks went to the 200 virtual workers, one each");
+    let deployed: u64 = of("TaskDeployed").filter_map(|e| e.payload["samples"].as_u64()).sum();
+    assert!(deployed > 0, "the trainers loaded their slices");
+
+    for round in 1..=ROUNDS {
+        let updates: Vec<&Value> = of("UpdateReported").map(|e| &e.payload).filter(|p| p["round"] == round).collect();
+        let workers: BTreeSet<String> = updates.iter().map(|p| p["worker_id"].as_str().unwrap_or_default().to_string()).collect();
+        assert_eq!(updates.len(), CLIENTS, "round {round}: one update per client, none twice");
+        assert_eq!(workers, expected, "round {round}: an update from every virtual worker");
+        let samples: u64 = updates.iter().filter_map(|p| p["samples"].as_u64()).sum();
+        assert_eq!(samples, deployed, "round {round}: the updates carry every training sample once");
+        let aggregated: Vec<&Value> = of("RoundAggregated").map(|e| &e.payload).filter(|p| p["round"] == round).collect();
+        assert_eq!(aggregated.len(), 1, "round {round} aggregated once");
+        let mut inputs: Vec<String> =
+            aggregated[0]["inputs"].as_array().expect("inputs").iter().map(|d| d.as_str().unwrap_or_default().to_string()).collect();
+        let mut digests: Vec<String> = updates.iter().map(|p| p["digest"].as_str().unwrap_or_default().to_string()).collect();
+        inputs.sort();
+        digests.sort();
+        assert_eq!(inputs, digests, "round {round}: the aggregate took exactly the reported updates");
+    }
+    assert_eq!(of("ReportRejected").count(), 0, "no report was refused");
+    let accuracy: Vec<f64> = of("RoundAggregated").filter_map(|e| e.payload["metrics"]["accuracy"].as_f64()).collect();
+    eprintln!("accuracy by round: {accuracy:?}");
+    assert!(accuracy[accuracy.len() - 1] > 0.5, "200 clients of a few digits each learn together: accuracy by round {accuracy:?}");
+}
