@@ -99,6 +99,11 @@ impl<T> Delivery<T> {
         self.progress.clone()
     }
 
+    /// The same delivery (its acknowledgement and progress) of another message.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Delivery<U> {
+        Delivery { message: f(self.message), ack: self.ack, progress: self.progress }
+    }
+
     /// Acknowledges the message: it will not be delivered again.
     pub async fn ack(self) -> Result<(), Error> {
         match self.ack {
@@ -126,6 +131,19 @@ pub trait Transport: Send + Sync {
     async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), Error>;
     /// The commands addressed to one worker, durable across restarts where the transport is.
     async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error>;
+    /// The commands addressed to several workers of one process (virtual
+    /// workers), each with the id it is addressed to. `group` names what the
+    /// transport keeps for them (NATS: one durable consumer for the group,
+    /// instead of one per worker). By default, each worker's own inbox.
+    async fn group_inbox(&self, _group: &str, worker_ids: &[String]) -> Result<Inbox<(String, Command)>, Error> {
+        let mut inboxes = Vec::with_capacity(worker_ids.len());
+        for id in worker_ids {
+            let id = id.clone();
+            let inbox = self.command_inbox(&id).await?;
+            inboxes.push(inbox.map(move |d| d.map(|d| d.map(|c| (id.clone(), c)))).boxed());
+        }
+        Ok(futures::stream::select_all(inboxes).boxed())
+    }
     /// Sends a report to the engine running its job.
     async fn send_report(&self, report: &Report) -> Result<(), Error>;
     /// The reports for one job.
@@ -585,6 +603,21 @@ impl Transport for Nats {
         // under the same id) within COMMAND_ACK_WAIT; a redelivery meanwhile is answered from its memory.
         self.inbox(COMMAND_STREAM, format!("worker-{worker_id}"), vec![format!("flame.cmd.{worker_id}")], COMMAND_ACK_WAIT, |_, b| {
             Command::decode(b)
+        })
+        .await
+    }
+
+    async fn group_inbox(&self, group: &str, worker_ids: &[String]) -> Result<Inbox<(String, Command)>, Error> {
+        check_id(group)?;
+        for id in worker_ids {
+            check_id(id)?;
+        }
+        // One durable consumer filtered on every member's subject: the server keeps one
+        // consumer (pulls, heartbeats, pending acks) for the group, not one per worker.
+        let subjects = worker_ids.iter().map(|id| format!("flame.cmd.{id}")).collect();
+        self.inbox(COMMAND_STREAM, format!("group-{group}"), subjects, COMMAND_ACK_WAIT, |subject, b| {
+            let id = subject.strip_prefix("flame.cmd.").unwrap_or(subject).to_string();
+            Ok((id, Command::decode(b)?))
         })
         .await
     }

@@ -1,9 +1,11 @@
 //! Virtual workers: many worker identities in one process
 //! (`flame-worker --virtual N`), for simulations at scale through exactly
-//! the deployment's code path. Each identity registers, heartbeats and takes
-//! commands from its own consumer as a worker process would; they share the
-//! process's transport, blob store and libtorch, and one bound on the
-//! commands running at once.
+//! the deployment's code path. Each identity registers and heartbeats under
+//! its own id, takes the commands addressed to it and reports as a worker
+//! process would; they share the process's transport, blob store and
+//! libtorch, one bound on the commands running at once, and one command
+//! consumer per group of [`GROUP`] (the server would otherwise keep, pull
+//! for and heartbeat thousands of consumers).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,12 +13,21 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
+use std::collections::HashMap;
+
+use flame_events::protocol::Command;
+use flame_transport::{Delivery, Inbox};
+
 use crate::Worker;
 use crate::runtime::HEARTBEAT;
 
-/// Identities registered and opened at once while the fleet starts: the
-/// JetStream API takes consumer creations one by one, and a burst of
-/// thousands is refused as over its queue.
+/// Where a dispatcher hands a worker its commands.
+type Route = tokio::sync::mpsc::UnboundedSender<Result<Delivery<Command>, flame_transport::Error>>;
+
+/// Virtual workers whose commands come through one consumer.
+pub const GROUP: usize = 500;
+
+/// Identities registered at once while the fleet starts.
 const OPEN_AT_ONCE: usize = 32;
 /// Bytes of model blobs the virtual workers of a process keep once read
 /// (the global model every trainer starts from, read once per round).
@@ -46,10 +57,10 @@ pub async fn run_virtual(
     let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let workers: Vec<Worker> =
         virtual_ids(&template.info().id, n).into_iter().map(|id| template.with_id(id).with_shared_limit(limit.clone())).collect();
-    // Opened ones heartbeat from the start: opening thousands takes longer than a registration lives.
-    let opened: Arc<Mutex<Vec<Worker>>> = Arc::default();
+    // Registered ones heartbeat from the start: registering thousands may take longer than a registration lives.
+    let registered: Arc<Mutex<Vec<Worker>>> = Arc::default();
     let heartbeat = {
-        let opened = opened.clone();
+        let registered = registered.clone();
         tokio::spawn(async move {
             // On a fixed beat (not a pause after each pass): a pass over thousands that runs
             // long under load must not push the next one past the registry's expiry.
@@ -57,27 +68,44 @@ pub async fn run_virtual(
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 beat.tick().await;
-                let now: Vec<Worker> = opened.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                let now: Vec<Worker> = registered.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
                 futures::stream::iter(now.iter()).for_each_concurrent(HEARTBEATS_AT_ONCE, Worker::heartbeat).await;
             }
         })
     };
     let started = Instant::now();
-    let inboxes: Vec<_> = futures::stream::iter(workers.iter())
+    futures::stream::iter(workers.iter())
         .map(|w| {
-            let opened = opened.clone();
+            let registered = registered.clone();
             async move {
-                let inbox = w.open().await?;
-                opened.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(w.clone());
-                anyhow::Ok(inbox)
+                w.register().await?;
+                registered.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(w.clone());
+                anyhow::Ok(())
             }
         })
-        .buffered(OPEN_AT_ONCE)
-        .try_collect()
+        .buffer_unordered(OPEN_AT_ONCE)
+        .try_collect::<()>()
         .await
         .inspect_err(|_| heartbeat.abort())?;
+    // Commands come through one consumer per group of workers and are handed to the worker
+    // each is addressed to: the server keeps a few consumers, not thousands.
+    let mut inboxes = Vec::with_capacity(n);
+    let mut dispatchers = Vec::new();
+    let ids: Vec<String> = workers.iter().map(|w| w.info().id.clone()).collect();
+    for (g, members) in ids.chunks(GROUP).enumerate() {
+        let mut routes = HashMap::with_capacity(members.len());
+        for id in members {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            routes.insert(id.clone(), tx);
+            inboxes.push(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed());
+        }
+        let group = format!("{}-{g}", template.info().id);
+        let inbox = template.transport().group_inbox(&group, members).await.inspect_err(|_| heartbeat.abort())?;
+        dispatchers.push(tokio::spawn(dispatch(group, inbox, routes)));
+    }
     tracing::info!(
         workers = n,
+        groups = dispatchers.len(),
         first = %workers.first().map_or("", |w| w.info().id.as_str()),
         last = %workers.last().map_or("", |w| w.info().id.as_str()),
         concurrency,
@@ -103,7 +131,27 @@ pub async fn run_virtual(
         break;
     }
     heartbeat.abort();
+    dispatchers.iter().for_each(tokio::task::JoinHandle::abort);
     result
+}
+
+/// Hands each command of a group's inbox to the worker it is addressed to.
+/// A worker's inbox closes when the group's does.
+async fn dispatch(group: String, mut inbox: Inbox<(String, Command)>, routes: HashMap<String, Route>) {
+    while let Some(next) = inbox.next().await {
+        match next {
+            Ok(delivery) => {
+                let id = delivery.message.0.clone();
+                match routes.get(&id) {
+                    Some(route) => {
+                        let _ = route.send(Ok(delivery.map(|(_, command)| command)));
+                    }
+                    None => tracing::warn!(group = %group, "a command for '{id}', not a worker of this group: left unacknowledged"),
+                }
+            }
+            Err(e) => tracing::warn!(group = %group, "reading the group's commands: {e}"),
+        }
+    }
 }
 
 #[cfg(test)]

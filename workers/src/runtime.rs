@@ -141,9 +141,19 @@ impl Worker {
     /// serves without [`Worker::run`] renews the registration with
     /// [`Worker::heartbeat`] every [`HEARTBEAT`].
     pub async fn open(&self) -> anyhow::Result<flame_transport::Inbox<Command>> {
-        flame_transport::check_id(&self.info.id)?;
-        self.transport.register(&self.info).await.with_context(|| format!("registering worker {}", self.info.id))?;
+        self.register().await?;
         self.transport.command_inbox(&self.info.id).await.with_context(|| format!("opening the command inbox of worker {}", self.info.id))
+    }
+
+    /// Registers this worker (listed as live until its registration expires).
+    pub async fn register(&self) -> anyhow::Result<()> {
+        flame_transport::check_id(&self.info.id)?;
+        self.transport.register(&self.info).await.with_context(|| format!("registering worker {}", self.info.id))
+    }
+
+    /// The transport it takes commands and sends reports through.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
     }
 
     /// Renews the registration (a failure is logged: the next one may succeed before the entry expires).
