@@ -221,6 +221,8 @@ async fn the_dashboard_signs_in_with_a_token_follows_a_running_job_live_and_show
     assert_eq!(spans, json!(rounds), "a timeline row per round");
     let audit = b.js("return document.querySelectorAll('#audit tbody tr').length;").as_u64().unwrap_or(0);
     assert!(audit >= 100, "the audit log's newest entries: {audit}");
+    // A live update may be replacing the summary as it is read: wait until it shows a number.
+    b.until("the final accuracy", "const a = document.getElementById('accuracy'); return !!a && a.textContent.trim() !== '';", 10);
     let accuracy: f64 = b.text(&b.wait_for("#accuracy", 5)).parse().expect("accuracy on the page");
     assert!(accuracy > 0.8, "{accuracy}");
     b.js("window.scrollTo(0, 0); return true;");
