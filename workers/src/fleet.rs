@@ -7,13 +7,12 @@
 //! consumer per group of [`GROUP`] (the server would otherwise keep, pull
 //! for and heartbeat thousands of consumers).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-
-use std::collections::HashMap;
 
 use flame_events::protocol::Command;
 use flame_transport::{Delivery, Inbox};
