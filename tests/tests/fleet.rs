@@ -1,7 +1,7 @@
 //! Virtual workers (`flame-worker --virtual N`): one process runs 200
 //! trainer identities through the deployment's own path (real NATS, a served
-//! engine on the MongoDB-wire server), each registered under its own id with
-//! its own command consumer.
+//! engine on the MongoDB-wire server), each registered under its own id and
+//! sent its own commands (through one consumer for the group).
 
 use std::collections::{BTreeMap, BTreeSet};
 

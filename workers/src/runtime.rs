@@ -158,8 +158,8 @@ impl Worker {
 
     /// Renews the registration (a failure is logged: the next one may succeed before the entry expires).
     pub async fn heartbeat(&self) {
-        if let Err(e) = self.transport.register(&self.info).await {
-            tracing::warn!(worker = %self.info.id, "heartbeat failed: {e}");
+        if let Err(e) = self.register().await {
+            tracing::warn!(worker = %self.info.id, "heartbeat failed: {e:#}");
         }
     }
 

@@ -61,9 +61,9 @@ struct Args {
     /// Runs N virtual workers in this one process instead of one worker, for
     /// simulations at scale through the deployment's own path: ids
     /// `<ID>-0..<ID>-(N-1)` (zero-padded), each registered under its own id
-    /// with its own command consumer, all sharing one NATS connection and
-    /// one libtorch, with at most `--concurrency` commands running at once in
-    /// the whole process. Each takes the dataset its task is given, as a
+    /// and sent its own commands, all sharing one NATS connection (one
+    /// command consumer per 500 ids) and one libtorch, with at most
+    /// `--concurrency` commands running at once in the whole process. Each takes the dataset its task is given, as a
     /// worker of its own would. Its NATS identity must be allowed to speak
     /// for all of them (not a per-worker identity).
     #[arg(long = "virtual", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
