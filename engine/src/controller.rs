@@ -26,11 +26,23 @@ pub enum Action {
     Handle(JobCommand),
 }
 
+/// Whether a command (worker id, command id) already went out: the runner's
+/// record, so that a turn builds only the commands not yet sent.
+pub type Sent<'a> = &'a dyn Fn(&str, &str) -> bool;
+
+fn command_id(job: &Job, key: &str) -> String {
+    format!("{}/{key}", job.job_id)
+}
+
 fn command(job: &Job, task_id: &str, round: u32, key: &str, body: CommandBody) -> Command {
+    command_with_id(job, task_id, round, command_id(job, key), body)
+}
+
+fn command_with_id(job: &Job, task_id: &str, round: u32, id: String, body: CommandBody) -> Command {
     let path = span_path(job, task_id, round, &body);
     Command {
         v: protocol::VERSION,
-        id: format!("{}/{key}", job.job_id),
+        id,
         job_id: job.job_id.clone(),
         task_id: task_id.to_string(),
         round,
@@ -92,6 +104,14 @@ pub fn assign(tasks: &[&TaskSpec], workers: &[WorkerInfo], busy: &BTreeSet<Strin
 /// fresh heartbeat, or `None` when it was not read (no loss is judged then).
 /// Empty while the job waits for reports, workers or a timer.
 pub fn decide(job: &Job, now_ms: u64, live: Option<&[WorkerInfo]>) -> Vec<Action> {
+    decide_unsent(job, now_ms, live, &|_, _| false)
+}
+
+/// [`decide`], leaving out the per-task commands (deploy, train, evaluate)
+/// that `sent` says already went out: with thousands of trainers, building
+/// every outstanding command again after each report would cost a pass over
+/// the whole round per report.
+pub fn decide_unsent(job: &Job, now_ms: u64, live: Option<&[WorkerInfo]>, sent: Sent) -> Vec<Action> {
     if !job.status.is_active() {
         return Vec::new();
     }
@@ -110,7 +130,7 @@ pub fn decide(job: &Job, now_ms: u64, live: Option<&[WorkerInfo]>) -> Vec<Action
             if let Some(lost) = live.and_then(|w| lost_worker(job, w)) {
                 return vec![Action::Handle(lost)];
             }
-            if job.status == Status::Deploying { deploy(job) } else { run(job, now_ms) }
+            if job.status == Status::Deploying { deploy(job, sent) } else { run(job, now_ms, sent) }
         }
         _ => Vec::new(),
     }
@@ -141,29 +161,34 @@ fn lost_worker(job: &Job, live: &[WorkerInfo]) -> Option<JobCommand> {
     Some(JobCommand::LoseWorker { worker_id: lost, replacements })
 }
 
-fn deploy(job: &Job) -> Vec<Action> {
+fn deploy(job: &Job, sent: Sent) -> Vec<Action> {
     job.tasks
         .iter()
         .filter(|t| !job.deployed.contains(&t.task_id) && !job.orphaned.contains(&t.task_id))
         .filter_map(|t| {
             let worker = job.assignments.get(&t.task_id)?;
+            let id = command_id(job, &format!("deploy/{}/{worker}", t.task_id));
+            if sent(worker, &id) {
+                return None;
+            }
             let body = CommandBody::Deploy { role: t.role.clone(), dataset: t.dataset.clone() };
-            Some(Action::Send {
-                worker_id: worker.clone(),
-                command: command(job, &t.task_id, 0, &format!("deploy/{}/{worker}", t.task_id), body),
-            })
+            Some(Action::Send { worker_id: worker.clone(), command: command_with_id(job, &t.task_id, 0, id, body) })
         })
         .collect()
 }
 
 /// The Evaluate commands the trainers still owe for the latest evaluated round's model.
-fn evaluate(job: &Job) -> Vec<Action> {
+fn evaluate(job: &Job, sent: Sent) -> Vec<Action> {
     let Some(spec) = &job.spec else { return Vec::new() };
     let e = &job.evaluation;
     job.evaluations_owed()
         .filter_map(|t| {
-            let task = job.tasks.iter().find(|x| &x.task_id == t)?;
             let worker = job.assignments.get(t)?;
+            let id = command_id(job, &format!("r{}/evaluate/{t}", e.round));
+            if sent(worker, &id) {
+                return None;
+            }
+            let task = job.task(t)?;
             let body = CommandBody::Evaluate {
                 model: spec.model.clone(),
                 global_model: e.model.clone(),
@@ -171,12 +196,12 @@ fn evaluate(job: &Job) -> Vec<Action> {
                 loss: spec.training.loss,
                 client_state: job.records.client_states.get(t).cloned(),
             };
-            Some(Action::Send { worker_id: worker.clone(), command: command(job, t, e.round, &format!("r{}/evaluate/{t}", e.round), body) })
+            Some(Action::Send { worker_id: worker.clone(), command: command_with_id(job, t, e.round, id, body) })
         })
         .collect()
 }
 
-fn run(job: &Job, now_ms: u64) -> Vec<Action> {
+fn run(job: &Job, now_ms: u64, sent: Sent) -> Vec<Action> {
     let (Some(spec), Some(aggregator)) = (&job.spec, job.aggregator()) else {
         return Vec::new();
     };
@@ -194,7 +219,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
         return vec![Action::Send { worker_id: agg_worker.clone(), command: command(job, &aggregator.task_id, 0, "init", body) }];
     };
     // Federated evaluation of the latest evaluated round's model, beside the next round's training.
-    let evaluations = evaluate(job);
+    let evaluations = evaluate(job, sent);
     if !job.round_open() {
         if job.rounds_completed >= spec.rounds {
             // The job completes once the last model is evaluated (by every trainer still with a worker).
@@ -215,6 +240,10 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
         actions.extend(job.active_trainers().filter_map(|task| {
             let (t, d) = job.round.buffer.in_flight.get_key_value(&task.task_id)?;
             let worker = job.assignments.get(t)?;
+            let id = command_id(job, &format!("r{}/train/{t}", d.round));
+            if sent(worker, &id) {
+                return None;
+            }
             let body = CommandBody::Train {
                 model: spec.model.clone(),
                 global_model: d.model.clone(),
@@ -225,11 +254,15 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
                 client_state: job.records.client_states.get(t).cloned(),
                 server_state: None,
             };
-            Some(Action::Send { worker_id: worker.clone(), command: command(job, t, d.round, &format!("r{}/train/{t}", d.round), body) })
+            Some(Action::Send { worker_id: worker.clone(), command: command_with_id(job, t, d.round, id, body) })
         }));
     } else if !job.training_done() {
         actions.extend(job.round_trainers().filter(|t| !job.round.updates.contains_key(&t.task_id)).filter_map(|t| {
             let worker = job.assignments.get(&t.task_id)?;
+            let id = command_id(job, &format!("r{round}/train/{}", t.task_id));
+            if sent(worker, &id) {
+                return None;
+            }
             let body = CommandBody::Train {
                 model: spec.model.clone(),
                 global_model: global_model.clone(),
@@ -241,10 +274,7 @@ fn run(job: &Job, now_ms: u64) -> Vec<Action> {
                 // SCAFFOLD's trainers correct their gradients with the server's control variate.
                 server_state: if spec.optimizer.trainers_need_server_state() { job.optimizer_state.clone() } else { None },
             };
-            Some(Action::Send {
-                worker_id: worker.clone(),
-                command: command(job, &t.task_id, round, &format!("r{round}/train/{}", t.task_id), body),
-            })
+            Some(Action::Send { worker_id: worker.clone(), command: command_with_id(job, &t.task_id, round, id, body) })
         }));
     }
     // Coordinated jobs: the coordinator pairs the round's trainers with aggregators while they train.
@@ -421,6 +451,33 @@ mod tests {
         );
         let some = h.then(JobEvent::TaskDeployed { task_id: "t0".into(), worker_id: "w-t0".into(), samples: None });
         assert_eq!(sends(&decide(&some.job(), 0, None)).len(), 2);
+    }
+
+    #[test]
+    fn commands_already_sent_are_left_out_and_nothing_else_is() {
+        // Deploying, and a round training.
+        let deploying = History::created(2).deploying();
+        let training = History::created(3).started().initialized().round(1).round_started(2);
+        for job in [deploying.job(), training.job()] {
+            let all = decide(&job, 0, Some(&everyone()));
+            let all_sends = sends(&all);
+            assert!(all_sends.len() >= 2, "{all_sends:?}");
+            // Any subset said sent: exactly the others come out, with every job command unchanged.
+            for skip in 0..all_sends.len() {
+                let said: Vec<&(String, String)> = all_sends.iter().skip(skip).step_by(2).collect();
+                let sent = |w: &str, id: &str| said.iter().any(|(sw, sid)| sw == w && sid == id);
+                let rest = decide_unsent(&job, 0, Some(&everyone()), &sent);
+                let expected: Vec<Action> = all
+                    .iter()
+                    .filter(|a| !matches!(a, Action::Send { worker_id, command } if sent(worker_id, &command.id)))
+                    .cloned()
+                    .collect();
+                assert_eq!(rest, expected, "skipping {said:?}");
+            }
+            // The same command to another worker (a task placed again) is not taken as sent.
+            let elsewhere = |w: &str, _: &str| w == "w-somewhere-else";
+            assert_eq!(decide_unsent(&job, 0, Some(&everyone()), &elsewhere), all);
+        }
     }
 
     #[test]

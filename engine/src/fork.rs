@@ -49,7 +49,7 @@ pub struct Planned {
 /// Plans a fork of job `parent_id` (its events, in order).
 pub fn plan(parent_id: &str, events: &[JobEvent], req: &Request) -> Result<Planned, String> {
     let parent = Job::from_events(events);
-    let Some(spec) = parent.spec.clone() else { return Err(format!("job '{parent_id}' has no definition")) };
+    let Some(spec) = parent.spec.as_deref().cloned() else { return Err(format!("job '{parent_id}' has no definition")) };
     if spec.selection.is_asynchronous() {
         return Err(format!(
             "job '{parent_id}' runs asynchronous (FedBuff) rounds: its updates in flight cannot be carried into a fork; fork synchronous jobs"

@@ -166,7 +166,7 @@ mod tests {
         let strict = History { events: fresh.events.clone() }.job();
         let mut strict = strict;
         if let Some(s) = strict.spec.as_mut() {
-            s.quorum = Some(2);
+            std::sync::Arc::make_mut(s).quorum = Some(2);
         }
         let spent =
             std::collections::BTreeMap::from([("builtin://digits?part=0&of=2".to_string(), vec![Runs { q: 1.0, z: 2.0, steps: 200 }])]);

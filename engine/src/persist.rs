@@ -71,7 +71,10 @@ impl Fence {
 #[derive(Clone)]
 pub struct Jobs {
     store: Arc<dyn EventStore>,
-    cache: Arc<Mutex<HashMap<String, Job>>>,
+    /// The last state of each job written or read, shared: a load that finds
+    /// nothing newer in the store costs no copy of the job (with thousands of
+    /// tasks, a copy is most of what a batch of reports costs).
+    cache: Arc<Mutex<HashMap<String, Arc<Job>>>>,
 }
 
 impl Jobs {
@@ -82,20 +85,28 @@ impl Jobs {
 
     /// A job's current state (empty `Job` with version 0 if it has no events).
     pub async fn load(&self, job_id: &str) -> Result<Job, store::Error> {
-        let mut job = self.cached(job_id).unwrap_or_default();
-        let newer = self.store.read_stream(&job::stream_id(job_id), job.version + 1).await?;
+        Ok(Arc::unwrap_or_clone(self.load_shared(job_id).await?))
+    }
+
+    /// [`Jobs::load`], sharing the cached state rather than copying it.
+    pub async fn load_shared(&self, job_id: &str) -> Result<Arc<Job>, store::Error> {
+        let cached = self.cached(job_id).unwrap_or_default();
+        let newer = self.store.read_stream(&job::stream_id(job_id), cached.version + 1).await?;
+        if newer.is_empty() {
+            return Ok(cached);
+        }
+        let mut job = Arc::unwrap_or_clone(cached);
         for e in &newer {
             job.apply(&JobEvent::from_envelope(e)?);
         }
-        if !newer.is_empty() {
-            self.remember(job_id, &job);
-        }
+        let job = Arc::new(job);
+        self.remember(job_id, &job);
         Ok(job)
     }
 
     /// The state last loaded or written through this `Jobs`, without reading the store.
     pub fn last_known(&self, job_id: &str) -> Option<Job> {
-        self.cached(job_id)
+        self.cached(job_id).map(Arc::unwrap_or_clone)
     }
 
     /// Decides and records: `decide` sees the job's latest state and returns
@@ -114,16 +125,36 @@ impl Jobs {
         fence: &Fence,
         decide: impl Fn(&Job) -> Result<Vec<(JobEvent, Cause)>, Rejection>,
     ) -> Result<Job, Error> {
+        let applying = |job: &mut Job| {
+            let decided = decide(job)?;
+            for (event, _) in &decided {
+                job.apply(event);
+            }
+            Ok(decided)
+        };
+        Ok(Arc::unwrap_or_clone(self.commit(job_id, fence, applying).await?))
+    }
+
+    /// The write path: `decide_and_apply` is given a copy of the job's
+    /// latest state, returns the events it decides with their causes, and has
+    /// applied each of them to that copy (so a batch is decided event by event
+    /// on one copy). The events are appended after the state's version; if
+    /// another writer appended first, the job is reloaded and it runs again.
+    async fn commit(
+        &self,
+        job_id: &str,
+        fence: &Fence,
+        decide_and_apply: impl Fn(&mut Job) -> Result<Vec<(JobEvent, Cause)>, Rejection>,
+    ) -> Result<Arc<Job>, Error> {
         for attempt in 1..=ATTEMPTS {
-            let job = self.load(job_id).await?;
-            let decided = decide(&job).map_err(Error::Refused)?;
+            let job = self.load_shared(job_id).await?;
+            let mut next = Job::clone(&job);
+            let decided = decide_and_apply(&mut next).map_err(Error::Refused)?;
             if decided.is_empty() {
                 return Ok(job);
             }
-            let mut next = job.clone();
             let mut new = Vec::with_capacity(decided.len());
             for (event, cause) in &decided {
-                next.apply(event);
                 let e = event.to_new_event(job_id, &cause.actor.to_string());
                 new.push(match &cause.causation {
                     Some(c) => e.caused_by(c.clone()),
@@ -144,10 +175,11 @@ impl Jobs {
                         &decided.iter().map(|(e, _)| e).collect::<Vec<_>>(),
                         appending.elapsed(),
                     );
-                    self.remember(job_id, &next);
                     for (i, (e, cause)) in decided.iter().enumerate() {
                         tracing::debug!(job = job_id, event = e.event_type(), version = job.version + 1 + i as u64, actor = %cause.actor, "recorded");
                     }
+                    let next = Arc::new(next);
+                    self.remember(job_id, &next);
                     return Ok(next);
                 }
                 Err(store::Error::Conflict { .. }) => {
@@ -166,26 +198,33 @@ impl Jobs {
 
     /// One command, all its events caused by `cause`; refused as a whole.
     pub async fn execute(&self, job_id: &str, command: JobCommand, cause: Cause) -> Result<Job, Error> {
-        self.execute_fenced(job_id, &Fence::default(), command, cause).await
+        self.execute_fenced(job_id, &Fence::default(), command, cause).await.map(Arc::unwrap_or_clone)
     }
 
-    /// [`Jobs::execute`], appending only while `fence` holds.
-    pub async fn execute_fenced(&self, job_id: &str, fence: &Fence, command: JobCommand, cause: Cause) -> Result<Job, Error> {
-        self.write_fenced(job_id, fence, |job| Ok(job.handle(command.clone())?.into_iter().map(|e| (e, cause.clone())).collect())).await
+    /// [`Jobs::execute`], appending only while `fence` holds; the new state shared.
+    pub async fn execute_fenced(&self, job_id: &str, fence: &Fence, command: JobCommand, cause: Cause) -> Result<Arc<Job>, Error> {
+        let handle = |job: &mut Job| {
+            let events = job.handle(command.clone())?;
+            for e in &events {
+                job.apply(e);
+            }
+            Ok(events.into_iter().map(|e| (e, cause.clone())).collect())
+        };
+        self.commit(job_id, fence, handle).await
     }
 
     /// A batch of workers' reports in one append: each accepted one's events,
     /// each refused one recorded as `ReportRejected`, caused by its worker and
-    /// the command it answers.
-    pub async fn take_reports(&self, job_id: &str, fence: &Fence, reports: &[Report]) -> Result<Job, Error> {
-        self.write_fenced(job_id, fence, |job| Ok(decide_reports(job, reports))).await
+    /// the command it answers. The new state shared.
+    pub async fn take_reports(&self, job_id: &str, fence: &Fence, reports: &[Report]) -> Result<Arc<Job>, Error> {
+        self.commit(job_id, fence, |job| Ok(apply_reports(job, reports))).await
     }
 
-    fn cached(&self, job_id: &str) -> Option<Job> {
+    fn cached(&self, job_id: &str) -> Option<Arc<Job>> {
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(job_id).cloned()
     }
 
-    fn remember(&self, job_id: &str, job: &Job) {
+    fn remember(&self, job_id: &str, job: &Arc<Job>) {
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.to_string(), job.clone());
     }
 
@@ -197,20 +236,24 @@ impl Jobs {
 /// The events a batch of reports makes, each decided on the state the ones
 /// before it left: an accepted report's events, or the record of its refusal.
 pub fn decide_reports(job: &Job, reports: &[Report]) -> Vec<(JobEvent, Cause)> {
-    let mut scratch = job.clone();
+    apply_reports(&mut job.clone(), reports)
+}
+
+/// [`decide_reports`], applying each event to `job` as it is decided.
+pub fn apply_reports(job: &mut Job, reports: &[Report]) -> Vec<(JobEvent, Cause)> {
     let mut out = Vec::new();
     for r in reports {
         let cause = Cause { actor: Actor::worker(&r.worker_id), causation: Some(r.command_id.clone()) };
-        let events = match scratch.handle(JobCommand::Report(r.clone())) {
+        let events = match job.handle(JobCommand::Report(r.clone())) {
             Ok(events) => events,
             Err(rejection) => {
                 tracing::warn!(job = %job.job_id, worker = %r.worker_id, "report rejected: {rejection}");
                 let record = JobCommand::RecordRejection { report: Box::new(r.clone()), reason: rejection.to_string() };
-                scratch.handle(record).unwrap_or_default()
+                job.handle(record).unwrap_or_default()
             }
         };
         for e in events {
-            scratch.apply(&e);
+            job.apply(&e);
             out.push((e, cause.clone()));
         }
     }

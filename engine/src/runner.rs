@@ -3,18 +3,19 @@
 //! reads the worker registry and feeds reports back. Everything it knows
 //! comes from the job's events, so a restarted runner continues any job.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 
-use flame_events::protocol::{Report, WorkerInfo};
+use flame_events::protocol::{Command, Report, WorkerInfo};
 use flame_events::store::EventStore;
 use flame_transport::Transport;
 use flame_transport::blob::BlobStore;
 
-use crate::controller::{Action, decide};
+use crate::controller::{Action, decide_unsent};
 use crate::definition::{JobDefinition, Problems};
 use crate::job::{Job, JobCommand, Rejection, Status};
 use crate::persist::{self, Fence, Jobs};
@@ -24,6 +25,8 @@ use flame_events::{Actor, Cause};
 const MAX_REPORT_BATCH: usize = 1000;
 /// Commands in flight at once when the runner sends a round's commands.
 const SEND_CONCURRENCY: usize = 64;
+/// The longest a turn waits for more reports after its first (see `turn_cost` in [`Runner::run_fenced`]).
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(50);
 
 /// Runner errors.
 #[derive(Debug, thiserror::Error)]
@@ -246,7 +249,12 @@ impl Runner {
 
     /// Loads a job's state from its events.
     pub async fn load(&self, job_id: &str) -> Result<Job, Error> {
-        let job = self.jobs.load(job_id).await?;
+        self.load_shared(job_id).await.map(Arc::unwrap_or_clone)
+    }
+
+    /// [`Runner::load`], sharing the cached state rather than copying it.
+    async fn load_shared(&self, job_id: &str) -> Result<Arc<Job>, Error> {
+        let job = self.jobs.load_shared(job_id).await?;
         if job.version == 0 {
             return Err(Error::UnknownJob(job_id.to_string()));
         }
@@ -307,17 +315,36 @@ impl Runner {
 
     /// [`Runner::run`], recording and sending only while `fence` holds.
     pub async fn run_fenced(&self, job_id: &str, fence: &Fence) -> Result<Job, Error> {
-        let mut job = self.load(job_id).await?;
+        // The job's state as the store's cache shares it: with thousands of tasks, copying it
+        // on every turn would cost more than the turn's decisions.
+        let mut job = self.load_shared(job_id).await?;
         if !job.status.is_active() {
-            return Ok(job);
+            return Ok(Arc::unwrap_or_clone(job));
         }
         let mut inbox = self.transport.report_inbox(job_id).await?;
-        let mut sent = HashSet::new();
+        // Command id -> the workers it went to (a task's command goes to a new worker after a loss).
+        let mut sent: HashMap<String, Vec<String>> = HashMap::new();
         // Reports dealt with by this run: a redelivery (its ack was late) is acked, not recorded again.
         let mut taken = HashSet::new();
         let mut live: Option<Vec<WorkerInfo>> = None;
         let mut previous: Option<Vec<WorkerInfo>> = None;
         let mut read_at: Option<Instant> = None;
+        let transport = &self.transport;
+        let send = |worker_id: String, command: Command| async move {
+            tracing::debug!(job = job_id, worker = %worker_id, command = %command.id, "send");
+            transport.send_command(&worker_id, &command).await.map_err(|e| (worker_id, command.id, e))
+        };
+        let mut outbox: VecDeque<(String, Command)> = VecDeque::new();
+        let mut in_flight = FuturesUnordered::new();
+        let fill = |outbox: &mut VecDeque<(String, Command)>, in_flight: &mut FuturesUnordered<_>| {
+            while in_flight.len() < SEND_CONCURRENCY
+                && let Some((worker_id, command)) = outbox.pop_front()
+            {
+                in_flight.push(send(worker_id, command));
+            }
+        };
+        // What the last turn cost (taking its reports, deciding): how long the next waits for more.
+        let mut turn_cost = Duration::ZERO;
         while job.status.is_active() {
             if !fence.holds() {
                 return Err(Error::Fenced(job_id.to_string()));
@@ -328,8 +355,11 @@ impl Runner {
                 // heartbeat under load is not a loss.
                 match self.transport.workers().await {
                     Ok(now_live) => {
+                        let now_ids: HashSet<&str> = now_live.iter().map(|w| w.id.as_str()).collect();
+                        let missed: Vec<WorkerInfo> =
+                            previous.into_iter().flatten().filter(|w: &WorkerInfo| !now_ids.contains(w.id.as_str())).collect();
                         let mut both = now_live.clone();
-                        both.extend(previous.into_iter().flatten().filter(|w: &WorkerInfo| !now_live.iter().any(|n| n.id == w.id)));
+                        both.extend(missed);
                         both.sort_by(|a, b| a.id.cmp(&b.id));
                         previous = Some(now_live);
                         live = Some(both);
@@ -342,12 +372,17 @@ impl Runner {
                 read_at = Some(Instant::now());
             }
             let now = now_ms();
+            let deciding = Instant::now();
             let mut handled = false;
             let mut sends = Vec::new();
-            for action in decide(&job, now, live.as_deref()) {
+            let already = |worker: &str, id: &str| sent.get(id).is_some_and(|ws| ws.iter().any(|w| w == worker));
+            let actions = decide_unsent(&job, now, live.as_deref(), &already);
+            for action in actions {
                 match action {
                     Action::Send { worker_id, command } => {
-                        if sent.insert((worker_id.clone(), command.id.clone())) {
+                        let to = sent.entry(command.id.clone()).or_default();
+                        if !to.contains(&worker_id) {
+                            to.push(worker_id.clone());
                             crate::metrics::get().sent(&command);
                             sends.push((worker_id, command));
                         }
@@ -365,7 +400,7 @@ impl Runner {
                             // Someone else (a user, another step) moved the job first: decide again.
                             Err(Error::Refused { rejection, .. }) => {
                                 tracing::debug!(job = job_id, "decision refused, reloading: {rejection}");
-                                self.load(job_id).await?
+                                self.load_shared(job_id).await?
                             }
                             Err(e) => return Err(e),
                         };
@@ -374,69 +409,90 @@ impl Runner {
                     }
                 }
             }
-            // Commands go out concurrently; each is idempotent, so one that fails is simply sent again later.
-            let results: Vec<_> = futures::stream::iter(sends)
-                .map(|(worker_id, command)| async move {
-                    tracing::debug!(job = job_id, worker = %worker_id, command = %command.id, "send");
-                    self.transport.send_command(&worker_id, &command).await.map_err(|e| (worker_id, command.id, e))
-                })
-                .buffer_unordered(SEND_CONCURRENCY)
-                .collect()
-                .await;
-            for r in results {
-                if let Err((worker_id, id, e)) = r {
-                    // Not sent: forgotten as sent, so that it goes out again on the next turn.
-                    tracing::warn!(job = job_id, worker = %worker_id, command = %id, "command not sent, sending it again: {e}");
-                    sent.remove(&(worker_id, id));
-                }
-            }
+            // Commands go out concurrently, SEND_CONCURRENCY at a time, while the reports of those
+            // already out are taken: the first trainers' updates need not wait for the last command.
+            outbox.extend(sends);
+            fill(&mut outbox, &mut in_flight);
+            let decided_in = deciding.elapsed();
             if handled {
                 continue;
             }
             let until_timer = job.next_timer().map_or(poll, |(_, due)| Duration::from_millis(due.saturating_sub(now)));
             let wait = until_timer.min(poll).max(Duration::from_millis(5));
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = self.wake.notified() => {}
-                next = inbox.next() => match next {
-                    None => return Err(Error::Definition("the report inbox closed".into())),
-                    Some(Err(e)) => tracing::warn!(job = job_id, "reading the report inbox: {e}"),
-                    Some(Ok(delivery)) => {
-                        // Take every report already waiting, in one append: with many workers,
-                        // reports come in bursts, and both appending and deciding cost per call.
-                        let mut deliveries = vec![delivery];
-                        while deliveries.len() < MAX_REPORT_BATCH {
-                            match inbox.next().now_or_never() {
-                                Some(Some(Ok(d))) => deliveries.push(d),
-                                Some(Some(Err(e))) => tracing::warn!(job = job_id, "reading the report inbox: {e}"),
-                                Some(None) | None => break,
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            // Reports taken in this turn. Each turn (an append, then deciding) costs about the same
+            // whether it takes one report or hundreds, and with thousands of workers it costs
+            // milliseconds: after the first report, the turn waits as long as the last one cost
+            // for more to arrive, so that deciding takes at most about half the engine's time.
+            let mut deliveries = Vec::new();
+            let batch_until = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(batch_until);
+            loop {
+                tokio::select! {
+                    Some(r) = in_flight.next(), if !in_flight.is_empty() => {
+                        fill(&mut outbox, &mut in_flight);
+                        // Sent: nothing to decide. Not sent: forgotten as sent, to go out again on the next turn.
+                        let Err((worker_id, id, e)) = r else { continue };
+                        tracing::warn!(job = job_id, worker = %worker_id, command = %id, "command not sent, sending it again: {e}");
+                        if let Some(ws) = sent.get_mut(&id) {
+                            ws.retain(|w| *w != worker_id);
+                        }
+                        break;
+                    }
+                    () = &mut batch_until, if !deliveries.is_empty() => break,
+                    () = &mut sleep => break,
+                    () = self.wake.notified() => break,
+                    next = inbox.next() => match next {
+                        None => return Err(Error::Definition("the report inbox closed".into())),
+                        Some(Err(e)) => tracing::warn!(job = job_id, "reading the report inbox: {e}"),
+                        Some(Ok(delivery)) => {
+                            if deliveries.is_empty() {
+                                batch_until.as_mut().reset(tokio::time::Instant::now() + turn_cost.min(MAX_BATCH_WAIT));
+                            }
+                            deliveries.push(delivery);
+                            // Every report already waiting.
+                            while deliveries.len() < MAX_REPORT_BATCH {
+                                match inbox.next().now_or_never() {
+                                    Some(Some(Ok(d))) => deliveries.push(d),
+                                    Some(Some(Err(e))) => tracing::warn!(job = job_id, "reading the report inbox: {e}"),
+                                    Some(None) | None => break,
+                                }
+                            }
+                            if deliveries.len() >= MAX_REPORT_BATCH {
+                                break;
                             }
                         }
-                        let mut keys = HashSet::new();
-                        let fresh: Vec<Report> = deliveries
-                            .iter()
-                            .map(|d| &d.message)
-                            .filter(|r| {
-                                let key = (r.worker_id.clone(), r.command_id.clone());
-                                !taken.contains(&key) && keys.insert(key)
-                            })
-                            .cloned()
-                            .collect();
-                        self.take_reports(job_id, fence, fresh).await?;
-                        taken.extend(keys);
-                        for d in deliveries {
-                            d.ack().await?;
-                        }
-                    }
-                },
+                    },
+                }
             }
-            job = self.load(job_id).await?;
+            let turn = Instant::now();
+            if !deliveries.is_empty() {
+                // Every report of the turn in one append.
+                let mut keys = HashSet::new();
+                let fresh: Vec<Report> = deliveries
+                    .iter()
+                    .map(|d| &d.message)
+                    .filter(|r| {
+                        let key = (r.worker_id.clone(), r.command_id.clone());
+                        !taken.contains(&key) && keys.insert(key)
+                    })
+                    .cloned()
+                    .collect();
+                self.take_reports(job_id, fence, fresh).await?;
+                taken.extend(keys);
+                for d in deliveries {
+                    d.ack().await?;
+                }
+            }
+            job = self.load_shared(job_id).await?;
+            turn_cost = decided_in + turn.elapsed();
         }
         drop(inbox);
         if let Err(e) = self.transport.forget_job(job_id).await {
             tracing::warn!(job = job_id, "cannot release the job's report consumer: {e}");
         }
-        Ok(job)
+        Ok(Arc::unwrap_or_clone(job))
     }
 
     /// Applies reports, and records why any was refused, in one append: each is dealt with once.

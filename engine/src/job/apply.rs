@@ -1,6 +1,8 @@
 //! The fold: one event into the job's state. It never refuses (the events
 //! are facts); what `handle` decided is what `apply` records.
 
+use std::sync::Arc;
+
 use flame_events::job::{JobEvent, Status};
 use flame_events::protocol::UpdateRef;
 
@@ -144,8 +146,9 @@ impl Job {
         self.parents = parents(spec, tasks);
         self.name = name.to_string();
         self.source = source.to_string();
-        self.spec = Some(spec.clone());
-        self.tasks = tasks.to_vec();
+        self.spec = Some(Arc::new(spec.clone()));
+        self.tasks = Arc::new(tasks.to_vec());
+        self.task_index = Arc::new(tasks.iter().enumerate().map(|(i, t)| (t.task_id.clone(), i)).collect());
     }
 
     /// A new round: its selection; asynchronous jobs carry the queued updates

@@ -34,7 +34,7 @@ impl Job {
     /// Every task placed on a worker at once, then deployment.
     pub(super) fn assign(&self, assignments: &BTreeMap<String, String>) -> Result<Vec<JobEvent>, Rejection> {
         let mut events = Vec::new();
-        for t in &self.tasks {
+        for t in self.tasks.iter() {
             let worker = assignments.get(&t.task_id).ok_or_else(|| Rejection::Unexpected(format!("task '{}' has no worker", t.task_id)))?;
             events.push(JobEvent::TaskAssigned { task_id: t.task_id.clone(), worker_id: worker.clone() });
         }

@@ -12,7 +12,8 @@
 //! - [`reports`]: one function per kind of worker report;
 //! - [`apply`]: the fold.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use flame_events::algorithm::Selection;
 use flame_events::job::{JobEvent, Metrics, RunSpec, TaskSpec};
@@ -41,10 +42,10 @@ pub struct Job {
     pub source: String,
     /// State.
     pub status: Status,
-    /// Run settings.
-    pub spec: Option<RunSpec>,
-    /// Tasks.
-    pub tasks: Vec<TaskSpec>,
+    /// Run settings (shared: set once by the definition, read by every copy of the state).
+    pub spec: Option<Arc<RunSpec>>,
+    /// Tasks (shared, like the run settings: a copy of a job of thousands of tasks copies none).
+    pub tasks: Arc<Vec<TaskSpec>>,
     /// Task id -> the task it uploads to (from the run settings; a coordinator's pairing changes it per round).
     pub parents: BTreeMap<String, String>,
     /// Task id -> worker id.
@@ -82,6 +83,9 @@ pub struct Job {
     /// Where the job was forked from, if it is a fork.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forked_from: Option<flame_events::job::ForkOrigin>,
+    /// Task id -> its place in `tasks`, built with them: a report finds its task without a scan.
+    #[serde(skip)]
+    task_index: Arc<HashMap<String, usize>>,
 }
 
 /// Federated evaluation of one round's global model: the trainers asked,
@@ -196,6 +200,16 @@ impl Job {
     /// Trainers that still owe the latest evaluation (not those whose worker was lost).
     pub fn evaluations_owed(&self) -> impl Iterator<Item = &String> {
         self.evaluation.tasks.iter().filter(|t| !self.evaluation.reported.contains(*t) && !self.orphaned.contains(*t))
+    }
+
+    /// The task of this id.
+    pub fn task(&self, task_id: &str) -> Option<&TaskSpec> {
+        match self.task_index.get(task_id) {
+            Some(&i) => self.tasks.get(i),
+            // A state not folded from events (deserialized) has no index.
+            None if self.task_index.is_empty() => self.tasks.iter().find(|t| t.task_id == task_id),
+            None => None,
+        }
     }
 
     /// Trainers that still have a worker.

@@ -18,7 +18,7 @@ impl Job {
                 r.worker_id
             )));
         }
-        let task = self.tasks.iter().find(|t| t.task_id == r.task_id).ok_or_else(|| Rejection::UnknownTask(r.task_id.clone()))?;
+        let task = self.task(&r.task_id).ok_or_else(|| Rejection::UnknownTask(r.task_id.clone()))?;
         let assigned = self.assignments.get(&r.task_id).cloned().unwrap_or_default();
         if assigned != r.worker_id {
             return Err(Rejection::WrongWorker { task: r.task_id, worker: r.worker_id, assigned });
@@ -88,7 +88,9 @@ impl Job {
         if self.status != Status::Deploying || self.deployed.contains(&task_id) {
             return Err(Rejection::Unexpected(format!("task '{task_id}' is already deployed (the job is {:?})", self.status)));
         }
-        let rest = self.tasks.iter().filter(|t| !self.orphaned.contains(&t.task_id) && !self.deployed.contains(&t.task_id)).count();
+        // Deployed and orphaned tasks are tasks of the job; counted without a pass over every task.
+        let orphaned_undeployed = self.orphaned.iter().filter(|t| !self.deployed.contains(*t)).count();
+        let rest = self.tasks.len().saturating_sub(self.deployed.len() + orphaned_undeployed);
         let mut events = vec![JobEvent::TaskDeployed { task_id, worker_id, samples }];
         if rest == 1 {
             events.push(JobEvent::JobStarted {});
