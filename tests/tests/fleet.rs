@@ -79,3 +79,81 @@ async fn a_job_of_200_virtual_workers_in_one_process_counts_every_update_once() 
     eprintln!("accuracy by round: {accuracy:?}");
     assert!(accuracy[accuracy.len() - 1] > 0.5, "200 clients of a few digits each learn together: accuracy by round {accuracy:?}");
 }
+
+/// An aggregate command lists every update of its round: at about 10,000
+/// trainers it is larger than a NATS message may be (1 MiB by default). It goes
+/// through the object store and arrives whole, to a worker's own inbox and to
+/// a group's; the message alone reads, to a worker that predates this, as a
+/// command of a kind it does not know (answered `failed`, not left waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_larger_than_a_message_arrives_whole_through_the_object_store() {
+    use flame_events::algorithm::ServerOptimizer;
+    use flame_events::model::Model;
+    use flame_events::protocol::{Command, CommandBody, UpdateRef, VERSION};
+    use flame_transport::{COMMAND_BLOB_HEADER, COMMAND_STREAM, Nats, Transport};
+    use futures::StreamExt;
+
+    let url = crate::util::nats_url();
+    let engine = Nats::connect(&url).await.expect("engine");
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let run = &run[20..];
+    // Enough updates (about 110 bytes each) to pass the server's limit, whatever it is set to.
+    let client = async_nats::connect(&url).await.expect("connect");
+    let max_payload = client.server_info().max_payload;
+    let n = max_payload / 100 + 1_000;
+    let updates: Vec<UpdateRef> = (0..n).map(|i| UpdateRef::new(format!("trainer-{i}"), format!("{i:064x}"), 10)).collect();
+    let aggregate = |worker: &str| Command {
+        v: VERSION,
+        id: format!("j-{run}/r1/aggregate/{worker}"),
+        job_id: format!("j-{run}"),
+        task_id: "aggregator-0".into(),
+        round: 1,
+        traceparent: None,
+        body: CommandBody::Aggregate {
+            model: Model::Logreg,
+            optimizer: ServerOptimizer::FedAvg,
+            trainers: n as u32,
+            optimizer_state: None,
+            global_model: format!("{:064x}", 7),
+            updates: updates.clone(),
+            eval_dataset: None,
+            loss: Default::default(),
+        },
+    };
+    let (own, member) = (format!("big-{run}-a"), format!("big-{run}-b"));
+    let (to_own, to_member) = (aggregate(&own), aggregate(&member));
+    assert!(serde_json::to_vec(&to_own).expect("json").len() > max_payload, "the command must not fit in one message");
+
+    engine.send_command(&own, &to_own).await.expect("a large command is sent");
+    let mut inbox = engine.command_inbox(&own).await.expect("inbox");
+    let got = tokio::time::timeout(std::time::Duration::from_secs(20), inbox.next()).await.expect("in time").expect("open").expect("read");
+    assert_eq!(got.message, to_own, "the worker's own inbox gets the whole command");
+    got.ack().await.expect("ack");
+
+    engine.send_command(&member, &to_member).await.expect("a large command is sent");
+    let mut group = engine.group_inbox(&format!("big-{run}"), &[own.clone(), member.clone()]).await.expect("group inbox");
+    // The group's own consumer reads both members' commands, each with the id it is addressed to.
+    let mut arrived = Vec::new();
+    for _ in 0..2 {
+        let got =
+            tokio::time::timeout(std::time::Duration::from_secs(20), group.next()).await.expect("in time").expect("open").expect("read");
+        arrived.push(got.message.clone());
+        got.ack().await.expect("ack");
+    }
+    assert_eq!(arrived, vec![(own.clone(), to_own.clone()), (member.clone(), to_member)], "a group's inbox gets them whole");
+
+    // What is on the stream: a small message, the command's digest in a header.
+    let js = async_nats::jetstream::new(client);
+    let raw = js
+        .get_stream(COMMAND_STREAM)
+        .await
+        .expect("stream")
+        .get_last_raw_message_by_subject(&format!("flame.cmd.{own}"))
+        .await
+        .expect("the message");
+    assert!(raw.payload.len() < 4096, "{} bytes on the stream", raw.payload.len());
+    assert!(raw.headers.get(COMMAND_BLOB_HEADER).is_some(), "the digest header");
+    let old = Command::decode(&raw.payload).expect("the head reads");
+    assert_eq!(old.id, to_own.id);
+    assert!(matches!(&old.body, CommandBody::Unreadable { reason } if reason.contains("in_object_store")), "{:?}", old.body);
+}

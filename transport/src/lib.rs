@@ -22,7 +22,8 @@ use futures::{FutureExt, StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use flame_events::protocol::{Command, Report, WorkerInfo};
+use crate::blob::BlobStore;
+use flame_events::protocol::{Command, CommandBody, Report, WorkerInfo};
 
 /// JetStream stream holding commands, subjects `flame.cmd.<worker-id>`.
 pub const COMMAND_STREAM: &str = "FLAME_CMDS";
@@ -115,6 +116,37 @@ impl<T> Delivery<T> {
 
 /// A stream of deliveries.
 pub type Inbox<T> = BoxStream<'static, Result<Delivery<T>, Error>>;
+
+/// A command too large for one NATS message is stored whole in the object
+/// store, and the message carries its digest in this header.
+pub const COMMAND_BLOB_HEADER: &str = "Flame-Command-Blob";
+
+/// Room left in a message for its headers and framing: a command larger than
+/// the server's `max_payload` less this goes through the object store.
+const COMMAND_HEADROOM: usize = 16 * 1024;
+
+/// How an inbox reads a message: its subject, payload and the digest of a stored command, if any.
+type Decode<T> = fn(&str, &[u8], Option<&str>) -> Result<T, serde_json::Error>;
+
+/// A command message as decoded, before a stored one is read.
+enum Arrived {
+    Inline(Command),
+    /// The message's head (its body unreadable) and the stored command's digest.
+    Stored {
+        head: Command,
+        digest: String,
+    },
+}
+
+impl Arrived {
+    fn decode(payload: &[u8], stored: Option<&str>) -> Result<Self, serde_json::Error> {
+        let head = Command::decode(payload)?;
+        Ok(match stored {
+            Some(d) => Self::Stored { head, digest: d.to_string() },
+            None => Self::Inline(head),
+        })
+    }
+}
 
 /// Moves commands, reports and worker registrations.
 #[async_trait]
@@ -394,6 +426,8 @@ pub struct Nats {
     js: jetstream::Context,
     workers: kv::Store,
     replicas: usize,
+    /// The object store, for commands too large for a message; opened on first use.
+    blobs: Arc<tokio::sync::OnceCell<blob::NatsBlobs>>,
 }
 
 impl Nats {
@@ -452,7 +486,7 @@ impl Nats {
             Ok(kv) => kv,
             Err(_) => js.create_key_value(bucket_config()).await.map_err(|e| denied(&format!("KV bucket {WORKER_BUCKET}"), &e))?,
         };
-        Ok(Self { js, workers, replicas: 1 })
+        Ok(Self { js, workers, replicas: 1, blobs: Arc::default() })
     }
 
     /// Uses an existing client; creates the streams and bucket, or updates
@@ -471,7 +505,7 @@ impl Nats {
             .create_or_update_key_value(kv::Config { num_replicas: replicas, max_age: worker_ttl, ..bucket_config() })
             .await
             .map_err(|e| Error::Nats(format!("cannot create KV bucket {WORKER_BUCKET}: {e}")))?;
-        Ok(Self { js, workers, replicas })
+        Ok(Self { js, workers, replicas, blobs: Arc::default() })
     }
 
     /// Replicas of what this connection created.
@@ -485,11 +519,61 @@ impl Nats {
     }
 
     async fn publish<T: Serialize>(&self, subject: String, msg_id: &str, body: &T) -> Result<(), Error> {
-        let payload = serde_json::to_vec(body).map_err(nats)?;
+        self.publish_bytes(subject, msg_id, None, serde_json::to_vec(body).map_err(nats)?).await
+    }
+
+    /// Publishes with its deduplication id and, for a command stored whole in the object store, its digest.
+    async fn publish_bytes(&self, subject: String, msg_id: &str, blob: Option<&str>, payload: Vec<u8>) -> Result<(), Error> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
+        if let Some(d) = blob {
+            headers.insert(COMMAND_BLOB_HEADER, d);
+        }
         self.js.publish_with_headers(subject, headers, payload.into()).await.map_err(nats)?.await.map_err(nats)?;
         Ok(())
+    }
+
+    /// The object store, opened on first use (commands too large for a message).
+    async fn blobs(&self) -> Result<&blob::NatsBlobs, Error> {
+        self.blobs
+            .get_or_try_init(|| blob::NatsBlobs::new(&self.js))
+            .await
+            .map_err(|e| Error::Nats(format!("opening the object store: {e}")))
+    }
+
+    /// A command as the worker runs it: as it arrived, or read whole from
+    /// the object store. A stored command that cannot be read stays
+    /// unacknowledged (it comes again); one that does not hash to its digest
+    /// or does not decode is answered `failed` like any unreadable command.
+    async fn resolve<U>(self, d: Result<Delivery<Arrived>, Error>, wrap: impl FnOnce(Command) -> U) -> Result<Delivery<U>, Error> {
+        let Delivery { message, ack, progress } = d?;
+        let (mut head, digest) = match message {
+            Arrived::Inline(c) => return Ok(Delivery { message: wrap(c), ack, progress }),
+            Arrived::Stored { head, digest } => (head, digest),
+        };
+        let bytes = self
+            .blobs()
+            .await?
+            .get(&digest)
+            .await
+            .map_err(|e| Error::Nats(format!("reading command {} from the object store: {e}", head.id)))?;
+        let command = if blob::digest(&bytes) != digest {
+            head.body = CommandBody::Unreadable { reason: format!("the stored command does not hash to its digest {digest}") };
+            head
+        } else {
+            match Command::decode(&bytes) {
+                Ok(c) if c.id == head.id => c,
+                Ok(c) => {
+                    head.body = CommandBody::Unreadable { reason: format!("the stored command is '{}', not '{}'", c.id, head.id) };
+                    head
+                }
+                Err(e) => {
+                    head.body = CommandBody::Unreadable { reason: format!("the stored command does not decode: {e}") };
+                    head
+                }
+            }
+        };
+        Ok(Delivery { message: wrap(command), ack, progress })
     }
 
     async fn inbox<T: Send + 'static>(
@@ -498,7 +582,7 @@ impl Nats {
         durable: String,
         subjects: Vec<String>,
         ack_wait: Duration,
-        decode: fn(&str, &[u8]) -> Result<T, serde_json::Error>,
+        decode: Decode<T>,
     ) -> Result<Inbox<T>, Error> {
         let stream = self.js.get_stream(stream_name).await.map_err(nats)?;
         let consumer: pull::Stream = stream
@@ -526,7 +610,8 @@ impl Nats {
             .map(move |m| {
                 let m = m.map_err(nats)?;
                 let subject = m.subject.to_string();
-                match decode(&subject, &m.payload) {
+                let stored = m.headers.as_ref().and_then(|h| h.get(COMMAND_BLOB_HEADER)).map(|v| v.as_str().to_string());
+                match decode(&subject, &m.payload, stored.as_deref()) {
                     Ok(message) => {
                         let working = m.clone();
                         let progress: Progress = std::sync::Arc::new(move || {
@@ -593,7 +678,27 @@ impl Transport for Nats {
 
     async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), Error> {
         check_id(worker_id)?;
-        self.publish(format!("flame.cmd.{worker_id}"), &format!("{worker_id}:{}", command.id), command).await
+        let subject = format!("flame.cmd.{worker_id}");
+        let msg_id = format!("{worker_id}:{}", command.id);
+        let payload = serde_json::to_vec(command).map_err(nats)?;
+        let limit = self.js.client().server_info().max_payload.saturating_sub(COMMAND_HEADROOM);
+        if payload.len() <= limit {
+            return self.publish_bytes(subject, &msg_id, None, payload).await;
+        }
+        // Too large for one message (an aggregate of thousands of updates lists each): the
+        // command goes into the object store, and the message carries its digest in a header,
+        // with the command's head and a body no worker runs (a worker that predates this
+        // answers `failed`, saying the kind is unknown, rather than waiting).
+        let digest = self.blobs().await?.put(payload).await.map_err(|e| Error::Nats(format!("storing a large command: {e}")))?;
+        let head = serde_json::json!({
+            "v": command.v,
+            "id": command.id,
+            "job_id": command.job_id,
+            "task_id": command.task_id,
+            "round": command.round,
+            "body": {"kind": "in_object_store", "digest": digest},
+        });
+        self.publish_bytes(subject, &msg_id, Some(&digest), serde_json::to_vec(&head).map_err(nats)?).await
     }
 
     async fn command_inbox(&self, worker_id: &str) -> Result<Inbox<Command>, Error> {
@@ -601,10 +706,17 @@ impl Transport for Nats {
         // A command is acked after it ran and its report was sent; while it runs, the worker says so
         // every COMMAND_PROGRESS. A worker that dies with commands in flight gets them again (restarted
         // under the same id) within COMMAND_ACK_WAIT; a redelivery meanwhile is answered from its memory.
-        self.inbox(COMMAND_STREAM, format!("worker-{worker_id}"), vec![format!("flame.cmd.{worker_id}")], COMMAND_ACK_WAIT, |_, b| {
-            Command::decode(b)
-        })
-        .await
+        let inbox = self
+            .inbox(
+                COMMAND_STREAM,
+                format!("worker-{worker_id}"),
+                vec![format!("flame.cmd.{worker_id}")],
+                COMMAND_ACK_WAIT,
+                |_, b, stored| Arrived::decode(b, stored),
+            )
+            .await?;
+        let this = self.clone();
+        Ok(inbox.then(move |d| this.clone().resolve(d, |c| c)).boxed())
     }
 
     async fn group_inbox(&self, group: &str, worker_ids: &[String]) -> Result<Inbox<(String, Command)>, Error> {
@@ -615,11 +727,23 @@ impl Transport for Nats {
         // One durable consumer filtered on every member's subject: the server keeps one
         // consumer (pulls, heartbeats, pending acks) for the group, not one per worker.
         let subjects = worker_ids.iter().map(|id| format!("flame.cmd.{id}")).collect();
-        self.inbox(COMMAND_STREAM, format!("group-{group}"), subjects, COMMAND_ACK_WAIT, |subject, b| {
-            let id = subject.strip_prefix("flame.cmd.").unwrap_or(subject).to_string();
-            Ok((id, Command::decode(b)?))
-        })
-        .await
+        let inbox = self
+            .inbox(COMMAND_STREAM, format!("group-{group}"), subjects, COMMAND_ACK_WAIT, |subject, b, stored| {
+                let id = subject.strip_prefix("flame.cmd.").unwrap_or(subject).to_string();
+                Ok((id, Arrived::decode(b, stored)?))
+            })
+            .await?;
+        let this = self.clone();
+        Ok(inbox
+            .then(move |d| {
+                let this = this.clone();
+                async move {
+                    let d = d?;
+                    let id = d.message.0.clone();
+                    this.resolve(Ok(d.map(|(_, a)| a)), |c| (id, c)).await
+                }
+            })
+            .boxed())
     }
 
     async fn send_report(&self, report: &Report) -> Result<(), Error> {
@@ -636,7 +760,7 @@ impl Transport for Nats {
         // a report applied twice is refused by the job (and recorded), never counted twice.
         // The job's reports on their workers' subjects, and on the bare job subject of older workers.
         let subjects = vec![format!("flame.report.{job_id}"), format!("flame.report.{job_id}.*")];
-        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), subjects, REPORT_ACK_WAIT, |subject, b| {
+        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), subjects, REPORT_ACK_WAIT, |subject, b, _| {
             let mut report: Report = serde_json::from_slice(b)?;
             report.via = subject.split('.').nth(3).map(str::to_string);
             Ok(report)
