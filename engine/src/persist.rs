@@ -234,12 +234,8 @@ impl Jobs {
 }
 
 /// The events a batch of reports makes, each decided on the state the ones
-/// before it left: an accepted report's events, or the record of its refusal.
-pub fn decide_reports(job: &Job, reports: &[Report]) -> Vec<(JobEvent, Cause)> {
-    apply_reports(&mut job.clone(), reports)
-}
-
-/// [`decide_reports`], applying each event to `job` as it is decided.
+/// before it left (each event is applied to `job` as it is decided): an
+/// accepted report's events, or the record of its refusal.
 pub fn apply_reports(job: &mut Job, reports: &[Report]) -> Vec<(JobEvent, Cause)> {
     let mut out = Vec::new();
     for r in reports {
