@@ -239,6 +239,16 @@ async fn no_worker_can_speak_for_read_for_or_overwrite_another() {
     // Putting the real bytes again puts them right (a put does not trust a name it finds).
     assert_eq!(a_blobs.put(real.clone()).await.expect("put"), name);
     assert_eq!(engine_blobs.get(&name).await.expect("the real bytes again"), real);
+
+    // A large blob (more chunks than are read one by one) is downloaded into a
+    // folder, resumably, under A's own identity: its permissions allow the read.
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    assert!(big.len() > flame_transport::blob::DIRECT_CHUNKS * (128 << 10));
+    let big_name = engine_blobs.put(big.clone()).await.expect("the engine stores a large blob");
+    let folder = tempfile::tempdir().expect("tempdir");
+    let a_downloads = NatsBlobs::new(a.jetstream()).await.expect("A's blobs").resuming_in(folder.path(), None).expect("folder");
+    let got = tokio::time::timeout(Duration::from_secs(30), a_downloads.get(&big_name)).await.expect("in time");
+    assert!(got.expect("A downloads a large blob") == big, "the large blob's bytes");
 }
 
 /// A whole job with per-worker identities: three Python trainers and the Rust

@@ -21,4 +21,5 @@ mod soak;
 mod store_contract;
 mod torchscript;
 mod traces;
+mod transfer;
 mod util;

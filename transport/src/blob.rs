@@ -108,6 +108,12 @@ pub struct NatsBlobs {
     /// Whether direct reads work here (an identity made before they were
     /// allowed may not have them): cleared at the first refusal.
     direct: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// For the ordered consumers' delivery subjects (under this connection's inbox prefix).
+    client: async_nats::Client,
+    /// Where large blobs are downloaded so that a read cut short goes on
+    /// from where it stopped (none: they are read into memory, and a read
+    /// cut short starts again).
+    downloads: Option<std::sync::Arc<crate::download::Downloads>>,
 }
 
 /// Blobs of at most this many chunks (128 KiB each) are read with one direct
@@ -154,7 +160,17 @@ impl NatsBlobs {
             }
         }
         let stream = js.get_stream_no_info(&name).await.map_err(|e| Error::Io(format!("stream {name}: {e}")))?;
-        Ok(Self { store, stream, direct: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)) })
+        let direct = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        Ok(Self { store, stream, direct, client: js.client(), downloads: None })
+    }
+
+    /// Downloads blobs of more than [`DIRECT_CHUNKS`] chunks into `dir`
+    /// (see [`crate::download`]): a read cut short, in this process or in a
+    /// later one with the same folder, goes on from its last checkpoint
+    /// instead of the blob's first byte. `observer` is told of each chunk.
+    pub fn resuming_in(mut self, dir: impl Into<PathBuf>, observer: Option<crate::download::Observer>) -> Result<Self, Error> {
+        self.downloads = Some(std::sync::Arc::new(crate::download::Downloads::new(dir, observer)?));
+        Ok(self)
     }
 }
 
@@ -181,13 +197,20 @@ fn is_io(e: &Error) -> bool {
 
 impl NatsBlobs {
     /// One read, checked: chunk by chunk with direct gets where the blob is
-    /// small, else through an ordered consumer.
+    /// small, into the download folder where it is large and there is one,
+    /// else through an ordered consumer.
     async fn fetch(&self, digest: &str) -> Result<Vec<u8>, Error> {
         use std::sync::atomic::Ordering;
+        let info = self.info(digest).await?;
+        if info.chunks > DIRECT_CHUNKS {
+            if let Some(downloads) = &self.downloads {
+                return self.download(downloads, digest, &info).await;
+            }
+            return self.fetch_streamed(digest).await;
+        }
         if self.direct.load(Ordering::Relaxed) {
-            match self.fetch_direct(digest).await {
-                Ok(Some(bytes)) => return verified(digest, bytes),
-                Ok(None) => {}
+            match self.fetch_direct(digest, &info).await {
+                Ok(bytes) => return verified(digest, bytes),
                 Err(Direct::Unavailable(why)) => {
                     if self.direct.swap(false, Ordering::Relaxed) {
                         tracing::warn!(
@@ -201,19 +224,20 @@ impl NatsBlobs {
         self.fetch_streamed(digest).await
     }
 
-    /// A small blob's chunks by direct gets, one request each and no
-    /// consumer; `None` for a blob of more than [`DIRECT_CHUNKS`] chunks.
-    async fn fetch_direct(&self, digest: &str) -> Result<Option<Vec<u8>>, Direct> {
+    /// A blob's description in the bucket (not a deleted one).
+    async fn info(&self, digest: &str) -> Result<object_store::ObjectInfo, Error> {
         let info = self.store.info(digest).await.map_err(|e| match e.kind() {
-            object_store::InfoErrorKind::NotFound => Direct::Failed(Error::NotFound(digest.to_string())),
-            _ => Direct::Failed(Error::Io(e.to_string())),
+            object_store::InfoErrorKind::NotFound => Error::NotFound(digest.to_string()),
+            _ => Error::Io(e.to_string()),
         })?;
         if info.deleted {
-            return Err(Direct::Failed(Error::NotFound(digest.to_string())));
+            return Err(Error::NotFound(digest.to_string()));
         }
-        if info.chunks > DIRECT_CHUNKS {
-            return Ok(None);
-        }
+        Ok(info)
+    }
+
+    /// A small blob's chunks by direct gets, one request each and no consumer.
+    async fn fetch_direct(&self, digest: &str, info: &object_store::ObjectInfo) -> Result<Vec<u8>, Direct> {
         let subject = format!("$O.{BUCKET}.C.{}", info.nuid);
         let mut bytes = Vec::with_capacity(info.size);
         let mut next = None;
@@ -238,7 +262,7 @@ impl NatsBlobs {
             bytes.extend_from_slice(&message.payload);
             next = Some(message.sequence + 1);
         }
-        Ok(Some(bytes))
+        Ok(bytes)
     }
 
     /// A blob through an ordered consumer, with a bound on silence.
@@ -267,6 +291,121 @@ impl NatsBlobs {
             }
         }
         verified(digest, bytes)
+    }
+
+    /// A large blob into the download folder, going on from a part left by
+    /// an earlier read; then read back whole and checked. A part that does
+    /// not hash right is thrown away and the blob read once more from the start.
+    async fn download(
+        &self,
+        downloads: &crate::download::Downloads,
+        digest: &str,
+        info: &object_store::ObjectInfo,
+    ) -> Result<Vec<u8>, Error> {
+        use crate::download::{Start, io, start};
+        let lock = downloads.lock(digest);
+        let _only_one = lock.lock().await;
+        let part = downloads.part(digest);
+        let part_len = tokio::fs::metadata(&part).await.ok().map(|m| m.len());
+        let from = start(downloads.mark(digest), part_len, &info.nuid, info.size as u64, info.chunks);
+        let resumed = matches!(from, Start::Resume(_));
+        if let Start::Resume(m) = &from {
+            tracing::info!("blob {digest}: going on from byte {} of {} (a part from an earlier read)", m.bytes, info.size);
+        }
+        self.download_from(downloads, digest, info, from).await?;
+        let bytes = tokio::fs::read(&part).await.map_err(|e| io(&part, e))?;
+        match verified(digest, bytes) {
+            Ok(bytes) => {
+                downloads.forget(digest).await;
+                Ok(bytes)
+            }
+            Err(e) => {
+                downloads.forget(digest).await;
+                if !resumed {
+                    return Err(e);
+                }
+                tracing::warn!("blob {digest}: the part from an earlier read was not good ({e}); reading it again from the start");
+                self.download_from(downloads, digest, info, Start::Fresh).await?;
+                let bytes = tokio::fs::read(&part).await.map_err(|e| io(&part, e))?;
+                downloads.forget(digest).await;
+                verified(digest, bytes)
+            }
+        }
+    }
+
+    /// Writes the blob's chunks into its part from `from` on, recording how far it got.
+    async fn download_from(
+        &self,
+        downloads: &crate::download::Downloads,
+        digest: &str,
+        info: &object_store::ObjectInfo,
+        from: crate::download::Start,
+    ) -> Result<(), Error> {
+        use crate::download::{CHECKPOINT, Mark, Progress, Start, io};
+        use async_nats::jetstream::consumer::{DeliverPolicy, push};
+        use futures::StreamExt;
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        let part = downloads.part(digest);
+        let mut mark = match from {
+            Start::Resume(m) => m,
+            Start::Fresh => Mark { nuid: info.nuid.clone(), bytes: 0, chunks: 0, next_seq: 0 },
+        };
+        let mut file =
+            tokio::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&part).await.map_err(|e| io(&part, e))?;
+        // Chunks written after the last record are written again.
+        file.set_len(mark.bytes).await.map_err(|e| io(&part, e))?;
+        file.seek(std::io::SeekFrom::Start(mark.bytes)).await.map_err(|e| io(&part, e))?;
+        let resumed_from = mark.bytes;
+        let size = info.size as u64;
+        if mark.chunks < info.chunks {
+            let deliver_policy = match mark.next_seq {
+                0 => DeliverPolicy::All,
+                seq => DeliverPolicy::ByStartSequence { start_sequence: seq },
+            };
+            let consumer = self
+                .stream
+                .create_consumer(push::OrderedConfig {
+                    deliver_subject: self.client.new_inbox(),
+                    filter_subject: format!("$O.{BUCKET}.C.{}", info.nuid),
+                    deliver_policy,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::Io(format!("blob {digest}: cannot start reading its chunks: {e}")))?;
+            let mut chunks = consumer.messages().await.map_err(|e| Error::Io(format!("blob {digest}: {e}")))?;
+            while mark.chunks < info.chunks {
+                let message = match tokio::time::timeout(BLOB_STALL, chunks.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(e))) => return Err(Error::Io(format!("blob {digest}: {e}"))),
+                    Ok(None) => return Err(Error::Io(format!("blob {digest}: the chunks stopped coming"))),
+                    Err(_) => {
+                        return Err(Error::Io(format!(
+                            "blob {digest}: nothing arrived for {} s after {} of {size} bytes (the object store may have lost a chunk; what was read is kept)",
+                            BLOB_STALL.as_secs(),
+                            mark.bytes
+                        )));
+                    }
+                };
+                let seq = message.info().map_err(|e| Error::Io(format!("blob {digest}: {e}")))?.stream_sequence;
+                file.write_all(&message.payload).await.map_err(|e| io(&part, e))?;
+                mark.bytes += message.payload.len() as u64;
+                mark.chunks += 1;
+                mark.next_seq = seq + 1;
+                if mark.bytes > size {
+                    // Not this object's chunks: start over next time.
+                    drop(file);
+                    downloads.forget(digest).await;
+                    return Err(Error::Io(format!("blob {digest}: its chunks hold more than its {size} bytes")));
+                }
+                if mark.chunks % CHECKPOINT == 0 || mark.chunks == info.chunks {
+                    file.flush().await.map_err(|e| io(&part, e))?;
+                    downloads.record(digest, &mark).await?;
+                }
+                downloads.tell(&Progress { digest: digest.to_string(), resumed_from, done: mark.bytes, size });
+            }
+        }
+        file.flush().await.map_err(|e| io(&part, e))?;
+        Ok(())
     }
 
     /// One write of `bytes` under their digest `d`.

@@ -4,6 +4,7 @@
 //! ([`relay`]). Workers link this and the event vocabulary, no database driver.
 
 pub mod blob;
+pub mod download;
 pub mod identity;
 pub mod lease;
 pub mod mqtt;

@@ -58,6 +58,13 @@ struct Args {
     /// command's trace context.
     #[arg(long, env = "FLAME_OTLP", value_name = "URL")]
     otlp: Option<String>,
+    /// Where models larger than 2 MiB are downloaded as they arrive: a
+    /// download cut short (this worker killed, NATS away) goes on from its
+    /// last MiB when the model is read again, by this process or the next
+    /// one started with the same folder. Default: `flame-worker-<ID>` in the
+    /// system's temporary folder.
+    #[arg(long, env = "FLAME_DOWNLOAD_DIR", value_name = "DIR")]
+    download_dir: Option<std::path::PathBuf>,
     /// Runs N virtual workers in this one process instead of one worker, for
     /// simulations at scale through the deployment's own path: ids
     /// `<ID>-0..<ID>-(N-1)` (zero-padded), each registered under its own id
@@ -96,7 +103,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         tracing::info!("metrics at http://{bound}/metrics");
     }
     let transport = Nats::connect_worker(&args.nats, &args.auth, &args.id).await?;
-    let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
+    let downloads = args.download_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("flame-worker-{}", args.id)));
+    let blobs = NatsBlobs::new(transport.jetstream())
+        .await
+        .context("opening the model blob store")?
+        .resuming_in(&downloads, None)
+        .with_context(|| format!("the download folder {} (--download-dir)", downloads.display()))?;
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
     tracing::info!(roots = ?roots.dirs().unwrap_or_default(), "datasets are read under these folders only");
     let blobs: Arc<dyn flame_workers::blob::BlobStore> = match args.virtual_workers {

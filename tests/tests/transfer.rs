@@ -1,0 +1,98 @@
+//! Large blobs through the JetStream object store: a download cut short goes
+//! on from where it stopped, in a later reader with the same folder (a worker
+//! killed and started again), and still yields the blob's own bytes.
+
+use std::sync::{Arc, Mutex};
+
+use flame_transport::blob::{BlobStore, NatsBlobs, digest};
+use flame_transport::download::{Downloads, Progress};
+
+/// Bytes that differ from run to run (a blob of this run's own).
+fn noise(len: usize, seed: &str) -> Vec<u8> {
+    let mut state = u64::from_str_radix(&digest(seed.as_bytes())[..16], 16).expect("hex") | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Reads `d` through `blobs` and drops the read once `cut_at` bytes are on disk, as a kill would.
+async fn read_until_cut(blobs: &NatsBlobs, d: &str, seen: tokio::sync::watch::Receiver<u64>, cut_at: u64) {
+    let mut seen = seen;
+    tokio::select! {
+        biased;
+        _ = seen.wait_for(|done| *done >= cut_at) => {}
+        got = blobs.get(d) => panic!("the read finished before it could be cut short ({} bytes)", got.map(|b| b.len()).unwrap_or(0)),
+    }
+}
+
+fn watching() -> (flame_transport::download::Observer, tokio::sync::watch::Receiver<u64>, Arc<Mutex<Vec<Progress>>>) {
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let keep = told.clone();
+    let observer: flame_transport::download::Observer = Arc::new(move |p: &Progress| {
+        keep.lock().expect("told").push(p.clone());
+        tx.send_replace(p.done);
+    });
+    (observer, rx, told)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_short_goes_on_from_its_last_checkpoint_and_yields_the_same_digest() {
+    let url = crate::util::nats_url();
+    let js = async_nats::jetstream::new(crate::util::connect(&url).await);
+    let engine = NatsBlobs::new(&js).await.expect("object store");
+    let model = noise(24 << 20, &crate::util::unique());
+    let size = model.len() as u64;
+    let d = engine.put(model.clone()).await.expect("stored");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("downloads");
+    let marks = Downloads::new(&folder, None).expect("folder");
+
+    // A reader cut short a quarter of the way leaves a part and a mark that says how far it is good.
+    let (observer, seen, _) = watching();
+    let first = NatsBlobs::new(&js).await.expect("blobs").resuming_in(&folder, Some(observer)).expect("downloads");
+    read_until_cut(&first, &d, seen, size / 4).await;
+    drop(first);
+    let mark = marks.mark(&d).expect("a mark beside the part");
+    assert!(mark.bytes > 0 && mark.bytes < size, "cut short mid-way: {mark:?} of {size}");
+    assert_eq!(mark.bytes % (128 << 10), 0, "whole chunks: {mark:?}");
+    let part_len = std::fs::metadata(marks.part(&d)).expect("the part").len();
+    assert!(part_len >= mark.bytes, "the part holds at least what its mark says: {part_len} < {mark:?}");
+
+    // A new reader on the same folder (the worker started again) reads only the rest.
+    let (observer, _, told) = watching();
+    let second = NatsBlobs::new(&js).await.expect("blobs").resuming_in(&folder, Some(observer)).expect("downloads");
+    let got = second.get(&d).await.expect("the blob, resumed");
+    assert_eq!(digest(&got), d);
+    assert!(got == model, "the same bytes");
+    let told = told.lock().expect("told").clone();
+    assert!(!told.is_empty() && told.iter().all(|p| p.resumed_from == mark.bytes), "went on from the mark: {:?}", told.first());
+    let chunks_read = told.len() as u64;
+    assert_eq!(chunks_read, (size - mark.bytes).div_ceil(128 << 10), "read only the chunks after the mark");
+    assert!(!marks.part(&d).exists() && marks.mark(&d).is_none(), "a finished download leaves nothing behind");
+
+    // A part spoiled on disk (a byte flipped before its mark) is found out by the digest and read again whole.
+    let (observer, seen, _) = watching();
+    let third = NatsBlobs::new(&js).await.expect("blobs").resuming_in(&folder, Some(observer)).expect("downloads");
+    read_until_cut(&third, &d, seen, size / 3).await;
+    drop(third);
+    let mark = marks.mark(&d).expect("a mark");
+    let mut part = std::fs::read(marks.part(&d)).expect("part");
+    part[(mark.bytes / 2) as usize] ^= 0xff;
+    std::fs::write(marks.part(&d), part).expect("spoiled");
+    let (observer, _, told) = watching();
+    let fourth = NatsBlobs::new(&js).await.expect("blobs").resuming_in(&folder, Some(observer)).expect("downloads");
+    let got = fourth.get(&d).await.expect("the blob, read again");
+    assert!(got == model, "the blob's own bytes, not the spoiled part's");
+    let told = told.lock().expect("told").clone();
+    assert_eq!(told.first().map(|p| p.resumed_from), Some(mark.bytes), "it first went on from the mark");
+    assert_eq!(told.last().map(|p| (p.resumed_from, p.done)), Some((0, size)), "then read the whole blob again");
+
+    // Without a download folder the blob reads the same (into memory, as before).
+    assert!(NatsBlobs::new(&js).await.expect("blobs").get(&d).await.expect("read") == model);
+}
