@@ -302,3 +302,76 @@ async fn the_python_worker_takes_nats_credentials() {
     }
     assert!(registered, "the worker registered with the password from FLAME_NATS_PASSWORD");
 }
+
+/// A command too large for a NATS message (an aggregate listing thousands of
+/// updates; here the server allows 256 KiB) goes through the object store. A
+/// Python aggregator reads it whole and aggregates every update, where a
+/// worker that knew only the message would answer that it does not know the
+/// kind `in_object_store`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_aggregator_reads_a_command_too_large_for_a_message() {
+    use flame_events::algorithm::ServerOptimizer;
+    use flame_events::model::Model;
+    use flame_events::protocol::{Command as Cmd, CommandBody, ReportBody, UpdateRef, VERSION};
+    use flame_transport::blob::{BlobStore, NatsBlobs};
+    use flame_transport::{Nats, Transport};
+    use flame_workers::weights::{Tensor, Weights, decode, encode};
+    use futures::StreamExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 262144\n").expect("config");
+    let nats = util::Nats::start_with(free_port(), &dir.path().join("js"), &["-c", conf.to_str().expect("utf8")]);
+    let client = util::connect(&nats.url).await;
+    let max_payload = client.server_info().max_payload;
+    assert_eq!(max_payload, 262_144, "the server's limit");
+    let engine = Nats::connect(&nats.url).await.expect("engine");
+    let blobs = NatsBlobs::with_replicas(engine.jetstream(), 1).await.expect("object store");
+    let model = |w: [f32; 2]| -> Weights { [("w".to_string(), Tensor { shape: vec![2], data: w.to_vec() })].into() };
+    let global = blobs.put(encode(&model([0.0, 0.0])).expect("encode")).await.expect("global");
+    let update = blobs.put(encode(&model([1.0, -2.0])).expect("encode")).await.expect("update");
+    // About 110 bytes an update: enough of them to pass the server's limit.
+    let n = max_payload / 100 + 100;
+    let run = util::unique();
+    let worker = format!("py-agg-{run}");
+    let command = Cmd {
+        v: VERSION,
+        id: format!("j-{run}/r1/aggregate/{worker}"),
+        job_id: format!("j-{run}"),
+        task_id: "aggregator-0".into(),
+        round: 1,
+        traceparent: None,
+        body: CommandBody::Aggregate {
+            model: Model::Logreg,
+            optimizer: ServerOptimizer::FedAvg,
+            trainers: n as u32,
+            optimizer_state: None,
+            global_model: global,
+            updates: (0..n).map(|i| UpdateRef::new(format!("trainer-{i}"), update.clone(), 10)).collect(),
+            eval_dataset: None,
+            loss: Default::default(),
+        },
+    };
+    assert!(serde_json::to_vec(&command).expect("json").len() > max_payload, "the command must not fit in one message");
+    let mut procs = Processes::default();
+    procs.spawn(
+        Command::new(format!("{}/flame-py-worker", sdk()))
+            .args(["--nats", &nats.url, "--id", &worker, "--roles", "aggregator"])
+            .env("FLAME_SDK_LOG", "WARNING")
+            .stdout(Stdio::null()),
+    );
+    let mut reports = engine.report_inbox(&command.job_id).await.expect("reports");
+    engine.send_command(&worker, &command).await.expect("sent through the object store");
+    let report = tokio::time::timeout(std::time::Duration::from_secs(180), reports.next())
+        .await
+        .expect("a report in time")
+        .expect("open")
+        .expect("decodes")
+        .message;
+    assert_eq!(report.command_id, command.id);
+    let ReportBody::Aggregated { digest, excluded, .. } = &report.body else { panic!("not aggregated: {:?}", report.body) };
+    assert!(excluded.is_empty(), "every update used: {excluded:?}");
+    let result = decode(&blobs.get(digest).await.expect("the aggregate")).expect("weights");
+    let w = &result["w"].data;
+    assert!((w[0] - 1.0).abs() < 1e-4 && (w[1] + 2.0).abs() < 1e-4, "the mean of {n} equal updates is that update: {w:?}");
+}

@@ -18,6 +18,10 @@ REPORT_STREAM = "FLAME_REPORTS"
 WORKER_BUCKET = "flame-workers"
 #: Object store bucket of model blobs, named by the sha256 of their bytes.
 BLOB_BUCKET = "flame-models"
+#: A command too large for one NATS message is stored whole in the object
+#: store; its message carries the command's head and this header names the
+#: blob (its sha256).
+COMMAND_BLOB_HEADER = "Flame-Command-Blob"
 #: Seconds a worker stays listed after its last heartbeat.
 WORKER_TTL = 6.0
 #: Seconds between heartbeats.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -253,6 +254,13 @@ class Worker:
             log.warning("dropping a message that is not a command: %s", e)
             await msg.term()
             return
+        stored = (msg.headers or {}).get(protocol.COMMAND_BLOB_HEADER)
+        if stored is not None:
+            try:
+                command = await self.stored_command(command, stored)
+            except Exception as e:  # not acked: the command comes again
+                log.warning("command %s is in the object store as %s and could not be read: %s", command.id, stored, describe(e))
+                return
         # While it runs, the server hears every few seconds that it still runs,
         # so that only a worker that died gets its commands again.
         working = asyncio.create_task(self._still_running(msg))
@@ -270,6 +278,20 @@ class Worker:
         finally:
             working.cancel()
         await self.ack(msg)
+
+    async def stored_command(self, head: Command, digest: str) -> Command:
+        """The whole command whose head arrived in a message: read from the
+        object store (checked against its digest). One that does not decode,
+        or is another command, is answered ``failed`` with the reason."""
+        data = await self._blobs().get(digest)
+        try:
+            whole = Command.decode(data)
+        except ProtocolError as e:
+            return dataclasses.replace(head, body={"kind": "unreadable", "reason": f"the stored command does not decode: {e}"})
+        if whole.id != head.id:
+            reason = f"the stored command is '{whole.id}', not '{head.id}'"
+            return dataclasses.replace(head, body={"kind": "unreadable", "reason": reason})
+        return whole
 
     async def _still_running(self, msg: Any) -> None:
         while True:
@@ -337,6 +359,8 @@ class Worker:
             "aggregate": self._aggregate,
         }.get(c.kind)
         if handler is None:
+            if c.kind == "unreadable":
+                raise ProtocolError(str(b.get("reason", "the command could not be read")))
             if c.kind == "coordinate":
                 raise Unsupported("this Python worker does not coordinate: run a Rust flame-worker as the coordinator")
             raise ProtocolError(
