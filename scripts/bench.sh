@@ -12,6 +12,7 @@
 #   scripts/bench.sh models    verify --models and whatif on a 100-round job; contributions (Shapley) cost vs trainers
 #   scripts/bench.sh observe   what --mlflow and --otlp add to a 20-round job's wall time (scripts/bench_observe.sh)
 #   scripts/bench.sh aggregate-memory  peak RSS of an aggregator's FedAvg: 10 and 100 updates of 10M params, 4 of 100M
+#   scripts/bench.sh broadcast  a 1 GB model to 10 readers through the object store vs a loopback TCP copy: throughput, peak RSS (scripts/bench_broadcast.sh)
 #   scripts/bench.sh clients   ms per round at 10 to 10,000 clients (flame-worker --virtual, real NATS) and Flower's deployment engine at 10 and 20 (scripts/bench_clients.sh)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,6 +40,7 @@ case "${1:-store}" in
   models) bash scripts/bench_models.sh ;;
   observe) bash scripts/bench_observe.sh ;;
   clients) bash scripts/bench_clients.sh ;;
+  broadcast) bash scripts/bench_broadcast.sh ;;
   aggregate-memory)
     cargo build -q --release -p flame-workers --no-default-features --bench aggregate_memory
     bench=$(ls -t target/release/deps/aggregate_memory-* | grep -v '\.d$' | head -n 1)

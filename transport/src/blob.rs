@@ -110,6 +110,8 @@ pub struct NatsBlobs {
     direct: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// For the ordered consumers' delivery subjects (under this connection's inbox prefix).
     client: async_nats::Client,
+    /// For publishing chunks many at a time.
+    js: jetstream::Context,
     /// Where large blobs are downloaded so that a read cut short goes on
     /// from where it stopped (none: they are read into memory, and a read
     /// cut short starts again).
@@ -120,6 +122,12 @@ pub struct NatsBlobs {
 /// get per chunk; larger ones through an ordered consumer, which streams
 /// faster but costs the server a consumer for the read.
 pub const DIRECT_CHUNKS: usize = 16;
+
+/// The size of the chunks this process writes (the object store's own).
+pub const PUT_CHUNK: usize = 128 << 10;
+
+/// Chunks of one blob published before the first of them is acknowledged.
+pub const PUT_IN_FLIGHT: usize = 64;
 
 /// How long a direct read may take before this process reads through consumers instead.
 const DIRECT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -161,7 +169,7 @@ impl NatsBlobs {
         }
         let stream = js.get_stream_no_info(&name).await.map_err(|e| Error::Io(format!("stream {name}: {e}")))?;
         let direct = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        Ok(Self { store, stream, direct, client: js.client(), downloads: None })
+        Ok(Self { store, stream, direct, client: js.client(), js: js.clone(), downloads: None })
     }
 
     /// Downloads blobs of more than [`DIRECT_CHUNKS`] chunks into `dir`
@@ -203,10 +211,10 @@ impl NatsBlobs {
         use std::sync::atomic::Ordering;
         let info = self.info(digest).await?;
         if info.chunks > DIRECT_CHUNKS {
-            if let Some(downloads) = &self.downloads {
-                return self.download(downloads, digest, &info).await;
-            }
-            return self.fetch_streamed(digest).await;
+            return match &self.downloads {
+                Some(downloads) => self.download(downloads, digest, &info).await,
+                None => verified(digest, self.download_from(None, digest, &info, crate::download::Start::Fresh).await?),
+            };
         }
         if self.direct.load(Ordering::Relaxed) {
             match self.fetch_direct(digest, &info).await {
@@ -294,17 +302,18 @@ impl NatsBlobs {
     }
 
     /// A large blob into the download folder, going on from a part left by
-    /// an earlier read; then read back whole and checked. A part that does
-    /// not hash right is thrown away and the blob read once more from the start.
+    /// an earlier read, and checked. A part that does not hash right is
+    /// thrown away and the blob read once more from the start.
     async fn download(
         &self,
         downloads: &crate::download::Downloads,
         digest: &str,
         info: &object_store::ObjectInfo,
     ) -> Result<Vec<u8>, Error> {
-        use crate::download::{Start, io, start};
-        let lock = downloads.lock(digest);
-        let _only_one = lock.lock().await;
+        use crate::download::{Start, start};
+        // Held until this read and its writer are done (a read dropped mid-way
+        // leaves its writer to finish what it was given).
+        let only_one = std::sync::Arc::new(downloads.lock(digest).lock_owned().await);
         let part = downloads.part(digest);
         let part_len = tokio::fs::metadata(&part).await.ok().map(|m| m.len());
         let from = start(downloads.mark(digest), part_len, &info.nuid, info.size as u64, info.chunks);
@@ -312,52 +321,80 @@ impl NatsBlobs {
         if let Start::Resume(m) = &from {
             tracing::info!("blob {digest}: going on from byte {} of {} (a part from an earlier read)", m.bytes, info.size);
         }
-        self.download_from(downloads, digest, info, from).await?;
-        let bytes = tokio::fs::read(&part).await.map_err(|e| io(&part, e))?;
-        match verified(digest, bytes) {
-            Ok(bytes) => {
-                downloads.forget(digest).await;
-                Ok(bytes)
-            }
-            Err(e) => {
-                downloads.forget(digest).await;
-                if !resumed {
-                    return Err(e);
-                }
+        let checked = verified(digest, self.download_from(Some((downloads, only_one.clone())), digest, info, from).await?);
+        downloads.forget(digest).await;
+        match checked {
+            Err(e) if resumed => {
                 tracing::warn!("blob {digest}: the part from an earlier read was not good ({e}); reading it again from the start");
-                self.download_from(downloads, digest, info, Start::Fresh).await?;
-                let bytes = tokio::fs::read(&part).await.map_err(|e| io(&part, e))?;
+                let checked = verified(digest, self.download_from(Some((downloads, only_one.clone())), digest, info, Start::Fresh).await?);
                 downloads.forget(digest).await;
-                verified(digest, bytes)
+                checked
             }
+            checked => checked,
         }
     }
 
-    /// Writes the blob's chunks into its part from `from` on, recording how far it got.
+    /// The blob's bytes, read from its chunks through an ordered consumer:
+    /// with a download folder, the part's first bytes where it goes on from a
+    /// mark, then the chunks from there on, each [`crate::download::CHECKPOINT`]
+    /// chunks written to the part and recorded in its mark; without one, all
+    /// its chunks into memory.
     async fn download_from(
         &self,
-        downloads: &crate::download::Downloads,
+        disk: Option<(&crate::download::Downloads, std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>)>,
         digest: &str,
         info: &object_store::ObjectInfo,
         from: crate::download::Start,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<u8>, Error> {
         use crate::download::{CHECKPOINT, Mark, Progress, Start, io};
         use async_nats::jetstream::consumer::{DeliverPolicy, push};
         use futures::StreamExt;
-        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
-        let part = downloads.part(digest);
-        let mut mark = match from {
-            Start::Resume(m) => m,
-            Start::Fresh => Mark { nuid: info.nuid.clone(), bytes: 0, chunks: 0, next_seq: 0 },
-        };
-        let mut file =
-            tokio::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&part).await.map_err(|e| io(&part, e))?;
-        // Chunks written after the last record are written again.
-        file.set_len(mark.bytes).await.map_err(|e| io(&part, e))?;
-        file.seek(std::io::SeekFrom::Start(mark.bytes)).await.map_err(|e| io(&part, e))?;
-        let resumed_from = mark.bytes;
+        use tokio::io::AsyncReadExt;
         let size = info.size as u64;
-        if mark.chunks < info.chunks {
+        let mut bytes = Vec::with_capacity(info.size);
+        let fresh = Mark { nuid: info.nuid.clone(), bytes: 0, chunks: 0, next_seq: 0 };
+        let mut mark = fresh.clone();
+        let mut to_disk = None;
+        let mut writer = None;
+        let downloads = disk.as_ref().map(|(d, _)| *d);
+        if let Some((downloads, only_one)) = disk {
+            let part = downloads.part(digest);
+            if let Start::Resume(m) = from {
+                let file = tokio::fs::File::open(&part).await.map_err(|e| io(&part, e))?;
+                file.take(m.bytes).read_to_end(&mut bytes).await.map_err(|e| io(&part, e))?;
+                if bytes.len() as u64 == m.bytes {
+                    mark = m;
+                } else {
+                    bytes.clear();
+                }
+            }
+            let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&part).map_err(|e| io(&part, e))?;
+            // Chunks written after the last record are written again.
+            file.set_len(mark.bytes).map_err(|e| io(&part, e))?;
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(mark.bytes)).map_err(|e| io(&part, e))?;
+            // The disk is written by a thread of its own, so that the chunks keep coming
+            // while it writes: each checkpoint's chunks, then the mark that counts them.
+            // At most 16 checkpoints wait for the disk (the reader waits beyond).
+            let (tx, mut checkpoints) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Mark)>(16);
+            let mark_path = downloads.mark_path(digest);
+            to_disk = Some(tx);
+            writer = Some(tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let _only_one = only_one;
+                while let Some((segment, mark)) = checkpoints.blocking_recv() {
+                    for chunk in segment {
+                        file.write_all(&chunk).map_err(|e| io(&part, e))?;
+                    }
+                    crate::download::record(&mark_path, &mark)?;
+                }
+                Ok::<(), Error>(())
+            }));
+        }
+        let resumed_from = mark.bytes;
+        let read = async {
+            if mark.chunks == info.chunks {
+                return Ok(());
+            }
             let deliver_policy = match mark.next_seq {
                 0 => DeliverPolicy::All,
                 seq => DeliverPolicy::ByStartSequence { start_sequence: seq },
@@ -373,6 +410,7 @@ impl NatsBlobs {
                 .await
                 .map_err(|e| Error::Io(format!("blob {digest}: cannot start reading its chunks: {e}")))?;
             let mut chunks = consumer.messages().await.map_err(|e| Error::Io(format!("blob {digest}: {e}")))?;
+            let mut segment = Vec::with_capacity(CHECKPOINT);
             while mark.chunks < info.chunks {
                 let message = match tokio::time::timeout(BLOB_STALL, chunks.next()).await {
                     Ok(Some(Ok(m))) => m,
@@ -380,45 +418,114 @@ impl NatsBlobs {
                     Ok(None) => return Err(Error::Io(format!("blob {digest}: the chunks stopped coming"))),
                     Err(_) => {
                         return Err(Error::Io(format!(
-                            "blob {digest}: nothing arrived for {} s after {} of {size} bytes (the object store may have lost a chunk; what was read is kept)",
+                            "blob {digest}: nothing arrived for {} s after {} of {size} bytes (the object store may have lost a chunk{})",
                             BLOB_STALL.as_secs(),
-                            mark.bytes
+                            mark.bytes,
+                            if downloads.is_some() { "; what was read is kept" } else { "" }
                         )));
                     }
                 };
                 let seq = message.info().map_err(|e| Error::Io(format!("blob {digest}: {e}")))?.stream_sequence;
-                file.write_all(&message.payload).await.map_err(|e| io(&part, e))?;
+                bytes.extend_from_slice(&message.payload);
                 mark.bytes += message.payload.len() as u64;
                 mark.chunks += 1;
                 mark.next_seq = seq + 1;
                 if mark.bytes > size {
-                    // Not this object's chunks: start over next time.
-                    drop(file);
-                    downloads.forget(digest).await;
                     return Err(Error::Io(format!("blob {digest}: its chunks hold more than its {size} bytes")));
                 }
-                if mark.chunks % CHECKPOINT == 0 || mark.chunks == info.chunks {
-                    file.flush().await.map_err(|e| io(&part, e))?;
-                    downloads.record(digest, &mark).await?;
+                if let (Some(to_disk), Some(downloads)) = (&to_disk, downloads) {
+                    // The payload is shared, not copied.
+                    segment.push(message.payload.clone());
+                    if mark.chunks.is_multiple_of(CHECKPOINT) || mark.chunks == info.chunks {
+                        // The writer stops only on an error, which it returns.
+                        let _ = to_disk.send((std::mem::take(&mut segment), mark.clone())).await;
+                    }
+                    downloads.tell(&Progress { digest: digest.to_string(), resumed_from, done: mark.bytes, size });
                 }
-                downloads.tell(&Progress { digest: digest.to_string(), resumed_from, done: mark.bytes, size });
             }
+            Ok(())
+        };
+        let read = read.await;
+        drop(to_disk);
+        if let Some(writer) = writer {
+            writer.await.map_err(|e| Error::Io(format!("blob {digest}: the download's writer: {e}")))??;
         }
-        file.flush().await.map_err(|e| io(&part, e))?;
-        Ok(())
+        if let (Err(e), Some(downloads)) = (&read, downloads)
+            && e.to_string().contains("hold more than")
+        {
+            // Not this object's chunks: start over next time.
+            downloads.forget(digest).await;
+        }
+        read.map(|()| bytes)
     }
 
     /// One write of `bytes` under their digest `d`.
-    async fn store_once(&self, d: &str, bytes: &[u8]) -> Result<(), Error> {
+    async fn store_once(&self, d: &str, bytes: &bytes::Bytes) -> Result<(), Error> {
         // Kept only when the stored bytes are these bytes: anyone who may write blobs may
         // write other bytes under this name, and this put then puts them right.
         if self.fetch(d).await.is_ok() {
             return Ok(());
         }
-        if let Err(e) = self.store.put(d, &mut &bytes[..]).await {
-            // A put over a name also purges the old chunks, which a worker's identity may not
-            // do; what counts is whether these bytes are there now.
-            self.fetch(d).await.map_err(|_| Error::Io(e.to_string()))?;
+        if let Err(e) = self.put_chunks(d, bytes).await {
+            // What counts is whether these bytes are there now.
+            self.fetch(d).await.map_err(|_| e)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` as a new object named `d`: its chunks published
+    /// [`PUT_IN_FLIGHT`] at a time (the object store's own put waits for
+    /// each chunk's acknowledgement before it sends the next), then its
+    /// description, which replaces any earlier one; then the earlier
+    /// object's chunks are purged where this identity may do so.
+    async fn put_chunks(&self, d: &str, bytes: &bytes::Bytes) -> Result<(), Error> {
+        use base64::Engine;
+        use sha2::Digest;
+        let io = |what: &str, e: &dyn std::fmt::Display| Error::Io(format!("storing blob {d}: {what}: {e}"));
+        let earlier = self.store.info(d).await.ok();
+        let nuid = uuid::Uuid::now_v7().simple().to_string();
+        let subject = format!("$O.{BUCKET}.C.{nuid}");
+        let mut acks = std::collections::VecDeque::new();
+        let mut chunks = 0;
+        for at in (0..bytes.len()).step_by(PUT_CHUNK) {
+            let chunk = bytes.slice(at..(at + PUT_CHUNK).min(bytes.len()));
+            acks.push_back(self.js.publish(subject.clone(), chunk).await.map_err(|e| io("a chunk", &e))?);
+            chunks += 1;
+            if acks.len() >= PUT_IN_FLIGHT
+                && let Some(ack) = acks.pop_front()
+            {
+                ack.await.map_err(|e| io("a chunk's acknowledgement", &e))?;
+            }
+        }
+        for ack in acks {
+            ack.await.map_err(|e| io("a chunk's acknowledgement", &e))?;
+        }
+        let sha = sha2::Sha256::digest(bytes);
+        let info = serde_json::json!({
+            "name": d,
+            "bucket": BUCKET,
+            "nuid": nuid,
+            "size": bytes.len(),
+            "chunks": chunks,
+            "mtime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            "digest": format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(sha)),
+            "options": {"max_chunk_size": PUT_CHUNK},
+        });
+        let meta = format!("$O.{BUCKET}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(d));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Rollup", "sub");
+        let body = serde_json::to_vec(&info).map_err(|e| io("its description", &e))?;
+        self.js
+            .publish_with_headers(meta, headers, body.into())
+            .await
+            .map_err(|e| io("its description", &e))?
+            .await
+            .map_err(|e| io("its description's acknowledgement", &e))?;
+        if let Some(earlier) = earlier.filter(|e| e.nuid != nuid) {
+            // A worker's identity may not purge: the earlier chunks then stay until they expire.
+            if let Err(e) = self.stream.purge().filter(format!("$O.{BUCKET}.C.{}", earlier.nuid)).await {
+                tracing::debug!("blob {d}: the chunks of the object it replaces stay: {e}");
+            }
         }
         Ok(())
     }
@@ -428,6 +535,8 @@ impl NatsBlobs {
 impl BlobStore for NatsBlobs {
     async fn put(&self, bytes: Vec<u8>) -> Result<String, Error> {
         let d = digest(&bytes);
+        // Shared by the chunks, not copied.
+        let bytes = bytes::Bytes::from(bytes);
         crate::retrying(&format!("storing blob {d}"), BLOB_RETRY_FOR, is_io, || self.store_once(&d, &bytes)).await?;
         Ok(d)
     }

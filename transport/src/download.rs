@@ -97,21 +97,13 @@ impl Downloads {
         self.dir.join(format!("{digest}.part"))
     }
 
-    fn mark_path(&self, digest: &str) -> PathBuf {
+    pub(crate) fn mark_path(&self, digest: &str) -> PathBuf {
         self.dir.join(format!("{digest}.next"))
     }
 
     /// The mark recorded for `digest`, if any (unreadable counts as none).
     pub fn mark(&self, digest: &str) -> Option<Mark> {
         read_mark(&self.mark_path(digest))
-    }
-
-    pub(crate) async fn record(&self, digest: &str, mark: &Mark) -> Result<(), crate::blob::Error> {
-        let path = self.mark_path(digest);
-        let tmp = self.dir.join(format!(".{digest}.next.{}", std::process::id()));
-        let text = serde_json::to_vec(mark).map_err(|e| crate::blob::Error::Io(e.to_string()))?;
-        tokio::fs::write(&tmp, text).await.map_err(|e| io(&tmp, e))?;
-        tokio::fs::rename(&tmp, &path).await.map_err(|e| io(&path, e))
     }
 
     /// Removes the part and its mark (done, or not worth keeping).
@@ -142,6 +134,17 @@ impl Downloads {
         busy.insert(digest.to_string(), Arc::downgrade(&lock));
         lock
     }
+}
+
+/// Records `mark` at `path` (written beside it, then renamed over it: a
+/// reader finds the old mark or the new one, never half of one). Blocking.
+pub(crate) fn record(path: &Path, mark: &Mark) -> Result<(), crate::blob::Error> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let text = serde_json::to_vec(mark).map_err(|e| crate::blob::Error::Io(e.to_string()))?;
+    std::fs::write(&tmp, text).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
 }
 
 fn read_mark(path: &Path) -> Option<Mark> {
@@ -185,7 +188,7 @@ mod tests {
         let digest = "ab".repeat(32);
         assert_eq!(d.mark(&digest), None);
         let m = mark("N1", 3 << 17, 3, 99);
-        d.record(&digest, &m).await.expect("record");
+        record(&d.mark_path(&digest), &m).expect("record");
         std::fs::write(d.part(&digest), vec![0u8; 3 << 17]).expect("part");
         assert_eq!(d.mark(&digest), Some(m));
         std::fs::write(d.mark_path(&digest), b"{not json").expect("garbage");

@@ -65,6 +65,12 @@ struct Args {
     /// system's temporary folder.
     #[arg(long, env = "FLAME_DOWNLOAD_DIR", value_name = "DIR")]
     download_dir: Option<std::path::PathBuf>,
+    /// Reads large models into memory only, keeping nothing on disk: faster
+    /// where the network outruns the disk (about twice on one machine's
+    /// loopback, docs/benchmarks.md), but a read cut short starts again from
+    /// the model's first byte.
+    #[arg(long, conflicts_with = "download_dir")]
+    no_resume: bool,
     /// Runs N virtual workers in this one process instead of one worker, for
     /// simulations at scale through the deployment's own path: ids
     /// `<ID>-0..<ID>-(N-1)` (zero-padded), each registered under its own id
@@ -103,12 +109,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         tracing::info!("metrics at http://{bound}/metrics");
     }
     let transport = Nats::connect_worker(&args.nats, &args.auth, &args.id).await?;
-    let downloads = args.download_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("flame-worker-{}", args.id)));
-    let blobs = NatsBlobs::new(transport.jetstream())
-        .await
-        .context("opening the model blob store")?
-        .resuming_in(&downloads, None)
-        .with_context(|| format!("the download folder {} (--download-dir)", downloads.display()))?;
+    let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
+    let blobs = if args.no_resume {
+        blobs
+    } else {
+        let downloads = args.download_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("flame-worker-{}", args.id)));
+        blobs.resuming_in(&downloads, None).with_context(|| format!("the download folder {} (--download-dir)", downloads.display()))?
+    };
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
     tracing::info!(roots = ?roots.dirs().unwrap_or_default(), "datasets are read under these folders only");
     let blobs: Arc<dyn flame_workers::blob::BlobStore> = match args.virtual_workers {
