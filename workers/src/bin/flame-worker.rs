@@ -110,11 +110,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let transport = Nats::connect_worker(&args.nats, &args.auth, &args.id).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
-    let blobs = if args.no_resume {
-        blobs
-    } else {
-        let downloads = args.download_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("flame-worker-{}", args.id)));
-        blobs.resuming_in(&downloads, None).with_context(|| format!("the download folder {} (--download-dir)", downloads.display()))?
+    let downloads =
+        (!args.no_resume).then(|| args.download_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("flame-worker-{}", args.id))));
+    let blobs = match &downloads {
+        None => blobs,
+        Some(dir) => blobs.resuming_in(dir, None).with_context(|| format!("the download folder {} (--download-dir)", dir.display()))?,
     };
     let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
     tracing::info!(roots = ?roots.dirs().unwrap_or_default(), "datasets are read under these folders only");
@@ -128,8 +128,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         worker = worker.with_otlp(flame_transport::otlp::Exporter::new(url, "flame-worker"));
     }
     let worker = worker.with_concurrency(args.concurrency).with_data_roots(roots);
-    match args.virtual_workers {
+    let served = match args.virtual_workers {
         None => worker.run(flame_transport::shutdown_signal()).await,
         Some(n) => flame_workers::fleet::run_virtual(&worker, n as usize, args.concurrency, flame_transport::shutdown_signal()).await,
+    };
+    // Stopped: the download folder goes if nothing is left in it (a part stays for the next start).
+    if let Some(dir) = downloads {
+        let _ = std::fs::remove_dir(dir);
     }
+    served
 }
