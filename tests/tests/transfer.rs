@@ -110,6 +110,14 @@ async fn a_download_cut_short_goes_on_from_its_last_checkpoint_and_yields_the_sa
     assert_eq!(told.first().map(|p| p.resumed_from), Some(mark.bytes), "it first went on from the mark");
     assert_eq!(told.last().map(|p| (p.resumed_from, p.done)), Some((0, size)), "then read the whole blob again");
 
+    // A download folder that cannot take the part (here a folder stands where the part
+    // would go) does not stop the read: it goes on in memory.
+    let other = noise(3 << 20, &format!("{}-other", crate::util::unique()));
+    let other_d = engine.put(other.clone()).await.expect("stored");
+    std::fs::create_dir_all(marks.part(&other_d)).expect("a folder in the part's place");
+    let got = NatsBlobs::new(&js).await.expect("blobs").resuming_in(&folder, None).expect("downloads").get(&other_d).await;
+    assert!(got.expect("read in memory") == other);
+
     // Without a download folder the blob reads the same (into memory).
     assert!(NatsBlobs::new(&js).await.expect("blobs").get(&d).await.expect("read") == model);
 

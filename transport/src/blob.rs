@@ -247,7 +247,8 @@ impl NatsBlobs {
     /// A small blob's chunks by direct gets, one request each and no consumer.
     async fn fetch_direct(&self, digest: &str, info: &object_store::ObjectInfo) -> Result<Vec<u8>, Direct> {
         let subject = format!("$O.{BUCKET}.C.{}", info.nuid);
-        let mut bytes = Vec::with_capacity(info.size);
+        // The description's size is what its writer said: room for at most 1 GiB up front.
+        let mut bytes = Vec::with_capacity(info.size.min(1 << 30));
         let mut next = None;
         for chunk in 0..info.chunks {
             let got = tokio::time::timeout(DIRECT_WAIT, self.stream.direct_get_next_for_subject(subject.clone(), next)).await;
@@ -351,7 +352,8 @@ impl NatsBlobs {
         use futures::StreamExt;
         use tokio::io::AsyncReadExt;
         let size = info.size as u64;
-        let mut bytes = Vec::with_capacity(info.size);
+        // The description's size is what its writer said: room for at most 1 GiB up front.
+        let mut bytes = Vec::with_capacity(info.size.min(1 << 30));
         let fresh = Mark { nuid: info.nuid.clone(), bytes: 0, chunks: 0, next_seq: 0 };
         let mut mark = fresh.clone();
         let mut to_disk = None;
@@ -360,35 +362,47 @@ impl NatsBlobs {
         if let Some((downloads, only_one)) = disk {
             let part = downloads.part(digest);
             if let Start::Resume(m) = from {
-                let file = tokio::fs::File::open(&part).await.map_err(|e| io(&part, e))?;
-                file.take(m.bytes).read_to_end(&mut bytes).await.map_err(|e| io(&part, e))?;
-                if bytes.len() as u64 == m.bytes {
-                    mark = m;
-                } else {
-                    bytes.clear();
+                let prefix = async {
+                    let file = tokio::fs::File::open(&part).await?;
+                    file.take(m.bytes).read_to_end(&mut bytes).await
+                };
+                match prefix.await {
+                    Ok(_) if bytes.len() as u64 == m.bytes => mark = m,
+                    _ => bytes.clear(),
                 }
             }
-            let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&part).map_err(|e| io(&part, e))?;
-            // Chunks written after the last record are written again.
-            file.set_len(mark.bytes).map_err(|e| io(&part, e))?;
-            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(mark.bytes)).map_err(|e| io(&part, e))?;
-            // The disk is written by a thread of its own, so that the chunks keep coming
-            // while it writes: each checkpoint's chunks, then the mark that counts them.
-            // At most 16 checkpoints wait for the disk (the reader waits beyond).
-            let (tx, mut checkpoints) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Mark)>(16);
-            let mark_path = downloads.mark_path(digest);
-            to_disk = Some(tx);
-            writer = Some(tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let _only_one = only_one;
-                while let Some((segment, mark)) = checkpoints.blocking_recv() {
-                    for chunk in segment {
-                        file.write_all(&chunk).map_err(|e| io(&part, e))?;
-                    }
-                    crate::download::record(&mark_path, &mark)?;
+            let opened = (|| {
+                let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&part)?;
+                // Chunks written after the last record are written again.
+                file.set_len(mark.bytes)?;
+                std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(mark.bytes))?;
+                Ok::<_, std::io::Error>(file)
+            })();
+            match opened {
+                Err(e) => {
+                    // A folder that cannot be written does not stop a round: the read goes on in memory.
+                    tracing::warn!("blob {digest}: cannot keep the download in {} ({e}); reading it into memory only", part.display());
                 }
-                Ok::<(), Error>(())
-            }));
+                Ok(mut file) => {
+                    // The disk is written by a thread of its own, so that the chunks keep coming
+                    // while it writes: each checkpoint's chunks, then the mark that counts them.
+                    // At most 16 checkpoints wait for the disk (the reader waits beyond).
+                    let (tx, mut checkpoints) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Mark)>(16);
+                    let mark_path = downloads.mark_path(digest);
+                    to_disk = Some(tx);
+                    writer = Some(tokio::task::spawn_blocking(move || {
+                        use std::io::Write;
+                        let _only_one = only_one;
+                        while let Some((segment, mark)) = checkpoints.blocking_recv() {
+                            for chunk in segment {
+                                file.write_all(&chunk).map_err(|e| io(&part, e))?;
+                            }
+                            crate::download::record(&mark_path, &mark)?;
+                        }
+                        Ok::<(), Error>(())
+                    }));
+                }
+            }
         }
         let resumed_from = mark.bytes;
         let read = async {
@@ -447,8 +461,15 @@ impl NatsBlobs {
         };
         let read = read.await;
         drop(to_disk);
-        if let Some(writer) = writer {
-            writer.await.map_err(|e| Error::Io(format!("blob {digest}: the download's writer: {e}")))??;
+        let wrote = match writer {
+            Some(writer) => writer.await.unwrap_or_else(|e| Err(Error::Io(format!("the download's writer: {e}")))),
+            None => Ok(()),
+        };
+        if let (Err(e), Some(downloads)) = (&wrote, downloads) {
+            // The read goes on in memory (a full disk does not stop a round); only going on
+            // from here after a cut is lost.
+            tracing::warn!("blob {digest}: cannot keep the download on disk ({e}); reading it into memory only");
+            downloads.forget(digest).await;
         }
         if let (Err(e), Some(downloads)) = (&read, downloads)
             && e.to_string().contains("hold more than")
