@@ -130,3 +130,90 @@ async fn a_download_cut_short_goes_on_from_its_last_checkpoint_and_yields_the_sa
     tokio::io::AsyncReadExt::read_to_end(&mut object, &mut read).await.expect("the library's reader accepts the digest");
     assert!(read == model);
 }
+
+/// A trainer process SIGKILLed while it downloads the global model (an MLP
+/// of 1.1M parameters, 4.4 MB: 34 chunks, a checkpoint every 8), then started again with the same id and
+/// download folder: it goes on from the part it left (its log says from
+/// which byte, the byte its mark recorded), and the job completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_killed_mid_download_goes_on_from_where_it_stopped() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use crate::util::{Processes, bin, free_port, root};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = crate::util::Nats::start(free_port(), &dir.path().join("js"));
+    crate::util::connect(&nats.url).await;
+    let workflow = crate::util::digits_workflow(|wf| {
+        wf["dataSpec"][0]["datasetGroups"]["default"] = serde_json::json!(["dataset1.json"]);
+        let h = &mut wf["modelSpec"]["hyperparameters"];
+        h["rounds"] = 1.into();
+        h["epochs"] = 1.into();
+        h["hidden"] = serde_json::json!([1024, 1024]);
+    });
+    let job_file = dir.path().join("job.json");
+    std::fs::write(&job_file, serde_json::to_vec(&workflow).expect("json")).expect("write");
+    let downloads = dir.path().join("downloads");
+    let id = format!("big-{}", crate::util::unique());
+    let trainer = |log: &str| {
+        let mut c = Command::new(bin("flame-worker"));
+        c.args(["--nats", &nats.url, "--id", &id, "--roles", "trainer", "--realm", "default/site1", "--data-root"])
+            .arg(crate::util::examples())
+            .arg("--download-dir")
+            .arg(&downloads)
+            .env("RUST_LOG", "warn,flame_transport=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(log)).expect("log"));
+        c
+    };
+    let mut procs = Processes::default();
+    procs.spawn(&mut trainer("first.log"));
+    let run = Command::new(bin("flamectl"))
+        .arg("run")
+        .arg(&job_file)
+        .args(["-o", "json", "--nats", &nats.url, "--data-root"])
+        .arg(crate::util::examples())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("flamectl");
+
+    // Killed as soon as its first checkpoint is on disk.
+    let started = Instant::now();
+    let mark_file = loop {
+        let found = std::fs::read_dir(&downloads)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "next"));
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(procs.0[0].try_wait().expect("wait").is_none(), "the trainer ended before its download was cut");
+        assert!(started.elapsed() < Duration::from_secs(120), "no download into {} began", downloads.display());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    procs.0[0].kill().expect("SIGKILL");
+    procs.0[0].wait().expect("reaped");
+    let d = mark_file.file_stem().and_then(|s| s.to_str()).expect("digest").to_string();
+    let mark = Downloads::new(&downloads, None).expect("folder").mark(&d).expect("the mark the killed trainer left");
+    let part = std::fs::metadata(downloads.join(format!("{d}.part")))
+        .expect("its part (none: the download finished before the kill landed)")
+        .len();
+    assert!(mark.bytes > 0 && part >= mark.bytes, "cut mid-way: {mark:?}, part of {part} bytes");
+
+    procs.spawn(&mut trainer("second.log"));
+    let out = run.wait_with_output().expect("flamectl");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(summary["state"], "completed", "{summary}");
+    let log = std::fs::read_to_string(dir.path().join("second.log")).expect("second log");
+    let said = format!("blob {d}: going on from byte {} of ", mark.bytes);
+    assert!(log.contains(&said), "the restarted trainer went on from its mark ({said}): {log}");
+    assert!(!downloads.join(format!("{d}.part")).exists(), "the finished download leaves no part");
+}
