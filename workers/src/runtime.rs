@@ -197,7 +197,11 @@ impl Worker {
             };
             match next {
                 None => break Ok(()),
-                Some(Err(e)) => tracing::warn!(worker = %self.info.id, "skipping a command: {e}"),
+                Some(Err(e @ flame_transport::Error::BadMessage { .. })) => {
+                    tracing::warn!(worker = %self.info.id, "dropping a message that is not a command: {e}")
+                }
+                // The pull is renewed; a command not taken yet stays on the server.
+                Some(Err(e)) => tracing::warn!(worker = %self.info.id, "reading commands: {e} (nothing is lost; reading on)"),
                 Some(Ok(delivery)) => {
                     let worker = self.clone();
                     running.spawn(async move {
