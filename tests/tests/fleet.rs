@@ -87,9 +87,7 @@ async fn a_job_of_200_virtual_workers_in_one_process_counts_every_update_once() 
 /// command of a kind it does not know (answered `failed`, not left waiting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_larger_than_a_message_arrives_whole_through_the_object_store() {
-    use flame_events::algorithm::ServerOptimizer;
-    use flame_events::model::Model;
-    use flame_events::protocol::{Command, CommandBody, UpdateRef, VERSION};
+    use flame_events::protocol::{Command, CommandBody, UpdateRef};
     use flame_transport::{COMMAND_BLOB_HEADER, COMMAND_STREAM, Nats, Transport};
     use futures::StreamExt;
 
@@ -102,24 +100,7 @@ async fn a_command_larger_than_a_message_arrives_whole_through_the_object_store(
     let max_payload = client.server_info().max_payload;
     let n = max_payload / 100 + 1_000;
     let updates: Vec<UpdateRef> = (0..n).map(|i| UpdateRef::new(format!("trainer-{i}"), format!("{i:064x}"), 10)).collect();
-    let aggregate = |worker: &str| Command {
-        v: VERSION,
-        id: format!("j-{run}/r1/aggregate/{worker}"),
-        job_id: format!("j-{run}"),
-        task_id: "aggregator-0".into(),
-        round: 1,
-        traceparent: None,
-        body: CommandBody::Aggregate {
-            model: Model::Logreg,
-            optimizer: ServerOptimizer::FedAvg,
-            trainers: n as u32,
-            optimizer_state: None,
-            global_model: format!("{:064x}", 7),
-            updates: updates.clone(),
-            eval_dataset: None,
-            loss: Default::default(),
-        },
-    };
+    let aggregate = |worker: &str| crate::util::aggregate_command(run, worker, format!("{:064x}", 7), updates.clone());
     let (own, member) = (format!("big-{run}-a"), format!("big-{run}-b"));
     let (to_own, to_member) = (aggregate(&own), aggregate(&member));
     assert!(serde_json::to_vec(&to_own).expect("json").len() > max_payload, "the command must not fit in one message");

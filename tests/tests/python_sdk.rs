@@ -310,9 +310,7 @@ async fn the_python_worker_takes_nats_credentials() {
 /// kind `in_object_store`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_aggregator_reads_a_command_too_large_for_a_message() {
-    use flame_events::algorithm::ServerOptimizer;
-    use flame_events::model::Model;
-    use flame_events::protocol::{Command as Cmd, CommandBody, ReportBody, UpdateRef, VERSION};
+    use flame_events::protocol::{ReportBody, UpdateRef};
     use flame_transport::blob::{BlobStore, NatsBlobs};
     use flame_transport::{Nats, Transport};
     use flame_workers::weights::{Tensor, Weights, decode, encode};
@@ -334,24 +332,8 @@ async fn a_python_aggregator_reads_a_command_too_large_for_a_message() {
     let n = max_payload / 100 + 100;
     let run = util::unique();
     let worker = format!("py-agg-{run}");
-    let command = Cmd {
-        v: VERSION,
-        id: format!("j-{run}/r1/aggregate/{worker}"),
-        job_id: format!("j-{run}"),
-        task_id: "aggregator-0".into(),
-        round: 1,
-        traceparent: None,
-        body: CommandBody::Aggregate {
-            model: Model::Logreg,
-            optimizer: ServerOptimizer::FedAvg,
-            trainers: n as u32,
-            optimizer_state: None,
-            global_model: global,
-            updates: (0..n).map(|i| UpdateRef::new(format!("trainer-{i}"), update.clone(), 10)).collect(),
-            eval_dataset: None,
-            loss: Default::default(),
-        },
-    };
+    let updates = (0..n).map(|i| UpdateRef::new(format!("trainer-{i}"), update.clone(), 10)).collect();
+    let command = util::aggregate_command(&run, &worker, global, updates);
     assert!(serde_json::to_vec(&command).expect("json").len() > max_payload, "the command must not fit in one message");
     let mut procs = Processes::default();
     procs.spawn(

@@ -276,3 +276,32 @@ pub async fn wait_for_events(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A FedAvg aggregate command of round 1 of job `j-<run>` to `worker`, over
+/// `updates` of the global model `global` (a logistic regression).
+pub fn aggregate_command(
+    run: &str,
+    worker: &str,
+    global: String,
+    updates: Vec<flame_events::protocol::UpdateRef>,
+) -> flame_events::protocol::Command {
+    use flame_events::protocol::{Command, CommandBody, VERSION};
+    Command {
+        v: VERSION,
+        id: format!("j-{run}/r1/aggregate/{worker}"),
+        job_id: format!("j-{run}"),
+        task_id: "aggregator-0".into(),
+        round: 1,
+        traceparent: None,
+        body: CommandBody::Aggregate {
+            model: flame_events::model::Model::Logreg,
+            optimizer: flame_events::algorithm::ServerOptimizer::FedAvg,
+            trainers: updates.len() as u32,
+            optimizer_state: None,
+            global_model: global,
+            updates,
+            eval_dataset: None,
+            loss: Default::default(),
+        },
+    }
+}
