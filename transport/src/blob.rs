@@ -405,6 +405,8 @@ impl NatsBlobs {
             }
         }
         let resumed_from = mark.bytes;
+        // Set when the chunks are not this object's (more bytes than it holds).
+        let mut foreign = false;
         let read = async {
             if mark.chunks == info.chunks {
                 return Ok(());
@@ -445,6 +447,7 @@ impl NatsBlobs {
                 mark.chunks += 1;
                 mark.next_seq = seq + 1;
                 if mark.bytes > size {
+                    foreign = true;
                     return Err(Error::Io(format!("blob {digest}: its chunks hold more than its {size} bytes")));
                 }
                 if let (Some(to_disk), Some(downloads)) = (&to_disk, downloads) {
@@ -471,9 +474,7 @@ impl NatsBlobs {
             tracing::warn!("blob {digest}: cannot keep the download on disk ({e}); reading it into memory only");
             downloads.forget(digest).await;
         }
-        if let (Err(e), Some(downloads)) = (&read, downloads)
-            && e.to_string().contains("hold more than")
-        {
+        if foreign && let Some(downloads) = downloads {
             // Not this object's chunks: start over next time.
             downloads.forget(digest).await;
         }
