@@ -558,9 +558,16 @@ impl Worker {
                     false => None,
                 };
                 let mut usable: Vec<&protocol::UpdateRef> = Vec::new();
-                for u in updates {
+                // Updates are read ahead, in order, as many at a time as fit in READ_AHEAD_BYTES:
+                // a thousand small updates cost a thousand round trips to the store otherwise.
+                let ahead = read_ahead(weights::state_bytes(&global_state));
+                // (The reads are made before the stream: a closure over borrowed updates in a
+                // stream is not `Send` for every lifetime, which the spawned command needs.)
+                let reads: Vec<_> = updates.iter().map(|u| async move { (u, self.fetch_state(&u.digest).await) }).collect();
+                let mut fetched = futures::stream::iter(reads).buffered(ahead);
+                while let Some((u, update)) = fetched.next().await {
                     let base = u.base_model.clone().unwrap_or_else(|| global_model.clone());
-                    let checked = match self.fetch_state(&u.digest).await {
+                    let checked = match update {
                         Ok(s) => weights::check_same_state(&global_state, &s).map(|()| s).map_err(anyhow::Error::from),
                         Err(e) => Err(e),
                     };
@@ -683,6 +690,16 @@ impl Worker {
             }
         }
     }
+}
+
+/// How many bytes of updates an aggregator may hold read ahead of its fold.
+const READ_AHEAD_BYTES: usize = 16 << 20;
+
+/// How many updates of a model of `model_bytes` to read at once: 32 small
+/// ones, one at a time (no read ahead) once a model is 16 MiB or more, so the
+/// fold's memory stays about two models for large ones.
+fn read_ahead(model_bytes: usize) -> usize {
+    (READ_AHEAD_BYTES / model_bytes.max(1)).clamp(1, 32)
 }
 
 /// A model the workers' own code defines is trained and evaluated by that

@@ -51,6 +51,12 @@ impl State {
     }
 }
 
+/// The bytes of a state's values in memory (about its size as safetensors).
+pub fn state_bytes(s: &State) -> usize {
+    let floats: usize = s.params.values().chain(s.buffers.values()).map(|t| t.data.len()).sum();
+    floats * 4 + s.counters.values().map(|c| c.data.len() * 8).sum::<usize>()
+}
+
 /// The safetensors metadata key listing which float tensors are buffers.
 const BUFFERS: &str = "flame.buffers";
 
