@@ -141,7 +141,7 @@ fn read(url: &str) -> Result<Data, Error> {
         if name != "digits" {
             return Err(Error::Url { url: url.into(), reason: format!("no built-in dataset '{name}'; the built-in one is 'digits'") });
         }
-        return deal(url, q, digits(url)?.clone());
+        return deal(url, q, digits(url)?);
     }
     if let Some(rest) = url.strip_prefix("synthetic://") {
         let (name, q) = rest.split_once('?').unwrap_or((rest, ""));
@@ -214,7 +214,7 @@ fn read(url: &str) -> Result<Data, Error> {
             reason: "use builtin://digits?part=I&of=N, synthetic://fedprox?alpha=A&beta=B&device=K, or a path to a .csv, .safetensors, .npz or <name>x.npy file".into(),
         });
     };
-    deal(url, q, data)
+    deal(url, q, &data)
 }
 
 /// The label columns a table URL names (`label=price` or `label=a,b`).
@@ -275,14 +275,17 @@ fn table(url: &str, columns: &[(String, Vec<f64>)], labels: &[String]) -> Result
 /// This worker's part of a dataset's training rows (`part=I&of=N`, dealt by
 /// `split=iid|dirichlet|shards` with `alpha`, `shards`, `seed`); all of them
 /// without `part`/`of`. The test split stays whole.
-fn deal(url: &str, q: &str, data: Data) -> Result<Data, Error> {
+/// The part of `data`'s training rows the url's `part`/`of` names, with the whole test split.
+/// (Borrowed: the built-in digits are shared by every trainer of the process, and copying
+/// all of them for each trainer's part cost more than its training.)
+fn deal(url: &str, q: &str, data: &Data) -> Result<Data, Error> {
     let of = query(url, q, "of")?.unwrap_or(1);
     let part = query(url, q, "part")?.unwrap_or(0);
     if of == 0 || part >= of {
         return Err(Error::Url { url: url.into(), reason: format!("need 0 <= part < of, got part={part} of={of}") });
     }
     if of == 1 {
-        return Ok(data);
+        return Ok(data.clone());
     }
     let value = |key: &str| q.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v);
     let scheme = match value("split") {
@@ -308,7 +311,7 @@ fn deal(url: &str, q: &str, data: Data) -> Result<Data, Error> {
     }
     let labels = if data.train.y.is_empty() { vec![0; data.train.len()] } else { data.train.y.clone() };
     let mine = crate::partition::deal(&labels, of, part, &scheme, seed);
-    Ok(Data { train: data.train.select(&mine), ..data })
+    Ok(Data { train: data.train.select(&mine), test: data.test.clone(), classes: data.classes })
 }
 
 /// Rows from arrays `x` ([rows, ...], any numeric dtype) and `y` ([rows], class numbers).

@@ -294,9 +294,12 @@ impl Net {
     /// Builds the model with the given weights.
     pub fn new(cfg: &ModelConfig, weights: &Weights) -> Result<Self, Error> {
         let vs = nn::VarStore::new(Device::Cpu);
+        // Every tensor is overwritten by `weights` below: initialising them at random first
+        // only cost time (training draws from its own seeded generator, not torch's).
+        let zero = nn::Init::Const(0.0);
         let mut convs = Vec::new();
         for (i, (w, _)) in convolutions(weights)?.iter().enumerate() {
-            let config = nn::ConvConfig { padding: 1, ..Default::default() };
+            let config = nn::ConvConfig { padding: 1, ws_init: zero, bs_init: zero, ..Default::default() };
             convs.push(nn::conv2d(vs.root() / format!("conv{}", i + 1), w.shape[1] as i64, w.shape[0] as i64, 3, config));
         }
         let mut layers = Vec::new();
@@ -307,7 +310,8 @@ impl Net {
             let [fan_out, fan_in] = w.shape[..] else {
                 return Err(Error::Weights(format!("fc{i}.weight has shape {:?}; expected [out, in]", w.shape)));
             };
-            layers.push(nn::linear(vs.root() / format!("fc{i}"), fan_in as i64, fan_out as i64, Default::default()));
+            let config = nn::LinearConfig { ws_init: zero, bs_init: Some(zero), bias: true };
+            layers.push(nn::linear(vs.root() / format!("fc{i}"), fan_in as i64, fan_out as i64, config));
         }
         if layers.is_empty() || (cfg.model == Model::Logreg && layers.len() != 1) {
             return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.model.name())));
