@@ -818,6 +818,7 @@ async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote
             roles: vec![role.into()],
             realm: t.realm.clone().unwrap_or_else(|| "default".into()),
             device: "cpu".into(),
+            group: None,
         };
         let mut stopped = stopped.clone();
         let mut worker = Worker::new(info, transport.clone(), blobs.clone()).with_data_roots(roots.clone());

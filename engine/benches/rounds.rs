@@ -3,6 +3,9 @@
 //! once) connected to a real NATS server, with the engine's events in SQLite
 //! (embedded) or MongoDB. Prints the median milliseconds per round (from
 //! `RoundStarted` to `RoundAggregated`) and the events/s the engine recorded.
+//! Each size runs twice: workers with a command consumer each and reports one
+//! by one, then grouped by 500 as `flame-worker --virtual` runs them
+//! (commands in batches on the group's subject, reports in batches).
 //! Run: `scripts/bench.sh rounds` (needs FLAME_TEST_NATS_URL; MongoDB is
 //! measured too when FLAME_TEST_MONGO_URI is set).
 
@@ -86,13 +89,76 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
         }))
     };
     while let Some(Ok(d)) = inbox.next().await {
-        let c = &d.message;
+        let report = answer(&info.id, &d.message);
+        if transport.send_report(&report).await.is_err() {
+            break;
+        }
+        let _ = d.ack().await;
+    }
+}
+
+/// Workers of one group, as a process of virtual workers runs them: one
+/// command consumer for the group (commands come in batches on its subject)
+/// and reports batched on the group's subject.
+async fn simulated_group(transport: Arc<Nats>, group: String, infos: Vec<WorkerInfo>) {
+    for info in &infos {
+        if let Err(e) = transport.register(info).await {
+            eprintln!("{} cannot register: {e}", info.id);
+            return;
+        }
+    }
+    let ids: Vec<String> = infos.iter().map(|i| i.id.clone()).collect();
+    let mut inbox = match transport.group_inbox(&group, &ids).await {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{group} has no inbox: {e}");
+            return;
+        }
+    };
+    struct Heartbeat(tokio::task::JoinHandle<()>);
+    impl Drop for Heartbeat {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _beat = {
+        let (t, infos) = (transport.clone(), infos.clone());
+        Heartbeat(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                futures::stream::iter(infos.iter())
+                    .for_each_concurrent(64, |i| async { t.register(i).await.unwrap_or_else(|e| eprintln!("heartbeat of {}: {e}", i.id)) })
+                    .await;
+            }
+        }))
+    };
+    let reports: Arc<dyn Transport> = Arc::new(flame_transport::group::GroupReports::new(transport.clone(), group.clone()));
+    let mut answering = tokio::task::JoinSet::new();
+    while let Some(Ok(d)) = inbox.next().await {
+        let reports = reports.clone();
+        answering.spawn(async move {
+            let (id, c) = &d.message;
+            let report = answer(id, c);
+            if reports.send_report(&report).await.is_ok() {
+                let _ = d.ack().await;
+            }
+        });
+        while answering.try_join_next().is_some() {}
+    }
+}
+
+/// The report a simulated worker sends at once for a command.
+fn answer(worker_id: &str, c: &flame_events::protocol::Command) -> Report {
+    {
         let body = match &c.body {
             CommandBody::Deploy { .. } => ReportBody::Deployed { samples: None },
             CommandBody::InitModel { .. } => ReportBody::Initialized { digest: "m0".into() },
-            CommandBody::Train { .. } => {
-                ReportBody::Trained { digest: format!("u-{}-{}", info.id, c.round), samples: 100, metrics: Default::default(), state: None }
-            }
+            CommandBody::Train { .. } => ReportBody::Trained {
+                digest: format!("u-{}-{}", worker_id, c.round),
+                samples: 100,
+                metrics: Default::default(),
+                state: None,
+            },
             CommandBody::Coordinate { candidates, .. } => ReportBody::Coordinated {
                 pairing: candidates.iter().filter_map(|(t, o)| o.first().map(|a| (t.clone(), a.clone()))).collect(),
             },
@@ -105,11 +171,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
                 excluded: vec![],
             },
         };
-        let report = Report::answering(c, &info.id, body);
-        if transport.send_report(&report).await.is_err() {
-            break;
-        }
-        let _ = d.ack().await;
+        Report::answering(c, worker_id, body)
     }
 }
 
@@ -118,18 +180,35 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-async fn measure(label: &str, store: Arc<dyn EventStore>, nats_url: &str, trainers: usize) {
+/// Trainers in one group when grouped (as `flame-worker --virtual` groups them).
+const GROUP: usize = 500;
+
+async fn measure(label: &str, store: Arc<dyn EventStore>, nats_url: &str, trainers: usize, grouped: bool) {
     let run = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
     let mut connections = Vec::new();
     for _ in 0..=(trainers / PER_CONNECTION) {
         connections.push(Arc::new(Nats::connect(nats_url).await.expect("NATS")));
     }
     let mut workers = Vec::new();
+    let mut groups: Vec<(String, Vec<WorkerInfo>)> = Vec::new();
     for i in 0..=trainers {
         let roles = if i == 0 { vec!["aggregator".to_string()] } else { vec!["trainer".to_string()] };
-        let info = WorkerInfo { id: format!("sim-{run}-{i:04}"), roles, realm: "default".into(), device: "cpu".into() };
-        workers.push(tokio::spawn(simulated(connections[i / PER_CONNECTION].clone(), info)));
+        let mut info = WorkerInfo { id: format!("sim-{run}-{i:04}"), roles, realm: "default".into(), device: "cpu".into(), group: None };
+        if grouped && i > 0 {
+            let group = format!("sim-{run}-g{}", (i - 1) / GROUP);
+            info.group = Some(group.clone());
+            match groups.last_mut() {
+                Some((g, members)) if *g == group => members.push(info),
+                _ => groups.push((group, vec![info])),
+            }
+        } else {
+            workers.push(tokio::spawn(simulated(connections[i / PER_CONNECTION].clone(), info)));
+        }
     }
+    for (g, (group, members)) in groups.into_iter().enumerate() {
+        workers.push(tokio::spawn(simulated_group(connections[g % connections.len()].clone(), group, members)));
+    }
+    let label = format!("{label}{}", if grouped { " grouped" } else { "" });
     let engine = Arc::new(Nats::connect(nats_url).await.expect("NATS"));
     let runner = Runner::new(store.clone(), engine, runner::Options::default());
     let def = definition(trainers);
@@ -166,7 +245,7 @@ async fn measure(label: &str, store: Arc<dyn EventStore>, nats_url: &str, traine
     let rounds_span = (at("RoundAggregated", ROUNDS) - at("RoundStarted", 1)).num_microseconds().unwrap_or(1) as f64 / 1e6;
     let round_events = events.iter().filter(|e| e.payload["round"].as_u64().is_some_and(|r| r >= 1)).count();
     println!(
-        "{label:<8} {trainers:>5} trainers: {:>8.1} ms/round median (min {:.1}, max {:.1}), {:>7.0} events/s in rounds, {} events, {:.1} s to place+deploy+run",
+        "{label:<15} {trainers:>5} trainers: {:>8.1} ms/round median (min {:.1}, max {:.1}), {:>7.0} events/s in rounds, {} events, {:.1} s to place+deploy+run",
         median(per_round.clone()),
         per_round.iter().copied().fold(f64::INFINITY, f64::min),
         per_round.iter().copied().fold(0.0, f64::max),
@@ -196,11 +275,15 @@ async fn main() {
     for &n in &sizes {
         let store =
             flame_stores::open_store(&format!("sqlite:{}", dir.path().join(format!("events-{n}.db")).display())).await.expect("sqlite");
-        measure("sqlite", store, &nats, n).await;
+        measure("sqlite", store, &nats, n, false).await;
+        let store = flame_stores::open_store(&format!("sqlite:{}", dir.path().join(format!("events-{n}-grouped.db")).display()))
+            .await
+            .expect("sqlite");
+        measure("sqlite", store, &nats, n, true).await;
     }
     if let Ok(mongo) = std::env::var("FLAME_TEST_MONGO_URI") {
         let db = format!("flame_bench_{}", uuid::Uuid::now_v7().simple());
         let store: Arc<dyn EventStore> = Arc::new(flame_stores::mongo::MongoStore::connect(&mongo, &db).await.expect("mongo"));
-        measure("mongodb", store, &nats, sizes[0]).await;
+        measure("mongodb", store, &nats, sizes[0], false).await;
     }
 }

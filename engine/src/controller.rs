@@ -4,7 +4,7 @@
 //! off) share it.
 
 use flame_projections::trace;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use flame_events::algorithm::ServerOptimizer;
 use flame_events::job::TaskSpec;
@@ -24,6 +24,63 @@ pub enum Action {
     },
     /// Feed a command to the job aggregate.
     Handle(JobCommand),
+}
+
+/// What the runner sends in one go: one worker's command, or the commands of
+/// several workers of one group (the registry says which group speaks for them).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outgoing {
+    /// A command for one worker, on its own subject.
+    One(String, Box<Command>),
+    /// Commands for workers of one group, on the group's subject.
+    Group(String, Vec<(String, Command)>),
+}
+
+impl Outgoing {
+    /// Each command's (worker id, command id).
+    pub fn addressed(&self) -> Vec<(String, String)> {
+        match self {
+            Self::One(w, c) => vec![(w.clone(), c.id.clone())],
+            Self::Group(_, cs) => cs.iter().map(|(w, c)| (w.clone(), c.id.clone())).collect(),
+        }
+    }
+}
+
+/// A turn's sends as the runner sends them: the commands of workers that
+/// name a group go together, one send per group in the order each group
+/// first appears; the others one by one, in their order.
+pub fn outgoing(sends: Vec<(String, Command)>, groups: &HashMap<String, String>) -> Vec<Outgoing> {
+    let mut out: Vec<Outgoing> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for (worker_id, command) in sends {
+        match groups.get(&worker_id) {
+            Some(g) => match at.get(g.as_str()) {
+                Some(&i) => {
+                    if let Outgoing::Group(_, cs) = &mut out[i] {
+                        cs.push((worker_id, command));
+                    }
+                }
+                None => {
+                    at.insert(g, out.len());
+                    out.push(Outgoing::Group(g.clone(), vec![(worker_id, command)]));
+                }
+            },
+            None => out.push(Outgoing::One(worker_id, Box::new(command))),
+        }
+    }
+    out
+}
+
+/// Reports published by a group for its members: a report that arrived on
+/// group G's subject in worker M's name stands as M's own if the registry
+/// (M's own registration) names G as M's group. Any other report keeps the
+/// subject it came on, and the job refuses it if that is not its worker's.
+pub fn vouch(reports: &mut [protocol::Report], groups: &HashMap<String, String>) {
+    for r in reports {
+        if r.via.as_ref().is_some_and(|via| *via != r.worker_id && groups.get(&r.worker_id) == Some(via)) {
+            r.via = Some(r.worker_id.clone());
+        }
+    }
 }
 
 /// Whether a command (worker id, command id) already went out: the runner's
@@ -353,7 +410,13 @@ mod tests {
     }
 
     fn worker(id: &str, roles: &[&str], realm: &str) -> WorkerInfo {
-        WorkerInfo { id: id.into(), roles: roles.iter().map(|r| r.to_string()).collect(), realm: realm.into(), device: "cpu".into() }
+        WorkerInfo {
+            id: id.into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            realm: realm.into(),
+            device: "cpu".into(),
+            group: None,
+        }
     }
 
     fn everyone() -> Vec<WorkerInfo> {
@@ -984,5 +1047,65 @@ mod tests {
     fn decisions_are_deterministic() {
         let h = History::created(2).started().initialized().round_started(1);
         assert_eq!(decide(&h.job(), 5, Some(&everyone())), decide(&h.job(), 5, Some(&everyone())));
+    }
+
+    fn sent_to(worker: &str, n: u32) -> (String, Command) {
+        let job = History::created(1).job();
+        (worker.to_string(), command(&job, "t0", n, &format!("c{n}"), CommandBody::Deploy { role: "trainer".into(), dataset: None }))
+    }
+
+    #[test]
+    fn commands_of_a_groups_workers_go_together_and_the_others_one_by_one() {
+        let groups = HashMap::from([
+            ("v-1".to_string(), "g-a".to_string()),
+            ("v-2".to_string(), "g-b".to_string()),
+            ("v-3".to_string(), "g-a".to_string()),
+        ]);
+        let sends = vec![sent_to("v-1", 1), sent_to("solo", 2), sent_to("v-2", 3), sent_to("v-3", 4), sent_to("v-1", 5)];
+        let out = outgoing(sends.clone(), &groups);
+        assert_eq!(
+            out,
+            vec![
+                Outgoing::Group("g-a".into(), vec![sends[0].clone(), sends[3].clone(), sends[4].clone()]),
+                Outgoing::One("solo".into(), Box::new(sends[1].1.clone())),
+                Outgoing::Group("g-b".into(), vec![sends[2].clone()]),
+            ]
+        );
+        // Every command goes out exactly once, and a failed send names each of its commands.
+        let mut all: Vec<(String, String)> = out.iter().flat_map(Outgoing::addressed).collect();
+        all.sort();
+        let mut want: Vec<(String, String)> = sends.iter().map(|(w, c)| (w.clone(), c.id.clone())).collect();
+        want.sort();
+        assert_eq!(all, want);
+        // No groups: one by one, in order.
+        assert_eq!(
+            outgoing(sends.clone(), &HashMap::new()),
+            sends.into_iter().map(|(w, c)| Outgoing::One(w, Box::new(c))).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_group_speaks_only_for_the_workers_whose_registration_names_it() {
+        let groups = HashMap::from([("w-t0".to_string(), "g-a".to_string())]);
+        let on = |worker: &str, via: Option<&str>| {
+            let JobCommand::Report(mut r) = crate::testing::report("t0", 1, crate::testing::trained(1, "t0")) else { unreachable!() };
+            r.worker_id = worker.into();
+            r.via = via.map(str::to_string);
+            r
+        };
+        let mut reports = vec![
+            on("w-t0", Some("g-a")),  // its group: stands as its own
+            on("w-t0", Some("g-b")),  // another group: keeps the subject it came on
+            on("w-t1", Some("g-a")),  // a group w-t1 does not name
+            on("w-t1", Some("w-t1")), // its own subject
+            on("w-t0", None),         // in-process
+        ];
+        vouch(&mut reports, &groups);
+        let vias: Vec<Option<&str>> = reports.iter().map(|r| r.via.as_deref()).collect();
+        assert_eq!(vias, vec![Some("w-t0"), Some("g-b"), Some("g-a"), Some("w-t1"), None]);
+        // The job then refuses the two that came on a subject not their worker's.
+        let job = History::created(2).started().initialized().round_started(1).job();
+        let refused: Vec<bool> = reports.into_iter().map(|r| job.handle(JobCommand::Report(r)).is_err()).collect();
+        assert_eq!(refused[1..3], [true, true]);
     }
 }

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 
-use flame_events::protocol::{Command, Report, WorkerInfo};
+use flame_events::protocol::{Report, WorkerInfo};
 use flame_events::store::EventStore;
 use flame_transport::Transport;
 use flame_transport::blob::BlobStore;
 
-use crate::controller::{Action, decide_unsent};
+use crate::controller::{Action, Outgoing, decide_unsent, outgoing, vouch};
 use crate::definition::{JobDefinition, Problems};
 use crate::job::{Job, JobCommand, Rejection, Status};
 use crate::persist::{self, Fence, Jobs};
@@ -329,18 +329,29 @@ impl Runner {
         let mut live: Option<Vec<WorkerInfo>> = None;
         let mut previous: Option<Vec<WorkerInfo>> = None;
         let mut read_at: Option<Instant> = None;
+        // Worker id -> the group that speaks for it, as the registry last said.
+        let mut groups: HashMap<String, String> = HashMap::new();
         let transport = &self.transport;
-        let send = |worker_id: String, command: Command| async move {
-            tracing::debug!(job = job_id, worker = %worker_id, command = %command.id, "send");
-            transport.send_command(&worker_id, &command).await.map_err(|e| (worker_id, command.id, e))
+        let send = |out: Outgoing| async move {
+            let result = match &out {
+                Outgoing::One(worker_id, command) => {
+                    tracing::debug!(job = job_id, worker = %worker_id, command = %command.id, "send");
+                    transport.send_command(worker_id, command).await
+                }
+                Outgoing::Group(group, commands) => {
+                    tracing::debug!(job = job_id, group = %group, commands = commands.len(), "send to a group");
+                    transport.send_commands(group, commands).await
+                }
+            };
+            result.map_err(|e| (out.addressed(), e))
         };
-        let mut outbox: VecDeque<(String, Command)> = VecDeque::new();
+        let mut outbox: VecDeque<Outgoing> = VecDeque::new();
         let mut in_flight = FuturesUnordered::new();
-        let fill = |outbox: &mut VecDeque<(String, Command)>, in_flight: &mut FuturesUnordered<_>| {
+        let fill = |outbox: &mut VecDeque<Outgoing>, in_flight: &mut FuturesUnordered<_>| {
             while in_flight.len() < SEND_CONCURRENCY
-                && let Some((worker_id, command)) = outbox.pop_front()
+                && let Some(out) = outbox.pop_front()
             {
-                in_flight.push(send(worker_id, command));
+                in_flight.push(send(out));
             }
         };
         // What the last turn cost (taking its reports, deciding): how long the next waits for more.
@@ -362,6 +373,7 @@ impl Runner {
                         both.extend(missed);
                         both.sort_by(|a, b| a.id.cmp(&b.id));
                         previous = Some(now_live);
+                        groups = both.iter().filter_map(|w| Some((w.id.clone(), w.group.clone()?))).collect();
                         live = Some(both);
                     }
                     // The registry out of reach (a NATS server failing over): decide on the last
@@ -411,7 +423,7 @@ impl Runner {
             }
             // Commands go out concurrently, SEND_CONCURRENCY at a time, while the reports of those
             // already out are taken: the first trainers' updates need not wait for the last command.
-            outbox.extend(sends);
+            outbox.extend(outgoing(sends, &groups));
             fill(&mut outbox, &mut in_flight);
             let decided_in = deciding.elapsed();
             if handled {
@@ -433,10 +445,12 @@ impl Runner {
                     Some(r) = in_flight.next(), if !in_flight.is_empty() => {
                         fill(&mut outbox, &mut in_flight);
                         // Sent: nothing to decide. Not sent: forgotten as sent, to go out again on the next turn.
-                        let Err((worker_id, id, e)) = r else { continue };
-                        tracing::warn!(job = job_id, worker = %worker_id, command = %id, "command not sent, sending it again: {e}");
-                        if let Some(ws) = sent.get_mut(&id) {
-                            ws.retain(|w| *w != worker_id);
+                        let Err((unsent, e)) = r else { continue };
+                        tracing::warn!(job = job_id, commands = unsent.len(), first = ?unsent.first(), "commands not sent, sending them again: {e}");
+                        for (worker_id, id) in unsent {
+                            if let Some(ws) = sent.get_mut(&id) {
+                                ws.retain(|w| *w != worker_id);
+                            }
                         }
                         break;
                     }
@@ -470,7 +484,7 @@ impl Runner {
             if !deliveries.is_empty() {
                 // Every report of the turn in one append.
                 let mut keys = HashSet::new();
-                let fresh: Vec<Report> = deliveries
+                let mut fresh: Vec<Report> = deliveries
                     .iter()
                     .map(|d| &d.message)
                     .filter(|r| {
@@ -479,6 +493,7 @@ impl Runner {
                     })
                     .cloned()
                     .collect();
+                vouch(&mut fresh, &groups);
                 self.take_reports(job_id, fence, fresh).await?;
                 taken.extend(keys);
                 for d in deliveries {

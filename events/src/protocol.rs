@@ -24,6 +24,13 @@ pub struct WorkerInfo {
     /// Compute device it trains on (`cpu`, `cuda:0`).
     #[serde(default = "cpu")]
     pub device: String,
+    /// The group that reads its commands and publishes its reports (a process
+    /// of virtual workers), if any. A worker that names a group lets it speak
+    /// for it: the engine sends the group's commands in batches on the group's
+    /// subject and takes a member's report published on the group's subject.
+    /// Only the worker itself writes its registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 fn cpu() -> String {
@@ -292,9 +299,11 @@ pub struct Report {
     pub round: u32,
     /// The outcome.
     pub body: ReportBody,
-    /// The worker id of the subject it arrived on (`flame.report.<job>.<worker>`):
-    /// who published it. Set by the transport, never sent; `None` for a report
-    /// on the job's bare subject (older workers) or in-process.
+    /// The id in the subject it arrived on (`flame.report.<job>.<id>`): who
+    /// published it, the worker or a group that speaks for it. Set by the
+    /// transport, never sent; `None` for a report on the job's bare subject
+    /// (older workers) or in-process. The engine sets it to the worker's id
+    /// once the registry shows the group may speak for the worker.
     #[serde(skip)]
     pub via: Option<String>,
 }

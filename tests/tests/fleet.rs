@@ -138,3 +138,73 @@ async fn a_command_larger_than_a_message_arrives_whole_through_the_object_store(
     assert_eq!(old.id, to_own.id);
     assert!(matches!(&old.body, CommandBody::Unreadable { reason } if reason.contains("in_object_store")), "{:?}", old.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_batches_arrive_whole_and_come_again_until_every_part_is_acknowledged() {
+    use flame_events::protocol::{Report, ReportBody};
+    use flame_transport::{Nats, Transport};
+    use futures::StreamExt;
+
+    let url = crate::util::nats_url();
+    let engine = Nats::connect(&url).await.expect("engine");
+    let fleet = Nats::connect(&url).await.expect("fleet");
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let run = &run[20..];
+    let group = format!("g-{run}");
+    let members: Vec<String> = (0..3).map(|i| format!("v-{run}-{i}")).collect();
+    // Commands: three members' in one batch on the group's subject; each arrives with its worker.
+    let commands: Vec<(String, flame_events::protocol::Command)> =
+        members.iter().map(|m| (m.clone(), crate::util::aggregate_command(run, m, format!("{:064x}", 1), Vec::new()))).collect();
+    engine.send_commands(&group, &commands).await.expect("a batch is sent");
+    let mut inbox = fleet.group_inbox(&group, &members).await.expect("group inbox");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let d =
+            tokio::time::timeout(std::time::Duration::from_secs(20), inbox.next()).await.expect("in time").expect("open").expect("read");
+        got.push(d);
+    }
+    assert_eq!(got.iter().map(|d| d.message.clone()).collect::<Vec<_>>(), commands, "every command, in order, with its worker");
+    for d in got {
+        d.ack().await.expect("ack");
+    }
+
+    // Reports: a batch of two reports of one job; the engine's inbox reads each with the group as its publisher.
+    let job = format!("job-{run}");
+    let report = |m: &str, round: u32| Report {
+        v: flame_events::protocol::VERSION,
+        command_id: format!("{job}/r{round}/train/{m}"),
+        job_id: job.clone(),
+        task_id: format!("trainer-{m}"),
+        worker_id: m.to_string(),
+        round,
+        body: ReportBody::Failed { error: "test".into() },
+        via: None,
+    };
+    let sent = vec![report(&members[0], 1), report(&members[1], 1)];
+    fleet.send_reports(&group, &sent).await.expect("a report batch is sent");
+    let mut reports = engine.report_inbox(&job).await.expect("report inbox");
+    let (first, second) = (read(&mut reports).await, read(&mut reports).await);
+    let mut want = sent.clone();
+    for r in &mut want {
+        r.via = Some(group.clone());
+    }
+    assert_eq!(vec![first.message.clone(), second.message.clone()], want);
+    // One part acknowledged, the other not: after the ack wait (3 s) the batch comes again whole.
+    first.ack().await.expect("ack");
+    drop(second);
+    let (again1, again2) = (read(&mut reports).await, read(&mut reports).await);
+    assert_eq!(vec![again1.message.clone(), again2.message.clone()], want, "the whole batch again");
+    again1.ack().await.expect("ack");
+    again2.ack().await.expect("ack");
+    // Both acknowledged: nothing more comes.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), reports.next()).await.is_err(),
+        "a batch acknowledged whole is not delivered again"
+    );
+}
+
+/// The next delivery of an inbox, within 20 s.
+async fn read<T>(inbox: &mut flame_transport::Inbox<T>) -> flame_transport::Delivery<T> {
+    use futures::StreamExt;
+    tokio::time::timeout(std::time::Duration::from_secs(20), inbox.next()).await.expect("in time").expect("open").expect("read")
+}

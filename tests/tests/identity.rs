@@ -90,7 +90,7 @@ impl Server {
 }
 
 fn info(id: &str, realm: &str) -> WorkerInfo {
-    WorkerInfo { id: id.into(), roles: vec!["trainer".into()], realm: realm.into(), device: "cpu".into() }
+    WorkerInfo { id: id.into(), roles: vec!["trainer".into()], realm: realm.into(), device: "cpu".into(), group: None }
 }
 
 fn command(worker: &str) -> Command {

@@ -113,7 +113,7 @@ async fn device(mqtt_port: u16, id: &str, realm: &str, lose_first_train: bool, p
             }
         }
     });
-    let info = WorkerInfo { id: id.into(), roles: vec!["trainer".into()], realm: realm.into(), device: "mqtt".into() };
+    let info = WorkerInfo { id: id.into(), roles: vec!["trainer".into()], realm: realm.into(), device: "mqtt".into(), group: None };
     let (hb_client, hello) = (client.clone(), serde_json::to_vec(&info).expect("json"));
     let hello_topic = topic("hello");
     let heartbeat = tokio::spawn(async move {
@@ -346,6 +346,7 @@ async fn an_mqtt_device_with_its_own_identity_uses_only_its_own_topics() {
         roles: vec!["trainer".into()],
         realm: "default".into(),
         device: "mqtt".into(),
+        group: None,
     })
     .expect("json");
     other.publish(format!("flame/mqtt/hello/{device_id}"), QoS::AtMostOnce, false, hello.clone()).await.expect("publish");

@@ -5,6 +5,7 @@
 
 pub mod blob;
 pub mod download;
+pub mod group;
 pub mod identity;
 pub mod lease;
 pub mod mqtt;
@@ -149,6 +150,116 @@ impl Arrived {
     }
 }
 
+/// The subject of a group's batched commands. Worker ids hold no `.`, so it
+/// is never a worker's own subject (`flame.cmd.<worker-id>`).
+pub fn group_command_subject(group: &str) -> String {
+    format!("flame.cmd.group.{group}")
+}
+
+/// One delivery of several messages as one delivery each: the server's
+/// message is acknowledged once every part is (a part not acked leaves it
+/// to be delivered again whole, and its parts already handled are answered
+/// again from memory or refused as duplicates). Progress is told for the whole.
+pub fn split_delivery<T>(d: Delivery<Vec<T>>) -> Vec<Delivery<T>> {
+    let Delivery { message, ack, progress } = d;
+    if message.is_empty() {
+        // Nothing in it to handle: acknowledged at once, so that it does not come again.
+        if let Some(ack) = ack {
+            tokio::spawn(ack);
+        }
+        return Vec::new();
+    }
+    if message.len() == 1 {
+        return message.into_iter().next().map(|m| Delivery { message: m, ack, progress }).into_iter().collect();
+    }
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(message.len()));
+    let ack = Arc::new(Mutex::new(ack));
+    message
+        .into_iter()
+        .map(|m| {
+            let (left, ack) = (left.clone(), ack.clone());
+            let part = async move {
+                if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                    let whole = ack.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                    if let Some(whole) = whole {
+                        return whole.await;
+                    }
+                }
+                Ok(())
+            };
+            Delivery { message: m, ack: Some(part.boxed()), progress: progress.clone() }
+        })
+        .collect()
+}
+
+/// Splits `items` (each already serialised) into runs whose bytes stay under `limit`, in order.
+fn runs_under(items: Vec<Vec<u8>>, limit: usize) -> Vec<Vec<Vec<u8>>> {
+    let mut runs: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        match runs.last_mut() {
+            Some(run) if bytes + item.len() < limit => {
+                bytes += item.len() + 1;
+                run.push(item);
+            }
+            _ => {
+                bytes = item.len() + 1;
+                runs.push(vec![item]);
+            }
+        }
+    }
+    runs
+}
+
+/// A batch's bytes from its items' bytes: `{"v":V,"<field>":[item,item,...]}`.
+fn batch_bytes(field: &str, items: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = format!("{{\"v\":{},\"{field}\":[", flame_events::protocol::VERSION).into_bytes();
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// A deduplication id for a batch: its group and a digest of what it holds.
+fn batch_id(group: &str, keys: impl Iterator<Item = String>) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for k in keys {
+        h.update(k.as_bytes());
+        h.update(b"\n");
+    }
+    let d = h.finalize();
+    format!("{group}:batch:{}", d.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// What arrives on a group's command consumer: one worker's command, or a batch.
+enum GroupArrived {
+    One(String, Box<Arrived>),
+    Batch(Vec<(String, Command)>),
+}
+
+/// A command batch as it travels; each command decoded on its own, so that
+/// one unreadable command is answered `failed` and the others run.
+#[derive(serde::Deserialize)]
+struct WireBatch {
+    commands: Vec<WireAddressed>,
+}
+
+#[derive(serde::Deserialize)]
+struct WireReports {
+    reports: Vec<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct WireAddressed {
+    worker_id: String,
+    command: serde_json::Value,
+}
+
 /// Moves commands, reports and worker registrations.
 #[async_trait]
 pub trait Transport: Send + Sync {
@@ -177,8 +288,28 @@ pub trait Transport: Send + Sync {
         }
         Ok(futures::stream::select_all(inboxes).boxed())
     }
+    /// Sends commands to workers of one group (their registrations name
+    /// `group`): NATS sends them in as few messages as fit, on the group's
+    /// subject, where the group's inbox reads them. By default, one by one.
+    async fn send_commands(&self, group: &str, commands: &[(String, Command)]) -> Result<(), Error> {
+        let _ = group;
+        for (worker_id, command) in commands {
+            self.send_command(worker_id, command).await?;
+        }
+        Ok(())
+    }
     /// Sends a report to the engine running its job.
     async fn send_report(&self, report: &Report) -> Result<(), Error>;
+    /// Sends reports of workers of one group (their registrations name
+    /// `group`): NATS publishes them in as few messages as fit, on the
+    /// group's subject of each job. By default, one by one.
+    async fn send_reports(&self, group: &str, reports: &[Report]) -> Result<(), Error> {
+        let _ = group;
+        for report in reports {
+            self.send_report(report).await?;
+        }
+        Ok(())
+    }
     /// The reports for one job.
     async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error>;
     /// Releases what the transport keeps for a job that has ended (its durable report consumer).
@@ -720,18 +851,56 @@ impl Transport for Nats {
         Ok(inbox.then(move |d| this.clone().resolve(d, |c| c)).boxed())
     }
 
+    async fn send_commands(&self, group: &str, commands: &[(String, Command)]) -> Result<(), Error> {
+        check_id(group)?;
+        let limit = self.js.client().server_info().max_payload.saturating_sub(COMMAND_HEADROOM);
+        let mut items = Vec::with_capacity(commands.len());
+        for (worker_id, command) in commands {
+            check_id(worker_id)?;
+            let item = serde_json::to_vec(&serde_json::json!({"worker_id": worker_id, "command": command})).map_err(nats)?;
+            if item.len() > limit {
+                // Too large for any message: on its own, through the object store.
+                self.send_command(worker_id, command).await?;
+            } else {
+                items.push((format!("{worker_id}:{}", command.id), item));
+            }
+        }
+        let (keys, bytes): (Vec<String>, Vec<Vec<u8>>) = items.into_iter().unzip();
+        let mut keys = keys.into_iter();
+        for run in runs_under(bytes, limit) {
+            let id = batch_id(group, keys.by_ref().take(run.len()));
+            self.publish_bytes(group_command_subject(group), &id, None, batch_bytes("commands", &run)).await?;
+        }
+        Ok(())
+    }
+
     async fn group_inbox(&self, group: &str, worker_ids: &[String]) -> Result<Inbox<(String, Command)>, Error> {
         check_id(group)?;
         for id in worker_ids {
             check_id(id)?;
         }
-        // One durable consumer filtered on every member's subject: the server keeps one
-        // consumer (pulls, heartbeats, pending acks) for the group, not one per worker.
-        let subjects = worker_ids.iter().map(|id| format!("flame.cmd.{id}")).collect();
+        // One durable consumer filtered on every member's subject and the group's own: the server
+        // keeps one consumer (pulls, heartbeats, pending acks) for the group, not one per worker.
+        let mut subjects: Vec<String> = worker_ids.iter().map(|id| format!("flame.cmd.{id}")).collect();
+        subjects.push(group_command_subject(group));
         let inbox = self
             .inbox(COMMAND_STREAM, format!("group-{group}"), subjects, COMMAND_ACK_WAIT, |subject, b, stored| {
+                if subject.starts_with("flame.cmd.group.") {
+                    let batch: WireBatch = serde_json::from_slice(b)?;
+                    let mut out = Vec::with_capacity(batch.commands.len());
+                    for a in batch.commands {
+                        // One command whose head does not read is dropped, not the batch (nothing to answer).
+                        match serde_json::to_vec(&a.command).and_then(|bytes| Command::decode(&bytes)) {
+                            Ok(c) => out.push((a.worker_id, c)),
+                            Err(e) => {
+                                tracing::warn!(subject, worker = %a.worker_id, "dropping a command of a batch that does not read: {e}")
+                            }
+                        }
+                    }
+                    return Ok(GroupArrived::Batch(out));
+                }
                 let id = subject.strip_prefix("flame.cmd.").unwrap_or(subject).to_string();
-                Ok((id, Arrived::decode(b, stored)?))
+                Ok(GroupArrived::One(id, Box::new(Arrived::decode(b, stored)?)))
             })
             .await?;
         let this = self.clone();
@@ -740,9 +909,25 @@ impl Transport for Nats {
                 let this = this.clone();
                 async move {
                     let d = d?;
-                    let id = d.message.0.clone();
-                    this.resolve(Ok(d.map(|(_, a)| a)), |c| (id, c)).await
+                    match d.message {
+                        GroupArrived::Batch(_) => Ok(split_delivery(d.map(|m| match m {
+                            GroupArrived::Batch(b) => b,
+                            GroupArrived::One(..) => Vec::new(),
+                        }))),
+                        GroupArrived::One(ref id, _) => {
+                            let id = id.clone();
+                            let d = d.map(|m| match m {
+                                GroupArrived::One(_, a) => *a,
+                                GroupArrived::Batch(_) => unreachable!("matched as one"),
+                            });
+                            Ok(vec![this.resolve(Ok(d), |c| (id, c)).await?])
+                        }
+                    }
                 }
+            })
+            .flat_map(|r: Result<Vec<Delivery<(String, Command)>>, Error>| match r {
+                Ok(ds) => futures::stream::iter(ds.into_iter().map(Ok).collect::<Vec<_>>()),
+                Err(e) => futures::stream::iter(vec![Err(e)]),
             })
             .boxed())
     }
@@ -755,18 +940,63 @@ impl Transport for Nats {
         self.publish(format!("flame.report.{}.{}", report.job_id, report.worker_id), &msg_id, report).await
     }
 
+    async fn send_reports(&self, group: &str, reports: &[Report]) -> Result<(), Error> {
+        check_id(group)?;
+        let limit = self.js.client().server_info().max_payload.saturating_sub(COMMAND_HEADROOM);
+        // One subject per job: the engine of each job reads its own.
+        let mut by_job: BTreeMap<&str, Vec<&Report>> = BTreeMap::new();
+        for r in reports {
+            check_id(&r.job_id)?;
+            check_id(&r.worker_id)?;
+            by_job.entry(r.job_id.as_str()).or_default().push(r);
+        }
+        for (job_id, reports) in by_job {
+            let keys: Vec<String> = reports.iter().map(|r| format!("{}:{}", r.worker_id, r.command_id)).collect();
+            let bytes = reports.iter().map(|r| serde_json::to_vec(r).map_err(nats)).collect::<Result<Vec<_>, _>>()?;
+            let mut keys = keys.into_iter();
+            for run in runs_under(bytes, limit) {
+                let id = batch_id(group, keys.by_ref().take(run.len()));
+                self.publish_bytes(format!("flame.report.{job_id}.{group}"), &id, None, batch_bytes("reports", &run)).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn report_inbox(&self, job_id: &str) -> Result<Inbox<Report>, Error> {
         check_id(job_id)?;
         // Short: reports an engine took but did not ack before it died reach its successor quickly;
         // a report applied twice is refused by the job (and recorded), never counted twice.
         // The job's reports on their workers' subjects, and on the bare job subject of older workers.
         let subjects = vec![format!("flame.report.{job_id}"), format!("flame.report.{job_id}.*")];
-        self.inbox(REPORT_STREAM, format!("engine-{job_id}"), subjects, REPORT_ACK_WAIT, |subject, b, _| {
-            let mut report: Report = serde_json::from_slice(b)?;
-            report.via = subject.split('.').nth(3).map(str::to_string);
-            Ok(report)
-        })
-        .await
+        let inbox = self
+            .inbox(REPORT_STREAM, format!("engine-{job_id}"), subjects, REPORT_ACK_WAIT, |subject, b, _| {
+                // The subject names who published it: the worker, or the group that speaks for it.
+                let via = subject.split('.').nth(3).map(str::to_string);
+                let mut reports = match serde_json::from_slice::<WireReports>(b) {
+                    // Each report on its own: one that does not read is dropped, not the batch.
+                    Ok(batch) => batch
+                        .reports
+                        .into_iter()
+                        .filter_map(|r| {
+                            serde_json::from_value::<Report>(r)
+                                .inspect_err(|e| tracing::warn!(subject, "dropping a report of a batch that does not read: {e}"))
+                                .ok()
+                        })
+                        .collect(),
+                    Err(_) => vec![serde_json::from_slice::<Report>(b)?],
+                };
+                for r in &mut reports {
+                    r.via.clone_from(&via);
+                }
+                Ok(reports)
+            })
+            .await?;
+        Ok(inbox
+            .flat_map(|r| match r {
+                Ok(d) => futures::stream::iter(split_delivery(d).into_iter().map(Ok).collect::<Vec<_>>()),
+                Err(e) => futures::stream::iter(vec![Err(e)]),
+            })
+            .boxed())
     }
 
     async fn forget_job(&self, job_id: &str) -> Result<(), Error> {
@@ -789,5 +1019,73 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn counted(parts: Vec<u32>, acks: &Arc<AtomicUsize>) -> Delivery<Vec<u32>> {
+        let acks = acks.clone();
+        Delivery {
+            message: parts,
+            ack: Some(
+                async move {
+                    acks.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+                .boxed(),
+            ),
+            progress: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_acknowledged_once_when_its_last_part_is() {
+        let acks = Arc::new(AtomicUsize::new(0));
+        let mut parts = split_delivery(counted(vec![1, 2, 3], &acks));
+        assert_eq!(parts.iter().map(|d| d.message).collect::<Vec<_>>(), vec![1, 2, 3]);
+        let last = parts.pop().expect("three parts");
+        for d in parts {
+            d.ack().await.expect("ack");
+        }
+        assert_eq!(acks.load(Ordering::SeqCst), 0, "two of three parts handled: the batch stays unacknowledged");
+        last.ack().await.expect("ack");
+        assert_eq!(acks.load(Ordering::SeqCst), 1);
+        // A part left unacknowledged (its worker failed) leaves the batch to come again.
+        let acks = Arc::new(AtomicUsize::new(0));
+        let mut parts = split_delivery(counted(vec![1, 2], &acks));
+        parts.pop();
+        for d in parts {
+            d.ack().await.expect("ack");
+        }
+        assert_eq!(acks.load(Ordering::SeqCst), 0);
+        // One part: its own ack; none: acknowledged at once.
+        let acks = Arc::new(AtomicUsize::new(0));
+        split_delivery(counted(vec![7], &acks)).pop().expect("one").ack().await.expect("ack");
+        assert_eq!(acks.load(Ordering::SeqCst), 1);
+        assert!(split_delivery(counted(vec![], &acks)).is_empty());
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(acks.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn batches_keep_their_order_and_stay_under_the_limit() {
+        let items: Vec<Vec<u8>> = (0..10u8).map(|i| vec![b'0' + i; 1 + i as usize]).collect();
+        let runs = runs_under(items.clone(), 12);
+        assert!(runs.iter().all(|r| batch_bytes("x", r).len() - batch_bytes("x", &[]).len() <= 12 || r.len() == 1));
+        assert_eq!(runs.concat(), items);
+        let whole = batch_bytes("reports", &[b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]);
+        let v: serde_json::Value = serde_json::from_slice(&whole).expect("json");
+        assert_eq!(v["reports"][1]["b"], 2);
+        assert_eq!(v["v"], flame_events::protocol::VERSION);
+        // Different contents, different deduplication ids; the same, the same.
+        let id = |ks: &[&str]| batch_id("g", ks.iter().map(|k| k.to_string()));
+        assert_eq!(id(&["w1:c1", "w2:c1"]), id(&["w1:c1", "w2:c1"]));
+        assert_ne!(id(&["w1:c1", "w2:c1"]), id(&["w1:c1", "w2:c2"]));
     }
 }

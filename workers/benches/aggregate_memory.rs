@@ -60,7 +60,8 @@ fn main() {
     // Forget the peak of making the updates: measure the aggregation alone.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = status("VmRSS:");
-    let info = WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into() };
+    let info =
+        WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
     let worker = Worker::new(info, Arc::new(InProcess::default()), blobs);
     let command = Command {
         v: protocol::VERSION,

@@ -41,6 +41,12 @@ pub fn virtual_ids(base: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{base}-{i:0width$}")).collect()
 }
 
+/// The id of the `g`-th group of virtual workers under `base` (it names the
+/// group's command consumer, `group-<id>`, as it did before groups were registered).
+fn group_id(base: &str, g: usize) -> String {
+    format!("{base}-{g}")
+}
+
 /// Runs `n` virtual workers with `template`'s settings under ids from
 /// [`virtual_ids`] of its id, at most `concurrency` commands at once in
 /// all, until `shutdown` resolves. A worker whose serving fails (a report
@@ -54,8 +60,18 @@ pub async fn run_virtual(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-    let workers: Vec<Worker> =
-        virtual_ids(&template.info().id, n).into_iter().map(|id| template.with_id(id).with_shared_limit(limit.clone())).collect();
+    // Each group of GROUP workers is registered as such: the engine sends its commands in
+    // batches on the group's subject, and the group's reports go out in batches.
+    let ids = virtual_ids(&template.info().id, n);
+    let mut workers: Vec<Worker> = Vec::with_capacity(n);
+    for (g, members) in ids.chunks(GROUP).enumerate() {
+        let group = group_id(&template.info().id, g);
+        let reports: Arc<dyn flame_transport::Transport> =
+            Arc::new(flame_transport::group::GroupReports::new(template.transport().clone(), group.clone()));
+        for id in members {
+            workers.push(template.with_id(id.clone()).with_shared_limit(limit.clone()).in_group(group.clone(), reports.clone()));
+        }
+    }
     // Registered ones heartbeat from the start: registering thousands may take longer than a registration lives.
     let registered: Arc<Mutex<Vec<Worker>>> = Arc::default();
     let heartbeat = {
@@ -90,7 +106,6 @@ pub async fn run_virtual(
     // each is addressed to: the server keeps a few consumers, not thousands.
     let mut inboxes = Vec::with_capacity(n);
     let mut dispatchers = Vec::new();
-    let ids: Vec<String> = workers.iter().map(|w| w.info().id.clone()).collect();
     for (g, members) in ids.chunks(GROUP).enumerate() {
         let mut routes = HashMap::with_capacity(members.len());
         for id in members {
@@ -98,7 +113,7 @@ pub async fn run_virtual(
             routes.insert(id.clone(), tx);
             inboxes.push(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed());
         }
-        let group = format!("{}-{g}", template.info().id);
+        let group = group_id(&template.info().id, g);
         let inbox = template.transport().group_inbox(&group, members).await.inspect_err(|_| heartbeat.abort())?;
         dispatchers.push(tokio::spawn(dispatch(group, inbox, routes)));
     }

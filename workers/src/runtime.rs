@@ -128,6 +128,14 @@ impl Worker {
         w
     }
 
+    /// The same worker in `group` (registered so: the group reads its
+    /// commands and publishes its reports), reporting through `transport`.
+    pub fn in_group(mut self, group: String, transport: Arc<dyn Transport>) -> Self {
+        self.info.group = Some(group);
+        self.transport = transport;
+        self
+    }
+
     /// Shares a bound on the commands running at once with other workers of
     /// this process (virtual workers): a command waits for a permit before
     /// it runs, on top of this worker's own concurrency.
@@ -807,7 +815,8 @@ mod tests {
     async fn a_streamed_aggregation_equals_the_in_memory_one_bit_for_bit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
-        let info = WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into() };
+        let info =
+            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
         let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
         let model = flame_events::model::Model::Mlp { hidden: vec![16] };
         let cfg = ModelConfig::new(&model).expect("cfg");
@@ -865,7 +874,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
         let transport = Arc::new(InProcess::default());
-        let info = WorkerInfo { id: "w".into(), roles: vec!["trainer".into()], realm: "default".into(), device: "cpu".into() };
+        let info = WorkerInfo { id: "w".into(), roles: vec!["trainer".into()], realm: "default".into(), device: "cpu".into(), group: None };
         let worker = Worker::new(info, transport.clone(), blobs).with_concurrency(3);
         let mut reports = transport.report_inbox("j").await.expect("reports");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -899,7 +908,7 @@ mod tests {
         crate::model::init_backend();
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
-        let info = WorkerInfo { id: "w".into(), roles: vec!["trainer".into()], realm: "default".into(), device: "cpu".into() };
+        let info = WorkerInfo { id: "w".into(), roles: vec!["trainer".into()], realm: "default".into(), device: "cpu".into(), group: None };
         let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
         let model = flame_events::model::Model::Mlp { hidden: vec![16] };
         let global = ModelConfig::new(&model).expect("cfg").init(64, 10, 1);

@@ -91,7 +91,8 @@ impl Rerun {
     /// Over the job's blob store; `roots` lets it read evaluation data.
     pub fn new(store: Arc<dyn BlobStore>, roots: Option<flame_workers::roots::DataRoots>) -> Self {
         let overlay = Arc::new(Overlay::new(store.clone()));
-        let info = WorkerInfo { id: "flamectl".into(), roles: vec!["aggregator".into()], realm: String::new(), device: "cpu".into() };
+        let info =
+            WorkerInfo { id: "flamectl".into(), roles: vec!["aggregator".into()], realm: String::new(), device: "cpu".into(), group: None };
         let mut worker = Worker::new(info, Arc::new(InProcess::default()), overlay.clone());
         if let Some(roots) = roots {
             worker = worker.with_data_roots(roots);

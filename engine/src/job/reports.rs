@@ -14,7 +14,7 @@ impl Job {
         // The subject a report arrived on names who published it; a report in another worker's name is refused.
         if let Some(via) = r.via.as_deref().filter(|v| *v != r.worker_id) {
             return Err(Rejection::Unexpected(format!(
-                "a report in worker '{}''s name arrived on worker '{via}''s subject (flame.report.<job>.{via})",
+                "a report in worker '{}''s name arrived on the subject of '{via}' (flame.report.<job>.{via}), which is neither that worker nor a group its registration names",
                 r.worker_id
             )));
         }
@@ -423,7 +423,7 @@ mod tests {
                 _ => unreachable!(),
             }
         });
-        assert!(matches!(job.handle(relayed), Err(Rejection::Unexpected(m)) if m.contains("arrived on worker 'w-evil''s subject")));
+        assert!(matches!(job.handle(relayed), Err(Rejection::Unexpected(m)) if m.contains("arrived on the subject of 'w-evil'")));
         let own = JobCommand::Report(Report {
             via: Some("w-t0".into()),
             ..match report("t0", 1, trained(1, "t0")) {

@@ -116,7 +116,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         None => blobs,
         Some(dir) => blobs.resuming_in(dir, None).with_context(|| format!("the download folder {} (--download-dir)", dir.display()))?,
     };
-    let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device };
+    let info = WorkerInfo { id: args.id, roles: args.roles, realm: args.realm, device: args.device, group: None };
     tracing::info!(roots = ?roots.dirs().unwrap_or_default(), "datasets are read under these folders only");
     let blobs: Arc<dyn flame_workers::blob::BlobStore> = match args.virtual_workers {
         // Virtual workers read the same global model at once: one read for them all.
