@@ -2,7 +2,7 @@
 # Benchmarks (release build) with the test services running.
 #   scripts/bench.sh store     event store append/read throughput, SQLite and MongoDB
 #   scripts/bench.sh kill      how long MongoDB appends and global reads stall after a writer is SIGKILLed mid-append
-#   scripts/bench.sh rounds    engine overhead per round, 100 and 1,000 simulated workers on NATS
+#   scripts/bench.sh rounds    engine overhead per round, 100 and 1,000 simulated workers on NATS (a consumer each, then in groups of 500)
 #   scripts/bench.sh flower    FedAvg vs Flower's numpy FedAvg and a memory-bandwidth baseline (flwr in .deps/flower)
 #   scripts/bench.sh drift     FedAvg vs SCAFFOLD vs FedDyn on label-skewed digits (scripts/drift.sh)
 #   scripts/bench.sh kernels   training time and result, native vs portable CPU kernels (5 runs each, alternating)
