@@ -54,6 +54,37 @@ fn definition(trainers: usize) -> JobDefinition {
     }
 }
 
+/// Heartbeats that stop with the workers they are for, also when the
+/// measurement aborts them: a worker that beats on without answering would
+/// be placed again by the next measurement and stall its deployment.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Registers `infos` again every 2 s (64 at a time) until dropped.
+fn heartbeat(transport: Arc<Nats>, infos: Vec<WorkerInfo>) -> Heartbeat {
+    Heartbeat(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            futures::stream::iter(infos.iter())
+                .for_each_concurrent(64, |i| {
+                    let t = &transport;
+                    async move {
+                        let started = Instant::now();
+                        if let Err(e) = t.register(i).await {
+                            eprintln!("heartbeat of {} failed after {:?}: {e}", i.id, started.elapsed());
+                        }
+                    }
+                })
+                .await;
+        }
+    }))
+}
+
 /// A worker that answers every command at once.
 async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
     if let Err(e) = transport.register(&info).await {
@@ -67,27 +98,7 @@ async fn simulated(transport: Arc<Nats>, info: WorkerInfo) {
             return;
         }
     };
-    // The heartbeat stops with this worker, also when the measurement aborts
-    // it: a worker that beats on without answering would be placed again by
-    // the next measurement and stall its deployment.
-    struct Heartbeat(tokio::task::JoinHandle<()>);
-    impl Drop for Heartbeat {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _beat = {
-        let (t, i) = (transport.clone(), info.clone());
-        Heartbeat(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let started = Instant::now();
-                if let Err(e) = t.register(&i).await {
-                    eprintln!("heartbeat of {} failed after {:?}: {e}", i.id, started.elapsed());
-                }
-            }
-        }))
-    };
+    let _beat = heartbeat(transport.clone(), vec![info.clone()]);
     while let Some(Ok(d)) = inbox.next().await {
         let report = answer(&info.id, &d.message);
         if transport.send_report(&report).await.is_err() {
@@ -115,23 +126,7 @@ async fn simulated_group(transport: Arc<Nats>, group: String, infos: Vec<WorkerI
             return;
         }
     };
-    struct Heartbeat(tokio::task::JoinHandle<()>);
-    impl Drop for Heartbeat {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _beat = {
-        let (t, infos) = (transport.clone(), infos.clone());
-        Heartbeat(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                futures::stream::iter(infos.iter())
-                    .for_each_concurrent(64, |i| async { t.register(i).await.unwrap_or_else(|e| eprintln!("heartbeat of {}: {e}", i.id)) })
-                    .await;
-            }
-        }))
-    };
+    let _beat = heartbeat(transport.clone(), infos.clone());
     let reports: Arc<dyn Transport> = Arc::new(flame_transport::group::GroupReports::new(transport.clone(), group.clone()));
     let mut answering = tokio::task::JoinSet::new();
     while let Some(Ok(d)) = inbox.next().await {
