@@ -123,14 +123,22 @@ for n in $flower_nodes; do
             > "$dir/node$i.log" 2>&1 &
         pids+=($!)
     done
-    (cd "$dir/app" && flwr run . bench --run-config "num-nodes=$n num-server-rounds=$flower_rounds" --stream) > "$dir/run.log" 2>&1 || true
-    python3 - "$dir/run.log" "$n" "${ours[$n]:-}" <<'PY'
+    # The ServerApp appends its round lines to rounds.txt: the bench waits for them there
+    # (for at most FLAME_BENCH_FLOWER_WAIT seconds), not on `flwr run --stream`'s log,
+    # which may reconnect under load and miss them while the rounds go on.
+    : > "$dir/rounds.txt"
+    (cd "$dir/app" && flwr run . bench --run-config "num-nodes=$n num-server-rounds=$flower_rounds out-file=\"$dir/rounds.txt\"" --stream) > "$dir/run.log" 2>&1 || true
+    waited=0
+    while [ "$(grep -c flower_round= "$dir/rounds.txt")" -lt "$flower_rounds" ] && [ "$waited" -lt "${FLAME_BENCH_FLOWER_WAIT:-1200}" ]; do
+        sleep 5; waited=$((waited + 5))
+    done
+    python3 - "$dir/rounds.txt" "$n" "${ours[$n]:-}" "$dir/run.log" <<'PY'
 import re, statistics, sys
-log, n, ours = sys.argv[1], sys.argv[2], sys.argv[3]
+log, n, ours, run_log = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 ms = {int(r): float(m) for r, m, k in re.findall(r"flower_round=(\d+) ms=([\d.]+) replies=(\d+)", open(log).read()) if int(k) == int(n)}
 later = [m for r, m in ms.items() if r >= 2]
 if not later:
-    sys.exit(f"Flower with {n} SuperNodes finished no round with every reply; see {log}:\n" + open(log).read()[-3000:])
+    sys.exit(f"Flower with {n} SuperNodes finished no round after the first with every reply; rounds: {open(log).read()!r}; see {run_log}:\n" + open(run_log).read()[-3000:])
 med = statistics.median(later)
 ratio = f" ratio={med / float(ours):.0f}x (Flower / flame at {n} clients)" if ours else ""
 print(f"flower supernodes={n} ms_per_round={med:.0f} (min {min(later):.0f}, max {max(later):.0f}, rounds 2..{max(ms)}){ratio}")

@@ -1,7 +1,9 @@
 """A ServerApp that times rounds: each round sends the same small model (the
 size of the digits MLP of the Flame job, 64x32 + 32 + 32x10 + 10 float32) to
 every SuperNode and waits for every reply. Prints one line per round:
-`flower_round=R ms=M replies=K`."""
+`flower_round=R ms=M replies=K`, and appends it to the run config's
+`out-file` where one is set (the bench reads that file: `flwr run --stream`
+may lose its log stream under load while the rounds go on)."""
 
 import time
 
@@ -16,6 +18,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     rounds = int(context.run_config["num-server-rounds"])
     nodes = int(context.run_config["num-nodes"])
+    out_file = str(context.run_config.get("out-file", ""))
     while True:
         ids = list(grid.get_node_ids())
         if len(ids) >= nodes:
@@ -31,4 +34,8 @@ def main(grid: Grid, context: Context) -> None:
         ]
         replies = list(grid.send_and_receive(messages))
         ok = sum(1 for m in replies if m.has_content())
-        print(f"flower_round={r} ms={1000 * (time.perf_counter() - start):.0f} replies={ok}", flush=True)
+        line = f"flower_round={r} ms={1000 * (time.perf_counter() - start):.0f} replies={ok}"
+        print(line, flush=True)
+        if out_file:
+            with open(out_file, "a") as f:
+                f.write(line + "\n")
