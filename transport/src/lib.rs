@@ -192,6 +192,15 @@ pub fn split_delivery<T>(d: Delivery<Vec<T>>) -> Vec<Delivery<T>> {
         .collect()
 }
 
+/// The deliveries of one message as stream items, or its error as one.
+fn one_each<T>(r: Result<Vec<Delivery<T>>, Error>) -> futures::stream::Iter<std::vec::IntoIter<Result<Delivery<T>, Error>>> {
+    let items: Vec<_> = match r {
+        Ok(ds) => ds.into_iter().map(Ok).collect(),
+        Err(e) => vec![Err(e)],
+    };
+    futures::stream::iter(items)
+}
+
 /// Splits `items` (each already serialised) into runs whose bytes stay under `limit`, in order.
 fn runs_under(items: Vec<Vec<u8>>, limit: usize) -> Vec<Vec<Vec<u8>>> {
     let mut runs: Vec<Vec<Vec<u8>>> = Vec::new();
@@ -665,6 +674,25 @@ impl Nats {
         Ok(())
     }
 
+    /// Publishes `items` (each its deduplication key and bytes) in order, in as few
+    /// batches `{"v", "<field>": [...]}` on `subject` as stay under `limit` bytes.
+    async fn publish_batches(
+        &self,
+        subject: String,
+        group: &str,
+        field: &str,
+        items: Vec<(String, Vec<u8>)>,
+        limit: usize,
+    ) -> Result<(), Error> {
+        let (keys, bytes): (Vec<String>, Vec<Vec<u8>>) = items.into_iter().unzip();
+        let mut keys = keys.into_iter();
+        for run in runs_under(bytes, limit) {
+            let id = batch_id(group, keys.by_ref().take(run.len()));
+            self.publish_bytes(subject.clone(), &id, None, batch_bytes(field, &run)).await?;
+        }
+        Ok(())
+    }
+
     /// The object store, opened on first use (commands too large for a message).
     async fn blobs(&self) -> Result<&blob::NatsBlobs, Error> {
         self.blobs
@@ -865,13 +893,7 @@ impl Transport for Nats {
                 items.push((format!("{worker_id}:{}", command.id), item));
             }
         }
-        let (keys, bytes): (Vec<String>, Vec<Vec<u8>>) = items.into_iter().unzip();
-        let mut keys = keys.into_iter();
-        for run in runs_under(bytes, limit) {
-            let id = batch_id(group, keys.by_ref().take(run.len()));
-            self.publish_bytes(group_command_subject(group), &id, None, batch_bytes("commands", &run)).await?;
-        }
-        Ok(())
+        self.publish_batches(group_command_subject(group), group, "commands", items, limit).await
     }
 
     async fn group_inbox(&self, group: &str, worker_ids: &[String]) -> Result<Inbox<(String, Command)>, Error> {
@@ -908,27 +930,16 @@ impl Transport for Nats {
             .then(move |d| {
                 let this = this.clone();
                 async move {
-                    let d = d?;
-                    match d.message {
-                        GroupArrived::Batch(_) => Ok(split_delivery(d.map(|m| match m {
-                            GroupArrived::Batch(b) => b,
-                            GroupArrived::One(..) => Vec::new(),
-                        }))),
-                        GroupArrived::One(ref id, _) => {
-                            let id = id.clone();
-                            let d = d.map(|m| match m {
-                                GroupArrived::One(_, a) => *a,
-                                GroupArrived::Batch(_) => unreachable!("matched as one"),
-                            });
-                            Ok(vec![this.resolve(Ok(d), |c| (id, c)).await?])
+                    let Delivery { message, ack, progress } = d?;
+                    match message {
+                        GroupArrived::Batch(commands) => Ok(split_delivery(Delivery { message: commands, ack, progress })),
+                        GroupArrived::One(id, arrived) => {
+                            Ok(vec![this.resolve(Ok(Delivery { message: *arrived, ack, progress }), |c| (id, c)).await?])
                         }
                     }
                 }
             })
-            .flat_map(|r: Result<Vec<Delivery<(String, Command)>>, Error>| match r {
-                Ok(ds) => futures::stream::iter(ds.into_iter().map(Ok).collect::<Vec<_>>()),
-                Err(e) => futures::stream::iter(vec![Err(e)]),
-            })
+            .flat_map(one_each)
             .boxed())
     }
 
@@ -951,13 +962,11 @@ impl Transport for Nats {
             by_job.entry(r.job_id.as_str()).or_default().push(r);
         }
         for (job_id, reports) in by_job {
-            let keys: Vec<String> = reports.iter().map(|r| format!("{}:{}", r.worker_id, r.command_id)).collect();
-            let bytes = reports.iter().map(|r| serde_json::to_vec(r).map_err(nats)).collect::<Result<Vec<_>, _>>()?;
-            let mut keys = keys.into_iter();
-            for run in runs_under(bytes, limit) {
-                let id = batch_id(group, keys.by_ref().take(run.len()));
-                self.publish_bytes(format!("flame.report.{job_id}.{group}"), &id, None, batch_bytes("reports", &run)).await?;
-            }
+            let items = reports
+                .iter()
+                .map(|r| Ok((format!("{}:{}", r.worker_id, r.command_id), serde_json::to_vec(r).map_err(nats)?)))
+                .collect::<Result<Vec<_>, Error>>()?;
+            self.publish_batches(format!("flame.report.{job_id}.{group}"), group, "reports", items, limit).await?;
         }
         Ok(())
     }
@@ -991,12 +1000,7 @@ impl Transport for Nats {
                 Ok(reports)
             })
             .await?;
-        Ok(inbox
-            .flat_map(|r| match r {
-                Ok(d) => futures::stream::iter(split_delivery(d).into_iter().map(Ok).collect::<Vec<_>>()),
-                Err(e) => futures::stream::iter(vec![Err(e)]),
-            })
-            .boxed())
+        Ok(inbox.flat_map(|r| one_each(r.map(split_delivery))).boxed())
     }
 
     async fn forget_job(&self, job_id: &str) -> Result<(), Error> {
