@@ -11,7 +11,7 @@
 #   scripts/bench.sh python    per-round overhead and idle memory of Python trainers (flame-py-worker) vs Rust ones, same job
 #   scripts/bench.sh models    verify --models and whatif on a 100-round job; contributions (Shapley) cost vs trainers
 #   scripts/bench.sh observe   what --mlflow and --otlp add to a 20-round job's wall time (scripts/bench_observe.sh)
-#   scripts/bench.sh aggregate-memory  peak RSS of an aggregator's FedAvg: 10 and 100 updates of 10M params, 4 of 100M
+#   scripts/bench.sh aggregate-memory  peak RSS of an aggregator: FedAvg of 10 and 100 updates of 10M params and 4 of 100M; median and Krum of 100 x 10M, on disk and in memory
 #   scripts/bench.sh broadcast  a 1 GB model to 10 readers through the object store vs a loopback TCP copy: throughput, peak RSS (scripts/bench_broadcast.sh)
 #   scripts/bench.sh clients   ms per round at 10 to 10,000 clients (flame-worker --virtual, real NATS) and Flower's deployment engine at 10 and 20 (scripts/bench_clients.sh)
 set -euo pipefail
@@ -44,7 +44,11 @@ case "${1:-store}" in
   aggregate-memory)
     cargo build -q --release -p flame-workers --no-default-features --bench aggregate_memory
     bench=$(ls -t target/release/deps/aggregate_memory-* | grep -v '\.d$' | head -n 1)
-    for km in "10 10000000" "100 10000000" "4 100000000"; do "$bench" $km; done ;;
+    # FedAvg folds; median and Krum hold every update: on disk over 1,024 MB (the default), in memory with 8,000.
+    for run in "10 10000000" "100 10000000" "4 100000000" \
+      "100 10000000 median" "100 10000000 median 8000" "100 10000000 krum" "100 10000000 krum 8000"; do
+      "$bench" $run
+    done ;;
   kernels)
     cargo build -q --release -p flame-workers --bench kernels
     bench=$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -n 1)

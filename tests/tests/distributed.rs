@@ -234,3 +234,91 @@ async fn torchscript_distributed(example: &str, rounds: i64, good: impl Fn(&Docu
     let module = flame_torchscript::Archive::read(std::fs::read(&exported).expect("exported")).expect("a TorchScript archive");
     assert_eq!(flame_workers::archive::state_of(&module).expect("state"), trained, "the module holds the trained weights");
 }
+
+/// The median through real processes, with the aggregator's updates on disk: a
+/// `flame-worker-aggregator` told to hold none of them in memory
+/// (`--updates-in-memory-mb 0`) writes each round's updates to its download
+/// folder, reads them back a block at a time, and ends the job at the model
+/// that the same job reaches with every update in memory (`flamectl run`,
+/// in-process workers); the folder holds no updates after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_median_with_the_aggregators_updates_on_disk_ends_where_it_does_in_memory() {
+    let (nats, mongo) = (nats_url(), mongo_uri());
+    let suffix = unique();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("job");
+    std::fs::create_dir(&job).expect("mkdir");
+    for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), job.join(entry.file_name())).expect("copy");
+    }
+    let spec_path = job.join("modelSpec.json");
+    let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(&spec_path).expect("read")).expect("json");
+    spec["optimizer"] = serde_json::json!({"sort": "median", "kwargs": {}});
+    spec["hyperparameters"]["rounds"] = serde_json::json!(3);
+    std::fs::write(&spec_path, spec.to_string()).expect("write");
+    let job_arg = job.to_str().expect("utf8").to_string();
+
+    let embedded = Command::new(bin("flamectl"))
+        .args(["run", &job_arg, "-o", "json", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .current_dir(root())
+        .output()
+        .expect("flamectl run");
+    assert!(embedded.status.success(), "{}", String::from_utf8_lossy(&embedded.stderr));
+    let embedded: Value = serde_json::from_slice(&embedded.stdout).expect("json");
+    assert_eq!(embedded["state"], "completed");
+
+    let mut procs = Processes::default();
+    let downloads = dir.path().join("downloads");
+    let log = dir.path().join("aggregator.log");
+    procs.spawn(
+        Command::new(bin("flame-worker-aggregator"))
+            .args(["--nats", &nats, "--id", &format!("agg-{suffix}"), "--roles", "aggregator", "--updates-in-memory-mb", "0"])
+            .arg("--download-dir")
+            .arg(&downloads)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log")),
+    );
+    for (i, realm) in ["default/site1", "default/site2", "default/site3"].iter().enumerate() {
+        procs.spawn(
+            Command::new(bin("flame-worker"))
+                .args(["--nats", &nats, "--id", &format!("t{i}-{suffix}"), "--roles", "trainer", "--realm", realm])
+                .arg("--data-root")
+                .arg(crate::util::examples())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null()),
+        );
+    }
+    let engine = procs.spawn(
+        Command::new(bin("flame-engine"))
+            .args(["run", "--mongo", &mongo, "--db", &format!("flame_e2e_{suffix}"), "--nats", &nats, "--job", &job_arg])
+            .current_dir(root())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped()),
+    );
+    let mut stdout = engine.stdout.take().expect("engine stdout");
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let exit = loop {
+        if let Some(status) = engine.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "flame-engine did not finish within 240 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut out).expect("read stdout");
+    assert!(exit.success(), "flame-engine exited with {exit}: {out}");
+    let distributed: Value = serde_json::from_str(out.trim()).expect("engine prints one JSON summary");
+    assert_eq!(distributed["state"], "completed");
+    assert_eq!(distributed["rounds_completed"], 3);
+
+    let log = std::fs::read_to_string(&log).expect("aggregator log");
+    assert_eq!(log.matches("they go to disk").count(), 3, "every round's updates went to disk: {log}");
+    let left: Vec<_> = std::fs::read_dir(&downloads)
+        .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with("updates-")).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "updates left on disk: {left:?}");
+    assert_eq!(distributed["final_model"], embedded["final_model"], "the same model as with every update in memory");
+}

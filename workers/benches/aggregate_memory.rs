@@ -1,10 +1,14 @@
-//! Peak memory of an aggregator's FedAvg, which folds each update in as it
-//! arrives: K updates of M float32 parameters are put in a blob folder, then
-//! one `aggregate` command runs through the worker's own code path. Prints
-//! the peak resident memory during the aggregation (VmHWM, reset before it)
-//! against the size of one update and of all K.
+//! Peak memory of an aggregator: K updates of M float32 parameters are put
+//! in a blob folder, then one `aggregate` command runs through the worker's
+//! own code path. Prints the peak resident memory during the aggregation
+//! (VmHWM, reset before it) against the size of one update and of all K.
 //!
-//! usage: cargo bench -p flame-workers --no-default-features --bench aggregate_memory -- K M
+//! RULE is `fedavg` (the default: each update folded in as it arrives),
+//! `median`, `trimmed` (beta 0.1) or `krum` (f = K/10, m = K/2): these need
+//! every update at once, and hold them in memory up to MB megabytes in all
+//! (default: the worker's default, 1,024), on disk above.
+//!
+//! usage: cargo bench -p flame-workers --no-default-features --bench aggregate_memory -- K M [RULE [MB]]
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,11 +43,17 @@ fn update(m: usize, seed: u64) -> Weights {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (k, m) = match args.as_slice() {
-        [k, m, ..] => (*k, *m),
-        _ => (100, 10_000_000),
+    let raw: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let k: usize = raw.first().and_then(|a| a.parse().ok()).unwrap_or(100);
+    let m: usize = raw.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000_000);
+    let (rule, optimizer) = match raw.get(2).map(String::as_str).unwrap_or("fedavg") {
+        "fedavg" => ("FedAvg", ServerOptimizer::FedAvg),
+        "median" => ("median", ServerOptimizer::Median),
+        "trimmed" => ("trimmed mean", ServerOptimizer::TrimmedMean { beta: 0.1 }),
+        "krum" => ("multi-Krum", ServerOptimizer::Krum { f: (k / 10) as u32, m: (k / 2).max(1) as u32 }),
+        other => panic!("RULE is fedavg, median, trimmed or krum, not {other}"),
     };
+    let budget_mb: u64 = raw.get(3).and_then(|a| a.parse().ok()).unwrap_or(flame_workers::spill::DEFAULT_IN_MEMORY >> 20);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
@@ -62,7 +72,15 @@ fn main() {
     let before = status("VmRSS:");
     let info =
         WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
-    let worker = Worker::new(info, Arc::new(InProcess::default()), blobs);
+    let worker =
+        Worker::new(info, Arc::new(InProcess::default()), blobs).with_updates_in_memory(budget_mb << 20, dir.path().join("updates"));
+    let held = match flame_workers::aggregate::needs(&optimizer) {
+        flame_workers::aggregate::Needs::Blocks if (m * 4 * k) as u64 > budget_mb << 20 => {
+            format!("; updates on disk (over {budget_mb} MB)")
+        }
+        flame_workers::aggregate::Needs::Blocks => format!("; updates in memory (within {budget_mb} MB)"),
+        _ => String::new(),
+    };
     let command = Command {
         v: protocol::VERSION,
         id: "agg".into(),
@@ -72,7 +90,7 @@ fn main() {
         traceparent: None,
         body: CommandBody::Aggregate {
             model: Model::Mlp { hidden: vec![] },
-            optimizer: ServerOptimizer::FedAvg,
+            optimizer,
             trainers: k as u32,
             optimizer_state: None,
             global_model: global,
@@ -87,7 +105,7 @@ fn main() {
     assert!(matches!(report.body, ReportBody::Aggregated { ref excluded, .. } if excluded.is_empty()), "{:?}", report.body);
     let peak = status("VmHWM:") as f64 / 1e3;
     println!(
-        "FedAvg of {k} updates x {m} params ({update_mb:.0} MB each, {:.0} MB in all): peak RSS {peak:.0} MB while aggregating ({:.1} updates' worth; {:.0} MB resident before), {seconds:.2} s",
+        "{rule} of {k} updates x {m} params ({update_mb:.0} MB each, {:.0} MB in all{held}): peak RSS {peak:.0} MB while aggregating ({:.1} updates' worth; {:.0} MB resident before), {seconds:.2} s",
         update_mb * k as f64,
         peak / update_mb,
         before as f64 / 1e3

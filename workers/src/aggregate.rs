@@ -42,14 +42,13 @@ pub fn combine(
     mut updates: Vec<(Weights, u64)>,
     state: Option<&Weights>,
 ) -> Result<(Weights, Option<Weights>), Error> {
-    let models = || updates.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>();
     match *optimizer {
         ServerOptimizer::FedAvg | ServerOptimizer::FedProx { .. } | ServerOptimizer::FedAvgM { .. } | ServerOptimizer::Adaptive { .. } => {
             averaged(optimizer, global, fedavg::fedavg_into_first(&mut updates)?, state)
         }
-        ServerOptimizer::Median => Ok((robust::median(&models())?, None)),
-        ServerOptimizer::TrimmedMean { beta } => Ok((robust::trimmed_mean(&models(), beta)?, None)),
-        ServerOptimizer::Krum { f, m } => Ok((robust::multi_krum(&models(), f as usize, m as usize)?.0, None)),
+        ServerOptimizer::Median | ServerOptimizer::TrimmedMean { .. } | ServerOptimizer::Krum { .. } => {
+            Ok((robust(optimizer, &robust::InMemory::new(updates.iter().map(|(w, _)| w))?)?, None))
+        }
         ServerOptimizer::FedBuff { .. } => Err(Error::Mismatch("fedbuff needs each update's base model; use aggregate::fedbuff".into())),
         ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => {
             Err(Error::Mismatch(format!("{} needs the clients' states; use aggregate::with_client_states", optimizer.name())))
@@ -57,18 +56,45 @@ pub fn combine(
     }
 }
 
-/// Whether the optimizer needs only the updates' sample-weighted mean, so
-/// that an aggregator can fold the updates one by one as they arrive
-/// ([`fedavg::Running`]) instead of holding them all.
-pub fn streams(optimizer: &ServerOptimizer) -> bool {
-    matches!(
-        optimizer,
-        ServerOptimizer::FedAvg | ServerOptimizer::FedProx { .. } | ServerOptimizer::FedAvgM { .. } | ServerOptimizer::Adaptive { .. }
-    )
+/// What a server optimizer needs of the round's updates, which says how an
+/// aggregator holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// Only their sample-weighted mean: each is folded in as it arrives
+    /// ([`fedavg::Running`]), in memory for the mean alone.
+    Mean,
+    /// Every update at once, read a block of coordinates at a time
+    /// ([`robust::Updates`]): they may wait on disk ([`crate::spill`]).
+    Blocks,
+    /// Every update in memory, with more beside them (each update's base
+    /// model, each trainer's state).
+    All,
+}
+
+/// What `optimizer` needs of the updates.
+pub fn needs(optimizer: &ServerOptimizer) -> Needs {
+    match optimizer {
+        ServerOptimizer::FedAvg | ServerOptimizer::FedProx { .. } | ServerOptimizer::FedAvgM { .. } | ServerOptimizer::Adaptive { .. } => {
+            Needs::Mean
+        }
+        ServerOptimizer::Median | ServerOptimizer::TrimmedMean { .. } | ServerOptimizer::Krum { .. } => Needs::Blocks,
+        ServerOptimizer::FedBuff { .. } | ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => Needs::All,
+    }
+}
+
+/// The next global model of a robust rule (the optimizers that need
+/// [`Needs::Blocks`]), from the updates wherever they are held.
+pub fn robust<U: robust::Updates + ?Sized>(optimizer: &ServerOptimizer, updates: &U) -> Result<Weights, Error> {
+    match *optimizer {
+        ServerOptimizer::Median => robust::median(updates),
+        ServerOptimizer::TrimmedMean { beta } => robust::trimmed_mean(updates, beta),
+        ServerOptimizer::Krum { f, m } => Ok(robust::multi_krum(updates, f as usize, m as usize)?.0),
+        _ => Err(Error::Mismatch(format!("{} is not a rule that reads the updates in blocks", optimizer.name()))),
+    }
 }
 
 /// The next global model (and optimizer state) from the updates' weighted
-/// mean, for the optimizers that need nothing else ([`streams`]).
+/// mean, for the optimizers that need nothing else ([`Needs::Mean`]).
 pub fn averaged(
     optimizer: &ServerOptimizer,
     global: &Weights,

@@ -108,7 +108,7 @@ impl Running {
 /// The cores this process may use, asked once: the standard library reads the
 /// cgroup's quota files on every call (0.1 ms; a round of a thousand small
 /// updates called it four thousand times).
-fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }

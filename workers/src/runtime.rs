@@ -15,6 +15,7 @@ use flame_events::algorithm::{ClientObjective, Privacy};
 use flame_events::protocol::{self, Command, CommandBody, Excluded, Report, ReportBody, WorkerInfo};
 use flame_transport::Transport;
 
+use crate::aggregate::Needs;
 use crate::blob::BlobStore;
 #[cfg(feature = "tch")]
 use crate::control;
@@ -22,6 +23,7 @@ use crate::model::ModelConfig;
 #[cfg(feature = "tch")]
 use crate::model::{Net, TrainSettings};
 use crate::roots::DataRoots;
+use crate::spill::Held;
 use crate::weights::{self, State, Weights};
 use crate::{aggregate, data};
 use flame_events::model::Model;
@@ -54,6 +56,9 @@ pub struct Worker {
     otlp: Option<flame_transport::otlp::Exporter>,
     /// The bound on commands at once this worker shares with the others of its process, if any.
     shared: Option<Arc<tokio::sync::Semaphore>>,
+    /// The bytes of updates an aggregator holds in memory for a rule that needs
+    /// them all at once, and the folder it writes them to above that.
+    in_memory: (u64, std::path::PathBuf),
 }
 
 impl Worker {
@@ -69,7 +74,17 @@ impl Worker {
             roots: DataRoots::anywhere(),
             otlp: None,
             shared: None,
+            in_memory: (crate::spill::DEFAULT_IN_MEMORY, std::env::temp_dir()),
         }
+    }
+
+    /// An aggregator whose rule needs every update at once (median, trimmed
+    /// mean, Krum) holds them in memory up to `bytes` in all, and above that
+    /// writes them to files in a new folder under `dir`, read back a block at
+    /// a time (removed once the aggregate is made).
+    pub fn with_updates_in_memory(mut self, bytes: u64, dir: std::path::PathBuf) -> Self {
+        self.in_memory = (bytes, dir);
+        self
     }
 
     /// Exports a span for each command it runs to this OTLP receiver, as a
@@ -560,10 +575,23 @@ impl Worker {
                 // FedAvg and the optimizers that need only the mean fold each update in as it
                 // arrives: memory for the mean, not for every update. An update left out changes
                 // every weight, so the fold then starts over with the usable ones.
-                let streaming = aggregate::streams(optimizer);
-                let mut running = match streaming {
-                    true => Some(crate::fedavg::Running::new(&updates.iter().map(|u| u.samples).collect::<Vec<_>>())?),
-                    false => None,
+                let needs = aggregate::needs(optimizer);
+                let mut running = match needs {
+                    Needs::Mean => Some(crate::fedavg::Running::new(&updates.iter().map(|u| u.samples).collect::<Vec<_>>())?),
+                    _ => None,
+                };
+                // The robust rules need every update at once, a block of each at a time: in
+                // memory while they fit the worker's budget, on disk above it.
+                let mut held = match needs {
+                    Needs::Blocks => {
+                        let (budget, dir) = &self.in_memory;
+                        let held = Held::new(&global_state.params, weights::state_bytes(&global_state), updates.len(), *budget, dir)?;
+                        if let Some(dir) = held.on_disk() {
+                            tracing::info!(worker = %self.info.id, updates = updates.len(), folder = %dir.display(), "{} needs every update at once: they go to disk (over --updates-in-memory-mb)", optimizer.name());
+                        }
+                        Some(held)
+                    }
+                    _ => None,
                 };
                 let mut usable: Vec<&protocol::UpdateRef> = Vec::new();
                 // Updates are read ahead, in order, as many at a time as fit in READ_AHEAD_BYTES:
@@ -613,10 +641,18 @@ impl Worker {
                             client_states.extend(s);
                             buffers.extend(rest.map(|r| (r, u.samples)));
                             bases.push((base, u.staleness));
-                            match running.as_mut() {
-                                Some(r) if excluded.is_empty() => r.add(&w)?,
-                                Some(_) => {}
-                                None => inputs.push((w, u.samples)),
+                            match (running.as_mut(), held.take()) {
+                                (Some(r), _) if excluded.is_empty() => r.add(&w)?,
+                                (Some(_), _) => {}
+                                // Writing to disk blocks: off the runtime's threads.
+                                (None, Some(mut h)) => {
+                                    held = Some(
+                                        tokio::task::spawn_blocking(move || h.push(w).map(|()| h))
+                                            .await?
+                                            .with_context(|| format!("holding update {} of task {}", u.digest, u.task_id))?,
+                                    );
+                                }
+                                (None, None) => inputs.push((w, u.samples)),
                             }
                             usable.push(u);
                         }
@@ -673,9 +709,10 @@ impl Worker {
                                 .collect::<anyhow::Result<Vec<_>>>()?;
                             (aggregate::fedbuff(eta, &global, &inputs, &bases)?, None)
                         }
-                        _ => match average {
-                            Some(average) => aggregate::averaged(&optimizer, &global, average, state.as_ref())?,
-                            None => aggregate::combine(&optimizer, &global, inputs, state.as_ref())?,
+                        _ => match (average, held) {
+                            (Some(average), _) => aggregate::averaged(&optimizer, &global, average, state.as_ref())?,
+                            (None, Some(held)) => (held.read(|u| aggregate::robust(&optimizer, u))?, None),
+                            (None, None) => aggregate::combine(&optimizer, &global, inputs, state.as_ref())?,
                         },
                     };
                     let next = State { params: next, buffers: merged_buffers, counters: merged_counters };
@@ -867,6 +904,58 @@ mod tests {
         let (streamed, _) = run(aggregate("momentum", momentum, refs.clone())).await;
         let (in_memory, _) = aggregate::combine(&momentum, &global, trained.clone(), None).expect("combine");
         assert!(same(&streamed, &in_memory), "FedAvgM steps from the same mean");
+    }
+
+    /// The robust rules (median, trimmed mean, Krum) through the aggregator:
+    /// with the updates over its memory budget they go to disk and are read
+    /// back a block at a time, and the aggregate is the in-memory one bit for
+    /// bit, with a bad update left out too; nothing stays on disk after.
+    #[tokio::test]
+    async fn robust_rules_over_updates_on_disk_equal_the_in_memory_ones_bit_for_bit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spill = tempfile::tempdir().expect("tempdir");
+        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let info =
+            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
+        let in_memory = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
+        let on_disk = in_memory.clone().with_updates_in_memory(0, spill.path().join("updates"));
+        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
+        let cfg = ModelConfig::new(&model).expect("cfg");
+        let global = cfg.init(64, 10, 1);
+        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        let trained: Vec<(Weights, u64)> = (0..7u64).map(|k| (cfg.init(64, 10, 200 + k), 5 + k)).collect();
+        let mut refs = Vec::new();
+        for (k, (w, n)) in trained.iter().enumerate() {
+            let d = blobs.put(weights::encode(w).expect("encode")).await.expect("put");
+            refs.push(protocol::UpdateRef::new(format!("t{k}"), &d, *n));
+        }
+        let mut nan = trained[0].0.clone();
+        nan.get_mut("fc1.weight").expect("weight").data[3] = f32::NAN;
+        let nan = blobs.put(weights::encode(&nan).expect("encode")).await.expect("put");
+        let mut with_bad = refs.clone();
+        with_bad.insert(3, protocol::UpdateRef::new("bad", &nan, 9));
+        for optimizer in [ServerOptimizer::Median, ServerOptimizer::TrimmedMean { beta: 0.15 }, ServerOptimizer::Krum { f: 1, m: 2 }] {
+            let expected = aggregate::combine(&optimizer, &global, trained.clone(), None).expect("combine").0;
+            for (name, updates) in [("all", refs.clone()), ("one bad", with_bad.clone())] {
+                for (held, worker) in [("memory", &in_memory), ("disk", &on_disk)] {
+                    // Ids of their own: a worker answers an id it ran before from its memory.
+                    let id = format!("{}-{name}-{held}", optimizer.name());
+                    let command = aggregate_command(&id, &model, optimizer, &global_digest, updates.clone());
+                    let ReportBody::Aggregated { digest, excluded, .. } = worker.execute(&command).await.body else {
+                        panic!("{} of {name}, {held}: not aggregated", optimizer.name())
+                    };
+                    assert_eq!(excluded.len(), usize::from(name == "one bad"));
+                    let got = weights::decode(&blobs.get(&digest).await.expect("get")).expect("decode");
+                    assert!(
+                        got.iter().all(|(k, t)| t.data.iter().zip(&expected[k].data).all(|(x, y)| x.to_bits() == y.to_bits())),
+                        "{} of {name}, held in {held}",
+                        optimizer.name()
+                    );
+                }
+            }
+        }
+        let left = std::fs::read_dir(spill.path().join("updates")).expect("the folder was made").count();
+        assert_eq!(left, 0, "the updates on disk go once the aggregate is made");
     }
 
     #[tokio::test]

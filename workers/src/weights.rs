@@ -80,6 +80,14 @@ pub enum Error {
     /// Two weight sets do not have the same tensors.
     #[error("weights do not match: {0}")]
     Mismatch(String),
+    /// Weights held on disk could not be written or read back.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, and where.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 pub use flame_transport::blob::digest;
