@@ -82,6 +82,23 @@ pub fn needs(optimizer: &ServerOptimizer) -> Needs {
     }
 }
 
+/// Whether the optimizer's step reads the global model's values (the others
+/// make the next model from the updates alone, and need only its layout).
+pub fn steps_from_global(optimizer: &ServerOptimizer) -> bool {
+    match optimizer {
+        ServerOptimizer::FedAvg
+        | ServerOptimizer::FedProx { .. }
+        | ServerOptimizer::Median
+        | ServerOptimizer::TrimmedMean { .. }
+        | ServerOptimizer::Krum { .. } => false,
+        ServerOptimizer::FedAvgM { .. }
+        | ServerOptimizer::Adaptive { .. }
+        | ServerOptimizer::FedBuff { .. }
+        | ServerOptimizer::Scaffold { .. }
+        | ServerOptimizer::FedDyn { .. } => true,
+    }
+}
+
 /// The next global model of a robust rule (the optimizers that need
 /// [`Needs::Blocks`]), from the updates wherever they are held.
 pub fn robust<U: robust::Updates + ?Sized>(optimizer: &ServerOptimizer, updates: &U) -> Result<Weights, Error> {

@@ -68,25 +68,7 @@ impl Running {
 
     /// Folds in the next update; it must have the first one's layout.
     pub fn add(&mut self, update: &Weights) -> Result<(), Error> {
-        let Some(&scale) = self.scales.get(self.added) else {
-            return Err(Error::Mismatch(format!("more updates than the {} announced", self.scales.len())));
-        };
-        if self.added == 0 {
-            self.acc = update.iter().map(|(k, t)| (k.clone(), (t.shape.clone(), vec![0.0f64; t.data.len()]))).collect();
-        } else {
-            for (name, t) in update {
-                match self.acc.get(name) {
-                    None => return Err(Error::Mismatch(format!("unexpected tensor '{name}'"))),
-                    Some((shape, _)) if *shape != t.shape => {
-                        return Err(Error::Mismatch(format!("tensor '{name}' has shape {:?}, expected {shape:?}", t.shape)));
-                    }
-                    Some(_) => {}
-                }
-            }
-            if let Some(missing) = self.acc.keys().find(|k| !update.contains_key(*k)) {
-                return Err(Error::Mismatch(format!("tensor '{missing}' is missing")));
-            }
-        }
+        let scale = self.next(update.iter().map(|(name, t)| (name, &t.shape)))?;
         for (name, (_, acc)) in &mut self.acc {
             if let Some(t) = update.get(name) {
                 accumulate(acc, &t.data, scale);
@@ -94,6 +76,45 @@ impl Running {
         }
         self.added += 1;
         Ok(())
+    }
+
+    /// Folds in the next update from its bytes, with no decoded copy of its
+    /// parameters: the same sums as [`Running::add`] of it decoded.
+    pub fn add_packed(&mut self, update: &crate::weights::Packed) -> Result<(), Error> {
+        let scale = self.next(update.layout())?;
+        for (name, (_, acc)) in &mut self.acc {
+            if let Some(bytes) = update.values(name) {
+                accumulate_le(acc, bytes, scale);
+            }
+        }
+        self.added += 1;
+        Ok(())
+    }
+
+    /// The next update's weight, once its layout is the first one's (the
+    /// first one's makes the accumulator).
+    fn next<'a>(&mut self, layout: impl Iterator<Item = (&'a String, &'a Vec<usize>)>) -> Result<f64, Error> {
+        let Some(&scale) = self.scales.get(self.added) else {
+            return Err(Error::Mismatch(format!("more updates than the {} announced", self.scales.len())));
+        };
+        let layout: Vec<(&String, &Vec<usize>)> = layout.collect();
+        if self.added == 0 {
+            self.acc = layout.iter().map(|(k, shape)| ((*k).clone(), ((*shape).clone(), vec![0.0f64; shape.iter().product()]))).collect();
+            return Ok(scale);
+        }
+        for (name, shape) in &layout {
+            match self.acc.get(*name) {
+                None => return Err(Error::Mismatch(format!("unexpected tensor '{name}'"))),
+                Some((expected, _)) if expected != *shape => {
+                    return Err(Error::Mismatch(format!("tensor '{name}' has shape {shape:?}, expected {expected:?}")));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(missing) = self.acc.keys().find(|k| !layout.iter().any(|(name, _)| name == k)) {
+            return Err(Error::Mismatch(format!("tensor '{missing}' is missing")));
+        }
+        Ok(scale)
     }
 
     /// The mean, once every announced update went in.
@@ -111,6 +132,24 @@ impl Running {
 pub(crate) fn cores() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
+}
+
+/// As [`accumulate`] from little-endian f32 bytes.
+fn accumulate_le(acc: &mut [f64], bytes: &[u8], scale: f64) {
+    let add = |acc: &mut [f64], bytes: &[u8]| {
+        acc.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(a, b)| *a += scale * f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+    };
+    let threads = if acc.len() < PARALLEL_FROM { 1 } else { cores() };
+    if threads <= 1 {
+        add(acc, bytes);
+        return;
+    }
+    let per = acc.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (a, b) in acc.chunks_mut(per).zip(bytes.chunks(per * 4)) {
+            scope.spawn(move || add(a, b));
+        }
+    });
 }
 
 /// `acc[i] += scale * v[i]`, on every core for large tensors.
@@ -270,17 +309,22 @@ mod tests {
                 .collect();
             let samples: Vec<u64> = updates.iter().map(|(_, n)| *n).collect();
             let mut running = Running::new(&samples).expect("running");
+            // And from the blobs' bytes, with no decoded copy.
+            let mut from_bytes = Running::new(&samples).expect("running");
             for (w, _) in &updates {
                 running.add(w).expect("same layout");
+                let packed = crate::weights::decode_packed(crate::weights::encode(w).expect("encode")).expect("packed");
+                from_bytes.add_packed(&packed).expect("same layout");
             }
-            let folded = running.finish().expect("all in");
             let reference = fedavg(&updates).expect("fedavg");
-            for name in ["w", "b"] {
-                assert_eq!(folded[name].shape, reference[name].shape);
-                assert!(
-                    folded[name].data.iter().zip(&reference[name].data).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{name}, length {len}"
-                );
+            for (how, folded) in [("decoded", running.finish().expect("all in")), ("from bytes", from_bytes.finish().expect("all in"))] {
+                for name in ["w", "b"] {
+                    assert_eq!(folded[name].shape, reference[name].shape);
+                    assert!(
+                        folded[name].data.iter().zip(&reference[name].data).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{name}, length {len}, {how}"
+                    );
+                }
             }
         }
         assert!(Running::new(&[]).is_err());

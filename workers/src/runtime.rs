@@ -374,6 +374,20 @@ impl Worker {
         weights::decode_state(&bytes).with_context(|| format!("reading model {digest}"))
     }
 
+    /// An update's parameters, decoded or left in its bytes (`packed`, for a
+    /// fold that reads them once), and the rest of its state.
+    async fn fetch_update(&self, digest: &str, packed: bool) -> anyhow::Result<(Params, State)> {
+        if !packed {
+            let mut state = self.fetch_state(digest).await?;
+            return Ok((Params::Decoded(std::mem::take(&mut state.params)), state));
+        }
+        let bytes = self.blobs.get(digest).await.with_context(|| format!("fetching model {digest}"))?;
+        crate::metrics::get().read(bytes.len());
+        let mut packed = weights::decode_packed(bytes).with_context(|| format!("reading model {digest}"))?;
+        let rest = std::mem::take(&mut packed.rest);
+        Ok((Params::Packed(packed), rest))
+    }
+
     async fn store_state(&self, s: &State) -> anyhow::Result<String> {
         let bytes = weights::encode_state(s)?;
         crate::metrics::get().wrote(bytes.len());
@@ -559,6 +573,12 @@ impl Worker {
                 let cfg = ModelConfig::new(model)?;
                 let archive = self.archive(model).await?;
                 let mut global_state = self.fetch_state(global_model).await?;
+                let model_bytes = weights::state_bytes(&global_state);
+                // A rule that does not step from the global model reads only its layout: its values
+                // are let go here, not held beside the aggregate being made.
+                if !aggregate::steps_from_global(optimizer) {
+                    global_state.params = layout_of(std::mem::take(&mut global_state.params));
+                }
                 // An unusable update (missing, bytes not matching the digest, not finite f32
                 // safetensors, other tensors than the global model's) is left out and named.
                 let mut inputs = Vec::with_capacity(updates.len());
@@ -585,7 +605,7 @@ impl Worker {
                 let mut held = match needs {
                     Needs::Blocks => {
                         let (budget, dir) = &self.in_memory;
-                        let held = Held::new(&global_state.params, weights::state_bytes(&global_state), updates.len(), *budget, dir)?;
+                        let held = Held::new(&global_state.params, model_bytes, updates.len(), *budget, dir)?;
                         if let Some(dir) = held.on_disk() {
                             tracing::info!(worker = %self.info.id, updates = updates.len(), folder = %dir.display(), "{} needs every update at once: they go to disk (over --updates-in-memory-mb)", optimizer.name());
                         }
@@ -596,18 +616,16 @@ impl Worker {
                 let mut usable: Vec<&protocol::UpdateRef> = Vec::new();
                 // Updates are read ahead, in order, as many at a time as fit in READ_AHEAD_BYTES:
                 // a thousand small updates cost a thousand round trips to the store otherwise.
-                let ahead = read_ahead(weights::state_bytes(&global_state));
+                let ahead = read_ahead(model_bytes);
                 // (The reads are made before the stream: a closure over borrowed updates in a
                 // stream is not `Send` for every lifetime, which the spawned command needs.)
-                let reads: Vec<_> = updates.iter().map(|u| async move { (u, self.fetch_state(&u.digest).await) }).collect();
+                // A fold reads each update's parameters once: it takes them from the blob's bytes.
+                let packed = needs == Needs::Mean;
+                let reads: Vec<_> = updates.iter().map(|u| async move { (u, self.fetch_update(&u.digest, packed).await) }).collect();
                 let mut fetched = futures::stream::iter(reads).buffered(ahead);
                 while let Some((u, update)) = fetched.next().await {
                     let base = u.base_model.clone().unwrap_or_else(|| global_model.clone());
-                    let checked = match update {
-                        Ok(s) => weights::check_same_state(&global_state, &s).map(|()| s).map_err(anyhow::Error::from),
-                        Err(e) => Err(e),
-                    };
-                    let checked = checked.map(|mut s| (std::mem::take(&mut s.params), s));
+                    let checked = update.and_then(|(w, rest)| Ok(w.check_same_state(&global_state, &rest).map(|()| (w, rest))?));
                     let (checked, rest) = match checked {
                         Ok((w, rest)) => (Ok(w), Some(rest)),
                         Err(e) => (Err(e), None),
@@ -642,17 +660,17 @@ impl Worker {
                             buffers.extend(rest.map(|r| (r, u.samples)));
                             bases.push((base, u.staleness));
                             match (running.as_mut(), held.take()) {
-                                (Some(r), _) if excluded.is_empty() => r.add(&w)?,
+                                (Some(r), _) if excluded.is_empty() => w.fold_into(r)?,
                                 (Some(_), _) => {}
                                 // Writing to disk blocks: off the runtime's threads.
                                 (None, Some(mut h)) => {
                                     held = Some(
-                                        tokio::task::spawn_blocking(move || h.push(w).map(|()| h))
+                                        tokio::task::spawn_blocking(move || h.push(w.into_weights()).map(|()| h))
                                             .await?
                                             .with_context(|| format!("holding update {} of task {}", u.digest, u.task_id))?,
                                     );
                                 }
-                                (None, None) => inputs.push((w, u.samples)),
+                                (None, None) => inputs.push((w.into_weights(), u.samples)),
                             }
                             usable.push(u);
                         }
@@ -671,7 +689,11 @@ impl Worker {
                     Some(_) => {
                         let mut r = crate::fedavg::Running::new(&usable.iter().map(|u| u.samples).collect::<Vec<_>>())?;
                         for u in &usable {
-                            r.add(&self.fetch_state(&u.digest).await.with_context(|| format!("update {} again", u.digest))?.params)?;
+                            self.fetch_update(&u.digest, true)
+                                .await
+                                .with_context(|| format!("update {} again", u.digest))?
+                                .0
+                                .fold_into(&mut r)?;
                         }
                         Some(r.finish()?)
                     }
@@ -733,6 +755,48 @@ impl Worker {
                 };
                 Ok(ReportBody::Aggregated { digest, metrics, optimizer_state, excluded })
             }
+        }
+    }
+}
+
+/// The same tensors with their shapes and no values: what checks of a
+/// layout read (for nothing else: every tensor is empty).
+fn layout_of(mut model: Weights) -> Weights {
+    for t in model.values_mut() {
+        t.data = Vec::new();
+    }
+    model
+}
+
+/// An update's parameters as an aggregator holds them until they go into the aggregate.
+enum Params {
+    /// Decoded.
+    Decoded(Weights),
+    /// Left in the blob's bytes (checked), for a fold.
+    Packed(weights::Packed),
+}
+
+impl Params {
+    /// Checks that the update (these parameters and `rest`) has the tensors and shapes of `reference`.
+    fn check_same_state(&self, reference: &State, rest: &State) -> Result<(), weights::Error> {
+        match self {
+            Self::Decoded(w) => weights::check_same_layout(&reference.params, w)?,
+            Self::Packed(p) => p.check_same_layout(&reference.params)?,
+        }
+        weights::check_same_state(&reference.with_params(Weights::new()), rest)
+    }
+
+    fn fold_into(&self, running: &mut crate::fedavg::Running) -> Result<(), weights::Error> {
+        match self {
+            Self::Decoded(w) => running.add(w),
+            Self::Packed(p) => running.add_packed(p),
+        }
+    }
+
+    fn into_weights(self) -> Weights {
+        match self {
+            Self::Decoded(w) => w,
+            Self::Packed(p) => p.params(),
         }
     }
 }

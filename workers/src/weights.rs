@@ -167,6 +167,87 @@ pub fn decode_state(bytes: &[u8]) -> Result<State, Error> {
     Ok(state)
 }
 
+/// A model's state checked as [`decode_state`] checks it (finite F32
+/// tensors, I64 counters) with its parameters left in the safetensors bytes:
+/// a fold that reads each parameter once needs no decoded copy of them.
+#[derive(Debug)]
+pub struct Packed {
+    bytes: Vec<u8>,
+    /// Each parameter's shape, and where its little-endian values are in `bytes`.
+    params: BTreeMap<String, (Vec<usize>, std::ops::Range<usize>)>,
+    /// The buffers and counters, decoded (the parameters are left empty).
+    pub rest: State,
+}
+
+impl Packed {
+    /// The parameters' names and shapes, in order.
+    pub fn layout(&self) -> impl Iterator<Item = (&String, &Vec<usize>)> {
+        self.params.iter().map(|(name, (shape, _))| (name, shape))
+    }
+
+    /// A parameter's values as little-endian f32 bytes.
+    pub fn values(&self, name: &str) -> Option<&[u8]> {
+        self.params.get(name).map(|(_, range)| &self.bytes[range.clone()])
+    }
+
+    /// Checks that its parameters are exactly the tensors of `reference`, with their shapes.
+    pub fn check_same_layout(&self, reference: &Weights) -> Result<(), Error> {
+        check_shapes(reference.iter().map(|(name, t)| (name, &t.shape)), self.layout())
+    }
+
+    /// Its parameters, decoded.
+    pub fn params(&self) -> Weights {
+        self.params
+            .iter()
+            .map(|(name, (shape, range))| {
+                let data = self.bytes[range.clone()].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                (name.clone(), Tensor { shape: shape.clone(), data })
+            })
+            .collect()
+    }
+}
+
+/// Checks a state's bytes as [`decode_state`] does, decoding its buffers and
+/// counters but leaving its parameters in the bytes.
+pub fn decode_packed(bytes: Vec<u8>) -> Result<Packed, Error> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Format(e.to_string()))?;
+    let buffers: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get(BUFFERS)) {
+        Some(list) => serde_json::from_str(list).map_err(|e| Error::Format(format!("metadata '{BUFFERS}': {e}")))?,
+        None => Vec::new(),
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format(e.to_string()))?;
+    let mut params = BTreeMap::new();
+    let mut rest = State::default();
+    for (name, view) in st.tensors() {
+        match view.dtype() {
+            Dtype::F32 if !buffers.contains(&name) => {
+                let data = view.data();
+                if data.chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()) {
+                    return Err(Error::NotFinite(name));
+                }
+                // Where the view's bytes are in the blob.
+                let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
+                params.insert(name, (view.shape().to_vec(), start..start + data.len()));
+            }
+            Dtype::F32 => {
+                let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                if data.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::NotFinite(name));
+                }
+                rest.buffers.insert(name, Tensor { shape: view.shape().to_vec(), data });
+            }
+            Dtype::I64 => {
+                let data =
+                    view.data().chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
+                rest.counters.insert(name, Counter { shape: view.shape().to_vec(), data });
+            }
+            other => return Err(Error::Dtype { name, dtype: format!("{other:?}") }),
+        }
+    }
+    drop(st);
+    Ok(Packed { bytes, params, rest })
+}
+
 /// Checks that `other` has exactly the tensors and shapes of `reference`,
 /// buffers and counters included.
 pub fn check_same_state(reference: &State, other: &State) -> Result<(), Error> {
@@ -226,11 +307,21 @@ pub fn decode(bytes: &[u8]) -> Result<Weights, Error> {
 
 /// Checks that `other` has exactly the tensors and shapes of `reference`.
 pub fn check_same_layout(reference: &Weights, other: &Weights) -> Result<(), Error> {
-    for (name, t) in reference {
+    check_shapes(reference.iter().map(|(name, t)| (name, &t.shape)), other.iter().map(|(name, t)| (name, &t.shape)))
+}
+
+/// Checks that `other` names exactly the tensors of `reference`, with their shapes.
+fn check_shapes<'a>(
+    reference: impl Iterator<Item = (&'a String, &'a Vec<usize>)>,
+    other: impl Iterator<Item = (&'a String, &'a Vec<usize>)>,
+) -> Result<(), Error> {
+    let reference: BTreeMap<&String, &Vec<usize>> = reference.collect();
+    let other: BTreeMap<&String, &Vec<usize>> = other.collect();
+    for (name, shape) in &reference {
         match other.get(name) {
             None => return Err(Error::Mismatch(format!("tensor '{name}' is missing"))),
-            Some(o) if o.shape != t.shape => {
-                return Err(Error::Mismatch(format!("tensor '{name}' has shape {:?}, expected {:?}", o.shape, t.shape)));
+            Some(o) if o != shape => {
+                return Err(Error::Mismatch(format!("tensor '{name}' has shape {o:?}, expected {shape:?}")));
             }
             Some(_) => {}
         }
@@ -335,6 +426,28 @@ mod tests {
         other.counters.clear();
         assert!(check_same_state(&state, &other).is_err());
         assert!(merge_buffers(&[(&state, 1), (&other, 1)]).is_err());
+    }
+
+    #[test]
+    fn a_packed_state_is_checked_as_a_decoded_one_and_holds_the_same_values() {
+        let mut state = State::params(sample());
+        state.buffers.insert("bn.running_var".into(), Tensor { shape: vec![2], data: vec![1.0, 2.0] });
+        state.counters.insert("bn.num_batches_tracked".into(), Counter { shape: vec![], data: vec![7] });
+        let packed = decode_packed(encode_state(&state).expect("encode")).expect("packed");
+        assert_eq!(packed.params(), state.params);
+        assert_eq!(packed.rest, state.with_params(Weights::new()), "buffers and counters decoded, apart");
+        assert_eq!(packed.values("fc1.bias").expect("bias"), [0.25f32.to_le_bytes(), (-0.5f32).to_le_bytes()].concat());
+        assert!(packed.check_same_layout(&sample()).is_ok());
+        let mut other = sample();
+        other.get_mut("fc1.weight").expect("weight").shape = vec![3, 2];
+        let err = packed.check_same_layout(&other).expect_err("shape differs");
+        assert_eq!(err.to_string(), check_same_layout(&other, &sample()).expect_err("shape differs").to_string());
+        let mut nan = state.clone();
+        nan.params.get_mut("fc1.weight").expect("weight").data[4] = f32::INFINITY;
+        assert!(matches!(decode_packed(encode_state(&nan).expect("encode")), Err(Error::NotFinite(n)) if n == "fc1.weight"));
+        nan.buffers.get_mut("bn.running_var").expect("buffer").data[0] = f32::NAN;
+        assert!(decode_packed(encode_state(&nan).expect("encode")).is_err());
+        assert!(matches!(decode_packed(b"not safetensors".to_vec()), Err(Error::Format(_))));
     }
 
     #[test]
