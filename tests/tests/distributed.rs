@@ -42,6 +42,24 @@ async fn stored_events(mongo: &str, db: &str, stream: &str) -> Vec<Document> {
     events
 }
 
+/// Waits for `flame-engine run` (its stdout piped) to end, at most 240 s, and
+/// returns the one JSON summary it prints, once it exited cleanly.
+async fn summary(engine: &mut std::process::Child) -> Value {
+    let mut stdout = engine.stdout.take().expect("engine stdout");
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let exit = loop {
+        if let Some(status) = engine.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "flame-engine did not finish within 240 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut out).expect("read stdout");
+    assert!(exit.success(), "flame-engine exited with {exit}: {out}");
+    serde_json::from_str(out.trim()).expect("engine prints one JSON summary")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_and_four_workers_complete_the_digits_job() {
     let (nats, mongo) = (nats_url(), mongo_uri());
@@ -78,21 +96,7 @@ async fn engine_and_four_workers_complete_the_digits_job() {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped()),
     );
-    let mut stdout = engine.stdout.take().expect("engine stdout");
-    let engine_exit = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(240);
-        loop {
-            if let Some(status) = engine.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(std::time::Instant::now() < deadline, "flame-engine did not finish within 240 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut out).expect("read stdout");
-    assert!(engine_exit.success(), "flame-engine exited with {engine_exit}: {out}");
-    let summary: Value = serde_json::from_str(out.trim()).expect("engine prints one JSON summary");
+    let summary = summary(engine).await;
     assert_eq!(summary["state"], "completed");
     assert_eq!(summary["rounds_completed"], 5);
     // Evaluated by the aggregator-only worker in plain Rust.
@@ -248,10 +252,7 @@ async fn the_median_with_the_aggregators_updates_on_disk_ends_where_it_does_in_m
     let dir = tempfile::tempdir().expect("tempdir");
     let job = dir.path().join("job");
     std::fs::create_dir(&job).expect("mkdir");
-    for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), job.join(entry.file_name())).expect("copy");
-    }
+    crate::util::copy_example(&job);
     let spec_path = job.join("modelSpec.json");
     let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(&spec_path).expect("read")).expect("json");
     spec["optimizer"] = serde_json::json!({"sort": "median", "kwargs": {}});
@@ -298,19 +299,7 @@ async fn the_median_with_the_aggregators_updates_on_disk_ends_where_it_does_in_m
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped()),
     );
-    let mut stdout = engine.stdout.take().expect("engine stdout");
-    let deadline = std::time::Instant::now() + Duration::from_secs(240);
-    let exit = loop {
-        if let Some(status) = engine.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "flame-engine did not finish within 240 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut out).expect("read stdout");
-    assert!(exit.success(), "flame-engine exited with {exit}: {out}");
-    let distributed: Value = serde_json::from_str(out.trim()).expect("engine prints one JSON summary");
+    let distributed = summary(engine).await;
     assert_eq!(distributed["state"], "completed");
     assert_eq!(distributed["rounds_completed"], 3);
 

@@ -518,19 +518,12 @@ fn coordinated_digits_pairs_trainers_with_middle_aggregators_each_round() {
     assert!(pairings.windows(2).any(|w| w[0] != w[1]), "the pairing changes between rounds");
 }
 
-fn copy_example(to: &std::path::Path) {
-    for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
-    }
-}
-
 #[test]
 fn bad_job_folders_get_clear_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let job = dir.path().join("job");
     std::fs::create_dir(&job).expect("mkdir");
-    copy_example(&job);
+    crate::util::copy_example(&job);
     let job_arg = job.to_str().expect("utf8");
     let data = dir.path().join("data");
     let data_arg = data.to_str().expect("utf8");
@@ -541,7 +534,7 @@ fn bad_job_folders_get_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("dataset2.json") && err.contains("file not found"), "{err}");
-    copy_example(&job);
+    crate::util::copy_example(&job);
 
     // Invalid JSON gets its line and column.
     std::fs::write(job.join("schema.json"), "{\n  \"name\": \"x\",\n  \"roles\": [,]\n}").expect("write");
@@ -549,7 +542,7 @@ fn bad_job_folders_get_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("schema.json:3:13"), "{err}");
-    copy_example(&job);
+    crate::util::copy_example(&job);
 
     // An unknown optimizer is refused with the JSON path and the known names.
     let spec = std::fs::read_to_string(job.join("modelSpec.json")).expect("read");
@@ -598,7 +591,7 @@ fn adaptive_and_robust_server_optimizers_run_end_to_end() {
         let dir = tempfile::tempdir().expect("tempdir");
         let job = dir.path().join("job");
         std::fs::create_dir(&job).expect("mkdir");
-        copy_example(&job);
+        crate::util::copy_example(&job);
         let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(job.join("modelSpec.json")).expect("read")).expect("json");
         spec["optimizer"] = serde_json::json!({"sort": optimizer, "kwargs": kwargs});
         std::fs::write(job.join("modelSpec.json"), spec.to_string()).expect("write");
@@ -646,7 +639,7 @@ fn a_random_selector_trains_k_trainers_a_round() {
     let dir = tempfile::tempdir().expect("tempdir");
     let job = dir.path().join("job");
     std::fs::create_dir(&job).expect("mkdir");
-    copy_example(&job);
+    crate::util::copy_example(&job);
     let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(job.join("modelSpec.json")).expect("read")).expect("json");
     spec["selector"] = serde_json::json!({"sort": "random", "kwargs": {"k": 2}});
     std::fs::write(job.join("modelSpec.json"), spec.to_string()).expect("write");
@@ -721,7 +714,7 @@ fn a_job_cannot_read_outside_the_workers_data_roots() {
     let (job, private) = (dir.path().join("job"), dir.path().join("private"));
     std::fs::create_dir_all(&job).expect("mkdir");
     std::fs::create_dir_all(&private).expect("mkdir");
-    copy_example(&job);
+    crate::util::copy_example(&job);
     let rows: String = (0..60).map(|i| format!("{},{},{},{}\n", i % 7, (i * 3) % 5, 424242, i % 2)).collect();
     std::fs::write(private.join("secret.csv"), &rows).expect("secret");
     for (n, url) in ["../private/secret.csv", "/etc/hostname"].iter().enumerate() {

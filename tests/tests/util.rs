@@ -35,6 +35,14 @@ pub fn examples() -> PathBuf {
     root().join("examples")
 }
 
+/// Copies the files of `examples/digits-two-tier` into the folder `to`.
+pub fn copy_example(to: &std::path::Path) {
+    for entry in std::fs::read_dir(root().join("examples/digits-two-tier")).expect("example") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
 /// A short unique suffix for names in shared servers.
 pub fn unique() -> String {
     uuid::Uuid::now_v7().simple().to_string()[20..].to_string()

@@ -136,33 +136,28 @@ pub(crate) fn cores() -> usize {
 
 /// As [`accumulate`] from little-endian f32 bytes.
 fn accumulate_le(acc: &mut [f64], bytes: &[u8], scale: f64) {
-    let add = |acc: &mut [f64], bytes: &[u8]| {
+    on_cores(acc, bytes, 4, |acc, bytes| {
         acc.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(a, b)| *a += scale * f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-    };
-    let threads = if acc.len() < PARALLEL_FROM { 1 } else { cores() };
-    if threads <= 1 {
-        add(acc, bytes);
-        return;
-    }
-    let per = acc.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (a, b) in acc.chunks_mut(per).zip(bytes.chunks(per * 4)) {
-            scope.spawn(move || add(a, b));
-        }
     });
 }
 
 /// `acc[i] += scale * v[i]`, on every core for large tensors.
 fn accumulate(acc: &mut [f64], values: &[f32], scale: f64) {
-    let add = |acc: &mut [f64], values: &[f32]| acc.iter_mut().zip(values).for_each(|(a, &v)| *a += scale * f64::from(v));
+    on_cores(acc, values, 1, |acc, values| acc.iter_mut().zip(values).for_each(|(a, &v)| *a += scale * f64::from(v)));
+}
+
+/// Runs `add` over parts of `acc` and the matching parts of `input`
+/// (`width` items of it per value of `acc`), on every core for large tensors.
+fn on_cores<T: Sync>(acc: &mut [f64], input: &[T], width: usize, add: impl Fn(&mut [f64], &[T]) + Sync) {
     let threads = if acc.len() < PARALLEL_FROM { 1 } else { cores() };
     if threads <= 1 {
-        add(acc, values);
+        add(acc, input);
         return;
     }
     let per = acc.len().div_ceil(threads);
     std::thread::scope(|scope| {
-        for (a, v) in acc.chunks_mut(per).zip(values.chunks(per)) {
+        for (a, v) in acc.chunks_mut(per).zip(input.chunks(per * width)) {
+            let add = &add;
             scope.spawn(move || add(a, v));
         }
     });
