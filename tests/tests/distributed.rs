@@ -42,6 +42,27 @@ async fn stored_events(mongo: &str, db: &str, stream: &str) -> Vec<Document> {
     events
 }
 
+/// A worker process of `program` reading datasets under the examples, logging warnings only.
+fn worker(program: std::path::PathBuf, nats: &str, id: &str, roles: &str, realm: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(["--nats", nats, "--id", id, "--roles", roles, "--realm", realm])
+        .arg("--data-root")
+        .arg(crate::util::examples())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// `flame-engine run` of one job folder against MongoDB database `db`, its summary on a pipe.
+fn engine_run(mongo: &str, db: &str, nats: &str, job: &str) -> Command {
+    let mut cmd = Command::new(bin("flame-engine"));
+    cmd.args(["run", "--mongo", mongo, "--db", db, "--nats", nats, "--job", job])
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped());
+    cmd
+}
+
 /// Waits for `flame-engine run` (its stdout piped) to end, at most 240 s, and
 /// returns the one JSON summary it prints, once it exited cleanly.
 async fn summary(engine: &mut std::process::Child) -> Value {
@@ -80,22 +101,9 @@ async fn engine_and_four_workers_complete_the_digits_job() {
         ("t2", "trainer", "default/site3"),
     ] {
         let program = if roles == "aggregator" { aggregator_only.clone() } else { bin("flame-worker") };
-        procs.spawn(
-            Command::new(program)
-                .args(["--nats", &nats, "--id", &format!("{id}-{suffix}"), "--roles", roles, "--realm", realm])
-                .arg("--data-root")
-                .arg(crate::util::examples())
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null()),
-        );
+        procs.spawn(&mut worker(program, &nats, &format!("{id}-{suffix}"), roles, realm));
     }
-    let engine = procs.spawn(
-        Command::new(bin("flame-engine"))
-            .args(["run", "--mongo", &mongo, "--db", &db, "--nats", &nats, "--job", "examples/digits-two-tier"])
-            .current_dir(root())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped()),
-    );
+    let engine = procs.spawn(&mut engine_run(&mongo, &db, &nats, "examples/digits-two-tier"));
     let summary = summary(engine).await;
     assert_eq!(summary["state"], "completed");
     assert_eq!(summary["rounds_completed"], 5);
@@ -283,22 +291,9 @@ async fn the_median_with_the_aggregators_updates_on_disk_ends_where_it_does_in_m
             .stderr(std::fs::File::create(&log).expect("log")),
     );
     for (i, realm) in ["default/site1", "default/site2", "default/site3"].iter().enumerate() {
-        procs.spawn(
-            Command::new(bin("flame-worker"))
-                .args(["--nats", &nats, "--id", &format!("t{i}-{suffix}"), "--roles", "trainer", "--realm", realm])
-                .arg("--data-root")
-                .arg(crate::util::examples())
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null()),
-        );
+        procs.spawn(&mut worker(bin("flame-worker"), &nats, &format!("t{i}-{suffix}"), "trainer", realm));
     }
-    let engine = procs.spawn(
-        Command::new(bin("flame-engine"))
-            .args(["run", "--mongo", &mongo, "--db", &format!("flame_e2e_{suffix}"), "--nats", &nats, "--job", &job_arg])
-            .current_dir(root())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped()),
-    );
+    let engine = procs.spawn(&mut engine_run(&mongo, &format!("flame_e2e_{suffix}"), &nats, &job_arg));
     let distributed = summary(engine).await;
     assert_eq!(distributed["state"], "completed");
     assert_eq!(distributed["rounds_completed"], 3);
