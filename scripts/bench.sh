@@ -88,5 +88,5 @@ r, p = statistics.median(runs["rust"]), statistics.median(runs["python"])
 print(f"worker (tch) {r:.0f} samples/s, PyTorch's Python loop {p:.0f} samples/s: ratio {r / p:.2f} (medians of {len(runs['rust'])} alternating runs)")
 PY
     ;;
-  *) echo "usage: $0 store|kill|rounds|flower|drift|kernels|torchscript|worker-rss|python|models|observe|aggregate-memory|clients" >&2; exit 2 ;;
+  *) echo "usage: $0 store|kill|rounds|flower|drift|kernels|torchscript|worker-rss|python|models|observe|aggregate-memory|broadcast|clients" >&2; exit 2 ;;
 esac
