@@ -300,9 +300,8 @@ async fn the_median_with_the_aggregators_updates_on_disk_ends_where_it_does_in_m
 
     let log = std::fs::read_to_string(&log).expect("aggregator log");
     assert_eq!(log.matches("they go to disk").count(), 3, "every round's updates went to disk: {log}");
-    let left: Vec<_> = std::fs::read_dir(&downloads)
-        .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with("updates-")).collect())
-        .unwrap_or_default();
+    let left: Vec<_> =
+        std::fs::read_dir(downloads.join("aggregator-updates")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "updates left on disk: {left:?}");
     assert_eq!(distributed["final_model"], embedded["final_model"], "the same model as with every update in memory");
 }

@@ -16,6 +16,10 @@ use crate::weights::{Error, Weights};
 /// otherwise (`flame-worker --updates-in-memory-mb`): 1 GiB.
 pub const DEFAULT_IN_MEMORY: u64 = 1 << 30;
 
+/// The folder, in a worker's download folder, that an aggregator's updates
+/// on disk go to (a folder of their own for each aggregation in it).
+pub const FOLDER: &str = "aggregator-updates";
+
 /// How the folders of updates on disk begin.
 const PREFIX: &str = "updates-";
 
@@ -112,6 +116,8 @@ impl Updates for Spilled {
 
 /// Removes the folders of updates under `parent` that a process killed while
 /// it aggregated left behind (best effort: what cannot be removed stays).
+/// Give it the folder made for them alone ([`FOLDER`]): it removes every
+/// folder in it whose name begins as theirs do.
 pub fn clear_stale(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for entry in entries.flatten() {

@@ -73,9 +73,10 @@ struct Args {
     no_resume: bool,
     /// An aggregator whose rule needs every update at once (median, trimmed
     /// mean, Krum) holds a round's updates in memory up to this many MB in
-    /// all; above that it writes them to the download folder (or
-    /// `flame-worker-<ID>` in the system's temporary folder) and reads them
-    /// back a block at a time, removing them once the aggregate is made.
+    /// all; above that it writes them to `aggregator-updates` in the
+    /// download folder (or in `flame-worker-<ID>` in the system's temporary
+    /// folder) and reads them back a block at a time, removing them once the
+    /// aggregate is made.
     /// FedAvg and the optimizers that need only the mean fold each update in
     /// as it arrives and never hold them all.
     #[arg(long, env = "FLAME_UPDATES_IN_MEMORY_MB", value_name = "MB", default_value_t = flame_workers::spill::DEFAULT_IN_MEMORY >> 20)]
@@ -121,8 +122,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
     let own_folder = args.download_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("flame-worker-{}", args.id)));
     let downloads = (!args.no_resume).then(|| own_folder.clone());
-    // Updates a killed aggregator left on disk are no use to the next.
-    flame_workers::spill::clear_stale(&own_folder);
+    // Updates go to a folder of their own in it; what a killed aggregator left there is no use to the next.
+    let updates_folder = own_folder.join(flame_workers::spill::FOLDER);
+    flame_workers::spill::clear_stale(&updates_folder);
     let blobs = match &downloads {
         None => blobs,
         Some(dir) => blobs.resuming_in(dir, None).with_context(|| format!("the download folder {} (--download-dir)", dir.display()))?,
@@ -141,12 +143,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let worker = worker
         .with_concurrency(args.concurrency)
         .with_data_roots(roots)
-        .with_updates_in_memory(args.updates_in_memory_mb.saturating_mul(1 << 20), own_folder.clone());
+        .with_updates_in_memory(args.updates_in_memory_mb.saturating_mul(1 << 20), updates_folder.clone());
     let served = match args.virtual_workers {
         None => worker.run(flame_transport::shutdown_signal()).await,
         Some(n) => flame_workers::fleet::run_virtual(&worker, n as usize, args.concurrency, flame_transport::shutdown_signal()).await,
     };
     // Stopped: the download folder goes if nothing is left in it (a part stays for the next start).
+    let _ = std::fs::remove_dir(updates_folder);
     let _ = std::fs::remove_dir(own_folder);
     served
 }
