@@ -74,7 +74,7 @@ impl Worker {
             roots: DataRoots::anywhere(),
             otlp: None,
             shared: None,
-            in_memory: (crate::spill::DEFAULT_IN_MEMORY, std::env::temp_dir()),
+            in_memory: (crate::spill::DEFAULT_IN_MEMORY, std::env::temp_dir().join(crate::spill::FOLDER)),
         }
     }
 
