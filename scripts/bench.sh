@@ -13,6 +13,7 @@
 #   scripts/bench.sh observe   what --mlflow and --otlp add to a 20-round job's wall time (scripts/bench_observe.sh)
 #   scripts/bench.sh aggregate-memory  peak RSS of an aggregator: FedAvg of 10 and 100 updates of 10M params and 4 of 100M; median and Krum of 100 x 10M, on disk and in memory
 #   scripts/bench.sh broadcast  a 1 GB model to 10 readers through the object store vs a loopback TCP copy: throughput, peak RSS (scripts/bench_broadcast.sh)
+#   scripts/bench.sh large-job  a job of a 1 GB model through engine, aggregator and trainers, each a process: peak RSS of each (scripts/bench_large_job.sh)
 #   scripts/bench.sh clients   ms per round at 10 to 10,000 clients (flame-worker --virtual, real NATS) and Flower's deployment engine at 10 and 20 (scripts/bench_clients.sh)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -41,6 +42,7 @@ case "${1:-store}" in
   observe) bash scripts/bench_observe.sh ;;
   clients) bash scripts/bench_clients.sh ;;
   broadcast) bash scripts/bench_broadcast.sh ;;
+  large-job) bash scripts/bench_large_job.sh ;;
   aggregate-memory)
     cargo build -q --release -p flame-workers --no-default-features --bench aggregate_memory
     bench=$(ls -t target/release/deps/aggregate_memory-* | grep -v '\.d$' | head -n 1)
@@ -88,5 +90,5 @@ r, p = statistics.median(runs["rust"]), statistics.median(runs["python"])
 print(f"worker (tch) {r:.0f} samples/s, PyTorch's Python loop {p:.0f} samples/s: ratio {r / p:.2f} (medians of {len(runs['rust'])} alternating runs)")
 PY
     ;;
-  *) echo "usage: $0 store|kill|rounds|flower|drift|kernels|torchscript|worker-rss|python|models|observe|aggregate-memory|broadcast|clients" >&2; exit 2 ;;
+  *) echo "usage: $0 store|kill|rounds|flower|drift|kernels|torchscript|worker-rss|python|models|observe|aggregate-memory|broadcast|large-job|clients" >&2; exit 2 ;;
 esac

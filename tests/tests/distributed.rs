@@ -255,9 +255,12 @@ async fn torchscript_distributed(example: &str, rounds: i64, good: impl Fn(&Docu
 /// in-process workers); the folder holds no updates after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_median_with_the_aggregators_updates_on_disk_ends_where_it_does_in_memory() {
-    let (nats, mongo) = (nats_url(), mongo_uri());
     let suffix = unique();
     let dir = tempfile::tempdir().expect("tempdir");
+    // A NATS server of its own: the shared one's aggregators (other tests') could take this job's aggregation.
+    let own = crate::util::Nats::start(crate::util::free_port(), &dir.path().join("js"));
+    crate::util::connect(&own.url).await;
+    let (nats, mongo) = (own.url.clone(), mongo_uri());
     let job = dir.path().join("job");
     std::fs::create_dir(&job).expect("mkdir");
     crate::util::copy_example(&job);

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# A job whose model is about 1 GB, through the whole distributed path: flame-engine
+# (SecantusDB and NATS from scripts/services.sh), an aggregator built without libtorch
+# and FLAME_BENCH_TRAINERS (default 2) trainers, each a process of its own. The model
+# is an MLP of 64 -> H -> H -> 10 on the digits (H = FLAME_BENCH_HIDDEN, default
+# 16384: 270M parameters, 1.08 GB as safetensors); one round of one epoch on a few
+# dozen digits per trainer (how fast a 1 GB MLP learns is not the point). Prints the
+# job's wall time, each process's peak RSS (VmHWM) against the model's size, and what
+# the download folders and the JetStream store hold at the end.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+if [ "${1:-}" != inner ]; then
+    bash scripts/setup-libtorch.sh
+    bash scripts/services.sh install
+    cargo build -q --release -p flame-workers --no-default-features --bin flame-worker
+    cp target/release/flame-worker target/release/flame-worker-aggregator
+    cargo build -q --release -p flame-workers --bin flame-worker
+    cargo build -q --release -p flame-engine --bin flame-engine
+    exec bash scripts/services.sh run bash "$0" inner
+fi
+
+trainers="${FLAME_BENCH_TRAINERS:-2}"
+hidden="${FLAME_BENCH_HIDDEN:-16384}"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+suffix=$(date +%s%N | tail -c 9)
+
+mkdir -p "$work/job"
+python3 - "$work/job" "$trainers" "$hidden" <<'PY'
+import json, os, sys
+out, n, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+src = "examples/digits-two-tier"
+for f in ("job.json", "schema.json"):
+    open(os.path.join(out, f), "w").write(open(os.path.join(src, f)).read())
+spec = json.load(open(os.path.join(src, "modelSpec.json")))
+spec["hyperparameters"].update({"rounds": 1, "epochs": 1, "hidden": [hidden, hidden], "learningRate": 0.01})
+json.dump(spec, open(os.path.join(out, "modelSpec.json"), "w"))
+refs = []
+for i in range(n):
+    ref = f"d{i}.json"
+    refs.append(ref)
+    json.dump({"name": ref, "url": f"builtin://digits?part={i}&of=50", "realm": "default"}, open(os.path.join(out, ref), "w"))
+json.dump([{"role": "trainer", "datasetGroups": {"default": refs}}], open(os.path.join(out, "dataSpec.json"), "w"))
+params = 64 * hidden + hidden + hidden * hidden + hidden + hidden * 10 + 10
+print(f"model: MLP 64 -> {hidden} -> {hidden} -> 10, {params / 1e6:.0f}M parameters, {params * 4 / 1e9:.2f} GB; {n} trainers, 1 round")
+PY
+model_mb=$(python3 -c "h=$hidden; print(f'{(64*h + h + h*h + h + h*10 + 10) * 4 / 1e6:.1f}')")
+
+start_worker() { # program id roles
+    "$1" --nats "$FLAME_TEST_NATS_URL" --id "$2-$suffix" --roles "$3" --download-dir "$work/dl-$2" \
+        --data-root "$work/job" > "$work/$2.log" 2>&1 &
+    pids+=($!)
+    eval "pid_$2=$!"
+}
+start_worker target/release/flame-worker-aggregator agg aggregator
+for i in $(seq 0 $((trainers - 1))); do start_worker target/release/flame-worker "t$i" trainer; done
+s=$(date +%s.%N)
+RUST_LOG=warn /usr/bin/time -f "%M" -o "$work/engine.rss" target/release/flame-engine run --mongo "$FLAME_TEST_MONGO_URI" \
+    --db "bench_large_$suffix" --nats "$FLAME_TEST_NATS_URL" --job "$work/job" > "$work/summary.json" 2> "$work/engine.err" \
+    || { echo "flame-engine failed:"; tail -20 "$work/engine.err"; tail -5 "$work"/*.log; exit 1; }
+wall=$(python3 -c "print(f'{$(date +%s.%N) - $s:.1f}')")
+python3 -c "import json; j = json.load(open('$work/summary.json')); print(f\"job {j['state']} in $wall s, {j['rounds_completed']} round(s), final model {j['final_model'][:16]}...\")"
+rss() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+row() { printf "%-34s %8s MB  %5.1f models\n" "$1" "$2" "$(python3 -c "print($2 / max($model_mb, 0.1))")"; }
+echo "peak RSS (model: $model_mb MB)"
+row "flame-engine" "$(( $(cat "$work/engine.rss") / 1024 ))"
+row "aggregator (no libtorch)" "$(rss "$pid_agg")"
+for i in $(seq 0 $((trainers - 1))); do v="pid_t$i"; row "trainer t$i" "$(rss "${!v}")"; done
+echo "left in the download folders: $(du -sh "$work"/dl-* 2>/dev/null | awk '{print $1}' | paste -sd' ')"
