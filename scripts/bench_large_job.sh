@@ -72,4 +72,7 @@ echo "peak RSS (model: $model_mb MB)"
 row "flame-engine" "$(( $(cat "$work/engine.rss") / 1024 ))"
 row "aggregator (no libtorch)" "$(rss "$pid_agg")"
 for i in $(seq 0 $((trainers - 1))); do v="pid_t$i"; row "trainer t$i" "$(rss "${!v}")"; done
+nats_port="${FLAME_TEST_NATS_URL##*:}"
+nats_pid=$(ss -ltnpH "sport = :$nats_port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
+[ -n "$nats_pid" ] && row "nats-server (JetStream on disk)" "$(rss "$nats_pid")"
 echo "left in the download folders: $(du -sh "$work"/dl-* 2>/dev/null | awk '{print $1}' | paste -sd' ')"
