@@ -38,23 +38,7 @@ for n in ${FLAME_BENCH_CLIENTS-10 20 100 1000 10000}; do
     mkdir -p "$dir/js" "$dir/job"
     # The digits job with N trainers on slices of the digits (at most 500
     # distinct slices: beyond that, clients share them, each slice >= 2 rows).
-    python3 - "$dir/job" "$n" "$rounds" <<'PY'
-import json, os, sys
-out, n, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-src = "examples/digits-two-tier"
-for f in ("job.json", "schema.json"):
-    open(os.path.join(out, f), "w").write(open(os.path.join(src, f)).read())
-spec = json.load(open(os.path.join(src, "modelSpec.json")))
-spec["hyperparameters"].update({"rounds": rounds, "epochs": 1})
-json.dump(spec, open(os.path.join(out, "modelSpec.json"), "w"))
-of = min(n, 500)
-refs = []
-for i in range(n):
-    ref = f"d{i}.json"
-    refs.append(ref)
-    json.dump({"name": ref, "url": f"builtin://digits?part={i % of}&of={of}", "realm": "default"}, open(os.path.join(out, ref), "w"))
-json.dump([{"role": "trainer", "datasetGroups": {"default": refs}}], open(os.path.join(out, "dataSpec.json"), "w"))
-PY
+    python3 scripts/digits_job.py "$dir/job" "$n" "$(( n < 500 ? n : 500 ))" "{\"rounds\": $rounds, \"epochs\": 1}"
     port=$(free_port)
     "$nats_bin" -a 127.0.0.1 -p "$port" -js -sd "$dir/js" > "$dir/nats.log" 2>&1 &
     pids+=($!)

@@ -32,25 +32,10 @@ trap cleanup EXIT
 suffix=$(date +%s%N | tail -c 9)
 
 mkdir -p "$work/job"
-python3 - "$work/job" "$trainers" "$hidden" <<'PY'
-import json, os, sys
-out, n, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-src = "examples/digits-two-tier"
-for f in ("job.json", "schema.json"):
-    open(os.path.join(out, f), "w").write(open(os.path.join(src, f)).read())
-spec = json.load(open(os.path.join(src, "modelSpec.json")))
-spec["hyperparameters"].update({"rounds": 1, "epochs": 1, "hidden": [hidden, hidden], "learningRate": 0.01})
-json.dump(spec, open(os.path.join(out, "modelSpec.json"), "w"))
-refs = []
-for i in range(n):
-    ref = f"d{i}.json"
-    refs.append(ref)
-    json.dump({"name": ref, "url": f"builtin://digits?part={i}&of=50", "realm": "default"}, open(os.path.join(out, ref), "w"))
-json.dump([{"role": "trainer", "datasetGroups": {"default": refs}}], open(os.path.join(out, "dataSpec.json"), "w"))
-params = 64 * hidden + hidden + hidden * hidden + hidden + hidden * 10 + 10
-print(f"model: MLP 64 -> {hidden} -> {hidden} -> 10, {params / 1e6:.0f}M parameters, {params * 4 / 1e9:.2f} GB; {n} trainers, 1 round")
-PY
+python3 scripts/digits_job.py "$work/job" "$trainers" 50 \
+    "{\"rounds\": 1, \"epochs\": 1, \"hidden\": [$hidden, $hidden], \"learningRate\": 0.01}"
 model_mb=$(python3 -c "h=$hidden; print(f'{(64*h + h + h*h + h + h*10 + 10) * 4 / 1e6:.1f}')")
+echo "model: MLP 64 -> $hidden -> $hidden -> 10, $model_mb MB; $trainers trainers, 1 round"
 
 start_worker() { # program id roles
     "$1" --nats "$FLAME_TEST_NATS_URL" --id "$2-$suffix" --roles "$3" --download-dir "$work/dl-$2" \

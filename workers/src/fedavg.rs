@@ -97,23 +97,11 @@ impl Running {
         let Some(&scale) = self.scales.get(self.added) else {
             return Err(Error::Mismatch(format!("more updates than the {} announced", self.scales.len())));
         };
-        let layout: Vec<(&String, &Vec<usize>)> = layout.collect();
         if self.added == 0 {
-            self.acc = layout.iter().map(|(k, shape)| ((*k).clone(), ((*shape).clone(), vec![0.0f64; shape.iter().product()]))).collect();
+            self.acc = layout.map(|(k, shape)| (k.clone(), (shape.clone(), vec![0.0f64; shape.iter().product()]))).collect();
             return Ok(scale);
         }
-        for (name, shape) in &layout {
-            match self.acc.get(*name) {
-                None => return Err(Error::Mismatch(format!("unexpected tensor '{name}'"))),
-                Some((expected, _)) if expected != *shape => {
-                    return Err(Error::Mismatch(format!("tensor '{name}' has shape {shape:?}, expected {expected:?}")));
-                }
-                Some(_) => {}
-            }
-        }
-        if let Some(missing) = self.acc.keys().find(|k| !layout.iter().any(|(name, _)| name == k)) {
-            return Err(Error::Mismatch(format!("tensor '{missing}' is missing")));
-        }
+        crate::weights::check_shapes(self.acc.iter().map(|(name, (shape, _))| (name, shape)), layout)?;
         Ok(scale)
     }
 
@@ -194,12 +182,18 @@ pub fn weighted_sum_in_place(out: &mut [f32], rest: &[&[f32]], scales: &[f64]) {
 /// thread when the sum (`out.len()` x `updates`) is small.
 fn split(out: &mut [f32], updates: usize, f: impl Fn(&mut [f32], usize) + Sync) {
     let small = out.len().saturating_mul(updates) < PARALLEL_FROM || out.len() < 2 * BLOCK;
-    let threads = if small { 1 } else { cores() };
-    if threads <= 1 {
+    on_parts(out, !small, BLOCK, f);
+}
+
+/// Runs `f(part, offset)` over parts of `out` (each a multiple of `align`
+/// long, but the last) on every core when `parallel`, else once over all of it.
+pub(crate) fn on_parts<T: Send>(out: &mut [T], parallel: bool, align: usize, f: impl Fn(&mut [T], usize) + Sync) {
+    let threads = if parallel { cores() } else { 1 };
+    if threads <= 1 || out.len() < 2 {
         f(out, 0);
         return;
     }
-    let per = out.len().div_ceil(threads).div_ceil(BLOCK) * BLOCK;
+    let per = out.len().div_ceil(threads).div_ceil(align) * align;
     std::thread::scope(|scope| {
         for (i, part) in out.chunks_mut(per).enumerate() {
             let f = &f;

@@ -90,22 +90,6 @@ fn load<U: Updates + ?Sized>(updates: &U, tensor: usize, start: usize, n: usize,
     Ok(())
 }
 
-/// Runs `f(first, part)` over parts of `out`, on every core when the block is large.
-fn split(out: &mut [f32], work: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let threads = if work < 1 << 20 { 1 } else { crate::fedavg::cores() };
-    if threads <= 1 || out.len() < 2 {
-        f(0, out);
-        return;
-    }
-    let per = out.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (i, part) in out.chunks_mut(per).enumerate() {
-            let f = &f;
-            scope.spawn(move || f(i * per, part));
-        }
-    });
-}
-
 fn per_coordinate<U: Updates + ?Sized>(updates: &U, block: usize, f: impl Fn(&[f32]) -> f32 + Sync) -> Result<Weights, Error> {
     let k = updates.count();
     if k == 0 {
@@ -119,7 +103,7 @@ fn per_coordinate<U: Updates + ?Sized>(updates: &U, block: usize, f: impl Fn(&[f
             let n = chunk.len();
             load(updates, t, b * block.max(1), n, &mut buf)?;
             let buf = &buf;
-            split(chunk, n * k, |first, part| {
+            crate::fedavg::on_parts(chunk, n * k >= 1 << 20, 1, |part, first| {
                 let mut column = Vec::with_capacity(k);
                 for (j, o) in part.iter_mut().enumerate() {
                     column.clear();

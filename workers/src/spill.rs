@@ -161,14 +161,6 @@ impl Held {
         }
     }
 
-    /// How many there are.
-    pub fn count(&self) -> usize {
-        match self {
-            Self::Memory(v) => v.len(),
-            Self::Disk(s) => s.count(),
-        }
-    }
-
     /// The folder they are in, if on disk.
     pub fn on_disk(&self) -> Option<PathBuf> {
         match self {

@@ -135,6 +135,18 @@ pub fn encode_state(state: &State) -> Result<Vec<u8>, Error> {
 /// Decodes a model's state ([`encode_state`]): finite F32 tensors (those the
 /// metadata lists are buffers) and I64 counters.
 pub fn decode_state(bytes: &[u8]) -> Result<State, Error> {
+    let mut params = Weights::new();
+    let mut state = read_state(bytes, |name, data, shape| {
+        params.insert(name, Tensor { shape, data: f32s(data) });
+    })?;
+    state.params = params;
+    Ok(state)
+}
+
+/// Reads a state's bytes, checking every float tensor is finite: decodes
+/// the buffers and counters, and gives each parameter (name, little-endian
+/// values, shape) to `param`.
+fn read_state(bytes: &[u8], mut param: impl FnMut(String, &[u8], Vec<usize>)) -> Result<State, Error> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Format(e.to_string()))?;
     let buffers: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get(BUFFERS)) {
         Some(list) => serde_json::from_str(list).map_err(|e| Error::Format(format!("metadata '{BUFFERS}': {e}")))?,
@@ -145,16 +157,15 @@ pub fn decode_state(bytes: &[u8]) -> Result<State, Error> {
     for (name, view) in st.tensors() {
         match view.dtype() {
             Dtype::F32 => {
-                let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                if data.iter().any(|v| !v.is_finite()) {
+                let data = view.data();
+                if data.chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()) {
                     return Err(Error::NotFinite(name));
                 }
-                let t = Tensor { shape: view.shape().to_vec(), data };
                 if buffers.contains(&name) {
-                    state.buffers.insert(name, t)
+                    state.buffers.insert(name, Tensor { shape: view.shape().to_vec(), data: f32s(data) });
                 } else {
-                    state.params.insert(name, t)
-                };
+                    param(name, data, view.shape().to_vec());
+                }
             }
             Dtype::I64 => {
                 let data =
@@ -165,6 +176,11 @@ pub fn decode_state(bytes: &[u8]) -> Result<State, Error> {
         }
     }
     Ok(state)
+}
+
+/// Little-endian f32 bytes as values.
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// A model's state checked as [`decode_state`] checks it (finite F32
@@ -199,10 +215,7 @@ impl Packed {
     pub fn params(&self) -> Weights {
         self.params
             .iter()
-            .map(|(name, (shape, range))| {
-                let data = self.bytes[range.clone()].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                (name.clone(), Tensor { shape: shape.clone(), data })
-            })
+            .map(|(name, (shape, range))| (name.clone(), Tensor { shape: shape.clone(), data: f32s(&self.bytes[range.clone()]) }))
             .collect()
     }
 }
@@ -210,41 +223,12 @@ impl Packed {
 /// Checks a state's bytes as [`decode_state`] does, decoding its buffers and
 /// counters but leaving its parameters in the bytes.
 pub fn decode_packed(bytes: Vec<u8>) -> Result<Packed, Error> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Format(e.to_string()))?;
-    let buffers: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get(BUFFERS)) {
-        Some(list) => serde_json::from_str(list).map_err(|e| Error::Format(format!("metadata '{BUFFERS}': {e}")))?,
-        None => Vec::new(),
-    };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format(e.to_string()))?;
     let mut params = BTreeMap::new();
-    let mut rest = State::default();
-    for (name, view) in st.tensors() {
-        match view.dtype() {
-            Dtype::F32 if !buffers.contains(&name) => {
-                let data = view.data();
-                if data.chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()) {
-                    return Err(Error::NotFinite(name));
-                }
-                // Where the view's bytes are in the blob.
-                let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
-                params.insert(name, (view.shape().to_vec(), start..start + data.len()));
-            }
-            Dtype::F32 => {
-                let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                if data.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::NotFinite(name));
-                }
-                rest.buffers.insert(name, Tensor { shape: view.shape().to_vec(), data });
-            }
-            Dtype::I64 => {
-                let data =
-                    view.data().chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
-                rest.counters.insert(name, Counter { shape: view.shape().to_vec(), data });
-            }
-            other => return Err(Error::Dtype { name, dtype: format!("{other:?}") }),
-        }
-    }
-    drop(st);
+    let rest = read_state(&bytes, |name, data, shape| {
+        // Where the view's bytes are in the blob.
+        let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
+        params.insert(name, (shape, start..start + data.len()));
+    })?;
     Ok(Packed { bytes, params, rest })
 }
 
@@ -311,12 +295,12 @@ pub fn check_same_layout(reference: &Weights, other: &Weights) -> Result<(), Err
 }
 
 /// Checks that `other` names exactly the tensors of `reference`, with their shapes.
-fn check_shapes<'a>(
+pub(crate) fn check_shapes<'a, 'b>(
     reference: impl Iterator<Item = (&'a String, &'a Vec<usize>)>,
-    other: impl Iterator<Item = (&'a String, &'a Vec<usize>)>,
+    other: impl Iterator<Item = (&'b String, &'b Vec<usize>)>,
 ) -> Result<(), Error> {
-    let reference: BTreeMap<&String, &Vec<usize>> = reference.collect();
-    let other: BTreeMap<&String, &Vec<usize>> = other.collect();
+    let reference: BTreeMap<&str, &Vec<usize>> = reference.map(|(k, v)| (k.as_str(), v)).collect();
+    let other: BTreeMap<&str, &Vec<usize>> = other.map(|(k, v)| (k.as_str(), v)).collect();
     for (name, shape) in &reference {
         match other.get(name) {
             None => return Err(Error::Mismatch(format!("tensor '{name}' is missing"))),
