@@ -51,10 +51,11 @@ RUST_LOG=warn /usr/bin/time -f "%M" -o "$work/engine.rss" target/release/flame-e
     || { echo "flame-engine failed:"; tail -20 "$work/engine.err"; tail -5 "$work"/*.log; exit 1; }
 wall=$(python3 -c "print(f'{$(date +%s.%N) - $s:.1f}')")
 python3 -c "import json; j = json.load(open('$work/summary.json')); print(f\"job {j['state']} in $wall s, {j['rounds_completed']} round(s), final model {j['final_model'][:16]}...\")"
-rss() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+# MB of 10^6 bytes, as the model's size (VmHWM and time's %M are in KiB).
+rss() { awk '/VmHWM/ { printf "%.0f", $2 * 1024 / 1e6 }' "/proc/$1/status"; }
 row() { printf "%-34s %8s MB  %5.1f models\n" "$1" "$2" "$(python3 -c "print($2 / max($model_mb, 0.1))")"; }
 echo "peak RSS (model: $model_mb MB)"
-row "flame-engine" "$(( $(cat "$work/engine.rss") / 1024 ))"
+row "flame-engine" "$(( $(cat "$work/engine.rss") * 1024 / 1000000 ))"
 row "aggregator (no libtorch)" "$(rss "$pid_agg")"
 for i in $(seq 0 $((trainers - 1))); do v="pid_t$i"; row "trainer t$i" "$(rss "${!v}")"; done
 nats_port="${FLAME_TEST_NATS_URL##*:}"

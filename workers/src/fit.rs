@@ -175,5 +175,8 @@ pub(crate) fn fit(
         }
         last_loss = sum / seen as f64;
     }
+    // libtorch sets the gradients to none (it frees them): what follows
+    // training holds the weights without a second model's worth beside them.
+    opt.zero_grad();
     Ok(Metrics::from([("loss".to_string(), last_loss)]))
 }

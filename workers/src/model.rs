@@ -282,6 +282,15 @@ pub struct Net {
     layers: Vec<nn::Linear>,
 }
 
+/// A libtorch tensor holding a copy of `t`'s values, in its shape.
+#[cfg(feature = "tch")]
+fn tensor_of(name: &str, t: &Tensor) -> Result<TchTensor, Error> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    TchTensor::from_slice(&t.data)
+        .f_view(shape.as_slice())
+        .map_err(|e| Error::Weights(format!("tensor '{name}' has {} values, not its shape {:?}'s: {e}", t.data.len(), t.shape)))
+}
+
 #[cfg(feature = "tch")]
 fn to_tensors(split: &Split) -> (TchTensor, TchTensor) {
     let x = TchTensor::from_slice(&split.x).view([split.len() as i64, split.features as i64]);
@@ -307,11 +316,20 @@ impl Net {
             let Some(w) = weights.get(&format!("fc{i}.weight")) else {
                 break;
             };
-            let [fan_out, fan_in] = w.shape[..] else {
+            let [fan_out, _] = w.shape[..] else {
                 return Err(Error::Weights(format!("fc{i}.weight has shape {:?}; expected [out, in]", w.shape)));
             };
-            let config = nn::LinearConfig { ws_init: zero, bs_init: Some(zero), bias: true };
-            layers.push(nn::linear(vs.root() / format!("fc{i}"), fan_in as i64, fan_out as i64, config));
+            let name = format!("fc{i}.bias");
+            let b = weights.get(&name).ok_or_else(|| Error::Weights(format!("tensor '{name}' is missing")))?;
+            if b.shape != [fan_out] {
+                return Err(Error::Weights(format!("tensor '{name}' has shape {:?}, the model needs [{fan_out}]", b.shape)));
+            }
+            // The linear layers (where a large model's size is) are made from the weights
+            // themselves: made at zero and then copied into, they would need the model a third time.
+            let path = vs.root() / format!("fc{i}");
+            let (ws, bs) =
+                (path.add("weight", tensor_of(&format!("fc{i}.weight"), w)?, true), path.add("bias", tensor_of(&name, b)?, true));
+            layers.push(nn::Linear { ws, bs: Some(bs) });
         }
         if layers.is_empty() || (cfg.model == Model::Logreg && layers.len() != 1) {
             return Err(Error::Weights(format!("{} layer(s) found for model '{}'", layers.len(), cfg.model.name())));
@@ -334,19 +352,20 @@ impl Net {
         Ok(net)
     }
 
+    /// Copies the weights into the convolutions (the linear layers were made from them).
     fn load(&mut self, weights: &Weights) -> Result<(), Error> {
         let vars = self.vs.variables();
         if vars.len() != weights.len() {
             return Err(Error::Weights(format!("model has {} tensors, weights have {}", vars.len(), weights.len())));
         }
         tch::no_grad(|| {
-            for (name, mut var) in vars {
+            for (name, mut var) in vars.into_iter().filter(|(name, _)| name.starts_with("conv")) {
                 let w = weights.get(&name).ok_or_else(|| Error::Weights(format!("tensor '{name}' is missing")))?;
                 let shape: Vec<i64> = w.shape.iter().map(|&d| d as i64).collect();
                 if var.size() != shape {
                     return Err(Error::Weights(format!("tensor '{name}' has shape {:?}, the model needs {:?}", w.shape, var.size())));
                 }
-                var.copy_(&TchTensor::from_slice(&w.data).view(shape.as_slice()));
+                var.copy_(&tensor_of(&name, w)?);
             }
             Ok(())
         })
@@ -484,6 +503,9 @@ mod tests {
         let mut b = Net::new(&cfg, &init).expect("net");
         b.train(&d.train, &settings, 1).expect("train");
         assert_eq!(a.weights().expect("w"), b.weights().expect("w"));
+        // The gradients are freed when training ends, so reading the weights out holds two models, not three.
+        let vars = a.vs.variables();
+        assert!(vars.values().all(|v| v.requires_grad() && !v.grad().defined()), "gradients left after training");
         let after = a.evaluate(&d.test)["accuracy"];
         assert!(after > 0.8 && after > before + 0.5, "accuracy {before} -> {after}");
     }

@@ -478,47 +478,52 @@ impl Worker {
                     None => None,
                 };
                 let (url, seed) = (self.dataset(dataset)?, *seed);
-                let global = global_state.params.clone();
-                let global_for_dp = global.clone();
                 let model = model.clone();
-                let (trained, samples, metrics, state) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                // The global model is held through training only where something after it needs
+                // it (SCAFFOLD's and FedDyn's client steps, differential privacy): the worker
+                // holds a large model about twice (the net's weights and their gradients).
+                let keeps_global =
+                    training.privacy.is_some() || !matches!(objective, ClientObjective::Plain | ClientObjective::Proximal { .. });
+                let (trained, samples, metrics, state, global) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let d = data::load(&url)?;
                     let local_buffers = matches!(model, Model::TorchScript { local_buffers: true, .. });
-                    let mut net: Box<dyn crate::model::Trainer> = match archive {
+                    let (mut net, global): (Box<dyn crate::model::Trainer>, _) = match archive {
                         Some(archive) => {
-                            let start = own_buffers(&model, global_state.clone(), client.as_ref())?;
-                            Box::new(crate::script::ScriptNet::new(archive, &start, model.input_shape(), settings.loss)?)
+                            let global = keeps_global.then(|| global_state.params.clone());
+                            let start = own_buffers(&model, global_state, client.as_ref())?;
+                            (Box::new(crate::script::ScriptNet::new(archive, &start, model.input_shape(), settings.loss)?), global)
                         }
-                        None => crate::model::trainer(&cfg, &global)?,
+                        None => (crate::model::trainer(&cfg, &global_state.params)?, keeps_global.then_some(global_state.params)),
                     };
-                    let (correction, before) = match objective {
-                        ClientObjective::Scaffold => {
-                            let (c, ci) = (control::part(server.as_ref(), "c", &global)?, control::part(client.as_ref(), "c", &global)?);
+                    let (correction, before) = match (objective, &global) {
+                        (ClientObjective::Scaffold, Some(global)) => {
+                            let (c, ci) = (control::part(server.as_ref(), "c", global)?, control::part(client.as_ref(), "c", global)?);
                             (Some(control::combine(&[(1.0, &c), (-1.0, &ci)])?), Some((c, ci)))
                         }
-                        ClientObjective::FedDyn { .. } => {
-                            let g = control::part(client.as_ref(), "g", &global)?;
+                        (ClientObjective::FedDyn { .. }, Some(global)) => {
+                            let g = control::part(client.as_ref(), "g", global)?;
                             (Some(control::combine(&[(-1.0, &g)])?), Some((g.clone(), g)))
                         }
-                        ClientObjective::Plain | ClientObjective::Proximal { .. } => (None, None),
+                        _ => (None, None),
                     };
                     let started = std::time::Instant::now();
                     let mut metrics = net.train(&d.train, &settings, seed, correction.as_ref())?;
+                    drop(correction);
                     // Oort weighs trainers by speed as well as usefulness.
                     metrics.insert("train_seconds".into(), started.elapsed().as_secs_f64());
                     if let Some(acc) = net.evaluate(&d.train).get("accuracy") {
                         metrics.insert("train_accuracy".into(), *acc);
                     }
                     let trained = net.state()?;
-                    let mut parts: Vec<(&str, Weights)> = match (objective, before) {
-                        (ClientObjective::Scaffold, Some((c, ci))) => {
+                    drop(net);
+                    let mut parts: Vec<(&str, Weights)> = match (objective, before, &global) {
+                        (ClientObjective::Scaffold, Some((c, ci)), Some(global)) => {
                             let steps = Net::steps(d.train.len(), &settings);
-                            let (next, change) =
-                                control::scaffold_client(&ci, &c, &global, &trained.params, steps, settings.learning_rate)?;
+                            let (next, change) = control::scaffold_client(&ci, &c, global, &trained.params, steps, settings.learning_rate)?;
                             vec![("c", next), ("dc", change)]
                         }
-                        (ClientObjective::FedDyn { alpha }, Some((g, _))) => {
-                            vec![("g", control::feddyn_client(&g, &global, &trained.params, alpha)?)]
+                        (ClientObjective::FedDyn { alpha }, Some((g, _)), Some(global)) => {
+                            vec![("g", control::feddyn_client(&g, global, &trained.params, alpha)?)]
                         }
                         _ => Vec::new(),
                     };
@@ -526,12 +531,21 @@ impl Worker {
                         parts.push(("buffers", trained.buffers.clone()));
                     }
                     let state = (!parts.is_empty()).then(|| control::pack(&parts.iter().map(|(p, w)| (*p, w)).collect::<Vec<_>>()));
-                    Ok((trained, d.train.len() as u64, metrics, state))
+                    Ok((trained, d.train.len() as u64, metrics, state, global))
                 })
                 .await??;
                 // Differential privacy clips and noises the parameters' update; buffers are statistics and travel as they are.
-                let (params, metrics) = privatize(training.privacy, &global_for_dp, trained.params.clone(), metrics, seed)?;
-                let digest = self.store_state(&trained.with_params(params)).await?;
+                let mut trained = trained;
+                let metrics = match (training.privacy, global) {
+                    (Some(privacy), Some(global)) => {
+                        let (params, metrics) = privatize(privacy, &global, std::mem::take(&mut trained.params), metrics, seed)?;
+                        trained.params = params;
+                        metrics
+                    }
+                    _ => metrics,
+                };
+                let digest = self.store_state(&trained).await?;
+                drop(trained);
                 let state = match state {
                     Some(s) => Some(self.store(&s).await?),
                     None => None,
@@ -858,17 +872,14 @@ fn evaluate_script(
 /// done is reported in the metrics (`dp_update_norm`, `dp_clip_scale`, `dp_noise_std`).
 #[cfg(feature = "tch")]
 fn privatize(
-    privacy: Option<Privacy>,
+    Privacy { clip_threshold, noise_factor }: Privacy,
     global: &Weights,
     trained: Weights,
     mut metrics: flame_events::job::Metrics,
     seed: u64,
 ) -> anyhow::Result<(Weights, flame_events::job::Metrics)> {
-    let Some(Privacy { clip_threshold, noise_factor }) = privacy else {
-        return Ok((trained, metrics));
-    };
     // The noise seed differs from the shuffling seed but is as reproducible.
-    let (private, applied) = crate::privacy::privatize(global, &trained, clip_threshold, noise_factor, seed ^ 0x5eed_d1ff_e4e7_1a11)?;
+    let (private, applied) = crate::privacy::privatize(global, trained, clip_threshold, noise_factor, seed ^ 0x5eed_d1ff_e4e7_1a11)?;
     metrics.insert("dp_update_norm".into(), applied.norm_before);
     metrics.insert("dp_clip_scale".into(), applied.scale);
     metrics.insert("dp_noise_std".into(), applied.sigma);

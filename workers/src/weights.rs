@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 
 /// One named tensor: shape and row-major f32 data.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,16 +92,74 @@ pub enum Error {
 
 pub use flame_transport::blob::digest;
 
+/// A tensor's values as the safetensors writer takes them: where memory is
+/// little-endian (the format's order) it reads them where they are, so that
+/// encoding a model holds it twice (values and bytes), not three times.
+struct Values<'a> {
+    shape: &'a [usize],
+    data: Data<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    F32(&'a [f32]),
+    I64(&'a [i64]),
+}
+
+impl<'a> Values<'a> {
+    /// Checks that the shape holds the values.
+    fn new(name: &str, shape: &'a [usize], data: Data<'a>) -> Result<Self, Error> {
+        let values = match data {
+            Data::F32(v) => v.len(),
+            Data::I64(v) => v.len(),
+        };
+        let holds: usize = shape.iter().product();
+        if holds != values {
+            return Err(Error::Format(format!("tensor '{name}' has {values} values; its shape {shape:?} holds {holds}")));
+        }
+        Ok(Self { shape, data })
+    }
+}
+
+impl safetensors::View for Values<'_> {
+    fn dtype(&self) -> Dtype {
+        match self.data {
+            Data::F32(_) => Dtype::F32,
+            Data::I64(_) => Dtype::I64,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if cfg!(target_endian = "little") {
+            return std::borrow::Cow::Borrowed(match self.data {
+                Data::F32(v) => bytemuck::cast_slice(v),
+                Data::I64(v) => bytemuck::cast_slice(v),
+            });
+        }
+        std::borrow::Cow::Owned(match self.data {
+            Data::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+    }
+
+    fn data_len(&self) -> usize {
+        match self.data {
+            Data::F32(v) => v.len() * 4,
+            Data::I64(v) => v.len() * 8,
+        }
+    }
+}
+
 /// Encodes weights as safetensors bytes (deterministic for equal weights).
 pub fn encode(weights: &Weights) -> Result<Vec<u8>, Error> {
-    let bytes: Vec<(String, Vec<u8>)> =
-        weights.iter().map(|(name, t)| (name.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
     let views = weights
         .iter()
-        .zip(&bytes)
-        .map(|((name, t), (_, b))| TensorView::new(Dtype::F32, t.shape.clone(), b).map(|v| (name.clone(), v)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Format(e.to_string()))?;
+        .map(|(name, t)| Values::new(name, &t.shape, Data::F32(&t.data)).map(|v| (name, v)))
+        .collect::<Result<Vec<_>, _>>()?;
     safetensors::serialize(views, None).map_err(|e| Error::Format(e.to_string()))
 }
 
@@ -115,18 +173,12 @@ pub fn encode_state(state: &State) -> Result<Vec<u8>, Error> {
     if let Some(twice) = state.buffers.keys().chain(state.counters.keys()).find(|k| state.params.contains_key(*k)) {
         return Err(Error::Mismatch(format!("'{twice}' is both a parameter and a buffer")));
     }
-    let floats: Vec<(&String, &Tensor)> = state.params.iter().chain(&state.buffers).collect();
-    let bytes: Vec<(Dtype, Vec<usize>, Vec<u8>)> = floats
-        .iter()
-        .map(|(_, t)| (Dtype::F32, t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .chain(state.counters.values().map(|c| (Dtype::I64, c.shape.clone(), c.data.iter().flat_map(|v| v.to_le_bytes()).collect())))
-        .collect();
-    let names = floats.iter().map(|(n, _)| (*n).clone()).chain(state.counters.keys().cloned());
-    let views = names
-        .zip(&bytes)
-        .map(|(name, (dtype, shape, b))| TensorView::new(*dtype, shape.clone(), b).map(|v| (name, v)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Format(e.to_string()))?;
+    let floats = state.params.iter().chain(&state.buffers).map(|(name, t)| (name, &t.shape, Data::F32(&t.data)));
+    let counters = state.counters.iter().map(|(name, c)| (name, &c.shape, Data::I64(&c.data)));
+    let views = floats
+        .chain(counters)
+        .map(|(name, shape, data)| Values::new(name, shape, data).map(|v| (name, v)))
+        .collect::<Result<Vec<_>, _>>()?;
     let listed: Vec<&String> = state.buffers.keys().collect();
     let meta = std::collections::HashMap::from([(BUFFERS.to_string(), serde_json::to_string(&listed).unwrap_or_default())]);
     safetensors::serialize(views, Some(meta)).map_err(|e| Error::Format(e.to_string()))
@@ -380,6 +432,33 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(digest(&a), digest(&b));
         assert_eq!(decode(&a).expect("decode"), w);
+    }
+
+    /// What safetensors' own views write: each tensor's values copied to little-endian bytes first.
+    fn copied(state: &State, meta: Option<std::collections::HashMap<String, String>>) -> Vec<u8> {
+        use safetensors::tensor::TensorView;
+        let floats = state
+            .params
+            .iter()
+            .chain(&state.buffers)
+            .map(|(n, t)| (n, Dtype::F32, &t.shape, t.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()));
+        let counters = state.counters.iter().map(|(n, c)| (n, Dtype::I64, &c.shape, c.data.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        let owned: Vec<_> = floats.chain(counters).collect();
+        let views = owned.iter().map(|(n, d, shape, b)| (*n, TensorView::new(*d, shape.to_vec(), b).expect("view")));
+        safetensors::serialize(views, meta).expect("serialize")
+    }
+
+    #[test]
+    fn encoding_in_place_writes_the_bytes_of_copied_values_and_checks_shapes() {
+        let mut state = State::params(sample());
+        assert_eq!(encode_state(&state).expect("encode"), copied(&state, None));
+        state.buffers.insert("bn.running_mean".into(), Tensor { shape: vec![3], data: vec![0.5, -1.0, 2.0] });
+        state.counters.insert("bn.num_batches_tracked".into(), Counter { shape: vec![], data: vec![-7] });
+        let listed = r#"["bn.running_mean"]"#.to_string();
+        assert_eq!(encode_state(&state).expect("encode"), copied(&state, Some([(BUFFERS.to_string(), listed)].into())));
+        state.params.get_mut("fc1.bias").expect("bias").shape = vec![3];
+        let refused = encode_state(&state).expect_err("a shape that does not hold the values");
+        assert!(refused.to_string().contains("'fc1.bias' has 2 values; its shape [3] holds 3"), "{refused}");
     }
 
     #[test]
