@@ -217,3 +217,42 @@ async fn a_trainer_killed_mid_download_goes_on_from_where_it_stopped() {
     assert!(log.contains(&said), "the restarted trainer went on from its mark ({said}): {log}");
     assert!(!downloads.join(format!("{d}.part")).exists(), "the finished download leaves no part");
 }
+
+/// A blob read to a file (how an aggregator takes a large update, so that
+/// it is never whole in its memory): written under the folder it is given as
+/// it arrives, checked against its digest, and removed when dropped; a small
+/// blob the same; a folder that cannot take it fails the read, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_read_to_a_file_is_checked_and_goes_when_dropped() {
+    let url = crate::util::nats_url();
+    let js = async_nats::jetstream::new(crate::util::connect(&url).await);
+    let engine = NatsBlobs::new(&js).await.expect("object store");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("updates");
+    // A reader with a download folder of its own still writes where it is told.
+    let reader = NatsBlobs::new(&js).await.expect("blobs").resuming_in(dir.path().join("downloads"), None).expect("downloads");
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(&folder)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    for (len, what) in [(6 << 20, "large"), (100 << 10, "small")] {
+        let model = noise(len, &format!("{}-{what}", crate::util::unique()));
+        let d = engine.put(model.clone()).await.expect("stored");
+        let file = reader.get_file(&d, &folder).await.expect("read to a file");
+        assert!(file.path().starts_with(&folder), "{what}: {}", file.path().display());
+        assert_eq!(file.len(), len as u64);
+        assert!(std::fs::read(file.path()).expect("the file") == model, "{what}: the blob's bytes");
+        assert_eq!(listing().len(), 1, "{what}: the file alone, no part or mark left: {:?}", listing());
+        drop(file);
+        assert!(listing().is_empty(), "{what}: removed when dropped: {:?}", listing());
+    }
+    let model = noise(3 << 20, &format!("{}-blocked", crate::util::unique()));
+    let d = engine.put(model).await.expect("stored");
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, b"not a folder").expect("file");
+    let refused = reader.get_file(&d, &blocked).await.expect_err("no folder to write to");
+    assert!(refused.to_string().contains("a-file"), "{refused}");
+}

@@ -1,7 +1,7 @@
 //! Content-addressed model blobs: a local folder (embedded mode) or the
 //! JetStream object store (distributed). Reads verify the digest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_nats::jetstream::{self, object_store};
 use async_trait::async_trait;
@@ -58,6 +58,100 @@ pub trait BlobStore: Send + Sync {
     async fn put(&self, bytes: Vec<u8>) -> Result<String, Error>;
     /// Fetches the bytes with this digest, verified.
     async fn get(&self, digest: &str) -> Result<Vec<u8>, Error>;
+    /// The blob with this digest, verified, in a file, for a reader that
+    /// takes it a part at a time without holding it in memory. A file made
+    /// for the reader (under `dir` or the store's own download folder) is
+    /// removed when the answer is dropped. This default reads the blob into
+    /// memory and writes it out; the stores that can, write it as it comes.
+    async fn get_file(&self, digest: &str, dir: &Path) -> Result<BlobFile, Error> {
+        written(digest, self.get(digest).await?, dir).await
+    }
+}
+
+/// A blob's bytes, read whole, in a file of its own under `dir`.
+async fn written(digest: &str, bytes: Vec<u8>, dir: &Path) -> Result<BlobFile, Error> {
+    let path = dir.join(format!(".{digest}.{}", unique()));
+    let io = |e: std::io::Error| Error::Io(format!("cannot write blob {digest} to {}: {e}", path.display()));
+    tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    tokio::fs::write(&path, &bytes).await.map_err(io)?;
+    Ok(BlobFile { len: bytes.len() as u64, path, owned: true })
+}
+
+/// A verified blob in a file ([`BlobStore::get_file`]).
+#[derive(Debug)]
+pub struct BlobFile {
+    path: PathBuf,
+    len: u64,
+    /// Made for this reader (removed on drop), or the store's own file.
+    owned: bool,
+}
+
+impl BlobFile {
+    /// Where the bytes are.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many bytes the blob has.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the blob has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for BlobFile {
+    fn drop(&mut self) {
+        if self.owned
+            && let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A name no other file of this process takes.
+fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The sha256 of a file's bytes (read a block at a time) and their number.
+fn digest_of_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    let mut len = 0;
+    loop {
+        let n = file.read(&mut block)?;
+        if n == 0 {
+            return Ok((hex::encode(hasher.finalize()), len));
+        }
+        hasher.update(&block[..n]);
+        len += n as u64;
+    }
+}
+
+/// Checks that the file at `path` holds the blob `expected` (`size` bytes where known).
+async fn verified_file(expected: &str, path: PathBuf, size: Option<u64>) -> Result<(PathBuf, u64), Error> {
+    let read = path.clone();
+    let (actual, len) = tokio::task::spawn_blocking(move || digest_of_file(&read))
+        .await
+        .map_err(|e| Error::Io(format!("checking blob {expected}: {e}")))?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(expected.to_string()),
+            _ => Error::Io(format!("checking blob {expected} in {}: {e}", path.display())),
+        })?;
+    if actual != expected || size.is_some_and(|s| s != len) {
+        return Err(Error::Corrupt { expected: expected.to_string(), actual });
+    }
+    Ok((path, len))
 }
 
 /// Blobs as files named by digest in one folder.
@@ -96,6 +190,13 @@ impl BlobStore for LocalBlobs {
             _ => Error::Io(e.to_string()),
         })?;
         verified(digest, bytes)
+    }
+
+    /// The store's own file, checked as it is read (blobs are written whole, then renamed into place).
+    async fn get_file(&self, digest: &str, _dir: &Path) -> Result<BlobFile, Error> {
+        check_digest(digest)?;
+        let (path, len) = verified_file(digest, self.dir.join(digest), None).await?;
+        Ok(BlobFile { path, len, owned: false })
     }
 }
 
@@ -212,8 +313,11 @@ impl NatsBlobs {
         let info = self.info(digest).await?;
         if info.chunks > DIRECT_CHUNKS {
             return match &self.downloads {
-                Some(downloads) => self.download(downloads, digest, &info).await,
-                None => verified(digest, self.download_from(None, digest, &info, crate::download::Start::Fresh).await?),
+                Some(downloads) => match self.download(downloads, digest, &info, true).await? {
+                    Fetched::Bytes(bytes) => Ok(bytes),
+                    Fetched::File(file) => Err(Error::Io(format!("blob {digest}: read to {}, not into memory", file.path().display()))),
+                },
+                None => verified(digest, self.download_from(None, digest, &info, crate::download::Start::Fresh, true).await?),
             };
         }
         if self.direct.load(Ordering::Relaxed) {
@@ -303,14 +407,16 @@ impl NatsBlobs {
     }
 
     /// A large blob into the download folder, going on from a part left by
-    /// an earlier read, and checked. A part that does not hash right is
-    /// thrown away and the blob read once more from the start.
+    /// an earlier read, and checked: its bytes in memory as well (`keep`),
+    /// or only the file. A part that does not hash right is thrown away and
+    /// the blob read once more from the start.
     async fn download(
         &self,
         downloads: &crate::download::Downloads,
         digest: &str,
         info: &object_store::ObjectInfo,
-    ) -> Result<Vec<u8>, Error> {
+        keep: bool,
+    ) -> Result<Fetched, Error> {
         use crate::download::{Start, start};
         // Held until this read and its writer are done (a read dropped mid-way
         // leaves its writer to finish what it was given).
@@ -322,12 +428,24 @@ impl NatsBlobs {
         if let Start::Resume(m) = &from {
             tracing::info!("blob {digest}: going on from byte {} of {} (a part from an earlier read)", m.bytes, info.size);
         }
-        let checked = verified(digest, self.download_from(Some((downloads, only_one.clone())), digest, info, from).await?);
+        let check = |bytes: Vec<u8>| async {
+            if keep {
+                return verified(digest, bytes).map(Fetched::Bytes);
+            }
+            let (path, len) = verified_file(digest, part.clone(), Some(info.size as u64)).await?;
+            // The part becomes the reader's file, under a name no later download of the blob takes.
+            let taken = part.with_extension(format!("{}.blob", unique()));
+            tokio::fs::rename(&path, &taken).await.map_err(|e| crate::download::io(&taken, e))?;
+            Ok(Fetched::File(BlobFile { path: taken, len, owned: true }))
+        };
+        let read = self.download_from(Some((downloads, only_one.clone())), digest, info, from, keep).await?;
+        let checked = check(read).await;
         downloads.forget(digest).await;
         match checked {
             Err(e) if resumed => {
                 tracing::warn!("blob {digest}: the part from an earlier read was not good ({e}); reading it again from the start");
-                let checked = verified(digest, self.download_from(Some((downloads, only_one.clone())), digest, info, Start::Fresh).await?);
+                let read = self.download_from(Some((downloads, only_one.clone())), digest, info, Start::Fresh, keep).await?;
+                let checked = check(read).await;
                 downloads.forget(digest).await;
                 checked
             }
@@ -335,17 +453,34 @@ impl NatsBlobs {
         }
     }
 
+    /// The blob in a file under `dir`, written there as it arrives without
+    /// its bytes held in memory (a read cut short goes on from its part there).
+    async fn fetch_file(&self, digest: &str, dir: &Path) -> Result<BlobFile, Error> {
+        let info = self.info(digest).await?;
+        if info.chunks <= DIRECT_CHUNKS {
+            // Small: read as any read is, then written out.
+            return written(digest, self.fetch(digest).await?, dir).await;
+        }
+        let downloads = crate::download::Downloads::new(dir, None)?;
+        match self.download(&downloads, digest, &info, false).await? {
+            Fetched::File(file) => Ok(file),
+            Fetched::Bytes(_) => Err(Error::Io(format!("blob {digest}: read into memory, not to a file"))),
+        }
+    }
+
     /// The blob's bytes, read from its chunks through an ordered consumer:
     /// with a download folder, the part's first bytes where it goes on from a
     /// mark, then the chunks from there on, each [`crate::download::CHECKPOINT`]
     /// chunks written to the part and recorded in its mark; without one, all
-    /// its chunks into memory.
+    /// its chunks into memory. Without `keep`, the bytes go only to the part
+    /// (none are returned), and a part that cannot be written fails the read.
     async fn download_from(
         &self,
         disk: Option<(&crate::download::Downloads, std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>)>,
         digest: &str,
         info: &object_store::ObjectInfo,
         from: crate::download::Start,
+        keep: bool,
     ) -> Result<Vec<u8>, Error> {
         use crate::download::{CHECKPOINT, Mark, Progress, Start, io};
         use async_nats::jetstream::consumer::{DeliverPolicy, push};
@@ -353,7 +488,7 @@ impl NatsBlobs {
         use tokio::io::AsyncReadExt;
         let size = info.size as u64;
         // The description's size is what its writer said: room for at most 1 GiB up front.
-        let mut bytes = Vec::with_capacity(info.size.min(1 << 30));
+        let mut bytes = if keep { Vec::with_capacity(info.size.min(1 << 30)) } else { Vec::new() };
         let fresh = Mark { nuid: info.nuid.clone(), bytes: 0, chunks: 0, next_seq: 0 };
         let mut mark = fresh.clone();
         let mut to_disk = None;
@@ -361,7 +496,12 @@ impl NatsBlobs {
         let downloads = disk.as_ref().map(|(d, _)| *d);
         if let Some((downloads, only_one)) = disk {
             let part = downloads.part(digest);
-            if let Start::Resume(m) = from {
+            if let Start::Resume(m) = &from
+                && !keep
+            {
+                // The part's first bytes stay where they are (`start` saw the part hold them).
+                mark = m.clone();
+            } else if let Start::Resume(m) = from {
                 let prefix = async {
                     let file = tokio::fs::File::open(&part).await?;
                     file.take(m.bytes).read_to_end(&mut bytes).await
@@ -379,6 +519,7 @@ impl NatsBlobs {
                 Ok::<_, std::io::Error>(file)
             })();
             match opened {
+                Err(e) if !keep => return Err(io(&part, e)),
                 Err(e) => {
                     // A folder that cannot be written does not stop a round: the read goes on in memory.
                     tracing::warn!("blob {digest}: cannot keep the download in {} ({e}); reading it into memory only", part.display());
@@ -442,7 +583,9 @@ impl NatsBlobs {
                     }
                 };
                 let seq = message.info().map_err(|e| Error::Io(format!("blob {digest}: {e}")))?.stream_sequence;
-                bytes.extend_from_slice(&message.payload);
+                if keep {
+                    bytes.extend_from_slice(&message.payload);
+                }
                 mark.bytes += message.payload.len() as u64;
                 mark.chunks += 1;
                 mark.next_seq = seq + 1;
@@ -468,6 +611,13 @@ impl NatsBlobs {
             Some(writer) => writer.await.unwrap_or_else(|e| Err(Error::Io(format!("the download's writer: {e}")))),
             None => Ok(()),
         };
+        if let (Err(e), Some(downloads)) = (&wrote, downloads)
+            && !keep
+        {
+            let e = Error::Io(format!("blob {digest}: cannot write the download: {e}"));
+            downloads.forget(digest).await;
+            return Err(e);
+        }
         if let (Err(e), Some(downloads)) = (&wrote, downloads) {
             // The read goes on in memory (a full disk does not stop a round); only going on
             // from here after a cut is lost.
@@ -567,6 +717,17 @@ impl BlobStore for NatsBlobs {
         check_digest(digest)?;
         crate::retrying(&format!("reading blob {digest}"), BLOB_RETRY_FOR, is_io, || self.fetch(digest)).await
     }
+
+    async fn get_file(&self, digest: &str, dir: &Path) -> Result<BlobFile, Error> {
+        check_digest(digest)?;
+        crate::retrying(&format!("reading blob {digest}"), BLOB_RETRY_FOR, is_io, || self.fetch_file(digest, dir)).await
+    }
+}
+
+/// A checked read: the bytes, or the file holding them.
+enum Fetched {
+    Bytes(Vec<u8>),
+    File(BlobFile),
 }
 
 /// Reads from another store and keeps its own writes in memory: a dry run
@@ -698,6 +859,28 @@ mod tests {
         assert!(matches!(blobs.get(&d).await, Err(Error::Corrupt { .. })));
         assert!(matches!(blobs.get(&"0".repeat(64)).await, Err(Error::NotFound(_))));
         assert!(matches!(blobs.get("../etc/passwd").await, Err(Error::BadDigest(_))));
+    }
+
+    #[tokio::test]
+    async fn a_blob_in_a_file_is_checked_and_only_a_copy_made_for_the_reader_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = std::sync::Arc::new(LocalBlobs::new(dir.path().join("store")).expect("blobs"));
+        let d = blobs.put(b"model bytes".to_vec()).await.expect("put");
+        let own = blobs.get_file(&d, dir.path()).await.expect("the store's file");
+        assert_eq!((std::fs::read(own.path()).expect("read"), own.len()), (b"model bytes".to_vec(), 11));
+        let path = own.path().to_path_buf();
+        drop(own);
+        assert!(path.exists(), "the store's own file stays");
+        // A store without files of its own (the default) writes a copy, removed on drop.
+        let overlay = Overlay::new(blobs.clone());
+        let copy = overlay.get_file(&d, &dir.path().join("copies")).await.expect("a copy");
+        assert!(copy.path().starts_with(dir.path().join("copies")) && copy.path().exists());
+        let path = copy.path().to_path_buf();
+        drop(copy);
+        assert!(!path.exists(), "the copy goes");
+        std::fs::write(dir.path().join("store").join(&d), b"tampered").expect("tamper");
+        assert!(matches!(blobs.get_file(&d, dir.path()).await, Err(Error::Corrupt { .. })));
+        assert!(matches!(blobs.get_file(&"0".repeat(64), dir.path()).await, Err(Error::NotFound(_))));
     }
 
     #[tokio::test]

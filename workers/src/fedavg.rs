@@ -91,6 +91,18 @@ impl Running {
         Ok(())
     }
 
+    /// Folds in the next update from a file, a block at a time: the same
+    /// sums as [`Running::add`] of it decoded, with no more than a block of
+    /// it in memory.
+    pub fn add_file(&mut self, update: &crate::weights::PackedFile) -> Result<(), Error> {
+        let scale = self.next(update.layout())?;
+        for (name, (_, acc)) in &mut self.acc {
+            update.read_param(name, |at, bytes| accumulate_le(&mut acc[at..at + bytes.len() / 4], bytes, scale))?;
+        }
+        self.added += 1;
+        Ok(())
+    }
+
     /// The next update's weight, once its layout is the first one's (the
     /// first one's makes the accumulator).
     fn next<'a>(&mut self, layout: impl Iterator<Item = (&'a String, &'a Vec<usize>)>) -> Result<f64, Error> {
@@ -110,8 +122,26 @@ impl Running {
         if self.added != self.scales.len() {
             return Err(Error::Mismatch(format!("{} of the {} announced updates went in", self.added, self.scales.len())));
         }
-        Ok(self.acc.into_iter().map(|(k, (shape, acc))| (k, Tensor { shape, data: acc.into_iter().map(|v| v as f32).collect() })).collect())
+        Ok(self.acc.into_iter().map(|(k, (shape, acc))| (k, Tensor { shape, data: narrow(acc) })).collect())
     }
+}
+
+/// The f64 sums as f32, a block at a time from the end, each block of sums
+/// given back as its values are written: a large tensor is held at most
+/// once in f64 (two models' worth), not in f64 and f32 at once.
+fn narrow(mut sums: Vec<f64>) -> Vec<f32> {
+    const BLOCK: usize = 1 << 20;
+    // Zeroed pages fresh from the system take no memory until written.
+    let mut out = vec![0f32; sums.len()];
+    while !sums.is_empty() {
+        let from = sums.len().saturating_sub(BLOCK);
+        out[from..].iter_mut().zip(&sums[from..]).for_each(|(o, s)| *o = *s as f32);
+        sums.truncate(from);
+        if sums.capacity() > 2 * BLOCK {
+            sums.shrink_to_fit();
+        }
+    }
+    out
 }
 
 /// The cores this process may use, asked once: the standard library reads the
@@ -323,13 +353,25 @@ mod tests {
             let mut running = Running::new(&samples).expect("running");
             // And from the blobs' bytes, with no decoded copy.
             let mut from_bytes = Running::new(&samples).expect("running");
-            for (w, _) in &updates {
+            // And from files, a block at a time (the longest tensor is three blocks).
+            let mut from_files = Running::new(&samples).expect("running");
+            let dir = tempfile::tempdir().expect("tempdir");
+            for (k, (w, _)) in updates.iter().enumerate() {
                 running.add(w).expect("same layout");
-                let packed = crate::weights::decode_packed(crate::weights::encode(w).expect("encode")).expect("packed");
+                let bytes = crate::weights::encode(w).expect("encode");
+                let path = dir.path().join(k.to_string());
+                std::fs::write(&path, &bytes).expect("write");
+                from_files.add_file(&crate::weights::PackedFile::open(&path).expect("file")).expect("same layout");
+                let packed = crate::weights::decode_packed(bytes).expect("packed");
                 from_bytes.add_packed(&packed).expect("same layout");
             }
             let reference = fedavg(&updates).expect("fedavg");
-            for (how, folded) in [("decoded", running.finish().expect("all in")), ("from bytes", from_bytes.finish().expect("all in"))] {
+            let folds = [
+                ("decoded", running.finish().expect("all in")),
+                ("from bytes", from_bytes.finish().expect("all in")),
+                ("from files", from_files.finish().expect("all in")),
+            ];
+            for (how, folded) in folds {
                 for name in ["w", "b"] {
                     assert_eq!(folded[name].shape, reference[name].shape);
                     assert!(

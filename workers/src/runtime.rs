@@ -374,18 +374,32 @@ impl Worker {
         weights::decode_state(&bytes).with_context(|| format!("reading model {digest}"))
     }
 
-    /// An update's parameters, decoded or left in its bytes (`packed`, for a
-    /// fold that reads them once), and the rest of its state.
-    async fn fetch_update(&self, digest: &str, packed: bool) -> anyhow::Result<(Params, State)> {
-        if !packed {
-            let mut state = self.fetch_state(digest).await?;
-            return Ok((Params::Decoded(std::mem::take(&mut state.params)), state));
+    /// An update's parameters as `take` says (decoded, left in its bytes or
+    /// left in a file, the last two for a fold that reads them once), and the
+    /// rest of its state.
+    async fn fetch_update(&self, digest: &str, take: Take) -> anyhow::Result<(Params, State)> {
+        match take {
+            Take::Decoded => {
+                let mut state = self.fetch_state(digest).await?;
+                Ok((Params::Decoded(std::mem::take(&mut state.params)), state))
+            }
+            Take::Packed => {
+                let bytes = self.blobs.get(digest).await.with_context(|| format!("fetching model {digest}"))?;
+                crate::metrics::get().read(bytes.len());
+                let mut packed = weights::decode_packed(bytes).with_context(|| format!("reading model {digest}"))?;
+                let rest = std::mem::take(&mut packed.rest);
+                Ok((Params::Packed(packed), rest))
+            }
+            Take::File => {
+                let file = self.blobs.get_file(digest, &self.in_memory.1).await.with_context(|| format!("fetching model {digest}"))?;
+                crate::metrics::get().read(file.len() as usize);
+                let (mut packed, file) = tokio::task::spawn_blocking(move || weights::PackedFile::open(file.path()).map(|p| (p, file)))
+                    .await?
+                    .with_context(|| format!("reading model {digest}"))?;
+                let rest = std::mem::take(&mut packed.rest);
+                Ok((Params::File { packed, _file: file }, rest))
+            }
         }
-        let bytes = self.blobs.get(digest).await.with_context(|| format!("fetching model {digest}"))?;
-        crate::metrics::get().read(bytes.len());
-        let mut packed = weights::decode_packed(bytes).with_context(|| format!("reading model {digest}"))?;
-        let rest = std::mem::take(&mut packed.rest);
-        Ok((Params::Packed(packed), rest))
     }
 
     async fn store_state(&self, s: &State) -> anyhow::Result<String> {
@@ -633,9 +647,18 @@ impl Worker {
                 let ahead = read_ahead(model_bytes);
                 // (The reads are made before the stream: a closure over borrowed updates in a
                 // stream is not `Send` for every lifetime, which the spawned command needs.)
-                // A fold reads each update's parameters once: it takes them from the blob's bytes.
-                let packed = needs == Needs::Mean;
-                let reads: Vec<_> = updates.iter().map(|u| async move { (u, self.fetch_update(&u.digest, packed).await) }).collect();
+                // A fold reads each update's parameters once: it takes them from the blob's bytes,
+                // or, where the updates read ahead would be more than the worker holds in memory,
+                // from the file the store writes as the blob arrives, a block at a time.
+                let take = match needs {
+                    Needs::Mean if (ahead * model_bytes) as u64 > self.in_memory.0 => Take::File,
+                    Needs::Mean => Take::Packed,
+                    _ => Take::Decoded,
+                };
+                if take == Take::File {
+                    tracing::info!(worker = %self.info.id, updates = updates.len(), folder = %self.in_memory.1.display(), "each update is folded from a file (over --updates-in-memory-mb)");
+                }
+                let reads: Vec<_> = updates.iter().map(|u| async move { (u, self.fetch_update(&u.digest, take).await) }).collect();
                 let mut fetched = futures::stream::iter(reads).buffered(ahead);
                 while let Some((u, update)) = fetched.next().await {
                     let base = u.base_model.clone().unwrap_or_else(|| global_model.clone());
@@ -679,12 +702,12 @@ impl Worker {
                                 // Writing to disk blocks: off the runtime's threads.
                                 (None, Some(mut h)) => {
                                     held = Some(
-                                        tokio::task::spawn_blocking(move || h.push(w.into_weights()).map(|()| h))
+                                        tokio::task::spawn_blocking(move || w.into_weights().and_then(|w| h.push(w)).map(|()| h))
                                             .await?
                                             .with_context(|| format!("holding update {} of task {}", u.digest, u.task_id))?,
                                     );
                                 }
-                                (None, None) => inputs.push((w.into_weights(), u.samples)),
+                                (None, None) => inputs.push((w.into_weights()?, u.samples)),
                             }
                             usable.push(u);
                         }
@@ -703,7 +726,7 @@ impl Worker {
                     Some(_) => {
                         let mut r = crate::fedavg::Running::new(&usable.iter().map(|u| u.samples).collect::<Vec<_>>())?;
                         for u in &usable {
-                            self.fetch_update(&u.digest, true)
+                            self.fetch_update(&u.digest, take)
                                 .await
                                 .with_context(|| format!("update {} again", u.digest))?
                                 .0
@@ -788,6 +811,8 @@ enum Params {
     Decoded(Weights),
     /// Left in the blob's bytes (checked), for a fold.
     Packed(weights::Packed),
+    /// Left in a file the store wrote (checked), for a fold; the file is removed with it.
+    File { packed: weights::PackedFile, _file: crate::blob::BlobFile },
 }
 
 impl Params {
@@ -796,6 +821,7 @@ impl Params {
         match self {
             Self::Decoded(w) => weights::check_same_layout(&reference.params, w)?,
             Self::Packed(p) => p.check_same_layout(&reference.params)?,
+            Self::File { packed, .. } => packed.check_same_layout(&reference.params)?,
         }
         weights::check_same_state(&reference.with_params(Weights::new()), rest)
     }
@@ -804,15 +830,25 @@ impl Params {
         match self {
             Self::Decoded(w) => running.add(w),
             Self::Packed(p) => running.add_packed(p),
+            Self::File { packed, .. } => running.add_file(packed),
         }
     }
 
-    fn into_weights(self) -> Weights {
+    fn into_weights(self) -> Result<Weights, weights::Error> {
         match self {
-            Self::Decoded(w) => w,
-            Self::Packed(p) => p.params(),
+            Self::Decoded(w) => Ok(w),
+            Self::Packed(p) => Ok(p.params()),
+            Self::File { packed, .. } => packed.params(),
         }
     }
+}
+
+/// How an aggregator takes an update's parameters ([`Params`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Take {
+    Decoded,
+    Packed,
+    File,
 }
 
 /// How many bytes of updates an aggregator may hold read ahead of its fold.
@@ -946,11 +982,19 @@ mod tests {
         let aggregate = |id: &str, optimizer: ServerOptimizer, updates: Vec<protocol::UpdateRef>| {
             aggregate_command(id, &model, optimizer, &global_digest, updates)
         };
+        // Over a budget of no memory, the aggregator folds each update from its file a block at a time.
+        let spill = tempfile::tempdir().expect("tempdir");
+        let from_files = worker.clone().with_updates_in_memory(0, spill.path().join("updates"));
         let run = |c: Command| {
-            let (worker, blobs) = (worker.clone(), blobs.clone());
+            let (workers, blobs) = ([worker.clone(), from_files.clone()], blobs.clone());
             async move {
-                let ReportBody::Aggregated { digest, excluded, .. } = worker.execute(&c).await.body else { panic!("aggregated") };
-                (weights::decode(&blobs.get(&digest).await.expect("get")).expect("decode"), excluded.len())
+                let mut out = Vec::new();
+                for (w, c) in workers.iter().zip([c.clone(), Command { id: format!("{}-from-files", c.id), ..c }]) {
+                    let ReportBody::Aggregated { digest, excluded, .. } = w.execute(&c).await.body else { panic!("aggregated") };
+                    out.push((weights::decode(&blobs.get(&digest).await.expect("get")).expect("decode"), excluded.len()));
+                }
+                assert_eq!(out[0], out[1], "folded from the bytes and from files");
+                out.swap_remove(0)
             }
         };
         let same = |a: &Weights, b: &Weights| {
@@ -979,6 +1023,8 @@ mod tests {
         let (streamed, _) = run(aggregate("momentum", momentum, refs.clone())).await;
         let (in_memory, _) = aggregate::combine(&momentum, &global, trained.clone(), None).expect("combine");
         assert!(same(&streamed, &in_memory), "FedAvgM steps from the same mean");
+        let left: Vec<_> = std::fs::read_dir(spill.path()).into_iter().flatten().collect();
+        assert!(left.is_empty(), "nothing stays on disk: {left:?}");
     }
 
     /// The robust rules (median, trimmed mean, Krum) through the aggregator:

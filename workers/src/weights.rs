@@ -284,6 +284,138 @@ pub fn decode_packed(bytes: Vec<u8>) -> Result<Packed, Error> {
     Ok(Packed { bytes, params, rest })
 }
 
+/// A model's state checked as [`decode_state`] checks it, with its
+/// parameters left in a file (a blob the store wrote to disk): a fold reads
+/// each parameter a block at a time, and the update is never whole in memory.
+#[derive(Debug)]
+pub struct PackedFile {
+    file: std::fs::File,
+    /// Each parameter's shape, and where its little-endian values are in the file.
+    params: BTreeMap<String, (Vec<usize>, std::ops::Range<u64>)>,
+    /// The buffers and counters, decoded (the parameters are left empty).
+    pub rest: State,
+}
+
+/// Values read at a time from a [`PackedFile`] (4 MiB of f32).
+pub const FILE_BLOCK: usize = 1 << 20;
+
+impl PackedFile {
+    /// Reads the safetensors header at `path`, checks every float tensor is
+    /// finite (one pass over the file) and decodes the buffers and counters.
+    pub fn open(path: &std::path::Path) -> Result<Self, Error> {
+        use std::os::unix::fs::FileExt;
+        let io = |what: &str, source| Error::Io { what: format!("{what} {}", path.display()), source };
+        let file = std::fs::File::open(path).map_err(|e| io("opening", e))?;
+        let len = file.metadata().map_err(|e| io("reading the size of", e))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact_at(&mut n, 0).map_err(|_| Error::Format("shorter than a safetensors header".into()))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 || 8 + n > len {
+            return Err(Error::Format(format!("a header of {n} bytes in a file of {len}")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8).map_err(|e| io("reading the header of", e))?;
+        let text = std::str::from_utf8(&header).map_err(|e| Error::Format(format!("the header is not UTF-8: {e}")))?;
+        let meta: safetensors::tensor::Metadata = serde_json::from_str(text).map_err(|e| Error::Format(e.to_string()))?;
+        let start = 8 + n;
+        if start + meta.data_len() as u64 != len {
+            return Err(Error::Format(format!("the header describes {} bytes of values; the file holds {}", meta.data_len(), len - start)));
+        }
+        let buffers: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get(BUFFERS)) {
+            Some(list) => serde_json::from_str(list).map_err(|e| Error::Format(format!("metadata '{BUFFERS}': {e}")))?,
+            None => Vec::new(),
+        };
+        let mut packed = Self { file, params: BTreeMap::new(), rest: State::default() };
+        let mut tensors: Vec<_> = meta.tensors().into_iter().collect();
+        tensors.sort_by_key(|(_, info)| info.data_offsets);
+        for (name, info) in tensors {
+            let range = start + info.data_offsets.0 as u64..start + info.data_offsets.1 as u64;
+            let shape = info.shape.clone();
+            match info.dtype {
+                Dtype::F32 => {
+                    let mut values = buffers.contains(&name).then(Vec::new);
+                    packed.blocks(&range, 4, |_, bytes| {
+                        if bytes.chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()) {
+                            return Err(Error::NotFinite(name.clone()));
+                        }
+                        values.as_mut().into_iter().for_each(|v| v.extend(f32s(bytes)));
+                        Ok(())
+                    })?;
+                    match values {
+                        Some(data) => drop(packed.rest.buffers.insert(name, Tensor { shape, data })),
+                        None => drop(packed.params.insert(name, (shape, range))),
+                    }
+                }
+                Dtype::I64 => {
+                    let mut data = Vec::new();
+                    packed.blocks(&range, 8, |_, bytes| {
+                        data.extend(bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])));
+                        Ok(())
+                    })?;
+                    packed.rest.counters.insert(name, Counter { shape, data });
+                }
+                other => return Err(Error::Dtype { name, dtype: format!("{other:?}") }),
+            }
+        }
+        Ok(packed)
+    }
+
+    /// The parameters' names and shapes, in order.
+    pub fn layout(&self) -> impl Iterator<Item = (&String, &Vec<usize>)> {
+        self.params.iter().map(|(name, (shape, _))| (name, shape))
+    }
+
+    /// Checks that its parameters are exactly the tensors of `reference`, with their shapes.
+    pub fn check_same_layout(&self, reference: &Weights) -> Result<(), Error> {
+        check_shapes(reference.iter().map(|(name, t)| (name, &t.shape)), self.layout())
+    }
+
+    /// Gives parameter `name`'s values to `f` a block of at most
+    /// [`FILE_BLOCK`] at a time: the index of the block's first value, and
+    /// the block as little-endian f32 bytes.
+    pub fn read_param(&self, name: &str, mut f: impl FnMut(usize, &[u8])) -> Result<(), Error> {
+        let Some((_, range)) = self.params.get(name) else {
+            return Err(Error::Mismatch(format!("no parameter '{name}'")));
+        };
+        self.blocks(range, 4, |at, bytes| {
+            f(at, bytes);
+            Ok(())
+        })
+    }
+
+    /// Its parameters, decoded.
+    pub fn params(&self) -> Result<Weights, Error> {
+        let mut out = Weights::new();
+        for (name, (shape, _)) in &self.params {
+            let mut data = Vec::with_capacity(shape.iter().product());
+            self.read_param(name, |_, bytes| data.extend(f32s(bytes)))?;
+            out.insert(name.clone(), Tensor { shape: shape.clone(), data });
+        }
+        Ok(out)
+    }
+
+    /// Reads the bytes in `range` a block at a time (whole values of `width` bytes).
+    fn blocks(
+        &self,
+        range: &std::ops::Range<u64>,
+        width: usize,
+        mut f: impl FnMut(usize, &[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        use std::os::unix::fs::FileExt;
+        let mut block = vec![0u8; (FILE_BLOCK * 4).min((range.end - range.start) as usize)];
+        let mut at = range.start;
+        while at < range.end {
+            let n = block.len().min((range.end - at) as usize);
+            self.file
+                .read_exact_at(&mut block[..n], at)
+                .map_err(|source| Error::Io { what: format!("reading an update's values at byte {at}"), source })?;
+            f(((at - range.start) / width as u64) as usize, &block[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
 /// Checks that `other` has exactly the tensors and shapes of `reference`,
 /// buffers and counters included.
 pub fn check_same_state(reference: &State, other: &State) -> Result<(), Error> {
@@ -511,6 +643,41 @@ mod tests {
         nan.buffers.get_mut("bn.running_var").expect("buffer").data[0] = f32::NAN;
         assert!(decode_packed(encode_state(&nan).expect("encode")).is_err());
         assert!(matches!(decode_packed(b"not safetensors".to_vec()), Err(Error::Format(_))));
+    }
+
+    /// A state read from a file holds what its bytes decode to: parameters
+    /// read a block at a time (one over three blocks), buffers and counters
+    /// decoded apart; what is not finite, or not a whole safetensors file, is
+    /// refused as from bytes.
+    #[test]
+    fn a_state_in_a_file_reads_as_its_bytes_decode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).expect("write");
+            PackedFile::open(&path)
+        };
+        let mut state = State::params(sample());
+        let long = 2 * FILE_BLOCK + 5;
+        state.params.insert("big".into(), Tensor { shape: vec![long], data: (0..long).map(|i| i as f32 * 0.5 - 3.0).collect() });
+        state.buffers.insert("bn.running_var".into(), Tensor { shape: vec![2], data: vec![1.0, 2.0] });
+        state.counters.insert("bn.num_batches_tracked".into(), Counter { shape: vec![], data: vec![7] });
+        let bytes = encode_state(&state).expect("encode");
+        let packed = file("state", &bytes).expect("file");
+        assert_eq!(packed.params().expect("params"), state.params);
+        assert_eq!(packed.rest, state.with_params(Weights::new()), "buffers and counters decoded, apart");
+        let mut starts = Vec::new();
+        packed.read_param("big", |at, b| starts.push((at, b.len()))).expect("read");
+        assert_eq!(starts, [(0, FILE_BLOCK * 4), (FILE_BLOCK, FILE_BLOCK * 4), (2 * FILE_BLOCK, 20)]);
+        assert!(packed.check_same_layout(&state.params).is_ok() && packed.check_same_layout(&sample()).is_err());
+
+        let mut nan = state.clone();
+        nan.params.get_mut("big").expect("big").data[FILE_BLOCK + 1] = f32::NAN;
+        assert!(matches!(file("nan", &encode_state(&nan).expect("encode")), Err(Error::NotFinite(n)) if n == "big"));
+        let cut = file("cut", &bytes[..bytes.len() - 4]).expect_err("a value short");
+        assert!(cut.to_string().contains("the file holds"), "{cut}");
+        assert!(matches!(file("garbage", b"not safetensors"), Err(Error::Format(_))));
+        assert!(matches!(PackedFile::open(&dir.path().join("missing")), Err(Error::Io { .. })));
     }
 
     #[test]
