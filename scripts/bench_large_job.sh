@@ -61,4 +61,4 @@ for i in $(seq 0 $((trainers - 1))); do v="pid_t$i"; row "trainer t$i" "$(rss "$
 nats_port="${FLAME_TEST_NATS_URL##*:}"
 nats_pid=$(ss -ltnpH "sport = :$nats_port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
 [ -n "$nats_pid" ] && row "nats-server (JetStream on disk)" "$(rss "$nats_pid")"
-echo "left in the download folders: $(du -sh "$work"/dl-* 2>/dev/null | awk '{print $1}' | paste -sd' ')"
+echo "files left in the download folders: $(find "$work"/dl-* -type f 2>/dev/null | wc -l) ($(du -sh "$work"/dl-* 2>/dev/null | awk '{print $1}' | paste -sd' '))"

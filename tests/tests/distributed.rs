@@ -247,40 +247,21 @@ async fn torchscript_distributed(example: &str, rounds: i64, good: impl Fn(&Docu
     assert_eq!(flame_workers::archive::state_of(&module).expect("state"), trained, "the module holds the trained weights");
 }
 
-/// The median through real processes, with the aggregator's updates on disk: a
-/// `flame-worker-aggregator` told to hold none of them in memory
-/// (`--updates-in-memory-mb 0`) writes each round's updates to its download
-/// folder, reads them back a block at a time, and ends the job at the model
-/// that the same job reaches with every update in memory (`flamectl run`,
-/// in-process workers); the folder holds no updates after.
+/// An aggregator told to hold no updates in memory
+/// (`--updates-in-memory-mb 0`) takes them from disk: for the median, it
+/// writes each round's updates to its download folder and reads them back a
+/// block at a time; for FedAvg, it folds each update from the file the
+/// object store writes as it arrives. Either job ends at the model that the
+/// same job reaches with every update in memory (`flamectl run`, in-process
+/// workers), and the folder holds no updates after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_median_with_the_aggregators_updates_on_disk_ends_where_it_does_in_memory() {
+async fn with_the_aggregators_updates_on_disk_the_median_and_fedavg_end_where_they_do_in_memory() {
     let suffix = unique();
     let dir = tempfile::tempdir().expect("tempdir");
     // A NATS server of its own: the shared one's aggregators (other tests') could take this job's aggregation.
     let own = crate::util::Nats::start(crate::util::free_port(), &dir.path().join("js"));
     crate::util::connect(&own.url).await;
     let (nats, mongo) = (own.url.clone(), mongo_uri());
-    let job = dir.path().join("job");
-    std::fs::create_dir(&job).expect("mkdir");
-    crate::util::copy_example(&job);
-    let spec_path = job.join("modelSpec.json");
-    let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(&spec_path).expect("read")).expect("json");
-    spec["optimizer"] = serde_json::json!({"sort": "median", "kwargs": {}});
-    spec["hyperparameters"]["rounds"] = serde_json::json!(3);
-    std::fs::write(&spec_path, spec.to_string()).expect("write");
-    let job_arg = job.to_str().expect("utf8").to_string();
-
-    let embedded = Command::new(bin("flamectl"))
-        .args(["run", &job_arg, "-o", "json", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .current_dir(root())
-        .output()
-        .expect("flamectl run");
-    assert!(embedded.status.success(), "{}", String::from_utf8_lossy(&embedded.stderr));
-    let embedded: Value = serde_json::from_slice(&embedded.stdout).expect("json");
-    assert_eq!(embedded["state"], "completed");
-
     let mut procs = Processes::default();
     let downloads = dir.path().join("downloads");
     let log = dir.path().join("aggregator.log");
@@ -296,15 +277,38 @@ async fn the_median_with_the_aggregators_updates_on_disk_ends_where_it_does_in_m
     for (i, realm) in ["default/site1", "default/site2", "default/site3"].iter().enumerate() {
         procs.spawn(&mut worker(bin("flame-worker"), &nats, &format!("t{i}-{suffix}"), "trainer", realm));
     }
-    let engine = procs.spawn(&mut engine_run(&mongo, &format!("flame_e2e_{suffix}"), &nats, &job_arg));
-    let distributed = summary(engine).await;
-    assert_eq!(distributed["state"], "completed");
-    assert_eq!(distributed["rounds_completed"], 3);
+    for (optimizer, on_disk) in [("median", "they go to disk"), ("fedavg", "each update is folded from a file")] {
+        let job = dir.path().join(optimizer);
+        std::fs::create_dir(&job).expect("mkdir");
+        crate::util::copy_example(&job);
+        let spec_path = job.join("modelSpec.json");
+        let mut spec: Value = serde_json::from_str(&std::fs::read_to_string(&spec_path).expect("read")).expect("json");
+        spec["optimizer"] = serde_json::json!({"sort": optimizer, "kwargs": {}});
+        spec["hyperparameters"]["rounds"] = serde_json::json!(3);
+        std::fs::write(&spec_path, spec.to_string()).expect("write");
+        let job_arg = job.to_str().expect("utf8").to_string();
 
-    let log = std::fs::read_to_string(&log).expect("aggregator log");
-    assert_eq!(log.matches("they go to disk").count(), 3, "every round's updates went to disk: {log}");
-    let left: Vec<_> =
-        std::fs::read_dir(downloads.join("aggregator-updates")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
-    assert!(left.is_empty(), "updates left on disk: {left:?}");
-    assert_eq!(distributed["final_model"], embedded["final_model"], "the same model as with every update in memory");
+        let embedded = Command::new(bin("flamectl"))
+            .args(["run", &job_arg, "-o", "json", "--data-dir"])
+            .arg(dir.path().join(format!("data-{optimizer}")))
+            .current_dir(root())
+            .output()
+            .expect("flamectl run");
+        assert!(embedded.status.success(), "{}", String::from_utf8_lossy(&embedded.stderr));
+        let embedded: Value = serde_json::from_slice(&embedded.stdout).expect("json");
+        assert_eq!(embedded["state"], "completed");
+
+        let engine = procs.spawn(&mut engine_run(&mongo, &format!("flame_e2e_{optimizer}_{suffix}"), &nats, &job_arg));
+        let distributed = summary(engine).await;
+        assert_eq!(distributed["state"], "completed", "{optimizer}");
+        assert_eq!(distributed["rounds_completed"], 3, "{optimizer}");
+
+        let log = std::fs::read_to_string(&log).expect("aggregator log");
+        assert_eq!(log.matches(on_disk).count(), 3, "{optimizer}: every round's updates were taken from disk: {log}");
+        let left: Vec<_> = std::fs::read_dir(downloads.join("aggregator-updates"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{optimizer}: updates left on disk: {left:?}");
+        assert_eq!(distributed["final_model"], embedded["final_model"], "{optimizer}: the same model as with every update in memory");
+    }
 }

@@ -49,12 +49,19 @@ pub fn unique() -> String {
 }
 
 /// Child processes that are killed when the test ends, however it ends.
+/// Their temporary folder (`TMPDIR`, unless the test sets one) is one of
+/// the test's own, removed after them: a killed worker cannot remove its
+/// default download folder, and those piled up in the system's.
 #[derive(Default)]
-pub struct Processes(pub Vec<Child>);
+pub struct Processes(pub Vec<Child>, Option<tempfile::TempDir>);
 
 impl Processes {
     /// Starts a process and keeps it.
     pub fn spawn(&mut self, cmd: &mut Command) -> &mut Child {
+        if !cmd.get_envs().any(|(k, _)| k == "TMPDIR") {
+            let tmp = self.1.get_or_insert_with(|| tempfile::tempdir().expect("a temporary folder for the processes"));
+            cmd.env("TMPDIR", tmp.path());
+        }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         self.0.push(child);
         self.0.last_mut().expect("just pushed")
