@@ -66,8 +66,12 @@ pub enum Needs {
     /// Every update at once, read a block of coordinates at a time
     /// ([`robust::Updates`]): they may wait on disk ([`crate::spill`]).
     Blocks,
+    /// The mean, and a second sum over the updates and the trainers' states
+    /// (SCAFFOLD's control variate, FedDyn's `h`), each folded in as it
+    /// arrives ([`StateFold`]): memory for the two sums, not for every update.
+    MeanAndStates,
     /// Every update in memory, with more beside them (each update's base
-    /// model, each trainer's state).
+    /// model).
     All,
 }
 
@@ -78,7 +82,8 @@ pub fn needs(optimizer: &ServerOptimizer) -> Needs {
             Needs::Mean
         }
         ServerOptimizer::Median | ServerOptimizer::TrimmedMean { .. } | ServerOptimizer::Krum { .. } => Needs::Blocks,
-        ServerOptimizer::FedBuff { .. } | ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => Needs::All,
+        ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => Needs::MeanAndStates,
+        ServerOptimizer::FedBuff { .. } => Needs::All,
     }
 }
 
@@ -170,6 +175,91 @@ pub fn with_client_states(
     }
 }
 
+/// SCAFFOLD's and FedDyn's server step folded as the updates arrive: beside
+/// the mean ([`fedavg::Running`]), the second sum [`with_client_states`]
+/// makes of them all at once (SCAFFOLD: `c` plus each trainer's change in
+/// its control variate, FedDyn: `h` and the previous model less each
+/// update), with the same terms in the same order, so the same bits. How
+/// many updates go in is said first (their share depends on it); a round
+/// that leaves one out folds again.
+#[derive(Debug)]
+pub struct StateFold {
+    optimizer: ServerOptimizer,
+    /// The weight of each update's term.
+    share: f64,
+    sums: crate::control::Terms,
+    added: usize,
+    count: usize,
+}
+
+impl StateFold {
+    /// The fold of `count` updates into `global`'s next step, with the
+    /// server's state from the last round; `trainers` is every trainer of
+    /// the job (0: as many as the updates).
+    pub fn new(
+        optimizer: &ServerOptimizer,
+        trainers: usize,
+        global: &Weights,
+        state: Option<&Weights>,
+        count: usize,
+    ) -> Result<Self, Error> {
+        use crate::control;
+        let clients = if trainers == 0 { count } else { trainers };
+        let mut sums = control::Terms::new(global);
+        let share = match *optimizer {
+            ServerOptimizer::Scaffold { .. } => {
+                sums.add(1.0, &control::part(state, "c", global)?)?;
+                1.0 / clients.max(count).max(1) as f64
+            }
+            ServerOptimizer::FedDyn { alpha } => {
+                if alpha <= 0.0 {
+                    return Err(Error::Mismatch(format!("FedDyn's alpha must be > 0, not {alpha}")));
+                }
+                let share = alpha / clients.max(count).max(1) as f64;
+                sums.add(1.0, &control::part(state, "h", global)?)?;
+                sums.add(share * count as f64, global)?;
+                share
+            }
+            _ => return Err(Error::Mismatch(format!("optimizer '{}' keeps no client state", optimizer.name()))),
+        };
+        Ok(Self { optimizer: *optimizer, share, sums, added: 0, count })
+    }
+
+    /// Folds in the next update's parameters and its trainer's state.
+    pub fn add(&mut self, update: &Weights, client_state: &Weights) -> Result<(), Error> {
+        if self.added == self.count {
+            return Err(Error::Mismatch(format!("more updates than the {} announced", self.count)));
+        }
+        match self.optimizer {
+            ServerOptimizer::Scaffold { .. } => {
+                let change = crate::control::part(Some(client_state), "dc", update)?;
+                self.sums.add(self.share, &change)?;
+            }
+            _ => self.sums.add(-self.share, update)?,
+        }
+        self.added += 1;
+        Ok(())
+    }
+
+    /// The next global model from the updates' mean, and the server state to keep.
+    pub fn finish(self, global: &Weights, mean: &Weights) -> Result<(Weights, Weights), Error> {
+        use crate::control;
+        if self.added != self.count {
+            return Err(Error::Mismatch(format!("{} of the {} announced updates went in", self.added, self.count)));
+        }
+        let sum = self.sums.finish();
+        match self.optimizer {
+            ServerOptimizer::Scaffold { eta } => {
+                Ok((control::combine(&[(1.0 - eta, global), (eta, mean)])?, control::pack(&[("c", &sum)])))
+            }
+            ServerOptimizer::FedDyn { alpha } => {
+                Ok((control::combine(&[(1.0, mean), (-1.0 / alpha, &sum)])?, control::pack(&[("h", &sum)])))
+            }
+            _ => Err(Error::Mismatch(format!("optimizer '{}' keeps no client state", self.optimizer.name()))),
+        }
+    }
+}
+
 /// FedBuff: each update (model, samples) with the model it trained from and
 /// its staleness; `eta` is the server learning rate.
 pub fn fedbuff(eta: f64, global: &Weights, updates: &[(Weights, u64)], bases: &[(&Weights, u32)]) -> Result<Weights, Error> {
@@ -215,5 +305,54 @@ mod tests {
         let ups = vec![(w(1.0), 3), (w(4.0), 1)];
         let plain = combine(&ServerOptimizer::FedAvgM { eta: 1.0, momentum: 0.0 }, &w(0.0), ups.clone(), None).expect("fedavgm").0;
         assert_eq!(plain, combine(&ServerOptimizer::FedAvg, &w(0.0), ups, None).expect("fedavg").0);
+    }
+
+    /// Weights of two tensors with values from a seed.
+    fn noisy(seed: u64) -> Weights {
+        let mut rng = flame_events::rng::SplitMix::new(seed);
+        let mut values = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+        Weights::from([
+            ("a".to_string(), Tensor { shape: vec![3, 4], data: values(12) }),
+            ("b".to_string(), Tensor { shape: vec![5], data: values(5) }),
+        ])
+    }
+
+    /// SCAFFOLD's and FedDyn's server steps folded one update at a time give
+    /// what the steps over every update at once give, bit for bit: with and
+    /// without a server state, with as many trainers as updates and with
+    /// more; and the fold refuses a wrong count or layout.
+    #[test]
+    fn the_state_folds_equal_the_server_steps_over_every_update_bit_for_bit() {
+        let global = noisy(1);
+        let updates: Vec<(Weights, u64)> = (0..5).map(|k| (noisy(10 + k), 3 + 7 * k)).collect();
+        let states: Vec<Weights> = (0..5).map(|k| crate::control::pack(&[("c", &noisy(20 + k)), ("dc", &noisy(30 + k))])).collect();
+        let bits = |w: &Weights| w.values().flat_map(|t| t.data.iter().map(|v| v.to_bits())).collect::<Vec<_>>();
+        for optimizer in [ServerOptimizer::Scaffold { eta: 0.7 }, ServerOptimizer::FedDyn { alpha: 0.05 }] {
+            let prefix = if matches!(optimizer, ServerOptimizer::Scaffold { .. }) { "c" } else { "h" };
+            for server in [None, Some(crate::control::pack(&[(prefix, &noisy(40))]))] {
+                for trainers in [0, 5, 12] {
+                    let clients = if trainers == 0 { updates.len() } else { trainers };
+                    let (next, state) =
+                        with_client_states(&optimizer, clients, &global, &updates, &states, server.as_ref()).expect("at once");
+                    let mut fold = StateFold::new(&optimizer, trainers, &global, server.as_ref(), updates.len()).expect("fold");
+                    let mut mean = fedavg::Running::new(&updates.iter().map(|(_, n)| *n).collect::<Vec<_>>()).expect("mean");
+                    for ((u, _), s) in updates.iter().zip(&states) {
+                        fold.add(u, s).expect("same layout");
+                        mean.add(u).expect("same layout");
+                    }
+                    let (folded, folded_state) = fold.finish(&global, &mean.finish().expect("mean")).expect("finish");
+                    let case = format!("{} with {server:?}, {trainers} trainers", optimizer.name());
+                    assert_eq!(bits(&folded), bits(&next), "{case}: the next model");
+                    assert_eq!(folded_state, state, "{case}: the server state");
+                }
+            }
+            let mut short = StateFold::new(&optimizer, 0, &global, None, 2).expect("fold");
+            short.add(&updates[0].0, &states[0]).expect("first");
+            assert!(short.add(&noisy(3).into_iter().take(1).collect(), &states[1]).is_err(), "another layout");
+            let one = StateFold::new(&optimizer, 0, &global, None, 2).expect("fold");
+            assert!(one.finish(&global, &global).is_err(), "fewer updates than announced");
+        }
+        assert!(StateFold::new(&ServerOptimizer::FedAvg, 0, &global, None, 1).is_err());
+        assert!(StateFold::new(&ServerOptimizer::FedDyn { alpha: 0.0 }, 0, &global, None, 1).is_err());
     }
 }

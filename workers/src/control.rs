@@ -43,6 +43,45 @@ pub fn combine(terms: &[(f64, &Weights)]) -> Result<Weights, Error> {
     Ok(out)
 }
 
+/// [`combine`] one term at a time: the same sums in the same order (so the
+/// same bits), holding one f64 sum per value however many terms there are.
+#[derive(Debug)]
+pub struct Terms {
+    like: Weights,
+    sums: std::collections::BTreeMap<String, Vec<f64>>,
+}
+
+impl Terms {
+    /// Sums of terms with the layout of `like` (its values are not read).
+    pub fn new(like: &Weights) -> Self {
+        let like: Weights = like.iter().map(|(k, t)| (k.clone(), Tensor { shape: t.shape.clone(), data: Vec::new() })).collect();
+        let sums = like.iter().map(|(k, t)| (k.clone(), vec![0f64; t.shape.iter().product()])).collect();
+        Self { like, sums }
+    }
+
+    /// Adds `k * w`; `w` must have the layout.
+    pub fn add(&mut self, k: f64, w: &Weights) -> Result<(), Error> {
+        crate::weights::check_shapes(self.like.iter().map(|(n, t)| (n, &t.shape)), w.iter().map(|(n, t)| (n, &t.shape)))?;
+        for (name, acc) in &mut self.sums {
+            for (a, x) in acc.iter_mut().zip(&w[name].data) {
+                *a += k * f64::from(*x);
+            }
+        }
+        Ok(())
+    }
+
+    /// The sums, as f32.
+    pub fn finish(self) -> Weights {
+        let mut out = self.like;
+        for (name, acc) in self.sums {
+            if let Some(t) = out.get_mut(&name) {
+                t.data = crate::fedavg::narrow(acc);
+            }
+        }
+        out
+    }
+}
+
 /// The tensors stored under `prefix/` in a state blob (zeros shaped like `like` when absent).
 pub fn part(state: Option<&Weights>, prefix: &str, like: &Weights) -> Result<Weights, Error> {
     let Some(state) = state else { return Ok(zeros(like)) };

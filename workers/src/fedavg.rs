@@ -129,7 +129,7 @@ impl Running {
 /// The f64 sums as f32, a block at a time from the end, each block of sums
 /// given back as its values are written: a large tensor is held at most
 /// once in f64 (two models' worth), not in f64 and f32 at once.
-fn narrow(mut sums: Vec<f64>) -> Vec<f32> {
+pub(crate) fn narrow(mut sums: Vec<f64>) -> Vec<f32> {
     const BLOCK: usize = 1 << 20;
     // Zeroed pages fresh from the system take no memory until written.
     let mut out = vec![0f32; sums.len()];

@@ -614,10 +614,9 @@ impl Worker {
                 // FedBuff: the model each update trained from, once per distinct digest.
                 let mut bases: Vec<(String, u32)> = Vec::new();
                 let mut base_models: BTreeMap<String, Weights> = BTreeMap::new();
-                // SCAFFOLD / FedDyn: each trainer's state after its update.
+                // SCAFFOLD / FedDyn: each trainer's state after its update, folded with it.
                 let stateful = optimizer.keeps_client_state();
                 let buffered = optimizer.is_asynchronous();
-                let mut client_states = Vec::new();
                 // Buffers and counters of the usable updates, with their samples.
                 let mut buffers: Vec<(State, u64)> = Vec::new();
                 // FedAvg and the optimizers that need only the mean fold each update in as it
@@ -625,7 +624,20 @@ impl Worker {
                 // every weight, so the fold then starts over with the usable ones.
                 let needs = aggregate::needs(optimizer);
                 let mut running = match needs {
-                    Needs::Mean => Some(crate::fedavg::Running::new(&updates.iter().map(|u| u.samples).collect::<Vec<_>>())?),
+                    Needs::Mean | Needs::MeanAndStates => {
+                        Some(crate::fedavg::Running::new(&updates.iter().map(|u| u.samples).collect::<Vec<_>>())?)
+                    }
+                    _ => None,
+                };
+                let state = match optimizer_state {
+                    Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
+                    None => None,
+                };
+                // SCAFFOLD's and FedDyn's second sum, over the updates and their trainers' states.
+                let mut state_fold = match needs {
+                    Needs::MeanAndStates => {
+                        Some(aggregate::StateFold::new(optimizer, *trainers as usize, &global_state.params, state.as_ref(), updates.len())?)
+                    }
                     _ => None,
                 };
                 // The robust rules need every update at once, a block of each at a time: in
@@ -693,7 +705,11 @@ impl Worker {
                             if let Some(b) = b {
                                 base_models.insert(base.clone(), b);
                             }
-                            client_states.extend(s);
+                            if let (Some(fold), Some(s)) = (state_fold.as_mut(), &s)
+                                && excluded.is_empty()
+                            {
+                                fold.add(w.decoded()?, s)?;
+                            }
                             buffers.extend(rest.map(|r| (r, u.samples)));
                             bases.push((base, u.staleness));
                             match (running.as_mut(), held.take()) {
@@ -725,19 +741,25 @@ impl Worker {
                     // Some were left out: fold the usable ones again, with their own weights.
                     Some(_) => {
                         let mut r = crate::fedavg::Running::new(&usable.iter().map(|u| u.samples).collect::<Vec<_>>())?;
+                        if state_fold.is_some() {
+                            let fold = aggregate::StateFold::new(
+                                optimizer,
+                                *trainers as usize,
+                                &global_state.params,
+                                state.as_ref(),
+                                usable.len(),
+                            );
+                            state_fold = Some(fold?);
+                        }
                         for u in &usable {
-                            self.fetch_update(&u.digest, take)
-                                .await
-                                .with_context(|| format!("update {} again", u.digest))?
-                                .0
-                                .fold_into(&mut r)?;
+                            let (w, _) = self.fetch_update(&u.digest, take).await.with_context(|| format!("update {} again", u.digest))?;
+                            if let (Some(fold), Some(d)) = (state_fold.as_mut(), &u.client_state) {
+                                fold.add(w.decoded()?, &self.fetch(d).await.with_context(|| format!("the client state {d} again"))?)?;
+                            }
+                            w.fold_into(&mut r)?;
                         }
                         Some(r.finish()?)
                     }
-                    None => None,
-                };
-                let state = match optimizer_state {
-                    Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
                     None => None,
                 };
                 // An evaluation set this worker may not read: no central evaluation (the trainers' federated one stands).
@@ -750,15 +772,16 @@ impl Worker {
                 });
                 // The global model's parameters move into the step: no copy of them is kept.
                 let global = std::mem::take(&mut global_state.params);
-                let (optimizer, trainers, loss, model) = (*optimizer, *trainers, *loss, model.clone());
+                let (optimizer, loss, model) = (*optimizer, *loss, model.clone());
                 let weighted: Vec<(&State, u64)> = buffers.iter().map(|(s, n)| (s, *n)).collect();
                 let (merged_buffers, merged_counters) = weights::merge_buffers(&weighted)?;
                 let (new_global, new_state, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let (next, state) = match optimizer {
                         ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => {
-                            let trainers = if trainers == 0 { inputs.len() } else { trainers as usize };
-                            let (next, state) =
-                                aggregate::with_client_states(&optimizer, trainers, &global, &inputs, &client_states, state.as_ref())?;
+                            let (Some(fold), Some(average)) = (state_fold, average) else {
+                                bail!("{} folds the updates with their trainers' states", optimizer.name())
+                            };
+                            let (next, state) = fold.finish(&global, &average)?;
                             (next, Some(state))
                         }
                         ServerOptimizer::FedBuff { eta } => {
@@ -824,6 +847,14 @@ impl Params {
             Self::File { packed, .. } => packed.check_same_layout(&reference.params)?,
         }
         weights::check_same_state(&reference.with_params(Weights::new()), rest)
+    }
+
+    /// The parameters, where they are decoded (a fold beside the mean reads them so).
+    fn decoded(&self) -> Result<&Weights, weights::Error> {
+        match self {
+            Self::Decoded(w) => Ok(w),
+            _ => Err(weights::Error::Mismatch("the update's parameters were not decoded".into())),
+        }
     }
 
     fn fold_into(&self, running: &mut crate::fedavg::Running) -> Result<(), weights::Error> {
@@ -1025,6 +1056,55 @@ mod tests {
         assert!(same(&streamed, &in_memory), "FedAvgM steps from the same mean");
         let left: Vec<_> = std::fs::read_dir(spill.path()).into_iter().flatten().collect();
         assert!(left.is_empty(), "nothing stays on disk: {left:?}");
+    }
+
+    /// SCAFFOLD and FedDyn through the aggregator fold each update with its
+    /// trainer's state as it arrives, and get what the server steps over
+    /// every update at once get, bit for bit: with every update usable, and
+    /// when one is left out mid-way (its state missing) and the folds start
+    /// over with the usable ones.
+    #[tokio::test]
+    async fn scaffold_and_feddyn_fold_each_update_with_its_trainers_state_bit_for_bit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let info =
+            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
+        let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
+        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
+        let cfg = ModelConfig::new(&model).expect("cfg");
+        let global = cfg.init(64, 10, 1);
+        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        let trained: Vec<(Weights, u64)> = (0..3u64).map(|k| (cfg.init(64, 10, 300 + k), 4 + 9 * k)).collect();
+        let states: Vec<Weights> =
+            (0..3u64).map(|k| crate::control::pack(&[("c", &cfg.init(64, 10, 400 + k)), ("dc", &cfg.init(64, 10, 500 + k))])).collect();
+        let mut refs = Vec::new();
+        for (k, ((w, n), st)) in trained.iter().zip(&states).enumerate() {
+            let d = blobs.put(weights::encode(w).expect("encode")).await.expect("put");
+            let mut u = protocol::UpdateRef::new(format!("t{k}"), &d, *n);
+            u.client_state = Some(blobs.put(weights::encode(st).expect("encode")).await.expect("put"));
+            refs.push(u);
+        }
+        // Its state is not in the store: left out, after the first update went into the folds.
+        let mut stateless = refs[0].clone();
+        stateless.task_id = "lost".into();
+        stateless.client_state = Some("0".repeat(64));
+        let mut with_lost = refs.clone();
+        with_lost.insert(1, stateless);
+        let bits = |w: &Weights| w.values().flat_map(|t| t.data.iter().map(|v| v.to_bits())).collect::<Vec<_>>();
+        for optimizer in [ServerOptimizer::Scaffold { eta: 0.5 }, ServerOptimizer::FedDyn { alpha: 0.1 }] {
+            let (next, state) = aggregate::with_client_states(&optimizer, 4, &global, &trained, &states, None).expect("at once");
+            for (case, updates, left) in [("all", refs.clone(), 0), ("one lost", with_lost.clone(), 1)] {
+                let command = aggregate_command(&format!("{}-{case}", optimizer.name()), &model, optimizer, &global_digest, updates);
+                let ReportBody::Aggregated { digest, excluded, optimizer_state, .. } = worker.execute(&command).await.body else {
+                    panic!("{case}: aggregated")
+                };
+                assert_eq!(excluded.len(), left, "{case}");
+                let folded = weights::decode(&blobs.get(&digest).await.expect("get")).expect("decode");
+                assert_eq!(bits(&folded), bits(&next), "{} {case}: the next model", optimizer.name());
+                let kept = weights::decode(&blobs.get(&optimizer_state.expect("a state")).await.expect("get")).expect("decode");
+                assert_eq!(bits(&kept), bits(&state), "{} {case}: the server state", optimizer.name());
+            }
+        }
     }
 
     /// The robust rules (median, trimmed mean, Krum) through the aggregator:
