@@ -11,7 +11,7 @@
 #   scripts/bench.sh python    per-round overhead and idle memory of Python trainers (flame-py-worker) vs Rust ones, same job
 #   scripts/bench.sh models    verify --models and whatif on a 100-round job; contributions (Shapley) cost vs trainers
 #   scripts/bench.sh observe   what --mlflow and --otlp add to a 20-round job's wall time (scripts/bench_observe.sh)
-#   scripts/bench.sh aggregate-memory  peak RSS of an aggregator: FedAvg of 10 and 100 updates of 10M params and 4 of 100M; median and Krum of 100 x 10M, on disk and in memory
+#   scripts/bench.sh aggregate-memory  peak RSS of an aggregator: FedAvg of 10 and 100 updates of 10M params and 4 of 100M (from their bytes, and from files); median and Krum of 100 x 10M, on disk and in memory
 #   scripts/bench.sh broadcast  a 1 GB model to 10 readers through the object store vs a loopback TCP copy: throughput, peak RSS (scripts/bench_broadcast.sh)
 #   scripts/bench.sh large-job  a job of a 1 GB model through engine, aggregator and trainers, each a process: peak RSS of each (scripts/bench_large_job.sh)
 #   scripts/bench.sh clients   ms per round at 10 to 10,000 clients (flame-worker --virtual, real NATS) and Flower's deployment engine at 10 and 20 (scripts/bench_clients.sh)
@@ -47,7 +47,7 @@ case "${1:-store}" in
     cargo build -q --release -p flame-workers --no-default-features --bench aggregate_memory
     bench=$(ls -t target/release/deps/aggregate_memory-* | grep -v '\.d$' | head -n 1)
     # FedAvg folds; median and Krum hold every update: on disk over 1,024 MB (the default), in memory with 8,000.
-    for run in "10 10000000" "100 10000000" "4 100000000" \
+    for run in "10 10000000" "100 10000000" "4 100000000" "4 100000000 fedavg 0" \
       "100 10000000 median" "100 10000000 median 8000" "100 10000000 krum" "100 10000000 krum 8000"; do
       "$bench" $run
     done ;;

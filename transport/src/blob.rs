@@ -175,10 +175,13 @@ impl BlobStore for LocalBlobs {
         let d = digest(&bytes);
         let path = self.dir.join(&d);
         if !path.exists() {
-            // Write then rename, so a reader never sees half a blob.
-            let tmp = self.dir.join(format!(".{d}.{}", std::process::id()));
-            tokio::fs::write(&tmp, &bytes).await.map_err(|e| Error::Io(e.to_string()))?;
-            tokio::fs::rename(&tmp, &path).await.map_err(|e| Error::Io(e.to_string()))?;
+            // Write then rename, so a reader never sees half a blob. The bytes move to the
+            // writing thread (`tokio::fs::write` would copy them: a model held twice).
+            let tmp = self.dir.join(format!(".{d}.{}", unique()));
+            tokio::task::spawn_blocking(move || std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)))
+                .await
+                .map_err(|e| Error::Io(e.to_string()))?
+                .map_err(|e| Error::Io(e.to_string()))?;
         }
         Ok(d)
     }

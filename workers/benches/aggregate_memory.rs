@@ -6,7 +6,8 @@
 //! RULE is `fedavg` (the default: each update folded in as it arrives),
 //! `median`, `trimmed` (beta 0.1) or `krum` (f = K/10, m = K/2): these need
 //! every update at once, and hold them in memory up to MB megabytes in all
-//! (default: the worker's default, 1,024), on disk above.
+//! (default: the worker's default, 1,024), on disk above. FedAvg folds an
+//! update larger than MB from its file, a block at a time.
 //!
 //! usage: cargo bench -p flame-workers --no-default-features --bench aggregate_memory -- K M [RULE [MB]]
 
@@ -79,6 +80,11 @@ fn main() {
             format!("; updates on disk (over {budget_mb} MB)")
         }
         flame_workers::aggregate::Needs::Blocks => format!("; updates in memory (within {budget_mb} MB)"),
+        // The worker reads one large update ahead of its fold (16 MiB's worth of small ones).
+        flame_workers::aggregate::Needs::Mean if (m * 4).max(16 << 20) as u64 > budget_mb << 20 => {
+            format!("; each folded from its file (over {budget_mb} MB)")
+        }
+        flame_workers::aggregate::Needs::Mean => "; each folded from its bytes".to_string(),
         _ => String::new(),
     };
     let command = Command {
