@@ -70,9 +70,10 @@ pub enum Needs {
     /// (SCAFFOLD's control variate, FedDyn's `h`), each folded in as it
     /// arrives ([`StateFold`]): memory for the two sums, not for every update.
     MeanAndStates,
-    /// Every update in memory, with more beside them (each update's base
-    /// model).
-    All,
+    /// Each update's change from the model it trained from, folded into
+    /// the step as it arrives ([`crate::fedbuff::Running`]), with each
+    /// distinct base model held (a few: one per global model still trained from).
+    Buffered,
 }
 
 /// What `optimizer` needs of the updates.
@@ -83,7 +84,7 @@ pub fn needs(optimizer: &ServerOptimizer) -> Needs {
         }
         ServerOptimizer::Median | ServerOptimizer::TrimmedMean { .. } | ServerOptimizer::Krum { .. } => Needs::Blocks,
         ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => Needs::MeanAndStates,
-        ServerOptimizer::FedBuff { .. } => Needs::All,
+        ServerOptimizer::FedBuff { .. } => Needs::Buffered,
     }
 }
 

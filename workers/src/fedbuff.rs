@@ -60,6 +60,58 @@ pub fn step(global: &Weights, buffer: &[Buffered], eta: f64) -> Result<Weights, 
     Ok(next)
 }
 
+/// [`step`] folded one update at a time: the same sums in the same order
+/// (so the same bits), holding the f64 sums and not the buffer. Each
+/// update's samples and staleness are known first (the aggregate command
+/// carries them), so each enters with its final weight.
+#[derive(Debug)]
+pub struct Running {
+    scales: Vec<f64>,
+    added: usize,
+    acc: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl Running {
+    /// A step from `global` over updates with these (samples, staleness), to be added in this order.
+    pub fn new(global: &Weights, updates: &[(u64, u32)], eta: f64) -> Result<Self, Error> {
+        if updates.is_empty() {
+            return Err(Error::Mismatch("FedBuff needs at least one update".into()));
+        }
+        let total: u64 = updates.iter().map(|(n, _)| n).sum();
+        if total == 0 {
+            return Err(Error::Mismatch("the buffered updates carry no samples".into()));
+        }
+        let scales = updates.iter().map(|(n, s)| eta * *n as f64 * discount(*s) / total as f64).collect();
+        let acc = global.iter().map(|(k, t)| (k.clone(), (t.shape.clone(), t.data.iter().map(|&x| f64::from(x)).collect()))).collect();
+        Ok(Self { scales, added: 0, acc })
+    }
+
+    /// Folds in the next update: the client's trained model and the model it trained from.
+    pub fn add(&mut self, trained: &Weights, base: &Weights) -> Result<(), Error> {
+        let Some(&scale) = self.scales.get(self.added) else {
+            return Err(Error::Mismatch(format!("more updates than the {} announced", self.scales.len())));
+        };
+        let layout = || self.acc.iter().map(|(k, (shape, _))| (k, shape));
+        crate::weights::check_shapes(layout(), trained.iter().map(|(k, t)| (k, &t.shape)))?;
+        crate::weights::check_shapes(layout(), base.iter().map(|(k, t)| (k, &t.shape)))?;
+        for (name, (_, acc)) in &mut self.acc {
+            for ((a, x), y) in acc.iter_mut().zip(&trained[name].data).zip(&base[name].data) {
+                *a += scale * (f64::from(*x) - f64::from(*y));
+            }
+        }
+        self.added += 1;
+        Ok(())
+    }
+
+    /// The new global model, once every announced update went in.
+    pub fn finish(self) -> Result<Weights, Error> {
+        if self.added != self.scales.len() {
+            return Err(Error::Mismatch(format!("{} of the {} announced updates went in", self.added, self.scales.len())));
+        }
+        Ok(self.acc.into_iter().map(|(k, (shape, acc))| (k, crate::weights::Tensor { shape, data: crate::fedavg::narrow(acc) })).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +164,35 @@ mod tests {
         assert!(step(&global, &[], 1.0).is_err());
         assert!(step(&global, &[Buffered { trained: &wide, base: &global, samples: 1, staleness: 0 }], 1.0).is_err());
         assert!(step(&global, &[Buffered { trained: &global, base: &wide, samples: 1, staleness: 0 }], 1.0).is_err());
+    }
+
+    /// The fold gives the step's bits, update by update, for stale and fresh
+    /// updates from different bases; it refuses other layouts and counts.
+    #[test]
+    fn the_running_step_equals_the_step_over_the_buffer_bit_for_bit() {
+        let mut rng = flame_events::rng::SplitMix::new(9);
+        let mut model = |n: usize| w(&(0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>());
+        let global = model(40);
+        let bases = [global.clone(), model(40), model(40)];
+        let trained: Vec<Weights> = (0..6).map(|_| model(40)).collect();
+        let buffer: Vec<Buffered> = trained
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Buffered { trained: t, base: &bases[i % 3], samples: 3 + 5 * i as u64, staleness: (i % 3) as u32 })
+            .collect();
+        let whole = step(&global, &buffer, 0.8).expect("step");
+        let mut running =
+            Running::new(&global, &buffer.iter().map(|b| (b.samples, b.staleness)).collect::<Vec<_>>(), 0.8).expect("running");
+        for b in &buffer {
+            running.add(b.trained, b.base).expect("same layout");
+        }
+        let folded = running.finish().expect("all in");
+        assert!(folded["p"].data.iter().zip(&whole["p"].data).all(|(a, b)| a.to_bits() == b.to_bits()), "the step's bits");
+
+        let mut short = Running::new(&global, &[(1, 0), (1, 0)], 1.0).expect("running");
+        assert!(short.add(&w(&[0.0]), &global).is_err(), "another layout");
+        short.add(&trained[0], &global).expect("first");
+        assert!(short.finish().is_err(), "an announced update missing");
+        assert!(Running::new(&global, &[], 1.0).is_err() && Running::new(&global, &[(0, 0)], 1.0).is_err());
     }
 }

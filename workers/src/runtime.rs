@@ -609,10 +609,8 @@ impl Worker {
                 }
                 // An unusable update (missing, bytes not matching the digest, not finite f32
                 // safetensors, other tensors than the global model's) is left out and named.
-                let mut inputs = Vec::with_capacity(updates.len());
                 let mut excluded = Vec::new();
                 // FedBuff: the model each update trained from, once per distinct digest.
-                let mut bases: Vec<(String, u32)> = Vec::new();
                 let mut base_models: BTreeMap<String, Weights> = BTreeMap::new();
                 // SCAFFOLD / FedDyn: each trainer's state after its update, folded with it.
                 let stateful = optimizer.keeps_client_state();
@@ -640,6 +638,15 @@ impl Worker {
                     }
                     _ => None,
                 };
+                // FedBuff: each update's change from the model it trained from, folded into the step.
+                let buffer_of = |us: &mut dyn Iterator<Item = &protocol::UpdateRef>| match optimizer {
+                    ServerOptimizer::FedBuff { eta } => {
+                        crate::fedbuff::Running::new(&global_state.params, &us.map(|u| (u.samples, u.staleness)).collect::<Vec<_>>(), *eta)
+                            .map(Some)
+                    }
+                    _ => Ok(None),
+                };
+                let mut buffered_fold = buffer_of(&mut updates.iter())?;
                 // The robust rules need every update at once, a block of each at a time: in
                 // memory while they fit the worker's budget, on disk above it.
                 let mut held = match needs {
@@ -710,8 +717,13 @@ impl Worker {
                             {
                                 fold.add(w.decoded()?, s)?;
                             }
+                            if let Some(fold) = buffered_fold.as_mut()
+                                && excluded.is_empty()
+                            {
+                                let base = base_models.get(&base).ok_or_else(|| anyhow!("base model {base} was not fetched"))?;
+                                fold.add(w.decoded()?, base)?;
+                            }
                             buffers.extend(rest.map(|r| (r, u.samples)));
-                            bases.push((base, u.staleness));
                             match (running.as_mut(), held.take()) {
                                 (Some(r), _) if excluded.is_empty() => w.fold_into(r)?,
                                 (Some(_), _) => {}
@@ -723,7 +735,8 @@ impl Worker {
                                             .with_context(|| format!("holding update {} of task {}", u.digest, u.task_id))?,
                                     );
                                 }
-                                (None, None) => inputs.push((w.into_weights()?, u.samples)),
+                                // FedBuff's fold took it above.
+                                (None, None) => {}
                             }
                             usable.push(u);
                         }
@@ -762,6 +775,19 @@ impl Worker {
                     }
                     None => None,
                 };
+                // FedBuff with an update left out: the step over the usable ones, folded again.
+                if buffered_fold.is_some() && !excluded.is_empty() {
+                    let mut fold = buffer_of(&mut usable.iter().copied())?;
+                    for u in &usable {
+                        let (w, _) = self.fetch_update(&u.digest, take).await.with_context(|| format!("update {} again", u.digest))?;
+                        let base = u.base_model.as_ref().unwrap_or(global_model);
+                        let base = base_models.get(base).ok_or_else(|| anyhow!("base model {base} was not fetched"))?;
+                        if let Some(fold) = fold.as_mut() {
+                            fold.add(w.decoded()?, base)?;
+                        }
+                    }
+                    buffered_fold = fold;
+                }
                 // An evaluation set this worker may not read: no central evaluation (the trainers' federated one stands).
                 let eval = eval_dataset.as_deref().and_then(|url| match self.dataset(url) {
                     Ok(u) => Some(u),
@@ -784,17 +810,14 @@ impl Worker {
                             let (next, state) = fold.finish(&global, &average)?;
                             (next, Some(state))
                         }
-                        ServerOptimizer::FedBuff { eta } => {
-                            let bases = bases
-                                .iter()
-                                .map(|(d, s)| base_models.get(d).map(|b| (b, *s)).ok_or_else(|| anyhow!("base model {d} was not fetched")))
-                                .collect::<anyhow::Result<Vec<_>>>()?;
-                            (aggregate::fedbuff(eta, &global, &inputs, &bases)?, None)
+                        ServerOptimizer::FedBuff { .. } => {
+                            let Some(fold) = buffered_fold else { bail!("FedBuff folds each update with its base model") };
+                            (fold.finish()?, None)
                         }
                         _ => match (average, held) {
                             (Some(average), _) => aggregate::averaged(&optimizer, &global, average, state.as_ref())?,
                             (None, Some(held)) => (held.read(|u| aggregate::robust(&optimizer, u))?, None),
-                            (None, None) => aggregate::combine(&optimizer, &global, inputs, state.as_ref())?,
+                            (None, None) => bail!("{} took none of the updates", optimizer.name()),
                         },
                     };
                     let next = State { params: next, buffers: merged_buffers, counters: merged_counters };
@@ -1104,6 +1127,49 @@ mod tests {
                 let kept = weights::decode(&blobs.get(&optimizer_state.expect("a state")).await.expect("get")).expect("decode");
                 assert_eq!(bits(&kept), bits(&state), "{} {case}: the server state", optimizer.name());
             }
+        }
+    }
+
+    /// FedBuff through the aggregator folds each update's change from the
+    /// model it trained from as it arrives, and gets the step over the whole
+    /// buffer, bit for bit: fresh and stale updates from two bases, with
+    /// every update usable and with one left out mid-way (its base missing).
+    #[tokio::test]
+    async fn fedbuff_folds_each_update_with_its_base_model_bit_for_bit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let info =
+            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
+        let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
+        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
+        let cfg = ModelConfig::new(&model).expect("cfg");
+        let global = cfg.init(64, 10, 1);
+        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        let older = cfg.init(64, 10, 2);
+        let older_digest = blobs.put(weights::encode(&older).expect("encode")).await.expect("put");
+        let trained: Vec<(Weights, u64)> = (0..4u64).map(|k| (cfg.init(64, 10, 600 + k), 5 + 3 * k)).collect();
+        let mut refs = Vec::new();
+        for (k, (w, n)) in trained.iter().enumerate() {
+            let mut u = protocol::UpdateRef::new(format!("t{k}"), blobs.put(weights::encode(w).expect("encode")).await.expect("put"), *n);
+            if k % 2 == 1 {
+                (u.base_model, u.staleness) = (Some(older_digest.clone()), 2);
+            }
+            refs.push(u);
+        }
+        let bases: Vec<(&Weights, u32)> = refs.iter().map(|u| if u.staleness > 0 { (&older, 2) } else { (&global, 0) }).collect();
+        let want = aggregate::fedbuff(0.9, &global, &trained, &bases).expect("the whole buffer");
+        let mut lost = refs[0].clone();
+        (lost.task_id, lost.base_model, lost.staleness) = ("lost".into(), Some("0".repeat(64)), 1);
+        let mut with_lost = refs.clone();
+        with_lost.insert(1, lost);
+        let bits = |w: &Weights| w.values().flat_map(|t| t.data.iter().map(|v| v.to_bits())).collect::<Vec<_>>();
+        for (case, updates, left) in [("all", refs, 0), ("one lost", with_lost, 1)] {
+            let command =
+                aggregate_command(&format!("fedbuff-{case}"), &model, ServerOptimizer::FedBuff { eta: 0.9 }, &global_digest, updates);
+            let ReportBody::Aggregated { digest, excluded, .. } = worker.execute(&command).await.body else { panic!("{case}: aggregated") };
+            assert_eq!(excluded.len(), left, "{case}");
+            let folded = weights::decode(&blobs.get(&digest).await.expect("get")).expect("decode");
+            assert_eq!(bits(&folded), bits(&want), "{case}");
         }
     }
 
