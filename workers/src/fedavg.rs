@@ -48,9 +48,45 @@ pub fn fedavg_into_first(updates: &mut [(Weights, u64)]) -> Result<Weights, Erro
 /// result is equal bit for bit.
 #[derive(Debug)]
 pub struct Running {
+    sums: Sums,
+}
+
+/// Sums of updates folded in one at a time, each with a weight known before
+/// the first goes in: what [`Running`] and FedBuff's fold keep.
+#[derive(Debug)]
+pub(crate) struct Sums {
     scales: Vec<f64>,
     added: usize,
-    acc: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+    /// Each parameter's shape and f64 sums.
+    pub(crate) acc: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl Sums {
+    /// Sums with these weights, to be added in this order, starting from `acc`.
+    pub(crate) fn new(scales: Vec<f64>, acc: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Self {
+        Self { scales, added: 0, acc }
+    }
+
+    /// The weight of the next update.
+    pub(crate) fn scale(&self) -> Result<f64, Error> {
+        self.scales
+            .get(self.added)
+            .copied()
+            .ok_or_else(|| Error::Mismatch(format!("more updates than the {} announced", self.scales.len())))
+    }
+
+    /// Counts an update in.
+    pub(crate) fn added(&mut self) {
+        self.added += 1;
+    }
+
+    /// The sums as f32, once every announced update went in.
+    pub(crate) fn finish(self) -> Result<Weights, Error> {
+        if self.added != self.scales.len() {
+            return Err(Error::Mismatch(format!("{} of the {} announced updates went in", self.added, self.scales.len())));
+        }
+        Ok(self.acc.into_iter().map(|(k, (shape, acc))| (k, Tensor { shape, data: narrow(acc) })).collect())
+    }
 }
 
 impl Running {
@@ -63,18 +99,18 @@ impl Running {
         if total <= 0.0 {
             return Err(Error::Mismatch("updates carry no samples".into()));
         }
-        Ok(Self { scales: samples.iter().map(|n| *n as f64 / total).collect(), added: 0, acc: Default::default() })
+        Ok(Self { sums: Sums::new(samples.iter().map(|n| *n as f64 / total).collect(), Default::default()) })
     }
 
     /// Folds in the next update; it must have the first one's layout.
     pub fn add(&mut self, update: &Weights) -> Result<(), Error> {
         let scale = self.next(update.iter().map(|(name, t)| (name, &t.shape)))?;
-        for (name, (_, acc)) in &mut self.acc {
+        for (name, (_, acc)) in &mut self.sums.acc {
             if let Some(t) = update.get(name) {
                 accumulate(acc, &t.data, scale);
             }
         }
-        self.added += 1;
+        self.sums.added();
         Ok(())
     }
 
@@ -82,12 +118,12 @@ impl Running {
     /// parameters: the same sums as [`Running::add`] of it decoded.
     pub fn add_packed(&mut self, update: &crate::weights::Packed) -> Result<(), Error> {
         let scale = self.next(update.layout())?;
-        for (name, (_, acc)) in &mut self.acc {
+        for (name, (_, acc)) in &mut self.sums.acc {
             if let Some(bytes) = update.values(name) {
                 accumulate_le(acc, bytes, scale);
             }
         }
-        self.added += 1;
+        self.sums.added();
         Ok(())
     }
 
@@ -96,33 +132,28 @@ impl Running {
     /// it in memory.
     pub fn add_file(&mut self, update: &crate::weights::PackedFile) -> Result<(), Error> {
         let scale = self.next(update.layout())?;
-        for (name, (_, acc)) in &mut self.acc {
+        for (name, (_, acc)) in &mut self.sums.acc {
             update.read_param(name, |at, bytes| accumulate_le(&mut acc[at..at + bytes.len() / 4], bytes, scale))?;
         }
-        self.added += 1;
+        self.sums.added();
         Ok(())
     }
 
     /// The next update's weight, once its layout is the first one's (the
     /// first one's makes the accumulator).
     fn next<'a>(&mut self, layout: impl Iterator<Item = (&'a String, &'a Vec<usize>)>) -> Result<f64, Error> {
-        let Some(&scale) = self.scales.get(self.added) else {
-            return Err(Error::Mismatch(format!("more updates than the {} announced", self.scales.len())));
-        };
-        if self.added == 0 {
-            self.acc = layout.map(|(k, shape)| (k.clone(), (shape.clone(), vec![0.0f64; shape.iter().product()]))).collect();
+        let scale = self.sums.scale()?;
+        if self.sums.added == 0 {
+            self.sums.acc = layout.map(|(k, shape)| (k.clone(), (shape.clone(), vec![0.0f64; shape.iter().product()]))).collect();
             return Ok(scale);
         }
-        crate::weights::check_shapes(self.acc.iter().map(|(name, (shape, _))| (name, shape)), layout)?;
+        crate::weights::check_shapes(self.sums.acc.iter().map(|(name, (shape, _))| (name, shape)), layout)?;
         Ok(scale)
     }
 
     /// The mean, once every announced update went in.
     pub fn finish(self) -> Result<Weights, Error> {
-        if self.added != self.scales.len() {
-            return Err(Error::Mismatch(format!("{} of the {} announced updates went in", self.added, self.scales.len())));
-        }
-        Ok(self.acc.into_iter().map(|(k, (shape, acc))| (k, Tensor { shape, data: narrow(acc) })).collect())
+        self.sums.finish()
     }
 }
 

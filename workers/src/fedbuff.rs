@@ -66,9 +66,7 @@ pub fn step(global: &Weights, buffer: &[Buffered], eta: f64) -> Result<Weights, 
 /// carries them), so each enters with its final weight.
 #[derive(Debug)]
 pub struct Running {
-    scales: Vec<f64>,
-    added: usize,
-    acc: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+    sums: crate::fedavg::Sums,
 }
 
 impl Running {
@@ -83,32 +81,27 @@ impl Running {
         }
         let scales = updates.iter().map(|(n, s)| eta * *n as f64 * discount(*s) / total as f64).collect();
         let acc = global.iter().map(|(k, t)| (k.clone(), (t.shape.clone(), t.data.iter().map(|&x| f64::from(x)).collect()))).collect();
-        Ok(Self { scales, added: 0, acc })
+        Ok(Self { sums: crate::fedavg::Sums::new(scales, acc) })
     }
 
     /// Folds in the next update: the client's trained model and the model it trained from.
     pub fn add(&mut self, trained: &Weights, base: &Weights) -> Result<(), Error> {
-        let Some(&scale) = self.scales.get(self.added) else {
-            return Err(Error::Mismatch(format!("more updates than the {} announced", self.scales.len())));
-        };
-        let layout = || self.acc.iter().map(|(k, (shape, _))| (k, shape));
+        let scale = self.sums.scale()?;
+        let layout = || self.sums.acc.iter().map(|(k, (shape, _))| (k, shape));
         crate::weights::check_shapes(layout(), trained.iter().map(|(k, t)| (k, &t.shape)))?;
         crate::weights::check_shapes(layout(), base.iter().map(|(k, t)| (k, &t.shape)))?;
-        for (name, (_, acc)) in &mut self.acc {
+        for (name, (_, acc)) in &mut self.sums.acc {
             for ((a, x), y) in acc.iter_mut().zip(&trained[name].data).zip(&base[name].data) {
                 *a += scale * (f64::from(*x) - f64::from(*y));
             }
         }
-        self.added += 1;
+        self.sums.added();
         Ok(())
     }
 
     /// The new global model, once every announced update went in.
     pub fn finish(self) -> Result<Weights, Error> {
-        if self.added != self.scales.len() {
-            return Err(Error::Mismatch(format!("{} of the {} announced updates went in", self.added, self.scales.len())));
-        }
-        Ok(self.acc.into_iter().map(|(k, (shape, acc))| (k, crate::weights::Tensor { shape, data: crate::fedavg::narrow(acc) })).collect())
+        self.sums.finish()
     }
 }
 

@@ -983,6 +983,30 @@ mod tests {
     use super::*;
     use crate::blob::LocalBlobs;
 
+    /// An aggregator over a blob folder holding a 64-16-10 MLP's global model.
+    struct Aggregator {
+        _dir: tempfile::TempDir,
+        blobs: Arc<LocalBlobs>,
+        worker: Worker,
+        model: Model,
+        cfg: ModelConfig,
+        global: Weights,
+        global_digest: String,
+    }
+
+    async fn aggregator() -> Aggregator {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let info =
+            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
+        let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
+        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
+        let cfg = ModelConfig::new(&model).expect("cfg");
+        let global = cfg.init(64, 10, 1);
+        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        Aggregator { _dir: dir, blobs, worker, model, cfg, global, global_digest }
+    }
+
     /// An `aggregate` command of job `j` for round 1 (4 trainers, no central evaluation).
     fn aggregate_command(id: &str, model: &Model, optimizer: ServerOptimizer, global: &str, updates: Vec<protocol::UpdateRef>) -> Command {
         Command {
@@ -1015,15 +1039,7 @@ mod tests {
     /// starts over; and the momentum optimizers step from the same mean.
     #[tokio::test]
     async fn a_streamed_aggregation_equals_the_in_memory_one_bit_for_bit() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
-        let info =
-            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
-        let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
-        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
-        let cfg = ModelConfig::new(&model).expect("cfg");
-        let global = cfg.init(64, 10, 1);
-        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        let Aggregator { _dir, blobs, worker, model, cfg, global, global_digest } = aggregator().await;
         let trained: Vec<(Weights, u64)> = (0..4u64).map(|k| (cfg.init(64, 10, 100 + k), 7 + 13 * k)).collect();
         let mut refs = Vec::new();
         for (k, (w, n)) in trained.iter().enumerate() {
@@ -1088,15 +1104,7 @@ mod tests {
     /// over with the usable ones.
     #[tokio::test]
     async fn scaffold_and_feddyn_fold_each_update_with_its_trainers_state_bit_for_bit() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
-        let info =
-            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
-        let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
-        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
-        let cfg = ModelConfig::new(&model).expect("cfg");
-        let global = cfg.init(64, 10, 1);
-        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        let Aggregator { _dir, blobs, worker, model, cfg, global, global_digest } = aggregator().await;
         let trained: Vec<(Weights, u64)> = (0..3u64).map(|k| (cfg.init(64, 10, 300 + k), 4 + 9 * k)).collect();
         let states: Vec<Weights> =
             (0..3u64).map(|k| crate::control::pack(&[("c", &cfg.init(64, 10, 400 + k)), ("dc", &cfg.init(64, 10, 500 + k))])).collect();
@@ -1136,15 +1144,7 @@ mod tests {
     /// every update usable and with one left out mid-way (its base missing).
     #[tokio::test]
     async fn fedbuff_folds_each_update_with_its_base_model_bit_for_bit() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
-        let info =
-            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
-        let worker = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
-        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
-        let cfg = ModelConfig::new(&model).expect("cfg");
-        let global = cfg.init(64, 10, 1);
-        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
+        let Aggregator { _dir, blobs, worker, model, cfg, global, global_digest } = aggregator().await;
         let older = cfg.init(64, 10, 2);
         let older_digest = blobs.put(weights::encode(&older).expect("encode")).await.expect("put");
         let trained: Vec<(Weights, u64)> = (0..4u64).map(|k| (cfg.init(64, 10, 600 + k), 5 + 3 * k)).collect();
@@ -1179,17 +1179,9 @@ mod tests {
     /// bit, with a bad update left out too; nothing stays on disk after.
     #[tokio::test]
     async fn robust_rules_over_updates_on_disk_equal_the_in_memory_ones_bit_for_bit() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let Aggregator { _dir, blobs, worker: in_memory, model, cfg, global, global_digest } = aggregator().await;
         let spill = tempfile::tempdir().expect("tempdir");
-        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
-        let info =
-            WorkerInfo { id: "agg".into(), roles: vec!["aggregator".into()], realm: "default".into(), device: "cpu".into(), group: None };
-        let in_memory = Worker::new(info, Arc::new(InProcess::default()), blobs.clone());
         let on_disk = in_memory.clone().with_updates_in_memory(0, spill.path().join("updates"));
-        let model = flame_events::model::Model::Mlp { hidden: vec![16] };
-        let cfg = ModelConfig::new(&model).expect("cfg");
-        let global = cfg.init(64, 10, 1);
-        let global_digest = blobs.put(weights::encode(&global).expect("encode")).await.expect("put");
         let trained: Vec<(Weights, u64)> = (0..7u64).map(|k| (cfg.init(64, 10, 200 + k), 5 + k)).collect();
         let mut refs = Vec::new();
         for (k, (w, n)) in trained.iter().enumerate() {
