@@ -71,10 +71,18 @@ pub trait BlobStore: Send + Sync {
 /// A blob's bytes, read whole, in a file of its own under `dir`.
 async fn written(digest: &str, bytes: Vec<u8>, dir: &Path) -> Result<BlobFile, Error> {
     let path = dir.join(format!(".{digest}.{}", unique()));
-    let io = |e: std::io::Error| Error::Io(format!("cannot write blob {digest} to {}: {e}", path.display()));
-    tokio::fs::create_dir_all(dir).await.map_err(io)?;
-    tokio::fs::write(&path, &bytes).await.map_err(io)?;
-    Ok(BlobFile { len: bytes.len() as u64, path, owned: true })
+    let len = bytes.len() as u64;
+    let (folder, file) = (dir.to_path_buf(), path.clone());
+    write_moved(move || std::fs::create_dir_all(&folder).and_then(|()| std::fs::write(&file, bytes)))
+        .await
+        .map_err(|e| Error::Io(format!("cannot write blob {digest} to {}: {e}", path.display())))?;
+    Ok(BlobFile { len, path, owned: true })
+}
+
+/// Runs a write that owns its bytes on a blocking thread: `tokio::fs::write`
+/// would copy them first (a large model held twice).
+async fn write_moved(write: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(write).await.map_err(std::io::Error::other)?
 }
 
 /// A verified blob in a file ([`BlobStore::get_file`]).
@@ -175,12 +183,10 @@ impl BlobStore for LocalBlobs {
         let d = digest(&bytes);
         let path = self.dir.join(&d);
         if !path.exists() {
-            // Write then rename, so a reader never sees half a blob. The bytes move to the
-            // writing thread (`tokio::fs::write` would copy them: a model held twice).
+            // Write then rename, so a reader never sees half a blob.
             let tmp = self.dir.join(format!(".{d}.{}", unique()));
-            tokio::task::spawn_blocking(move || std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)))
+            write_moved(move || std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)))
                 .await
-                .map_err(|e| Error::Io(e.to_string()))?
                 .map_err(|e| Error::Io(e.to_string()))?;
         }
         Ok(d)
@@ -614,14 +620,13 @@ impl NatsBlobs {
             Some(writer) => writer.await.unwrap_or_else(|e| Err(Error::Io(format!("the download's writer: {e}")))),
             None => Ok(()),
         };
-        if let (Err(e), Some(downloads)) = (&wrote, downloads)
-            && !keep
-        {
-            let e = Error::Io(format!("blob {digest}: cannot write the download: {e}"));
-            downloads.forget(digest).await;
-            return Err(e);
-        }
         if let (Err(e), Some(downloads)) = (&wrote, downloads) {
+            if !keep {
+                // Only the file was to hold the bytes.
+                let e = Error::Io(format!("blob {digest}: cannot write the download: {e}"));
+                downloads.forget(digest).await;
+                return Err(e);
+            }
             // The read goes on in memory (a full disk does not stop a round); only going on
             // from here after a cut is lost.
             tracing::warn!("blob {digest}: cannot keep the download on disk ({e}); reading it into memory only");

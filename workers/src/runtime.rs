@@ -621,32 +621,15 @@ impl Worker {
                 // arrives: memory for the mean, not for every update. An update left out changes
                 // every weight, so the fold then starts over with the usable ones.
                 let needs = aggregate::needs(optimizer);
-                let mut running = match needs {
-                    Needs::Mean | Needs::MeanAndStates => {
-                        Some(crate::fedavg::Running::new(&updates.iter().map(|u| u.samples).collect::<Vec<_>>())?)
-                    }
-                    _ => None,
-                };
                 let state = match optimizer_state {
                     Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
                     None => None,
                 };
-                // SCAFFOLD's and FedDyn's second sum, over the updates and their trainers' states.
-                let mut state_fold = match needs {
-                    Needs::MeanAndStates => {
-                        Some(aggregate::StateFold::new(optimizer, *trainers as usize, &global_state.params, state.as_ref(), updates.len())?)
-                    }
-                    _ => None,
+                let folds_of = |us: &[&protocol::UpdateRef]| {
+                    let weights: Vec<(u64, u32)> = us.iter().map(|u| (u.samples, u.staleness)).collect();
+                    Folds::new(needs, optimizer, *trainers as usize, &global_state.params, state.as_ref(), &weights)
                 };
-                // FedBuff: each update's change from the model it trained from, folded into the step.
-                let buffer_of = |us: &mut dyn Iterator<Item = &protocol::UpdateRef>| match optimizer {
-                    ServerOptimizer::FedBuff { eta } => {
-                        crate::fedbuff::Running::new(&global_state.params, &us.map(|u| (u.samples, u.staleness)).collect::<Vec<_>>(), *eta)
-                            .map(Some)
-                    }
-                    _ => Ok(None),
-                };
-                let mut buffered_fold = buffer_of(&mut updates.iter())?;
+                let mut folds = folds_of(&updates.iter().collect::<Vec<_>>())?;
                 // The robust rules need every update at once, a block of each at a time: in
                 // memory while they fit the worker's budget, on disk above it.
                 let mut held = match needs {
@@ -712,31 +695,19 @@ impl Worker {
                             if let Some(b) = b {
                                 base_models.insert(base.clone(), b);
                             }
-                            if let (Some(fold), Some(s)) = (state_fold.as_mut(), &s)
-                                && excluded.is_empty()
-                            {
-                                fold.add(w.decoded()?, s)?;
-                            }
-                            if let Some(fold) = buffered_fold.as_mut()
-                                && excluded.is_empty()
-                            {
-                                let base = base_models.get(&base).ok_or_else(|| anyhow!("base model {base} was not fetched"))?;
-                                fold.add(w.decoded()?, base)?;
-                            }
                             buffers.extend(rest.map(|r| (r, u.samples)));
-                            match (running.as_mut(), held.take()) {
-                                (Some(r), _) if excluded.is_empty() => w.fold_into(r)?,
-                                (Some(_), _) => {}
+                            match held.take() {
                                 // Writing to disk blocks: off the runtime's threads.
-                                (None, Some(mut h)) => {
+                                Some(mut h) => {
                                     held = Some(
                                         tokio::task::spawn_blocking(move || w.into_weights().and_then(|w| h.push(w)).map(|()| h))
                                             .await?
                                             .with_context(|| format!("holding update {} of task {}", u.digest, u.task_id))?,
                                     );
                                 }
-                                // FedBuff's fold took it above.
-                                (None, None) => {}
+                                // Once one was left out, the folds start over after the last update.
+                                None if excluded.is_empty() => folds.add(&w, s.as_ref(), base_models.get(&base))?,
+                                None => {}
                             }
                             usable.push(u);
                         }
@@ -749,45 +720,20 @@ impl Worker {
                 if usable.is_empty() {
                     bail!("no usable update among {}: {:?}", updates.len(), excluded.iter().map(|x| &x.reason).collect::<Vec<_>>());
                 }
-                let average = match running {
-                    Some(r) if excluded.is_empty() => Some(r.finish()?),
+                if !excluded.is_empty() && folds.any() {
                     // Some were left out: fold the usable ones again, with their own weights.
-                    Some(_) => {
-                        let mut r = crate::fedavg::Running::new(&usable.iter().map(|u| u.samples).collect::<Vec<_>>())?;
-                        if state_fold.is_some() {
-                            let fold = aggregate::StateFold::new(
-                                optimizer,
-                                *trainers as usize,
-                                &global_state.params,
-                                state.as_ref(),
-                                usable.len(),
-                            );
-                            state_fold = Some(fold?);
-                        }
-                        for u in &usable {
-                            let (w, _) = self.fetch_update(&u.digest, take).await.with_context(|| format!("update {} again", u.digest))?;
-                            if let (Some(fold), Some(d)) = (state_fold.as_mut(), &u.client_state) {
-                                fold.add(w.decoded()?, &self.fetch(d).await.with_context(|| format!("the client state {d} again"))?)?;
-                            }
-                            w.fold_into(&mut r)?;
-                        }
-                        Some(r.finish()?)
-                    }
-                    None => None,
-                };
-                // FedBuff with an update left out: the step over the usable ones, folded again.
-                if buffered_fold.is_some() && !excluded.is_empty() {
-                    let mut fold = buffer_of(&mut usable.iter().copied())?;
+                    folds = folds_of(&usable)?;
                     for u in &usable {
                         let (w, _) = self.fetch_update(&u.digest, take).await.with_context(|| format!("update {} again", u.digest))?;
-                        let base = u.base_model.as_ref().unwrap_or(global_model);
-                        let base = base_models.get(base).ok_or_else(|| anyhow!("base model {base} was not fetched"))?;
-                        if let Some(fold) = fold.as_mut() {
-                            fold.add(w.decoded()?, base)?;
-                        }
+                        let s = match (&folds.states, &u.client_state) {
+                            (Some(_), Some(d)) => Some(self.fetch(d).await.with_context(|| format!("the client state {d} again"))?),
+                            _ => None,
+                        };
+                        folds.add(&w, s.as_ref(), base_models.get(u.base_model.as_ref().unwrap_or(global_model)))?;
                     }
-                    buffered_fold = fold;
                 }
+                let Folds { mean, states: state_fold, buffered: buffered_fold } = folds;
+                let average = mean.map(crate::fedavg::Running::finish).transpose()?;
                 // An evaluation set this worker may not read: no central evaluation (the trainers' federated one stands).
                 let eval = eval_dataset.as_deref().and_then(|url| match self.dataset(url) {
                     Ok(u) => Some(u),
@@ -894,6 +840,59 @@ impl Params {
             Self::Packed(p) => Ok(p.params()),
             Self::File { packed, .. } => packed.params(),
         }
+    }
+}
+
+/// What an aggregator folds a round's updates into as they arrive: their
+/// mean (FedAvg and the optimizers that step from it), SCAFFOLD's and
+/// FedDyn's second sum, FedBuff's step. Each is made for a given list of
+/// updates (their weights depend on all of them): a round that leaves one
+/// out makes them again for the usable ones.
+struct Folds {
+    mean: Option<crate::fedavg::Running>,
+    states: Option<aggregate::StateFold>,
+    buffered: Option<crate::fedbuff::Running>,
+}
+
+impl Folds {
+    /// The folds `needs` asks for, over updates of these (samples, staleness).
+    fn new(
+        needs: Needs,
+        optimizer: &ServerOptimizer,
+        trainers: usize,
+        global: &Weights,
+        state: Option<&Weights>,
+        updates: &[(u64, u32)],
+    ) -> Result<Self, weights::Error> {
+        let samples: Vec<u64> = updates.iter().map(|(n, _)| *n).collect();
+        let mean = matches!(needs, Needs::Mean | Needs::MeanAndStates).then(|| crate::fedavg::Running::new(&samples)).transpose()?;
+        let states = (needs == Needs::MeanAndStates)
+            .then(|| aggregate::StateFold::new(optimizer, trainers, global, state, updates.len()))
+            .transpose()?;
+        let buffered = match (needs, optimizer) {
+            (Needs::Buffered, ServerOptimizer::FedBuff { eta }) => Some(crate::fedbuff::Running::new(global, updates, *eta)?),
+            _ => None,
+        };
+        Ok(Self { mean, states, buffered })
+    }
+
+    fn any(&self) -> bool {
+        self.mean.is_some() || self.states.is_some() || self.buffered.is_some()
+    }
+
+    /// Folds in the next update, with its trainer's state and the model it
+    /// trained from where a fold reads them.
+    fn add(&mut self, update: &Params, state: Option<&Weights>, base: Option<&Weights>) -> Result<(), weights::Error> {
+        if let Some(fold) = self.states.as_mut() {
+            fold.add(update.decoded()?, state.ok_or_else(|| weights::Error::Mismatch("no trainer's state with the update".into()))?)?;
+        }
+        if let Some(fold) = self.buffered.as_mut() {
+            fold.add(update.decoded()?, base.ok_or_else(|| weights::Error::Mismatch("the update's base model was not fetched".into()))?)?;
+        }
+        if let Some(mean) = self.mean.as_mut() {
+            update.fold_into(mean)?;
+        }
+        Ok(())
     }
 }
 

@@ -200,19 +200,14 @@ pub fn decode_state(bytes: &[u8]) -> Result<State, Error> {
 /// values, shape) to `param`.
 fn read_state(bytes: &[u8], mut param: impl FnMut(String, &[u8], Vec<usize>)) -> Result<State, Error> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Format(e.to_string()))?;
-    let buffers: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get(BUFFERS)) {
-        Some(list) => serde_json::from_str(list).map_err(|e| Error::Format(format!("metadata '{BUFFERS}': {e}")))?,
-        None => Vec::new(),
-    };
+    let buffers = listed_buffers(&meta)?;
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Format(e.to_string()))?;
     let mut state = State::default();
     for (name, view) in st.tensors() {
         match view.dtype() {
             Dtype::F32 => {
                 let data = view.data();
-                if data.chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()) {
-                    return Err(Error::NotFinite(name));
-                }
+                check_finite(&name, data)?;
                 if buffers.contains(&name) {
                     state.buffers.insert(name, Tensor { shape: view.shape().to_vec(), data: f32s(data) });
                 } else {
@@ -220,14 +215,33 @@ fn read_state(bytes: &[u8], mut param: impl FnMut(String, &[u8], Vec<usize>)) ->
                 }
             }
             Dtype::I64 => {
-                let data =
-                    view.data().chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
-                state.counters.insert(name, Counter { shape: view.shape().to_vec(), data });
+                state.counters.insert(name, Counter { shape: view.shape().to_vec(), data: i64s(view.data()) });
             }
             other => return Err(Error::Dtype { name, dtype: format!("{other:?}") }),
         }
     }
     Ok(state)
+}
+
+/// The float tensors a state's metadata lists as buffers.
+fn listed_buffers(meta: &safetensors::tensor::Metadata) -> Result<Vec<String>, Error> {
+    match meta.metadata().as_ref().and_then(|m| m.get(BUFFERS)) {
+        Some(list) => serde_json::from_str(list).map_err(|e| Error::Format(format!("metadata '{BUFFERS}': {e}"))),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Refuses little-endian f32 bytes holding NaN or an infinity, naming the tensor.
+fn check_finite(name: &str, bytes: &[u8]) -> Result<(), Error> {
+    match bytes.chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()) {
+        true => Err(Error::NotFinite(name.to_string())),
+        false => Ok(()),
+    }
+}
+
+/// Little-endian i64 bytes as values.
+fn i64s(bytes: &[u8]) -> Vec<i64> {
+    bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
 }
 
 /// Little-endian f32 bytes as values.
@@ -321,10 +335,7 @@ impl PackedFile {
         if start + meta.data_len() as u64 != len {
             return Err(Error::Format(format!("the header describes {} bytes of values; the file holds {}", meta.data_len(), len - start)));
         }
-        let buffers: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get(BUFFERS)) {
-            Some(list) => serde_json::from_str(list).map_err(|e| Error::Format(format!("metadata '{BUFFERS}': {e}")))?,
-            None => Vec::new(),
-        };
+        let buffers = listed_buffers(&meta)?;
         let mut packed = Self { file, params: BTreeMap::new(), rest: State::default() };
         let mut tensors: Vec<_> = meta.tensors().into_iter().collect();
         tensors.sort_by_key(|(_, info)| info.data_offsets);
@@ -335,9 +346,7 @@ impl PackedFile {
                 Dtype::F32 => {
                     let mut values = buffers.contains(&name).then(Vec::new);
                     packed.blocks(&range, 4, |_, bytes| {
-                        if bytes.chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()) {
-                            return Err(Error::NotFinite(name.clone()));
-                        }
+                        check_finite(&name, bytes)?;
                         values.as_mut().into_iter().for_each(|v| v.extend(f32s(bytes)));
                         Ok(())
                     })?;
@@ -349,7 +358,7 @@ impl PackedFile {
                 Dtype::I64 => {
                     let mut data = Vec::new();
                     packed.blocks(&range, 8, |_, bytes| {
-                        data.extend(bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])));
+                        data.extend(i64s(bytes));
                         Ok(())
                     })?;
                     packed.rest.counters.insert(name, Counter { shape, data });
