@@ -256,3 +256,55 @@ async fn a_blob_read_to_a_file_is_checked_and_goes_when_dropped() {
     let refused = reader.get_file(&d, &blocked).await.expect_err("no folder to write to");
     assert!(refused.to_string().contains("a-file"), "{refused}");
 }
+
+/// A read to a file (the aggregator's, for updates over its memory budget)
+/// that finds a part and mark in its folder goes on from them: only the
+/// rest is read, the part's first bytes are hashed from the disk rather
+/// than read again afterwards, and a part spoiled before its mark is found
+/// out by the digest and the blob read again whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_to_a_file_goes_on_from_a_part_and_reads_a_spoiled_one_again() {
+    let url = crate::util::nats_url();
+    let js = async_nats::jetstream::new(crate::util::connect(&url).await);
+    let engine = NatsBlobs::new(&js).await.expect("object store");
+    let model = noise(24 << 20, &format!("{}-to-file", crate::util::unique()));
+    let size = model.len() as u64;
+    let d = engine.put(model.clone()).await.expect("stored");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("updates");
+    let marks = Downloads::new(&folder, None).expect("folder");
+    let cut = |at: u64| {
+        let (js, folder, d) = (js.clone(), folder.clone(), d.clone());
+        async move {
+            let (observer, seen, _) = watching();
+            let reader = NatsBlobs::new(&js).await.expect("blobs").resuming_in(&folder, Some(observer)).expect("downloads");
+            read_until_cut(&reader, &d, seen, at).await;
+        }
+    };
+    let (observer, _, told) = watching();
+    // The reader's own download folder is elsewhere: the file goes where it is asked to.
+    let reader = NatsBlobs::new(&js).await.expect("blobs").resuming_in(dir.path().join("own"), Some(observer)).expect("downloads");
+
+    cut(size / 4).await;
+    let mark = settled_mark(&marks, &d).await;
+    assert!(mark.bytes > 0 && mark.bytes < size, "cut short mid-way: {mark:?} of {size}");
+    let file = reader.get_file(&d, &folder).await.expect("the blob in a file, resumed");
+    assert!(std::fs::read(file.path()).expect("the file") == model, "the blob's bytes");
+    assert_eq!(file.len(), size);
+    let seen = std::mem::take(&mut *told.lock().expect("told"));
+    assert!(!seen.is_empty() && seen.iter().all(|p| p.resumed_from == mark.bytes), "went on from the mark: {:?}", seen.first());
+    assert_eq!(seen.len() as u64, (size - mark.bytes).div_ceil(128 << 10), "read only the chunks after the mark");
+    assert!(!marks.part(&d).exists() && marks.mark(&d).is_none(), "the part became the file; no mark is left");
+    drop(file);
+
+    cut(size / 3).await;
+    let mark = settled_mark(&marks, &d).await;
+    let mut part = std::fs::read(marks.part(&d)).expect("part");
+    part[(mark.bytes / 2) as usize] ^= 0xff;
+    std::fs::write(marks.part(&d), part).expect("spoiled");
+    let file = reader.get_file(&d, &folder).await.expect("the blob in a file, read again");
+    assert!(std::fs::read(file.path()).expect("the file") == model, "the blob's own bytes, not the spoiled part's");
+    let seen = told.lock().expect("told").clone();
+    assert_eq!(seen.first().map(|p| p.resumed_from), Some(mark.bytes), "it first went on from the mark");
+    assert_eq!(seen.last().map(|p| (p.resumed_from, p.done)), Some((0, size)), "then read the whole blob again");
+}

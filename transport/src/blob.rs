@@ -47,7 +47,11 @@ fn check_digest(d: &str) -> Result<(), Error> {
 }
 
 fn verified(expected: &str, bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
-    let actual = digest(&bytes);
+    arrived(expected, digest(&bytes), bytes)
+}
+
+/// `bytes`, where they hash to `expected` (`actual`, taken as they arrived).
+fn arrived(expected: &str, actual: String, bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
     if actual == expected { Ok(bytes) } else { Err(Error::Corrupt { expected: expected.to_string(), actual }) }
 }
 
@@ -128,26 +132,40 @@ fn unique() -> String {
     format!("{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
-/// The sha256 of a file's bytes (read a block at a time) and their number.
-fn digest_of_file(path: &Path) -> std::io::Result<(String, u64)> {
+/// `hasher` fed everything `from` reads (a block at a time), and the number of bytes.
+fn hash_all(mut from: impl std::io::Read, mut hasher: sha2::Sha256) -> std::io::Result<(sha2::Sha256, u64)> {
     use sha2::Digest;
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
     let mut block = vec![0u8; 1 << 20];
     let mut len = 0;
     loop {
-        let n = file.read(&mut block)?;
+        let n = from.read(&mut block)?;
         if n == 0 {
-            return Ok((hex::encode(hasher.finalize()), len));
+            return Ok((hasher, len));
         }
         hasher.update(&block[..n]);
         len += n as u64;
     }
 }
 
-/// Checks that the file at `path` holds the blob `expected` (`size` bytes where known).
-async fn verified_file(expected: &str, path: PathBuf, size: Option<u64>) -> Result<(PathBuf, u64), Error> {
+/// The sha256 of a file's bytes and their number.
+fn digest_of_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use sha2::Digest;
+    let (hasher, len) = hash_all(std::fs::File::open(path)?, sha2::Sha256::new())?;
+    Ok((hex::encode(hasher.finalize()), len))
+}
+
+/// A hasher fed the first `len` bytes of the file at `path` (an error where it holds fewer).
+fn hash_of_prefix(path: &Path, len: u64) -> std::io::Result<sha2::Sha256> {
+    use sha2::Digest;
+    use std::io::Read;
+    match hash_all(std::fs::File::open(path)?.take(len), sha2::Sha256::new())? {
+        (hasher, read) if read == len => Ok(hasher),
+        (_, read) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{read} of {len} bytes"))),
+    }
+}
+
+/// Checks that the file at `path` holds the blob `expected`.
+async fn verified_file(expected: &str, path: PathBuf) -> Result<(PathBuf, u64), Error> {
     let read = path.clone();
     let (actual, len) = tokio::task::spawn_blocking(move || digest_of_file(&read))
         .await
@@ -156,7 +174,7 @@ async fn verified_file(expected: &str, path: PathBuf, size: Option<u64>) -> Resu
             std::io::ErrorKind::NotFound => Error::NotFound(expected.to_string()),
             _ => Error::Io(format!("checking blob {expected} in {}: {e}", path.display())),
         })?;
-    if actual != expected || size.is_some_and(|s| s != len) {
+    if actual != expected {
         return Err(Error::Corrupt { expected: expected.to_string(), actual });
     }
     Ok((path, len))
@@ -204,7 +222,7 @@ impl BlobStore for LocalBlobs {
     /// The store's own file, checked as it is read (blobs are written whole, then renamed into place).
     async fn get_file(&self, digest: &str, _dir: &Path) -> Result<BlobFile, Error> {
         check_digest(digest)?;
-        let (path, len) = verified_file(digest, self.dir.join(digest), None).await?;
+        let (path, len) = verified_file(digest, self.dir.join(digest)).await?;
         Ok(BlobFile { path, len, owned: false })
     }
 }
@@ -326,7 +344,10 @@ impl NatsBlobs {
                     Fetched::Bytes(bytes) => Ok(bytes),
                     Fetched::File(file) => Err(Error::Io(format!("blob {digest}: read to {}, not into memory", file.path().display()))),
                 },
-                None => verified(digest, self.download_from(None, digest, &info, crate::download::Start::Fresh, true).await?),
+                None => {
+                    let (bytes, actual) = self.download_from(None, digest, &info, crate::download::Start::Fresh, true).await?;
+                    arrived(digest, actual, bytes)
+                }
             };
         }
         if self.direct.load(Ordering::Relaxed) {
@@ -437,14 +458,17 @@ impl NatsBlobs {
         if let Start::Resume(m) = &from {
             tracing::info!("blob {digest}: going on from byte {} of {} (a part from an earlier read)", m.bytes, info.size);
         }
-        let check = |bytes: Vec<u8>| async {
+        // Checked by the hash of what arrived (and, going on from a part, of the part's first
+        // bytes): the file is not read again.
+        let check = |(bytes, actual): (Vec<u8>, String)| async {
+            let bytes = arrived(digest, actual, bytes)?;
             if keep {
-                return verified(digest, bytes).map(Fetched::Bytes);
+                return Ok(Fetched::Bytes(bytes));
             }
-            let (path, len) = verified_file(digest, part.clone(), Some(info.size as u64)).await?;
+            let len = tokio::fs::metadata(&part).await.map_err(|e| crate::download::io(&part, e))?.len();
             // The part becomes the reader's file, under a name no later download of the blob takes.
             let taken = part.with_extension(format!("{}.blob", unique()));
-            tokio::fs::rename(&path, &taken).await.map_err(|e| crate::download::io(&taken, e))?;
+            tokio::fs::rename(&part, &taken).await.map_err(|e| crate::download::io(&taken, e))?;
             Ok(Fetched::File(BlobFile { path: taken, len, owned: true }))
         };
         let read = self.download_from(Some((downloads, only_one.clone())), digest, info, from, keep).await?;
@@ -470,7 +494,8 @@ impl NatsBlobs {
             // Small: read as any read is, then written out.
             return written(digest, self.fetch(digest).await?, dir).await;
         }
-        let downloads = crate::download::Downloads::new(dir, None)?;
+        // Told of as this store's own downloads are.
+        let downloads = crate::download::Downloads::new(dir, self.downloads.as_ref().and_then(|d| d.observer()))?;
         match self.download(&downloads, digest, &info, false).await? {
             Fetched::File(file) => Ok(file),
             Fetched::Bytes(_) => Err(Error::Io(format!("blob {digest}: read into memory, not to a file"))),
@@ -483,6 +508,8 @@ impl NatsBlobs {
     /// chunks written to the part and recorded in its mark; without one, all
     /// its chunks into memory. Without `keep`, the bytes go only to the part
     /// (none are returned), and a part that cannot be written fails the read.
+    /// With the bytes, the sha256 of all of them (the part's first bytes
+    /// too), hashed as they arrive.
     async fn download_from(
         &self,
         disk: Option<(&crate::download::Downloads, std::sync::Arc<tokio::sync::OwnedMutexGuard<()>>)>,
@@ -490,33 +517,44 @@ impl NatsBlobs {
         info: &object_store::ObjectInfo,
         from: crate::download::Start,
         keep: bool,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<(Vec<u8>, String), Error> {
         use crate::download::{CHECKPOINT, Mark, Progress, Start, io};
         use async_nats::jetstream::consumer::{DeliverPolicy, push};
         use futures::StreamExt;
+        use sha2::Digest;
         use tokio::io::AsyncReadExt;
         let size = info.size as u64;
         // The description's size is what its writer said: room for at most 1 GiB up front.
         let mut bytes = if keep { Vec::with_capacity(info.size.min(1 << 30)) } else { Vec::new() };
         let fresh = Mark { nuid: info.nuid.clone(), bytes: 0, chunks: 0, next_seq: 0 };
         let mut mark = fresh.clone();
+        let mut hasher = sha2::Sha256::new();
         let mut to_disk = None;
         let mut writer = None;
+        // Set once every byte is in memory: what the writer has not written yet is not needed
+        // (the part is only for going on after a cut, and is removed once the bytes are checked).
+        let in_memory = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let downloads = disk.as_ref().map(|(d, _)| *d);
         if let Some((downloads, only_one)) = disk {
             let part = downloads.part(digest);
             if let Start::Resume(m) = &from
                 && !keep
             {
-                // The part's first bytes stay where they are (`start` saw the part hold them).
-                mark = m.clone();
+                // The part's first bytes stay where they are (`start` saw the part hold them); only their hash is taken.
+                let (path, len) = (part.clone(), m.bytes);
+                if let Ok(Ok(prefix)) = tokio::task::spawn_blocking(move || hash_of_prefix(&path, len)).await {
+                    (mark, hasher) = (m.clone(), prefix);
+                }
             } else if let Start::Resume(m) = from {
                 let prefix = async {
                     let file = tokio::fs::File::open(&part).await?;
                     file.take(m.bytes).read_to_end(&mut bytes).await
                 };
                 match prefix.await {
-                    Ok(_) if bytes.len() as u64 == m.bytes => mark = m,
+                    Ok(_) if bytes.len() as u64 == m.bytes => {
+                        hasher.update(&bytes);
+                        mark = m;
+                    }
                     _ => bytes.clear(),
                 }
             }
@@ -540,10 +578,14 @@ impl NatsBlobs {
                     let (tx, mut checkpoints) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Mark)>(16);
                     let mark_path = downloads.mark_path(digest);
                     to_disk = Some(tx);
+                    let in_memory = in_memory.clone();
                     writer = Some(tokio::task::spawn_blocking(move || {
                         use std::io::Write;
                         let _only_one = only_one;
                         while let Some((segment, mark)) = checkpoints.blocking_recv() {
+                            if in_memory.load(std::sync::atomic::Ordering::Relaxed) {
+                                break;
+                            }
                             for chunk in segment {
                                 file.write_all(&chunk).map_err(|e| io(&part, e))?;
                             }
@@ -592,6 +634,7 @@ impl NatsBlobs {
                     }
                 };
                 let seq = message.info().map_err(|e| Error::Io(format!("blob {digest}: {e}")))?.stream_sequence;
+                hasher.update(&message.payload);
                 if keep {
                     bytes.extend_from_slice(&message.payload);
                 }
@@ -615,6 +658,9 @@ impl NatsBlobs {
             Ok(())
         };
         let read = read.await;
+        if keep && read.is_ok() {
+            in_memory.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         drop(to_disk);
         let wrote = match writer {
             Some(writer) => writer.await.unwrap_or_else(|e| Err(Error::Io(format!("the download's writer: {e}")))),
@@ -636,7 +682,7 @@ impl NatsBlobs {
             // Not this object's chunks: start over next time.
             downloads.forget(digest).await;
         }
-        read.map(|()| bytes)
+        read.map(|()| (bytes, hex::encode(hasher.finalize())))
     }
 
     /// One write of `bytes` under their digest `d`.
@@ -855,6 +901,26 @@ impl BlobStore for Cached {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parts_first_bytes_hash_as_the_blobs_do_when_the_rest_follows() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("part");
+        // Over two of the hash's read blocks, so that a block boundary falls inside the prefix.
+        let bytes: Vec<u8> = (0..(2 << 20) + 777u32).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).expect("part");
+        for len in [0, 1, 1 << 20, (1 << 20) + 5, bytes.len() as u64] {
+            let mut hasher = hash_of_prefix(&path, len).expect("prefix");
+            hasher.update(&bytes[len as usize..]);
+            assert_eq!(hex::encode(hasher.finalize()), digest(&bytes), "prefix of {len}");
+        }
+        let short = hash_of_prefix(&path, bytes.len() as u64 + 1).expect_err("the part holds fewer");
+        assert_eq!(short.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(hash_of_prefix(&dir.path().join("none"), 1).is_err());
+        assert!(matches!(arrived(&digest(b"a"), digest(b"b"), b"b".to_vec()), Err(Error::Corrupt { .. })));
+        assert_eq!(arrived(&digest(b"a"), digest(b"a"), b"a".to_vec()).expect("the bytes"), b"a");
+    }
 
     #[tokio::test]
     async fn local_blobs_are_content_addressed_and_verified() {

@@ -8,8 +8,9 @@
 //! restarted, the server away for a while, a read stalled) goes on from
 //! there with an ordered consumer that starts at that sequence, instead of
 //! reading the model from its first byte. The whole is checked against its
-//! digest at the end; a part that does not add up is thrown away and read
-//! again from the start.
+//! digest, hashed as it arrives (a part's first bytes from the disk when the
+//! read goes on from them), so the file is not read again to check it; a
+//! part that does not add up is thrown away and read again from the start.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -90,6 +91,11 @@ impl Downloads {
         std::fs::create_dir_all(&dir)
             .map_err(|e| crate::blob::Error::Io(format!("cannot create the download folder {}: {e}", dir.display())))?;
         Ok(Self { dir, busy: Default::default(), observer })
+    }
+
+    /// Whoever is told of this folder's downloads.
+    pub(crate) fn observer(&self) -> Option<Observer> {
+        self.observer.clone()
     }
 
     /// The part file of `digest`.
