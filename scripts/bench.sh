@@ -12,7 +12,7 @@
 #   scripts/bench.sh models    verify --models and whatif on a 100-round job; contributions (Shapley) cost vs trainers
 #   scripts/bench.sh observe   what --mlflow and --otlp add to a 20-round job's wall time (scripts/bench_observe.sh)
 #   scripts/bench.sh aggregate-memory  peak RSS of an aggregator: FedAvg of 10 and 100 updates of 10M params and 4 of 100M (from their bytes, and from files); median and Krum of 100 x 10M, on disk and in memory
-#   scripts/bench.sh broadcast  a 1 GB model to 10 readers through the object store vs a loopback TCP copy: throughput, peak RSS (scripts/bench_broadcast.sh)
+#   scripts/bench.sh broadcast  a 1 GB model to 10 readers through the object store vs a loopback TCP copy (into memory, and into memory and a file): throughput, peak RSS (scripts/bench_broadcast.sh)
 #   scripts/bench.sh large-job  a job of a 1 GB model through engine, aggregator and trainers, each a process: peak RSS of each (scripts/bench_large_job.sh)
 #   scripts/bench.sh clients   ms per round at 10 to 10,000 clients (flame-worker --virtual, real NATS) and Flower's deployment engine at 10 and 20 (scripts/bench_clients.sh)
 set -euo pipefail

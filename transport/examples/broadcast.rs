@@ -5,11 +5,13 @@
 //!
 //! Stores MIB MiB as one blob the engine's way, then starts READERS processes
 //! at once that each read it the worker's way (into a download folder,
-//! resumably, checked against its digest); then the same processes read the
-//! same bytes from one TCP connection each on the loopback interface (read
-//! into memory, nothing checked). Prints each pass's wall time, the bytes
-//! delivered per second over all readers, their ratio, and the peak RSS
-//! (VmHWM) of the process that stored the blob and of each reader.
+//! resumably, checked against its digest) and then into memory only; then
+//! the same processes read the same bytes from one TCP connection each on
+//! the loopback interface (nothing checked): into memory, and into memory
+//! and a file as they arrive (the resumable read's like: it writes its part
+//! as it reads). Prints each pass's wall time, the bytes delivered per
+//! second over all readers, their ratios, and the peak RSS (VmHWM) of the
+//! process that stored the blob and of each reader.
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -95,11 +97,31 @@ async fn read_nats(url: &str, d: &str, dir: Option<String>) {
     println!("seconds={seconds} rss_mb={} cpu_s={}", peak_rss_mb(), cpu_seconds("self"));
 }
 
-fn read_tcp(addr: &str, size: usize) {
+/// Reads the copy into memory, and with `file` into that file as well as it
+/// arrives (removed at the end, as a finished download's part is).
+fn read_tcp(addr: &str, size: usize, file: Option<String>) {
     let t = Instant::now();
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     let mut bytes = Vec::with_capacity(size);
-    stream.read_to_end(&mut bytes).expect("read");
+    match &file {
+        None => {
+            stream.read_to_end(&mut bytes).expect("read");
+        }
+        Some(path) => {
+            let mut out = std::fs::File::create(path).expect("the file");
+            let mut block = vec![0u8; 1 << 20];
+            loop {
+                let n = stream.read(&mut block).expect("read");
+                if n == 0 {
+                    break;
+                }
+                bytes.extend_from_slice(&block[..n]);
+                out.write_all(&block[..n]).expect("write");
+            }
+            drop(out);
+            std::fs::remove_file(path).expect("removed");
+        }
+    }
     assert_eq!(bytes.len(), size, "the whole copy");
     println!("seconds={} rss_mb={} cpu_s={}", t.elapsed().as_secs_f64(), peak_rss_mb(), cpu_seconds("self"));
 }
@@ -112,7 +134,10 @@ async fn main() {
             let dir = if args[4] == "-" { None } else { Some(format!("{}/{}", args[4], args[5])) };
             return read_nats(&args[2], &args[3], dir).await;
         }
-        Some("--read-tcp") => return read_tcp(&args[2], args[3].parse().expect("size")),
+        Some("--read-tcp") => {
+            let file = if args[4] == "-" { None } else { Some(format!("{}/{}.copy", args[4], args[5])) };
+            return read_tcp(&args[2], args[3].parse().expect("size"), file);
+        }
         _ => {}
     }
     let url = args.get(1).expect("NATS URL").clone();
@@ -143,14 +168,46 @@ async fn main() {
     let downloads = tempfile_dir();
     let cpu0 = server_cpu();
     let (nats_wall, nats) = pass(readers, &["--read-nats".into(), url.clone(), d.clone(), downloads.clone()]);
-    let _ = std::fs::remove_dir_all(&downloads);
     let cpu1 = server_cpu();
     let (memory_wall, memory) = pass(readers, &["--read-nats".into(), url.clone(), d.clone(), "-".into()]);
     let cpu2 = server_cpu();
 
+    let shared = Arc::new(bytes);
+    let (tcp_wall, tcp) = copy(&shared, readers, "-".into());
+    let (file_wall, file) = copy(&shared, readers, downloads.clone());
+    let _ = std::fs::remove_dir_all(&downloads);
+
+    let total = (size * readers) as f64;
+    let rate = |wall: f64| total / wall / 1e6;
+    let (nats_rate, memory_rate, tcp_rate, file_rate) = (rate(nats_wall), rate(memory_wall), rate(tcp_wall), rate(file_wall));
+    for (name, wall, rate, lines, server) in [
+        ("object store, resumable (download folder)", nats_wall, nats_rate, &nats, cpu1 - cpu0),
+        ("object store, into memory", memory_wall, memory_rate, &memory, cpu2 - cpu1),
+        ("loopback TCP", tcp_wall, tcp_rate, &tcp, f64::NAN),
+        ("loopback TCP, into memory and a file", file_wall, file_rate, &file, f64::NAN),
+    ] {
+        println!(
+            "{name}: {readers} readers x {mib} MiB in {wall:.2} s = {rate:.0} MB/s over all; per reader median {:.2} s, peak RSS median {:.0} MB, max {:.0} MB; CPU s: readers {:.1}, NATS server {server:.1}",
+            median(lines.iter().map(|l| l.0).collect()),
+            median(lines.iter().map(|l| l.1).collect()),
+            lines.iter().map(|l| l.1).fold(0.0, f64::max),
+            lines.iter().map(|l| l.2).sum::<f64>(),
+        );
+    }
+    println!(
+        "broadcast through the object store / loopback copy: {:.2}x resumable, {:.2}x into memory; resumable / loopback copy also written to a file: {:.2}x",
+        nats_rate / tcp_rate,
+        memory_rate / tcp_rate,
+        nats_rate / file_rate
+    );
+}
+
+/// The bytes to `readers` copies of this program at once, one loopback TCP
+/// connection each, read into memory and, unless `dir` is `-`, into a file
+/// there as well.
+fn copy(shared: &Arc<Vec<u8>>, readers: usize, dir: String) -> (f64, Vec<(f64, f64, f64)>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let shared = Arc::new(bytes);
     let serve = {
         let shared = shared.clone();
         std::thread::spawn(move || {
@@ -164,30 +221,9 @@ async fn main() {
             writers.into_iter().for_each(|w| w.join().expect("writer"));
         })
     };
-    let (tcp_wall, tcp) = pass(readers, &["--read-tcp".into(), addr, size.to_string()]);
+    let passed = pass(readers, &["--read-tcp".into(), addr, shared.len().to_string(), dir]);
     serve.join().expect("server");
-
-    let total = (size * readers) as f64;
-    let (nats_rate, tcp_rate) = (total / nats_wall / 1e6, total / tcp_wall / 1e6);
-    let memory_rate = total / memory_wall / 1e6;
-    for (name, wall, rate, lines, server) in [
-        ("object store, resumable (download folder)", nats_wall, nats_rate, &nats, cpu1 - cpu0),
-        ("object store, into memory", memory_wall, memory_rate, &memory, cpu2 - cpu1),
-        ("loopback TCP", tcp_wall, tcp_rate, &tcp, f64::NAN),
-    ] {
-        println!(
-            "{name}: {readers} readers x {mib} MiB in {wall:.2} s = {rate:.0} MB/s over all; per reader median {:.2} s, peak RSS median {:.0} MB, max {:.0} MB; CPU s: readers {:.1}, NATS server {server:.1}",
-            median(lines.iter().map(|l| l.0).collect()),
-            median(lines.iter().map(|l| l.1).collect()),
-            lines.iter().map(|l| l.1).fold(0.0, f64::max),
-            lines.iter().map(|l| l.2).sum::<f64>(),
-        );
-    }
-    println!(
-        "broadcast through the object store / loopback copy: {:.2}x resumable, {:.2}x into memory",
-        nats_rate / tcp_rate,
-        memory_rate / tcp_rate
-    );
+    passed
 }
 
 /// A fresh folder for the readers' downloads (one sub-folder each), under the system's temporary folder.
