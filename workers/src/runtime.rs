@@ -397,7 +397,7 @@ impl Worker {
                     .await?
                     .with_context(|| format!("reading model {digest}"))?;
                 let rest = std::mem::take(&mut packed.rest);
-                Ok((Params::File { packed, _file: file }, rest))
+                Ok((Params::File { packed, file }, rest))
             }
         }
     }
@@ -655,9 +655,11 @@ impl Worker {
                 let take = match needs {
                     Needs::Mean if (ahead * model_bytes) as u64 > self.in_memory.0 => Take::File,
                     Needs::Mean => Take::Packed,
+                    // On disk, the robust rules read each update from the file the store writes.
+                    Needs::Blocks if held.as_ref().is_some_and(|h| h.on_disk().is_some()) => Take::File,
                     _ => Take::Decoded,
                 };
-                if take == Take::File {
+                if take == Take::File && needs == Needs::Mean {
                     tracing::info!(worker = %self.info.id, updates = updates.len(), folder = %self.in_memory.1.display(), "each update is folded from a file (over --updates-in-memory-mb)");
                 }
                 let reads: Vec<_> = updates.iter().map(|u| async move { (u, self.fetch_update(&u.digest, take).await) }).collect();
@@ -700,7 +702,7 @@ impl Worker {
                                 // Writing to disk blocks: off the runtime's threads.
                                 Some(mut h) => {
                                     held = Some(
-                                        tokio::task::spawn_blocking(move || w.into_weights().and_then(|w| h.push(w)).map(|()| h))
+                                        tokio::task::spawn_blocking(move || w.hold_in(&mut h).map(|()| h))
                                             .await?
                                             .with_context(|| format!("holding update {} of task {}", u.digest, u.task_id))?,
                                     );
@@ -803,8 +805,9 @@ enum Params {
     Decoded(Weights),
     /// Left in the blob's bytes (checked), for a fold.
     Packed(weights::Packed),
-    /// Left in a file the store wrote (checked), for a fold; the file is removed with it.
-    File { packed: weights::PackedFile, _file: crate::blob::BlobFile },
+    /// Left in a file the store wrote (checked), for a fold or a rule that reads it where it
+    /// is; the file is removed with it.
+    File { packed: weights::PackedFile, file: crate::blob::BlobFile },
 }
 
 impl Params {
@@ -831,6 +834,14 @@ impl Params {
             Self::Decoded(w) => running.add(w),
             Self::Packed(p) => running.add_packed(p),
             Self::File { packed, .. } => running.add_file(packed),
+        }
+    }
+
+    /// Held for a rule that needs every update at once: a file stays where it is.
+    fn hold_in(self, held: &mut Held) -> Result<(), weights::Error> {
+        match self {
+            Self::File { packed, file } => held.push_file(packed, file),
+            other => held.push(other.into_weights()?),
         }
     }
 

@@ -1,16 +1,18 @@
 //! Where an aggregator holds the updates of a rule that needs every one at
 //! once (median, trimmed mean, Krum: [`crate::aggregate::Needs::Blocks`]):
 //! in memory while all of them fit a budget, otherwise in files on disk, one
-//! per update, which the rule reads back a block at a time. The files are
-//! removed when the updates are dropped.
+//! per update, which the rule reads back a block at a time: the file the
+//! blob store handed over (checked), or one written here from decoded
+//! values. The files are removed when the updates are dropped (a store's
+//! own file stays: it is the store's).
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::blob::BlobFile;
 use crate::robust::{InMemory, Layout, Updates, layout, numel};
-use crate::weights::{Error, Weights};
+use crate::weights::{Error, PackedFile, Weights, read_f32s_at};
 
 /// How many bytes of updates an aggregator holds in memory unless told
 /// otherwise (`flame-worker --updates-in-memory-mb`): 1 GiB.
@@ -23,14 +25,21 @@ pub const FOLDER: &str = "aggregator-updates";
 /// How the folders of updates on disk begin.
 const PREFIX: &str = "updates-";
 
-/// Updates written to disk: each a file of its values, little-endian f32,
-/// tensor after tensor in the layout's order.
+/// Updates on disk.
 pub struct Spilled {
     dir: tempfile::TempDir,
     layout: Layout,
-    /// Where each tensor starts in a file, in bytes.
+    /// Where each tensor starts in a file written here, in bytes.
     offsets: Vec<u64>,
-    files: Vec<File>,
+    files: Vec<OnDisk>,
+}
+
+/// One update on disk.
+enum OnDisk {
+    /// A file of its values written here: little-endian f32, tensor after tensor in the layout's order.
+    Written(File),
+    /// The safetensors file the blob store handed over, read where it is.
+    Stored { packed: PackedFile, _file: BlobFile },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -86,7 +95,18 @@ impl Spilled {
         }
         out.flush().map_err(io(what()))?;
         drop(out);
-        self.files.push(file);
+        self.files.push(OnDisk::Written(file));
+        Ok(())
+    }
+
+    /// Holds the next update in the file the store handed over (`packed`, read from `file`);
+    /// it must have the layout given.
+    pub fn push_file(&mut self, packed: PackedFile, file: BlobFile) -> Result<(), Error> {
+        let theirs: Layout = packed.layout().map(|(name, shape)| (name.clone(), shape.clone())).collect();
+        if theirs != self.layout {
+            return Err(Error::Mismatch(format!("update {} has tensors {theirs:?}, expected {:?}", self.files.len(), self.layout)));
+        }
+        self.files.push(OnDisk::Stored { packed, _file: file });
         Ok(())
     }
 }
@@ -101,16 +121,15 @@ impl Updates for Spilled {
     }
 
     fn read(&self, update: usize, tensor: usize, start: usize, out: &mut [f32]) -> Result<(), Error> {
-        let (Some(file), Some(offset)) = (self.files.get(update), self.offsets.get(tensor)) else {
+        let (Some(held), Some(offset), Some((name, _))) = (self.files.get(update), self.offsets.get(tensor), self.layout.get(tensor))
+        else {
             return Err(Error::Mismatch(format!("no update {update} or tensor {tensor} on disk")));
         };
-        let mut bytes = vec![0u8; out.len() * 4];
-        file.read_exact_at(&mut bytes, offset + start as u64 * 4)
-            .map_err(io(format!("reading update {update} back from {}", self.dir.path().display())))?;
-        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        match held {
+            OnDisk::Written(file) => read_f32s_at(file, offset + start as u64 * 4, out)
+                .map_err(io(format!("reading update {update} back from {}", self.dir.path().display()))),
+            OnDisk::Stored { packed, .. } => packed.read_values(name, start, out),
         }
-        Ok(())
     }
 }
 
@@ -158,6 +177,18 @@ impl Held {
                 Ok(())
             }
             Self::Disk(s) => s.push(&update),
+        }
+    }
+
+    /// Holds the next update, handed over by the store in a file: read where it is when on
+    /// disk, decoded when in memory.
+    pub fn push_file(&mut self, packed: PackedFile, file: BlobFile) -> Result<(), Error> {
+        match self {
+            Self::Memory(v) => {
+                v.push(packed.params()?);
+                Ok(())
+            }
+            Self::Disk(s) => s.push_file(packed, file),
         }
     }
 
@@ -232,6 +263,50 @@ mod tests {
         drop(disk);
         assert!(!folder.exists(), "the files go with the updates");
         assert_eq!(std::fs::read_dir(parent.path()).expect("parent").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn updates_in_the_stores_files_are_read_where_they_are_as_the_rules_read_decoded_ones() {
+        use crate::blob::BlobStore;
+        let parent = tempfile::tempdir().expect("tempdir");
+        let store = crate::blob::LocalBlobs::new(parent.path().join("blobs")).expect("blobs");
+        let ups: Vec<Weights> = (0..7).map(model).collect();
+        let mut stored = Held::new(&ups[0], 824, ups.len(), 0, parent.path()).expect("held");
+        let mut written = Held::new(&ups[0], 824, ups.len(), 0, parent.path()).expect("held");
+        let mut memory = Held::new(&ups[0], 824, ups.len(), 824 * 7, parent.path()).expect("held");
+        for u in &ups {
+            let d = store.put(crate::weights::encode(u).expect("encoded")).await.expect("stored");
+            let file = store.get_file(&d, parent.path()).await.expect("the store's file");
+            let packed = PackedFile::open(file.path()).expect("checked");
+            let in_memory = PackedFile::open(file.path()).expect("checked");
+            stored.push_file(packed, file).expect("held where it is");
+            memory.push_file(in_memory, store.get_file(&d, parent.path()).await.expect("file")).expect("decoded");
+            written.push(u.clone()).expect("written");
+        }
+        let folder = stored.on_disk().expect("on disk");
+        assert_eq!(std::fs::read_dir(&folder).expect("folder").count(), 0, "nothing written: the store's files are read");
+        for (u, w) in ups.iter().enumerate() {
+            for (t, tensor) in w.values().enumerate() {
+                let mut out = vec![f32::NAN; tensor.data.len() - 1];
+                stored.read(|d| d.read(u, t, 1, &mut out)).expect("read");
+                assert_eq!(out, tensor.data[1..], "update {u}, tensor {t}");
+            }
+        }
+        assert!(stored.read(|d| d.read(0, 1, 200, &mut [0.0])).is_err(), "past a tensor's end");
+        for rule in [flame_events::algorithm::ServerOptimizer::Median, flame_events::algorithm::ServerOptimizer::Krum { f: 2, m: 3 }] {
+            let from_files = stored.read(|d| crate::aggregate::robust(&rule, d)).expect("from the store's files");
+            assert_eq!(from_files, written.read(|d| crate::aggregate::robust(&rule, d)).expect("written"), "{}", rule.name());
+            assert_eq!(from_files, memory.read(|m| crate::aggregate::robust(&rule, m)).expect("memory"), "{}", rule.name());
+        }
+        let mut other = model(1);
+        other.remove("scale");
+        let d = store.put(crate::weights::encode(&other).expect("encoded")).await.expect("stored");
+        let file = store.get_file(&d, parent.path()).await.expect("file");
+        let packed = PackedFile::open(file.path()).expect("checked");
+        assert!(matches!(stored.push_file(packed, file), Err(Error::Mismatch(_))), "another layout is refused");
+        drop(stored);
+        assert!(!folder.exists());
+        assert_eq!(std::fs::read_dir(parent.path().join("blobs")).expect("blobs").count(), 8, "the store's own files stay");
     }
 
     #[test]

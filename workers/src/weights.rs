@@ -249,6 +249,17 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
+/// Reads `out.len()` little-endian f32 values from `file` at byte `at`.
+pub fn read_f32s_at(file: &std::fs::File, at: u64, out: &mut [f32]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; out.len() * 4];
+    file.read_exact_at(&mut bytes, at)?;
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
+}
+
 /// A model's state checked as [`decode_state`] checks it (finite F32
 /// tensors, I64 counters) with its parameters left in the safetensors bytes:
 /// a fold that reads each parameter once needs no decoded copy of them.
@@ -390,6 +401,22 @@ impl PackedFile {
             f(at, bytes);
             Ok(())
         })
+    }
+
+    /// Reads `out.len()` values of parameter `name`, from its value `start` on.
+    pub fn read_values(&self, name: &str, start: usize, out: &mut [f32]) -> Result<(), Error> {
+        let Some((_, range)) = self.params.get(name) else {
+            return Err(Error::Mismatch(format!("no parameter '{name}'")));
+        };
+        let at = range.start + start as u64 * 4;
+        if at + out.len() as u64 * 4 > range.end {
+            return Err(Error::Mismatch(format!(
+                "values {start}..{} of '{name}', which has {}",
+                start + out.len(),
+                (range.end - range.start) / 4
+            )));
+        }
+        read_f32s_at(&self.file, at, out).map_err(|source| Error::Io { what: format!("reading '{name}' at byte {at}"), source })
     }
 
     /// Its parameters, decoded.
