@@ -46,9 +46,11 @@ case "${1:-store}" in
   aggregate-memory)
     cargo build -q --release -p flame-workers --no-default-features --bench aggregate_memory
     bench=$(ls -t target/release/deps/aggregate_memory-* | grep -v '\.d$' | head -n 1)
-    # FedAvg folds; median and Krum hold every update: on disk over 1,024 MB (the default), in memory with 8,000.
+    # FedAvg folds; median and Krum hold every update: on disk over 1,024 MB (the default), in memory with 8,000;
+    # SCAFFOLD and FedDyn fold each update with its trainer's state, FedBuff with its base model (20 and 60 updates: flat).
     for run in "10 10000000" "100 10000000" "4 100000000" "4 100000000 fedavg 0" \
-      "100 10000000 median" "100 10000000 median 8000" "100 10000000 krum" "100 10000000 krum 8000"; do
+      "100 10000000 median" "100 10000000 median 8000" "100 10000000 krum" "100 10000000 krum 8000" \
+      "20 10000000 scaffold" "60 10000000 scaffold" "20 10000000 feddyn" "20 10000000 fedbuff" "60 10000000 fedbuff"; do
       "$bench" $run
     done ;;
   kernels)

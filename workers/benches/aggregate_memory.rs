@@ -9,6 +9,11 @@
 //! (default: the worker's default, 1,024), on disk above. FedAvg folds an
 //! update larger than MB from its file, a block at a time.
 //!
+//! `scaffold` and `feddyn` give each update its trainer's state (two
+//! models' worth: a control variate and its change) and fold both;
+//! `fedbuff` trains every other update from an older base model, one
+//! version stale, and folds each update's change from its base.
+//!
 //! usage: cargo bench -p flame-workers --no-default-features --bench aggregate_memory -- K M [RULE [MB]]
 
 use std::sync::Arc;
@@ -52,18 +57,38 @@ fn main() {
         "median" => ("median", ServerOptimizer::Median),
         "trimmed" => ("trimmed mean", ServerOptimizer::TrimmedMean { beta: 0.1 }),
         "krum" => ("multi-Krum", ServerOptimizer::Krum { f: (k / 10) as u32, m: (k / 2).max(1) as u32 }),
-        other => panic!("RULE is fedavg, median, trimmed or krum, not {other}"),
+        "scaffold" => ("SCAFFOLD", ServerOptimizer::Scaffold { eta: 1.0 }),
+        "feddyn" => ("FedDyn", ServerOptimizer::FedDyn { alpha: 0.1 }),
+        "fedbuff" => ("FedBuff", ServerOptimizer::FedBuff { eta: 1.0 }),
+        other => panic!("RULE is fedavg, median, trimmed, krum, scaffold, feddyn or fedbuff, not {other}"),
     };
     let budget_mb: u64 = raw.get(3).and_then(|a| a.parse().ok()).unwrap_or(flame_workers::spill::DEFAULT_IN_MEMORY >> 20);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+    let states = optimizer.keeps_client_state();
+    let buffered = optimizer.is_asynchronous();
     let (global, refs) = rt.block_on(async {
-        let global = blobs.put(weights::encode(&update(m, 0)).expect("encode")).await.expect("put");
+        let put = |w: Weights| {
+            let blobs = blobs.clone();
+            async move { blobs.put(weights::encode(&w).expect("encode")).await.expect("put") }
+        };
+        let global = put(update(m, 0)).await;
+        let older = if buffered { Some(put(update(m, u64::MAX)).await) } else { None };
         let mut refs = Vec::new();
-        for i in 0..k {
-            let d = blobs.put(weights::encode(&update(m, i as u64 + 1)).expect("encode")).await.expect("put");
-            refs.push(UpdateRef::new(format!("t{i}"), d, 100 + i as u64));
+        for i in 0..k as u64 {
+            let mut u = UpdateRef::new(format!("t{i}"), put(update(m, i + 1)).await, 100 + i);
+            if states {
+                let (c, dc) = (update(m, 1_000_000 + i), update(m, 2_000_000 + i));
+                u.client_state = Some(put(flame_workers::control::pack(&[("c", &c), ("dc", &dc)])).await);
+            }
+            if i % 2 == 1
+                && let Some(older) = &older
+            {
+                u.base_model = Some(older.clone());
+                u.staleness = 1;
+            }
+            refs.push(u);
         }
         (global, refs)
     });
@@ -85,7 +110,8 @@ fn main() {
             format!("; each folded from its file (over {budget_mb} MB)")
         }
         flame_workers::aggregate::Needs::Mean => "; each folded from its bytes".to_string(),
-        _ => String::new(),
+        _ if states => "; each folded with its trainer's state (two models' worth)".to_string(),
+        _ => "; each folded with its base model (every other one an older base, one version stale)".to_string(),
     };
     let command = Command {
         v: protocol::VERSION,
