@@ -454,14 +454,19 @@ async fn a_chaos_soak_loses_and_doubles_nothing() {
         ("s3-a", "trainer,aggregator", "default/site3"),
         ("s3-b", "trainer,aggregator", "default/site3"),
     ];
+    // The workers' own folders (`flame-worker-<id>` in the temporary folder) are the soak's: the
+    // same across a worker's restarts, so that a cut download goes on, and gone with the soak.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).expect("the workers' temporary folder");
     let mut workers: Vec<Kept> = worker_specs
         .iter()
         .map(|(id, roles, realm)| {
             let (nats_url, logs, id, roles, realm) = (nats_url.clone(), logs.clone(), id.to_string(), roles.to_string(), realm.to_string());
+            let tmp = tmp.clone();
             Kept::new(&id.clone(), move || {
                 let mut c = Command::new(bin("flame-worker"));
                 c.args(["--nats", &nats_url, "--id", &id, "--roles", &roles, "--realm", &realm]).arg("--data-root").arg(examples());
-                c.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(log_file(&logs, &id));
+                c.env("RUST_LOG", "warn").env("TMPDIR", &tmp).stdout(Stdio::null()).stderr(log_file(&logs, &id));
                 c
             })
         })
