@@ -10,7 +10,8 @@
 //! update larger than MB from its file, a block at a time.
 //!
 //! `scaffold` and `feddyn` give each update its trainer's state (two
-//! models' worth: a control variate and its change) and fold both;
+//! models' worth: a control variate and its change); SCAFFOLD folds the
+//! update and the state's change, FedDyn's step reads only the update;
 //! `fedbuff` trains every other update from an older base model, one
 //! version stale, and folds each update's change from its base.
 //!
@@ -110,7 +111,14 @@ fn main() {
             format!("; each folded from its file (over {budget_mb} MB)")
         }
         flame_workers::aggregate::Needs::Mean => "; each folded from its bytes".to_string(),
-        _ if states => "; each folded with its trainer's state (two models' worth)".to_string(),
+        // The trainers' states are read as their updates are: from the bytes, or from files over the budget.
+        flame_workers::aggregate::Needs::MeanAndStates => {
+            let from = if (m * 4).max(16 << 20) as u64 > budget_mb << 20 { format!("files (over {budget_mb} MB)") } else { "bytes".into() };
+            match flame_workers::aggregate::reads_client_states(&optimizer) {
+                true => format!("; each folded with its trainer's state (two models' worth), from their {from}"),
+                false => format!("; each folded from its {from}; the trainers' states (two models' worth each) are not read"),
+            }
+        }
         _ => "; each folded with its base model (every other one an older base, one version stale)".to_string(),
     };
     let command = Command {

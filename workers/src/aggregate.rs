@@ -5,7 +5,7 @@
 use flame_events::algorithm::ServerOptimizer;
 
 use crate::optimizers::{self, Settings, State};
-use crate::weights::{Error, Weights};
+use crate::weights::{Blocks, Error, Weights};
 use crate::{fedavg, robust};
 
 /// Packs optimizer state into one weights map (`m/...`, `v/...`).
@@ -86,6 +86,14 @@ pub fn needs(optimizer: &ServerOptimizer) -> Needs {
         ServerOptimizer::Scaffold { .. } | ServerOptimizer::FedDyn { .. } => Needs::MeanAndStates,
         ServerOptimizer::FedBuff { .. } => Needs::Buffered,
     }
+}
+
+/// Whether the server's step reads each trainer's state with its update.
+/// SCAFFOLD's sums every trainer's change of control variate. FedDyn's
+/// trainers keep a state of their own between rounds, but its server step
+/// reads only the updates: its aggregator fetches no trainer's state.
+pub fn reads_client_states(optimizer: &ServerOptimizer) -> bool {
+    matches!(optimizer, ServerOptimizer::Scaffold { .. })
 }
 
 /// Whether the optimizer's step reads the global model's values (the others
@@ -226,17 +234,23 @@ impl StateFold {
         Ok(Self { optimizer: *optimizer, share, sums, added: 0, count })
     }
 
-    /// Folds in the next update's parameters and its trainer's state.
-    pub fn add(&mut self, update: &Weights, client_state: &Weights) -> Result<(), Error> {
+    /// Folds in the next update's parameters (FedDyn) or its trainer's
+    /// state (SCAFFOLD: the change of its control variate, `dc/`), each read
+    /// a block at a time where it is held.
+    pub fn add(&mut self, update: &dyn Blocks, client_state: Option<&dyn Blocks>) -> Result<(), Error> {
         if self.added == self.count {
             return Err(Error::Mismatch(format!("more updates than the {} announced", self.count)));
         }
         match self.optimizer {
             ServerOptimizer::Scaffold { .. } => {
-                let change = crate::control::part(Some(client_state), "dc", update)?;
-                self.sums.add(self.share, &change)?;
+                let Some(state) = client_state else {
+                    return Err(Error::Mismatch(
+                        "SCAFFOLD sums each trainer's change of control variate, and this update came with no trainer's state".into(),
+                    ));
+                };
+                self.sums.add_part(self.share, state, "dc/")?;
             }
-            _ => self.sums.add(-self.share, update)?,
+            _ => self.sums.add_part(-self.share, update, "")?,
         }
         self.added += 1;
         Ok(())
@@ -338,7 +352,7 @@ mod tests {
                     let mut fold = StateFold::new(&optimizer, trainers, &global, server.as_ref(), updates.len()).expect("fold");
                     let mut mean = fedavg::Running::new(&updates.iter().map(|(_, n)| *n).collect::<Vec<_>>()).expect("mean");
                     for ((u, _), s) in updates.iter().zip(&states) {
-                        fold.add(u, s).expect("same layout");
+                        fold.add(u, Some(s)).expect("same layout");
                         mean.add(u).expect("same layout");
                     }
                     let (folded, folded_state) = fold.finish(&global, &mean.finish().expect("mean")).expect("finish");
@@ -348,8 +362,23 @@ mod tests {
                 }
             }
             let mut short = StateFold::new(&optimizer, 0, &global, None, 2).expect("fold");
-            short.add(&updates[0].0, &states[0]).expect("first");
-            assert!(short.add(&noisy(3).into_iter().take(1).collect(), &states[1]).is_err(), "another layout");
+            short.add(&updates[0].0, Some(&states[0])).expect("first");
+            let other: Weights = noisy(3).into_iter().take(1).collect();
+            let other_state = crate::control::pack(&[("c", &other), ("dc", &other)]);
+            assert!(short.add(&other, Some(&other_state)).is_err(), "another layout");
+            // The updates and states left in their blobs' bytes fold to the same bits as decoded.
+            let packed = |w: &Weights| crate::weights::decode_packed(crate::weights::encode(w).expect("encode")).expect("packed");
+            let mut decoded = StateFold::new(&optimizer, 0, &global, None, updates.len()).expect("fold");
+            let mut from_bytes = StateFold::new(&optimizer, 0, &global, None, updates.len()).expect("fold");
+            for ((u, _), s) in updates.iter().zip(&states) {
+                decoded.add(u, Some(s)).expect("decoded");
+                from_bytes.add(&packed(u), Some(&packed(s))).expect("from bytes");
+            }
+            let (a, b) = (decoded.finish(&global, &global).expect("finish"), from_bytes.finish(&global, &global).expect("finish"));
+            assert_eq!((bits(&a.0), bits(&a.1)), (bits(&b.0), bits(&b.1)), "{}: from the bytes", optimizer.name());
+            // SCAFFOLD cannot do without the trainer's state; FedDyn never reads it.
+            let mut no_state = StateFold::new(&optimizer, 0, &global, None, 1).expect("fold");
+            assert_eq!(no_state.add(&updates[0].0, None).is_ok(), matches!(optimizer, ServerOptimizer::FedDyn { .. }));
             let one = StateFold::new(&optimizer, 0, &global, None, 2).expect("fold");
             assert!(one.finish(&global, &global).is_err(), "fewer updates than announced");
         }

@@ -15,7 +15,7 @@
 //! States travel as weights under prefixed names (`c/fc1.weight`, ...), like
 //! the adaptive optimizers' moments.
 
-use crate::weights::{Error, Tensor, Weights, check_same_layout};
+use crate::weights::{Block, Blocks, Error, Tensor, Weights, check_same_layout};
 
 /// Zeros shaped like `like`.
 pub fn zeros(like: &Weights) -> Weights {
@@ -61,11 +61,27 @@ impl Terms {
 
     /// Adds `k * w`; `w` must have the layout.
     pub fn add(&mut self, k: f64, w: &Weights) -> Result<(), Error> {
-        crate::weights::check_shapes(self.like.iter().map(|(n, t)| (n, &t.shape)), w.iter().map(|(n, t)| (n, &t.shape)))?;
+        self.add_part(k, w, "")
+    }
+
+    /// Adds `k` times the tensors stored under `prefix` in `from` (all of
+    /// them for `""`), read a block at a time where they are held: a state
+    /// blob's part is never decoded whole. No tensor under `prefix` is a part
+    /// of zeros, as [`part`] takes it: nothing is added. Otherwise they must
+    /// have the layout.
+    pub fn add_part(&mut self, k: f64, from: &dyn Blocks, prefix: &str) -> Result<(), Error> {
+        let shapes = from.shapes();
+        let named: Vec<(String, &Vec<usize>)> =
+            shapes.iter().filter_map(|(name, shape)| name.strip_prefix(prefix).map(|n| (n.to_string(), *shape))).collect();
+        if named.is_empty() && !prefix.is_empty() {
+            return Ok(());
+        }
+        crate::weights::check_shapes(self.like.iter().map(|(n, t)| (n, &t.shape)), named.iter().map(|(n, s)| (n, *s)))?;
         for (name, acc) in &mut self.sums {
-            for (a, x) in acc.iter_mut().zip(&w[name].data) {
-                *a += k * f64::from(*x);
-            }
+            from.read_blocks(&format!("{prefix}{name}"), &mut |at, block| match block {
+                Block::F32(values) => crate::fedavg::accumulate(&mut acc[at..at + values.len()], values, k),
+                Block::Le(bytes) => crate::fedavg::accumulate_le(&mut acc[at..at + bytes.len() / 4], bytes, k),
+            })?;
         }
         Ok(())
     }

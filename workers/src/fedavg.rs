@@ -184,14 +184,14 @@ pub(crate) fn cores() -> usize {
 }
 
 /// As [`accumulate`] from little-endian f32 bytes.
-fn accumulate_le(acc: &mut [f64], bytes: &[u8], scale: f64) {
+pub(crate) fn accumulate_le(acc: &mut [f64], bytes: &[u8], scale: f64) {
     on_cores(acc, bytes, 4, |acc, bytes| {
         acc.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(a, b)| *a += scale * f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
     });
 }
 
 /// `acc[i] += scale * v[i]`, on every core for large tensors.
-fn accumulate(acc: &mut [f64], values: &[f32], scale: f64) {
+pub(crate) fn accumulate(acc: &mut [f64], values: &[f32], scale: f64) {
     on_cores(acc, values, 1, |acc, values| acc.iter_mut().zip(values).for_each(|(a, &v)| *a += scale * f64::from(v)));
 }
 

@@ -613,7 +613,8 @@ impl Worker {
                 // FedBuff: the model each update trained from, once per distinct digest.
                 let mut base_models: BTreeMap<String, Weights> = BTreeMap::new();
                 // SCAFFOLD / FedDyn: each trainer's state after its update, folded with it.
-                let stateful = optimizer.keeps_client_state();
+                // (FedDyn's trainers keep a state too, but its server step reads only the updates.)
+                let stateful = aggregate::reads_client_states(optimizer);
                 let buffered = optimizer.is_asynchronous();
                 // Buffers and counters of the usable updates, with their samples.
                 let mut buffers: Vec<(State, u64)> = Vec::new();
@@ -653,13 +654,14 @@ impl Worker {
                 // or, where the updates read ahead would be more than the worker holds in memory,
                 // from the file the store writes as the blob arrives, a block at a time.
                 let take = match needs {
-                    Needs::Mean if (ahead * model_bytes) as u64 > self.in_memory.0 => Take::File,
-                    Needs::Mean => Take::Packed,
+                    // SCAFFOLD's trainers' states (two models' worth each) are read as their updates are.
+                    Needs::Mean | Needs::MeanAndStates if (ahead * model_bytes) as u64 > self.in_memory.0 => Take::File,
+                    Needs::Mean | Needs::MeanAndStates => Take::Packed,
                     // On disk, the robust rules read each update from the file the store writes.
                     Needs::Blocks if held.as_ref().is_some_and(|h| h.on_disk().is_some()) => Take::File,
                     _ => Take::Decoded,
                 };
-                if take == Take::File && needs == Needs::Mean {
+                if take == Take::File && needs != Needs::Blocks {
                     tracing::info!(worker = %self.info.id, updates = updates.len(), folder = %self.in_memory.1.display(), "each update is folded from a file (over --updates-in-memory-mb)");
                 }
                 let reads: Vec<_> = updates.iter().map(|u| async move { (u, self.fetch_update(&u.digest, take).await) }).collect();
@@ -682,8 +684,8 @@ impl Worker {
                         Err(e) => Err(e),
                     };
                     let checked = match (checked, stateful.then_some(&u.client_state)) {
-                        (Ok(ok), Some(Some(d))) => match self.fetch(d).await {
-                            Ok(s) => Ok((ok, Some(s))),
+                        (Ok(ok), Some(Some(d))) => match self.fetch_update(d, take).await {
+                            Ok((s, _)) => Ok((ok, Some(s))),
                             Err(e) => Err(e.context("its client state")),
                         },
                         (Ok(_), Some(None)) => {
@@ -727,8 +729,10 @@ impl Worker {
                     folds = folds_of(&usable)?;
                     for u in &usable {
                         let (w, _) = self.fetch_update(&u.digest, take).await.with_context(|| format!("update {} again", u.digest))?;
-                        let s = match (&folds.states, &u.client_state) {
-                            (Some(_), Some(d)) => Some(self.fetch(d).await.with_context(|| format!("the client state {d} again"))?),
+                        let s = match (stateful, &u.client_state) {
+                            (true, Some(d)) => {
+                                Some(self.fetch_update(d, take).await.with_context(|| format!("the client state {d} again"))?.0)
+                            }
                             _ => None,
                         };
                         folds.add(&w, s.as_ref(), base_models.get(u.base_model.as_ref().unwrap_or(global_model)))?;
@@ -845,6 +849,15 @@ impl Params {
         }
     }
 
+    /// The parameters as a fold reads them, a block at a time where they are held.
+    fn blocks(&self) -> &dyn weights::Blocks {
+        match self {
+            Self::Decoded(w) => w,
+            Self::Packed(p) => p,
+            Self::File { packed, .. } => packed,
+        }
+    }
+
     fn into_weights(self) -> Result<Weights, weights::Error> {
         match self {
             Self::Decoded(w) => Ok(w),
@@ -893,9 +906,9 @@ impl Folds {
 
     /// Folds in the next update, with its trainer's state and the model it
     /// trained from where a fold reads them.
-    fn add(&mut self, update: &Params, state: Option<&Weights>, base: Option<&Weights>) -> Result<(), weights::Error> {
+    fn add(&mut self, update: &Params, state: Option<&Params>, base: Option<&Weights>) -> Result<(), weights::Error> {
         if let Some(fold) = self.states.as_mut() {
-            fold.add(update.decoded()?, state.ok_or_else(|| weights::Error::Mismatch("no trainer's state with the update".into()))?)?;
+            fold.add(update.blocks(), state.map(Params::blocks))?;
         }
         if let Some(fold) = self.buffered.as_mut() {
             fold.add(update.decoded()?, base.ok_or_else(|| weights::Error::Mismatch("the update's base model was not fetched".into()))?)?;
@@ -1107,11 +1120,13 @@ mod tests {
         assert!(left.is_empty(), "nothing stays on disk: {left:?}");
     }
 
-    /// SCAFFOLD and FedDyn through the aggregator fold each update with its
-    /// trainer's state as it arrives, and get what the server steps over
-    /// every update at once get, bit for bit: with every update usable, and
-    /// when one is left out mid-way (its state missing) and the folds start
-    /// over with the usable ones.
+    /// SCAFFOLD and FedDyn through the aggregator fold each update (and
+    /// SCAFFOLD its trainer's state) as it arrives, and get what the server
+    /// steps over every update at once get, bit for bit: from the blobs' bytes
+    /// and from files a block at a time alike, with every update usable, and
+    /// with an update whose trainer's state is not in the store. SCAFFOLD
+    /// leaves that one out mid-way and folds again over the usable ones;
+    /// FedDyn's step never reads a trainer's state, so the update counts.
     #[tokio::test]
     async fn scaffold_and_feddyn_fold_each_update_with_its_trainers_state_bit_for_bit() {
         let Aggregator { _dir, blobs, worker, model, cfg, global, global_digest } = aggregator().await;
@@ -1125,27 +1140,40 @@ mod tests {
             u.client_state = Some(blobs.put(weights::encode(st).expect("encode")).await.expect("put"));
             refs.push(u);
         }
-        // Its state is not in the store: left out, after the first update went into the folds.
+        // Its state is not in the store, after the first update went into the folds.
         let mut stateless = refs[0].clone();
         stateless.task_id = "lost".into();
         stateless.client_state = Some("0".repeat(64));
         let mut with_lost = refs.clone();
         with_lost.insert(1, stateless);
+        let (mut counted, mut counted_states) = (trained.clone(), states.clone());
+        counted.insert(1, trained[0].clone());
+        counted_states.insert(1, states[0].clone());
+        // Over a budget of no memory, updates and states are read from files a block at a time.
+        let spill = tempfile::tempdir().expect("tempdir");
+        let from_files = worker.clone().with_updates_in_memory(0, spill.path().join("updates"));
         let bits = |w: &Weights| w.values().flat_map(|t| t.data.iter().map(|v| v.to_bits())).collect::<Vec<_>>();
         for optimizer in [ServerOptimizer::Scaffold { eta: 0.5 }, ServerOptimizer::FedDyn { alpha: 0.1 }] {
-            let (next, state) = aggregate::with_client_states(&optimizer, 4, &global, &trained, &states, None).expect("at once");
-            for (case, updates, left) in [("all", refs.clone(), 0), ("one lost", with_lost.clone(), 1)] {
-                let command = aggregate_command(&format!("{}-{case}", optimizer.name()), &model, optimizer, &global_digest, updates);
-                let ReportBody::Aggregated { digest, excluded, optimizer_state, .. } = worker.execute(&command).await.body else {
-                    panic!("{case}: aggregated")
-                };
-                assert_eq!(excluded.len(), left, "{case}");
-                let folded = weights::decode(&blobs.get(&digest).await.expect("get")).expect("decode");
-                assert_eq!(bits(&folded), bits(&next), "{} {case}: the next model", optimizer.name());
-                let kept = weights::decode(&blobs.get(&optimizer_state.expect("a state")).await.expect("get")).expect("decode");
-                assert_eq!(bits(&kept), bits(&state), "{} {case}: the server state", optimizer.name());
+            let feddyn = matches!(optimizer, ServerOptimizer::FedDyn { .. });
+            let lost = if feddyn { (with_lost.clone(), 0, &counted, &counted_states) } else { (with_lost.clone(), 1, &trained, &states) };
+            for (case, (updates, left, used, used_states)) in [("all", (refs.clone(), 0, &trained, &states)), ("one lost", lost)] {
+                let (next, state) = aggregate::with_client_states(&optimizer, 4, &global, used, used_states, None).expect("at once");
+                for (how, w) in [("from bytes", &worker), ("from files", &from_files)] {
+                    let id = format!("{}-{case}-{how}", optimizer.name());
+                    let command = aggregate_command(&id, &model, optimizer, &global_digest, updates.clone());
+                    let ReportBody::Aggregated { digest, excluded, optimizer_state, .. } = w.execute(&command).await.body else {
+                        panic!("{id}: aggregated")
+                    };
+                    assert_eq!(excluded.len(), left, "{id}: {excluded:?}");
+                    let folded = weights::decode(&blobs.get(&digest).await.expect("get")).expect("decode");
+                    assert_eq!(bits(&folded), bits(&next), "{id}: the next model");
+                    let kept = weights::decode(&blobs.get(&optimizer_state.expect("a state")).await.expect("get")).expect("decode");
+                    assert_eq!(bits(&kept), bits(&state), "{id}: the server state");
+                }
             }
         }
+        let left: Vec<_> = std::fs::read_dir(spill.path()).into_iter().flatten().collect();
+        assert!(left.is_empty(), "nothing stays on disk: {left:?}");
     }
 
     /// FedBuff through the aggregator folds each update's change from the

@@ -452,6 +452,59 @@ impl PackedFile {
     }
 }
 
+/// A block of a tensor's values as a fold reads them: decoded, or as
+/// little-endian f32 bytes where they were left in a blob.
+pub enum Block<'a> {
+    F32(&'a [f32]),
+    Le(&'a [u8]),
+}
+
+/// Parameters a fold reads once, a block at a time, wherever they are held:
+/// decoded ([`Weights`]), in a blob's bytes ([`Packed`]) or in a file the
+/// store wrote ([`PackedFile`]).
+pub trait Blocks {
+    /// The parameters' names and shapes, in order.
+    fn shapes(&self) -> Vec<(&String, &Vec<usize>)>;
+
+    /// Gives parameter `name`'s values to `f` a block at a time, with the
+    /// index of the block's first value.
+    fn read_blocks(&self, name: &str, f: &mut dyn FnMut(usize, Block<'_>)) -> Result<(), Error>;
+}
+
+impl Blocks for Weights {
+    fn shapes(&self) -> Vec<(&String, &Vec<usize>)> {
+        self.iter().map(|(name, t)| (name, &t.shape)).collect()
+    }
+
+    fn read_blocks(&self, name: &str, f: &mut dyn FnMut(usize, Block<'_>)) -> Result<(), Error> {
+        let t = self.get(name).ok_or_else(|| Error::Mismatch(format!("no parameter '{name}'")))?;
+        f(0, Block::F32(&t.data));
+        Ok(())
+    }
+}
+
+impl Blocks for Packed {
+    fn shapes(&self) -> Vec<(&String, &Vec<usize>)> {
+        self.layout().collect()
+    }
+
+    fn read_blocks(&self, name: &str, f: &mut dyn FnMut(usize, Block<'_>)) -> Result<(), Error> {
+        let bytes = self.values(name).ok_or_else(|| Error::Mismatch(format!("no parameter '{name}'")))?;
+        f(0, Block::Le(bytes));
+        Ok(())
+    }
+}
+
+impl Blocks for PackedFile {
+    fn shapes(&self) -> Vec<(&String, &Vec<usize>)> {
+        self.layout().collect()
+    }
+
+    fn read_blocks(&self, name: &str, f: &mut dyn FnMut(usize, Block<'_>)) -> Result<(), Error> {
+        self.read_param(name, |at, bytes| f(at, Block::Le(bytes)))
+    }
+}
+
 /// Checks that `other` has exactly the tensors and shapes of `reference`,
 /// buffers and counters included.
 pub fn check_same_state(reference: &State, other: &State) -> Result<(), Error> {
