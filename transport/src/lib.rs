@@ -44,7 +44,7 @@ pub const MAX_CONSUMERS: i32 = 100_000;
 const JETSTREAM_WAIT: Duration = Duration::from_secs(60);
 /// How long one pull request of a command or report consumer waits.
 const PULL_EXPIRES: Duration = Duration::from_secs(10);
-/// The server's idle heartbeat on a pull: two missed, and the pull is renewed.
+/// The server's idle heartbeat on a pull: two missed, and the pull is made again ([`renewed`]).
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// KV bucket of live workers; entries expire without heartbeats.
 pub const WORKER_BUCKET: &str = "flame-workers";
@@ -745,7 +745,7 @@ impl Nats {
         decode: Decode<T>,
     ) -> Result<Inbox<T>, Error> {
         let stream = self.js.get_stream(stream_name).await.map_err(nats)?;
-        let consumer: pull::Stream = stream
+        let consumer = stream
             // Created, or updated to this config (a consumer made by an older version had other filters).
             .create_consumer(pull::Config {
                 durable_name: Some(durable.clone()),
@@ -757,18 +757,12 @@ impl Nats {
                 ..Default::default()
             })
             .await
-            .map_err(nats)?
-            // Short pulls with frequent heartbeats: a pull lost with its server (a cluster
-            // member dying, a leaf node's link cut) is noticed and renewed within seconds.
-            .stream()
-            .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
-            .await
             .map_err(nats)?;
+        let first = pulls(&consumer).await?;
+        let consumer = renewed(consumer, first);
         Ok(consumer
             .map(move |m| {
-                let m = m.map_err(nats)?;
+                let m = m?;
                 let subject = m.subject.to_string();
                 let stored = m.headers.as_ref().and_then(|h| h.get(COMMAND_BLOB_HEADER)).map(|v| v.as_str().to_string());
                 match decode(&subject, &m.payload, stored.as_deref()) {
@@ -792,6 +786,40 @@ impl Nats {
             })
             .boxed())
     }
+}
+
+/// A consumer's messages, pulled in short requests with frequent idle
+/// heartbeats.
+async fn pulls(consumer: &jetstream::consumer::PullConsumer) -> Result<pull::Stream, Error> {
+    consumer.stream().expires(PULL_EXPIRES).heartbeat(PULL_HEARTBEAT).messages().await.map_err(nats)
+}
+
+/// A consumer's messages, the pull renewed when its heartbeats stop: a pull
+/// lost with its server (a cluster member dying, a leaf node's link cut) is
+/// noticed after two missed heartbeats and made again, instead of waiting for
+/// it to expire. The missed heartbeat is still told (as an error) to the
+/// reader. A message the lost pull had taken stays unacknowledged on the
+/// server and is delivered again after its ack wait: nothing is lost.
+fn renewed(consumer: jetstream::consumer::PullConsumer, first: pull::Stream) -> BoxStream<'static, Result<jetstream::Message, Error>> {
+    futures::stream::unfold((consumer, Some(first)), |(consumer, current)| async move {
+        let mut current = match current {
+            Some(current) => current,
+            None => match pulls(&consumer).await {
+                Ok(current) => current,
+                Err(e) => {
+                    // Not reachable now: told, then tried again a heartbeat later.
+                    tokio::time::sleep(PULL_HEARTBEAT).await;
+                    return Some((Err(e), (consumer, None)));
+                }
+            },
+        };
+        match current.next().await {
+            None => None,
+            Some(Err(e)) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => Some((Err(nats(e)), (consumer, None))),
+            Some(item) => Some((item.map_err(nats), (consumer, Some(current)))),
+        }
+    })
+    .boxed()
 }
 
 #[async_trait]
