@@ -759,7 +759,13 @@ impl Nats {
             .await
             .map_err(nats)?;
         let first = pulls(&consumer).await?;
-        let consumer = renewed(consumer, first);
+        let consumer = renewed(
+            move || {
+                let consumer = consumer.clone();
+                async move { pulls(&consumer).await }
+            },
+            first,
+        );
         Ok(consumer
             .map(move |m| {
                 let m = m?;
@@ -796,27 +802,33 @@ async fn pulls(consumer: &jetstream::consumer::PullConsumer) -> Result<pull::Str
 
 /// A consumer's messages, the pull renewed when its heartbeats stop: a pull
 /// lost with its server (a cluster member dying, a leaf node's link cut) is
-/// noticed after two missed heartbeats and made again, instead of waiting for
-/// it to expire. The missed heartbeat is still told (as an error) to the
-/// reader. A message the lost pull had taken stays unacknowledged on the
-/// server and is delivered again after its ack wait: nothing is lost.
-fn renewed(consumer: jetstream::consumer::PullConsumer, first: pull::Stream) -> BoxStream<'static, Result<jetstream::Message, Error>> {
-    futures::stream::unfold((consumer, Some(first)), |(consumer, current)| async move {
+/// noticed after two missed heartbeats and made again (`pull`), instead of
+/// waiting for it to expire. The missed heartbeat is still told (as an error)
+/// to the reader. A message the lost pull had taken stays unacknowledged on
+/// the server and is delivered again after its ack wait: nothing is lost.
+fn renewed<T, S, F, Fut>(pull: F, first: S) -> BoxStream<'static, Result<T, Error>>
+where
+    T: Send + 'static,
+    S: futures::Stream<Item = Result<T, pull::MessagesError>> + Unpin + Send + 'static,
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<S, Error>> + Send,
+{
+    futures::stream::unfold((pull, Some(first)), |(pull, current)| async move {
         let mut current = match current {
             Some(current) => current,
-            None => match pulls(&consumer).await {
+            None => match pull().await {
                 Ok(current) => current,
                 Err(e) => {
                     // Not reachable now: told, then tried again a heartbeat later.
                     tokio::time::sleep(PULL_HEARTBEAT).await;
-                    return Some((Err(e), (consumer, None)));
+                    return Some((Err(e), (pull, None)));
                 }
             },
         };
         match current.next().await {
             None => None,
-            Some(Err(e)) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => Some((Err(nats(e)), (consumer, None))),
-            Some(item) => Some((item.map_err(nats), (consumer, Some(current)))),
+            Some(Err(e)) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => Some((Err(nats(e)), (pull, None))),
+            Some(item) => Some((item.map_err(nats), (pull, Some(current)))),
         }
     })
     .boxed()
@@ -1059,6 +1071,32 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    /// A pull whose heartbeats stopped is dropped and made again: what the
+    /// dropped pull would still give is not read, the new pull's messages
+    /// are; other errors pass through on the same pull; a pull that cannot
+    /// be made is told and tried again.
+    #[tokio::test(start_paused = true)]
+    async fn a_pull_whose_heartbeats_stopped_is_made_again() {
+        use pull::{MessagesError, MessagesErrorKind};
+        let made = Arc::new(AtomicUsize::new(0));
+        let m = made.clone();
+        let pull = move || {
+            let n = m.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0 => Err(Error::Nats("no responders".into())),
+                    _ => Ok(futures::stream::iter(vec![Ok(10u32), Err(MessagesError::new(MessagesErrorKind::Pull)), Ok(11)])),
+                }
+            }
+        };
+        let first = futures::stream::iter(vec![Ok(1u32), Err(MessagesError::new(MessagesErrorKind::MissingHeartbeat)), Ok(2)]);
+        let got: Vec<String> = renewed(pull, first).map(|r| r.map_or_else(|e| format!("error: {e}"), |v| v.to_string())).collect().await;
+        assert_eq!(got.len(), 6, "{got:?}");
+        assert_eq!((got[0].as_str(), got[3].as_str(), got[5].as_str()), ("1", "10", "11"), "{got:?}");
+        assert!(got[1].contains("missed idle heartbeat") && got[2].contains("no responders") && got[4].starts_with("error"), "{got:?}");
+        assert_eq!(made.load(Ordering::SeqCst), 2, "made again after the missed heartbeats, and again after it could not be");
+    }
 
     fn counted(parts: Vec<u32>, acks: &Arc<AtomicUsize>) -> Delivery<Vec<u32>> {
         let acks = acks.clone();
