@@ -10,8 +10,9 @@
 //! update larger than MB from its file, a block at a time.
 //!
 //! `scaffold` and `feddyn` give each update its trainer's state (two
-//! models' worth: a control variate and its change); SCAFFOLD folds the
-//! update and the state's change, FedDyn's step reads only the update;
+//! models' worth: a control variate and its change) and the aggregator a
+//! server state of the last round (one); SCAFFOLD folds the update and the
+//! state's change, FedDyn's step reads only the update;
 //! `fedbuff` trains every other update from an older base model, one
 //! version stale, and folds each update's change from its base.
 //!
@@ -69,7 +70,7 @@ fn main() {
     let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
     let states = optimizer.keeps_client_state();
     let buffered = optimizer.is_asynchronous();
-    let (global, refs) = rt.block_on(async {
+    let (global, refs, server_state) = rt.block_on(async {
         let put = |w: Weights| {
             let blobs = blobs.clone();
             async move { blobs.put(weights::encode(&w).expect("encode")).await.expect("put") }
@@ -91,7 +92,13 @@ fn main() {
             }
             refs.push(u);
         }
-        (global, refs)
+        // SCAFFOLD's and FedDyn's own state from the last round (one model's worth), as from round 2 on.
+        let server_state = match optimizer {
+            ServerOptimizer::Scaffold { .. } => Some(put(flame_workers::control::pack(&[("c", &update(m, 3_000_000))])).await),
+            ServerOptimizer::FedDyn { .. } => Some(put(flame_workers::control::pack(&[("h", &update(m, 3_000_000))])).await),
+            _ => None,
+        };
+        (global, refs, server_state)
     });
     let update_mb = (m * 4) as f64 / 1e6;
     // Forget the peak of making the updates: measure the aggregation alone.
@@ -132,7 +139,7 @@ fn main() {
             model: Model::Mlp { hidden: vec![] },
             optimizer,
             trainers: k as u32,
-            optimizer_state: None,
+            optimizer_state: server_state,
             global_model: global,
             updates: refs,
             eval_dataset: None,

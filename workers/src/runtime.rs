@@ -622,15 +622,23 @@ impl Worker {
                 // arrives: memory for the mean, not for every update. An update left out changes
                 // every weight, so the fold then starts over with the usable ones.
                 let needs = aggregate::needs(optimizer);
-                let state = match optimizer_state {
-                    Some(d) => Some(self.fetch(d).await.context("optimizer state")?),
-                    None => None,
+                let fetch_state = || async {
+                    match optimizer_state {
+                        Some(d) => Ok::<_, anyhow::Error>(Some(self.fetch(d).await.context("optimizer state")?)),
+                        None => Ok(None),
+                    }
                 };
-                let folds_of = |us: &[&protocol::UpdateRef]| {
+                let mut state = fetch_state().await?;
+                let folds_of = |us: &[&protocol::UpdateRef], state: Option<&Weights>| {
                     let weights: Vec<(u64, u32)> = us.iter().map(|u| (u.samples, u.staleness)).collect();
-                    Folds::new(needs, optimizer, *trainers as usize, &global_state.params, state.as_ref(), &weights)
+                    Folds::new(needs, optimizer, *trainers as usize, &global_state.params, state, &weights)
                 };
-                let mut folds = folds_of(&updates.iter().collect::<Vec<_>>())?;
+                let mut folds = folds_of(&updates.iter().collect::<Vec<_>>(), state.as_ref())?;
+                // SCAFFOLD's and FedDyn's state went into their fold's sum: it is let go (a model's
+                // worth), and fetched again only for a round that must fold again.
+                if needs == Needs::MeanAndStates {
+                    state = None;
+                }
                 // The robust rules need every update at once, a block of each at a time: in
                 // memory while they fit the worker's budget, on disk above it.
                 let mut held = match needs {
@@ -726,7 +734,13 @@ impl Worker {
                 }
                 if !excluded.is_empty() && folds.any() {
                     // Some were left out: fold the usable ones again, with their own weights.
-                    folds = folds_of(&usable)?;
+                    if needs == Needs::MeanAndStates {
+                        state = fetch_state().await?;
+                    }
+                    folds = folds_of(&usable, state.as_ref())?;
+                    if needs == Needs::MeanAndStates {
+                        state = None;
+                    }
                     for u in &usable {
                         let (w, _) = self.fetch_update(&u.digest, take).await.with_context(|| format!("update {} again", u.digest))?;
                         let s = match (stateful, &u.client_state) {
@@ -1153,14 +1167,27 @@ mod tests {
         let spill = tempfile::tempdir().expect("tempdir");
         let from_files = worker.clone().with_updates_in_memory(0, spill.path().join("updates"));
         let bits = |w: &Weights| w.values().flat_map(|t| t.data.iter().map(|v| v.to_bits())).collect::<Vec<_>>();
+        let servers = [("c", cfg.init(64, 10, 600)), ("h", cfg.init(64, 10, 601))];
         for optimizer in [ServerOptimizer::Scaffold { eta: 0.5 }, ServerOptimizer::FedDyn { alpha: 0.1 }] {
             let feddyn = matches!(optimizer, ServerOptimizer::FedDyn { .. });
             let lost = if feddyn { (with_lost.clone(), 0, &counted, &counted_states) } else { (with_lost.clone(), 1, &trained, &states) };
-            for (case, (updates, left, used, used_states)) in [("all", (refs.clone(), 0, &trained, &states)), ("one lost", lost)] {
-                let (next, state) = aggregate::with_client_states(&optimizer, 4, &global, used, used_states, None).expect("at once");
+            // The first round (no server state yet) and a later one, whose state a round that folds again reads again.
+            let (prefix, values) = &servers[usize::from(feddyn)];
+            let server = crate::control::pack(&[(prefix, values)]);
+            let server_digest = blobs.put(weights::encode(&server).expect("encode")).await.expect("put");
+            for (case, (updates, left, used, used_states), kept_state) in [
+                ("all", (refs.clone(), 0, &trained, &states), None),
+                ("one lost", lost.clone(), None),
+                ("all, a server state", (refs.clone(), 0, &trained, &states), Some(&server)),
+                ("one lost, a server state", lost, Some(&server)),
+            ] {
+                let (next, state) = aggregate::with_client_states(&optimizer, 4, &global, used, used_states, kept_state).expect("at once");
                 for (how, w) in [("from bytes", &worker), ("from files", &from_files)] {
                     let id = format!("{}-{case}-{how}", optimizer.name());
-                    let command = aggregate_command(&id, &model, optimizer, &global_digest, updates.clone());
+                    let mut command = aggregate_command(&id, &model, optimizer, &global_digest, updates.clone());
+                    if let CommandBody::Aggregate { optimizer_state, .. } = &mut command.body {
+                        *optimizer_state = kept_state.map(|_| server_digest.clone());
+                    }
                     let ReportBody::Aggregated { digest, excluded, optimizer_state, .. } = w.execute(&command).await.body else {
                         panic!("{id}: aggregated")
                     };
