@@ -15,7 +15,7 @@
 //! States travel as weights under prefixed names (`c/fc1.weight`, ...), like
 //! the adaptive optimizers' moments.
 
-use crate::weights::{Block, Blocks, Error, Tensor, Weights, check_same_layout};
+use crate::weights::{Blocks, Error, Tensor, Weights, check_same_layout};
 
 /// Zeros shaped like `like`.
 pub fn zeros(like: &Weights) -> Weights {
@@ -78,10 +78,7 @@ impl Terms {
         }
         crate::weights::check_shapes(self.like.iter().map(|(n, t)| (n, &t.shape)), named.iter().map(|(n, s)| (n, *s)))?;
         for (name, acc) in &mut self.sums {
-            from.read_blocks(&format!("{prefix}{name}"), &mut |at, block| match block {
-                Block::F32(values) => crate::fedavg::accumulate(&mut acc[at..at + values.len()], values, k),
-                Block::Le(bytes) => crate::fedavg::accumulate_le(&mut acc[at..at + bytes.len() / 4], bytes, k),
-            })?;
+            from.read_blocks(&format!("{prefix}{name}"), &mut |at, block| crate::fedavg::accumulate_block(acc, at, block, k))?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! FedAvg (McMahan et al. 2017): the sample-weighted mean of client models.
 
-use crate::weights::{Error, Tensor, Weights, check_same_layout};
+use crate::weights::{Block, Blocks, Error, Tensor, Weights, check_same_layout};
 
 /// Elements per block: the f64 accumulator of a block (64 KiB) stays in L2
 /// while every update's slice of it streams through once.
@@ -102,38 +102,14 @@ impl Running {
         Ok(Self { sums: Sums::new(samples.iter().map(|n| *n as f64 / total).collect(), Default::default()) })
     }
 
-    /// Folds in the next update; it must have the first one's layout.
-    pub fn add(&mut self, update: &Weights) -> Result<(), Error> {
-        let scale = self.next(update.iter().map(|(name, t)| (name, &t.shape)))?;
+    /// Folds in the next update; it must have the first one's layout. Its
+    /// parameters are read where they are held, a block at a time: decoded,
+    /// in the blob's bytes or in a file (the same sums whichever, with no
+    /// decoded copy of the latter two).
+    pub fn add(&mut self, update: &dyn Blocks) -> Result<(), Error> {
+        let scale = self.next(update.shapes().into_iter())?;
         for (name, (_, acc)) in &mut self.sums.acc {
-            if let Some(t) = update.get(name) {
-                accumulate(acc, &t.data, scale);
-            }
-        }
-        self.sums.added();
-        Ok(())
-    }
-
-    /// Folds in the next update from its bytes, with no decoded copy of its
-    /// parameters: the same sums as [`Running::add`] of it decoded.
-    pub fn add_packed(&mut self, update: &crate::weights::Packed) -> Result<(), Error> {
-        let scale = self.next(update.layout())?;
-        for (name, (_, acc)) in &mut self.sums.acc {
-            if let Some(bytes) = update.values(name) {
-                accumulate_le(acc, bytes, scale);
-            }
-        }
-        self.sums.added();
-        Ok(())
-    }
-
-    /// Folds in the next update from a file, a block at a time: the same
-    /// sums as [`Running::add`] of it decoded, with no more than a block of
-    /// it in memory.
-    pub fn add_file(&mut self, update: &crate::weights::PackedFile) -> Result<(), Error> {
-        let scale = self.next(update.layout())?;
-        for (name, (_, acc)) in &mut self.sums.acc {
-            update.read_param(name, |at, bytes| accumulate_le(&mut acc[at..at + bytes.len() / 4], bytes, scale))?;
+            update.read_blocks(name, &mut |at, block| accumulate_block(acc, at, block, scale))?;
         }
         self.sums.added();
         Ok(())
@@ -184,14 +160,22 @@ pub(crate) fn cores() -> usize {
 }
 
 /// As [`accumulate`] from little-endian f32 bytes.
-pub(crate) fn accumulate_le(acc: &mut [f64], bytes: &[u8], scale: f64) {
+fn accumulate_le(acc: &mut [f64], bytes: &[u8], scale: f64) {
     on_cores(acc, bytes, 4, |acc, bytes| {
         acc.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(a, b)| *a += scale * f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
     });
 }
 
+/// `acc[at + i] += scale * v[i]` for a block of values from `at` on, decoded or little-endian bytes.
+pub(crate) fn accumulate_block(acc: &mut [f64], at: usize, block: Block<'_>, scale: f64) {
+    match block {
+        Block::F32(values) => accumulate(&mut acc[at..at + values.len()], values, scale),
+        Block::Le(bytes) => accumulate_le(&mut acc[at..at + bytes.len() / 4], bytes, scale),
+    }
+}
+
 /// `acc[i] += scale * v[i]`, on every core for large tensors.
-pub(crate) fn accumulate(acc: &mut [f64], values: &[f32], scale: f64) {
+fn accumulate(acc: &mut [f64], values: &[f32], scale: f64) {
     on_cores(acc, values, 1, |acc, values| acc.iter_mut().zip(values).for_each(|(a, &v)| *a += scale * f64::from(v)));
 }
 
@@ -392,9 +376,9 @@ mod tests {
                 let bytes = crate::weights::encode(w).expect("encode");
                 let path = dir.path().join(k.to_string());
                 std::fs::write(&path, &bytes).expect("write");
-                from_files.add_file(&crate::weights::PackedFile::open(&path).expect("file")).expect("same layout");
+                from_files.add(&crate::weights::PackedFile::open(&path).expect("file")).expect("same layout");
                 let packed = crate::weights::decode_packed(bytes).expect("packed");
-                from_bytes.add_packed(&packed).expect("same layout");
+                from_bytes.add(&packed).expect("same layout");
             }
             let reference = fedavg(&updates).expect("fedavg");
             let folds = [

@@ -734,13 +734,9 @@ impl Worker {
                 }
                 if !excluded.is_empty() && folds.any() {
                     // Some were left out: fold the usable ones again, with their own weights.
-                    if needs == Needs::MeanAndStates {
-                        state = fetch_state().await?;
-                    }
-                    folds = folds_of(&usable, state.as_ref())?;
-                    if needs == Needs::MeanAndStates {
-                        state = None;
-                    }
+                    // A state let go above is fetched again for this fold only.
+                    let again = if state.is_none() { fetch_state().await? } else { None };
+                    folds = folds_of(&usable, state.as_ref().or(again.as_ref()))?;
                     for u in &usable {
                         let (w, _) = self.fetch_update(&u.digest, take).await.with_context(|| format!("update {} again", u.digest))?;
                         let s = match (stateful, &u.client_state) {
@@ -847,14 +843,6 @@ impl Params {
         }
     }
 
-    fn fold_into(&self, running: &mut crate::fedavg::Running) -> Result<(), weights::Error> {
-        match self {
-            Self::Decoded(w) => running.add(w),
-            Self::Packed(p) => running.add_packed(p),
-            Self::File { packed, .. } => running.add_file(packed),
-        }
-    }
-
     /// Held for a rule that needs every update at once: a file stays where it is.
     fn hold_in(self, held: &mut Held) -> Result<(), weights::Error> {
         match self {
@@ -928,7 +916,7 @@ impl Folds {
             fold.add(update.decoded()?, base.ok_or_else(|| weights::Error::Mismatch("the update's base model was not fetched".into()))?)?;
         }
         if let Some(mean) = self.mean.as_mut() {
-            update.fold_into(mean)?;
+            mean.add(update.blocks())?;
         }
         Ok(())
     }
