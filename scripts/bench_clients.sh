@@ -14,6 +14,9 @@
 # was sent (scripts/flower_deploy; flwr in .deps/flower), timing each round
 # in its ServerApp; prints the median ms per round (rounds 2..R) and the
 # ratio to ours at the same N.
+# FLAME_BENCH_DATA=csv has the trainers read the digits from a CSV file in the
+# job's folder (a file each trainer parses, or the fleet parses once: see
+# FLAME_DATASETS_IN_MEMORY_MB) instead of the built-in copy.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -38,7 +41,13 @@ for n in ${FLAME_BENCH_CLIENTS-10 20 100 1000 10000}; do
     mkdir -p "$dir/js" "$dir/job"
     # The digits job with N trainers on slices of the digits (at most 500
     # distinct slices: beyond that, clients share them, each slice >= 2 rows).
-    python3 scripts/digits_job.py "$dir/job" "$n" "$(( n < 500 ? n : 500 ))" "{\"rounds\": $rounds, \"epochs\": 1}"
+    source=builtin://digits
+    if [ "${FLAME_BENCH_DATA:-}" = csv ]; then
+        # The pixels scaled to 0..1 as the built-in copy is; the label last.
+        gzip -dc workers/data/digits.csv.gz | awk -F, -v OFS=, '{ for (i = 1; i < NF; i++) $i = $i / 16; print }' > "$dir/job/digits.csv"
+        source=digits.csv
+    fi
+    python3 scripts/digits_job.py "$dir/job" "$n" "$(( n < 500 ? n : 500 ))" "{\"rounds\": $rounds, \"epochs\": 1}" "$source"
     port=$(free_port)
     "$nats_bin" -a 127.0.0.1 -p "$port" -js -sd "$dir/js" > "$dir/nats.log" 2>&1 &
     pids+=($!)

@@ -95,9 +95,15 @@ fn query(url: &str, q: &str, key: &str) -> Result<Option<usize>, Error> {
     Ok(None)
 }
 
-/// Loads the dataset a URL names, refusing NaN or infinite features.
+/// Loads the dataset a URL names, refusing NaN or infinite features. A
+/// file is parsed once per process while it is unchanged and fits the
+/// process's budget (see `sources`); each call deals its part anew.
 pub fn load(url: &str) -> Result<Data, Error> {
-    let data = read(url)?;
+    read(url)
+}
+
+/// `data` if every feature is finite.
+fn finite(url: &str, data: Data) -> Result<Data, Error> {
     for (which, split) in [("train", &data.train), ("test", &data.test)] {
         if let Some(at) = split.x.iter().position(|v| !v.is_finite()) {
             let f = split.features.max(1);
@@ -164,11 +170,29 @@ fn read(url: &str) -> Result<Data, Error> {
             });
         }
         let seed = query(url, q, "seed")?.unwrap_or(0) as u64;
-        return Ok(crate::synthetic::fedprox(float("alpha")?, float("beta")?, device, seed));
+        return finite(url, crate::synthetic::fedprox(float("alpha")?, float("beta")?, device, seed));
     }
     let path = url.strip_prefix("file://").or_else(|| url.strip_prefix("file:")).unwrap_or(url);
     // Files take the same `?part=I&of=N[&split=...]` as the digits: this worker's share of the file's rows.
     let (path, q) = path.split_once('?').unwrap_or((path, ""));
+    // Parsed once per process while unchanged: a `.npy` source is read with its labels file beside it.
+    let labels_file = path.strip_suffix("x.npy").map(|stem| std::path::PathBuf::from(format!("{stem}y.npy")));
+    let files: Vec<&std::path::Path> = std::iter::once(std::path::Path::new(path)).chain(labels_file.as_deref()).collect();
+    let options: Vec<&str> =
+        q.split('&').filter(|p| !p.is_empty() && !DEALING.contains(&p.split_once('=').map_or(*p, |(k, _)| k))).collect();
+    let data = match crate::sources::Key::new(path, &options.join("&"), &files) {
+        Some(key) => crate::sources::get_or_read(key, || parse_file(url, path, q))?,
+        // What cannot be looked at is read as it is, to say why it cannot be read.
+        None => std::sync::Arc::new(parse_file(url, path, q)?),
+    };
+    deal(url, q, &data)
+}
+
+/// The URL options that say which part of a source a trainer takes, not how the source is read.
+const DEALING: [&str; 6] = ["part", "of", "split", "alpha", "shards", "seed"];
+
+/// A dataset file (or image folder) parsed whole, every feature checked finite.
+fn parse_file(url: &str, path: &str, q: &str) -> Result<Data, Error> {
     let read = |p: &str| std::fs::read(p).map_err(|e| Error::Read { url: url.into(), reason: format!("{p}: {e}") });
     let data = if std::path::Path::new(path).is_dir() {
         // torchvision's ImageFolder layout, decoded as the URL says (size=WxH, channels=1|3, mean=, std=).
@@ -214,7 +238,7 @@ fn read(url: &str) -> Result<Data, Error> {
             reason: "use builtin://digits?part=I&of=N, synthetic://fedprox?alpha=A&beta=B&device=K, or a path to a .csv, .safetensors, .npz or <name>x.npy file".into(),
         });
     };
-    deal(url, q, &data)
+    finite(url, data)
 }
 
 /// The label columns a table URL names (`label=price` or `label=a,b`).
@@ -590,5 +614,30 @@ mod tests {
         std::fs::write(&path, "1,2,0\n3,nan,1\n").expect("write");
         let e = load(path.to_str().expect("utf8")).expect_err("NaN").to_string();
         assert!(e.contains("feature 1 of train row 1 is NaN"), "{e}");
+    }
+
+    #[test]
+    fn a_file_is_dealt_from_one_parse_and_read_again_once_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kept.csv");
+        let write = |first: u32| {
+            let rows: String = (0..20).map(|i| format!("{}.0,{}\n", first + i, i % 2)).collect();
+            std::fs::write(&path, rows).expect("write");
+        };
+        let firsts = |url: &str| -> Vec<f32> { load(url).expect("csv").train.x };
+        let part = |p: usize| format!("{}?part={p}&of=2", path.display());
+        write(100);
+        let (a, b) = (firsts(&part(0)), firsts(&part(1)));
+        let mut both: Vec<f32> = a.iter().chain(&b).copied().collect();
+        both.sort_by(f32::total_cmp);
+        assert_eq!(both, (100..116).map(|v| v as f32).collect::<Vec<_>>(), "the two parts deal the 16 training rows between them");
+        assert_eq!(firsts(&part(0)), a, "dealt again alike");
+        // Same length, other values: what is kept must not be dealt from.
+        write(200);
+        let again = firsts(&part(0));
+        assert_eq!(again, a.iter().map(|v| v + 100.0).collect::<Vec<_>>(), "the file was written: it is read again");
+        // Options that shape the parse make another source.
+        let e = load(&format!("{}?label=y", path.display())).expect_err("no header named y").to_string();
+        assert!(e.contains("no column 'y'"), "{e}");
     }
 }

@@ -26,6 +26,7 @@ pub mod roots;
 pub mod runtime;
 #[cfg(feature = "tch")]
 pub mod script;
+pub mod sources;
 pub mod spill;
 pub mod split;
 pub mod synthetic;

@@ -81,6 +81,13 @@ struct Args {
     /// as it arrives and never hold them all.
     #[arg(long, env = "FLAME_UPDATES_IN_MEMORY_MB", value_name = "MB", default_value_t = flame_workers::spill::DEFAULT_IN_MEMORY >> 20)]
     updates_in_memory_mb: u64,
+    /// Megabytes of parsed dataset files (CSV, Parquet, NumPy, safetensors,
+    /// image folders) this process keeps between commands, so that a file is
+    /// parsed once, not for every command of every trainer: the virtual
+    /// workers of a process share one copy and deal their parts from it. A
+    /// file that changes is read again; 0 keeps none.
+    #[arg(long, env = "FLAME_DATASETS_IN_MEMORY_MB", value_name = "MB", default_value_t = (flame_workers::sources::DEFAULT_BUDGET >> 20) as u64)]
+    datasets_in_memory_mb: u64,
     /// Runs N virtual workers in this one process instead of one worker, for
     /// simulations at scale through the deployment's own path: ids
     /// `<ID>-0..<ID>-(N-1)` (zero-padded), each registered under its own id
@@ -116,6 +123,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let dirs = if args.data_roots.is_empty() { vec![std::env::current_dir().context("the current folder")?] } else { args.data_roots };
     let roots = DataRoots::new(&dirs).map_err(|e| anyhow::anyhow!("{e} (--data-root)"))?;
     model::init_backend();
+    flame_workers::sources::keep_in_memory(usize::try_from(args.datasets_in_memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX));
     if let Some(addr) = args.metrics {
         let bound = flame_workers::metrics::serve(addr).await?;
         tracing::info!("metrics at http://{bound}/metrics");
