@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 use crate::split::{Data, Split};
 
@@ -120,7 +120,7 @@ pub(crate) fn bytes(d: &Data) -> usize {
 
 static KEPT: Mutex<Kept<Key, Data>> = Mutex::new(Kept::new(DEFAULT_BUDGET));
 /// The sources being read now: a second reader of one waits for the first instead of reading it too.
-static READING: Mutex<Option<HashMap<Key, Weak<Mutex<()>>>>> = Mutex::new(None);
+static READING: LazyLock<Mutex<HashMap<Key, Weak<Mutex<()>>>>> = LazyLock::new(Mutex::default);
 
 /// Sets how many bytes of parsed datasets this process keeps (0: none).
 pub fn keep_in_memory(bytes: usize) {
@@ -140,7 +140,6 @@ pub(crate) fn get_or_read<E>(key: Key, read: impl FnOnce() -> Result<Data, E>) -
     }
     let lock = {
         let mut reading = READING.lock().unwrap_or_else(PoisonError::into_inner);
-        let reading = reading.get_or_insert_with(HashMap::new);
         reading.retain(|_, w| w.strong_count() > 0);
         match reading.get(&key).and_then(Weak::upgrade) {
             Some(lock) => lock,
