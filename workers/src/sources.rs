@@ -10,6 +10,8 @@
 //! used goes first; one larger than the budget is not kept) and read again
 //! when what it was read from changes: a file's length, modification or
 //! change time or inode, or any of these for a file in an image folder.
+//! The parse of what it held before is then let go at once, rather than
+//! left to age out of the budget.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -55,6 +57,17 @@ impl<K: PartialEq, V> Kept<K, V> {
         self.entries.push((key, value, bytes));
         self.used += bytes;
         self.fit();
+    }
+
+    /// Lets go every value whose key `stale` picks.
+    pub(crate) fn forget(&mut self, stale: impl Fn(&K) -> bool) {
+        let mut used = 0;
+        self.entries.retain(|(k, _, bytes)| {
+            let keep = !stale(k);
+            used += if keep { *bytes } else { 0 };
+            keep
+        });
+        self.used = used;
     }
 
     /// A new budget; what no longer fits is let go.
@@ -155,7 +168,10 @@ pub(crate) fn get_or_read<E>(key: Key, read: impl FnOnce() -> Result<Data, E>) -
         return Ok(d);
     }
     let d = Arc::new(read()?);
-    KEPT.lock().unwrap_or_else(PoisonError::into_inner).put(key, d.clone(), bytes(&d));
+    let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
+    // What the file held before it was written again is no one's any more: its key's stamp is gone.
+    kept.forget(|k| k.path == key.path && k.options == key.options);
+    kept.put(key, d.clone(), bytes(&d));
     Ok(d)
 }
 
@@ -181,6 +197,14 @@ mod tests {
         assert_eq!((k.get(&"a"), k.get(&"c").as_deref(), k.used()), (None, Some(&3), 4), "a lower budget lets the oldest go");
         k.set_budget(0);
         assert_eq!((k.get(&"c"), k.used()), (None, 0));
+
+        let mut k: Kept<(&str, u32), u32> = Kept::new(100);
+        k.put(("a", 1), Arc::new(1), 10);
+        k.put(("b", 1), Arc::new(2), 20);
+        k.put(("a", 2), Arc::new(3), 30);
+        k.forget(|key| key.0 == "a" && key.1 != 2);
+        assert_eq!((k.get(&("a", 1)), k.get(&("a", 2)).as_deref(), k.get(&("b", 1)).as_deref()), (None, Some(&3), Some(&2)));
+        assert_eq!(k.used(), 50, "what was let go no longer counts");
     }
 
     #[test]
@@ -237,6 +261,18 @@ mod tests {
         assert!(got.iter().all(|d| Arc::ptr_eq(d, &got[0])), "all share the one copy");
         let again = get_or_read::<()>(key.clone(), || panic!("kept: not read again")).expect("kept");
         assert!(Arc::ptr_eq(&again, &got[0]));
+        // Written again: the new contents are read, and the old parse is let go (its stamp is gone).
+        std::fs::write(&file, "2,0\n").expect("rewrite");
+        let new_key = Key::new(&file.to_string_lossy(), "", &[&file]).expect("stamped");
+        assert_ne!(new_key, key);
+        let fresh = get_or_read::<()>(new_key, || Ok(data())).expect("read");
+        assert!(!Arc::ptr_eq(&fresh, &got[0]));
+        let mut read_old = false;
+        let _ = get_or_read::<()>(key.clone(), || {
+            read_old = true;
+            Ok(data())
+        });
+        assert!(read_old, "the parse of what the file held before was let go");
         // A read that fails is not kept: the next caller reads.
         let failing = Key::new(&file.to_string_lossy(), "fails", &[&file]).expect("stamped");
         assert_eq!(get_or_read(failing.clone(), || Err("bad")).err(), Some("bad"));
