@@ -84,4 +84,4 @@ nats_pid=$(ss -ltnpH "sport = :$nats_port" 2>/dev/null | grep -o 'pid=[0-9]*' | 
 [ -n "$nats_pid" ] && row "nats-server (JetStream on disk)" "$(rss "$nats_pid")"
 folded=$(grep -o 'updates=[0-9]*' "$work/agg.log" | tail -n 1 || true)
 [ -n "$folded" ] && echo "the aggregator's fold: ${folded#updates=} updates from files"
-echo "files left in the download folders: $(find "$work"/dl-* -type f 2>/dev/null | wc -l) ($(du -sh "$work"/dl-* 2>/dev/null | awk '{print $1}' | paste -sd' '))"
+echo "files left in the download folders: $(find "$work"/dl-* -type f ! -name .flame-worker.lock 2>/dev/null | wc -l) ($(du -sh "$work"/dl-* 2>/dev/null | awk '{print $1}' | paste -sd' '))"

@@ -112,6 +112,44 @@ async fn silent(sub: &mut async_nats::Subscriber, what: &str) {
     }
 }
 
+/// Two processes with one worker identity (a key copied to a second
+/// machine): while the first heartbeats, the second may not start as that
+/// worker (both would take its commands); once the first has stopped
+/// renewing its registration, the second takes the id over. Checked with
+/// per-worker permissions, which let a worker read back its own
+/// registration only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_id_that_a_live_process_holds_is_refused_to_a_second() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["site-a"]);
+    let _engine = server.engine().await;
+    let first = Nats::connect_worker(&server.url, &server.auth(Some("site-a")), "site-a").await.expect("the first process");
+    let second = Nats::connect_worker(&server.url, &server.auth(Some("site-a")), "site-a").await.expect("the second process");
+    let ids = ["site-a".to_string()];
+    first.claim_ids(&ids).await.expect("a free id");
+    first.register(&info("site-a", "default/a")).await.expect("registers");
+    first.claim_ids(&ids).await.expect("its own registration is no obstacle");
+    let beating = {
+        let first = first.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                first.register(&info("site-a", "default/a")).await.expect("heartbeat");
+            }
+        })
+    };
+    let refused = second.claim_ids(&ids).await.expect_err("a second process took a live worker's id");
+    assert!(matches!(&refused, flame_transport::Error::Taken { id } if id == "site-a"), "{refused}");
+    assert!(refused.to_string().contains("--id"), "says what to do: {refused}");
+
+    beating.abort();
+    // The first is gone (killed): its registration is still listed, but no longer renewed.
+    let started = std::time::Instant::now();
+    second.claim_ids(&ids).await.expect("the id of a process that stopped renewing it is taken over");
+    assert!(started.elapsed() >= flame_transport::RENEWAL_WAIT, "it watched the registration before taking it over");
+    second.register(&info("site-a", "default/a")).await.expect("registers");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_worker_can_speak_for_read_for_or_overwrite_another() {
     let dir = tempfile::tempdir().expect("tempdir");

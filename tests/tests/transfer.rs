@@ -308,3 +308,105 @@ async fn a_read_to_a_file_goes_on_from_a_part_and_reads_a_spoiled_one_again() {
     assert_eq!(seen.first().map(|p| p.resumed_from), Some(mark.bytes), "it first went on from the mark");
     assert_eq!(seen.last().map(|p| (p.resumed_from, p.done)), Some((0, size)), "then read the whole blob again");
 }
+
+/// Two `flame-worker` processes given one download folder (one
+/// `FLAME_DOWNLOAD_DIR` for a machine's workers): the second is refused at
+/// its start, naming the folder and the process that holds it, and leaves
+/// the folder as it was: the updates the first is aggregating from stay
+/// (before, its start removed them). Once the first is killed, a worker
+/// started with the folder takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_folder_in_use_by_a_worker_is_refused_to_another() {
+    use std::process::{Command, Stdio};
+
+    use crate::util::{Processes, bin, exit_at_start, nats_url, unique, within_30s};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = dir.path().join("downloads");
+    let worker = |id: &str, log: &str| {
+        let mut c = Command::new(bin("flame-worker-aggregator"));
+        c.args(["--nats", &nats_url(), "--id", id, "--roles", "aggregator"])
+            .env("FLAME_DOWNLOAD_DIR", &shared)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(log)).expect("log"));
+        c
+    };
+    let lock = shared.join(flame_workers::claim::LOCK);
+    let mut procs = Processes::default();
+    let log = dir.path().join("first.log");
+    let first = procs.spawn(&mut worker(&format!("first-{}", unique()), "first.log")).id();
+    // Started: past its claim and the clearing of what a killed aggregator left in the folder.
+    within_30s(&format!("the first worker did not start on {}", shared.display()), || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("datasets are read under these folders only")
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&lock).expect("its lock file").trim(), first.to_string());
+    // As if the first were aggregating from disk.
+    let updates = shared.join(flame_workers::spill::FOLDER).join("updates-held");
+    std::fs::create_dir_all(&updates).expect("mkdir");
+    std::fs::write(updates.join("0.f32"), [0u8; 16]).expect("an update");
+
+    let second = procs.spawn(&mut worker(&format!("second-{}", unique()), "second.log"));
+    let (status, said) = exit_at_start(second, &dir.path().join("second.log"), "the second worker started on a folder in use").await;
+    assert!(!status.success(), "the second worker started on a folder in use: {said}");
+    assert!(said.contains(&format!("the folder {} is in use by another flame-worker (process {first})", shared.display())), "{said}");
+    assert!(said.contains("--download-dir"), "says what to do: {said}");
+    assert!(updates.join("0.f32").exists(), "the first worker's updates were removed by the second's start");
+
+    procs.0[0].kill().expect("SIGKILL");
+    procs.0[0].wait().expect("reaped");
+    let third = procs.spawn(&mut worker(&format!("third-{}", unique()), "third.log")).id();
+    // What the killed worker left is cleared by the next to hold the folder.
+    within_30s("the folder of a killed worker was not taken by the next, or its updates not cleared", || {
+        std::fs::read_to_string(&lock).is_ok_and(|s| s.trim() == third.to_string()) && !updates.exists()
+    })
+    .await;
+}
+
+/// Two `flame-worker` processes started with one `--id` on two machines
+/// (here: two download folders): the second is refused while the first
+/// heartbeats, saying why, and does not register; once the first is killed,
+/// a worker started with that id takes it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_id_a_live_worker_holds_is_refused_to_another_process() {
+    use std::process::{Command, Stdio};
+
+    use crate::util::{Processes, bin, exit_at_start, nats_url, unique, within_30s};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = format!("twice-{}", unique());
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let worker = |name: &str| {
+        let mut c = Command::new(bin("flame-worker-aggregator"));
+        c.args(["--nats", &nats_url(), "--id", &id, "--roles", "aggregator", "--download-dir"])
+            .arg(dir.path().join(name))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log(name)).expect("log"));
+        c
+    };
+    let ready = |name: &str| std::fs::read_to_string(log(name)).unwrap_or_default().contains("worker ready");
+    let mut procs = Processes::default();
+    procs.spawn(&mut worker("first"));
+    within_30s("the first worker did not start", || ready("first")).await;
+
+    let second = procs.spawn(&mut worker("second"));
+    let (status, said) = exit_at_start(second, &log("second"), "a second process started as a live worker").await;
+    assert!(!status.success(), "{said}");
+    assert!(said.contains(&format!("worker id '{id}' is in use by another live process")), "{said}");
+    assert!(!said.contains("worker ready"), "{said}");
+
+    procs.0[0].kill().expect("SIGKILL");
+    procs.0[0].wait().expect("reaped");
+    procs.spawn(&mut worker("third"));
+    within_30s("the id of a killed worker was not taken over", || {
+        assert!(
+            procs.0[2].try_wait().expect("wait").is_none(),
+            "the next worker was refused: {}",
+            std::fs::read_to_string(log("third")).unwrap_or_default()
+        );
+        ready("third")
+    })
+    .await;
+}

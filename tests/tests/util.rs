@@ -320,3 +320,28 @@ pub fn aggregate_command(
         },
     }
 }
+
+/// Polls `done` until it holds, for 30 s at most (then fails, saying `what`).
+pub async fn within_30s(what: &str, mut done: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// How a worker process that should stop at its start ended, and what it
+/// logged; one still running after 30 s is killed and the test fails, saying `what`.
+pub async fn exit_at_start(child: &mut std::process::Child, log: &std::path::Path, what: &str) -> (std::process::ExitStatus, String) {
+    let mut status = None;
+    let started = std::time::Instant::now();
+    while status.is_none() {
+        status = child.try_wait().expect("wait");
+        if status.is_none() && started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("{what}: {}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    (status.expect("exited"), std::fs::read_to_string(log).expect("its log"))
+}

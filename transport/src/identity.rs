@@ -56,6 +56,8 @@ pub fn worker_permissions(worker_id: &str) -> Permissions {
     let publish = vec![
         format!("flame.report.*.{worker_id}"),
         format!("$KV.{WORKER_BUCKET}.{worker_id}"),
+        // Its own registration read back, to see that no other live process holds its id.
+        format!("$JS.API.DIRECT.GET.{kv}.$KV.{WORKER_BUCKET}.{worker_id}"),
         format!("$JS.API.STREAM.INFO.{cmd}"),
         format!("$JS.API.STREAM.INFO.{REPORT_STREAM}"),
         format!("$JS.API.STREAM.INFO.{kv}"),
@@ -452,6 +454,7 @@ mod tests {
                 "{s}"
             );
             assert!(!s.starts_with("$KV.") || s.ends_with(".site-1"), "{s}");
+            assert!(!s.contains("DIRECT.GET.KV_") || s.ends_with(".$KV.flame-workers.site-1"), "only its own registration is read: {s}");
             assert!(!s.contains("FLAME_CMDS") || s.contains("site-1") || s.starts_with("$JS.API.STREAM.INFO."), "{s}");
         }
         assert_eq!(p.subscribe, vec!["_INBOX_site-1.>".to_string()]);

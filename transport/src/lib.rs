@@ -50,6 +50,10 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 pub const WORKER_BUCKET: &str = "flame-workers";
 /// How long a worker stays listed after its last heartbeat (by default; `--worker-ttl`).
 pub const WORKER_TTL: Duration = Duration::from_secs(6);
+/// How long a worker starting under an id watches a registration another
+/// process wrote for it: a live holder renews it within this (it heartbeats
+/// every 2 s), a dead one does not.
+pub const RENEWAL_WAIT: Duration = Duration::from_secs(3);
 
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +75,14 @@ pub enum Error {
     /// The other side is gone.
     #[error("the in-process channel for '{0}' is closed")]
     Closed(String),
+    /// Another live process is registered under a worker id.
+    #[error(
+        "worker id '{id}' is in use by another live process (its registration was renewed while this one waited): two processes cannot be one worker; give this one an id of its own (--id), or stop the other first"
+    )]
+    Taken {
+        /// The worker id.
+        id: String,
+    },
 }
 
 fn nats(e: impl std::fmt::Display) -> Error {
@@ -274,6 +286,11 @@ struct WireAddressed {
 pub trait Transport: Send + Sync {
     /// Registers a worker or renews its heartbeat.
     async fn register(&self, info: &WorkerInfo) -> Result<(), Error>;
+    /// Before a process first registers these worker ids: refuses them if
+    /// another live process holds one ([`Error::Taken`]). By default, none do.
+    async fn claim_ids(&self, _ids: &[String]) -> Result<(), Error> {
+        Ok(())
+    }
     /// Lists live workers, sorted by id.
     async fn workers(&self) -> Result<Vec<WorkerInfo>, Error>;
     /// Seconds since each live worker's last heartbeat, by id (0 where the transport keeps no times).
@@ -566,6 +583,8 @@ fn bucket_config() -> kv::Config {
 pub struct Nats {
     js: jetstream::Context,
     workers: kv::Store,
+    /// This process's mark in the registrations it writes (see [`Transport::claim_ids`]).
+    instance: Arc<str>,
     replicas: usize,
     /// The object store, for commands too large for a message; opened on first use.
     blobs: Arc<tokio::sync::OnceCell<blob::NatsBlobs>>,
@@ -627,7 +646,7 @@ impl Nats {
             Ok(kv) => kv,
             Err(_) => js.create_key_value(bucket_config()).await.map_err(|e| denied(&format!("KV bucket {WORKER_BUCKET}"), &e))?,
         };
-        Ok(Self { js, workers, replicas: 1, blobs: Arc::default() })
+        Ok(Self { js, workers, instance: new_instance(), replicas: 1, blobs: Arc::default() })
     }
 
     /// Uses an existing client; creates the streams and bucket, or updates
@@ -646,7 +665,7 @@ impl Nats {
             .create_or_update_key_value(kv::Config { num_replicas: replicas, max_age: worker_ttl, ..bucket_config() })
             .await
             .map_err(|e| Error::Nats(format!("cannot create KV bucket {WORKER_BUCKET}: {e}")))?;
-        Ok(Self { js, workers, replicas, blobs: Arc::default() })
+        Ok(Self { js, workers, instance: new_instance(), replicas, blobs: Arc::default() })
     }
 
     /// Replicas of what this connection created.
@@ -834,13 +853,97 @@ where
     .boxed()
 }
 
+/// A process's mark in its registrations: random, new at each start.
+fn new_instance() -> Arc<str> {
+    let mut bytes = [0u8; 8];
+    // Without the system's randomness, the time and pid tell processes apart well enough.
+    if getrandom::fill(&mut bytes).is_err() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        bytes = (now ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    hex::encode(bytes).into()
+}
+
+/// A worker's registration as written to the bucket: its info and the
+/// process that wrote it (readers that know only [`WorkerInfo`] skip it).
+#[derive(serde::Serialize)]
+struct Registration<'a> {
+    #[serde(flatten)]
+    info: &'a WorkerInfo,
+    instance: &'a str,
+}
+
+/// Which process wrote a registration (none: one that does not say, e.g. the Python SDK's).
+#[derive(serde::Deserialize)]
+struct Writer {
+    #[serde(default)]
+    instance: Option<String>,
+}
+
+impl Nats {
+    /// The registration of `id` as it stands, if another process wrote it:
+    /// its revision and that process's mark.
+    async fn written_by_another(&self, id: &str) -> Option<(u64, Option<String>)> {
+        // Bounded: a read refused by an older auth.conf goes unanswered until the request's timeout.
+        let Ok(read) = tokio::time::timeout(Duration::from_secs(2), self.workers.entry(id)).await else {
+            tracing::debug!(worker = id, "no answer reading its registration to check it is free");
+            return None;
+        };
+        match read {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                let writer = serde_json::from_slice::<Writer>(&e.value).ok()?.instance;
+                (writer.as_deref() != Some(&*self.instance)).then_some((e.revision, writer))
+            }
+            Ok(_) => None,
+            // Not readable (a per-worker identity from before this check): the check is skipped.
+            Err(e) => {
+                tracing::debug!(worker = id, "cannot read its registration to check it is free: {e}");
+                None
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Transport for Nats {
     async fn register(&self, info: &WorkerInfo) -> Result<(), Error> {
         check_id(&info.id)?;
-        let value = serde_json::to_vec(info).map_err(nats)?;
+        let value = serde_json::to_vec(&Registration { info, instance: &self.instance }).map_err(nats)?;
         self.workers.put(&info.id, value.into()).await.map_err(nats)?;
         Ok(())
+    }
+
+    /// A registration of one of `ids` by another process that is still
+    /// listed may be a live process's or a dead one's (a worker killed and
+    /// started again). A live one renews it within [`RENEWAL_WAIT`]: the ids
+    /// are then refused. A dead one does not, and its ids are taken over.
+    async fn claim_ids(&self, ids: &[String]) -> Result<(), Error> {
+        let written = |ids: Vec<String>| async move {
+            futures::stream::iter(ids)
+                .map(|id| async move { self.written_by_another(&id).await.map(|w| (id, w)) })
+                .buffer_unordered(64)
+                .filter_map(std::future::ready)
+                .collect::<HashMap<String, (u64, Option<String>)>>()
+                .await
+        };
+        let before = written(ids.to_vec()).await;
+        if before.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            ids = before.len(),
+            "another process registered some of these worker ids lately; waiting {} s to see whether it is alive",
+            RENEWAL_WAIT.as_secs()
+        );
+        tokio::time::sleep(RENEWAL_WAIT).await;
+        let after = written(before.keys().cloned().collect()).await;
+        // Renewed by the same process since the first read: it is alive.
+        let renewed =
+            after.iter().filter(|(id, (rev, writer))| before.get(*id).is_some_and(|(r, w)| rev > r && w == writer)).map(|(id, _)| id).min();
+        match renewed {
+            Some(id) => Err(Error::Taken { id: id.clone() }),
+            None => Ok(()),
+        }
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>, Error> {

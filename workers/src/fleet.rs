@@ -89,6 +89,11 @@ pub async fn run_virtual(
         })
     };
     let started = Instant::now();
+    // Not while another live process is one of these workers (a fleet started twice with one --id).
+    if let Err(e) = template.transport().claim_ids(&ids).await {
+        heartbeat.abort();
+        return Err(anyhow::Error::new(e).context(format!("starting {n} virtual workers")));
+    }
     futures::stream::iter(workers.iter())
         .map(|w| {
             let registered = registered.clone();

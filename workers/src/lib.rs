@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod archive;
+pub mod claim;
 /// Model blobs (in `flame-transport`, where the engine reaches them too).
 pub use flame_transport::blob;
 pub mod control;

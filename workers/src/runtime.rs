@@ -164,6 +164,8 @@ impl Worker {
     /// serves without [`Worker::run`] renews the registration with
     /// [`Worker::heartbeat`] every [`HEARTBEAT`].
     pub async fn open(&self) -> anyhow::Result<flame_transport::Inbox<Command>> {
+        // Not while another live process is this worker: both would take its commands.
+        self.transport.claim_ids(std::slice::from_ref(&self.info.id)).await.with_context(|| format!("starting worker {}", self.info.id))?;
         self.register().await?;
         self.transport.command_inbox(&self.info.id).await.with_context(|| format!("opening the command inbox of worker {}", self.info.id))
     }

@@ -62,7 +62,8 @@ struct Args {
     /// download cut short (this worker killed, NATS away) goes on from its
     /// last MiB when the model is read again, by this process or the next
     /// one started with the same folder. Default: `flame-worker-<ID>` in the
-    /// system's temporary folder.
+    /// system's temporary folder. One process per folder: a worker started
+    /// with a folder another one holds is refused.
     #[arg(long, env = "FLAME_DOWNLOAD_DIR", value_name = "DIR")]
     download_dir: Option<std::path::PathBuf>,
     /// Reads large models into memory only, keeping nothing on disk: faster
@@ -122,6 +123,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let dirs = if args.data_roots.is_empty() { vec![std::env::current_dir().context("the current folder")?] } else { args.data_roots };
     let roots = DataRoots::new(&dirs).map_err(|e| anyhow::anyhow!("{e} (--data-root)"))?;
+    let own_folder = args.download_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("flame-worker-{}", args.id)));
+    // This process's alone before anything in it is touched: another worker's parts and updates may be there.
+    let claim = flame_workers::claim::claim(&own_folder)?;
     model::init_backend();
     flame_workers::sources::keep_in_memory(usize::try_from(args.datasets_in_memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX));
     if let Some(addr) = args.metrics {
@@ -130,7 +134,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let transport = Nats::connect_worker(&args.nats, &args.auth, &args.id).await?;
     let blobs = NatsBlobs::new(transport.jetstream()).await.context("opening the model blob store")?;
-    let own_folder = args.download_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("flame-worker-{}", args.id)));
     let downloads = (!args.no_resume).then(|| own_folder.clone());
     // Updates go to a folder of their own in it; what a killed aggregator left there is no use to the next.
     let updates_folder = own_folder.join(flame_workers::spill::FOLDER);
@@ -160,6 +163,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     // Stopped: the download folder goes if nothing is left in it (a part stays for the next start).
     let _ = std::fs::remove_dir(updates_folder);
+    drop(claim);
     let _ = std::fs::remove_dir(own_folder);
     served
 }
