@@ -357,3 +357,61 @@ async fn a_python_aggregator_reads_a_command_too_large_for_a_message() {
     let w = &result["w"].data;
     assert!((w[0] - 1.0).abs() < 1e-4 && (w[1] + 2.0).abs() < 1e-4, "the mean of {n} equal updates is that update: {w:?}");
 }
+
+/// One worker id is one live process, whichever language it runs in: a
+/// Python worker started with the id of a live Rust worker is refused before
+/// it registers (both would take that worker's commands); once the Rust one
+/// is killed, a Python worker takes the id over; and a Rust worker is refused
+/// the id while the Python one lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_id_is_one_live_process_whichever_language_it_runs_in() {
+    use crate::util::{exit_at_start, nats_url, unique, within_30s};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = format!("py-twice-{}", unique());
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let stderr = |name: &str| Stdio::from(std::fs::File::create(log(name)).expect("log"));
+    let rust = |name: &str| {
+        let mut c = Command::new(bin("flame-worker-aggregator"));
+        c.args(["--nats", &nats_url(), "--id", &id, "--roles", "aggregator", "--download-dir"])
+            .arg(dir.path().join(name))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr(name));
+        c
+    };
+    let python = |name: &str| {
+        let mut c = Command::new(format!("{}/flame-py-worker", sdk()));
+        c.args(["--nats", &nats_url(), "--id", &id, "--roles", "aggregator"])
+            .env("FLAME_SDK_LOG", "INFO")
+            .stdout(Stdio::null())
+            .stderr(stderr(name));
+        c
+    };
+    let said = |name: &str| std::fs::read_to_string(log(name)).unwrap_or_default();
+    let refusal = format!("worker id '{id}' is in use by another live process");
+    let mut procs = Processes::default();
+
+    procs.spawn(&mut rust("rust-1"));
+    within_30s("the Rust worker did not start", || said("rust-1").contains("worker ready")).await;
+    let second = procs.spawn(&mut python("py-1"));
+    let (status, out) = exit_at_start(second, &log("py-1"), "a Python worker started as a live Rust worker").await;
+    assert!(!status.success(), "{out}");
+    assert!(out.contains(&refusal) && out.contains("--id"), "{out}");
+    assert!(!out.contains(&format!("worker {id} ready")), "{out}");
+
+    procs.0[0].kill().expect("SIGKILL");
+    procs.0[0].wait().expect("reaped");
+    procs.spawn(&mut python("py-2"));
+    within_30s("the Python worker did not take over the id of the killed Rust worker", || {
+        assert!(procs.0[2].try_wait().expect("wait").is_none(), "the Python worker was refused: {}", said("py-2"));
+        said("py-2").contains(&format!("worker {id} ready"))
+    })
+    .await;
+
+    let fourth = procs.spawn(&mut rust("rust-2"));
+    let (status, out) = exit_at_start(fourth, &log("rust-2"), "a Rust worker started as a live Python worker").await;
+    assert!(!status.success(), "{out}");
+    assert!(out.contains(&refusal), "{out}");
+    assert!(!out.contains("worker ready"), "{out}");
+}

@@ -17,7 +17,7 @@ from .data import Dataset, load_npz
 from .protocol import VERSION
 from .trainer import Aggregator, FedAvg, Hyperparameters, Metrics, Trainer, Unsupported, Update
 from .weights import Model, Weights
-from .worker import Worker
+from .worker import IdTaken, Worker
 
 __all__ = [
     "VERSION",
@@ -25,6 +25,7 @@ __all__ = [
     "Dataset",
     "FedAvg",
     "Hyperparameters",
+    "IdTaken",
     "Metrics",
     "Model",
     "Trainer",

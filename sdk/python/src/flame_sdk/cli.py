@@ -12,7 +12,7 @@ import ssl
 import sys
 from typing import Any, Dict, List, Optional
 
-from .worker import Worker
+from .worker import IdTaken, Worker
 
 
 def load(spec: str) -> Any:
@@ -148,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(f"flame-py-worker: {e}") from None
     try:
         asyncio.run(serve(worker, args.nats, nats_options(args)))
-    except ConnectionError as e:
+    except (ConnectionError, IdTaken) as e:
         raise SystemExit(f"flame-py-worker: {e}") from None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 #: The protocol version this SDK speaks. A command with another ``v`` is
 #: answered ``failed`` and not run.
@@ -26,6 +26,9 @@ COMMAND_BLOB_HEADER = "Flame-Command-Blob"
 WORKER_TTL = 6.0
 #: Seconds between heartbeats.
 HEARTBEAT = 2.0
+#: Seconds a starting worker watches a registration that another process
+#: wrote under its id: a live holder renews it within this, a dead one does not.
+RENEWAL_WAIT = 3.0
 #: Seconds a taken command stays unacknowledged, without word that it is
 #: still running, before it is delivered again.
 COMMAND_ACK_WAIT = 15.0
@@ -112,9 +115,23 @@ def failed(error: str) -> Dict[str, Any]:
     return {"kind": "failed", "error": error}
 
 
-def worker_info(worker_id: str, roles: List[str], realm: str, device: str) -> bytes:
-    """The registry entry (and heartbeat) of a worker."""
-    return json.dumps({"id": worker_id, "roles": roles, "realm": realm, "device": device}).encode()
+def worker_info(worker_id: str, roles: List[str], realm: str, device: str, instance: str) -> bytes:
+    """The registry entry (and heartbeat) of a worker, written by the process
+    whose random mark is ``instance``."""
+    return json.dumps({"id": worker_id, "roles": roles, "realm": realm, "device": device, "instance": instance}).encode()
+
+
+def writer(entry: Optional[bytes]) -> Tuple[bool, Optional[str]]:
+    """Whether a registry entry is a registration, and the ``instance`` mark
+    of the process that wrote it (None where it does not say)."""
+    try:
+        value = json.loads(entry or b"")
+    except ValueError:
+        return False, None
+    if not isinstance(value, dict):
+        return False, None
+    mark = value.get("instance")
+    return True, mark if isinstance(mark, str) else None
 
 
 def optional(body: Dict[str, Any], key: str) -> Optional[Any]:

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -27,7 +28,7 @@ import numpy as np
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from . import protocol, weights
 from .blobs import BlobError, Blobs
@@ -55,6 +56,17 @@ def describe(e: BaseException) -> str:
         f = frames[-1]
         text += f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name})"
     return text
+
+
+class IdTaken(Exception):
+    """Another live process is registered under this worker's id."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(
+            f"worker id '{worker_id}' is in use by another live process (its registration was renewed while this one waited): "
+            "two processes cannot be one worker; give this one an id of its own (--id), or stop the other first"
+        )
+        self.worker_id = worker_id
 
 
 class _DomainJetStream(JetStreamContext):
@@ -116,6 +128,8 @@ class Worker:
         self.nc: Optional[Client] = None
         self.js: Optional[JetStreamContext] = None
         self.blobs: Optional[Blobs] = None
+        # This process's mark in the registrations it writes (see claim_id).
+        self.instance = secrets.token_hex(8)
 
     # ---- connection --------------------------------------------------------
 
@@ -197,7 +211,42 @@ class Worker:
 
     async def register(self) -> None:
         """Puts this worker's entry (its heartbeat) in the registry."""
-        await self._kv.put(self.id, protocol.worker_info(self.id, self.roles, self.realm, self.device))
+        await self._kv.put(self.id, protocol.worker_info(self.id, self.roles, self.realm, self.device, self.instance))
+
+    async def _written_by_another(self) -> Optional[Tuple[int, Optional[str]]]:
+        """This worker's registration as it stands, if another process wrote
+        it: its revision and that process's mark."""
+        try:
+            # Bounded: a read an older auth.conf refuses goes unanswered until the request's timeout.
+            entry = await asyncio.wait_for(self._kv.get(self.id), timeout=2.0)
+        except KeyNotFoundError:
+            return None
+        except Exception as e:  # not readable (an identity from before this check): the check is skipped
+            log.debug("cannot read the registration of worker %s to check it is free: %s", self.id, e)
+            return None
+        registration, mark = protocol.writer(entry.value)
+        if not registration or mark == self.instance:
+            return None
+        return entry.revision or 0, mark
+
+    async def claim_id(self) -> None:
+        """Refuses to start (:class:`IdTaken`) while another live process is
+        this worker: both would take its commands. A registration another
+        process wrote is watched for :data:`protocol.RENEWAL_WAIT`; a live
+        holder renews it (it heartbeats every 2 s), a dead one (this worker
+        killed and started again) does not, and its id is taken over."""
+        before = await self._written_by_another()
+        if before is None:
+            return
+        log.info(
+            "another process registered worker %s lately; waiting %.0f s to see whether it is alive",
+            self.id,
+            protocol.RENEWAL_WAIT,
+        )
+        await asyncio.sleep(protocol.RENEWAL_WAIT)
+        after = await self._written_by_another()
+        if after is not None and after[0] > before[0] and after[1] == before[1]:
+            raise IdTaken(self.id)
 
     # ---- the loop ----------------------------------------------------------
 
@@ -206,6 +255,7 @@ class Worker:
         flight finish and report before it returns."""
         assert self.js is not None, "connect() first"
         stop = stop or asyncio.Event()
+        await self.claim_id()
         await self.register()
         beat = asyncio.create_task(self._heartbeat())
         sub = await self.js.pull_subscribe(
