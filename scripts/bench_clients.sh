@@ -14,6 +14,9 @@
 # was sent (scripts/flower_deploy; flwr in .deps/flower), timing each round
 # in its ServerApp; prints the median ms per round (rounds 2..R) and the
 # ratio to ours at the same N.
+# FLAME_BENCH_CONCURRENCY (default 64) is the fleet's --concurrency: commands
+# running at once in it (64 made 1,000-client rounds 1.5x faster than 16,
+# docs/benchmarks.md).
 # FLAME_BENCH_DATA=csv has the trainers read the digits from a CSV file in the
 # job's folder (a file each trainer parses, or the fleet parses once: see
 # FLAME_DATASETS_IN_MEMORY_MB) instead of the built-in copy.
@@ -55,7 +58,7 @@ for n in ${FLAME_BENCH_CLIENTS-10 20 100 1000 10000}; do
     for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
     s=$(date +%s.%N)
     RUST_LOG="warn,flame_workers::fleet=info" "$worker" --nats "$url" --id sim --virtual "$n" --roles trainer \
-        --concurrency "${FLAME_BENCH_CONCURRENCY:-16}" --data-root "$dir/job" > "$dir/fleet.log" 2>&1 &
+        --concurrency "${FLAME_BENCH_CONCURRENCY:-64}" --data-root "$dir/job" > "$dir/fleet.log" 2>&1 &
     fleet=$!
     pids+=($fleet)
     until grep -q "virtual workers ready" "$dir/fleet.log"; do
