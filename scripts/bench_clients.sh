@@ -25,9 +25,13 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup-libtorch.sh
 bash scripts/services.sh install
-cargo build -q --release -p flame-workers --bin flame-worker
 cargo build -q --release -p flamectl
-worker="$root/target/release/flame-worker"
+# FLAME_BENCH_WORKER: a flame-worker built already (to compare two builds in one session).
+worker="${FLAME_BENCH_WORKER:-}"
+if [ -z "$worker" ]; then
+    cargo build -q --release -p flame-workers --bin flame-worker
+    worker="$root/target/release/flame-worker"
+fi
 ctl="$root/target/release/flamectl"
 nats_bin="$root/.deps/venv/bin/nats-server"
 rounds="${FLAME_BENCH_ROUNDS:-6}"
