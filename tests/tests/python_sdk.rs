@@ -365,19 +365,14 @@ async fn a_python_aggregator_reads_a_command_too_large_for_a_message() {
 /// the id while the Python one lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_id_is_one_live_process_whichever_language_it_runs_in() {
-    use crate::util::{exit_at_start, nats_url, unique, within_30s};
+    use crate::util::{aggregator_worker, exit_at_start, nats_url, unique, within_30s};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let id = format!("py-twice-{}", unique());
     let log = |name: &str| dir.path().join(format!("{name}.log"));
-    let stderr = |name: &str| Stdio::from(std::fs::File::create(log(name)).expect("log"));
     let rust = |name: &str| {
-        let mut c = Command::new(bin("flame-worker-aggregator"));
-        c.args(["--nats", &nats_url(), "--id", &id, "--roles", "aggregator", "--download-dir"])
-            .arg(dir.path().join(name))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(stderr(name));
+        let mut c = aggregator_worker(&id, &log(name));
+        c.arg("--download-dir").arg(dir.path().join(name));
         c
     };
     let python = |name: &str| {
@@ -385,7 +380,7 @@ async fn a_worker_id_is_one_live_process_whichever_language_it_runs_in() {
         c.args(["--nats", &nats_url(), "--id", &id, "--roles", "aggregator"])
             .env("FLAME_SDK_LOG", "INFO")
             .stdout(Stdio::null())
-            .stderr(stderr(name));
+            .stderr(std::fs::File::create(log(name)).expect("log"));
         c
     };
     let said = |name: &str| std::fs::read_to_string(log(name)).unwrap_or_default();

@@ -317,19 +317,13 @@ async fn a_read_to_a_file_goes_on_from_a_part_and_reads_a_spoiled_one_again() {
 /// started with the folder takes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_folder_in_use_by_a_worker_is_refused_to_another() {
-    use std::process::{Command, Stdio};
-
-    use crate::util::{Processes, bin, exit_at_start, nats_url, unique, within_30s};
+    use crate::util::{Processes, aggregator_worker, exit_at_start, unique, within_30s};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let shared = dir.path().join("downloads");
     let worker = |id: &str, log: &str| {
-        let mut c = Command::new(bin("flame-worker-aggregator"));
-        c.args(["--nats", &nats_url(), "--id", id, "--roles", "aggregator"])
-            .env("FLAME_DOWNLOAD_DIR", &shared)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join(log)).expect("log"));
+        let mut c = aggregator_worker(id, &dir.path().join(log));
+        c.env("FLAME_DOWNLOAD_DIR", &shared);
         c
     };
     let lock = shared.join(flame_workers::claim::LOCK);
@@ -370,20 +364,14 @@ async fn a_download_folder_in_use_by_a_worker_is_refused_to_another() {
 /// a worker started with that id takes it over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_id_a_live_worker_holds_is_refused_to_another_process() {
-    use std::process::{Command, Stdio};
-
-    use crate::util::{Processes, bin, exit_at_start, nats_url, unique, within_30s};
+    use crate::util::{Processes, aggregator_worker, exit_at_start, unique, within_30s};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let id = format!("twice-{}", unique());
     let log = |name: &str| dir.path().join(format!("{name}.log"));
     let worker = |name: &str| {
-        let mut c = Command::new(bin("flame-worker-aggregator"));
-        c.args(["--nats", &nats_url(), "--id", &id, "--roles", "aggregator", "--download-dir"])
-            .arg(dir.path().join(name))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log(name)).expect("log"));
+        let mut c = aggregator_worker(&id, &log(name));
+        c.arg("--download-dir").arg(dir.path().join(name));
         c
     };
     let ready = |name: &str| std::fs::read_to_string(log(name)).unwrap_or_default().contains("worker ready");

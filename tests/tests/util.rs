@@ -1,6 +1,6 @@
 //! Helpers shared by the end-to-end tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -344,4 +344,16 @@ pub async fn exit_at_start(child: &mut std::process::Child, log: &std::path::Pat
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     (status.expect("exited"), std::fs::read_to_string(log).expect("its log"))
+}
+
+/// `flame-worker-aggregator --nats <the tests' NATS> --id <id> --roles
+/// aggregator`, logging at info to the file `log` (for tests that read what
+/// a worker said at its start).
+pub fn aggregator_worker(id: &str, log: &Path) -> Command {
+    let mut c = Command::new(bin("flame-worker-aggregator"));
+    c.args(["--nats", &nats_url(), "--id", id, "--roles", "aggregator"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"));
+    c
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
 use flame_events::protocol::Command;
@@ -60,9 +60,12 @@ pub async fn run_virtual(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let ids = virtual_ids(&template.info().id, n);
+    let started = Instant::now();
+    // Not while another live process is one of these workers (a fleet started twice with one --id).
+    template.transport().claim_ids(&ids).await.with_context(|| format!("starting {n} virtual workers"))?;
     // Each group of GROUP workers is registered as such: the engine sends its commands in
     // batches on the group's subject, and the group's reports go out in batches.
-    let ids = virtual_ids(&template.info().id, n);
     let mut workers: Vec<Worker> = Vec::with_capacity(n);
     for (g, members) in ids.chunks(GROUP).enumerate() {
         let group = group_id(&template.info().id, g);
@@ -88,12 +91,6 @@ pub async fn run_virtual(
             }
         })
     };
-    let started = Instant::now();
-    // Not while another live process is one of these workers (a fleet started twice with one --id).
-    if let Err(e) = template.transport().claim_ids(&ids).await {
-        heartbeat.abort();
-        return Err(anyhow::Error::new(e).context(format!("starting {n} virtual workers")));
-    }
     futures::stream::iter(workers.iter())
         .map(|w| {
             let registered = registered.clone();
