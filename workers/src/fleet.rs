@@ -87,7 +87,7 @@ pub async fn run_virtual(
             loop {
                 beat.tick().await;
                 let now: Vec<Worker> = registered.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                futures::stream::iter(now.iter()).for_each_concurrent(HEARTBEATS_AT_ONCE, Worker::heartbeat).await;
+                futures::stream::iter(now.iter()).for_each_concurrent(HEARTBEATS_AT_ONCE, |w| w.heartbeat(HEARTBEAT).map(drop)).await;
             }
         })
     };

@@ -30,6 +30,11 @@ use flame_events::model::Model;
 
 /// How often a worker renews its registration.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How soon a renewal that failed is tried again. A registration lives a few
+/// heartbeats (6 s by default): after a NATS server failed over, or a leaf
+/// node's link came back, the worker must be listed again within that, not
+/// a timeout and a whole heartbeat later.
+pub const HEARTBEAT_RETRY: Duration = Duration::from_millis(500);
 /// How many finished commands a worker remembers, to answer redeliveries without redoing them.
 const REMEMBERED: usize = 4096;
 /// How long a report that cannot be published is tried again (a NATS server
@@ -120,7 +125,8 @@ impl Worker {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(HEARTBEAT).await;
-                    worker.heartbeat().await;
+                    // Its only registration: tried until it lands.
+                    worker.heartbeat(Duration::MAX).await;
                 }
             })
         };
@@ -181,10 +187,34 @@ impl Worker {
         &self.transport
     }
 
-    /// Renews the registration (a failure is logged: the next one may succeed before the entry expires).
-    pub async fn heartbeat(&self) {
-        if let Err(e) = self.register().await {
-            tracing::warn!(worker = %self.info.id, "heartbeat failed: {e:#}");
+    /// Renews the registration: each try bounded by [`HEARTBEAT`], tried
+    /// again every [`HEARTBEAT_RETRY`] until one lands or `within` has passed
+    /// (the first failure is logged, and the renewal once it lands). Whether
+    /// it landed.
+    pub async fn heartbeat(&self, within: Duration) -> bool {
+        let start = tokio::time::Instant::now();
+        let mut failed = 0;
+        loop {
+            let e = match tokio::time::timeout(HEARTBEAT, self.register()).await {
+                Ok(Ok(())) => {
+                    if failed > 0 {
+                        tracing::info!(worker = %self.info.id, "heartbeat renewed after {failed} failed tries");
+                    }
+                    return true;
+                }
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => format!("no answer in {} s", HEARTBEAT.as_secs()),
+            };
+            if failed == 0 {
+                tracing::warn!(worker = %self.info.id, "heartbeat failed, trying again every {} ms: {e}", HEARTBEAT_RETRY.as_millis());
+            } else {
+                tracing::debug!(worker = %self.info.id, "heartbeat failed again: {e}");
+            }
+            failed += 1;
+            if start.elapsed() + HEARTBEAT_RETRY >= within {
+                return false;
+            }
+            tokio::time::sleep(HEARTBEAT_RETRY).await;
         }
     }
 
@@ -1389,5 +1419,83 @@ mod tests {
         assert!(reasons[0].0 == "nan" && reasons[0].1.contains("NaN"), "{reasons:?}");
         assert!(reasons[1].0 == "narrow" && reasons[1].1.contains("fc2.bias"), "{reasons:?}");
         assert!(reasons[2].0 == "missing", "{reasons:?}");
+    }
+
+    /// The in-process transport, with registrations that fail or hang for their first tries.
+    #[derive(Default)]
+    struct Flaky {
+        inner: InProcess,
+        failing: std::sync::atomic::AtomicU32,
+        hanging: std::sync::atomic::AtomicU32,
+        tries: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for Flaky {
+        async fn register(&self, info: &WorkerInfo) -> Result<(), flame_transport::Error> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.tries.fetch_add(1, SeqCst);
+            if self.hanging.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+                std::future::pending::<()>().await;
+            }
+            if self.failing.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(flame_transport::Error::Nats("no responders".into()));
+            }
+            self.inner.register(info).await
+        }
+        async fn workers(&self) -> Result<Vec<WorkerInfo>, flame_transport::Error> {
+            self.inner.workers().await
+        }
+        async fn send_command(&self, worker_id: &str, command: &Command) -> Result<(), flame_transport::Error> {
+            self.inner.send_command(worker_id, command).await
+        }
+        async fn command_inbox(&self, worker_id: &str) -> Result<flame_transport::Inbox<Command>, flame_transport::Error> {
+            self.inner.command_inbox(worker_id).await
+        }
+        async fn send_report(&self, report: &Report) -> Result<(), flame_transport::Error> {
+            self.inner.send_report(report).await
+        }
+        async fn report_inbox(&self, job_id: &str) -> Result<flame_transport::Inbox<Report>, flame_transport::Error> {
+            self.inner.report_inbox(job_id).await
+        }
+    }
+
+    fn flaky_worker(failing: u32, hanging: u32) -> (Worker, Arc<Flaky>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Arc::new(LocalBlobs::new(dir.path()).expect("blobs"));
+        let transport = Arc::new(Flaky { failing: failing.into(), hanging: hanging.into(), ..Flaky::default() });
+        let info = WorkerInfo { id: "w".into(), roles: vec!["trainer".into()], realm: "default".into(), device: "cpu".into(), group: None };
+        (Worker::new(info, transport.clone(), blobs), transport, dir)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_that_fails_is_tried_again_soon_until_it_lands() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Refused three times (a server failing over answers "no responders"), then taken.
+        let (worker, transport, _dir) = flaky_worker(3, 0);
+        let start = tokio::time::Instant::now();
+        assert!(worker.heartbeat(Duration::MAX).await, "it lands");
+        assert_eq!(transport.tries.load(SeqCst), 4);
+        assert_eq!(start.elapsed(), 3 * HEARTBEAT_RETRY, "tried again after {HEARTBEAT_RETRY:?}, not a heartbeat later");
+        assert_eq!(transport.workers().await.expect("workers").len(), 1, "registered");
+
+        // Unanswered twice (a request lost in a failover): each try gives up after a heartbeat's time.
+        let (worker, transport, _dir) = flaky_worker(0, 2);
+        let start = tokio::time::Instant::now();
+        assert!(worker.heartbeat(Duration::MAX).await);
+        assert_eq!(transport.tries.load(SeqCst), 3);
+        assert_eq!(start.elapsed(), 2 * (HEARTBEAT + HEARTBEAT_RETRY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_gives_up_when_its_time_is_up() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // A fleet's pass over its workers tries each for one beat, so one that cannot land holds up no other's next beat.
+        let (worker, transport, _dir) = flaky_worker(u32::MAX, 0);
+        let start = tokio::time::Instant::now();
+        assert!(!worker.heartbeat(HEARTBEAT).await, "it did not land");
+        assert_eq!(transport.tries.load(SeqCst), 4, "every {HEARTBEAT_RETRY:?} within {HEARTBEAT:?}");
+        assert!(start.elapsed() < HEARTBEAT);
+        assert!(transport.workers().await.expect("workers").is_empty());
     }
 }

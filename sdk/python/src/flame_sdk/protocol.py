@@ -26,6 +26,10 @@ COMMAND_BLOB_HEADER = "Flame-Command-Blob"
 WORKER_TTL = 6.0
 #: Seconds between heartbeats.
 HEARTBEAT = 2.0
+#: Seconds before a heartbeat that failed is tried again (a registration
+#: lives a few heartbeats: after a server failed over, the worker must be
+#: listed again within that, not a timeout and a whole heartbeat later).
+HEARTBEAT_RETRY = 0.5
 #: Seconds a starting worker watches a registration that another process
 #: wrote under its id: a live holder renews it within this, a dead one does not.
 RENEWAL_WAIT = 3.0

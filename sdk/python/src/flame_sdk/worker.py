@@ -289,10 +289,24 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(protocol.HEARTBEAT)
+            await self.renew()
+
+    async def renew(self) -> int:
+        """Renews the registration: each try bounded by a heartbeat's time,
+        tried again every ``HEARTBEAT_RETRY`` seconds until one lands. Returns
+        how many tries failed."""
+        failed = 0
+        while True:
             try:
-                await self.register()
-            except Exception as e:  # a missed beat is retried; the engine allows for it
-                log.warning("heartbeat failed: %s", e)
+                await asyncio.wait_for(self.register(), timeout=protocol.HEARTBEAT)
+                if failed:
+                    log.info("heartbeat renewed after %d failed tries", failed)
+                return failed
+            except Exception as e:  # a server failing over, a leaf's link cut: try again soon
+                if failed == 0:
+                    log.warning("heartbeat failed, trying again every %.1f s: %s", protocol.HEARTBEAT_RETRY, str(e) or type(e).__name__)
+                failed += 1
+            await asyncio.sleep(protocol.HEARTBEAT_RETRY)
 
     async def handle(self, msg: Any) -> None:
         """One delivered command: run it (once per id), publish the report,
