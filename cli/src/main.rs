@@ -134,6 +134,8 @@ enum Cmd {
         /// rounds end.
         #[arg(long, env = "FLAME_OTLP")]
         otlp: Option<String>,
+        #[command(flatten)]
+        runner: runner::Settings,
     },
     /// Bring an MLflow tracking server up to the event log: every job a run,
     /// with its params, each round's metrics and the final model (what
@@ -494,9 +496,16 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices, data_roots, mlflow, otlp } => {
-            let remote =
-                Remote { nats: nats.as_deref(), auth: &auth, local, mqtt_devices, mlflow: mlflow.as_deref(), otlp: otlp.as_deref() };
+        Cmd::Run { folder, output, data_dir, kernels: _, nats, auth, local, mqtt_devices, data_roots, mlflow, otlp, runner } => {
+            let remote = Remote {
+                nats: nats.as_deref(),
+                auth: &auth,
+                local,
+                mqtt_devices,
+                mlflow: mlflow.as_deref(),
+                otlp: otlp.as_deref(),
+                options: runner.options(),
+            };
             run(Submit::Folder(&folder), output, &data_dir, remote, &data_roots).await
         }
         Cmd::Mlflow { url, rebuild, store, blobs } => {
@@ -553,7 +562,15 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             let request = flame_engine::fork::Request { from_round, exclude, unlearn, set: settings };
             let auth = flame_transport::NatsAuth::default();
-            let remote = Remote { nats: None, auth: &auth, local: None, mqtt_devices: false, mlflow: None, otlp: None };
+            let remote = Remote {
+                nats: None,
+                auth: &auth,
+                local: None,
+                mqtt_devices: false,
+                mlflow: None,
+                otlp: None,
+                options: runner::Options::default(),
+            };
             run(Submit::Fork { parent: &job_id, request }, output, &data_dir, remote, &data_roots).await
         }
         Cmd::Privacy { dataset, delta, source, output } => models::privacy(&dataset, &source, delta, output).await,
@@ -684,6 +701,8 @@ struct Remote<'a> {
     mlflow: Option<&'a str>,
     /// The OTLP receiver to export the job's trace to.
     otlp: Option<&'a str>,
+    /// How the runner reads the worker registry.
+    options: runner::Options,
 }
 
 /// What `run` runs: a job folder, or a fork of a job in the store.
@@ -700,7 +719,7 @@ enum Submit<'a> {
 }
 
 async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote<'_>, data_roots: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let Remote { nats, auth, local, mqtt_devices, mlflow, otlp } = remote;
+    let Remote { nats, auth, local, mqtt_devices, mlflow, otlp, options } = remote;
     let def = match &submit {
         Submit::Folder(folder) => match JobDefinition::load(folder) {
             Ok(d) => Some(d),
@@ -751,7 +770,7 @@ async fn run(submit: Submit<'_>, output: Output, data_dir: &Path, remote: Remote
         return Ok(ExitCode::from(2));
     }
     // The user's model file is a blob like any model: workers fetch it by its sha256.
-    let runner = Runner::new(store.clone(), transport.clone(), runner::Options::default()).with_blobs(blobs.clone());
+    let runner = Runner::new(store.clone(), transport.clone(), options).with_blobs(blobs.clone());
     let actor = local_user();
     let (job_id, folder) = match (&submit, &def) {
         (Submit::Folder(folder), Some(def)) => {

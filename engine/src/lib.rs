@@ -12,6 +12,7 @@ pub mod fork;
 pub mod job;
 pub mod ledger;
 pub mod links;
+pub mod liveness;
 pub mod load;
 pub mod metrics;
 pub mod mlflow;

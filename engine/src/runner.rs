@@ -25,6 +25,8 @@ use flame_events::{Actor, Cause};
 const MAX_REPORT_BATCH: usize = 1000;
 /// Commands in flight at once when the runner sends a round's commands.
 const SEND_CONCURRENCY: usize = 64;
+/// The longest a read of the worker registry may take before it counts as failed.
+const REGISTRY_READ_LIMIT: Duration = Duration::from_secs(3);
 /// The longest a turn waits for more reports after its first (see `turn_cost` in [`Runner::run_fenced`]).
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(50);
 
@@ -88,11 +90,34 @@ pub struct Options {
     pub registry_poll: Duration,
     /// How often a starting job looks for workers to place its tasks on.
     pub placement_poll: Duration,
+    /// After a failed read of the worker registry, how long the workers
+    /// listed before it count as live though missing (time to register again
+    /// once the registry is back; see [`crate::liveness`]).
+    pub registry_grace: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { registry_poll: Duration::from_secs(1), placement_poll: Duration::from_millis(100) }
+        Self { registry_poll: Duration::from_secs(1), placement_poll: Duration::from_millis(100), registry_grace: Duration::from_secs(15) }
+    }
+}
+
+/// The runner's settings a user may change (`flame-engine`, `flamectl run`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct Settings {
+    /// Seconds the workers live before the worker registry went out of reach
+    /// (a NATS server failing over) stay live though missing from it, counted
+    /// from the last failed read: their time to register again once it is
+    /// back, before their tasks are given to others or the job fails short
+    /// of its quorum.
+    #[arg(long, env = "FLAME_REGISTRY_GRACE", value_name = "SECONDS", default_value_t = 15)]
+    pub registry_grace: u64,
+}
+
+impl Settings {
+    /// The runner's options with these settings.
+    pub fn options(&self) -> Options {
+        Options { registry_grace: Duration::from_secs(self.registry_grace), ..Options::default() }
     }
 }
 
@@ -326,8 +351,7 @@ impl Runner {
         let mut sent: HashMap<String, Vec<String>> = HashMap::new();
         // Reports dealt with by this run: a redelivery (its ack was late) is acked, not recorded again.
         let mut taken = HashSet::new();
-        let mut live: Option<Vec<WorkerInfo>> = None;
-        let mut previous: Option<Vec<WorkerInfo>> = None;
+        let mut live = crate::liveness::Liveness::new(self.options.registry_grace);
         let mut read_at: Option<Instant> = None;
         // Worker id -> the group that speaks for it, as the registry last said.
         let mut groups: HashMap<String, String> = HashMap::new();
@@ -362,24 +386,29 @@ impl Runner {
             }
             let poll = if job.status == Status::Starting { self.options.placement_poll } else { self.options.registry_poll };
             if job.status != Status::Stopping && read_at.is_none_or(|t| t.elapsed() >= poll) {
-                // A worker counts as live if either of the last two reads listed it: one late
-                // heartbeat under load is not a loss.
-                match self.transport.workers().await {
-                    Ok(now_live) => {
-                        let now_ids: HashSet<&str> = now_live.iter().map(|w| w.id.as_str()).collect();
-                        let missed: Vec<WorkerInfo> =
-                            previous.into_iter().flatten().filter(|w: &WorkerInfo| !now_ids.contains(w.id.as_str())).collect();
-                        let mut both = now_live.clone();
-                        both.extend(missed);
-                        both.sort_by(|a, b| a.id.cmp(&b.id));
-                        previous = Some(now_live);
-                        groups = both.iter().filter_map(|w| Some((w.id.clone(), w.group.clone()?))).collect();
-                        live = Some(both);
+                // Bounded: a read that hangs while a server fails over holds up every report and timer.
+                match tokio::time::timeout(REGISTRY_READ_LIMIT, self.transport.workers()).await {
+                    Ok(Ok(now_live)) => {
+                        live.read(now_live, Instant::now());
+                        groups = live.live().unwrap_or_default().iter().filter_map(|w| Some((w.id.clone(), w.group.clone()?))).collect();
                     }
                     // The registry out of reach (a NATS server failing over): decide on the last
-                    // list read rather than stop; no worker is counted lost on a failed read.
-                    Err(e) if live.is_some() => tracing::warn!(job = job_id, "cannot read the worker registry, using the last list: {e}"),
-                    Err(e) => return Err(e.into()),
+                    // list read rather than stop; no worker is counted lost on a failed read, nor
+                    // for a grace after it (see crate::liveness).
+                    failed => {
+                        let e = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer in {} s", REGISTRY_READ_LIMIT.as_secs()),
+                        };
+                        if !live.failed(Instant::now()) {
+                            return Err(Error::Transport(flame_transport::Error::Nats(format!("reading the worker registry: {e}"))));
+                        }
+                        tracing::warn!(
+                            job = job_id,
+                            "cannot read the worker registry, using the last list (no worker counts as lost for {} s): {e}",
+                            self.options.registry_grace.as_secs()
+                        );
+                    }
                 }
                 read_at = Some(Instant::now());
             }
@@ -388,7 +417,7 @@ impl Runner {
             let mut handled = false;
             let mut sends = Vec::new();
             let already = |worker: &str, id: &str| sent.get(id).is_some_and(|ws| ws.iter().any(|w| w == worker));
-            let actions = decide_unsent(&job, now, live.as_deref(), &already);
+            let actions = decide_unsent(&job, now, live.live(), &already);
             for action in actions {
                 match action {
                     Action::Send { worker_id, command } => {

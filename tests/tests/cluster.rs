@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flame_transport::blob::NatsBlobs;
@@ -16,7 +16,7 @@ use flame_transport::{Nats, NatsAuth, Transport};
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::util::{self, Processes, bin, free_port, root};
+use crate::util::{self, Processes, Proxy, bin, free_port, root};
 
 /// A nats-server started from a configuration file, killed when dropped.
 struct Server(Child);
@@ -34,47 +34,6 @@ fn server(dir: &Path, name: &str, conf: &str) -> Server {
     let bin = std::env::var("FLAME_TEST_NATS_BIN").expect("FLAME_TEST_NATS_BIN is unset: run the tests with scripts/test.sh");
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
     Server(Command::new(bin).arg("-c").arg(&path).stdout(Stdio::null()).stderr(log).spawn().expect("nats-server"))
-}
-
-/// A TCP forwarder whose link can be cut: while cut, its connections are
-/// dropped and new ones refused.
-struct Proxy {
-    port: u16,
-    open: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(target: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let (open, links) = (Arc::new(AtomicBool::new(true)), Arc::new(Mutex::new(Vec::new())));
-        let (o, l) = (open.clone(), links.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !o.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                l.lock().expect("lock").push(link);
-            }
-        });
-        Self { port, open, links }
-    }
-
-    /// Cuts every link for `pause`, then lets new ones through.
-    async fn cut(&self, pause: Duration) {
-        self.open.store(false, Ordering::SeqCst);
-        for link in self.links.lock().expect("lock").drain(..) {
-            link.abort();
-        }
-        tokio::time::sleep(pause).await;
-        self.open.store(true, Ordering::SeqCst);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -315,6 +315,88 @@ async fn a_lost_trainer_is_survived_by_quorum_and_max_run_time_terminates() {
     assert!(started.elapsed() < Duration::from_secs(60));
 }
 
+/// NATS SIGKILLed mid-job and started again on its store 8 s later, longer than a worker's
+/// registration lives (6 s), and the workers' own link to it (a proxy) back 5.5 s after that:
+/// the engine reads a registry in which every registration has expired for seconds, yet no
+/// worker counts as lost, since none could renew while the registry was out of reach (the
+/// engine keeps them live for `--registry-grace` after its last failed read). They register
+/// again and the job finishes every round, once. With `--registry-grace 0` it fails: every
+/// worker is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_the_registry_longer_than_registrations_live_loses_no_worker() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, js) = (free_port(), dir.path().join("js"));
+    let nats = Nats::start(port, &js);
+    let watcher = connect(&nats.url).await;
+    // The workers reach NATS through a link that can be cut; the engine reaches it directly.
+    let link = crate::util::Proxy::start(port).await;
+    let through = format!("nats://127.0.0.1:{}", link.port);
+    let mut procs = Processes::default();
+    for (id, roles, realm) in &DIGITS_WORKERS {
+        worker(&mut procs, &through, id, roles, realm);
+    }
+    let rounds = 20;
+    let file = dir.path().join("job.json");
+    std::fs::write(&file, digits_workflow(|wf| wf["modelSpec"]["hyperparameters"]["rounds"] = json!(rounds)).to_string()).expect("write");
+    let data = dir.path().join("data");
+    let mut reports = watcher.subscribe("flame.report.>").await.expect("subscribe");
+    let log = dir.path().join("run.log");
+    procs.spawn(
+        Command::new(bin("flamectl"))
+            .arg("run")
+            .arg(&file)
+            .args(["--local", "none", "-o", "json", "--nats", &nats.url, "--data-root"])
+            .arg(crate::util::examples())
+            .arg("--data-dir")
+            .arg(&data)
+            // Longer than the default (15 s): the workers are away 5.5 s longer than the registry.
+            .args(["--registry-grace", "30"])
+            .current_dir(root())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log")),
+    );
+    let run = procs.0.len() - 1;
+    let stdout = procs.0[run].stdout.take().expect("stdout");
+    // Mid-round 2 (round 1's three updates seen, and one more): down it goes.
+    let mut trained = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while trained < 4 {
+        let m = tokio::time::timeout_at(deadline.into(), reports.next()).await.expect("4 updates in 120 s").expect("subscription");
+        trained += usize::from(serde_json::from_slice::<Value>(&m.payload).is_ok_and(|r| r["body"]["kind"] == "trained"));
+    }
+    drop(nats);
+    let back = async {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        Nats::start(port, &js)
+    };
+    let (_nats, ()) = tokio::join!(back, link.cut(Duration::from_millis(13_500)));
+    let relinked = Instant::now();
+    let summary = finish(&mut procs, run, stdout);
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(summary["state"], "completed", "{summary} {said}");
+    assert_eq!(summary["rounds_completed"], rounds);
+    eprintln!("registry outage: the job finished {:.1} s after the workers' link came back", relinked.elapsed().as_secs_f64());
+
+    let job = summary["job_id"].as_str().expect("job id");
+    let store = format!("sqlite:{}", data.join("events.db").display());
+    let out = Command::new(bin("flamectl")).args(["events", job, "--store", &store, "-o", "json"]).output().expect("events");
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("event")).collect();
+    let lost: Vec<&Value> = events.iter().filter(|e| e["event_type"] == "WorkerLost").collect();
+    assert!(lost.is_empty(), "a worker counted lost while the registry was out of reach: {lost:?}");
+    let aggregated: Vec<u64> =
+        events.iter().filter(|e| e["event_type"] == "RoundAggregated").map(|e| e["payload"]["round"].as_u64().expect("round")).collect();
+    assert_eq!(aggregated, (1..=rounds).collect::<Vec<u64>>(), "each round aggregated once, in order");
+    let updates: Vec<(u64, &str)> = events
+        .iter()
+        .filter(|e| e["event_type"] == "UpdateReported")
+        .map(|e| (e["payload"]["round"].as_u64().expect("round"), e["payload"]["worker_id"].as_str().expect("worker")))
+        .collect();
+    let distinct: BTreeSet<&(u64, &str)> = updates.iter().collect();
+    assert_eq!((updates.len(), distinct.len()), (3 * rounds as usize, 3 * rounds as usize), "every trainer's update of every round, once");
+}
+
 fn finish(procs: &mut Processes, engine: usize, mut stdout: std::process::ChildStdout) -> Value {
     let deadline = Instant::now() + Duration::from_secs(180);
     let status = loop {

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The URL of the NATS server that scripts/test.sh started.
@@ -356,4 +358,47 @@ pub fn aggregator_worker(id: &str, log: &Path) -> Command {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).expect("log"));
     c
+}
+
+/// A TCP forwarder whose link can be cut: while cut, its connections are
+/// dropped and new ones refused.
+pub struct Proxy {
+    /// Where to connect to reach the target through it.
+    pub port: u16,
+    open: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    /// Forwards a new local port to `target`.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (open, links) = (Arc::new(AtomicBool::new(true)), Arc::new(Mutex::new(Vec::new())));
+        let (o, l) = (open.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                l.lock().expect("lock").push(link);
+            }
+        });
+        Self { port, open, links }
+    }
+
+    /// Cuts every link for `pause`, then lets new ones through.
+    pub async fn cut(&self, pause: Duration) {
+        self.open.store(false, Ordering::SeqCst);
+        for link in self.links.lock().expect("lock").drain(..) {
+            link.abort();
+        }
+        tokio::time::sleep(pause).await;
+        self.open.store(true, Ordering::SeqCst);
+    }
 }

@@ -57,6 +57,8 @@ struct Connect {
     /// another replica takes over the jobs of one that died.
     #[arg(long, default_value_t = 3)]
     lease_ttl: u64,
+    #[command(flatten)]
+    runner: runner::Settings,
 }
 
 #[derive(Subcommand, Debug)]
@@ -339,7 +341,7 @@ async fn connect(c: &Connect) -> anyhow::Result<Engine> {
         // Until the process ends: MQTT workers are served as long as the engine runs.
         tokio::spawn(flame_transport::mqtt::MqttAdapter::new(transport.clone(), blobs.clone()).run(std::future::pending()));
     }
-    let mut runner = Runner::new(store.clone(), Arc::new(transport), runner::Options::default()).with_blobs(blobs.clone());
+    let mut runner = Runner::new(store.clone(), Arc::new(transport), c.runner.options()).with_blobs(blobs.clone());
     if let Some(id) = &c.replica_id {
         runner = runner.with_actor(flame_events::Actor::Replica(id.clone()));
     }
