@@ -25,8 +25,9 @@ use flame_events::{Actor, Cause};
 const MAX_REPORT_BATCH: usize = 1000;
 /// Commands in flight at once when the runner sends a round's commands.
 const SEND_CONCURRENCY: usize = 64;
-/// The longest a read of the worker registry may take before it counts as failed.
-const REGISTRY_READ_LIMIT: Duration = Duration::from_secs(3);
+/// The least time a read of the worker registry is given before it counts as
+/// failed (more where the last read took long: a large registry on a busy machine).
+const REGISTRY_READ_LIMIT: Duration = Duration::from_secs(10);
 /// The longest a turn waits for more reports after its first (see `turn_cost` in [`Runner::run_fenced`]).
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(50);
 
@@ -353,6 +354,9 @@ impl Runner {
         let mut taken = HashSet::new();
         let mut live = crate::liveness::Liveness::new(self.options.registry_grace);
         let mut read_at: Option<Instant> = None;
+        // How long the last successful read of the registry took, and the transport's connections then.
+        let mut read_took = Duration::ZERO;
+        let mut connects = self.transport.connects();
         // Worker id -> the group that speaks for it, as the registry last said.
         let mut groups: HashMap<String, String> = HashMap::new();
         let transport = &self.transport;
@@ -386,9 +390,26 @@ impl Runner {
             }
             let poll = if job.status == Status::Starting { self.options.placement_poll } else { self.options.registry_poll };
             if job.status != Status::Stopping && read_at.is_none_or(|t| t.elapsed() >= poll) {
-                // Bounded: a read that hangs while a server fails over holds up every report and timer.
-                match tokio::time::timeout(REGISTRY_READ_LIMIT, self.transport.workers()).await {
+                // Bounded once there is a list to go on with: a read that hangs while a server
+                // fails over holds up every report and timer.
+                let limit = if live.live().is_some() { REGISTRY_READ_LIMIT.max(read_took * 3) } else { Duration::MAX };
+                let reading = Instant::now();
+                match tokio::time::timeout(limit, self.transport.workers()).await {
                     Ok(Ok(now_live)) => {
+                        read_took = reading.elapsed();
+                        // Connected again since the last read (the server restarted): the registry was
+                        // out of reach in between, as if a read had failed, whether or not one did.
+                        let now_connects = self.transport.connects();
+                        if now_connects != connects {
+                            connects = now_connects;
+                            if live.failed(Instant::now()) {
+                                tracing::warn!(
+                                    job = job_id,
+                                    "reconnected to NATS: no worker the registry listed before counts as lost for {} s",
+                                    self.options.registry_grace.as_secs()
+                                );
+                            }
+                        }
                         live.read(now_live, Instant::now());
                         groups = live.live().unwrap_or_default().iter().filter_map(|w| Some((w.id.clone(), w.group.clone()?))).collect();
                     }
@@ -398,7 +419,7 @@ impl Runner {
                     failed => {
                         let e = match failed {
                             Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer in {} s", REGISTRY_READ_LIMIT.as_secs()),
+                            _ => format!("no answer in {:.1} s", limit.as_secs_f64()),
                         };
                         if !live.failed(Instant::now()) {
                             return Err(Error::Transport(flame_transport::Error::Nats(format!("reading the worker registry: {e}"))));

@@ -66,6 +66,10 @@ impl Transport for GroupReports {
         self.inner.workers().await
     }
 
+    fn connects(&self) -> u64 {
+        self.inner.connects()
+    }
+
     async fn heartbeat_ages(&self) -> Result<Vec<(String, f64)>, Error> {
         self.inner.heartbeat_ages().await
     }

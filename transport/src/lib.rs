@@ -293,6 +293,12 @@ pub trait Transport: Send + Sync {
     }
     /// Lists live workers, sorted by id.
     async fn workers(&self) -> Result<Vec<WorkerInfo>, Error>;
+    /// How many times this transport's connection was made, the first
+    /// included: a change between two reads of the registry says it was out
+    /// of reach in between. Always 1 where there is no connection to lose.
+    fn connects(&self) -> u64 {
+        1
+    }
     /// Seconds since each live worker's last heartbeat, by id (0 where the transport keeps no times).
     async fn heartbeat_ages(&self) -> Result<Vec<(String, f64)>, Error> {
         Ok(self.workers().await?.into_iter().map(|w| (w.id, 0.0)).collect())
@@ -961,6 +967,10 @@ impl Transport for Nats {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    fn connects(&self) -> u64 {
+        self.js.client().statistics().connects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn heartbeat_ages(&self) -> Result<Vec<(String, f64)>, Error> {
