@@ -10,8 +10,10 @@
 //! - an outage of the registry itself (a NATS server failing over): workers
 //!   cannot renew what the engine cannot read, and a failover longer than
 //!   the registrations live would expire all of them at once. After a read
-//!   fails, the workers live before it stay live until `grace` has passed
-//!   since the last failed read, time for them to register again.
+//!   fails, or a read finds the transport connected again since the last
+//!   one (a read made while it was down waits for the reconnect and then
+//!   succeeds on an expired registry), the workers live before stay live
+//!   until `grace` has passed since, time for them to register again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -28,13 +30,24 @@ pub struct Liveness {
     live: Option<Vec<WorkerInfo>>,
     /// The workers live when the registry went out of reach, and until when they stay live.
     outage: Option<(Vec<WorkerInfo>, Instant)>,
+    /// The transport's connection count at the last successful read.
+    connects: Option<u64>,
 }
 
 impl Liveness {
     /// Nothing read yet; `grace` is how long after the last failed read the
     /// workers live before it are kept live.
     pub fn new(grace: Duration) -> Self {
-        Self { grace, previous: None, live: None, outage: None }
+        Self { grace, previous: None, live: None, outage: None, connects: None }
+    }
+
+    /// A read at `at` listed `now_live`, the transport having made
+    /// `connects` connections by then. Whether it found the transport
+    /// connected again since the last read (counted as an outage).
+    pub fn read_connected(&mut self, now_live: Vec<WorkerInfo>, at: Instant, connects: u64) -> bool {
+        let reconnected = self.connects.replace(connects).is_some_and(|before| before != connects) && self.failed(at);
+        self.read(now_live, at);
+        reconnected
     }
 
     /// A read at `at` listed `now_live`.
@@ -142,6 +155,22 @@ mod tests {
         assert_eq!(ids(&l), ["a", "b"], "the grace runs from the last failure, over the list before the first");
         l.read(vec![w("a")], t + s(14));
         assert_eq!(ids(&l), ["a"]);
+    }
+
+    #[test]
+    fn a_read_after_a_reconnect_counts_as_after_an_outage() {
+        let t = Instant::now();
+        let s = Duration::from_secs;
+        let mut l = Liveness::new(GRACE);
+        assert!(!l.read_connected(vec![w("a"), w("b")], t, 1), "the first read: nothing to compare with");
+        assert!(!l.read_connected(vec![w("a"), w("b")], t + s(1), 1));
+        // NATS restarted; the read waited for the reconnect and found every registration expired.
+        assert!(l.read_connected(vec![], t + s(10), 2), "connected again since the last read");
+        assert!(!l.read_connected(vec![w("a")], t + s(11), 2));
+        assert_eq!(ids(&l), ["a", "b"], "not lost while they could not renew");
+        l.read_connected(vec![w("a")], t + s(20), 2);
+        l.read_connected(vec![w("a")], t + s(21), 2);
+        assert_eq!(ids(&l), ["a"], "b did not come back in the grace: lost");
     }
 
     #[test]

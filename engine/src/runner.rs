@@ -354,9 +354,8 @@ impl Runner {
         let mut taken = HashSet::new();
         let mut live = crate::liveness::Liveness::new(self.options.registry_grace);
         let mut read_at: Option<Instant> = None;
-        // How long the last successful read of the registry took, and the transport's connections then.
+        // How long the last successful read of the registry took.
         let mut read_took = Duration::ZERO;
-        let mut connects = self.transport.connects();
         // Worker id -> the group that speaks for it, as the registry last said.
         let mut groups: HashMap<String, String> = HashMap::new();
         let transport = &self.transport;
@@ -397,20 +396,13 @@ impl Runner {
                 match tokio::time::timeout(limit, self.transport.workers()).await {
                     Ok(Ok(now_live)) => {
                         read_took = reading.elapsed();
-                        // Connected again since the last read (the server restarted): the registry was
-                        // out of reach in between, as if a read had failed, whether or not one did.
-                        let now_connects = self.transport.connects();
-                        if now_connects != connects {
-                            connects = now_connects;
-                            if live.failed(Instant::now()) {
-                                tracing::warn!(
-                                    job = job_id,
-                                    "reconnected to NATS: no worker the registry listed before counts as lost for {} s",
-                                    self.options.registry_grace.as_secs()
-                                );
-                            }
+                        if live.read_connected(now_live, Instant::now(), self.transport.connects()) {
+                            tracing::warn!(
+                                job = job_id,
+                                "reconnected to NATS: no worker the registry listed before counts as lost for {} s",
+                                self.options.registry_grace.as_secs()
+                            );
                         }
-                        live.read(now_live, Instant::now());
                         groups = live.live().unwrap_or_default().iter().filter_map(|w| Some((w.id.clone(), w.group.clone()?))).collect();
                     }
                     // The registry out of reach (a NATS server failing over): decide on the last

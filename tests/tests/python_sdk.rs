@@ -365,16 +365,12 @@ async fn a_python_aggregator_reads_a_command_too_large_for_a_message() {
 /// the id while the Python one lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_id_is_one_live_process_whichever_language_it_runs_in() {
-    use crate::util::{aggregator_worker, exit_at_start, nats_url, unique, within_30s};
+    use crate::util::{aggregator_worker_in, exit_at_start, nats_url, unique, within_30s};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let id = format!("py-twice-{}", unique());
     let log = |name: &str| dir.path().join(format!("{name}.log"));
-    let rust = |name: &str| {
-        let mut c = aggregator_worker(&id, &log(name));
-        c.arg("--download-dir").arg(dir.path().join(name));
-        c
-    };
+    let rust = |name: &str| aggregator_worker_in(&id, dir.path(), name);
     let python = |name: &str| {
         let mut c = Command::new(format!("{}/flame-py-worker", sdk()));
         c.args(["--nats", &nats_url(), "--id", &id, "--roles", "aggregator"])

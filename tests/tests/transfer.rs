@@ -364,16 +364,12 @@ async fn a_download_folder_in_use_by_a_worker_is_refused_to_another() {
 /// a worker started with that id takes it over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_id_a_live_worker_holds_is_refused_to_another_process() {
-    use crate::util::{Processes, aggregator_worker, exit_at_start, unique, within_30s};
+    use crate::util::{Processes, aggregator_worker_in, exit_at_start, unique, within_30s};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let id = format!("twice-{}", unique());
     let log = |name: &str| dir.path().join(format!("{name}.log"));
-    let worker = |name: &str| {
-        let mut c = aggregator_worker(&id, &log(name));
-        c.arg("--download-dir").arg(dir.path().join(name));
-        c
-    };
+    let worker = |name: &str| aggregator_worker_in(&id, dir.path(), name);
     let ready = |name: &str| std::fs::read_to_string(log(name)).unwrap_or_default().contains("worker ready");
     let mut procs = Processes::default();
     procs.spawn(&mut worker("first"));

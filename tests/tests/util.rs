@@ -360,6 +360,15 @@ pub fn aggregator_worker(id: &str, log: &Path) -> Command {
     c
 }
 
+/// [`aggregator_worker`] named `name` in `dir`: it logs to `<name>.log` there
+/// and keeps its downloads in the folder `<name>` (one per process, as on
+/// two machines).
+pub fn aggregator_worker_in(id: &str, dir: &Path, name: &str) -> Command {
+    let mut c = aggregator_worker(id, &dir.join(format!("{name}.log")));
+    c.arg("--download-dir").arg(dir.join(name));
+    c
+}
+
 /// A TCP forwarder whose link can be cut: while cut, its connections are
 /// dropped and new ones refused.
 pub struct Proxy {
